@@ -1,0 +1,178 @@
+"""The device-side expert cache of one MoE layer, and the layer's offloaded forward.
+
+Each MoE layer owns a slot pool of `capacity` experts on the device (capacity = the resident share set by
+MOE_OFFLOAD_RATIO), [C, 2I, H] and [C, H, I]. A SlotTable maps expert ids to slots; the eviction policy
+(policy.py) picks victims by id. Misses that cannot be admitted (capacity 0, or every cached expert is needed by
+this very step) stream through a small scratch pool shared by all layers, in double-buffered waves: while one
+wave computes, the next one is copied.
+
+Per forward call (a decode step, or a whole prefill chunk) each needed expert is loaded at most once, and the
+counters count each needed expert once: a hit if it was on the device, a miss otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Collection
+
+import torch
+
+from .checkpoint import ExpertLocation
+from .kernels.reference import accumulate_expert
+from .policy import EvictionPolicy
+from .tiers import HostTier
+from .transfer import ExpertFetcher
+
+
+class SlotTable:
+    """Which expert occupies which of `capacity` slots. Bookkeeping only; the policy chooses victims."""
+
+    def __init__(self, capacity: int, policy: EvictionPolicy):
+        self.capacity = capacity
+        self.policy = policy
+        self.slot_of: dict[int, int] = {}
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def lookup(self, expert: int) -> int | None:
+        return self.slot_of.get(expert)
+
+    def hit(self, expert: int) -> None:
+        self.policy.on_hit(expert)
+
+    def admit(self, expert: int, protected: Collection[int]) -> int | None:
+        """A slot for `expert`, evicting the policy's victim if full; None if nothing may be evicted."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = self.policy.victim(protected)
+            if victim is None:
+                return None
+            self.policy.on_evict(victim)
+            slot = self.slot_of.pop(victim)
+        self.slot_of[expert] = slot
+        self.policy.on_insert(expert)
+        return slot
+
+
+class ScratchPool:
+    """Device buffers for experts streamed through without being cached, shared by all MoE layers.
+
+    2 * wave slots: wave i uses half i % 2, so the next wave's copies overlap this wave's compute.
+    """
+
+    def __init__(self, wave: int, inter: int, hidden: int, dtype: torch.dtype, device: torch.device):
+        self.wave = wave
+        self.gate_up = torch.empty((2 * wave, 2 * inter, hidden), dtype=dtype, device=device)  # [2W, 2I, H]
+        self.down = torch.empty((2 * wave, hidden, inter), dtype=dtype, device=device)  # [2W, H, I]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+
+
+@dataclass
+class LayerCounters:
+    hits: int = 0
+    misses: int = 0
+
+
+class OffloadedExperts:
+    """Runtime of one MoE layer's routed experts: resident slots, host/disk sources, and the forward."""
+
+    def __init__(self, layer: int, num_experts: int, inter: int, hidden: int, capacity: int,
+                 locations: list[ExpertLocation], host: HostTier | None, fetcher: ExpertFetcher,
+                 scratch: ScratchPool, policy: EvictionPolicy, dtype: torch.dtype, device: torch.device):
+        self.layer, self.num_experts, self.inter, self.hidden = layer, num_experts, inter, hidden
+        self.locations, self.host, self.fetcher, self.scratch = locations, host, fetcher, scratch
+        self.table = SlotTable(capacity, policy)
+        self.counters = LayerCounters()
+        self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
+        self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
+        self.route_observer: Callable[[int, torch.Tensor], None] | None = None
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+
+    def preload(self, experts: list[int]) -> None:
+        """Make `experts` resident (at load time; not counted as misses)."""
+        self.fetcher.begin_step()
+        for expert in experts:
+            slot = self.table.admit(expert, ())
+            self._fetch(expert, self.gate_up[slot], self.down[slot])
+        self.fetcher.wait_copies(self.fetcher.mark(on_copy_stream=True))
+
+    def _fetch(self, expert: int, dst_gate_up: torch.Tensor, dst_down: torch.Tensor) -> None:
+        self.fetcher.fetch(self.layer, expert, self.host, self.locations[expert], dst_gate_up, dst_down)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        # T = tokens, K = experts per token, H = hidden, I = expert intermediate, E = routed experts
+        num_tokens, top_k = top_k_index.shape  # [T, K]
+        if self.route_observer is not None:
+            self.route_observer(self.layer, top_k_index)
+        flat_ids = top_k_index.reshape(-1)  # [T*K]
+        order = torch.argsort(flat_ids, stable=True)  # [T*K], grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # the one host sync per layer
+        token_of = order // top_k  # [T*K] token row of each sorted (token, k) pair
+        weight_of = top_k_weights.reshape(-1)[order]  # [T*K]
+        starts, position = {}, 0
+        for expert, count in enumerate(counts):
+            if count:
+                starts[expert] = (position, position + count)
+            position += count
+        needed = list(starts)
+
+        hits = [e for e in needed if self.table.lookup(e) is not None]
+        misses = [e for e in needed if self.table.lookup(e) is None]
+        self.counters.hits += len(hits)
+        self.counters.misses += len(misses)
+        for expert in hits:
+            self.table.hit(expert)
+
+        # Misses first go into the cache (evicting experts this step does not need), else through scratch.
+        self.fetcher.begin_step()
+        protected = set(needed)
+        admitted, streamed = [], []
+        for expert in misses:
+            slot = self.table.admit(expert, protected) if self.table.capacity else None
+            if slot is None:
+                streamed.append(expert)
+            else:
+                self._fetch(expert, self.gate_up[slot], self.down[slot])
+                admitted.append((expert, slot))
+        admitted_ready = self.fetcher.mark(on_copy_stream=True)
+        waves = [streamed[i:i + self.scratch.wave] for i in range(0, len(streamed), self.scratch.wave)]
+        wave_ready = [self._load_wave(waves, 0), self._load_wave(waves, 1)]
+
+        out = torch.zeros((num_tokens, self.hidden), dtype=torch.float32, device=hidden_states.device)  # [T, H]
+
+        def run(expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+            begin, end = starts[expert]
+            accumulate_expert(out, hidden_states, token_of[begin:end], weight_of[begin:end], gate_up, down, act_fn)
+
+        for expert in hits:  # overlaps with the copies in flight
+            slot = self.table.lookup(expert)
+            run(expert, self.gate_up[slot], self.down[slot])
+        self.fetcher.wait_copies(admitted_ready)
+        for expert, slot in admitted:
+            run(expert, self.gate_up[slot], self.down[slot])
+        for index, wave in enumerate(waves):
+            self.fetcher.wait_copies(wave_ready[index])
+            base = (index % 2) * self.scratch.wave
+            for offset, expert in enumerate(wave):
+                run(expert, self.scratch.gate_up[base + offset], self.scratch.down[base + offset])
+            if index + 2 < len(waves):  # refill this half once its compute is done
+                self.fetcher.reuse_after(self.fetcher.mark(on_copy_stream=False))
+                wave_ready.append(self._load_wave(waves, index + 2))
+            else:
+                wave_ready.append(None)
+        return out.to(hidden_states.dtype)
+
+    def _load_wave(self, waves: list[list[int]], index: int):
+        if index >= len(waves):
+            return None
+        base = (index % 2) * self.scratch.wave
+        for offset, expert in enumerate(waves[index]):
+            self._fetch(expert, self.scratch.gate_up[base + offset], self.scratch.down[base + offset])
+        return self.fetcher.mark(on_copy_stream=True)

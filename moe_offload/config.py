@@ -1,0 +1,119 @@
+"""OffloadConfig: the user's properties, parsed and validated once.
+
+Properties arrive as keyword arguments (`LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=37)`), as a JSON file
+or as inline JSON (the benchmark's `-lc`). Everything downstream reads this frozen dataclass, never the raw
+dict, so a typo or an out-of-range value fails at load with one clear line instead of deep in a layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import MoeOffloadError
+
+IO_STRATEGIES = ("pread", "mmap", "odirect")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    # Percent of each MoE layer's routed experts kept resident on the device (0-100).
+    # Per layer: resident = floor(E * ratio / 100 + 0.5), i.e. round half up (E=60, ratio=37 -> 22).
+    moe_offload_ratio: int = 100
+    # Bytes of host RAM for non-resident experts (pinned on CUDA). None = "auto": as many as fit in half
+    # of the RAM available at load. Experts that do not fit are read from the checkpoint file on a miss.
+    moe_host_cache_bytes: int | None = None
+    # How the disk tier reads an expert's bytes from the safetensors file (chosen by bench/io_strategies.py).
+    moe_io: str = "pread"
+    # Compute dtype. "auto": the checkpoint's dtype on CUDA, float32 on CPU (CPU half-precision GEMMs are slow
+    # and float32 keeps CPU results comparable to a float32 reference).
+    moe_dtype: str = "auto"
+
+    def resident_count(self, num_experts: int) -> int:
+        """Experts of a layer with `num_experts` routed experts that stay resident on the device."""
+        return min(num_experts, math.floor(num_experts * self.moe_offload_ratio / 100 + 0.5))
+
+
+def parse_ratio(value: Any) -> int:
+    """MOE_OFFLOAD_RATIO: an integer 0-100 (an int-valued float or numeric string is accepted)."""
+    if isinstance(value, bool):
+        raise MoeOffloadError(f"MOE_OFFLOAD_RATIO must be an integer 0-100, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MoeOffloadError(f"MOE_OFFLOAD_RATIO must be an integer 0-100, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or not 0 <= number <= 100:
+        raise MoeOffloadError(f"MOE_OFFLOAD_RATIO must be an integer 0-100, got {value!r}")
+    return int(number)
+
+
+def parse_size(value: Any, name: str) -> int | None:
+    """A byte count: an int, or a string like "64GiB", "512MB", "0". "auto" gives None."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise MoeOffloadError(f"{name} must be a byte count like 8GiB, 512MB, 0 or auto, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _parse_choice(value: Any, name: str, choices: tuple[str, ...], aliases: Mapping[str, str] = {}) -> str:
+    text = str(value).strip().lower()
+    text = aliases.get(text, text)
+    if text not in choices:
+        raise MoeOffloadError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+_PARSERS = {
+    "MOE_OFFLOAD_RATIO": ("moe_offload_ratio", parse_ratio),
+    "MOE_HOST_CACHE": ("moe_host_cache_bytes", lambda v: parse_size(v, "MOE_HOST_CACHE")),
+    "MOE_IO": ("moe_io", lambda v: _parse_choice(v, "MOE_IO", IO_STRATEGIES)),
+    "MOE_DTYPE": ("moe_dtype", lambda v: _parse_choice(v, "MOE_DTYPE", DTYPES, _DTYPE_ALIASES)),
+}
+PROPERTY_NAMES = tuple(_PARSERS)
+
+
+def load_properties_file(source: str) -> dict[str, Any]:
+    """Properties from a JSON file path or from inline JSON text (`-lc '{"MOE_OFFLOAD_RATIO": 37}'`)."""
+    text = source
+    if not source.lstrip().startswith("{"):
+        if not os.path.isfile(source):
+            raise MoeOffloadError(f"config file not found: {source}")
+        try:
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as err:
+            raise MoeOffloadError(f"cannot read config file {source}: {err.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MoeOffloadError(f"config {source!r} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    if not isinstance(data, dict):
+        raise MoeOffloadError(f"config {source!r} must be a JSON object of properties")
+    return data
+
+
+def make_config(properties: Mapping[str, Any]) -> OffloadConfig:
+    """Validate property names and values; unknown names are an error, not silently ignored."""
+    fields: dict[str, Any] = {}
+    for name, value in properties.items():
+        key = name.upper()
+        if key not in _PARSERS:
+            raise MoeOffloadError(f"unknown property {name!r} (known: {', '.join(PROPERTY_NAMES)})")
+        field, parse = _PARSERS[key]
+        fields[field] = parse(value)
+    return OffloadConfig(**fields)

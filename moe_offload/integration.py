@@ -1,0 +1,263 @@
+"""Plug the offloaded experts into transformers' own model classes, and load a checkpoint without
+materialising it.
+
+transformers (>= 5.17) routes every `@use_experts_implementation` experts module through
+`ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`, called as `fn(module, hidden, top_k_index,
+top_k_weights)`. We register one function there, "moe_offload", that hands the call to the module's
+OffloadedExperts. Routers, shared experts, attention and norms stay transformers' code, untouched.
+
+Loading: the model is built on the meta device; the routed experts' 3-D parameters are removed before anything
+is allocated; every other parameter is allocated on the target device and filled tensor by tensor from the
+safetensors files; only the resident share of routed experts is copied to the device (cache.py), the rest go
+to the host tier or stay on disk (tiers.py). No step holds the whole model in host RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .cache import OffloadedExperts, ScratchPool
+from .checkpoint import Checkpoint
+from .config import OffloadConfig
+from .errors import MoeOffloadError
+from .policy import make_policy
+from .tiers import DiskTier, HostTier
+from .transfer import ExpertFetcher
+
+IMPLEMENTATION = "moe_offload"
+TESTED_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
+# Hub checkpoints that name a module differently from the transformers class that loads them.
+_KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def offloaded_experts_forward(module, hidden_states, top_k_index, top_k_weights):
+    """transformers experts backend: hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
+    runtime: OffloadedExperts | None = getattr(module, "_moe_offload", None)
+    if runtime is None:
+        raise RuntimeError("experts module was not prepared by moe_offload (load it with LLMPipeline)")
+    return runtime.forward(hidden_states, top_k_index, top_k_weights, module.act_fn)
+
+
+def register_backend() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
+
+
+def resolve_dtype(config: OffloadConfig, checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
+    if config.moe_dtype != "auto":
+        return getattr(torch, config.moe_dtype)
+    return checkpoint.dtype if device.type == "cuda" else torch.float32
+
+
+def load_hf_config(root: str):
+    from transformers import AutoConfig
+
+    with open(os.path.join(root, "config.json"), encoding="utf-8") as handle:
+        try:
+            raw = json.load(handle)
+        except json.JSONDecodeError:
+            raise MoeOffloadError(f"config.json in {root} is not valid JSON") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    try:
+        return AutoConfig.from_pretrained(root)
+    except (ValueError, KeyError, OSError, TypeError) as err:
+        raise MoeOffloadError(
+            f"unsupported architecture {model_type!r}: transformers cannot build it ({str(err).splitlines()[0]})"
+        ) from None
+
+
+def _build_meta_model(hf_config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    register_backend()
+    try:
+        with torch.device("meta"), contextlib.redirect_stderr(io.StringIO()):
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, experts_implementation=IMPLEMENTATION)
+    except ValueError as err:
+        raise MoeOffloadError(
+            f"unsupported architecture {hf_config.model_type!r}: {str(err).splitlines()[0]}"
+        ) from None
+
+
+@dataclass
+class ExpertsSite:
+    """One experts module of the model, with the facts the loader needs about it."""
+
+    name: str
+    module: torch.nn.Module
+    layer: int
+    num_experts: int
+    inter: int
+    hidden: int
+
+
+def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
+    sites = []
+    for name, module in model.named_modules():
+        if not (hasattr(module, "has_gate") and hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")):
+            continue
+        if not module.has_gate or getattr(module, "has_bias", False) or getattr(module, "is_transposed", False) \
+                or not getattr(module, "is_concatenated", True) or getattr(module, "has_post_expert_norm", False):
+            raise MoeOffloadError(f"unsupported architecture {model_type!r}: its experts are not gated SwiGLU "
+                                  "[E, 2I, H] / [E, H, I] matrices without bias")
+        match = _LAYER_INDEX.search(name)
+        if match is None:
+            raise MoeOffloadError(f"unsupported architecture {model_type!r}: experts module {name} is not in a layer")
+        num_experts, two_inter, hidden = module.gate_up_proj.shape
+        sites.append(ExpertsSite(name, module, int(match.group(1)), num_experts, two_inter // 2, hidden))
+    if not sites:
+        raise MoeOffloadError(f"{model_type!r} is a dense model: it has no routed experts to offload")
+    return sites
+
+
+def _fp32_patterns(model, dtype: torch.dtype) -> list[str]:
+    """Parameters transformers keeps in float32 even in a half-precision model (e.g. DeepSeek's router)."""
+    plan = getattr(model, "_get_dtype_plan", None)
+    return list(plan(dtype)) if plan is not None else []
+
+
+def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+                       progress: bool) -> None:
+    """Allocate every non-expert parameter on `device` and fill it from the checkpoint, one tensor at a time."""
+    for pattern in _fp32_patterns(model, dtype):
+        for name, param in model.named_parameters():
+            if pattern in name and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+    model.to_empty(device=device)
+    targets = dict(model.state_dict(keep_vars=True))
+    filled: set[str] = set()
+    files: dict[str, list[tuple[str, str]]] = {}
+    for key in checkpoint.dense_names:
+        target = key
+        for old, new in _KEY_RENAMES:
+            if target not in targets:
+                target = target.replace(old, new)
+        if target in targets:
+            files.setdefault(checkpoint.tensors[key].path, []).append((key, target))
+    bar = tqdm(total=sum(len(v) for v in files.values()), desc="dense weights", unit="tensor",
+               disable=not progress, leave=False)
+    with torch.no_grad():
+        for path, pairs in files.items():
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                for key, target in pairs:
+                    tensor = handle.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(targets[target].shape):
+                        raise MoeOffloadError(f"{key} has shape {list(tensor.shape)}, the model expects "
+                                              f"{list(targets[target].shape)}")
+                    targets[target].copy_(tensor)
+                    filled.add(target)
+                    bar.update(1)
+    bar.close()
+    _initialise_buffers(model, filled)
+    if "lm_head.weight" in targets and "lm_head.weight" not in filled:
+        model.tie_weights()
+        if getattr(model.config, "tie_word_embeddings", False) or getattr(
+                model.get_output_embeddings(), "weight", None) is model.get_input_embeddings().weight:
+            filled.add("lm_head.weight")
+    missing = sorted(set(targets) - filled - _non_persistent(model))
+    if missing:
+        raise MoeOffloadError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+
+
+def _non_persistent(model) -> set[str]:
+    names = set()
+    for module_name, module in model.named_modules():
+        for buffer in getattr(module, "_non_persistent_buffers_set", ()):
+            names.add(f"{module_name}.{buffer}" if module_name else buffer)
+    return names
+
+
+def _initialise_buffers(model, filled: set[str]) -> None:
+    """Recompute buffers that are not stored in checkpoints (rotary inv_freq), as transformers' loader does."""
+    for module_name, module in model.named_modules():
+        own = [n for n, _ in module.named_buffers(recurse=False)]
+        if own and any(f"{module_name}.{n}" not in filled for n in own):
+            model._init_weights(module)
+
+
+def build_offloaded_model(checkpoint: Checkpoint, device: torch.device, config: OffloadConfig,
+                          progress: bool = True):
+    """The transformers model with its routed experts served by OffloadedExperts; returns (model, runtimes)."""
+    hf_config = load_hf_config(checkpoint.root)
+    dtype = resolve_dtype(config, checkpoint, device)
+    model = _build_meta_model(hf_config, dtype)
+    sites = find_expert_sites(model, hf_config.model_type)
+    for site in sites:  # never allocated anywhere: the experts live in cache slots and tiers instead
+        del site.module.gate_up_proj
+        del site.module.down_proj
+    _materialise_dense(model, checkpoint, device, dtype, progress)
+    model.eval()
+    runtimes = _attach_expert_runtimes(sites, checkpoint, device, dtype, config, progress)
+    _load_generation_config(model, checkpoint.root)
+    return model, runtimes
+
+
+def host_budget(config: OffloadConfig) -> int:
+    if config.moe_host_cache_bytes is not None:
+        return config.moe_host_cache_bytes
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = 0
+    return available // 2
+
+
+def _attach_expert_runtimes(sites: list[ExpertsSite], checkpoint: Checkpoint, device: torch.device,
+                            dtype: torch.dtype, config: OffloadConfig, progress: bool) -> list[OffloadedExperts]:
+    locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter) for s in sites}
+    max_bytes = max(loc.nbytes for layer in locations.values() for loc in layer)
+    fetcher = ExpertFetcher(device, dtype, DiskTier(config.moe_io), max_bytes)
+    top_k = max(int(getattr(s.module.config, "num_experts_per_tok", 1) or 1) for s in sites)
+    first = sites[0]
+    scratch = ScratchPool(top_k, first.inter, first.hidden, dtype, device)
+    element = torch.empty((), dtype=dtype).element_size()
+    per_layer_budget = host_budget(config) // len(sites)
+    runtimes = []
+    bar = tqdm(total=sum(s.num_experts for s in sites), desc="experts", unit="expert",
+               disable=not progress, leave=False)
+    for site in sites:
+        if (site.inter, site.hidden) != (first.inter, first.hidden):
+            raise MoeOffloadError("MoE layers with different expert shapes are not supported yet")
+        capacity = config.resident_count(site.num_experts)
+        resident = list(range(capacity))
+        host = None
+        if capacity < site.num_experts:
+            expert_bytes = 3 * site.inter * site.hidden * element
+            fit = min(site.num_experts, per_layer_budget // expert_bytes)
+            order = list(range(capacity, site.num_experts)) + resident  # non-resident experts first
+            host = HostTier(order[:fit], site.inter, site.hidden, dtype, pin=device.type == "cuda") if fit else None
+            for expert in host.row_of if host else ():
+                gate_up, down = host.get(expert)
+                fetcher.read_from_disk(locations[site.layer][expert], gate_up, down)
+                bar.update(1)
+        runtime = OffloadedExperts(site.layer, site.num_experts, site.inter, site.hidden, capacity,
+                                   locations[site.layer], host, fetcher, scratch, make_policy("lru"), dtype, device)
+        runtime.preload(resident)
+        bar.update(site.num_experts - (len(host.row_of) if host else 0))
+        site.module._moe_offload = runtime
+        runtimes.append(runtime)
+    bar.close()
+    fetcher.stats.reset()
+    return runtimes
+
+
+def _load_generation_config(model, root: str) -> None:
+    from transformers import GenerationConfig
+
+    if os.path.isfile(os.path.join(root, "generation_config.json")):
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(root)
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,31 @@
+"""Eager torch expert compute: the CPU path, and the oracle every faster kernel is tested against.
+
+It mirrors transformers' own experts math (gate/up projection, act(gate) * up, down projection, routing
+weight) so that offloaded results match transformers on the same checkpoint; contributions are summed in
+float32, as transformers' grouped_mm path does, and rounded once by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+               act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """SwiGLU-style expert: x [n, H], gate_up [2I, H] (gate rows first), down [H, I] -> [n, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act_fn(gate) * up, down)  # [n, H]
+
+
+def accumulate_expert(out: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+                      gate_up: torch.Tensor, down: torch.Tensor,
+                      act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """out[tokens] += weights * expert(hidden[tokens]).
+
+    out [T, H] float32; hidden [T, H]; tokens [n] rows routed to this expert; weights [n] their routing weights.
+    """
+    y = expert_ffn(hidden[tokens], gate_up, down, act_fn)  # [n, H]
+    out.index_add_(0, tokens, (y * weights[:, None]).float())

@@ -1,0 +1,161 @@
+"""LLMPipeline: the user-facing object. Load once, generate text, read the offload counters.
+
+Shaped after OpenVINO GenAI's `LLMPipeline(models_path, device, **properties)` so that users of the
+reference system can switch with the same property names (MOE_OFFLOAD_RATIO, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import OffloadConfig, load_properties_file, make_config
+from .errors import MoeOffloadError
+from .integration import build_offloaded_model
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
+
+
+def resolve_device(device: str) -> torch.device:
+    text = str(device).strip().lower()
+    if text == "gpu":
+        text = "cuda"
+    try:
+        resolved = torch.device(text)
+    except RuntimeError:
+        raise MoeOffloadError(f"unknown device {device!r} (use cpu or cuda)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise MoeOffloadError(f"unsupported device {device!r} (use cpu or cuda)")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MoeOffloadError("device cuda requested but torch sees no CUDA GPU")
+    return resolved
+
+
+class LLMPipeline:
+    """`LLMPipeline(models_path, device="cuda", config=None, **properties)`.
+
+    properties: MOE_OFFLOAD_RATIO (0-100, percent of each MoE layer's routed experts resident on the device),
+    MOE_HOST_CACHE (bytes or "64GiB" of host RAM for non-resident experts; "auto"), MOE_IO (pread|mmap|odirect),
+    MOE_DTYPE (auto|float32|bfloat16|float16). `config` is a path to a JSON file or a dict of the same keys;
+    keyword properties override it.
+    """
+
+    def __init__(self, models_path: str | None = None, device: str = "cuda",
+                 config: str | dict[str, Any] | None = None, progress: bool = False, **properties: Any):
+        merged: dict[str, Any] = {}
+        if isinstance(config, str):
+            merged.update(load_properties_file(config))
+        elif config is not None:
+            merged.update(config)
+        merged.update(properties)
+        self.config: OffloadConfig = make_config(merged)
+        self.device = resolve_device(device)
+        self.models_path = models_path or DEFAULT_MODEL
+        self.checkpoint = Checkpoint(self.models_path)
+        self.model, self.layers = build_offloaded_model(self.checkpoint, self.device, self.config, progress)
+        self.tokenizer = self._load_tokenizer()
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.models_path)
+        except (OSError, ValueError, TypeError):
+            return None  # a checkpoint without a tokenizer still works on token ids through pipe.model
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise MoeOffloadError(f"no tokenizer in {self.models_path}: pass token ids to pipe.model instead")
+        return self.tokenizer
+
+    def _generate_kwargs(self, prompt: str, max_new_tokens: int, **kwargs: Any) -> dict[str, Any]:
+        tokenizer = self._require_tokenizer()
+        inputs = tokenizer(prompt, return_tensors="pt").to(self.device)
+        if inputs["input_ids"].shape[1] == 0:
+            raise MoeOffloadError("empty prompt: give at least one token of text")
+        kwargs.setdefault("do_sample", False)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return dict(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, max_new_tokens: int = 64,
+                 streamer: Callable[[str], Any] | None = None, **kwargs: Any) -> str:
+        """Generated text (greedy unless do_sample=True; temperature, top_p, top_k as in transformers).
+
+        `streamer`, if given, is called with each new piece of text as soon as it is decoded.
+        """
+        if streamer is not None:
+            return "".join(_call_each(self.stream(prompt, max_new_tokens, **kwargs), streamer))
+        args = self._generate_kwargs(prompt, max_new_tokens, **kwargs)
+        output = self.model.generate(**args)
+        new_tokens = output[0, args["input_ids"].shape[1]:]
+        return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
+        """Iterate over the generated text piece by piece while generation runs in a worker thread."""
+        from transformers import TextIteratorStreamer
+
+        args = self._generate_kwargs(prompt, max_new_tokens, **kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**args, streamer=streamer)
+            except BaseException as err:  # re-raised in the caller's thread below
+                failure.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def get_offload_stats(self) -> dict[str, Any]:
+        """Counters since load (or the last reset_offload_stats)."""
+        fetcher = self.layers[0].fetcher
+        stats = fetcher.stats
+        scratch = self.layers[0].scratch
+        hits = sum(layer.counters.hits for layer in self.layers)
+        misses = sum(layer.counters.misses for layer in self.layers)
+        return {
+            "ratio": self.config.moe_offload_ratio,
+            "moe_layers": len(self.layers),
+            "total_experts": sum(layer.num_experts for layer in self.layers),
+            "resident_experts": sum(layer.table.capacity for layer in self.layers),
+            "device_expert_bytes": sum(layer.device_bytes for layer in self.layers),
+            "device_staging_bytes": scratch.nbytes,
+            "host_tier_experts": sum(len(layer.host.row_of) for layer in self.layers if layer.host),
+            "host_tier_bytes": sum(layer.host.nbytes for layer in self.layers if layer.host),
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else None,
+            "bytes_streamed": {"host": stats.bytes_from_host, "disk": stats.bytes_from_disk},
+            "experts_streamed": {"host": stats.experts_from_host, "disk": stats.experts_from_disk},
+            "disk_io": fetcher.disk.strategy,
+        }
+
+    def reset_offload_stats(self) -> None:
+        for layer in self.layers:
+            layer.counters.hits = layer.counters.misses = 0
+        self.layers[0].fetcher.stats.reset()
+
+    def close(self) -> None:
+        """Release pinned host memory and file handles (also done at interpreter exit)."""
+        for layer in self.layers:
+            if layer.host is not None:
+                layer.host.close()
+        self.layers[0].fetcher.close()
+
+
+def _call_each(pieces: Iterator[str], callback: Callable[[str], Any]) -> Iterator[str]:
+    for piece in pieces:
+        callback(piece)
+        yield piece

@@ -1,0 +1,168 @@
+"""Where a non-resident expert's bytes come from on a miss: host RAM, or the checkpoint file on disk.
+
+Mechanism only: "put expert (layer, e) into this buffer". Which experts live in which tier is decided once at
+load (the host tier takes what its byte budget allows, the rest falls through to disk); which expert to fetch
+is the cache's business.
+
+Disk reads go straight to the expert's byte ranges in the safetensors file, with one of three strategies:
+  pread   - os.preadv into the destination buffer (default: fastest cold reads in bench/io_strategies.py)
+  mmap    - copy out of a read-only mapping of the file (page-cache friendly, one page fault per 4 KiB)
+  odirect - O_DIRECT reads of the enclosing 4 KiB-aligned range into an aligned bounce buffer, bypassing the
+            page cache (steady throughput, no cache pollution; needs the filesystem to support it)
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import torch
+
+from .checkpoint import ByteRange, ExpertLocation
+from .errors import MoeOffloadError
+
+_ALIGN = 4096
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (pinned or not)."""
+    assert tensor.device.type == "cpu" and tensor.is_contiguous()
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+
+
+class DiskTier:
+    """Reads an expert's checkpoint bytes (checkpoint dtype) from its safetensors file."""
+
+    def __init__(self, strategy: str = "pread"):
+        if strategy not in ("pread", "mmap", "odirect"):
+            raise MoeOffloadError(f"unknown disk read strategy {strategy!r}")
+        self.strategy = strategy
+        self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._bounce = threading.local()
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if self.strategy == "odirect" else 0)
+                try:
+                    self._fds[path] = os.open(path, flags)
+                except OSError as err:
+                    raise MoeOffloadError(f"cannot open {path} for {self.strategy} reads: {err.strerror}") from None
+            return self._fds[path]
+
+    def read_range(self, src: ByteRange, dst: memoryview) -> None:
+        """Fill `dst` (exactly src.nbytes long) with the file bytes [src.start, src.start + src.nbytes)."""
+        if self.strategy == "mmap":
+            self._read_mmap(src, dst)
+        elif self.strategy == "odirect":
+            self._read_direct(src, dst)
+        else:
+            self._read_positional(self._fd(src.path), src.start, dst)
+
+    @staticmethod
+    def _read_positional(fd: int, offset: int, dst: memoryview) -> None:
+        done = 0
+        while done < len(dst):
+            got = os.preadv(fd, [dst[done:]], offset + done)
+            if got <= 0:
+                raise MoeOffloadError(f"short read at byte {offset + done}: checkpoint file truncated?")
+            done += got
+
+    def _read_mmap(self, src: ByteRange, dst: memoryview) -> None:
+        with self._lock:
+            if src.path not in self._maps:
+                self._maps[src.path] = mmap.mmap(self._fd(src.path), 0, access=mmap.ACCESS_READ)
+            mapping = self._maps[src.path]
+        dst[:] = memoryview(mapping)[src.start:src.start + src.nbytes]
+
+    def _read_direct(self, src: ByteRange, dst: memoryview) -> None:
+        begin = src.start - src.start % _ALIGN
+        end = -(-(src.start + src.nbytes) // _ALIGN) * _ALIGN
+        bounce = getattr(self._bounce, "buffer", None)
+        if bounce is None or len(bounce) < end - begin:
+            bounce = mmap.mmap(-1, end - begin)  # anonymous mappings are page-aligned, as O_DIRECT needs
+            self._bounce.buffer = bounce
+        view = memoryview(bounce)[: end - begin]
+        fd = self._fd(src.path)
+        done = 0
+        while done < src.start + src.nbytes - begin:  # the last block may be short at end of file
+            got = os.preadv(fd, [view[done:]], begin + done)
+            if got <= 0:
+                raise MoeOffloadError(f"short O_DIRECT read at byte {begin + done}: checkpoint file truncated?")
+            done += got
+        dst[:] = view[src.start - begin: src.start - begin + src.nbytes]
+
+    def read_expert(self, location: ExpertLocation, dst: torch.Tensor) -> int:
+        """Read one expert into `dst` (CPU uint8, location.nbytes): gate_up bytes then down bytes."""
+        out = _as_bytes(dst)
+        pos = 0
+        for piece in location.gate_up + location.down:
+            self.read_range(piece, out[pos:pos + piece.nbytes])
+            pos += piece.nbytes
+        return pos
+
+    def close(self) -> None:
+        for mapping in self._maps.values():
+            mapping.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._maps.clear()
+        self._fds.clear()
+
+
+def pin_in_place(tensor: torch.Tensor) -> bool:
+    """Page-lock a CPU tensor's memory for fast, asynchronous copies to CUDA.
+
+    cudaHostRegister pins exactly these bytes; torch's pinned allocator would round a large request up to a
+    power of two and could waste nearly half of a big host tier.
+    """
+    if not torch.cuda.is_available() or tensor.numel() == 0:
+        return False
+    status = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    return int(status) == 0
+
+
+def unpin(tensor: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+
+
+class HostTier:
+    """A layer's share of non-resident experts, held in (pinned) host RAM in compute dtype.
+
+    One contiguous allocation per layer, [n, 2I, H] and [n, H, I], so pinning is one call and an expert is
+    one row of each.
+    """
+
+    def __init__(self, experts: list[int], inter: int, hidden: int, dtype: torch.dtype, pin: bool):
+        self.row_of = {expert: row for row, expert in enumerate(experts)}
+        self.gate_up = torch.empty((len(experts), 2 * inter, hidden), dtype=dtype)  # [n, 2I, H]
+        self.down = torch.empty((len(experts), hidden, inter), dtype=dtype)  # [n, H, I]
+        self.pinned = pin and all(pin_in_place(t) for t in (self.gate_up, self.down))
+
+    def __contains__(self, expert: int) -> bool:
+        return expert in self.row_of
+
+    def get(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.row_of[expert]
+        return self.gate_up[row], self.down[row]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+
+    def close(self) -> None:
+        if self.pinned:
+            unpin(self.gate_up)
+            unpin(self.down)
+            self.pinned = False
+
+
+def split_expert_bytes(raw: torch.Tensor, dtype: torch.dtype, inter: int, hidden: int):
+    """View a packed expert buffer (uint8) as its gate_up [2I, H] and down [H, I] matrices."""
+    values = raw.view(dtype)
+    split = 2 * inter * hidden
+    return values[:split].view(2 * inter, hidden), values[split:split + hidden * inter].view(hidden, inter)
+

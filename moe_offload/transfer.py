@@ -1,0 +1,121 @@
+"""ExpertFetcher: moves one expert's weights from its tier into a device buffer, asynchronously on CUDA.
+
+Mechanism only. On CUDA every copy runs on one dedicated copy stream; the compute stream waits on an event
+before it reads a buffer that was filled, and the copy stream waits for earlier compute before it overwrites
+a slot that compute may still read (`begin_step`, `reuse_after`). Disk reads land in a ring of pinned
+staging buffers first, each guarded by an event so a buffer is not refilled while its copy is in flight.
+On the CPU the same calls run synchronously, so the CPU path is the same code and the test oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import ExpertLocation
+from .tiers import DiskTier, HostTier, pin_in_place, split_expert_bytes, unpin
+
+STAGING_BUFFERS = 4
+
+
+@dataclass
+class TransferStats:
+    """Exact counters of what moved; one instance is shared by all layers."""
+
+    bytes_from_host: int = 0
+    bytes_from_disk: int = 0
+    experts_from_host: int = 0
+    experts_from_disk: int = 0
+    per_layer: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.bytes_from_host = self.bytes_from_disk = self.experts_from_host = self.experts_from_disk = 0
+        self.per_layer.clear()
+
+
+class ExpertFetcher:
+    def __init__(self, device: torch.device, dtype: torch.dtype, disk: DiskTier, max_expert_bytes: int):
+        self.device = device
+        self.dtype = dtype
+        self.disk = disk
+        self.stats = TransferStats()
+        self.on_cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.on_cuda else None
+        # Checkpoint-dtype staging for disk reads: [max_expert_bytes] uint8 each, pinned on CUDA.
+        self._staging = [torch.empty(max_expert_bytes, dtype=torch.uint8) for _ in range(STAGING_BUFFERS)]
+        self._staging_pinned = [pin_in_place(buf) for buf in self._staging] if self.on_cuda else []
+        self._staging_free = [None] * STAGING_BUFFERS  # CUDA event after which the buffer may be refilled
+        self._next_staging = 0
+
+    # -- ordering between the compute stream and the copy stream -------------------------------------------
+    def begin_step(self) -> None:
+        """Copies issued from now on wait for all compute issued so far (it may read the slots they refill)."""
+        if self.on_cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def mark(self, on_copy_stream: bool) -> torch.cuda.Event | None:
+        """An event at the current end of the copy stream (or of the compute stream)."""
+        if not self.on_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.copy_stream if on_copy_stream else torch.cuda.current_stream(self.device))
+        return event
+
+    def wait_copies(self, event: torch.cuda.Event | None) -> None:
+        """Make compute wait until the copies before `event` have landed."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def reuse_after(self, event: torch.cuda.Event | None) -> None:
+        """Make later copies wait until the compute before `event` is done with its buffers."""
+        if event is not None:
+            self.copy_stream.wait_event(event)
+
+    # -- moving bytes ----------------------------------------------------------------------------------------
+    def fetch(self, layer: int, expert: int, host: HostTier | None, location: ExpertLocation,
+              dst_gate_up: torch.Tensor, dst_down: torch.Tensor) -> None:
+        """Fill dst_gate_up [2I, H] and dst_down [H, I] (device) with the expert's weights from the nearest tier."""
+        counters = self.stats.per_layer.setdefault(layer, {"host": 0, "disk": 0})
+        nbytes = (dst_gate_up.numel() + dst_down.numel()) * dst_gate_up.element_size()
+        if host is not None and expert in host:
+            gate_up, down = host.get(expert)
+            self._copy(dst_gate_up, gate_up, dst_down, down)
+            self.stats.bytes_from_host += nbytes
+            self.stats.experts_from_host += 1
+            counters["host"] += 1
+            return
+        self.read_from_disk(location, dst_gate_up, dst_down)
+        self.stats.bytes_from_disk += location.nbytes
+        self.stats.experts_from_disk += 1
+        counters["disk"] += 1
+
+    def read_from_disk(self, location: ExpertLocation, dst_gate_up: torch.Tensor, dst_down: torch.Tensor) -> None:
+        index = self._next_staging
+        self._next_staging = (index + 1) % STAGING_BUFFERS
+        if self._staging_free[index] is not None:
+            self._staging_free[index].synchronize()  # its previous copy must have left the buffer
+        raw = self._staging[index][: location.nbytes]
+        self.disk.read_expert(location, raw)
+        inter, hidden = dst_down.shape[1], dst_down.shape[0]
+        gate_up, down = split_expert_bytes(raw, location.dtype, inter, hidden)
+        self._copy(dst_gate_up, gate_up, dst_down, down)
+        self._staging_free[index] = self.mark(on_copy_stream=True)
+
+    def _copy(self, dst_gate_up, src_gate_up, dst_down, src_down) -> None:
+        if self.on_cuda:
+            with torch.cuda.stream(self.copy_stream):
+                dst_gate_up.copy_(src_gate_up, non_blocking=True)
+                dst_down.copy_(src_down, non_blocking=True)
+        else:
+            dst_gate_up.copy_(src_gate_up)
+            dst_down.copy_(src_down)
+
+    def close(self) -> None:
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        for buf, pinned in zip(self._staging, self._staging_pinned):
+            if pinned:
+                unpin(buf)
+        self._staging_pinned = []
+        self.disk.close()
