@@ -45,7 +45,8 @@ class LLMPipeline:
     """
 
     def __init__(self, models_path: str | None = None, device: str = "cuda",
-                 config: str | dict[str, Any] | None = None, progress: bool = False, **properties: Any):
+                 config: str | dict[str, Any] | None = None, progress: bool = False,
+                 require_tokenizer: bool = False, **properties: Any):
         merged: dict[str, Any] = {}
         if isinstance(config, str):
             merged.update(load_properties_file(config))
@@ -56,8 +57,10 @@ class LLMPipeline:
         self.device = resolve_device(device)
         self.models_path = models_path or DEFAULT_MODEL
         self.checkpoint = Checkpoint(self.models_path)
-        self.model, self.layers = build_offloaded_model(self.checkpoint, self.device, self.config, progress)
         self.tokenizer = self._load_tokenizer()
+        if require_tokenizer:
+            self._require_tokenizer()
+        self.model, self.layers = build_offloaded_model(self.checkpoint, self.device, self.config, progress)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-tests", action="store_true", help="skip test/tests/idle_test folders of the stdlib")
     p.add_argument("--max-files", type=int, default=None, help="cap on train files (held-out: a tenth of it)")
     p.add_argument("--heldout-per-mille", type=int, default=50, help="share of files held out, per mille")
-    p.add_argument("--tokenizer-chars", type=int, default=12_000_000,
+    p.add_argument("--tokenizer-chars", type=int, default=40_000_000,
                    help="train the BPE on at most this many characters of the train split")
     # optimisation
     p.add_argument("--seq-len", type=int, default=512)

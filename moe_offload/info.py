@@ -1,0 +1,81 @@
+"""`moe-offload info`: what a checkpoint holds and what each ratio would cost on the device, from headers alone.
+
+Nothing is loaded: the numbers come from the safetensors headers (checkpoint.py), so this answers "will it
+fit?" before spending minutes on a load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .config import OffloadConfig
+from .errors import MoeOffloadError
+
+RATIOS = (0, 10, 25, 37, 50, 75, 100)
+
+
+def _expert_count(tensors) -> int:
+    if tensors.fused:
+        return next(iter(tensors.fused.values())).shape[0]
+    return len(tensors.per_expert)
+
+
+def describe(checkpoint: Checkpoint) -> dict[str, Any]:
+    with open(os.path.join(checkpoint.root, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    if not checkpoint.experts_by_layer:
+        raise MoeOffloadError(f"{config.get('model_type')!r} is a dense model: it has no routed experts to offload")
+    layers = []
+    for layer, tensors in sorted(checkpoint.experts_by_layer.items()):
+        entries = list(tensors.fused.values()) or [e for roles in tensors.per_expert.values() for e in roles.values()]
+        count = _expert_count(tensors)
+        layers.append({"layer": layer, "experts": count, "expert_bytes": sum(e.nbytes for e in entries) // count})
+    dense_bytes = sum(checkpoint.tensors[name].nbytes for name in checkpoint.dense_names)
+    top_k = int(config.get("num_experts_per_tok") or 1)
+    per_ratio = {}
+    for ratio in RATIOS:
+        rule = OffloadConfig(moe_offload_ratio=ratio)
+        experts = sum(rule.resident_count(l["experts"]) * l["expert_bytes"] for l in layers)
+        staging = 2 * top_k * max(l["expert_bytes"] for l in layers)
+        per_ratio[ratio] = {"expert_bytes": experts, "device_bytes": dense_bytes + experts + staging}
+    return {
+        "path": checkpoint.root,
+        "model_type": config.get("model_type"),
+        "dtype": str(checkpoint.dtype).replace("torch.", ""),
+        "moe_layers": len(layers),
+        "layers": layers,
+        "experts_per_token": top_k,
+        "non_expert_bytes": dense_bytes,
+        "expert_bytes_total": sum(l["experts"] * l["expert_bytes"] for l in layers),
+        "staging_bytes": 2 * top_k * max(l["expert_bytes"] for l in layers),
+        "device_bytes_by_ratio": per_ratio,
+    }
+
+
+def human_bytes(count: float) -> str:
+    if count < 1024:
+        return f"{int(count)} B"
+    exponent = min(int(math.log(count, 1024)), 4)
+    return f"{count / 1024 ** exponent:.2f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exponent]}"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    experts = sorted({l["experts"] for l in info["layers"]})
+    sizes = sorted({l["expert_bytes"] for l in info["layers"]})
+    lines = [
+        f"model            {info['path']}",
+        f"architecture     {info['model_type']} ({info['dtype']})",
+        f"MoE layers       {info['moe_layers']} (layers {', '.join(str(l['layer']) for l in info['layers'])})",
+        f"experts/layer    {', '.join(map(str, experts))} routed, top-{info['experts_per_token']}",
+        f"bytes/expert     {', '.join(f'{s} ({human_bytes(s)})' for s in sizes)}",
+        f"non-expert bytes {info['non_expert_bytes']} ({human_bytes(info['non_expert_bytes'])})",
+        f"expert bytes     {info['expert_bytes_total']} ({human_bytes(info['expert_bytes_total'])})",
+        "device bytes by MOE_OFFLOAD_RATIO (non-expert + resident experts + streaming scratch; KV cache extra):",
+    ]
+    for ratio, row in info["device_bytes_by_ratio"].items():
+        lines.append(f"  ratio {ratio:>3}  {row['device_bytes']:>16}  ({human_bytes(row['device_bytes'])})")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """make(arch, layout="per_expert", max_shard_size=None) -> path, cached per argument set."""
+    made: dict[tuple, str] = {}
+
+    def make(arch: str, layout: str = "per_expert", max_shard_size: str | None = None) -> str:
+        key = (arch, layout, max_shard_size)
+        if key not in made:
+            path = str(tmp_path_factory.mktemp(f"{arch}-{layout}"))
+            made[key] = make_checkpoint(arch, path, layout=layout, max_shard_size=max_shard_size)
+        return made[key]
+
+    return make

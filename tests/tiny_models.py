@@ -1,0 +1,92 @@
+"""Tiny random checkpoints of every supported architecture, written with transformers' own save_pretrained.
+
+Tests compare moe-offload against transformers loading the very same folder, so any layout transformers
+writes (per-expert hub names, sharded with an index) or reads (fused 3-D experts) is covered here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save_file
+
+VOCAB = 320
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    if arch == "mixtral":
+        return tf.MixtralConfig(intermediate_size=24, num_hidden_layers=2, num_local_experts=8,
+                                num_experts_per_tok=2, **common)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                 num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, **common)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_experts=8,
+                                 num_experts_per_tok=2, head_dim=8, **common)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(intermediate_size=16, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                              **common)
+    if arch == "deepseek_v3":
+        common.update(num_key_value_heads=4)
+        return tf.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                                   first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+                                   num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **common)
+    raise ValueError(arch)
+
+
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def _randomise_router_bias(model) -> None:
+    """DeepSeek's correction bias starts at zero; make it non-zero so grouped routing is really exercised."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.randn_like(buffer) * 0.1)
+
+
+def save_tokenizer(path: str) -> None:
+    """A byte-level BPE tokenizer over the tiny vocabulary, trained on a few lines of code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"] * 4
+    tokenizer.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+
+
+def make_checkpoint(arch: str, path: str, layout: str = "per_expert", max_shard_size: str | None = None,
+                    seed: int = 0, with_tokenizer: bool = True) -> str:
+    """Write a tiny random `arch` checkpoint to `path` in the given expert layout; returns path."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    with torch.no_grad():
+        _randomise_router_bias(model)
+    if layout == "per_expert":
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(path, **kwargs)
+    elif layout == "fused":  # transformers' in-memory names: experts.gate_up_proj [E, 2I, H], experts.down_proj
+        os.makedirs(path, exist_ok=True)
+        model.config.save_pretrained(path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        raise ValueError(layout)
+    if with_tokenizer:
+        save_tokenizer(path)
+    return path
