@@ -40,7 +40,7 @@ class DiskTier:
         self.strategy = strategy
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._bounce = threading.local()
 
     def _fd(self, path: str) -> int:

@@ -27,8 +27,10 @@ What it does
 3. Tokenizes every file once, concatenates with ``<|endoftext|>`` separators
    and trains with random fixed-length windows: AdamW, linear warmup + cosine
    decay, bf16 autocast on CUDA, load-balancing auxiliary loss on.
-   The LR schedule runs on ``max(step / max_steps, elapsed / time budget)``,
-   so the cosine reaches its floor exactly when either limit is hit.
+   The run lasts ``min(--max-steps, --epochs over the train tokens)`` steps
+   and is cut short by the time budget; the LR schedule runs on
+   ``max(step / total_steps, elapsed / time budget)``, so the cosine reaches
+   its floor exactly when either limit is hit.
 4. Reports held-out cross-entropy (nats/token) periodically and at the end,
    next to a unigram baseline (train-split token frequencies, add-one
    smoothing) on the very same held-out targets, plus per-layer expert load.
@@ -48,7 +50,8 @@ Smoke run (tiny model, a handful of files, CPU, < 1 minute)::
     python tools/train_small_moe.py --smoke
 
 Useful knobs: ``--time-budget-s`` (whole-script wall clock, default 540),
-``--max-steps``, ``--batch-size``, ``--seq-len``, ``--lr``, ``--compile``.
+``--epochs`` (default 8: the corpus is only a few million tokens and the
+model overfits it after ~10 passes), ``--max-steps``, ``--batch-size``, ``--seq-len``, ``--lr``, ``--compile``.
 
 Note: the corpus is whatever stdlib the interpreter running this script has,
 so a different Python version gives a (slightly) different corpus and split.
@@ -146,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss coefficient")
     p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument("--epochs", type=float, default=8.0,
+                   help="passes over the train tokens; the corpus is small (a few M tokens) and an H200 does ~0.5M "
+                        "tok/s, so this, not the time budget, usually sets the length of the run")
     p.add_argument("--time-budget-s", type=float, default=540.0,
                    help="wall clock for the WHOLE script; training stops early enough to finish in it")
     p.add_argument("--reserve-s", type=float, default=30.0,
@@ -479,12 +485,17 @@ def train(model, args, train_stream: torch.Tensor, heldout_win: torch.Tensor, de
     t0 = time.time()
     deadline = t_script_start + args.time_budget_s - args.reserve_s
     train_window = max(deadline - t0, 1e-6)
+    epoch_steps = math.ceil(args.epochs * train_stream.numel() / (B * T))
+    total_steps = max(1, min(args.max_steps, epoch_steps))
+    stop_reason = "max_steps" if args.max_steps <= epoch_steps else "epochs"
+    print(f"schedule: {total_steps} steps (max_steps {args.max_steps}, {args.epochs} epochs = {epoch_steps} steps), "
+          f"or until t={deadline - t_script_start:.0f}s", flush=True)
     curve, evals = [], []
     acc_ce, acc_aux, acc_n, t_log, tok_log = 0.0, 0.0, 0, time.time(), 0
-    step, stop_reason = 0, "max_steps"
-    while step < args.max_steps:
+    step = 0
+    while step < total_steps:
         now = time.time()
-        progress = max(step / args.max_steps, (now - t0) / train_window)
+        progress = max(step / total_steps, (now - t0) / train_window)
         if now >= deadline:
             stop_reason = "time_budget"
             break
@@ -507,7 +518,7 @@ def train(model, args, train_stream: torch.Tensor, heldout_win: torch.Tensor, de
         acc_n += 1
         tok_log += B * T
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if step % args.log_every == 0 or step == total_steps:
             tl = (acc_ce / acc_n).item()  # syncs the device
             ta = (acc_aux / acc_n).item()
             dt = time.time() - t_log
@@ -632,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- train
     print(f"training: batch {args.batch_size} x seq {args.seq_len} = {args.batch_size * args.seq_len:,} tok/step, "
-          f"lr {args.lr}, max_steps {args.max_steps}, budget {args.time_budget_s}s "
+          f"lr {args.lr}, budget {args.time_budget_s}s "
           f"(training until t={args.time_budget_s - args.reserve_s:.0f}s)", flush=True)
     result = train(model, args, train_stream, heldout_win, device, autocast, size, t_start)
     print(f"stopped after {result['steps']} steps ({result['stop_reason']}), {result['tokens_seen']:,} tokens "

@@ -1,0 +1,506 @@
+"""Bad input: every user mistake ends as ONE line `moe-offload: error: ...` on stderr, exit status 2, no traceback.
+
+The CLI is driven in-process through `moe_offload.cli.main` (fast); one subprocess run of
+`python -m moe_offload.cli` proves the real exit status and stderr. The same corrupt checkpoints must make
+the Python API raise MoeOffloadError, never another exception type.
+
+Each case asserts that the message names the specific problem, so a check that fires for the wrong reason
+(e.g. "not valid JSON" where an overlap was planted) fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_offload import LLMPipeline, MoeOffloadError
+from moe_offload.cli import main
+
+PREFIX = "moe-offload: error:"
+ARCH = "qwen3_moe"  # one safetensors file, per-expert keys, 2 MoE layers of 8 experts
+WEIGHTS = "model.safetensors"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- damaging a checkpoint ---------------------------------------------------------------------------------------
+
+def _read_safetensors(path: str) -> tuple[dict, bytes]:
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def _write_safetensors(path: str, header: dict, data: bytes, pad_to: int = 0) -> None:
+    text = json.dumps(header).encode()
+    text += b" " * max(0, pad_to - len(text))  # the format allows trailing spaces in the header
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text + data)
+
+
+def _edit_header(root: str, edit) -> None:
+    """Rewrite the header of root/model.safetensors through `edit(header, data_size)`, keeping the data bytes."""
+    path = os.path.join(root, WEIGHTS)
+    header, data = _read_safetensors(path)
+    with open(path, "rb") as handle:
+        (old_length,) = struct.unpack("<Q", handle.read(8))
+    edit(header, len(data))
+    _write_safetensors(path, header, data, pad_to=old_length)
+
+
+def _edit_config(root: str, **changes) -> None:
+    path = os.path.join(root, "config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.update(changes)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+
+
+def _two_tensors_same_size(header: dict) -> tuple[str, str]:
+    a, b = "model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.0.mlp.experts.0.up_proj.weight"
+    assert header[a]["shape"] == header[b]["shape"] and header[a]["dtype"] == header[b]["dtype"]
+    return a, b
+
+
+def _truncate_mid_data(root):
+    path = os.path.join(root, WEIGHTS)
+    header, data = _read_safetensors(path)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(size - len(data) // 2)  # cut in the middle of the data section
+
+
+def _shorter_than_8_bytes(root):
+    with open(os.path.join(root, WEIGHTS), "wb") as handle:
+        handle.write(b"\x10\x00\x00")
+
+
+def _header_length_past_end(root):
+    path = os.path.join(root, WEIGHTS)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.write(struct.pack("<Q", size))  # 8 + size > size
+
+
+def _header_not_json(root):
+    with open(os.path.join(root, WEIGHTS), "r+b") as handle:
+        handle.seek(8)
+        handle.write(b"#")  # '{"lm_head...' becomes '#"lm_head...': same length, not JSON
+
+
+def _offsets_out_of_range(root):
+    def edit(header, data_size):
+        entry = header["model.norm.weight"]
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = [data_size - (end - begin) + 64, data_size + 64]  # right size, past the end
+
+    _edit_header(root, edit)
+
+
+def _overlapping_tensors(root):
+    def edit(header, data_size):
+        a, b = _two_tensors_same_size(header)
+        header[b]["data_offsets"] = list(header[a]["data_offsets"])  # b now reads a's bytes; sizes unchanged
+
+    _edit_header(root, edit)
+
+
+def _overlap_behind_empty_tensor(root):
+    """Overlap that a check comparing only neighbours in offset order misses: A contains C, an empty tensor
+    sits between them in sorted order."""
+    def edit(header, data_size):
+        begin, end = header["lm_head.weight"]["data_offsets"]
+        header["extra.empty"] = {"dtype": "F32", "shape": [0], "data_offsets": [begin + 8, begin + 8]}
+        header["extra.inner"] = {"dtype": "F32", "shape": [2], "data_offsets": [begin + 16, begin + 24]}
+
+    _edit_header(root, edit)
+
+
+def _offsets_not_matching_shape(root):
+    def edit(header, data_size):
+        entry = header["model.norm.weight"]
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = [begin, end - 4]  # one float32 short of shape [32]
+
+    _edit_header(root, edit)
+
+
+def _negative_dims(root):
+    def edit(header, data_size):
+        header["model.norm.weight"]["shape"] = [-4, -8]  # product 32: the byte count still "matches"
+
+    _edit_header(root, edit)
+
+
+def _trailing_bytes(root):
+    with open(os.path.join(root, WEIGHTS), "ab") as handle:
+        handle.write(b"\0" * 64)  # data section longer than the tensors it holds
+
+
+def _index_missing_shard(root):
+    header, _ = _read_safetensors(os.path.join(root, WEIGHTS))
+    weight_map = {name: WEIGHTS for name in header if name != "__metadata__"}
+    weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    with open(os.path.join(root, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
+        json.dump({"metadata": {}, "weight_map": weight_map}, handle)
+
+
+def _index_shard_not_a_string(root):
+    with open(os.path.join(root, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
+        json.dump({"metadata": {}, "weight_map": {"lm_head.weight": 5}}, handle)
+
+
+def _no_config(root):
+    os.remove(os.path.join(root, "config.json"))
+
+
+def _no_safetensors(root):
+    os.remove(os.path.join(root, WEIGHTS))
+
+
+def _wrong_expert_shape(root):
+    _edit_config(root, moe_intermediate_size=24)  # checkpoint experts are [16, 32]
+
+
+def _not_a_model(root):
+    _edit_config(root, model_type="not_a_model")
+
+
+def _dense_llama(root, with_tokenizer: bool):
+    import transformers
+    from tiny_models import save_tokenizer
+
+    shutil.rmtree(root)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root)
+    if with_tokenizer:
+        save_tokenizer(root)
+
+
+def _gpt_oss(root):
+    """A real transformers MoE whose experts carry biases and a transposed layout: not offloadable."""
+    import transformers
+    from tiny_models import save_tokenizer
+
+    shutil.rmtree(root)
+    config = transformers.GptOssConfig(vocab_size=320, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                       num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root)
+    save_tokenizer(root)
+
+
+XFAIL_SAFETENSORS_GAP = pytest.mark.xfail(strict=True, reason=(
+    "BUG checkpoint.py _entries_of: validation is weaker than safetensors' own (which needs the tensors to tile "
+    "the data section exactly); the file passes Checkpoint() and then safe_open in integration._materialise_dense "
+    "raises safetensors.SafetensorError, not MoeOffloadError (CLI: traceback)"))
+
+# name -> (damage(root) or None for a path that is not a checkpoint folder, words the error must contain,
+#          which front ends reject it: "cli" generate + api, "info" also `moe-offload info`)
+CHECKPOINT_CASES = {
+    "missing_path": (None, ["not found"], "info"),
+    "path_is_file": (None, ["not a directory"], "info"),
+    "no_config_json": (_no_config, ["no config.json"], "info"),
+    "no_safetensors": (_no_safetensors, ["no .safetensors"], "info"),
+    "truncated_mid_data": (_truncate_mid_data, ["truncated", "out of range"], "info"),
+    "shorter_than_8_bytes": (_shorter_than_8_bytes, ["truncated", "no header"], "info"),
+    "header_length_past_end": (_header_length_past_end, ["header length", "past the end"], "info"),
+    "header_not_json": (_header_not_json, ["header", "not valid JSON"], "info"),
+    "offsets_out_of_range": (_offsets_out_of_range, ["model.norm.weight", "out of range"], "info"),
+    "overlapping_tensors": (_overlapping_tensors, ["overlap", "experts.0.gate_proj", "experts.0.up_proj"], "info"),
+    "offsets_not_matching_shape": (_offsets_not_matching_shape, ["model.norm.weight", "do not match", "shape"],
+                                   "info"),
+    "index_missing_shard": (_index_missing_shard, ["missing shard", "model-00002-of-00002"], "info"),
+    "wrong_expert_shape": (_wrong_expert_shape, ["experts.0.gate_proj.weight", "[16, 32]", "expects [24, 32]"],
+                           "cli"),
+    "unsupported_architecture": (_not_a_model, ["unsupported architecture", "not_a_model"], "cli"),
+    "unsupported_moe_gpt_oss": (_gpt_oss, ["unsupported architecture", "gpt_oss"], "cli"),
+    "dense_model": (lambda root: _dense_llama(root, with_tokenizer=True), ["'llama' is a dense model"], "info"),
+    # Found while writing these tests: corruption that checkpoint.py lets through.
+    "overlap_behind_empty_tensor": (_overlap_behind_empty_tensor, ["overlap", "lm_head.weight", "extra.inner"],
+                                    "cli"),
+    "negative_dims": (_negative_dims, ["corrupt", "model.norm.weight"], "cli"),
+    "trailing_bytes_after_data": (_trailing_bytes, ["corrupt", "model.safetensors"], "cli"),
+    "index_shard_not_a_string": (_index_shard_not_a_string, ["corrupt", "model.safetensors.index.json"], "cli"),
+}
+KNOWN_BUGS = {
+    "overlap_behind_empty_tensor": pytest.mark.xfail(strict=True, reason=(
+        "BUG checkpoint.py _entries_of overlap loop: compares each span only with its predecessor's end, not the "
+        "running maximum end, so A=[b,b+2560) and C=[b+16,b+24) are not reported when an empty tensor [b+8,b+8) "
+        "sorts between them; the load then dies in safe_open with SafetensorError 'invalid offset'")),
+    "negative_dims": XFAIL_SAFETENSORS_GAP,
+    "trailing_bytes_after_data": XFAIL_SAFETENSORS_GAP,
+    "index_shard_not_a_string": pytest.mark.xfail(strict=True, reason=(
+        "BUG checkpoint.py _safetensors_files: the missing-shard check (os.path.join(root, f)) runs outside the "
+        "try, so a weight_map value that is not a string raises TypeError instead of 'corrupt "
+        "model.safetensors.index.json'")),
+}
+
+
+XFAIL_PROGRESS_NOISE = pytest.mark.xfail(strict=True, reason=(
+    "BUG cli.py _cmd_generate passes progress=True unconditionally: the tqdm bars of integration.py "
+    "('dense weights', 'experts') write '\\r...' frames to stderr even when it is not a terminal, so an error "
+    "found after loading has started is not the only line on stderr. Fix: progress=sys.stderr.isatty()"))
+
+
+def _cases(front_end: str):
+    """front_end: "generate", "api" or "info"."""
+    for name, (_, _, scope) in CHECKPOINT_CASES.items():
+        if front_end == "info" and scope != "info":
+            continue
+        mark = KNOWN_BUGS.get(name, ())
+        if front_end == "generate" and name == "wrong_expert_shape":
+            mark = XFAIL_PROGRESS_NOISE  # the message itself is checked by the api and the _last_line test
+        yield pytest.param(name, id=name, marks=mark)
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(checkpoint_factory):
+    return checkpoint_factory(ARCH)
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoint(good_checkpoint, tmp_path_factory):
+    """bad_checkpoint(name) -> path of a damaged copy of the tiny checkpoint (built once per module)."""
+    made: dict[str, str] = {}
+    base = tmp_path_factory.mktemp("bad")
+
+    def make(name: str) -> str:
+        if name not in made:
+            damage = CHECKPOINT_CASES[name][0]
+            root = str(base / f"ckpt{len(made)}")  # no case name in the path: it could satisfy a word check
+            if name == "missing_path":
+                made[name] = root  # never created
+            elif name == "path_is_file":
+                made[name] = os.path.join(good_checkpoint, WEIGHTS)
+            else:
+                shutil.copytree(good_checkpoint, root)
+                damage(root)
+                made[name] = root
+        return made[name]
+
+    return make
+
+
+# -- checking the CLI's answer ----------------------------------------------------------------------------------
+
+def _cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what building the damaged checkpoint printed
+    rc = main(argv)  # a non-MoeOffloadError escapes here: the test fails with that exception's traceback
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _assert_words(message: str, words: list[str], path: str | None = None) -> None:
+    """Every word in the message, not counting the checkpoint path (whose folder name must not satisfy it)."""
+    text = message.replace(path, "<path>") if path else message
+    for word in words:
+        assert word.lower() in text.lower(), f"{word!r} not in {message!r}"
+
+
+def _assert_one_error_line(rc: int, err: str, words: list[str], path: str | None = None) -> str:
+    """Exit 2 and stderr exactly `moe-offload: error: <one line naming the problem>`."""
+    assert rc == 2, f"exit status {rc}, stderr {err!r}"
+    assert "Traceback" not in err
+    assert err.startswith(PREFIX), f"stderr does not start with {PREFIX!r}: {err!r}"
+    assert err.endswith("\n") and err.count("\n") == 1 and "\r" not in err, f"more than one line: {err!r}"
+    _assert_words(err, words, path)
+    return err
+
+
+@pytest.mark.parametrize("name", list(_cases("generate")))
+def test_generate_rejects_bad_checkpoint(name, bad_checkpoint, capsys):
+    path = bad_checkpoint(name)
+    rc, out, err = _cli(capsys, ["generate", "hello", "--device", "cpu", "--model", path])
+    _assert_one_error_line(rc, err, CHECKPOINT_CASES[name][1], path)
+    assert out == ""
+
+
+@pytest.mark.parametrize("name", list(_cases("info")))
+def test_info_rejects_bad_checkpoint(name, bad_checkpoint, capsys):
+    path = bad_checkpoint(name)
+    rc, out, err = _cli(capsys, ["info", path])
+    _assert_one_error_line(rc, err, CHECKPOINT_CASES[name][1], path)
+    assert out == ""
+
+
+@pytest.mark.parametrize("name", list(_cases("api")))
+def test_api_raises_moe_offload_error(name, bad_checkpoint):
+    with pytest.raises(MoeOffloadError) as caught:  # any other exception type fails the test
+        LLMPipeline(path := bad_checkpoint(name), "cpu")
+    message = str(caught.value)
+    assert "\n" not in message
+    _assert_words(message, CHECKPOINT_CASES[name][1], path)
+
+
+@pytest.fixture(scope="module")
+def dense_without_tokenizer(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("m"))
+    _dense_llama(path, with_tokenizer=False)
+    return path
+
+
+def test_dense_model_without_tokenizer_api(dense_without_tokenizer):
+    """`save_pretrained` alone (no tokenizer): the API needs no tokenizer, so it must say 'dense'."""
+    with pytest.raises(MoeOffloadError) as caught:
+        LLMPipeline(dense_without_tokenizer, "cpu")
+    _assert_words(str(caught.value), ["is a dense model", "no routed experts"], dense_without_tokenizer)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG pipeline.py LLMPipeline.__init__: the tokenizer is required (require_tokenizer=True from the CLI) "
+    "before the architecture is checked in build_offloaded_model, so `generate` on a dense checkpoint without "
+    "tokenizer files says 'no tokenizer ... pass token ids to pipe.model instead' (misleading: that fails too) "
+    "instead of 'is a dense model'"))
+def test_dense_model_without_tokenizer_generate(dense_without_tokenizer, capsys):
+    rc, _, err = _cli(capsys, ["generate", "hello", "--device", "cpu", "--model", dense_without_tokenizer])
+    _assert_one_error_line(rc, err, ["is a dense model"], dense_without_tokenizer)
+
+
+# -- bad flags and properties (a good checkpoint; nothing is loaded before the error) -----------------------------
+
+def _write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+FLAG_CASES = {
+    "ratio_101": (lambda tmp: ["--ratio", "101"], ["MOE_OFFLOAD_RATIO", "101"]),
+    "ratio_negative": (lambda tmp: ["--ratio", "-1"], ["MOE_OFFLOAD_RATIO", "-1"]),
+    "ratio_not_a_number": (lambda tmp: ["--ratio", "abc"], ["MOE_OFFLOAD_RATIO", "abc"]),
+    "ratio_fraction": (lambda tmp: ["--ratio", "37.5"], ["MOE_OFFLOAD_RATIO", "37.5"]),
+    "ratio_101_in_config_file": (
+        lambda tmp: ["-lc", _write(tmp, "r.json", '{"MOE_OFFLOAD_RATIO": 101}')], ["MOE_OFFLOAD_RATIO"]),
+    "unknown_property_in_file": (
+        lambda tmp: ["-lc", _write(tmp, "u.json", '{"MOE_OFFLOAD_RATIOO": 50}')],
+        ["unknown property", "MOE_OFFLOAD_RATIOO"]),
+    "unknown_property_inline": (lambda tmp: ["-lc", '{"MOE_CACHE_POLICY": "lfu"}'],
+                                ["unknown property", "MOE_CACHE_POLICY"]),
+    "config_file_missing": (lambda tmp: ["-lc", str(tmp / "nope.json")], ["config file not found", "nope.json"]),
+    "config_file_invalid_json": (lambda tmp: ["-lc", _write(tmp, "bad.json", '{"MOE_OFFLOAD_RATIO": 5,')],
+                                 ["not valid JSON"]),
+    "config_inline_invalid_json": (lambda tmp: ["-lc", '{"MOE_OFFLOAD_RATIO": }'], ["not valid JSON"]),
+    "config_file_not_an_object": (lambda tmp: ["-lc", _write(tmp, "list.json", "[25]")], ["JSON object"]),
+    "host_cache_bad": (lambda tmp: ["--host-cache", "lots"], ["MOE_HOST_CACHE", "lots"]),
+    "io_bad": (lambda tmp: ["--io", "aio"], ["MOE_IO", "aio"]),
+    "dtype_bad": (lambda tmp: ["--dtype", "int4"], ["MOE_DTYPE", "int4"]),
+    "max_new_tokens_0": (lambda tmp: ["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+    "max_new_tokens_not_int": (lambda tmp: ["--max-new-tokens", "many"], ["invalid int value", "many"]),
+    "unknown_flag": (lambda tmp: ["--bogus"], ["unrecognized arguments", "--bogus"]),
+    "bad_device": (lambda tmp: ["--device", "tpu"], ["device", "tpu"]),
+}
+
+
+@pytest.mark.parametrize("name", list(FLAG_CASES))
+def test_generate_rejects_bad_flag(name, good_checkpoint, tmp_path, capsys):
+    extra, words = FLAG_CASES[name]
+    argv = ["generate", "hello", "--model", good_checkpoint] + extra(tmp_path)
+    if "--device" not in argv:
+        argv += ["--device", "cpu"]
+    rc, out, err = _cli(capsys, argv)
+    _assert_one_error_line(rc, err, words)
+    assert out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_generate_cuda_without_gpu(good_checkpoint, capsys):
+    rc, _, err = _cli(capsys, ["generate", "hello", "--device", "cuda", "--model", good_checkpoint])
+    _assert_one_error_line(rc, err, ["cuda", "no CUDA GPU"])
+
+
+def test_generate_missing_prompt(good_checkpoint, capsys):
+    rc, _, err = _cli(capsys, ["generate", "--device", "cpu", "--model", good_checkpoint])
+    _assert_one_error_line(rc, err, ["required", "prompt"])
+
+
+def test_info_missing_path(capsys):
+    rc, _, err = _cli(capsys, ["info"])
+    _assert_one_error_line(rc, err, ["required", "path"])
+
+
+def test_no_command(capsys):
+    rc, _, err = _cli(capsys, [])
+    _assert_one_error_line(rc, err, ["required"])
+
+
+@pytest.mark.parametrize("case", ["wrong_expert_shape", "empty_prompt"])
+def test_generate_error_after_progress_is_last_line(case, good_checkpoint, bad_checkpoint, capsys):
+    """Errors found once loading runs: whatever else is on stderr, what a terminal shows last is the one error
+    line (exact one-line stderr for these is the xfail'd progress-noise bug)."""
+    if case == "empty_prompt":
+        argv, words = ["generate", "", "--model", good_checkpoint], ["empty prompt"]
+    else:
+        argv, words = ["generate", "hello", "--model", bad_checkpoint(case)], CHECKPOINT_CASES[case][1]
+    rc, out, err = _cli(capsys, argv + ["--device", "cpu"])
+    assert rc == 2 and "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    shown = re.split(r"[\r\n]", err.rstrip("\n"))[-1]
+    assert shown.startswith(PREFIX), err
+    _assert_words(shown, words, argv[3])
+
+
+@XFAIL_PROGRESS_NOISE
+def test_generate_empty_prompt(good_checkpoint, capsys):
+    rc, _, err = _cli(capsys, ["generate", "", "--device", "cpu", "--model", good_checkpoint])
+    _assert_one_error_line(rc, err, ["empty prompt"])
+
+
+def test_good_input_still_works(good_checkpoint, capsys):
+    """The harness itself: a valid command exits 0 and prints the prompt and its continuation."""
+    rc, out, err = _cli(capsys, ["generate", "hello", "--device", "cpu", "--model", good_checkpoint,
+                                 "--max-new-tokens", "2", "--ratio", "25", "--host-cache", "0"])
+    assert rc == 0, err
+    assert out.startswith("hello") and PREFIX not in err
+
+
+# -- the Python API for bad properties ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("props, words", [
+    ({"MOE_OFFLOAD_RATIO": 101}, ["MOE_OFFLOAD_RATIO"]),
+    ({"MOE_OFFLOAD_RATIO": True}, ["MOE_OFFLOAD_RATIO"]),
+    ({"MOE_OFFLOAD_RATIO": 37.5}, ["MOE_OFFLOAD_RATIO"]),
+    ({"MOE_HOST_CACHE": -1}, ["MOE_HOST_CACHE"]),
+    ({"moe_offload_ratioo": 5}, ["unknown property"]),
+    ({"config": {"MOE_IO": "aio"}}, ["MOE_IO"]),
+    ({"config": "/nonexistent/props.json"}, ["config file not found"]),
+], ids=["ratio101", "ratio_bool", "ratio_fraction", "host_cache_negative", "unknown", "config_dict",
+        "config_missing"])
+def test_api_rejects_bad_properties(good_checkpoint, props, words):
+    with pytest.raises(MoeOffloadError) as caught:
+        LLMPipeline(good_checkpoint, "cpu", **props)
+    _assert_words(str(caught.value), words, good_checkpoint)
+
+
+# -- the real process ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "overlapping_tensors",
+    pytest.param("unsupported_architecture", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG pipeline.py LLMPipeline._load_tokenizer (line ~69) runs AutoTokenizer.from_pretrained before the "
+        "architecture is checked; for model_type 'not_a_model' transformers logs the warning '[transformers] You are "
+        "using a model of type `not_a_model` to instantiate ...' to stderr, so stderr has two lines"))),
+])
+def test_subprocess_exit_code_and_single_stderr_line(name, bad_checkpoint):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "moe_offload.cli", "generate", "hello", "--device", "cpu",
+                           "--model", bad_checkpoint(name)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "\r" not in proc.stderr, f"stderr is not one line: {proc.stderr!r}"
+    assert re.match(re.escape(PREFIX) + " ", lines[0])
+    _assert_words(lines[0], CHECKPOINT_CASES[name][1], bad_checkpoint(name))
