@@ -40,8 +40,8 @@ def _properties(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import LLMPipeline
 
-    pipe = LLMPipeline(args.model, args.device or _device_default(), config=args.load_config, progress=True,
-                       require_tokenizer=True, **_properties(args))
+    pipe = LLMPipeline(args.model, args.device or _device_default(), config=args.load_config,
+                       progress=sys.stderr.isatty(), require_tokenizer=True, **_properties(args))
     sampling = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)

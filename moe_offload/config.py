@@ -34,8 +34,9 @@ class OffloadConfig:
     # Bytes of host RAM for non-resident experts (pinned on CUDA). None = "auto": as many as fit in half
     # of the RAM available at load. Experts that do not fit are read from the checkpoint file on a miss.
     moe_host_cache_bytes: int | None = None
-    # How the disk tier reads an expert's bytes from the safetensors file (chosen by bench/io_strategies.py).
-    moe_io: str = "pread"
+    # How the disk tier reads an expert's bytes from the safetensors file: O_DIRECT was fastest from a cold
+    # page cache on the H200 machine (bench/results/2026-11-28-h200-io.json); see tiers.py.
+    moe_io: str = "odirect"
     # Compute dtype. "auto": the checkpoint's dtype on CUDA, float32 on CPU (CPU half-precision GEMMs are slow
     # and float32 keeps CPU results comparable to a float32 reference).
     moe_dtype: str = "auto"

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .cache import OffloadedExperts, ScratchPool
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .errors import MoeOffloadError
 from .policy import make_policy
@@ -119,6 +119,8 @@ def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
         sites.append(ExpertsSite(name, module, int(match.group(1)), num_experts, two_inter // 2, hidden))
     if not sites:
         raise MoeOffloadError(f"{model_type!r} is a dense model: it has no routed experts to offload")
+    if len({(s.inter, s.hidden) for s in sites}) > 1:
+        raise MoeOffloadError("MoE layers with different expert shapes are not supported yet")
     return sites
 
 
@@ -194,12 +196,14 @@ def build_offloaded_model(checkpoint: Checkpoint, device: torch.device, config: 
     dtype = resolve_dtype(config, checkpoint, device)
     model = _build_meta_model(hf_config, dtype)
     sites = find_expert_sites(model, hf_config.model_type)
+    # Checked before anything is allocated, so a bad checkpoint fails at once with one line.
+    locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter) for s in sites}
     for site in sites:  # never allocated anywhere: the experts live in cache slots and tiers instead
         del site.module.gate_up_proj
         del site.module.down_proj
     _materialise_dense(model, checkpoint, device, dtype, progress)
     model.eval()
-    runtimes = _attach_expert_runtimes(sites, checkpoint, device, dtype, config, progress)
+    runtimes = _attach_expert_runtimes(sites, locations, device, dtype, config, progress)
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
 
@@ -214,9 +218,9 @@ def host_budget(config: OffloadConfig) -> int:
     return available // 2
 
 
-def _attach_expert_runtimes(sites: list[ExpertsSite], checkpoint: Checkpoint, device: torch.device,
-                            dtype: torch.dtype, config: OffloadConfig, progress: bool) -> list[OffloadedExperts]:
-    locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter) for s in sites}
+def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[ExpertLocation]],
+                            device: torch.device, dtype: torch.dtype, config: OffloadConfig,
+                            progress: bool) -> list[OffloadedExperts]:
     max_bytes = max(loc.nbytes for layer in locations.values() for loc in layer)
     fetcher = ExpertFetcher(device, dtype, DiskTier(config.moe_io), max_bytes)
     top_k = max(int(getattr(s.module.config, "num_experts_per_tok", 1) or 1) for s in sites)
@@ -228,8 +232,6 @@ def _attach_expert_runtimes(sites: list[ExpertsSite], checkpoint: Checkpoint, de
     bar = tqdm(total=sum(s.num_experts for s in sites), desc="experts", unit="expert",
                disable=not progress, leave=False)
     for site in sites:
-        if (site.inter, site.hidden) != (first.inter, first.hidden):
-            raise MoeOffloadError("MoE layers with different expert shapes are not supported yet")
         capacity = config.resident_count(site.num_experts)
         resident = list(range(capacity))
         host = None

@@ -171,6 +171,10 @@ def _wrong_expert_shape(root):
     _edit_config(root, moe_intermediate_size=24)  # checkpoint experts are [16, 32]
 
 
+def _dense_tensor_wrong_shape(root):
+    _edit_config(root, vocab_size=321)  # embed_tokens and lm_head are [320, 32] in the file
+
+
 def _not_a_model(root):
     _edit_config(root, model_type="not_a_model")
 
@@ -225,6 +229,7 @@ CHECKPOINT_CASES = {
     "index_missing_shard": (_index_missing_shard, ["missing shard", "model-00002-of-00002"], "info"),
     "wrong_expert_shape": (_wrong_expert_shape, ["experts.0.gate_proj.weight", "[16, 32]", "expects [24, 32]"],
                            "cli"),
+    "dense_tensor_wrong_shape": (_dense_tensor_wrong_shape, ["has shape [320, 32]", "expects [321, 32]"], "cli"),
     "unsupported_architecture": (_not_a_model, ["unsupported architecture", "not_a_model"], "cli"),
     "unsupported_moe_gpt_oss": (_gpt_oss, ["unsupported architecture", "gpt_oss"], "cli"),
     "dense_model": (lambda root: _dense_llama(root, with_tokenizer=True), ["'llama' is a dense model"], "info"),
@@ -261,7 +266,7 @@ def _cases(front_end: str):
         if front_end == "info" and scope != "info":
             continue
         mark = KNOWN_BUGS.get(name, ())
-        if front_end == "generate" and name == "wrong_expert_shape":
+        if front_end == "generate" and name in ("wrong_expert_shape", "dense_tensor_wrong_shape"):
             mark = XFAIL_PROGRESS_NOISE  # the message itself is checked by the api and the _last_line test
         yield pytest.param(name, id=name, marks=mark)
 
@@ -436,18 +441,31 @@ def test_no_command(capsys):
     _assert_one_error_line(rc, err, ["required"])
 
 
-@pytest.mark.parametrize("case", ["wrong_expert_shape", "empty_prompt"])
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@pytest.mark.parametrize("case", [
+    "wrong_expert_shape",
+    "empty_prompt",
+    pytest.param("dense_tensor_wrong_shape", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG integration.py _materialise_dense: the 'dense weights' tqdm bar is not closed when a MoeOffloadError "
+        "(or any error) is raised inside its loop (no try/finally or `with tqdm(...)`), so the bar stays open: "
+        "stderr reads '...0/21 [00:00<?, ?tensor/s]moe-offload: error: lm_head.weight has shape ...' (error glued "
+        "to the bar) and the bar's clean-up is written after the error line once it is garbage-collected. In a "
+        "long-lived process the leaked bar also shifts later bars down (position > 0: '\\n' and ESC[A noise). "
+        "_attach_expert_runtimes' 'experts' bar has the same flaw"))),
+])
 def test_generate_error_after_progress_is_last_line(case, good_checkpoint, bad_checkpoint, capsys):
-    """Errors found once loading runs: whatever else is on stderr, what a terminal shows last is the one error
-    line (exact one-line stderr for these is the xfail'd progress-noise bug)."""
+    """Errors found once loading runs: whatever progress output is on stderr (the xfail'd progress-noise bug),
+    the error is a line of its own, the last one a terminal shows."""
     if case == "empty_prompt":
         argv, words = ["generate", "", "--model", good_checkpoint], ["empty prompt"]
     else:
         argv, words = ["generate", "hello", "--model", bad_checkpoint(case)], CHECKPOINT_CASES[case][1]
     rc, out, err = _cli(capsys, argv + ["--device", "cpu"])
     assert rc == 2 and "Traceback" not in err
-    assert err.endswith("\n") and err.count("\n") == 1, err
-    shown = re.split(r"[\r\n]", err.rstrip("\n"))[-1]
+    segments = [seg.strip() for seg in re.split(r"[\r\n]", _ANSI.sub("", err))]
+    shown = [seg for seg in segments if seg][-1]
     assert shown.startswith(PREFIX), err
     _assert_words(shown, words, argv[3])
 
