@@ -130,6 +130,8 @@ def _entries_of(path: str) -> list[TensorEntry]:
         if dtype_name not in SAFETENSORS_DTYPES:
             raise MoeOffloadError(f"unsupported dtype {dtype_name} for {key!r} in {name}")
         dtype = SAFETENSORS_DTYPES[dtype_name]
+        if any(d < 0 for d in shape):
+            raise MoeOffloadError(f"corrupt safetensors header in {name}: negative dimension in {key!r}")
         expected = math.prod(shape) * dtype.itemsize
         if begin < 0 or end < begin or end - begin != expected:
             raise MoeOffloadError(
@@ -143,10 +145,20 @@ def _entries_of(path: str) -> list[TensorEntry]:
             )
         spans.append((begin, end, key))
         entries.append(TensorEntry(key, path, dtype, shape, data_start + begin, end - begin))
+    # Like the safetensors library itself, require the tensors to tile the data section exactly.
     spans.sort()
-    for (_, prev_end, prev_key), (begin, end, key) in zip(spans, spans[1:]):
-        if begin < prev_end and end > begin:
-            raise MoeOffloadError(f"corrupt safetensors header in {name}: {prev_key!r} and {key!r} overlap")
+    covered, last_key = 0, None
+    for begin, end, key in spans:
+        if begin == end and begin <= covered:  # an empty tensor takes no bytes
+            continue
+        if begin < covered:
+            raise MoeOffloadError(f"corrupt safetensors header in {name}: {last_key!r} and {key!r} overlap")
+        if begin > covered:
+            raise MoeOffloadError(f"corrupt safetensors header in {name}: bytes [{covered}, {begin}) of the data "
+                                  "belong to no tensor")
+        covered, last_key = end, key
+    if covered != data_size:
+        raise MoeOffloadError(f"corrupt safetensors file {name}: {data_size - covered} bytes after the last tensor")
     return entries
 
 
@@ -157,6 +169,8 @@ def _safetensors_files(root: str) -> list[str]:
             with open(index_path, encoding="utf-8") as handle:
                 weight_map = json.load(handle)["weight_map"]
             files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise MoeOffloadError(f"corrupt {INDEX_FILE} in {root}") from None
         missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]

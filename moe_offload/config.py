@@ -65,7 +65,7 @@ def parse_size(value: Any, name: str) -> int | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:[eE]\+?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise MoeOffloadError(f"{name} must be a byte count like 8GiB, 512MB, 0 or auto, got {value!r}")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])

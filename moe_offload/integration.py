@@ -78,6 +78,14 @@ def load_hf_config(root: str):
         ) from None
 
 
+def check_supported(checkpoint: Checkpoint):
+    """The checkpoint's transformers config, once its architecture is known and it has routed experts."""
+    hf_config = load_hf_config(checkpoint.root)
+    if not checkpoint.experts_by_layer:
+        raise MoeOffloadError(f"{hf_config.model_type!r} is a dense model: it has no routed experts to offload")
+    return hf_config
+
+
 def _build_meta_model(hf_config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -148,20 +156,18 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
                 target = target.replace(old, new)
         if target in targets:
             files.setdefault(checkpoint.tensors[key].path, []).append((key, target))
-    bar = tqdm(total=sum(len(v) for v in files.values()), desc="dense weights", unit="tensor",
-               disable=not progress, leave=False)
-    with torch.no_grad():
+    for key, target in ((k, t) for pairs in files.values() for k, t in pairs):
+        shape = checkpoint.tensors[key].shape
+        if tuple(shape) != tuple(targets[target].shape):  # checked before a byte is read or a bar is drawn
+            raise MoeOffloadError(f"{key} has shape {list(shape)}, the model expects {list(targets[target].shape)}")
+    with torch.no_grad(), tqdm(total=sum(len(v) for v in files.values()), desc="dense weights", unit="tensor",
+                               disable=not progress, leave=False) as bar:
         for path, pairs in files.items():
             with safe_open(path, framework="pt", device="cpu") as handle:
                 for key, target in pairs:
-                    tensor = handle.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(targets[target].shape):
-                        raise MoeOffloadError(f"{key} has shape {list(tensor.shape)}, the model expects "
-                                              f"{list(targets[target].shape)}")
-                    targets[target].copy_(tensor)
+                    targets[target].copy_(handle.get_tensor(key))
                     filled.add(target)
                     bar.update(1)
-    bar.close()
     _initialise_buffers(model, filled)
     if "lm_head.weight" in targets and "lm_head.weight" not in filled:
         model.tie_weights()
@@ -192,7 +198,7 @@ def _initialise_buffers(model, filled: set[str]) -> None:
 def build_offloaded_model(checkpoint: Checkpoint, device: torch.device, config: OffloadConfig,
                           progress: bool = True):
     """The transformers model with its routed experts served by OffloadedExperts; returns (model, runtimes)."""
-    hf_config = load_hf_config(checkpoint.root)
+    hf_config = check_supported(checkpoint)
     dtype = resolve_dtype(config, checkpoint, device)
     model = _build_meta_model(hf_config, dtype)
     sites = find_expert_sites(model, hf_config.model_type)
@@ -226,33 +232,37 @@ def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[
     top_k = max(int(getattr(s.module.config, "num_experts_per_tok", 1) or 1) for s in sites)
     first = sites[0]
     scratch = ScratchPool(top_k, first.inter, first.hidden, dtype, device)
-    element = torch.empty((), dtype=dtype).element_size()
     per_layer_budget = host_budget(config) // len(sites)
-    runtimes = []
-    bar = tqdm(total=sum(s.num_experts for s in sites), desc="experts", unit="expert",
-               disable=not progress, leave=False)
-    for site in sites:
-        capacity = config.resident_count(site.num_experts)
-        resident = list(range(capacity))
-        host = None
-        if capacity < site.num_experts:
-            expert_bytes = 3 * site.inter * site.hidden * element
-            fit = min(site.num_experts, per_layer_budget // expert_bytes)
-            order = list(range(capacity, site.num_experts)) + resident  # non-resident experts first
-            host = HostTier(order[:fit], site.inter, site.hidden, dtype, pin=device.type == "cuda") if fit else None
-            for expert in host.row_of if host else ():
-                gate_up, down = host.get(expert)
-                fetcher.read_from_disk(locations[site.layer][expert], gate_up, down)
-                bar.update(1)
-        runtime = OffloadedExperts(site.layer, site.num_experts, site.inter, site.hidden, capacity,
-                                   locations[site.layer], host, fetcher, scratch, make_policy("lru"), dtype, device)
-        runtime.preload(resident)
-        bar.update(site.num_experts - (len(host.row_of) if host else 0))
-        site.module._moe_offload = runtime
-        runtimes.append(runtime)
-    bar.close()
+    with tqdm(total=sum(s.num_experts for s in sites), desc="experts", unit="expert",
+              disable=not progress, leave=False) as bar:
+        runtimes = [_attach_layer(site, locations[site.layer], fetcher, scratch, per_layer_budget, dtype, device,
+                                  config, bar) for site in sites]
     fetcher.stats.reset()
     return runtimes
+
+
+def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: ExpertFetcher, scratch: ScratchPool,
+                  host_bytes: int, dtype: torch.dtype, device: torch.device, config: OffloadConfig,
+                  bar) -> OffloadedExperts:
+    """Fill one layer's host tier and resident slots, and hang its runtime on the experts module."""
+    element = torch.empty((), dtype=dtype).element_size()
+    capacity = config.resident_count(site.num_experts)
+    resident = list(range(capacity))
+    host = None
+    if capacity < site.num_experts:
+        fit = min(site.num_experts, host_bytes // (3 * site.inter * site.hidden * element))
+        order = list(range(capacity, site.num_experts)) + resident  # non-resident experts first
+        host = HostTier(order[:fit], site.inter, site.hidden, dtype, pin=device.type == "cuda") if fit else None
+        for expert in host.row_of if host else ():
+            gate_up, down = host.get(expert)
+            fetcher.read_from_disk(locations[expert], gate_up, down)
+            bar.update(1)
+    runtime = OffloadedExperts(site.layer, site.num_experts, site.inter, site.hidden, capacity, locations, host,
+                               fetcher, scratch, make_policy("lru"), dtype, device)
+    runtime.preload(resident)
+    bar.update(site.num_experts - (len(host.row_of) if host else 0))
+    site.module._moe_offload = runtime
+    return runtime
 
 
 def _load_generation_config(model, root: str) -> None:

@@ -15,9 +15,10 @@ import torch
 from .checkpoint import Checkpoint
 from .config import OffloadConfig, load_properties_file, make_config
 from .errors import MoeOffloadError
-from .integration import build_offloaded_model
+from .integration import build_offloaded_model, check_supported
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,10 +58,12 @@ class LLMPipeline:
         self.device = resolve_device(device)
         self.models_path = models_path or DEFAULT_MODEL
         self.checkpoint = Checkpoint(self.models_path)
-        self.tokenizer = self._load_tokenizer()
-        if require_tokenizer:
-            self._require_tokenizer()
+        check_supported(self.checkpoint)
+        if require_tokenizer and not any(os.path.isfile(os.path.join(self.models_path, name))
+                                         for name in TOKENIZER_FILES):
+            raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
         self.model, self.layers = build_offloaded_model(self.checkpoint, self.device, self.config, progress)
+        self.tokenizer = self._load_tokenizer()
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer

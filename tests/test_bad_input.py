@@ -206,69 +206,42 @@ def _gpt_oss(root):
     save_tokenizer(root)
 
 
-XFAIL_SAFETENSORS_GAP = pytest.mark.xfail(strict=True, reason=(
-    "BUG checkpoint.py _entries_of: validation is weaker than safetensors' own (which needs the tensors to tile "
-    "the data section exactly); the file passes Checkpoint() and then safe_open in integration._materialise_dense "
-    "raises safetensors.SafetensorError, not MoeOffloadError (CLI: traceback)"))
-
-# name -> (damage(root) or None for a path that is not a checkpoint folder, words the error must contain,
-#          which front ends reject it: "cli" generate + api, "info" also `moe-offload info`)
+# name -> (damage(root) or None where the fixture makes the path, words the error must contain, where it is
+#          caught: "headers" = by Checkpoint(), so header-only `moe-offload info` rejects it too; "load" = only
+#          when the model is built (generate, API))
 CHECKPOINT_CASES = {
-    "missing_path": (None, ["not found"], "info"),
-    "path_is_file": (None, ["not a directory"], "info"),
-    "no_config_json": (_no_config, ["no config.json"], "info"),
-    "no_safetensors": (_no_safetensors, ["no .safetensors"], "info"),
-    "truncated_mid_data": (_truncate_mid_data, ["truncated", "out of range"], "info"),
-    "shorter_than_8_bytes": (_shorter_than_8_bytes, ["truncated", "no header"], "info"),
-    "header_length_past_end": (_header_length_past_end, ["header length", "past the end"], "info"),
-    "header_not_json": (_header_not_json, ["header", "not valid JSON"], "info"),
-    "offsets_out_of_range": (_offsets_out_of_range, ["model.norm.weight", "out of range"], "info"),
-    "overlapping_tensors": (_overlapping_tensors, ["overlap", "experts.0.gate_proj", "experts.0.up_proj"], "info"),
+    "missing_path": (None, ["not found"], "headers"),
+    "path_is_file": (None, ["not a directory"], "headers"),
+    "no_config_json": (_no_config, ["no config.json"], "headers"),
+    "no_safetensors": (_no_safetensors, ["no .safetensors"], "headers"),
+    "truncated_mid_data": (_truncate_mid_data, ["truncated", "out of range"], "headers"),
+    "shorter_than_8_bytes": (_shorter_than_8_bytes, ["truncated", "no header"], "headers"),
+    "header_length_past_end": (_header_length_past_end, ["header length", "past the end"], "headers"),
+    "header_not_json": (_header_not_json, ["header", "not valid JSON"], "headers"),
+    "offsets_out_of_range": (_offsets_out_of_range, ["model.norm.weight", "out of range"], "headers"),
+    "overlapping_tensors": (_overlapping_tensors, ["overlap", "experts.0.gate_proj", "experts.0.up_proj"], "headers"),
     "offsets_not_matching_shape": (_offsets_not_matching_shape, ["model.norm.weight", "do not match", "shape"],
-                                   "info"),
-    "index_missing_shard": (_index_missing_shard, ["missing shard", "model-00002-of-00002"], "info"),
+                                   "headers"),
+    "index_missing_shard": (_index_missing_shard, ["missing shard", "model-00002-of-00002"], "headers"),
     "wrong_expert_shape": (_wrong_expert_shape, ["experts.0.gate_proj.weight", "[16, 32]", "expects [24, 32]"],
-                           "cli"),
-    "dense_tensor_wrong_shape": (_dense_tensor_wrong_shape, ["has shape [320, 32]", "expects [321, 32]"], "cli"),
-    "unsupported_architecture": (_not_a_model, ["unsupported architecture", "not_a_model"], "cli"),
-    "unsupported_moe_gpt_oss": (_gpt_oss, ["unsupported architecture", "gpt_oss"], "cli"),
-    "dense_model": (lambda root: _dense_llama(root, with_tokenizer=True), ["'llama' is a dense model"], "info"),
-    # Found while writing these tests: corruption that checkpoint.py lets through.
+                           "load"),
+    "dense_tensor_wrong_shape": (_dense_tensor_wrong_shape, ["has shape [320, 32]", "expects [321, 32]"], "load"),
+    "unsupported_architecture": (_not_a_model, ["unsupported architecture", "not_a_model"], "load"),
+    "unsupported_moe_gpt_oss": (_gpt_oss, ["unsupported architecture", "gpt_oss"], "load"),
+    "dense_model": (lambda root: _dense_llama(root, with_tokenizer=True), ["'llama' is a dense model"], "headers"),
+    # Corruption that an earlier checkpoint.py let through (the library's own loader then raised).
     "overlap_behind_empty_tensor": (_overlap_behind_empty_tensor, ["overlap", "lm_head.weight", "extra.inner"],
-                                    "cli"),
-    "negative_dims": (_negative_dims, ["corrupt", "model.norm.weight"], "cli"),
-    "trailing_bytes_after_data": (_trailing_bytes, ["corrupt", "model.safetensors"], "cli"),
-    "index_shard_not_a_string": (_index_shard_not_a_string, ["corrupt", "model.safetensors.index.json"], "cli"),
+                                    "headers"),
+    "negative_dims": (_negative_dims, ["corrupt", "model.norm.weight"], "headers"),
+    "trailing_bytes_after_data": (_trailing_bytes, ["corrupt", "model.safetensors"], "headers"),
+    "index_shard_not_a_string": (_index_shard_not_a_string, ["corrupt", "model.safetensors.index.json"], "headers"),
 }
-KNOWN_BUGS = {
-    "overlap_behind_empty_tensor": pytest.mark.xfail(strict=True, reason=(
-        "BUG checkpoint.py _entries_of overlap loop: compares each span only with its predecessor's end, not the "
-        "running maximum end, so A=[b,b+2560) and C=[b+16,b+24) are not reported when an empty tensor [b+8,b+8) "
-        "sorts between them; the load then dies in safe_open with SafetensorError 'invalid offset'")),
-    "negative_dims": XFAIL_SAFETENSORS_GAP,
-    "trailing_bytes_after_data": XFAIL_SAFETENSORS_GAP,
-    "index_shard_not_a_string": pytest.mark.xfail(strict=True, reason=(
-        "BUG checkpoint.py _safetensors_files: the missing-shard check (os.path.join(root, f)) runs outside the "
-        "try, so a weight_map value that is not a string raises TypeError instead of 'corrupt "
-        "model.safetensors.index.json'")),
-}
-
-
-XFAIL_PROGRESS_NOISE = pytest.mark.xfail(strict=True, reason=(
-    "BUG cli.py _cmd_generate passes progress=True unconditionally: the tqdm bars of integration.py "
-    "('dense weights', 'experts') write '\\r...' frames to stderr even when it is not a terminal, so an error "
-    "found after loading has started is not the only line on stderr. Fix: progress=sys.stderr.isatty()"))
-
-
 def _cases(front_end: str):
     """front_end: "generate", "api" or "info"."""
     for name, (_, _, scope) in CHECKPOINT_CASES.items():
-        if front_end == "info" and scope != "info":
+        if front_end == "info" and scope != "headers":
             continue
-        mark = KNOWN_BUGS.get(name, ())
-        if front_end == "generate" and name in ("wrong_expert_shape", "dense_tensor_wrong_shape"):
-            mark = XFAIL_PROGRESS_NOISE  # the message itself is checked by the api and the _last_line test
-        yield pytest.param(name, id=name, marks=mark)
+        yield pytest.param(name, id=name)
 
 
 @pytest.fixture(scope="module")
@@ -364,11 +337,6 @@ def test_dense_model_without_tokenizer_api(dense_without_tokenizer):
     _assert_words(str(caught.value), ["is a dense model", "no routed experts"], dense_without_tokenizer)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG pipeline.py LLMPipeline.__init__: the tokenizer is required (require_tokenizer=True from the CLI) "
-    "before the architecture is checked in build_offloaded_model, so `generate` on a dense checkpoint without "
-    "tokenizer files says 'no tokenizer ... pass token ids to pipe.model instead' (misleading: that fails too) "
-    "instead of 'is a dense model'"))
 def test_dense_model_without_tokenizer_generate(dense_without_tokenizer, capsys):
     rc, _, err = _cli(capsys, ["generate", "hello", "--device", "cpu", "--model", dense_without_tokenizer])
     _assert_one_error_line(rc, err, ["is a dense model"], dense_without_tokenizer)
@@ -447,30 +415,38 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 @pytest.mark.parametrize("case", [
     "wrong_expert_shape",
     "empty_prompt",
-    pytest.param("dense_tensor_wrong_shape", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG integration.py _materialise_dense: the 'dense weights' tqdm bar is not closed when a MoeOffloadError "
-        "(or any error) is raised inside its loop (no try/finally or `with tqdm(...)`), so the bar stays open: "
-        "stderr reads '...0/21 [00:00<?, ?tensor/s]moe-offload: error: lm_head.weight has shape ...' (error glued "
-        "to the bar) and the bar's clean-up is written after the error line once it is garbage-collected. In a "
-        "long-lived process the leaked bar also shifts later bars down (position > 0: '\\n' and ESC[A noise). "
-        "_attach_expert_runtimes' 'experts' bar has the same flaw"))),
+    "dense_tensor_wrong_shape",
 ])
-def test_generate_error_after_progress_is_last_line(case, good_checkpoint, bad_checkpoint, capsys):
-    """Errors found once loading runs: whatever progress output is on stderr (the xfail'd progress-noise bug),
-    the error is a line of its own, the last one a terminal shows."""
+def test_generate_error_in_a_terminal_is_its_own_last_line(case, good_checkpoint, bad_checkpoint, capsys,
+                                                           monkeypatch):
+    """With stderr a terminal the progress bars are on; the error must still start a line of its own and be the
+    last thing the terminal shows (bars erased, not glued to the message)."""
     if case == "empty_prompt":
         argv, words = ["generate", "", "--model", good_checkpoint], ["empty prompt"]
     else:
         argv, words = ["generate", "hello", "--model", bad_checkpoint(case)], CHECKPOINT_CASES[case][1]
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     rc, out, err = _cli(capsys, argv + ["--device", "cpu"])
     assert rc == 2 and "Traceback" not in err
     segments = [seg.strip() for seg in re.split(r"[\r\n]", _ANSI.sub("", err))]
-    shown = [seg for seg in segments if seg][-1]
-    assert shown.startswith(PREFIX), err
-    _assert_words(shown, words, argv[3])
+    shown = [seg for seg in segments if seg]
+    assert shown and shown[-1].startswith(PREFIX), f"last visible line is not the error: {err!r}"
+    _assert_words(shown[-1], words, argv[3])
 
 
-@XFAIL_PROGRESS_NOISE
+def test_failed_load_leaves_no_progress_bar_open(bad_checkpoint, capsys):
+    """The same bug through the API: a load that fails inside the bar loop must close its bar."""
+    from tqdm.auto import tqdm
+
+    before = len(tqdm._instances)
+    with pytest.raises(MoeOffloadError) as caught:
+        LLMPipeline(bad_checkpoint("dense_tensor_wrong_shape"), "cpu", progress=True)
+    open_bars = len(tqdm._instances) - before
+    del caught
+    assert open_bars == 0, "the 'dense weights' bar is still open after the load failed"
+
+
 def test_generate_empty_prompt(good_checkpoint, capsys):
     rc, _, err = _cli(capsys, ["generate", "", "--device", "cpu", "--model", good_checkpoint])
     _assert_one_error_line(rc, err, ["empty prompt"])
@@ -506,10 +482,7 @@ def test_api_rejects_bad_properties(good_checkpoint, props, words):
 
 @pytest.mark.parametrize("name", [
     "overlapping_tensors",
-    pytest.param("unsupported_architecture", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG pipeline.py LLMPipeline._load_tokenizer (line ~69) runs AutoTokenizer.from_pretrained before the "
-        "architecture is checked; for model_type 'not_a_model' transformers logs the warning '[transformers] You are "
-        "using a model of type `not_a_model` to instantiate ...' to stderr, so stderr has two lines"))),
+    "unsupported_architecture",
 ])
 def test_subprocess_exit_code_and_single_stderr_line(name, bad_checkpoint):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

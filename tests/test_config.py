@@ -94,7 +94,7 @@ def test_defaults():
     config = make_config({})
     assert config == OffloadConfig()
     assert (config.moe_offload_ratio, config.moe_host_cache_bytes, config.moe_io, config.moe_dtype) == \
-        (100, None, "pread", "auto")
+        (100, None, "odirect", "auto")
 
 
 @pytest.mark.parametrize("name", ["MOE_OFFLOAD_RATIO", "moe_offload_ratio", "Moe_Offload_Ratio", "mOe_oFfLoAd_RaTiO"])
@@ -178,7 +178,8 @@ def test_pipeline_takes_config_file(checkpoint_path, props_file):
     config, stats = _loaded(checkpoint_path, props_file)
     assert config == OffloadConfig(moe_offload_ratio=50, moe_host_cache_bytes=12 * 1024, moe_io="mmap")
     assert stats["resident_experts"] == 8  # 4 of 8 in each of 2 layers
-    assert stats["host_tier_experts"] == 2  # 12 KiB / 2 layers = 6144 bytes: one expert per layer
+    assert 12 * 1024 // 2 == EXPERT_BYTES  # 12 KiB over 2 layers: room for one expert per layer
+    assert stats["host_tier_experts"] == 2 and stats["host_tier_bytes"] == 2 * EXPERT_BYTES
     assert stats["disk_io"] == "mmap"
 
 

@@ -590,8 +590,10 @@ def save_all(model, hf_tok, out: Path) -> None:
 
 
 @torch.no_grad()
-def reload_and_generate(out: Path, device: torch.device, heldout_win: torch.Tensor, args, size: ModelSize) -> dict:
+def reload_and_generate(out: Path, device: torch.device, heldout_win: torch.Tensor, heldout_texts: list[str], args,
+                        size: ModelSize) -> dict:
     tok = AutoTokenizer.from_pretrained(out)
+    roundtrip_bad = check_roundtrip(tok, heldout_texts[:20])  # through the reloaded AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device).eval()
     # Sanity: reloaded weights give the same held-out CE as the in-memory bf16 model did.
     no_autocast = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731 - weights already bf16
@@ -603,6 +605,7 @@ def reload_and_generate(out: Path, device: torch.device, heldout_win: torch.Tens
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     continuation = tok.decode(gen[0, x.size(1):], skip_special_tokens=False)
     return dict(reloaded_class=type(model).__name__, tokenizer_class=type(tok).__name__,
+                reloaded_tokenizer_roundtrip_failures=roundtrip_bad,
                 reloaded_heldout_ce_32win=round(ce_reload, 4), prompt=PROMPT, continuation=continuation)
 
 
@@ -710,9 +713,10 @@ def main(argv: list[str] | None = None) -> None:
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
 
     # ---- reload from disk and generate
-    gen = reload_and_generate(out, device, heldout_win, args, size)
+    gen = reload_and_generate(out, device, heldout_win, corpus.heldout_texts, args, size)
     print(f"reloaded {gen['reloaded_class']} + {gen['tokenizer_class']} from {out}; held-out CE on the first 32 "
-          f"windows: reloaded {gen['reloaded_heldout_ce_32win']:.4f} vs in-memory {ce_32:.4f}", flush=True)
+          f"windows: reloaded {gen['reloaded_heldout_ce_32win']:.4f} vs in-memory {ce_32:.4f}; tokenizer round-trip "
+          f"failures {gen['reloaded_tokenizer_roundtrip_failures']}", flush=True)
     print(f"greedy continuation of {PROMPT!r}:\n{PROMPT}{gen['continuation']}\n---", flush=True)
 
     sizes = folder_size(out)
