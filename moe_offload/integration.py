@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .cache import OffloadedExperts, ScratchPool
@@ -163,11 +163,14 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
     with torch.no_grad(), tqdm(total=sum(len(v) for v in files.values()), desc="dense weights", unit="tensor",
                                disable=not progress, leave=False) as bar:
         for path, pairs in files.items():
-            with safe_open(path, framework="pt", device="cpu") as handle:
-                for key, target in pairs:
-                    targets[target].copy_(handle.get_tensor(key))
-                    filled.add(target)
-                    bar.update(1)
+            try:
+                with safe_open(path, framework="pt", device="cpu") as handle:
+                    for key, target in pairs:
+                        targets[target].copy_(handle.get_tensor(key))
+                        filled.add(target)
+                        bar.update(1)
+            except SafetensorError as err:  # whatever our header checks did not anticipate
+                raise MoeOffloadError(f"corrupt safetensors file {os.path.basename(path)}: {err}") from None
     _initialise_buffers(model, filled)
     if "lm_head.weight" in targets and "lm_head.weight" not in filled:
         model.tie_weights()
