@@ -1,0 +1,271 @@
+"""Fused MoE over cached experts in Triton: gate/up GEMM with SiLU(gate) * up, then down GEMM * routing weight.
+
+Experts are addressed through ONE pool pair (w13 [S, 2I, H] gate rows first, w2 [S, H, I]) and a per-expert slot
+index `slot_of_expert [E] int32`, -1 meaning "not in this pool": those (token, expert) pairs contribute nothing.
+So a layer whose experts are spread over its cache pool and the scratch waves calls fused_moe once per pool
+with that pool's slot map and the same float32 `out`, and gets the full sum without copying experts around.
+
+Two kernels per path (gate_up + act, down + weight) and a torch sum over K, not one fused kernel: the down GEMM
+needs the whole I-wide activation of a row, which one gate/up program does not have, and the [T*K, I]
+activation round trip is small next to the expert weights. Each (token, k) contribution is written to its own
+float32 row [T*K, H] and summed over K in a fixed order, so results are deterministic (no atomics).
+
+- decode (T*K <= DECODE_MAX_PAIRS): one program per (pair, N-block), a GEMV on the CUDA cores; no sorting or
+  padding, so the step is a handful of launches, and each expert's rows are streamed once per pair.
+- prefill: pairs grouped by slot and padded per slot to BLOCK_M (vLLM's moe_align_block_size, done in torch with
+  no host sync), then grouped GEMMs on the tensor cores; each expert's weights are read once per M-block.
+Only SiLU is supported: the caller checks `config.hidden_act == "silu"`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .reference import accumulate_expert
+
+# T*K at or below which the GEMV path runs: up to here pairs rarely share an expert (so per-pair streaming reads
+# each expert once) and tensor-core tiles of 16+ rows would be mostly padding. Tests override it.
+DECODE_MAX_PAIRS = 16
+
+_GEMV = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)  # 16 output rows per program: enough programs to fill the SMs
+_GEMM = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, act_ptr, H, I, top_k,
+                         stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[p, n] = silu(gate(x_t)) * up(x_t) for pair p = (t, k) over one BLOCK_N slice of I."""
+    pair = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tl.load(ids_ptr + pair)).to(tl.int64)
+    if slot < 0:  # not in this pool; down writes the zero contribution
+        return
+    token = pair // top_k
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = offs_n < I
+    gate_ptrs = w13_ptr + slot * stride_ws + offs_n[:, None] * stride_wn  # [BN, 1]
+    up_ptrs = gate_ptrs + I * stride_wn  # [BN, 1]
+    acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        mask_k = offs_k < H
+        x = tl.load(x_ptr + token * stride_xt + offs_k * stride_xh, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
+        mask = mask_n[:, None] & mask_k[None, :]
+        gate = tl.load(gate_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)  # [BN, BK]
+        up = tl.load(up_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)  # [BN, BK]
+        acc_gate += tl.sum(gate * x[None, :], axis=1)
+        acc_up += tl.sum(up * x[None, :], axis=1)
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # [BN]
+    tl.store(act_ptr + pair * stride_ap + offs_n * stride_ai, act.to(act_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H, I,
+                      stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[p, n] = weight[p] * down(act[p]) for pair p over one BLOCK_N slice of H, in float32."""
+    pair = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tl.load(ids_ptr + pair)).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = offs_n < H
+    out_ptrs = out_ptr + pair * stride_op + offs_n * stride_oh  # [BN]
+    if slot < 0:
+        tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_n)
+        return
+    w_ptrs = w2_ptr + slot * stride_ws + offs_n[:, None] * stride_wn  # [BN, 1]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        mask_k = offs_k < I
+        a = tl.load(act_ptr + pair * stride_ap + offs_k * stride_ai, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
+        w = tl.load(w_ptrs + offs_k[None, :] * stride_wi, mask=mask_n[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)  # [BN, BK]
+        acc += tl.sum(w * a[None, :], axis=1)
+    acc *= tl.load(weight_ptr + pair).to(tl.float32)
+    tl.store(out_ptrs, acc, mask=mask_n)
+
+
+@triton.jit
+def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, num_pairs, H, I, top_k,
+                            stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr):
+    """act[pairs of one M-block, n-slice] = silu(x @ gate.T) * (x @ up.T); every pair of the block uses one slot."""
+    block = tl.program_id(0)  # M-blocks vary fastest: programs sharing a weight tile run together (L2 reuse)
+    slot = tl.load(block_slot_ptr + block).to(tl.int64)
+    if slot < 0:  # pairs not in this pool, or past the last padded block
+        return
+    pairs = tl.load(pairs_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM], padding = num_pairs
+    mask_m = pairs < num_pairs
+    tokens = pairs // top_k  # [BM]
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xh  # [BM, BK]
+    gate_ptrs = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh  # [BK, BN]
+    up_ptrs = gate_ptrs + I * stride_wn  # [BK, BN]
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        mask_k = offs_k < H - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        mask_w = mask_k[:, None] & mask_n[None, :]
+        gate = tl.load(gate_ptrs, mask=mask_w, other=0.0)  # [BK, BN]
+        up = tl.load(up_ptrs, mask=mask_w, other=0.0)  # [BK, BN]
+        acc_gate = tl.dot(x, gate, acc_gate, input_precision=INPUT_PRECISION)
+        acc_up = tl.dot(x, up, acc_up, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xh
+        gate_ptrs += BLOCK_K * stride_wh
+        up_ptrs += BLOCK_K * stride_wh
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # [BM, BN]
+    tl.store(act_ptr + pairs[:, None] * stride_ap + offs_n[None, :] * stride_ai, act.to(act_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, weight_ptr, out_ptr, num_pairs, H, I,
+                         stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr):
+    """out[pairs of one M-block, n-slice] = weight * (act @ down.T), in float32."""
+    block = tl.program_id(0)
+    slot = tl.load(block_slot_ptr + block).to(tl.int64)
+    pairs = tl.load(pairs_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
+    mask_m = pairs < num_pairs
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_n = offs_n < H
+    out_ptrs = out_ptr + pairs[:, None] * stride_op + offs_n[None, :] * stride_oh  # [BM, BN]
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if slot < 0:
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
+        return
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    a_ptrs = act_ptr + pairs[:, None] * stride_ap + offs_k[None, :] * stride_ai  # [BM, BK]
+    w_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wi  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        mask_k = offs_k < I - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ai
+        w_ptrs += BLOCK_K * stride_wi
+    acc *= tl.load(weight_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptrs, acc, mask=mask_out)
+
+
+def align_by_slot(pair_slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group (token, k) pairs by slot, each group padded to a multiple of block_m (vLLM's moe_align_block_size).
+
+    Pure torch with no host sync, so the grid size is a host-side upper bound and the step stays capturable in a
+    CUDA graph. Pairs not in the pool (slot -1) form one more group whose blocks get slot -1, like the unused tail.
+    Returns sorted_pairs [B * block_m] (pair ids; padding = P) and block_slot [B] int32.
+    """
+    # P = (token, k) pairs, G = S + 1 groups (the last: not in this pool), B = blocks
+    num_pairs = pair_slots.numel()
+    device = pair_slots.device
+    groups = torch.where(pair_slots < 0, num_slots, pair_slots.long())  # [P]
+    order = torch.argsort(groups, stable=True)  # [P]
+    counts = torch.bincount(groups, minlength=num_slots + 1)  # [G]
+    padded = (counts + block_m - 1) // block_m * block_m  # [G]
+    padded_end = torch.cumsum(padded, 0)  # [G]
+    sorted_groups = groups[order]  # [P]
+    rank = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_groups]  # [P]
+    dest = (padded_end - padded)[sorted_groups] + rank  # [P]
+    num_blocks = triton.cdiv(num_pairs, block_m) + min(num_pairs, num_slots + 1)  # >= sum of ceil(count / BM)
+    sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)  # [B*BM]
+    sorted_pairs[dest] = order.to(torch.int32)
+    block_start = torch.arange(num_blocks, device=device) * block_m  # [B]
+    block_group = torch.searchsorted(padded_end, block_start, right=True)  # [B], G past the end
+    block_slot = torch.where(block_group < num_slots, block_group, -1).to(torch.int32)  # [B]
+    return sorted_pairs, block_slot
+
+
+def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out) -> None:
+    """Shape/dtype checks that need no host sync; slot values (< S) are the caller's contract."""
+    num_slots, two_inter, hidden_size = w13.shape
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or two_inter % 2:
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match w13 {tuple(w13.shape)}")
+    if w2.shape != (num_slots, hidden_size, two_inter // 2):
+        raise ValueError(f"w2 {tuple(w2.shape)} does not match w13 {tuple(w13.shape)}")
+    if top_k_ids.dim() != 2 or top_k_ids.shape[0] != hidden.shape[0] or top_k_weights.shape != top_k_ids.shape:
+        raise ValueError(f"top_k_ids {tuple(top_k_ids.shape)} / weights {tuple(top_k_weights.shape)} "
+                         f"do not match hidden {tuple(hidden.shape)}")
+    if not hidden.dtype == w13.dtype == w2.dtype:
+        raise ValueError(f"dtypes differ: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype}")
+    if slot_of_expert.dtype != torch.int32 or slot_of_expert.dim() != 1:
+        raise ValueError(f"slot_of_expert must be 1-D int32, got {slot_of_expert.dtype} {tuple(slot_of_expert.shape)}")
+    if out is not None and (out.dtype != torch.float32 or out.shape != hidden.shape):
+        raise ValueError(f"out must be float32 {tuple(hidden.shape)}, got {out.dtype} {tuple(out.shape)}")
+
+
+def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor, w13: torch.Tensor,
+              w2: torch.Tensor, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k top_k_weights[t, k] * expert_{top_k_ids[t, k]}(hidden[t]) over the experts that are in this pool.
+
+    hidden [T, H]; top_k_ids [T, K] expert ids; top_k_weights [T, K]; w13 [S, 2I, H] (gate rows, then up rows);
+    w2 [S, H, I]; slot_of_expert [E] int32, the slot of each expert in w13/w2 or -1 (skipped).
+    Without `out`: returns [T, H] in hidden's dtype. With `out` ([T, H] float32): adds into it and returns it,
+    so contributions from several pools are summed in float32 and rounded once by the caller.
+    """
+    # T = tokens, K = top-k, E = experts, S = slots, H = hidden, I = intermediate, P = T*K (token, k) pairs
+    _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out)
+    num_tokens, top_k = top_k_ids.shape  # [T, K]
+    num_slots, two_inter, hidden_size = w13.shape  # [S, 2I, H]
+    inter = two_inter // 2
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return out if out is not None else hidden.new_zeros(hidden.shape)
+    ids = top_k_ids.reshape(-1)  # [P]
+    weights = top_k_weights.reshape(-1)  # [P]
+    act = torch.empty((num_pairs, inter), dtype=hidden.dtype, device=hidden.device)  # [P, I]
+    contrib = torch.empty((num_pairs, hidden_size), dtype=torch.float32, device=hidden.device)  # [P, H]
+    x_strides = (hidden.stride(0), hidden.stride(1))
+    w13_strides, w2_strides = w13.stride(), w2.stride()
+    act_strides, out_strides = act.stride(), contrib.stride()
+
+    if num_pairs <= DECODE_MAX_PAIRS:
+        block_n, block_k, warps = _GEMV["BLOCK_N"], _GEMV["BLOCK_K"], _GEMV["num_warps"]
+        _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, block_n))](
+            hidden, ids, slot_of_expert, w13, act, hidden_size, inter, top_k,
+            *x_strides, *w13_strides, *act_strides, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, block_n))](
+            act, ids, slot_of_expert, w2, weights, contrib, hidden_size, inter,
+            *act_strides, *w2_strides, *out_strides, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    else:
+        # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
+        block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))
+        sorted_pairs, block_slot = align_by_slot(slot_of_expert[ids], num_slots, block_m)  # [B*BM], [B]
+        num_blocks = block_slot.numel()
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"  # fp32 matches torch's matmul
+        meta = dict(BLOCK_M=block_m, INPUT_PRECISION=precision, **_GEMM)
+        _gate_up_grouped_kernel[(num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
+            hidden, sorted_pairs, block_slot, w13, act, num_pairs, hidden_size, inter, top_k,
+            *x_strides, *w13_strides, *act_strides, **meta)
+        _down_grouped_kernel[(num_blocks, triton.cdiv(hidden_size, meta["BLOCK_N"]))](
+            act, sorted_pairs, block_slot, w2, weights, contrib, num_pairs, hidden_size, inter,
+            *act_strides, *w2_strides, *out_strides, **meta)
+
+    summed = contrib.view(num_tokens, top_k, hidden_size).sum(dim=1)  # [T, H], fixed order over K
+    if out is None:
+        return summed.to(hidden.dtype)
+    return out.add_(summed)
+
+
+def fused_moe_reference(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor,
+                        w13: torch.Tensor, w2: torch.Tensor, slot_of_expert: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """fused_moe's contract computed eagerly with reference.accumulate_expert: the oracle for its tests."""
+    _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out)
+    acc = out if out is not None else torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
+    for expert in top_k_ids.unique().tolist():
+        slot = int(slot_of_expert[expert])
+        if slot < 0:
+            continue
+        tokens, ks = (top_k_ids == expert).nonzero(as_tuple=True)  # [n], [n]
+        accumulate_expert(acc, hidden, tokens, top_k_weights[tokens, ks], w13[slot], w2[slot], F.silu)
+    return acc if out is not None else acc.to(hidden.dtype)
