@@ -1,0 +1,149 @@
+"""fused_moe (Triton) against fused_moe_reference (eager torch), in vLLM's fused_moe test style.
+
+With CUDA: the full grid on the GPU. Without: a small-shape subset in Triton's interpreter on the CPU
+(TRITON_INTERPRET must be set before the kernels are decorated). The interpreter cannot run tl.dot on bfloat16
+(it multiplies the raw bit patterns: triton-lang/triton#11584), so bf16 runs the prefill path on the GPU only.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+if not CUDA and "moe_offload.kernels.triton_moe" in sys.modules:  # decorated earlier without the interpreter
+    importlib.reload(sys.modules["moe_offload.kernels.triton_moe"])
+
+from moe_offload.kernels import triton_moe  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+NUM_EXPERTS = [8, 64, 128]
+TOP_KS = [2, 8]
+TOKENS = [1, 33, 511]
+SHAPES = [(128, 64), (511, 176)]  # (H, I); 511 and 176 are not multiples of the tiles: masking
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+PATHS = ["auto", "decode", "prefill"]
+# Relative to max |reference| (outputs are O(1)): bf16 carries 8 mantissa bits, fp16 11; fp32 uses IEEE dots.
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+if not CUDA:  # the interpreter runs each program in Python: small shapes only
+    NUM_EXPERTS, TOP_KS, TOKENS, SHAPES = [8], [2], [1, 33], [(64, 32)]
+    PATHS = ["decode", "prefill"]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32(monkeypatch):
+    """fp32 comparisons without TF32 on either side."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _force_path(monkeypatch, path: str) -> None:
+    if path == "decode":
+        monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 1 << 30)
+    elif path == "prefill":
+        monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 0)
+
+
+def _skip_unsupported(dtype: torch.dtype, path: str, tokens: int, top_k: int) -> None:
+    uses_dot = path == "prefill" or (path == "auto" and tokens * top_k > triton_moe.DECODE_MAX_PAIRS)
+    if not CUDA and dtype == torch.bfloat16 and uses_dot:
+        pytest.skip("Triton's interpreter has no bfloat16 tl.dot (triton-lang/triton#11584)")
+
+
+def make_inputs(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
+                spare_slots: int = 3):
+    """Random routing and weights, experts in a random permutation of slots, plus spare slots of noise."""
+    # T = tokens, K = top-k, E = experts, S = slots, H = hidden, I = intermediate
+    slots = experts + spare_slots
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)  # [T, H]
+    top_k_ids = torch.rand(tokens, experts, device=DEVICE).topk(top_k, dim=-1).indices  # [T, K], distinct per row
+    top_k_weights = torch.softmax(torch.randn(tokens, top_k, device=DEVICE), dim=-1).to(dtype)  # [T, K]
+    w13 = (torch.randn(slots, 2 * inter, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)  # [S, 2I, H]
+    w2 = (torch.randn(slots, hidden, inter, device=DEVICE) / inter ** 0.5).to(dtype)  # [S, H, I]
+    slot_of_expert = torch.randperm(slots, device=DEVICE)[:experts].to(torch.int32)  # [E]
+    return x, top_k_ids, top_k_weights, w13, w2, slot_of_expert
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOLERANCE[dtype] * expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("num_experts", NUM_EXPERTS)
+@pytest.mark.parametrize("top_k", TOP_KS)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden,inter", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_moe_matches_reference(monkeypatch, num_experts, top_k, tokens, hidden, inter, dtype, path):
+    _skip_unsupported(dtype, path, tokens, top_k)
+    _force_path(monkeypatch, path)
+    torch.manual_seed(tokens * 1000 + num_experts * 10 + top_k)
+    args = make_inputs(tokens, num_experts, top_k, hidden, inter, dtype)
+    expected = triton_moe.fused_moe_reference(*args)
+    actual = triton_moe.fused_moe(*args)
+    assert actual.dtype == dtype and actual.shape == (tokens, hidden)
+    assert_close(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_split_pools_accumulate_into_out(monkeypatch, dtype, path):
+    """Experts spread over two pools (cache + scratch), -1 elsewhere: two calls into one out = the full layer."""
+    _force_path(monkeypatch, path)
+    torch.manual_seed(7)
+    x, ids, weights, w13, w2, slot_of_expert = make_inputs(33, 8, 2, 64, 32, dtype)
+    in_scratch = torch.rand(8, device=DEVICE) < 0.5  # [E]
+    cache_slots = torch.where(in_scratch, -1, slot_of_expert).to(torch.int32)  # [E]
+    scratch_slots = torch.where(in_scratch, slot_of_expert, -1).to(torch.int32)  # [E]
+    scratch_w13, scratch_w2 = w13.clone(), w2.clone()
+
+    out = torch.zeros(33, 64, dtype=torch.float32, device=DEVICE)  # [T, H]
+    triton_moe.fused_moe(x, ids, weights, w13, w2, cache_slots, out=out)
+    returned = triton_moe.fused_moe(x, ids, weights, scratch_w13, scratch_w2, scratch_slots, out=out)
+    assert returned is out
+    assert_close(out, triton_moe.fused_moe_reference(x, ids, weights, w13, w2, slot_of_expert).float(), dtype)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_deterministic(monkeypatch, path):
+    _force_path(monkeypatch, path)
+    torch.manual_seed(3)
+    args = make_inputs(33, 8, 2, 64, 32, torch.float16)
+    assert torch.equal(triton_moe.fused_moe(*args), triton_moe.fused_moe(*args))
+
+
+def test_no_expert_in_pool_gives_zeros():
+    torch.manual_seed(5)
+    x, ids, weights, w13, w2, slot_of_expert = make_inputs(33, 8, 2, 64, 32, torch.float16)
+    none = torch.full_like(slot_of_expert, -1)
+    assert torch.equal(triton_moe.fused_moe(x, ids, weights, w13, w2, none), torch.zeros_like(x))
+
+
+def test_align_by_slot_groups_and_pads():
+    """Every pair in the pool appears once, in a block of its slot; padding and foreign pairs are marked."""
+    pair_slots = torch.tensor([3, -1, 0, 3, 3, 0, -1, 2], dtype=torch.int32)  # [P]
+    sorted_pairs, block_slot = triton_moe.align_by_slot(pair_slots, num_slots=4, block_m=2)
+    blocks = sorted_pairs.view(-1, 2)  # [B, BM]
+    seen = []
+    for pairs, slot in zip(blocks.tolist(), block_slot.tolist()):
+        for pair in pairs:
+            if pair < len(pair_slots):
+                assert pair_slots[pair].item() == slot
+                seen.append(pair)
+    assert sorted(seen) == [0, 2, 3, 4, 5, 7]
+    foreign = blocks[block_slot == -1].flatten().tolist()  # not-in-pool pairs and the unused tail
+    assert sorted(pair for pair in foreign if pair < len(pair_slots)) == [1, 6]
+
+
+def test_rejects_mismatched_shapes():
+    x, ids, weights, w13, w2, slot_of_expert = make_inputs(1, 8, 2, 64, 32, torch.float32)
+    with pytest.raises(ValueError, match="w2"):
+        triton_moe.fused_moe(x, ids, weights, w13, w2[:, :, :16], slot_of_expert)
+    with pytest.raises(ValueError, match="int32"):
+        triton_moe.fused_moe(x, ids, weights, w13, w2, slot_of_expert.long())
