@@ -11,20 +11,18 @@ Usage: python bench/gpu_correctness.py --out bench/results/<date>-h200-bf16-corr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from tiny_models import VOCAB, make_checkpoint, tiny_config  # noqa: E402
+from tiny_models import VOCAB, save_tokenizer, tiny_config  # noqa: E402
 
-import moe_offload  # noqa: E402
 from moe_offload import LLMPipeline  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions  # noqa: E402
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 RATIOS = (0, 37, 100)
@@ -57,8 +55,6 @@ def build(arch: str, root: str) -> str:
         if name.endswith("e_score_correction_bias"):
             buffer.copy_(torch.randn_like(buffer) * 0.1)
     model.save_pretrained(path)
-    from tiny_models import save_tokenizer
-
     save_tokenizer(path)
     return path
 
@@ -120,13 +116,10 @@ def main() -> int:
                     pipe.close()
                     del pipe
                     torch.cuda.empty_cache()
-    import transformers
-
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"gpu": torch.cuda.get_device_name(), "host": platform.node(), "cpus": os.cpu_count()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "moe_offload": moe_offload.__version__, "python": platform.python_version()},
+        "date": utc_now(),
+        "machine": machine(),
+        "versions": versions(),
         "dtype": "bfloat16", "new_tokens": NEW_TOKENS, "prompt_tokens": 33,
         "tolerance_rule": f"max|dlogits| <= max({TOLERANCE_FACTOR} x transformers eager-vs-grouped_mm spread, "
                           "2 bf16 ulps of the largest logit)",

@@ -11,10 +11,8 @@ Usage: python bench/io_strategies.py --dir /tmp/iobench --gib 8 --out bench/resu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -24,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moe_offload.checkpoint import Checkpoint  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions  # noqa: E402
 from moe_offload.tiers import DiskTier, pin_in_place  # noqa: E402
 
 INTER, HIDDEN = 768, 2048
@@ -109,10 +108,9 @@ def main() -> int:
                   f"warm {'-' if warm is None else f'{warm:6.2f}'} GB/s", flush=True)
     best = max(rows, key=lambda r: r["cold_gb_s"])
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "date": utc_now(),
+        "machine": machine(),
+        "versions": versions(),
         "file_bytes": os.path.getsize(path), "pinned_destination": bool(pinned and all(pinned)),
         "rows": rows, "best_cold": best,
     }

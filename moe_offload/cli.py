@@ -1,4 +1,4 @@
-"""`moe-offload` command line: generate | info | trace | simulate.
+"""`moe-offload` command line: generate | info | trace | simulate | bench.
 
 Every user mistake ends as one line on stderr and exit status 2 (MoeOffloadError, bad flags); a traceback
 means a bug in moe-offload.
@@ -94,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_cmd_info)
 
+    from .benchmark import add_bench_command
     from .simulate import add_simulate_command
     from .trace import add_trace_command
 
     add_trace_command(sub)
     add_simulate_command(sub)
+    add_bench_command(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
-"""The `bench` report: its one schema, the warm-up-excluding averages, and the JSON / CSV / PNG writers.
+"""The `bench` report: its one schema, the warm-up-excluding averages, the console lines and the JSON / CSV / PNG
+writers.
 
-Why one module: the console summary, the JSON file, the CSV file, the plot and the tests all read the same field
-lists below, so a field added in one place cannot silently go missing from another. `validate` runs before every
+Why one module: the console, the JSON file, the CSV file, the plot and the tests all read the same field lists
+below, so a field added in one place cannot silently go missing from another. `validate` runs before every
 write; a failure there is a bug in moe-offload (ValueError), not a user error.
 """
 
@@ -14,6 +15,7 @@ import statistics
 from typing import Any
 
 from .errors import MoeOffloadError
+from .info import human_bytes
 
 SCHEMA = "moe-offload-bench/1"
 
@@ -197,3 +199,79 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         raise MoeOffloadError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- console
+
+
+def log_info(message: str) -> None:
+    """llm_bench's console format (`[ INFO ] ...`, on stdout) so its log parsers read ours too."""
+    print(f"[ INFO ] {message}", flush=True)
+
+
+def _fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
+    return "NA" if value is None else f"{value:{spec}}{unit}"
+
+
+def _count(value: float) -> str:
+    """A counter, or the mean of counters (which may have a fraction)."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _means(run: dict[str, Any]) -> dict[str, Any]:
+    return {name: run["average"][name]["mean"] for name in AVERAGED_FIELDS}
+
+
+def _memory_line(rss_mb: float, device_bytes: float | None) -> str:
+    device = "NA (cpu)" if device_bytes is None else f"{device_bytes / 2**20:.2f} MBytes"
+    return f"Max rss memory cost: {rss_mb:.2f} MBytes, max device memory: {device}"
+
+
+def _offload_line(ratio: int, values: dict[str, Any]) -> str:
+    rate = _fmt(None if values["hit_rate"] is None else values["hit_rate"] * 100, unit="%")
+    return (f"MoE offload: ratio {ratio}, hits {_count(values['hits'])}, misses {_count(values['misses'])}, "
+            f"hit rate {rate}, bytes/token host {human_bytes(values['host_bytes_per_token'])} "
+            f"disk {human_bytes(values['disk_bytes_per_token'])}")
+
+
+def print_iteration(row: dict[str, Any]) -> None:
+    prefix = "[warm-up]" if row["warm_up"] else f"[{row['iteration']}]"
+    lines = (
+        f"Input token size: {row['input_size']}, Output size: {row['output_size']}, Infer count: "
+        f"{row['infer_count']}, Tokenization Time: {row['tokenization_ms']:.2f}ms, Detokenization Time: "
+        f"{row['detokenization_ms']:.2f}ms, Generation Time: {row['generation_s']:.2f}s, Latency: "
+        f"{row['latency_ms']:.2f} ms/token",
+        f"First token latency: {row['first_latency_ms']:.2f} ms/token, other tokens latency: "
+        f"{_fmt(row['second_avg_latency_ms'], unit=' ms/token')}, len of tokens: {row['output_size']}",
+        f"First infer latency: {row['first_infer_ms']:.2f} ms/infer, other infers latency: "
+        f"{_fmt(row['other_infer_avg_ms'], unit=' ms/infer')}, inference count: {row['forwards']}, "
+        f"2nd token throughput: {_fmt(row['throughput_tps'], unit=' tokens/s')}",
+        _memory_line(row["max_rss_mb"], row["max_device_bytes"]),
+        _offload_line(row["ratio"], row),
+    )
+    for line in lines:
+        log_info(f"{prefix} {line}")
+
+
+def print_average(run: dict[str, Any]) -> None:
+    avg = _means(run)
+    log_info("<<< Warm-up iteration is excluded. >>>")
+    log_info(f"[Total] Iterations: {run['average']['iterations']}")
+    log_info(f"[Average] Latency: {avg['latency_ms']:.2f} ms/token, 1st token latency: "
+             f"{avg['first_latency_ms']:.2f} ms/token, 2nd token latency: "
+             f"{_fmt(avg['second_avg_latency_ms'], unit=' ms/token')}, 2nd tokens throughput: "
+             f"{_fmt(avg['throughput_tps'], unit=' tokens/s')}")
+    log_info(f"[Average] {_memory_line(avg['max_rss_mb'], avg['max_device_bytes'])}")
+    log_info(f"[Average] {_offload_line(run['ratio'], avg)}")
+
+
+def print_sweep(runs: list[dict[str, Any]]) -> None:
+    log_info("Sweep over MOE_OFFLOAD_RATIO (averages, warm-up excluded; device MiB: CUDA peak, else the weights "
+             "as loaded):")
+    log_info(f"{'ratio':>5} {'1st token ms':>12} {'2nd token ms':>12} {'tokens/s':>9} {'hit rate':>8} "
+             f"{'device MiB':>10}")
+    for run in runs:
+        avg = _means(run)
+        memory, _ = device_memory(run)
+        log_info(f"{run['ratio']:>5} {avg['first_latency_ms']:>12.2f} {_fmt(avg['second_avg_latency_ms']):>12} "
+                 f"{_fmt(avg['throughput_tps']):>9} {_fmt(avg['hit_rate'], '.3f'):>8} {memory / 2**20:>10.2f}")

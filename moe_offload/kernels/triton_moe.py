@@ -229,13 +229,12 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     act_strides, out_strides = act.stride(), contrib.stride()
 
     if num_pairs <= DECODE_MAX_PAIRS:
-        block_n, block_k, warps = _GEMV["BLOCK_N"], _GEMV["BLOCK_K"], _GEMV["num_warps"]
-        _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, block_n))](
+        _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV["BLOCK_N"]))](
             hidden, ids, slot_of_expert, w13, act, hidden_size, inter, top_k,
-            *x_strides, *w13_strides, *act_strides, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-        _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, block_n))](
+            *x_strides, *w13_strides, *act_strides, **_GEMV)
+        _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV["BLOCK_N"]))](
             act, ids, slot_of_expert, w2, weights, contrib, hidden_size, inter,
-            *act_strides, *w2_strides, *out_strides, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            *act_strides, *w2_strides, *out_strides, **_GEMV)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))
