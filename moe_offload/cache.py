@@ -12,6 +12,7 @@ counters count each needed expert once: a hit if it was on the device, a miss ot
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Collection
 
@@ -89,6 +90,7 @@ class OffloadedExperts:
         self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
+        self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
 
     @property
     def device_bytes(self) -> int:
@@ -111,17 +113,8 @@ class OffloadedExperts:
         num_tokens, top_k = top_k_index.shape  # [T, K]
         if self.route_observer is not None:
             self.route_observer(self.layer, top_k_index)
-        flat_ids = top_k_index.reshape(-1)  # [T*K]
-        order = torch.argsort(flat_ids, stable=True)  # [T*K], grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # the one host sync per layer
-        token_of = order // top_k  # [T*K] token row of each sorted (token, k) pair
-        weight_of = top_k_weights.reshape(-1)[order]  # [T*K]
-        starts, position = {}, 0
-        for expert, count in enumerate(counts):
-            if count:
-                starts[expert] = (position, position + count)
-            position += count
-        needed = list(starts)
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the one host sync
+        needed = [expert for expert, count in enumerate(counts) if count]
 
         hits = [e for e in needed if self.table.lookup(e) is not None]
         misses = [e for e in needed if self.table.lookup(e) is None]
@@ -146,28 +139,52 @@ class OffloadedExperts:
         wave_ready = [self._load_wave(waves, 0), self._load_wave(waves, 1)]
 
         out = torch.zeros((num_tokens, self.hidden), dtype=torch.float32, device=hidden_states.device)  # [T, H]
+        if self.fused_moe is not None:
+            run_pool = self._fused_pool_runner(out, hidden_states, top_k_index, top_k_weights)
+        else:
+            run_pool = self._eager_pool_runner(out, hidden_states, top_k_index, top_k_weights, counts, act_fn)
 
-        def run(expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-            begin, end = starts[expert]
-            accumulate_expert(out, hidden_states, token_of[begin:end], weight_of[begin:end], gate_up, down, act_fn)
-
-        for expert in hits:  # overlaps with the copies in flight
-            slot = self.table.lookup(expert)
-            run(expert, self.gate_up[slot], self.down[slot])
+        run_pool([(e, self.table.lookup(e)) for e in hits], self.gate_up, self.down)  # overlaps the copies
         self.fetcher.wait_copies(admitted_ready)
-        for expert, slot in admitted:
-            run(expert, self.gate_up[slot], self.down[slot])
+        run_pool(admitted, self.gate_up, self.down)
         for index, wave in enumerate(waves):
             self.fetcher.wait_copies(wave_ready[index])
             base = (index % 2) * self.scratch.wave
-            for offset, expert in enumerate(wave):
-                run(expert, self.scratch.gate_up[base + offset], self.scratch.down[base + offset])
+            run_pool([(e, base + offset) for offset, e in enumerate(wave)], self.scratch.gate_up, self.scratch.down)
             if index + 2 < len(waves):  # refill this half once its compute is done
                 self.fetcher.reuse_after(self.fetcher.mark(on_copy_stream=False))
                 wave_ready.append(self._load_wave(waves, index + 2))
             else:
                 wave_ready.append(None)
         return out.to(hidden_states.dtype)
+
+    @staticmethod
+    def _eager_pool_runner(out, hidden_states, top_k_index, top_k_weights, counts, act_fn):
+        """run(pairs, gate_up_pool, down_pool): the torch loop, one expert at a time (CPU path and oracle)."""
+        top_k = top_k_index.shape[1]
+        order = torch.argsort(top_k_index.reshape(-1), stable=True)  # [T*K], grouped by expert
+        token_of = order // top_k  # [T*K] token row of each sorted (token, k) pair
+        weight_of = top_k_weights.reshape(-1)[order]  # [T*K]
+        ends = list(itertools.accumulate(counts))
+
+        def run(pairs, gate_up_pool, down_pool):
+            for expert, slot in pairs:
+                begin, end = ends[expert] - counts[expert], ends[expert]
+                accumulate_expert(out, hidden_states, token_of[begin:end], weight_of[begin:end],
+                                  gate_up_pool[slot], down_pool[slot], act_fn)
+        return run
+
+    def _fused_pool_runner(self, out, hidden_states, top_k_index, top_k_weights):
+        """run(pairs, gate_up_pool, down_pool): one Triton launch set per pool, through a slot map."""
+        def run(pairs, gate_up_pool, down_pool):
+            if not pairs:
+                return
+            slot_map = torch.full((self.num_experts,), -1, dtype=torch.int32)  # [E], -1 = not in this pool
+            for expert, slot in pairs:
+                slot_map[expert] = slot
+            self.fused_moe(hidden_states, top_k_index, top_k_weights, gate_up_pool, down_pool,
+                           slot_map.to(hidden_states.device, non_blocking=True), out=out)
+        return run
 
     def _load_wave(self, waves: list[list[int]], index: int):
         if index >= len(waves):

@@ -18,6 +18,7 @@ from .errors import MoeOffloadError
 
 IO_STRATEGIES = ("pread", "mmap", "odirect")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "triton", "torch")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -40,6 +41,9 @@ class OffloadConfig:
     # Compute dtype. "auto": the checkpoint's dtype on CUDA, float32 on CPU (CPU half-precision GEMMs are slow
     # and float32 keeps CPU results comparable to a float32 reference).
     moe_dtype: str = "auto"
+    # Expert compute: "triton" = the fused kernel (kernels/triton_moe.py; CUDA, SiLU experts), "torch" = the eager
+    # per-expert loop (kernels/reference.py), "auto" = triton where it applies, else torch.
+    moe_kernel: str = "auto"
 
     def resident_count(self, num_experts: int) -> int:
         """Experts of a layer with `num_experts` routed experts that stay resident on the device."""
@@ -84,6 +88,7 @@ _PARSERS = {
     "MOE_HOST_CACHE": ("moe_host_cache_bytes", lambda v: parse_size(v, "MOE_HOST_CACHE")),
     "MOE_IO": ("moe_io", lambda v: _parse_choice(v, "MOE_IO", IO_STRATEGIES)),
     "MOE_DTYPE": ("moe_dtype", lambda v: _parse_choice(v, "MOE_DTYPE", DTYPES, _DTYPE_ALIASES)),
+    "MOE_KERNEL": ("moe_kernel", lambda v: _parse_choice(v, "MOE_KERNEL", KERNELS)),
 }
 PROPERTY_NAMES = tuple(_PARSERS)
 

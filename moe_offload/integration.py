@@ -132,6 +132,26 @@ def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
     return sites
 
 
+def select_kernel(config: OffloadConfig, device: torch.device, hf_config):
+    """The fused Triton expert kernel, or None for the eager torch loop (see OffloadConfig.moe_kernel)."""
+    if config.moe_kernel == "torch":
+        return None
+    why_not = None
+    if device.type != "cuda":
+        why_not = "it needs a CUDA device"
+    elif getattr(hf_config, "hidden_act", None) != "silu":
+        why_not = f"it supports SiLU experts only, not {getattr(hf_config, 'hidden_act', None)!r}"
+    else:
+        try:
+            from .kernels.triton_moe import fused_moe
+            return fused_moe
+        except ImportError:
+            why_not = "triton is not installed (pip install 'moe-offload[gpu]')"
+    if config.moe_kernel == "triton":
+        raise MoeOffloadError(f"MOE_KERNEL=triton is not available: {why_not}")
+    return None
+
+
 def _fp32_patterns(model, dtype: torch.dtype) -> list[str]:
     """Parameters transformers keeps in float32 even in a half-precision model (e.g. DeepSeek's router)."""
     plan = getattr(model, "_get_dtype_plan", None)
@@ -213,6 +233,9 @@ def build_offloaded_model(checkpoint: Checkpoint, device: torch.device, config: 
     _materialise_dense(model, checkpoint, device, dtype, progress)
     model.eval()
     runtimes = _attach_expert_runtimes(sites, locations, device, dtype, config, progress)
+    kernel = select_kernel(config, device, hf_config)
+    for runtime in runtimes:
+        runtime.fused_moe = kernel
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
 

@@ -41,8 +41,8 @@ class LLMPipeline:
 
     properties: MOE_OFFLOAD_RATIO (0-100, percent of each MoE layer's routed experts resident on the device),
     MOE_HOST_CACHE (bytes or "64GiB" of host RAM for non-resident experts; "auto"), MOE_IO (pread|mmap|odirect),
-    MOE_DTYPE (auto|float32|bfloat16|float16). `config` is a path to a JSON file or a dict of the same keys;
-    keyword properties override it.
+    MOE_DTYPE (auto|float32|bfloat16|float16), MOE_KERNEL (auto|triton|torch). `config` is a path to a JSON
+    file or a dict of the same keys; keyword properties override it.
     """
 
     def __init__(self, models_path: str | None = None, device: str = "cuda",
@@ -146,6 +146,7 @@ class LLMPipeline:
             "bytes_streamed": {"host": stats.bytes_from_host, "disk": stats.bytes_from_disk},
             "experts_streamed": {"host": stats.experts_from_host, "disk": stats.experts_from_disk},
             "disk_io": fetcher.disk.strategy,
+            "kernel": "torch" if self.layers[0].fused_moe is None else "triton",
         }
 
     def reset_offload_stats(self) -> None:

@@ -21,3 +21,13 @@ def checkpoint_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+# Without a GPU, Triton kernels run in its interpreter; this must be set before anything imports triton.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass

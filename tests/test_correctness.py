@@ -94,3 +94,25 @@ def test_partial_host_tier_falls_through_to_disk(reference_outputs):
     stats = pipe.get_offload_stats()
     assert stats["host_tier_experts"] == 2 * 3  # 3 experts fit per layer, 2 MoE layers
     assert stats["bytes_streamed"]["host"] > 0 and stats["bytes_streamed"]["disk"] > 0
+
+
+def test_fused_triton_path_matches_transformers(reference_outputs):
+    """The engine with the Triton kernel (CPU: Triton's interpreter) on cache hits, admitted misses and scratch."""
+    pytest.importorskip("triton")
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path, ids, logits, _ = reference_outputs("qwen3_moe")
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37, MOE_HOST_CACHE=0)
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+    with torch.no_grad():
+        got = pipe.model(ids).logits
+    assert (got - logits).abs().max().item() <= ATOL
+    assert pipe.get_offload_stats()["kernel"] == "triton"
+
+
+def test_triton_kernel_refused_on_cpu(checkpoint_factory):
+    from moe_offload import MoeOffloadError
+
+    with pytest.raises(MoeOffloadError, match="MOE_KERNEL=triton is not available"):
+        LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_KERNEL="triton")
