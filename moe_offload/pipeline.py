@@ -155,11 +155,11 @@ class LLMPipeline:
         self.layers[0].fetcher.stats.reset()
 
     def close(self) -> None:
-        """Release pinned host memory and file handles (also done at interpreter exit)."""
+        """Release pinned host memory and file handles now (otherwise when the pipeline is collected)."""
+        self.layers[0].fetcher.close()  # first: it waits for copies in flight
         for layer in self.layers:
             if layer.host is not None:
                 layer.host.close()
-        self.layers[0].fetcher.close()
 
 
 def _call_each(pieces: Iterator[str], callback: Callable[[str], Any]) -> Iterator[str]:

@@ -20,6 +20,7 @@ import errno
 import mmap
 import os
 import threading
+import weakref
 
 import torch
 
@@ -135,8 +136,19 @@ def pin_in_place(tensor: torch.Tensor) -> bool:
     return int(status) == 0
 
 
-def unpin(tensor: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+def unpin(tensors: list[torch.Tensor]) -> None:
+    for tensor in tensors:
+        torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+
+
+def pin_for_lifetime(owner: object, tensors: list[torch.Tensor]) -> weakref.finalize | None:
+    """Pin `tensors` until `owner` is closed or collected, whichever comes first.
+
+    The finalizer holds the tensors, so their memory cannot be freed (and reused) while CUDA still has it
+    registered; calling it unpins them early (close()).
+    """
+    pinned = [t for t in tensors if pin_in_place(t)]
+    return weakref.finalize(owner, unpin, pinned) if pinned else None
 
 
 class HostTier:
@@ -150,7 +162,7 @@ class HostTier:
         self.row_of = {expert: row for row, expert in enumerate(experts)}
         self.gate_up = torch.empty((len(experts), 2 * inter, hidden), dtype=dtype)  # [n, 2I, H]
         self.down = torch.empty((len(experts), hidden, inter), dtype=dtype)  # [n, H, I]
-        self.pinned = pin and all(pin_in_place(t) for t in (self.gate_up, self.down))
+        self._unpin = pin_for_lifetime(self, [self.gate_up, self.down]) if pin else None
 
     def __contains__(self, expert: int) -> bool:
         return expert in self.row_of
@@ -164,10 +176,8 @@ class HostTier:
         return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
 
     def close(self) -> None:
-        if self.pinned:
-            unpin(self.gate_up)
-            unpin(self.down)
-            self.pinned = False
+        if self._unpin is not None:
+            self._unpin()
 
 
 def split_expert_bytes(raw: torch.Tensor, dtype: torch.dtype, inter: int, hidden: int):

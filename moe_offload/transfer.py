@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import ExpertLocation
-from .tiers import DiskTier, HostTier, pin_in_place, split_expert_bytes, unpin
+from .tiers import DiskTier, HostTier, pin_for_lifetime, split_expert_bytes
 
 STAGING_BUFFERS = 4
 
@@ -44,7 +44,7 @@ class ExpertFetcher:
         self.copy_stream = torch.cuda.Stream(device) if self.on_cuda else None
         # Checkpoint-dtype staging for disk reads: [max_expert_bytes] uint8 each, pinned on CUDA.
         self._staging = [torch.empty(max_expert_bytes, dtype=torch.uint8) for _ in range(STAGING_BUFFERS)]
-        self._staging_pinned = [pin_in_place(buf) for buf in self._staging] if self.on_cuda else []
+        self._unpin = pin_for_lifetime(self, self._staging) if self.on_cuda else None
         self._staging_free = [None] * STAGING_BUFFERS  # CUDA event after which the buffer may be refilled
         self._next_staging = 0
 
@@ -114,8 +114,6 @@ class ExpertFetcher:
     def close(self) -> None:
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
-        for buf, pinned in zip(self._staging, self._staging_pinned):
-            if pinned:
-                unpin(buf)
-        self._staging_pinned = []
+        if self._unpin is not None:
+            self._unpin()
         self.disk.close()
