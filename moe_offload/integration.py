@@ -34,7 +34,6 @@ from .tiers import DiskTier, HostTier
 from .transfer import ExpertFetcher
 
 IMPLEMENTATION = "moe_offload"
-TESTED_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
 # Hub checkpoints that name a module differently from the transformers class that loads them.
 _KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -208,11 +207,19 @@ def _non_persistent(model) -> set[str]:
 
 
 def _initialise_buffers(model, filled: set[str]) -> None:
-    """Recompute buffers that are not stored in checkpoints (rotary inv_freq), as transformers' loader does."""
+    """Recompute buffers that are not stored in checkpoints (rotary inv_freq), as transformers' loader does.
+
+    Only for modules without parameters of their own: _init_weights would re-randomise loaded weights.
+    """
     for module_name, module in model.named_modules():
         own = [n for n, _ in module.named_buffers(recurse=False)]
-        if own and any(f"{module_name}.{n}" not in filled for n in own):
+        unfilled = [n for n in own if f"{module_name}.{n}" not in filled]
+        if not unfilled:
+            continue
+        if not any(True for _ in module.parameters(recurse=False)):
             model._init_weights(module)
+        elif set(unfilled) & set(getattr(module, "_non_persistent_buffers_set", ())):
+            raise MoeOffloadError(f"unsupported architecture: cannot initialise buffer {module_name}.{unfilled[0]}")
 
 
 def build_offloaded_model(checkpoint: Checkpoint, device: torch.device, config: OffloadConfig,
