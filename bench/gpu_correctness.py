@@ -19,12 +19,12 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from tiny_models import VOCAB, save_tokenizer, tiny_config  # noqa: E402
+from tiny_models import ARCHITECTURES, VOCAB, save_tokenizer, tiny_config  # noqa: E402
 
 from moe_offload import LLMPipeline  # noqa: E402
 from moe_offload.environment import machine, utc_now, versions  # noqa: E402
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+ARCHS = ARCHITECTURES
 RATIOS = (0, 37, 100)
 TIERS = {"host": "auto", "disk": 0}
 TOLERANCE_FACTOR = 2.0

@@ -37,10 +37,17 @@ def tiny_config(arch: str):
                                    first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
                                    num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
                                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **common)
+    if arch == "deepseek_v2":
+        common.update(num_key_value_heads=4)
+        return tf.DeepseekV2Config(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                                   first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+                                   num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+                                   q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                   v_head_dim=8, **common)
     raise ValueError(arch)
 
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2")
 
 
 def _randomise_router_bias(model) -> None:
