@@ -5,7 +5,7 @@ own two experts backends (eager loop and grouped_mm) are compared on the same in
 within TOLERANCE_FACTOR times that spread (with a floor of 2 bf16 ulps of the logit scale). Greedy tokens are
 compared too; where they differ, the report says whether transformers' two backends also differ there.
 
-Usage: python bench/gpu_correctness.py --out bench/results/<date>-h200-bf16-correctness.json
+Usage: python bench/gpu_correctness.py --out bench/results/<date>-h200-bf16-correctness.json [--kernel triton]
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def first_difference(a: torch.Tensor, b: torch.Tensor):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--kernel", default="torch", choices=["torch", "triton"], help="MOE_KERNEL under test")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -92,7 +93,8 @@ def main() -> int:
             tolerance = max(TOLERANCE_FACTOR * spread, 2 * scale * 2**-8)
             for ratio in RATIOS:
                 for tier, host in TIERS.items():
-                    pipe = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host)
+                    pipe = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host,
+                                       MOE_KERNEL=args.kernel)
                     with torch.no_grad():
                         logits = pipe.model(ids).logits.float()
                         tokens = pipe.model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -120,7 +122,7 @@ def main() -> int:
         "date": utc_now(),
         "machine": machine(),
         "versions": versions(),
-        "dtype": "bfloat16", "new_tokens": NEW_TOKENS, "prompt_tokens": 33,
+        "dtype": "bfloat16", "kernel": args.kernel, "new_tokens": NEW_TOKENS, "prompt_tokens": 33,
         "tolerance_rule": f"max|dlogits| <= max({TOLERANCE_FACTOR} x transformers eager-vs-grouped_mm spread, "
                           "2 bf16 ulps of the largest logit)",
         "rows": rows,
