@@ -19,7 +19,7 @@ from typing import Callable, Collection
 import torch
 
 from .checkpoint import ExpertLocation
-from .kernels.reference import accumulate_expert
+from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy
 from .tiers import HostTier
 from .transfer import ExpertFetcher
@@ -138,11 +138,10 @@ class OffloadedExperts:
         waves = [streamed[i:i + self.scratch.wave] for i in range(0, len(streamed), self.scratch.wave)]
         wave_ready = [self._load_wave(waves, 0), self._load_wave(waves, 1)]
 
-        out = torch.zeros((num_tokens, self.hidden), dtype=torch.float32, device=hidden_states.device)  # [T, H]
         if self.fused_moe is not None:
-            run_pool = self._fused_pool_runner(out, hidden_states, top_k_index, top_k_weights)
+            run_pool, result = self._fused_pool_runner(hidden_states, top_k_index, top_k_weights)
         else:
-            run_pool = self._eager_pool_runner(out, hidden_states, top_k_index, top_k_weights, counts, act_fn)
+            run_pool, result = self._eager_pool_runner(hidden_states, top_k_index, top_k_weights, counts, act_fn)
 
         run_pool([(e, self.table.lookup(e)) for e in hits], self.gate_up, self.down)  # overlaps the copies
         self.fetcher.wait_copies(admitted_ready)
@@ -156,26 +155,35 @@ class OffloadedExperts:
                 wave_ready.append(self._load_wave(waves, index + 2))
             else:
                 wave_ready.append(None)
-        return out.to(hidden_states.dtype)
+        return result().to(hidden_states.dtype)
 
     @staticmethod
-    def _eager_pool_runner(out, hidden_states, top_k_index, top_k_weights, counts, act_fn):
-        """run(pairs, gate_up_pool, down_pool): the torch loop, one expert at a time (CPU path and oracle)."""
-        top_k = top_k_index.shape[1]
-        order = torch.argsort(top_k_index.reshape(-1), stable=True)  # [T*K], grouped by expert
-        token_of = order // top_k  # [T*K] token row of each sorted (token, k) pair
-        weight_of = top_k_weights.reshape(-1)[order]  # [T*K]
+    def _eager_pool_runner(hidden_states, top_k_index, top_k_weights, counts, act_fn):
+        """(run(pairs, gate_up_pool, down_pool), result()): the torch loop, one expert at a time.
+
+        Each (token, k) pair's weighted output gets its own float32 row and the K rows of a token are summed in
+        one fixed order at the end (as transformers' grouped_mm does), so the result does not depend on which
+        experts were hits, which came in first or which wave they streamed in: every ratio gives the same bits.
+        """
+        num_tokens, top_k = top_k_index.shape
+        order = torch.argsort(top_k_index.reshape(-1), stable=True)  # [T*K] pair positions grouped by expert
+        weights = top_k_weights.reshape(-1)  # [T*K]
         ends = list(itertools.accumulate(counts))
+        contrib = torch.zeros((num_tokens * top_k, hidden_states.shape[1]), dtype=torch.float32,
+                              device=hidden_states.device)  # [T*K, H]
 
         def run(pairs, gate_up_pool, down_pool):
             for expert, slot in pairs:
-                begin, end = ends[expert] - counts[expert], ends[expert]
-                accumulate_expert(out, hidden_states, token_of[begin:end], weight_of[begin:end],
-                                  gate_up_pool[slot], down_pool[slot], act_fn)
-        return run
+                rows = order[ends[expert] - counts[expert]:ends[expert]]  # [n] pairs routed to this expert
+                contrib[rows] = weighted_expert_output(hidden_states[rows // top_k], weights[rows],
+                                                       gate_up_pool[slot], down_pool[slot], act_fn)
 
-    def _fused_pool_runner(self, out, hidden_states, top_k_index, top_k_weights):
-        """run(pairs, gate_up_pool, down_pool): one Triton launch set per pool, through a slot map."""
+        return run, lambda: contrib.view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
+
+    def _fused_pool_runner(self, hidden_states, top_k_index, top_k_weights):
+        """(run(pairs, gate_up_pool, down_pool), result()): one Triton launch set per pool, via a slot map."""
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # [T, H]
+
         def run(pairs, gate_up_pool, down_pool):
             if not pairs:
                 return
@@ -184,7 +192,8 @@ class OffloadedExperts:
                 slot_map[expert] = slot
             self.fused_moe(hidden_states, top_k_index, top_k_weights, gate_up_pool, down_pool,
                            slot_map.to(hidden_states.device, non_blocking=True), out=out)
-        return run
+
+        return run, lambda: out
 
     def _load_wave(self, waves: list[list[int]], index: int):
         if index >= len(waves):
