@@ -15,6 +15,16 @@ float32 row [T*K, H] and summed over K in a fixed order, so results are determin
 - prefill: pairs grouped by slot and padded per slot to BLOCK_M (vLLM's moe_align_block_size, done in torch with
   no host sync), then grouped GEMMs on the tensor cores; each expert's weights are read once per M-block.
 Only SiLU is supported: the caller checks `config.hidden_act == "silu"`.
+
+Rounding: GEMMs accumulate in float32, but in half precision the kernels round the same intermediates that
+transformers' experts (and reference.accumulate_expert) materialise in the hidden dtype: the gate and up GEMM
+outputs, silu(gate), the activation, the down GEMM output, and the weighted output when the routing weights are in
+the hidden dtype (Mixtral's are float32, so `down_out * weight` promotes and is not rounded). float32 intermediates
+are ~2.5x closer to an fp64 truth, but ~2/3 of the outputs then differ from transformers' by an ulp, which reach
+the next layer's router: where its top-k gap is one bf16 ulp, another expert is picked, and one flipped
+(token, expert) moves the logits by ~0.1 (on CPU, and the likely cause of Mixtral's 0.098 in the H200 bf16
+correctness run). Rounding like torch leaves only accumulation-order differences (<= 0.3% of outputs on CPU).
+MATCH_TORCH_ROUNDING = False restores the float32 intermediates.
 """
 
 from __future__ import annotations
@@ -30,14 +40,41 @@ from .reference import accumulate_expert
 # each expert once) and tensor-core tiles of 16+ rows would be mostly padding. Tests override it.
 DECODE_MAX_PAIRS = 16
 
+# Round gate, up, silu(gate), down's output and (for half-precision routing weights) the weighted output to the
+# hidden dtype where transformers' experts do, instead of keeping them in float32. See the module docstring.
+MATCH_TORCH_ROUNDING = True
+
 _GEMV = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)  # 16 output rows per program: enough programs to fill the SMs
 _GEMM = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
+def _round(x, dtype: tl.constexpr, ROUND: tl.constexpr):
+    """x rounded to `dtype` and back to float32 when ROUND, else x: where torch materialises a tensor."""
+    if ROUND:
+        x = x.to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _silu_mul(acc_gate, acc_up, dtype: tl.constexpr, ROUND: tl.constexpr):
+    """silu(gate) * up from float32 accumulators, rounded where torch's `act_fn(gate) * up` rounds: gate, up
+    (the GEMM outputs) and silu(gate); the product is rounded by the caller's store."""
+    gate = _round(acc_gate, dtype, ROUND)
+    return _round(gate * tl.sigmoid(gate), dtype, ROUND) * _round(acc_up, dtype, ROUND)
+
+
+@triton.jit
+def _weighted(acc, weight, dtype: tl.constexpr, ROUND: tl.constexpr, ROUND_PRODUCT: tl.constexpr):
+    """down(act) * routing weight in float32, rounded like torch's `down_out * weight`: down_out is rounded to
+    the hidden dtype first; the product too when the weights are in that dtype (float32 weights promote it)."""
+    return _round(_round(acc, dtype, ROUND) * weight, dtype, ROUND_PRODUCT)
+
+
+@triton.jit
 def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, act_ptr, H, I, top_k,
                          stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr):
     """act[p, n] = silu(gate(x_t)) * up(x_t) for pair p = (t, k) over one BLOCK_N slice of I."""
     pair = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tl.load(ids_ptr + pair)).to(tl.int64)
@@ -59,14 +96,15 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, act_ptr, H, I, top_k
         up = tl.load(up_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)  # [BN, BK]
         acc_gate += tl.sum(gate * x[None, :], axis=1)
         acc_up += tl.sum(up * x[None, :], axis=1)
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # [BN]
+    act = _silu_mul(acc_gate, acc_up, act_ptr.dtype.element_ty, ROUND)  # [BN]
     tl.store(act_ptr + pair * stride_ap + offs_n * stride_ai, act.to(act_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H, I,
                       stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr,
+                      ROUND_PRODUCT: tl.constexpr):
     """out[p, n] = weight[p] * down(act[p]) for pair p over one BLOCK_N slice of H, in float32."""
     pair = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tl.load(ids_ptr + pair)).to(tl.int64)
@@ -85,7 +123,7 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H
         w = tl.load(w_ptrs + offs_k[None, :] * stride_wi, mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)  # [BN, BK]
         acc += tl.sum(w * a[None, :], axis=1)
-    acc *= tl.load(weight_ptr + pair).to(tl.float32)
+    acc = _weighted(acc, tl.load(weight_ptr + pair).to(tl.float32), w2_ptr.dtype.element_ty, ROUND, ROUND_PRODUCT)
     tl.store(out_ptrs, acc, mask=mask_n)
 
 
@@ -93,7 +131,7 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H
 def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, num_pairs, H, I, top_k,
                             stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            INPUT_PRECISION: tl.constexpr):
+                            INPUT_PRECISION: tl.constexpr, ROUND: tl.constexpr):
     """act[pairs of one M-block, n-slice] = silu(x @ gate.T) * (x @ up.T); every pair of the block uses one slot."""
     block = tl.program_id(0)  # M-blocks vary fastest: programs sharing a weight tile run together (L2 reuse)
     slot = tl.load(block_slot_ptr + block).to(tl.int64)
@@ -121,7 +159,7 @@ def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, 
         x_ptrs += BLOCK_K * stride_xh
         gate_ptrs += BLOCK_K * stride_wh
         up_ptrs += BLOCK_K * stride_wh
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # [BM, BN]
+    act = _silu_mul(acc_gate, acc_up, act_ptr.dtype.element_ty, ROUND)  # [BM, BN]
     tl.store(act_ptr + pairs[:, None] * stride_ap + offs_n[None, :] * stride_ai, act.to(act_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -130,7 +168,7 @@ def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, 
 def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, weight_ptr, out_ptr, num_pairs, H, I,
                          stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr):
+                         INPUT_PRECISION: tl.constexpr, ROUND: tl.constexpr, ROUND_PRODUCT: tl.constexpr):
     """out[pairs of one M-block, n-slice] = weight * (act @ down.T), in float32."""
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block).to(tl.int64)
@@ -154,7 +192,8 @@ def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, weight_ptr,
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ai
         w_ptrs += BLOCK_K * stride_wi
-    acc *= tl.load(weight_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    weight = tl.load(weight_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]  # [BM, 1]
+    acc = _weighted(acc, weight, w2_ptr.dtype.element_ty, ROUND, ROUND_PRODUCT)
     tl.store(out_ptrs, acc, mask=mask_out)
 
 
@@ -203,6 +242,12 @@ def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out) -> No
         raise ValueError(f"out must be float32 {tuple(hidden.shape)}, got {out.dtype} {tuple(out.shape)}")
 
 
+def _rounding(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict[str, bool]:
+    """Where the kernels round intermediates to the hidden dtype, as torch does (see MATCH_TORCH_ROUNDING)."""
+    half = MATCH_TORCH_ROUNDING and dtype != torch.float32
+    return dict(ROUND=half, ROUND_PRODUCT=half and torch.promote_types(dtype, weight_dtype) == dtype)
+
+
 def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor, w13: torch.Tensor,
               w2: torch.Tensor, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k top_k_weights[t, k] * expert_{top_k_ids[t, k]}(hidden[t]) over the experts that are in this pool.
@@ -227,14 +272,15 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     x_strides = (hidden.stride(0), hidden.stride(1))
     w13_strides, w2_strides = w13.stride(), w2.stride()
     act_strides, out_strides = act.stride(), contrib.stride()
+    rounding = _rounding(hidden.dtype, top_k_weights.dtype)
 
     if num_pairs <= DECODE_MAX_PAIRS:
         _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV["BLOCK_N"]))](
             hidden, ids, slot_of_expert, w13, act, hidden_size, inter, top_k,
-            *x_strides, *w13_strides, *act_strides, **_GEMV)
+            *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **_GEMV)
         _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV["BLOCK_N"]))](
             act, ids, slot_of_expert, w2, weights, contrib, hidden_size, inter,
-            *act_strides, *w2_strides, *out_strides, **_GEMV)
+            *act_strides, *w2_strides, *out_strides, **rounding, **_GEMV)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))
@@ -244,10 +290,10 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
         meta = dict(BLOCK_M=block_m, INPUT_PRECISION=precision, **_GEMM)
         _gate_up_grouped_kernel[(num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
             hidden, sorted_pairs, block_slot, w13, act, num_pairs, hidden_size, inter, top_k,
-            *x_strides, *w13_strides, *act_strides, **meta)
+            *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **meta)
         _down_grouped_kernel[(num_blocks, triton.cdiv(hidden_size, meta["BLOCK_N"]))](
             act, sorted_pairs, block_slot, w2, weights, contrib, num_pairs, hidden_size, inter,
-            *act_strides, *w2_strides, *out_strides, **meta)
+            *act_strides, *w2_strides, *out_strides, **rounding, **meta)
 
     summed = contrib.view(num_tokens, top_k, hidden_size).sum(dim=1)  # [T, H], fixed order over K
     if out is None:
