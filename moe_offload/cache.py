@@ -181,8 +181,14 @@ class OffloadedExperts:
         return run, lambda: contrib.view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
 
     def _fused_pool_runner(self, hidden_states, top_k_index, top_k_weights):
-        """(run(pairs, gate_up_pool, down_pool), result()): one Triton launch set per pool, via a slot map."""
-        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # [T, H]
+        """(run(pairs, gate_up_pool, down_pool), result()): one Triton launch set per pool, via a slot map.
+
+        Each pool's call fills the rows of its (token, k) pairs; the K rows of a token are summed once at the
+        end, in the same fixed order as the torch path.
+        """
+        num_tokens, top_k = top_k_index.shape
+        contrib = torch.zeros((num_tokens * top_k, hidden_states.shape[1]), dtype=torch.float32,
+                              device=hidden_states.device)  # [T*K, H]
 
         def run(pairs, gate_up_pool, down_pool):
             if not pairs:
@@ -191,9 +197,9 @@ class OffloadedExperts:
             for expert, slot in pairs:
                 slot_map[expert] = slot
             self.fused_moe(hidden_states, top_k_index, top_k_weights, gate_up_pool, down_pool,
-                           slot_map.to(hidden_states.device, non_blocking=True), out=out)
+                           slot_map.to(hidden_states.device, non_blocking=True), contrib=contrib)
 
-        return run, lambda: out
+        return run, lambda: contrib.view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
 
     def _load_wave(self, waves: list[list[int]], index: int):
         if index >= len(waves):

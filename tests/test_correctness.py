@@ -137,3 +137,28 @@ def test_every_ratio_gives_the_same_bits(tmp_path):
                                       output_logits=True, return_dict_in_generate=True)
         outputs[ratio] = torch.stack(run.logits)  # [steps, 1, V]
     assert torch.equal(outputs[0], outputs[100]) and torch.equal(outputs[37], outputs[100])
+
+
+def test_fused_triton_path_gives_the_same_bits_at_every_ratio(tmp_path):
+    """The Triton path fills one row per (token, k) from whichever pool holds the expert, then sums over K once."""
+    pytest.importorskip("triton")
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    config = tiny_config("qwen3_moe")
+    config.num_experts_per_tok = 4
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    ids = _prompt(seed=2, length=5)
+    outputs = {}
+    for ratio in (0, 37, 100):
+        pipe = LLMPipeline(str(tmp_path), "cpu", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=0)
+        for layer in pipe.layers:
+            layer.fused_moe = fused_moe
+        with torch.no_grad():
+            run = pipe.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True)
+        outputs[ratio] = torch.stack(run.logits)  # [steps, 1, V]
+    assert torch.equal(outputs[0], outputs[100]) and torch.equal(outputs[37], outputs[100])

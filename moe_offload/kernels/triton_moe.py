@@ -104,15 +104,16 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, act_ptr, H, I, top_k
 def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H, I,
                       stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr,
-                      ROUND_PRODUCT: tl.constexpr):
+                      ROUND_PRODUCT: tl.constexpr, ZERO_ABSENT: tl.constexpr):
     """out[p, n] = weight[p] * down(act[p]) for pair p over one BLOCK_N slice of H, in float32."""
     pair = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tl.load(ids_ptr + pair)).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_n = offs_n < H
     out_ptrs = out_ptr + pair * stride_op + offs_n * stride_oh  # [BN]
-    if slot < 0:
-        tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_n)
+    if slot < 0:  # not in this pool: a zero row, or left for another pool's call to write
+        if ZERO_ABSENT:
+            tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_n)
         return
     w_ptrs = w2_ptr + slot * stride_ws + offs_n[:, None] * stride_wn  # [BN, 1]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -168,7 +169,8 @@ def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, 
 def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, weight_ptr, out_ptr, num_pairs, H, I,
                          stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         INPUT_PRECISION: tl.constexpr, ROUND: tl.constexpr, ROUND_PRODUCT: tl.constexpr):
+                         INPUT_PRECISION: tl.constexpr, ROUND: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
+                         ZERO_ABSENT: tl.constexpr):
     """out[pairs of one M-block, n-slice] = weight * (act @ down.T), in float32."""
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block).to(tl.int64)
@@ -179,7 +181,8 @@ def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, weight_ptr,
     out_ptrs = out_ptr + pairs[:, None] * stride_op + offs_n[None, :] * stride_oh  # [BM, BN]
     mask_out = mask_m[:, None] & mask_n[None, :]
     if slot < 0:
-        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
+        if ZERO_ABSENT:
+            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
         return
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     a_ptrs = act_ptr + pairs[:, None] * stride_ap + offs_k[None, :] * stride_ai  # [BM, BK]
@@ -249,13 +252,17 @@ def _rounding(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict[str, bool]:
 
 
 def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor, w13: torch.Tensor,
-              w2: torch.Tensor, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+              w2: torch.Tensor, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None,
+              contrib: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k top_k_weights[t, k] * expert_{top_k_ids[t, k]}(hidden[t]) over the experts that are in this pool.
 
     hidden [T, H]; top_k_ids [T, K] expert ids; top_k_weights [T, K]; w13 [S, 2I, H] (gate rows, then up rows);
     w2 [S, H, I]; slot_of_expert [E] int32, the slot of each expert in w13/w2 or -1 (skipped).
     Without `out`: returns [T, H] in hidden's dtype. With `out` ([T, H] float32): adds into it and returns it,
     so contributions from several pools are summed in float32 and rounded once by the caller.
+    With `contrib` ([T*K, H] float32): writes the weighted output of each (token, k) pair of this pool into its
+    row, leaves the other rows alone and returns contrib: the caller runs every pool, then sums over K once, so
+    the result does not depend on how experts were split over pools.
     """
     # T = tokens, K = top-k, E = experts, S = slots, H = hidden, I = intermediate, P = T*K (token, k) pairs
     _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out)
@@ -268,7 +275,11 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     ids = top_k_ids.reshape(-1)  # [P]
     weights = top_k_weights.reshape(-1)  # [P]
     act = torch.empty((num_pairs, inter), dtype=hidden.dtype, device=hidden.device)  # [P, I]
-    contrib = torch.empty((num_pairs, hidden_size), dtype=torch.float32, device=hidden.device)  # [P, H]
+    own_rows = contrib is None
+    if own_rows:
+        contrib = torch.empty((num_pairs, hidden_size), dtype=torch.float32, device=hidden.device)  # [P, H]
+    elif contrib.shape != (num_pairs, hidden_size) or contrib.dtype != torch.float32 or not contrib.is_contiguous():
+        raise ValueError(f"contrib must be a contiguous float32 [{num_pairs}, {hidden_size}] tensor")
     x_strides = (hidden.stride(0), hidden.stride(1))
     w13_strides, w2_strides = w13.stride(), w2.stride()
     act_strides, out_strides = act.stride(), contrib.stride()
@@ -280,7 +291,7 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
             *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **_GEMV)
         _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV["BLOCK_N"]))](
             act, ids, slot_of_expert, w2, weights, contrib, hidden_size, inter,
-            *act_strides, *w2_strides, *out_strides, **rounding, **_GEMV)
+            *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **_GEMV)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))
@@ -293,8 +304,10 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
             *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **meta)
         _down_grouped_kernel[(num_blocks, triton.cdiv(hidden_size, meta["BLOCK_N"]))](
             act, sorted_pairs, block_slot, w2, weights, contrib, num_pairs, hidden_size, inter,
-            *act_strides, *w2_strides, *out_strides, **rounding, **meta)
+            *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **meta)
 
+    if not own_rows:
+        return contrib
     summed = contrib.view(num_tokens, top_k, hidden_size).sum(dim=1)  # [T, H], fixed order over K
     if out is None:
         return summed.to(hidden.dtype)
