@@ -382,20 +382,10 @@ def add_bench_command(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m moe_offload.benchmark ...`: the bench command alone, with the CLI's error handling."""
-    from .cli import EXIT_USAGE, _Parser
+    """`python -m moe_offload.benchmark ...` = `moe-offload bench ...`."""
+    from .cli import main as cli_main
 
-    parser = _Parser(prog="moe-offload")
-    add_bench_command(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    try:
-        args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-        return args.run(args)
-    except MoeOffloadError as err:
-        print(f"moe-offload: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("moe-offload: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

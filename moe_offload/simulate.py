@@ -344,15 +344,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_offload.simulate")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_simulate_command(sub)
-    try:
-        args = parser.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])
-        return args.run(args)
-    except MoeOffloadError as err:
-        print(f"moe-offload: error: {err}", file=sys.stderr)
-        return 2
+    """`python -m moe_offload.simulate ...` = `moe-offload simulate ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(["simulate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
