@@ -67,6 +67,7 @@ from moe_offload.checkpoint import Checkpoint  # noqa: E402
 from moe_offload.config import OffloadConfig  # noqa: E402
 from moe_offload.environment import machine, utc_now, versions  # noqa: E402
 from moe_offload.info import describe  # noqa: E402
+from moe_offload.tiers import drop_page_cache as drop_file_cache  # noqa: E402
 
 SCHEMA = "moe-offload/h200-offload-bench/1"
 PHASES = ("gen", "bw", "ours", "baselines")
@@ -274,14 +275,8 @@ def memory_bandwidths(device: torch.device) -> dict:
 
 
 def drop_page_cache(paths: list[str]) -> None:
-    """Write back, then drop the files' pages (no root needed). A VM's host-side cache is out of reach."""
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_file_cache(path)
 
 
 def _chunks(paths: list[str]) -> list[tuple[str, int]]:

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moe_offload.checkpoint import Checkpoint  # noqa: E402
 from moe_offload.environment import machine, utc_now, versions  # noqa: E402
-from moe_offload.tiers import DiskTier, pin_in_place  # noqa: E402
+from moe_offload.tiers import DiskTier, drop_page_cache, pin_in_place  # noqa: E402
 
 INTER, HIDDEN = 768, 2048
 
@@ -48,15 +48,6 @@ def write_file(root: str, gib: float) -> str:
     with open(os.path.join(root, "config.json"), "w") as handle:
         json.dump({"model_type": "qwen3_moe"}, handle)
     return path
-
-
-def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def measure(strategy: str, threads: int, locations, buffers) -> float:
@@ -99,7 +90,7 @@ def main() -> int:
     for strategy in ("pread", "mmap", "odirect"):
         for threads in thread_counts:
             locations = rng.sample(all_locations, count)
-            drop_cache(path)
+            drop_page_cache(path)
             cold = measure(strategy, threads, locations, buffers)
             warm = measure(strategy, threads, locations, buffers) if strategy != "odirect" else None
             rows.append({"strategy": strategy, "threads": threads, "cold_gb_s": cold, "warm_gb_s": warm,

@@ -124,6 +124,19 @@ class DiskTier:
         self._fds.clear()
 
 
+def drop_page_cache(path: str) -> None:
+    """Write back, then drop a file's pages from the page cache (no root needed), for cold-read measurements.
+
+    A virtual machine's host-side cache is out of reach.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def pin_in_place(tensor: torch.Tensor) -> bool:
     """Page-lock a CPU tensor's memory for fast, asynchronous copies to CUDA.
 
