@@ -261,7 +261,7 @@ def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[
                             device: torch.device, dtype: torch.dtype, config: OffloadConfig,
                             progress: bool) -> list[OffloadedExperts]:
     max_bytes = max(loc.nbytes for layer in locations.values() for loc in layer)
-    fetcher = ExpertFetcher(device, dtype, DiskTier(config.moe_io), max_bytes)
+    fetcher = ExpertFetcher(device, DiskTier(config.moe_io), max_bytes)
     top_k = max(int(getattr(s.module.config, "num_experts_per_tok", 1) or 1) for s in sites)
     first = sites[0]
     scratch = ScratchPool(top_k, first.inter, first.hidden, dtype, device)

@@ -145,6 +145,10 @@ class LLMPipeline:
             "hit_rate": hits / (hits + misses) if hits + misses else None,
             "bytes_streamed": {"host": stats.bytes_from_host, "disk": stats.bytes_from_disk},
             "experts_streamed": {"host": stats.experts_from_host, "disk": stats.experts_from_disk},
+            "per_layer": [{"layer": layer.layer, "hits": layer.counters.hits, "misses": layer.counters.misses,
+                           "experts_from_host": stats.per_layer.get(layer.layer, {}).get("host", 0),
+                           "experts_from_disk": stats.per_layer.get(layer.layer, {}).get("disk", 0)}
+                          for layer in self.layers],
             "disk_io": fetcher.disk.strategy,
             "kernel": "torch" if self.layers[0].fused_moe is None else "triton",
         }

@@ -35,9 +35,10 @@ class TransferStats:
 
 
 class ExpertFetcher:
-    def __init__(self, device: torch.device, dtype: torch.dtype, disk: DiskTier, max_expert_bytes: int):
+    """One per model: the copy stream, the pinned staging ring and the transfer counters."""
+
+    def __init__(self, device: torch.device, disk: DiskTier, max_expert_bytes: int):
         self.device = device
-        self.dtype = dtype
         self.disk = disk
         self.stats = TransferStats()
         self.on_cuda = device.type == "cuda"

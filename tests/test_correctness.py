@@ -62,6 +62,9 @@ def test_matches_transformers(reference_outputs, arch, ratio, tier):
     pipe = _compare(path, ids, logits, tokens, MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=TIERS[tier])
     stats = pipe.get_offload_stats()
     assert stats["hits"] + stats["misses"] > 0
+    per_layer = stats["per_layer"]
+    assert sum(l["hits"] for l in per_layer) == stats["hits"] and sum(l["misses"] for l in per_layer) == stats["misses"]
+    assert sum(l["experts_from_host"] + l["experts_from_disk"] for l in per_layer) == stats["misses"]
     if ratio == 100:
         assert stats["misses"] == 0 and stats["bytes_streamed"] == {"host": 0, "disk": 0}
     else:
