@@ -86,11 +86,25 @@ class OffloadedExperts:
         self.layer, self.num_experts, self.inter, self.hidden = layer, num_experts, inter, hidden
         self.locations, self.host, self.fetcher, self.scratch = locations, host, fetcher, scratch
         self.table = SlotTable(capacity, policy)
-        self.counters = LayerCounters()
+        self._counters = LayerCounters()
+        self._device_hits: torch.Tensor | None = None  # hits tallied on the device by the all-resident path
+        self._resident_slots: torch.Tensor | None = None  # [E] int32 slot of every expert, when all are resident
         self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
         self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
+
+    @property
+    def counters(self) -> LayerCounters:
+        """Hits and misses so far (folds in the device-side tally, which costs one sync when there is one)."""
+        if self._device_hits is not None:
+            self._counters.hits += int(self._device_hits.item())
+            self._device_hits = None
+        return self._counters
+
+    def reset_counters(self) -> None:
+        self._counters = LayerCounters()
+        self._device_hits = None
 
     @property
     def device_bytes(self) -> int:
@@ -113,13 +127,15 @@ class OffloadedExperts:
         num_tokens, top_k = top_k_index.shape  # [T, K]
         if self.route_observer is not None:
             self.route_observer(self.layer, top_k_index)
+        if self.fused_moe is not None and self.table.capacity == self.num_experts:
+            return self._forward_all_resident(hidden_states, top_k_index, top_k_weights)
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the one host sync
         needed = [expert for expert, count in enumerate(counts) if count]
 
         hits = [e for e in needed if self.table.lookup(e) is not None]
         misses = [e for e in needed if self.table.lookup(e) is None]
-        self.counters.hits += len(hits)
-        self.counters.misses += len(misses)
+        self._counters.hits += len(hits)
+        self._counters.misses += len(misses)
         for expert in hits:
             self.table.hit(expert)
 
@@ -156,6 +172,22 @@ class OffloadedExperts:
             else:
                 wave_ready.append(None)
         return result().to(hidden_states.dtype)
+
+    def _forward_all_resident(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Every expert resident (ratio 100): one kernel launch set over the pool and no host sync, so the step
+        can be captured in a CUDA graph. Same kernel, rows and K-sum as the general path: the same bits."""
+        num_tokens, top_k = top_k_index.shape  # [T, K]
+        if self._resident_slots is None:  # nothing is ever evicted at full capacity: the map is fixed
+            slots = [self.table.lookup(e) for e in range(self.num_experts)]
+            self._resident_slots = torch.tensor(slots, dtype=torch.int32, device=hidden_states.device)  # [E]
+        contrib = torch.zeros((num_tokens * top_k, self.hidden), dtype=torch.float32,
+                              device=hidden_states.device)  # [T*K, H]
+        self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._resident_slots,
+                       contrib=contrib)
+        used = (torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts) > 0).sum()  # device scalar
+        self._device_hits = used if self._device_hits is None else self._device_hits + used
+        return contrib.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
 
     @staticmethod
     def _eager_pool_runner(hidden_states, top_k_index, top_k_weights, counts, act_fn):

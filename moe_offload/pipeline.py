@@ -155,7 +155,7 @@ class LLMPipeline:
 
     def reset_offload_stats(self) -> None:
         for layer in self.layers:
-            layer.counters.hits = layer.counters.misses = 0
+            layer.reset_counters()
         self.layers[0].fetcher.stats.reset()
 
     def close(self) -> None:

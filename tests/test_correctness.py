@@ -149,3 +149,33 @@ def test_every_ratio_gives_the_same_bits(tmp_path, kernel):
                                       output_logits=True, return_dict_in_generate=True)
         outputs[ratio] = torch.stack(run.logits)  # [steps, 1, V]
     assert torch.equal(outputs[0], outputs[100]) and torch.equal(outputs[37], outputs[100])
+
+
+def test_all_resident_triton_path_matches_general_path(tmp_path):
+    """Ratio 100 with the Triton kernel takes the no-sync path (one launch set, device-side hit tally): it must
+    give the bits of the general path and the same hit count."""
+    pytest.importorskip("triton")
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    config = tiny_config("qwen3_moe")
+    config.num_experts_per_tok = 4
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    ids = _prompt(seed=2, length=5)
+    results = []
+    for general in (False, True):
+        pipe = LLMPipeline(str(tmp_path), "cpu", MOE_OFFLOAD_RATIO=100)
+        for layer in pipe.layers:
+            layer.fused_moe = fused_moe
+            if general:  # the general path runs whenever the cache is not full
+                layer.table.capacity += 1
+        with torch.no_grad():
+            run = pipe.model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True)
+        assert all((layer._resident_slots is None) == general for layer in pipe.layers)  # which path ran
+        results.append((torch.stack(run.logits), pipe.get_offload_stats()["hits"]))
+    (fast, fast_hits), (general, general_hits) = results
+    assert torch.equal(fast, general) and fast_hits == general_hits > 0
