@@ -22,7 +22,7 @@ from .checkpoint import ExpertLocation
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy
 from .tiers import HostTier
-from .transfer import ExpertFetcher
+from .transfer import ExpertFetcher, Transfer
 
 
 class SlotTable:
@@ -113,13 +113,13 @@ class OffloadedExperts:
     def preload(self, experts: list[int]) -> None:
         """Make `experts` resident (at load time; not counted as misses)."""
         self.fetcher.begin_step()
-        for expert in experts:
-            slot = self.table.admit(expert, ())
-            self._fetch(expert, self.gate_up[slot], self.down[slot])
+        self._fetch([(expert, self.table.admit(expert, ())) for expert in experts], self.gate_up, self.down)
         self.fetcher.wait_copies(self.fetcher.mark(on_copy_stream=True))
 
-    def _fetch(self, expert: int, dst_gate_up: torch.Tensor, dst_down: torch.Tensor) -> None:
-        self.fetcher.fetch(self.layer, expert, self.host, self.locations[expert], dst_gate_up, dst_down)
+    def _fetch(self, pairs: list[tuple[int, int]], gate_up_pool: torch.Tensor, down_pool: torch.Tensor) -> None:
+        """Bring each (expert, slot) of `pairs` into that slot of the given pool pair."""
+        self.fetcher.fetch(self.layer, self.host, [Transfer(expert, self.locations[expert], gate_up_pool[slot],
+                                                            down_pool[slot]) for expert, slot in pairs])
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -148,8 +148,8 @@ class OffloadedExperts:
             if slot is None:
                 streamed.append(expert)
             else:
-                self._fetch(expert, self.gate_up[slot], self.down[slot])
                 admitted.append((expert, slot))
+        self._fetch(admitted, self.gate_up, self.down)
         admitted_ready = self.fetcher.mark(on_copy_stream=True)
         waves = [streamed[i:i + self.scratch.wave] for i in range(0, len(streamed), self.scratch.wave)]
         wave_ready = [self._load_wave(waves, 0), self._load_wave(waves, 1)]
@@ -237,6 +237,6 @@ class OffloadedExperts:
         if index >= len(waves):
             return None
         base = (index % 2) * self.scratch.wave
-        for offset, expert in enumerate(waves[index]):
-            self._fetch(expert, self.scratch.gate_up[base + offset], self.scratch.down[base + offset])
+        self._fetch([(e, base + offset) for offset, e in enumerate(waves[index])], self.scratch.gate_up,
+                    self.scratch.down)
         return self.fetcher.mark(on_copy_stream=True)
