@@ -139,8 +139,17 @@ class OffloadedExperts:
         for expert in hits:
             self.table.hit(expert)
 
-        # Misses first go into the cache (evicting experts this step does not need), else through scratch.
+        if self.fused_moe is not None:
+            run_pool, result = self._fused_pool_runner(hidden_states, top_k_index, top_k_weights)
+        else:
+            run_pool, result = self._eager_pool_runner(hidden_states, top_k_index, top_k_weights, counts, act_fn)
+
+        # Copies issued from here on wait only for earlier compute, not for the hits' compute queued next, so
+        # the hits run on the device while misses are read and copied (nothing below touches a hit's slot).
         self.fetcher.begin_step()
+        run_pool([(e, self.table.lookup(e)) for e in hits], self.gate_up, self.down)
+
+        # Misses first go into the cache (evicting experts this step does not need), else through scratch.
         protected = set(needed)
         admitted, streamed = [], []
         for expert in misses:
@@ -153,13 +162,6 @@ class OffloadedExperts:
         admitted_ready = self.fetcher.mark(on_copy_stream=True)
         waves = [streamed[i:i + self.scratch.wave] for i in range(0, len(streamed), self.scratch.wave)]
         wave_ready = [self._load_wave(waves, 0), self._load_wave(waves, 1)]
-
-        if self.fused_moe is not None:
-            run_pool, result = self._fused_pool_runner(hidden_states, top_k_index, top_k_weights)
-        else:
-            run_pool, result = self._eager_pool_runner(hidden_states, top_k_index, top_k_weights, counts, act_fn)
-
-        run_pool([(e, self.table.lookup(e)) for e in hits], self.gate_up, self.down)  # overlaps the copies
         self.fetcher.wait_copies(admitted_ready)
         run_pool(admitted, self.gate_up, self.down)
         for index, wave in enumerate(waves):
