@@ -31,7 +31,7 @@ from .config import OffloadConfig
 from .errors import MoeOffloadError
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
-from .transfer import ExpertFetcher
+from .transfer import DISK_THREADS, ExpertFetcher, Transfer
 
 IMPLEMENTATION = "moe_offload"
 # Hub checkpoints that name a module differently from the transformers class that loads them.
@@ -286,10 +286,11 @@ def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: E
         fit = min(site.num_experts, host_bytes // (3 * site.inter * site.hidden * element))
         order = list(range(capacity, site.num_experts)) + resident  # non-resident experts first
         host = HostTier(order[:fit], site.inter, site.hidden, dtype, pin=device.type == "cuda") if fit else None
-        for expert in host.row_of if host else ():
-            gate_up, down = host.get(expert)
-            fetcher.read_from_disk(locations[expert], gate_up, down)
-            bar.update(1)
+        in_host = list(host.row_of) if host else []
+        for start in range(0, len(in_host), DISK_THREADS):  # read in parallel, like misses
+            batch = in_host[start:start + DISK_THREADS]
+            fetcher.fetch(site.layer, None, [Transfer(e, locations[e], *host.get(e)) for e in batch])
+            bar.update(len(batch))
     runtime = OffloadedExperts(site.layer, site.num_experts, site.inter, site.hidden, capacity, locations, host,
                                fetcher, scratch, make_policy("lru"), dtype, device)
     runtime.preload(resident)

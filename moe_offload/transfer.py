@@ -116,12 +116,6 @@ class ExpertFetcher:
                 self.stats.experts_from_disk += 1
                 counters["disk"] += 1
 
-    def read_from_disk(self, location: ExpertLocation, dst_gate_up: torch.Tensor, dst_down: torch.Tensor) -> None:
-        """One expert from its file into dst (host-tier filling at load; not counted as streamed)."""
-        index, raw = self._claim_staging(location.nbytes)
-        self.disk.read_expert(location, raw)
-        self._copy_staged(index, raw, location, dst_gate_up, dst_down)
-
     def _readers(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="moe-disk")
