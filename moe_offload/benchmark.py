@@ -27,7 +27,7 @@ import torch
 
 from .config import load_properties_file, make_config, parse_ratio
 from .environment import machine, utc_now, versions
-from .errors import MoeOffloadError
+from .errors import MoeOffloadError, read_user_text
 from .report import (SCHEMA, log_info, print_average, print_iteration, print_sweep, require_matplotlib, summarize,
                      write_csv, write_json, write_plot)
 
@@ -177,13 +177,7 @@ def device_weight_bytes(pipe) -> int:
 
 def read_prompt_file(path: str) -> str:
     """One prompt: llm_bench's JSONL (`{"prompt": ...}` per line; one line here) for *.jsonl, else the whole text."""
-    if not os.path.isfile(path):
-        raise MoeOffloadError(f"prompt file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MoeOffloadError(f"cannot read prompt file {path}: {err}") from None
+    text = read_user_text(path, "prompt file")
     if not path.lower().endswith(".jsonl"):
         prompt = text.rstrip("\n")
     else:
@@ -248,8 +242,7 @@ def check_args(args: argparse.Namespace) -> Workload:
         raise MoeOffloadError("-ic must be at least 1")
     if args.num_iters < 1:
         raise MoeOffloadError("-n must be at least 1 (iteration 0, the warm-up, comes on top)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    resolve_device(device)
+    device = str(resolve_device(args.device))
     model = args.model or DEFAULT_MODEL
     if not args.model and not os.path.isdir(DEFAULT_MODEL):
         raise MoeOffloadError(f"the shipped small model is not installed ({DEFAULT_MODEL}); pass -m MODEL")

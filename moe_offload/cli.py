@@ -21,12 +21,6 @@ class _Parser(argparse.ArgumentParser):
         raise MoeOffloadError(message)
 
 
-def _device_default() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _properties(args: argparse.Namespace) -> dict[str, Any]:
     props: dict[str, Any] = {}
     for flag, name in (("ratio", "MOE_OFFLOAD_RATIO"), ("host_cache", "MOE_HOST_CACHE"), ("io", "MOE_IO"),
@@ -40,7 +34,7 @@ def _properties(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import LLMPipeline
 
-    pipe = LLMPipeline(args.model, args.device or _device_default(), config=args.load_config,
+    pipe = LLMPipeline(args.model, args.device, config=args.load_config,
                        progress=sys.stderr.isatty(), require_tokenizer=True, **_properties(args))
     sampling = {"do_sample": args.temperature > 0}
     if args.temperature > 0:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import MoeOffloadError
+from .errors import MoeOffloadError, read_user_text
 
 IO_STRATEGIES = ("pread", "mmap", "odirect")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -98,13 +97,7 @@ def load_properties_file(source: str) -> dict[str, Any]:
     """Properties from a JSON file path or from inline JSON text (`-lc '{"MOE_OFFLOAD_RATIO": 37}'`)."""
     text = source
     if not source.lstrip().startswith("{"):
-        if not os.path.isfile(source):
-            raise MoeOffloadError(f"config file not found: {source}")
-        try:
-            with open(source, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as err:
-            raise MoeOffloadError(f"cannot read config file {source}: {err.strerror}") from None
+        text = read_user_text(source, "config file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -4,6 +4,19 @@ The CLI turns a MoeOffloadError into one line on stderr and a non-zero exit; any
 keeps its traceback. Raise this for bad input (paths, checkpoints, properties, budgets), never for bugs.
 """
 
+import os
+
 
 class MoeOffloadError(Exception):
     """A problem with what the user gave us, stated in one line."""
+
+
+def read_user_text(path: str, what: str) -> str:
+    """The text of a file the user named (`what`: "config file", "prompts file", ...), or a one-line error."""
+    if not os.path.isfile(path):
+        raise MoeOffloadError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MoeOffloadError(f"cannot read {what} {path}: {getattr(err, 'strerror', None) or err}") from None

@@ -225,10 +225,10 @@ def _initialise_buffers(model, filled: set[str]) -> None:
             raise MoeOffloadError(f"unsupported architecture: cannot initialise buffer {module_name}.{unfilled[0]}")
 
 
-def build_offloaded_model(checkpoint: Checkpoint, device: torch.device, config: OffloadConfig,
+def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.device, config: OffloadConfig,
                           progress: bool = True):
-    """The transformers model with its routed experts served by OffloadedExperts; returns (model, runtimes)."""
-    hf_config = check_supported(checkpoint)
+    """The transformers model (hf_config from check_supported) with its routed experts served by
+    OffloadedExperts; returns (model, runtimes)."""
     dtype = resolve_dtype(config, checkpoint, device)
     model = _build_meta_model(hf_config, dtype)
     sites = find_expert_sites(model, hf_config.model_type)

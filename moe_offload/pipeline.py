@@ -21,7 +21,10 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | None) -> torch.device:
+    """"cpu", "cuda[:N]" or "gpu"; None or "auto" = cuda when torch sees a GPU, else cpu."""
+    if device is None or str(device).strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(device).strip().lower()
     if text == "gpu":
         text = "cuda"
@@ -58,11 +61,12 @@ class LLMPipeline:
         self.device = resolve_device(device)
         self.models_path = models_path or DEFAULT_MODEL
         self.checkpoint = Checkpoint(self.models_path)
-        check_supported(self.checkpoint)
+        hf_config = check_supported(self.checkpoint)
         if require_tokenizer and not any(os.path.isfile(os.path.join(self.models_path, name))
                                          for name in TOKENIZER_FILES):
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
-        self.model, self.layers = build_offloaded_model(self.checkpoint, self.device, self.config, progress)
+        self.model, self.layers = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config,
+                                                         progress)
         self.tokenizer = self._load_tokenizer()
 
     def _load_tokenizer(self):

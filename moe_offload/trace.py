@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import MoeOffloadError
+from .errors import MoeOffloadError, read_user_text
 
 TRACE_FORMAT = 1
 
@@ -208,13 +208,7 @@ def load_trace(path: str) -> Trace:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts from a file: a JSON list of strings (.json), else one prompt per non-blank line."""
-    if not os.path.isfile(path):
-        raise MoeOffloadError(f"prompts file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MoeOffloadError(f"cannot read prompts file {path}: {err}") from None
+    text = read_user_text(path, "prompts file")
     if path.lower().endswith(".json"):
         try:
             prompts = json.loads(text)
@@ -238,10 +232,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     if os.path.isdir(args.output):
         raise MoeOffloadError(f"--output {args.output} is a folder; give a file name like trace.jsonl")
-    device = args.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = LLMPipeline(args.model, device, require_tokenizer=True, MOE_OFFLOAD_RATIO=args.ratio)
+    pipe = LLMPipeline(args.model, args.device, require_tokenizer=True, MOE_OFFLOAD_RATIO=args.ratio)
     try:
         trace = record_trace(pipe, prompts, args.max_new_tokens, args.output)
     finally:
