@@ -26,7 +26,6 @@ the tokenizer's EOS (<|endoftext|>) in front, as in training (`--prefix`).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import math
@@ -45,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from moe_offload.errors import MoeOffloadError  # noqa: E402
 from moe_offload.pipeline import DEFAULT_MODEL  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions  # noqa: E402
 from moe_offload.simulate import replay_steps, simulate  # noqa: E402
 from moe_offload.trace import read_prompts, save_trace, trace_generation  # noqa: E402
 
@@ -330,7 +330,9 @@ def run(args: argparse.Namespace) -> int:
     layers = routing_stats(trace.records, experts)
     name = args.name or f"routing_report_{os.path.basename(model.rstrip(os.sep))}"
     report = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
+        "machine": machine(),
+        "versions": versions(),
         "model": {"path": model, "name": os.path.basename(model.rstrip(os.sep)), "moe_layers": len(experts),
                   "num_experts": sorted(set(experts.values()))[0] if len(set(experts.values())) == 1 else experts,
                   "top_k": meta.get("top_k")},
