@@ -203,6 +203,28 @@ def test_split_pools_accumulate_into_out(monkeypatch, dtype, path):
     assert_close(out, triton_moe.fused_moe_reference(x, ids, weights, w13, w2, slot_of_expert).float(), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_host_pool_is_read_in_place_with_the_same_bits(monkeypatch, dtype, path):
+    """Slots past the device pool address a (pinned, on CUDA) host pool: same results as one device pool."""
+    _skip_unsupported(dtype, path, 33, 2)
+    _force_path(monkeypatch, path)
+    torch.manual_seed(13)
+    x, ids, weights, w13, w2, slot_of_expert = make_inputs(33, 8, 2, 64, 32, dtype)  # 11 slots
+    split = 5  # slots 0..4 on the device, 5..10 in host memory: at least 3 of the 8 experts are on the host
+    host_w13, host_w2 = w13[split:].cpu(), w2[split:].cpu()
+    if CUDA:  # the kernels dereference mapped pinned memory
+        host_w13, host_w2 = host_w13.pin_memory(), host_w2.pin_memory()
+    device_w13, device_w2 = w13[:split].clone(), w2[:split].clone()
+    expected = triton_moe.fused_moe(x, ids, weights, w13, w2, slot_of_expert)
+    actual = triton_moe.fused_moe(x, ids, weights, device_w13, device_w2, slot_of_expert,
+                                  host_w13=host_w13, host_w2=host_w2)
+    assert torch.equal(actual, expected)
+    reference = triton_moe.fused_moe_reference(x, ids, weights, device_w13, device_w2, slot_of_expert,
+                                               host_w13=host_w13, host_w2=host_w2)
+    assert_close(actual, reference, dtype)
+
+
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_deterministic(monkeypatch, path):
     _force_path(monkeypatch, path)
@@ -238,3 +260,7 @@ def test_rejects_mismatched_shapes():
         triton_moe.fused_moe(x, ids, weights, w13, w2[:, :, :16], slot_of_expert)
     with pytest.raises(ValueError, match="int32"):
         triton_moe.fused_moe(x, ids, weights, w13, w2, slot_of_expert.long())
+    with pytest.raises(ValueError, match="host pools"):
+        triton_moe.fused_moe(x, ids, weights, w13, w2, slot_of_expert, host_w13=w13[:, :, :32], host_w2=w2)
+    with pytest.raises(ValueError, match="together"):
+        triton_moe.fused_moe(x, ids, weights, w13, w2, slot_of_expert, host_w13=w13)

@@ -1,9 +1,14 @@
 """Fused MoE over cached experts in Triton: gate/up GEMM with SiLU(gate) * up, then down GEMM * routing weight.
 
-Experts are addressed through ONE pool pair (w13 [S, 2I, H] gate rows first, w2 [S, H, I]) and a per-expert slot
+Experts are addressed through a pool pair (w13 [S, 2I, H] gate rows first, w2 [S, H, I]) and a per-expert slot
 index `slot_of_expert [E] int32`, -1 meaning "not in this pool": those (token, expert) pairs contribute nothing.
 So a layer whose experts are spread over its cache pool and the scratch waves calls fused_moe once per pool
 with that pool's slot map and the same float32 `out`, and gets the full sum without copying experts around.
+
+An optional second pair (host_w13 [N, 2I, H], host_w2 [N, H, I]) extends the slot space: slot S + r is row r of
+it. On CUDA those are pinned, mapped host tensors that the kernels read in place over PCIe (zero-copy: ~49 GB/s
+on the H200 machine, as fast as copying), so one launch set covers hits and misses with no copy, no host sync,
+and a step that can be captured in a CUDA graph.
 
 Two kernels per path (gate_up + act, down + weight) and a torch sum over K, not one fused kernel: the down GEMM
 needs the whole I-wide activation of a row, which one gate/up program does not have, and the [T*K, I]
@@ -72,7 +77,17 @@ def _weighted(acc, weight, dtype: tl.constexpr, ROUND: tl.constexpr, ROUND_PRODU
 
 
 @triton.jit
-def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, act_ptr, H, I, top_k,
+def _expert_base(device_ptr, host_ptr, slot, num_device_slots, stride_slot):
+    """Address of slot `slot`'s matrix: in the device pool below num_device_slots, else in the host pool."""
+    if slot < num_device_slots:
+        base = device_ptr + slot * stride_slot
+    else:
+        base = host_ptr + (slot - num_device_slots) * stride_slot
+    return base
+
+
+@triton.jit
+def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, host_w13_ptr, num_device_slots, act_ptr, H, I, top_k,
                          stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr):
     """act[p, n] = silu(gate(x_t)) * up(x_t) for pair p = (t, k) over one BLOCK_N slice of I."""
@@ -83,7 +98,8 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, act_ptr, H, I, top_k
     token = pair // top_k
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_n = offs_n < I
-    gate_ptrs = w13_ptr + slot * stride_ws + offs_n[:, None] * stride_wn  # [BN, 1]
+    gate_ptrs = (_expert_base(w13_ptr, host_w13_ptr, slot, num_device_slots, stride_ws)
+                 + offs_n[:, None] * stride_wn)  # [BN, 1]
     up_ptrs = gate_ptrs + I * stride_wn  # [BN, 1]
     acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -101,7 +117,7 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, act_ptr, H, I, top_k
 
 
 @triton.jit
-def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H, I,
+def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, host_w2_ptr, num_device_slots, weight_ptr, out_ptr, H, I,
                       stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr,
                       ROUND_PRODUCT: tl.constexpr, ZERO_ABSENT: tl.constexpr):
@@ -115,7 +131,8 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H
         if ZERO_ABSENT:
             tl.store(out_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_n)
         return
-    w_ptrs = w2_ptr + slot * stride_ws + offs_n[:, None] * stride_wn  # [BN, 1]
+    w_ptrs = (_expert_base(w2_ptr, host_w2_ptr, slot, num_device_slots, stride_ws)
+              + offs_n[:, None] * stride_wn)  # [BN, 1]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
@@ -129,7 +146,8 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, weight_ptr, out_ptr, H
 
 
 @triton.jit
-def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, num_pairs, H, I, top_k,
+def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, host_w13_ptr, num_device_slots, act_ptr,
+                            num_pairs, H, I, top_k,
                             stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, ROUND: tl.constexpr):
@@ -145,7 +163,8 @@ def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, 
     mask_n = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xh  # [BM, BK]
-    gate_ptrs = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh  # [BK, BN]
+    gate_ptrs = (_expert_base(w13_ptr, host_w13_ptr, slot, num_device_slots, stride_ws)
+                 + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wh)  # [BK, BN]
     up_ptrs = gate_ptrs + I * stride_wn  # [BK, BN]
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -166,7 +185,8 @@ def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, w13_ptr, act_ptr, 
 
 
 @triton.jit
-def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, weight_ptr, out_ptr, num_pairs, H, I,
+def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, host_w2_ptr, num_device_slots, weight_ptr,
+                         out_ptr, num_pairs, H, I,
                          stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          INPUT_PRECISION: tl.constexpr, ROUND: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
@@ -186,7 +206,8 @@ def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w2_ptr, weight_ptr,
         return
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     a_ptrs = act_ptr + pairs[:, None] * stride_ap + offs_k[None, :] * stride_ai  # [BM, BK]
-    w_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wi  # [BK, BN]
+    w_ptrs = (_expert_base(w2_ptr, host_w2_ptr, slot, num_device_slots, stride_ws)
+              + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wi)  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         mask_k = offs_k < I - k0
@@ -212,7 +233,8 @@ def align_by_slot(pair_slots: torch.Tensor, num_slots: int, block_m: int) -> tup
     device = pair_slots.device
     groups = torch.where(pair_slots < 0, num_slots, pair_slots.long())  # [P]
     order = torch.argsort(groups, stable=True)  # [P]
-    counts = torch.bincount(groups, minlength=num_slots + 1)  # [G]
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=device).scatter_add_(
+        0, groups, torch.ones_like(groups))  # [G]; not bincount, which syncs to size its output
     padded = (counts + block_m - 1) // block_m * block_m  # [G]
     padded_end = torch.cumsum(padded, 0)  # [G]
     sorted_groups = groups[order]  # [P]
@@ -227,9 +249,17 @@ def align_by_slot(pair_slots: torch.Tensor, num_slots: int, block_m: int) -> tup
     return sorted_pairs, block_slot
 
 
-def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out) -> None:
-    """Shape/dtype checks that need no host sync; slot values (< S) are the caller's contract."""
+def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13=None, host_w2=None) -> None:
+    """Shape/dtype checks that need no host sync; slot values (< S + N) are the caller's contract."""
     num_slots, two_inter, hidden_size = w13.shape
+    if (host_w13 is None) != (host_w2 is None):
+        raise ValueError("host_w13 and host_w2 go together")
+    if host_w13 is not None and (host_w13.shape[1:] != w13.shape[1:] or host_w2.shape[1:] != w2.shape[1:]
+                                 or host_w13.shape[0] != host_w2.shape[0] or host_w13.dtype != w13.dtype
+                                 or host_w2.dtype != w2.dtype or host_w13.stride() != w13.stride()
+                                 or host_w2.stride() != w2.stride()):  # the kernels use one set of strides
+        raise ValueError(f"host pools {tuple(host_w13.shape)} / {tuple(host_w2.shape)} do not match the device "
+                         f"pools {tuple(w13.shape)} / {tuple(w2.shape)} (same dtype and strides)")
     if hidden.dim() != 2 or hidden.shape[1] != hidden_size or two_inter % 2:
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match w13 {tuple(w13.shape)}")
     if w2.shape != (num_slots, hidden_size, two_inter // 2):
@@ -253,7 +283,8 @@ def _rounding(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict[str, bool]:
 
 def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor, w13: torch.Tensor,
               w2: torch.Tensor, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None,
-              contrib: torch.Tensor | None = None) -> torch.Tensor:
+              contrib: torch.Tensor | None = None, host_w13: torch.Tensor | None = None,
+              host_w2: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k top_k_weights[t, k] * expert_{top_k_ids[t, k]}(hidden[t]) over the experts that are in this pool.
 
     hidden [T, H]; top_k_ids [T, K] expert ids; top_k_weights [T, K]; w13 [S, 2I, H] (gate rows, then up rows);
@@ -263,11 +294,17 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     With `contrib` ([T*K, H] float32): writes the weighted output of each (token, k) pair of this pool into its
     row, leaves the other rows alone and returns contrib: the caller runs every pool, then sums over K once, so
     the result does not depend on how experts were split over pools.
+    With host_w13 [N, 2I, H] / host_w2 [N, H, I]: slots S..S+N-1 are their rows, read in place (zero-copy).
     """
     # T = tokens, K = top-k, E = experts, S = slots, H = hidden, I = intermediate, P = T*K (token, k) pairs
-    _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out)
+    _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13, host_w2)
     num_tokens, top_k = top_k_ids.shape  # [T, K]
-    num_slots, two_inter, hidden_size = w13.shape  # [S, 2I, H]
+    num_device_slots, two_inter, hidden_size = w13.shape  # [S, 2I, H]
+    if host_w13 is None:  # never dereferenced: every slot is below num_device_slots
+        host_w13, host_w2 = w13, w2
+        num_slots = num_device_slots
+    else:
+        num_slots = num_device_slots + host_w13.shape[0]
     inter = two_inter // 2
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
@@ -287,10 +324,10 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
 
     if num_pairs <= DECODE_MAX_PAIRS:
         _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV["BLOCK_N"]))](
-            hidden, ids, slot_of_expert, w13, act, hidden_size, inter, top_k,
+            hidden, ids, slot_of_expert, w13, host_w13, num_device_slots, act, hidden_size, inter, top_k,
             *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **_GEMV)
         _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV["BLOCK_N"]))](
-            act, ids, slot_of_expert, w2, weights, contrib, hidden_size, inter,
+            act, ids, slot_of_expert, w2, host_w2, num_device_slots, weights, contrib, hidden_size, inter,
             *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **_GEMV)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
@@ -300,10 +337,11 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"  # fp32 matches torch's matmul
         meta = dict(BLOCK_M=block_m, INPUT_PRECISION=precision, **_GEMM)
         _gate_up_grouped_kernel[(num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
-            hidden, sorted_pairs, block_slot, w13, act, num_pairs, hidden_size, inter, top_k,
+            hidden, sorted_pairs, block_slot, w13, host_w13, num_device_slots, act, num_pairs, hidden_size, inter, top_k,
             *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **meta)
         _down_grouped_kernel[(num_blocks, triton.cdiv(hidden_size, meta["BLOCK_N"]))](
-            act, sorted_pairs, block_slot, w2, weights, contrib, num_pairs, hidden_size, inter,
+            act, sorted_pairs, block_slot, w2, host_w2, num_device_slots, weights, contrib, num_pairs, hidden_size,
+            inter,
             *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **meta)
 
     if not own_rows:
@@ -316,14 +354,21 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
 
 def fused_moe_reference(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor,
                         w13: torch.Tensor, w2: torch.Tensor, slot_of_expert: torch.Tensor,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, host_w13: torch.Tensor | None = None,
+                        host_w2: torch.Tensor | None = None) -> torch.Tensor:
     """fused_moe's contract computed eagerly with reference.accumulate_expert: the oracle for its tests."""
-    _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out)
+    _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13, host_w2)
     acc = out if out is not None else torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
+    num_device_slots = w13.shape[0]
     for expert in top_k_ids.unique().tolist():
         slot = int(slot_of_expert[expert])
         if slot < 0:
             continue
+        if slot < num_device_slots:
+            gate_up, down = w13[slot], w2[slot]
+        else:
+            row = slot - num_device_slots
+            gate_up, down = host_w13[row].to(hidden.device), host_w2[row].to(hidden.device)
         tokens, ks = (top_k_ids == expert).nonzero(as_tuple=True)  # [n], [n]
-        accumulate_expert(acc, hidden, tokens, top_k_weights[tokens, ks], w13[slot], w2[slot], F.silu)
+        accumulate_expert(acc, hidden, tokens, top_k_weights[tokens, ks], gate_up, down, F.silu)
     return acc if out is not None else acc.to(hidden.dtype)
