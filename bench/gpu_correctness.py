@@ -101,6 +101,14 @@ def main() -> int:
                                                      do_sample=False)
                     diff = (logits - ref_logits).abs().max().item()
                     stats = pipe.get_offload_stats()
+                    # the pipeline's own decoding: static cache, decode steps replayed as a CUDA graph
+                    step_logits = []
+                    decoded = pipe.generate_tokens(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                                   do_sample=False) if pipe.decoder is None else \
+                        torch.tensor(pipe.decoder.generate(ids, NEW_TOKENS, NEW_TOKENS, on_logits=step_logits.append))
+                    decoded_tokens = torch.cat([ids[0].cpu(), decoded])[None]
+                    first_step_diff = ((step_logits[0] - ref_logits[:, -1].float()).abs().max().item()
+                                       if step_logits else None)
                     row = {
                         "arch": arch, "ratio": ratio, "tier": tier,
                         "max_abs_logit_diff": diff, "logit_scale": scale,
@@ -109,12 +117,19 @@ def main() -> int:
                         "greedy_identical": bool(torch.equal(tokens, ref_tokens)),
                         "first_token_difference": first_difference(tokens, ref_tokens),
                         "transformers_eager_greedy_identical": bool(torch.equal(eager_tokens, ref_tokens)),
+                        "pipeline_greedy_identical": bool(torch.equal(decoded_tokens, ref_tokens.cpu())),
+                        "pipeline_first_token_difference": first_difference(decoded_tokens, ref_tokens.cpu()),
+                        "pipeline_prefill_max_abs_logit_diff": first_step_diff,
+                        "pipeline_cuda_graph_steps": pipe.decoder.steps_replayed if pipe.decoder else 0,
+                        "pipeline_cuda_graph_failure": pipe.decoder.graph_failure if pipe.decoder else None,
                         "hits": stats["hits"], "misses": stats["misses"], "bytes_streamed": stats["bytes_streamed"],
                     }
                     rows.append(row)
                     print(f"{arch:12s} ratio {ratio:3d} {tier:4s} diff {diff:.4f} tol {tolerance:.4f} "
                           f"(eager-vs-grouped {spread:.4f}) greedy {'same' if row['greedy_identical'] else 'DIFF'}"
-                          f" hits {stats['hits']} misses {stats['misses']}", flush=True)
+                          f" hits {stats['hits']} misses {stats['misses']} | pipeline greedy "
+                          f"{'same' if row['pipeline_greedy_identical'] else 'DIFF'} graph steps "
+                          f"{row['pipeline_cuda_graph_steps']}", flush=True)
                     pipe.close()
                     del pipe
                     torch.cuda.empty_cache()
@@ -128,6 +143,7 @@ def main() -> int:
         "rows": rows,
         "all_within_tolerance": all(r["within_tolerance"] for r in rows),
         "all_greedy_identical": all(r["greedy_identical"] for r in rows),
+        "all_pipeline_greedy_identical": all(r["pipeline_greedy_identical"] for r in rows),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:

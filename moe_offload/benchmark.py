@@ -9,7 +9,8 @@ numbers can be set beside the reference system's:
   min_new_tokens), so every iteration and every ratio does the same work.
 - 1st token latency: from the generate() call to the first new token (prefill included). 2nd token latency: the
   mean gap between the later tokens; 2nd tokens throughput = 1000 / that. "Infer" latencies time the model's
-  forward calls alone, without sampling and generate's own bookkeeping.
+  eager forward calls alone, without sampling and generate's own bookkeeping; decode steps replayed as a CUDA
+  graph (decoding.py) are no forward calls, so then only the prefill and the first step are timed there.
 `--sweep-ratio` repeats the workload at several ratios (a fresh pipeline each) into one report and plot.
 """
 
@@ -123,14 +124,14 @@ def run_iteration(pipe, prompt: str, infer_count: int, iteration: int) -> dict[s
     generate_start = time.perf_counter()
     try:
         with torch.inference_mode():
-            output = pipe.model.generate(**args, streamer=timer)
+            new_tokens = pipe.generate_tokens(**args, streamer=timer)
     finally:
         timer.detach()
     generate_end = time.perf_counter()
-    pipe.tokenizer.decode(output[0, input_size:], skip_special_tokens=True)
+    pipe.tokenizer.decode(new_tokens, skip_special_tokens=True)
     detokenized = time.perf_counter()
 
-    output_size = int(output.shape[1]) - input_size
+    output_size = int(new_tokens.numel())
     gaps = [(b - a) * 1000 for a, b in zip(timer.token_times, timer.token_times[1:])]
     second = _mean(gaps)
     stats = pipe.get_offload_stats()

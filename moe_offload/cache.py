@@ -8,6 +8,12 @@ wave computes, the next one is copied.
 
 Per forward call (a decode step, or a whole prefill chunk) each needed expert is loaded at most once, and the
 counters count each needed expert once: a hit if it was on the device, a miss otherwise.
+
+Zero-copy (the Triton kernel on CUDA, every non-resident expert of the layer in the pinned host tier): the kernel
+reads misses in place from host memory over PCIe, as fast as copying them, so the layer runs as one launch set
+with no host sync and no slot traffic, and the decode step can be captured in a CUDA graph. The resident set
+then stays as loaded; prefill chunks with many tokens per expert (whose weights the grouped GEMM would read
+over PCIe once per M-block) still take the copy path, streaming through the scratch pool without admitting.
 """
 
 from __future__ import annotations
@@ -71,10 +77,16 @@ class ScratchPool:
         return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
 
 
+# Above this many (token, k) pairs per expert, a zero-copy layer copies its misses instead: the grouped GEMM
+# reads an expert's weights once per 64-row M-block, which is once per copy only up to here.
+ZERO_COPY_MAX_PAIRS_PER_EXPERT = 64
+
+
 @dataclass
 class LayerCounters:
     hits: int = 0
     misses: int = 0
+    read_in_place: int = 0  # misses the kernel read straight from pinned host memory (zero-copy)
 
 
 class OffloadedExperts:
@@ -87,8 +99,10 @@ class OffloadedExperts:
         self.locations, self.host, self.fetcher, self.scratch = locations, host, fetcher, scratch
         self.table = SlotTable(capacity, policy)
         self._counters = LayerCounters()
-        self._device_hits: torch.Tensor | None = None  # hits tallied on the device by the all-resident path
-        self._resident_slots: torch.Tensor | None = None  # [E] int32 slot of every expert, when all are resident
+        self._direct_slots: torch.Tensor | None = None  # [E] int32: device slot, or C + host row (zero-copy)
+        self._direct_from_host: torch.Tensor | None = None  # [E] int64: 1 where that is a host row
+        self._direct_tally: torch.Tensor | None = None  # [2] int64 device tally (hits, misses read in place)
+        self.admit_misses = True  # False once zero-copy is on: the resident set behind _direct_slots stays fixed
         self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
@@ -97,14 +111,50 @@ class OffloadedExperts:
     @property
     def counters(self) -> LayerCounters:
         """Hits and misses so far (folds in the device-side tally, which costs one sync when there is one)."""
-        if self._device_hits is not None:
-            self._counters.hits += int(self._device_hits.item())
-            self._device_hits = None
+        if self._direct_tally is not None:
+            hits, in_place = self._direct_tally.tolist()
+            self._direct_tally.zero_()
+            self._counters.hits += hits
+            self._counters.misses += in_place
+            self._counters.read_in_place += in_place
         return self._counters
 
     def reset_counters(self) -> None:
         self._counters = LayerCounters()
-        self._device_hits = None
+        if self._direct_tally is not None:
+            self._direct_tally.zero_()
+
+    @property
+    def expert_bytes(self) -> int:
+        return 3 * self.inter * self.hidden * self.gate_up.element_size()
+
+    @property
+    def direct(self) -> bool:
+        """Decode steps run without a host sync (capturable): one launch set over the pool and the host tier."""
+        return self._direct_slots is not None
+
+    @property
+    def zero_copy(self) -> bool:
+        return self._direct_slots is not None and self.table.capacity < self.num_experts
+
+    def enable_direct(self, device: torch.device) -> bool:
+        """Serve every step through one kernel launch set over the slot pool and, for misses, the host tier read
+        in place (see the module docstring). Possible with the Triton kernel when every expert is resident or in
+        the pinned host tier; returns whether it is on. Call after preload."""
+        if self.fused_moe is None:
+            return False
+        readable = self.host is not None and (self.host.pinned or device.type == "cpu")  # CPU: Triton's interpreter
+        slots = []
+        for expert in range(self.num_experts):
+            slot = self.table.lookup(expert)
+            if slot is None and not (readable and expert in self.host):
+                return False
+            slots.append(slot if slot is not None else self.table.capacity + self.host.row_of[expert])
+        self._direct_slots = torch.tensor(slots, dtype=torch.int32, device=device)  # [E]
+        self._direct_from_host = (self._direct_slots >= self.table.capacity).long()  # [E]
+        self._direct_tally = torch.zeros(2, dtype=torch.long, device=device)
+        self.admit_misses = False
+        return True
 
     @property
     def device_bytes(self) -> int:
@@ -127,8 +177,9 @@ class OffloadedExperts:
         num_tokens, top_k = top_k_index.shape  # [T, K]
         if self.route_observer is not None:
             self.route_observer(self.layer, top_k_index)
-        if self.fused_moe is not None and self.table.capacity == self.num_experts:
-            return self._forward_all_resident(hidden_states, top_k_index, top_k_weights)
+        if self._direct_slots is not None and (not self.zero_copy or num_tokens * top_k
+                                               <= ZERO_COPY_MAX_PAIRS_PER_EXPERT * self.num_experts):
+            return self._forward_direct(hidden_states, top_k_index, top_k_weights)
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the one host sync
         needed = [expert for expert, count in enumerate(counts) if count]
 
@@ -153,7 +204,7 @@ class OffloadedExperts:
         protected = set(needed)
         admitted, streamed = [], []
         for expert in misses:
-            slot = self.table.admit(expert, protected) if self.table.capacity else None
+            slot = self.table.admit(expert, protected) if self.table.capacity and self.admit_misses else None
             if slot is None:
                 streamed.append(expert)
             else:
@@ -175,20 +226,21 @@ class OffloadedExperts:
                 wave_ready.append(None)
         return result().to(hidden_states.dtype)
 
-    def _forward_all_resident(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Every expert resident (ratio 100): one kernel launch set over the pool and no host sync, so the step
-        can be captured in a CUDA graph. Same kernel, rows and K-sum as the general path: the same bits."""
+    def _forward_direct(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One kernel launch set over the slot pool and the host tier in place; no host sync, so the step can be
+        captured in a CUDA graph. Same kernel, rows and K-sum as the general path: the same bits."""
         num_tokens, top_k = top_k_index.shape  # [T, K]
-        if self._resident_slots is None:  # nothing is ever evicted at full capacity: the map is fixed
-            slots = [self.table.lookup(e) for e in range(self.num_experts)]
-            self._resident_slots = torch.tensor(slots, dtype=torch.int32, device=hidden_states.device)  # [E]
         contrib = torch.zeros((num_tokens * top_k, self.hidden), dtype=torch.float32,
                               device=hidden_states.device)  # [T*K, H]
-        self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._resident_slots,
-                       contrib=contrib)
-        used = (torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts) > 0).sum()  # device scalar
-        self._device_hits = used if self._device_hits is None else self._device_hits + used
+        host = self.host if self.zero_copy else None
+        self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
+                       contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None)
+        used = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device).index_fill_(
+            0, top_k_index.reshape(-1), 1)  # [E] 1 = needed this step (in place: the tally survives graph replays)
+        from_host = (used * self._direct_from_host).sum()
+        self._direct_tally[0].add_(used.sum() - from_host)
+        self._direct_tally[1].add_(from_host)
         return contrib.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
 
     @staticmethod

@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import OffloadConfig, load_properties_file, make_config
+from .decoding import StaticDecoder, unsupported_reason
 from .errors import MoeOffloadError
 from .integration import build_offloaded_model, check_supported
 
@@ -68,6 +69,14 @@ class LLMPipeline:
         self.model, self.layers = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config,
                                                          progress)
         self.tokenizer = self._load_tokenizer()
+        self.decoder = StaticDecoder(self.model, self.device, use_graph=self.config.moe_cuda_graph == "auto",
+                                     graph_ready=self._graph_ready)
+        if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
+            self.decoder = None
+
+    def _graph_ready(self) -> bool:
+        """Every MoE layer runs its decode step without a host sync (and nobody records routes)."""
+        return all(layer.direct and layer.route_observer is None for layer in self.layers)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -92,6 +101,24 @@ class LLMPipeline:
         return dict(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
 
     @torch.inference_mode()
+    def generate_tokens(self, input_ids: torch.Tensor, streamer=None, **kwargs: Any) -> torch.Tensor:
+        """New token ids [N] for `input_ids` [1, T]; kwargs as for transformers' generate (max_new_tokens, ...).
+
+        Greedy generation runs on the static-cache decoder (decoding.py: one CUDA graph per step where every MoE
+        layer is sync-free); anything it does not reproduce (sampling, other logits processing, sliding-window
+        attention, an attention mask with padding) goes to transformers' generate. Same tokens either way.
+        """
+        mask = kwargs.pop("attention_mask", None)
+        static = (self.decoder is not None and input_ids.shape[0] == 1 and (mask is None or bool(mask.all()))
+                  and unsupported_reason(self.model, kwargs) is None)
+        if static:
+            new = self.decoder.generate(input_ids, kwargs["max_new_tokens"], kwargs.get("min_new_tokens") or 0,
+                                        streamer=streamer)
+            return torch.tensor(new, dtype=torch.long)
+        output = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **kwargs)
+        return output[0, input_ids.shape[1]:].cpu()
+
+    @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64,
                  streamer: Callable[[str], Any] | None = None, **kwargs: Any) -> str:
         """Generated text (greedy unless do_sample=True; temperature, top_p, top_k as in transformers).
@@ -101,9 +128,7 @@ class LLMPipeline:
         if streamer is not None:
             return "".join(_call_each(self.stream(prompt, max_new_tokens, **kwargs), streamer))
         args = self._generate_kwargs(prompt, max_new_tokens, **kwargs)
-        output = self.model.generate(**args)
-        new_tokens = output[0, args["input_ids"].shape[1]:]
-        return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(self.generate_tokens(**args), skip_special_tokens=True)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
         """Iterate over the generated text piece by piece while generation runs in a worker thread."""
@@ -115,8 +140,7 @@ class LLMPipeline:
 
         def work() -> None:
             try:
-                with torch.inference_mode():
-                    self.model.generate(**args, streamer=streamer)
+                self.generate_tokens(**args, streamer=streamer)
             except BaseException as err:  # re-raised in the caller's thread below
                 failure.append(err)
                 streamer.end()
@@ -133,8 +157,9 @@ class LLMPipeline:
         fetcher = self.layers[0].fetcher
         stats = fetcher.stats
         scratch = self.layers[0].scratch
-        hits = sum(layer.counters.hits for layer in self.layers)
-        misses = sum(layer.counters.misses for layer in self.layers)
+        counters = [layer.counters for layer in self.layers]  # one sync per zero-copy layer
+        hits = sum(c.hits for c in counters)
+        misses = sum(c.misses for c in counters)
         return {
             "ratio": self.config.moe_offload_ratio,
             "moe_layers": len(self.layers),
@@ -149,18 +174,28 @@ class LLMPipeline:
             "hit_rate": hits / (hits + misses) if hits + misses else None,
             "bytes_streamed": {"host": stats.bytes_from_host, "disk": stats.bytes_from_disk},
             "experts_streamed": {"host": stats.experts_from_host, "disk": stats.experts_from_disk},
-            "per_layer": [{"layer": layer.layer, "hits": layer.counters.hits, "misses": layer.counters.misses,
+            # misses the kernel read straight from pinned host memory over PCIe (zero-copy): no copy, no slot
+            "experts_read_in_place": sum(c.read_in_place for c in counters),
+            "bytes_read_in_place": sum(c.read_in_place * layer.expert_bytes
+                                       for c, layer in zip(counters, self.layers)),
+            "per_layer": [{"layer": layer.layer, "hits": c.hits, "misses": c.misses,
+                           "experts_read_in_place": c.read_in_place,
                            "experts_from_host": stats.per_layer.get(layer.layer, {}).get("host", 0),
                            "experts_from_disk": stats.per_layer.get(layer.layer, {}).get("disk", 0)}
-                          for layer in self.layers],
+                          for c, layer in zip(counters, self.layers)],
             "disk_io": fetcher.disk.strategy,
             "kernel": "torch" if self.layers[0].fused_moe is None else "triton",
+            "zero_copy_layers": sum(layer.zero_copy for layer in self.layers),
+            "cuda_graph_steps": self.decoder.steps_replayed if self.decoder else 0,
+            "cuda_graph_failure": self.decoder.graph_failure if self.decoder else None,
         }
 
     def reset_offload_stats(self) -> None:
         for layer in self.layers:
             layer.reset_counters()
         self.layers[0].fetcher.stats.reset()
+        if self.decoder is not None:
+            self.decoder.steps_replayed = 0
 
     def close(self) -> None:
         """Release pinned host memory and file handles now (otherwise when the pipeline is collected)."""

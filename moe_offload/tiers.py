@@ -28,6 +28,7 @@ from .checkpoint import ByteRange, ExpertLocation
 from .errors import MoeOffloadError
 
 _ALIGN = 4096
+_HOST_REGISTER_PORTABLE, _HOST_REGISTER_MAPPED = 0x01, 0x02  # cudaHostRegister flags
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
@@ -141,11 +142,13 @@ def pin_in_place(tensor: torch.Tensor) -> bool:
     """Page-lock a CPU tensor's memory for fast, asynchronous copies to CUDA.
 
     cudaHostRegister pins exactly these bytes; torch's pinned allocator would round a large request up to a
-    power of two and could waste nearly half of a big host tier.
+    power of two and could waste nearly half of a big host tier. Registered portable and mapped, so GPU kernels
+    can also read the bytes in place (zero-copy, cache.py).
     """
     if not torch.cuda.is_available() or tensor.numel() == 0:
         return False
-    status = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    flags = _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED
+    status = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), flags)
     return int(status) == 0
 
 
@@ -161,6 +164,9 @@ def pin_for_lifetime(owner: object, tensors: list[torch.Tensor]) -> weakref.fina
     registered; calling it unpins them early (close()).
     """
     pinned = [t for t in tensors if pin_in_place(t)]
+    if len(pinned) < len(tensors):  # all or none: callers rely on every tensor being pinned
+        unpin(pinned)
+        return None
     return weakref.finalize(owner, unpin, pinned) if pinned else None
 
 
@@ -179,6 +185,11 @@ class HostTier:
 
     def __contains__(self, expert: int) -> bool:
         return expert in self.row_of
+
+    @property
+    def pinned(self) -> bool:
+        """Page-locked and mapped now: copies are asynchronous and kernels may read it in place."""
+        return self._unpin is not None and self._unpin.alive
 
     def get(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.row_of[expert]

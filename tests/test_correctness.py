@@ -51,6 +51,8 @@ def _compare(path, ids, ref_logits, ref_tokens, **props):
     assert diff <= ATOL, f"max |logits diff| {diff:.3e} > {ATOL}"
     assert tokens.shape[1] == ids.shape[1] + NEW_TOKENS
     assert torch.equal(tokens, ref_tokens), "greedy tokens differ from transformers"
+    new = pipe.generate_tokens(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(new, ref_tokens[0, ids.shape[1]:]), "the pipeline's static-cache decoding differs"
     return pipe
 
 
@@ -151,9 +153,11 @@ def test_every_ratio_gives_the_same_bits(tmp_path, kernel):
     assert torch.equal(outputs[0], outputs[100]) and torch.equal(outputs[37], outputs[100])
 
 
-def test_all_resident_triton_path_matches_general_path(tmp_path):
-    """Ratio 100 with the Triton kernel takes the no-sync path (one launch set, device-side hit tally): it must
-    give the bits of the general path and the same hit count."""
+@pytest.mark.parametrize("ratio", [100, 37, 0])
+def test_direct_triton_path_matches_general_path(tmp_path, ratio):
+    """With the Triton kernel, a layer whose experts are all resident or in the host tier runs as one launch set
+    with no host sync, reading misses in place (zero-copy): the same bits, hits and misses as the general path,
+    with no expert copied."""
     pytest.importorskip("triton")
     from tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
@@ -165,17 +169,39 @@ def test_all_resident_triton_path_matches_general_path(tmp_path):
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
     ids = _prompt(seed=2, length=5)
-    results = []
-    for general in (False, True):
-        pipe = LLMPipeline(str(tmp_path), "cpu", MOE_OFFLOAD_RATIO=100)
+    results = {}
+    for direct in (True, False):
+        pipe = LLMPipeline(str(tmp_path), "cpu", MOE_OFFLOAD_RATIO=ratio)  # host tier: every non-resident expert
         for layer in pipe.layers:
             layer.fused_moe = fused_moe
-            if general:  # the general path runs whenever the cache is not full
-                layer.table.capacity += 1
+            assert layer.enable_direct(pipe.device) if direct else not layer.direct
         with torch.no_grad():
             run = pipe.model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                                       output_logits=True, return_dict_in_generate=True)
-        assert all((layer._resident_slots is None) == general for layer in pipe.layers)  # which path ran
-        results.append((torch.stack(run.logits), pipe.get_offload_stats()["hits"]))
-    (fast, fast_hits), (general, general_hits) = results
-    assert torch.equal(fast, general) and fast_hits == general_hits > 0
+        stats = pipe.get_offload_stats()
+        results[direct] = (torch.stack(run.logits), stats["hits"], stats["misses"])
+        copied = stats["bytes_streamed"]["host"]
+        if direct:
+            assert copied == 0 and stats["zero_copy_layers"] == (len(pipe.layers) if ratio < 100 else 0)
+            assert stats["experts_read_in_place"] == stats["misses"]
+            assert stats["bytes_read_in_place"] == stats["misses"] * pipe.layers[0].expert_bytes
+        else:
+            assert (copied > 0) == (ratio < 100) and stats["experts_read_in_place"] == 0
+    (fast, fast_hits, fast_misses), (general, hits, misses) = results[True], results[False]
+    assert torch.equal(fast, general) and (fast_hits, fast_misses) == (hits, misses)
+    assert (hits > 0) == (ratio > 0) and (misses > 0) == (ratio < 100)
+
+
+def test_zero_copy_needs_every_miss_in_the_host_tier(tmp_path):
+    """A layer with experts only on disk cannot read them in place: it keeps the copy path."""
+    pytest.importorskip("triton")
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), dtype=torch.float32).save_pretrained(tmp_path)
+    pipe = LLMPipeline(str(tmp_path), "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0)
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+        assert not layer.enable_direct(pipe.device) and not layer.direct

@@ -1,7 +1,9 @@
 """Streaming under load on CUDA: thousands of decode steps at low ratios give exactly the ratio-100 tokens.
 
-A slot refilled while a kernel still reads it, a staging buffer reused too early or a missed event would show
-up as a token that differs from the run where every expert is resident. Skipped without CUDA.
+A slot refilled while a kernel still reads it, a staging buffer reused too early, a missed event, or a CUDA graph
+replaying stale inputs would show up as a token that differs from the run where every expert is resident. Both
+miss paths are covered: zero-copy (misses read in place, steps replayed as a CUDA graph) and copies (LRU
+admission and scratch waves, eager steps), from the host tier and from disk. Skipped without CUDA.
 """
 
 import pytest
@@ -15,8 +17,7 @@ STEPS = 1000  # x 6 MoE layers = 6000 layer steps per run
 
 
 def _greedy(pipe, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return pipe.model.generate(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    return pipe.generate_tokens(ids, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +25,22 @@ def prompt_and_reference():
     pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
     ids = pipe.tokenizer("def fibonacci(n):", return_tensors="pt")["input_ids"].cuda()
     reference = _greedy(pipe, ids)
+    assert pipe.get_offload_stats()["cuda_graph_steps"] == STEPS - 2  # first step eager, then captured
     pipe.close()
     return ids, reference
 
 
-@pytest.mark.parametrize("ratio,host_cache", [(10, "auto"), (0, "auto"), (25, 0)])
-def test_long_decode_matches_all_resident(prompt_and_reference, ratio, host_cache):
+@pytest.mark.parametrize("ratio,host_cache,zero_copy", [(10, "auto", "auto"), (0, "auto", "auto"),
+                                                        (10, "auto", "off"), (25, 0, "auto")])
+def test_long_decode_matches_all_resident(prompt_and_reference, ratio, host_cache, zero_copy):
     ids, reference = prompt_and_reference
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host_cache)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host_cache, MOE_ZERO_COPY=zero_copy)
     tokens = _greedy(pipe, ids)
     stats = pipe.get_offload_stats()
     pipe.close()
-    assert stats["misses"] > STEPS, "the run must really stream experts"
+    assert stats["misses"] > STEPS, "the run must really miss"
+    in_place = host_cache == "auto" and zero_copy == "auto"
+    assert (stats["experts_read_in_place"] == stats["misses"]) == in_place
+    assert (stats["cuda_graph_steps"] > 0) == in_place
     mismatch = (tokens != reference).nonzero()
-    assert mismatch.numel() == 0, f"first differing position {int(mismatch[0, -1])} of {reference.shape[1]}"
+    assert mismatch.numel() == 0, f"first differing position {int(mismatch[0, -1])} of {reference.numel()}"

@@ -1,0 +1,191 @@
+"""Greedy decoding over a static KV cache, with the decode step replayed as one CUDA graph where it can be.
+
+Why: once the MoE layers stop syncing with the host (all experts resident, or misses read in place: cache.py),
+what is left of a decode step is Python launching a few hundred small kernels (transformers eager runs at 20-41
+tok/s on the 12-layer Qwen3-30B-A3B-shaped benchmark model; the kernels need well under 2 ms). Captured once and
+replayed, a step costs one launch.
+
+How: transformers' own StaticCache (fixed addresses, updated in place, length kept on the device), explicit
+position ids and a 4-D additive attention mask built on the device from the position, so neither the model's
+mask code nor anything else reads a device value on the host. The graph's inputs are static buffers (token,
+position, EOS bias) updated in place; its outputs are the next token and its logits. Argmax after adding an
+EOS bias of -inf until min_new_tokens is what transformers' greedy search with MinNewTokensLogitsProcessor does,
+so the tokens are the same as `model.generate`'s.
+
+Used for greedy generation of one sequence when the model's attention is plain causal (no sliding-window
+layers) and its generation config asks for no other logits processing; the graph additionally needs CUDA and
+every MoE layer on the no-sync path. Otherwise `supported` says why not and the pipeline uses
+`model.generate`; without a graph the same loop runs eagerly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+
+# Generation-config fields that greedy decoding here honours or that do not change greedy tokens.
+_NEUTRAL_GENERATION_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                              "max_length", "max_new_tokens", "min_new_tokens", "do_sample", "temperature",
+                              "top_p", "top_k", "transformers_version", "_from_model_config", "use_cache",
+                              "cache_implementation", "output_attentions", "output_hidden_states",
+                              "output_scores", "output_logits", "return_dict_in_generate"}
+_CACHE_BUCKET = 256  # cache lengths are rounded up to this, so one graph serves many request sizes
+
+
+def unsupported_reason(model, generate_kwargs: dict[str, Any]) -> str | None:
+    """Why StaticDecoder cannot reproduce `model.generate(**generate_kwargs)`, or None if it can."""
+    extra = set(generate_kwargs) - {"max_new_tokens", "min_new_tokens", "do_sample", "pad_token_id", "streamer"}
+    if extra:
+        return f"generation arguments {sorted(extra)}"
+    if generate_kwargs.get("do_sample"):
+        return "sampling"
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return None
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig().to_dict()
+    changed = {name for name, value in config.to_dict().items() if defaults.get(name, value) != value}
+    if changed - _NEUTRAL_GENERATION_FIELDS:
+        return f"generation config sets {sorted(changed - _NEUTRAL_GENERATION_FIELDS)}"
+    if config.do_sample:
+        return "the generation config samples"
+    return None
+
+
+def _eos_ids(model) -> list[int]:
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+class StaticDecoder:
+    """Greedy decoding of one sequence; `generate(ids, ...)` returns the new token ids.
+
+    `graph_ready()` (a callable) says whether the model's step may be captured now (MoE layers without host
+    syncs); it is asked at each generation, as layers can change path.
+    """
+
+    def __init__(self, model, device: torch.device, use_graph: bool, graph_ready: Callable[[], bool]):
+        self.model, self.device = model, device
+        self.use_graph = use_graph and device.type == "cuda"
+        self.graph_ready = graph_ready
+        self.eos_ids = _eos_ids(model)
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass it by the name this one takes
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache = None
+        self.max_len = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_failure: str | None = None  # why capture failed once (then steps stay eager)
+        self.steps_replayed = 0
+
+    def _ensure_cache(self, length: int) -> None:
+        """A StaticCache of at least `length` positions, and the step buffers bound to it."""
+        if self.cache is not None and length <= self.max_len:
+            self.cache.reset()
+            return
+        from transformers import StaticCache
+
+        self.max_len = -(-length // _CACHE_BUCKET) * _CACHE_BUCKET
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        self.graph = None  # bound to the old cache's tensors
+        device = self.device
+        self._kv_positions = torch.arange(self.max_len, device=device)  # [L]
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # [1, 1] input of the next step
+        self._position = torch.zeros((1, 1), dtype=torch.long, device=device)  # [1, 1] its position
+        self._eos_bias = torch.zeros(self.model.config.get_text_config().vocab_size, dtype=torch.float32,
+                                     device=device)  # [V] -inf at EOS ids while min_new_tokens is not reached
+        self._logits = None
+
+    def plain_causal(self) -> bool:
+        """Every cache layer is a full-length static layer (sliding windows would need their own mask)."""
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        probe = StaticCache(config=self.model.config, max_cache_len=1)
+        return all(type(layer) is StaticLayer for layer in probe.layers)
+
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """[1, 1, Q, L] additive causal mask for query positions [Q] over the whole cache."""
+        visible = self._kv_positions[None, :] <= positions[:, None]  # [Q, L]
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(visible, zero, torch.finfo(self.dtype).min)[None, None]  # [1, 1, Q, L]
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] of the last of `ids` [1, Q] at `positions` [Q], appending to the cache."""
+        out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=self._mask(positions),
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
+        return out.logits[:, -1]  # [1, V]
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.float() + self._eos_bias).argmax(dim=-1, keepdim=True)  # [1, 1]
+
+    def _step(self) -> None:
+        """One decode step on the static buffers: everything here may be captured."""
+        logits = self._forward(self._token, self._position[0])  # [1, V]
+        self._logits = logits
+        self._token.copy_(self._pick(logits))
+        self._position.add_(1)
+
+    def _capture(self) -> None:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step()
+            self.graph = graph
+        except RuntimeError as err:  # something in the model synced with the host: stay eager
+            self.graph_failure = str(err).splitlines()[0]
+            self.use_graph = False
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
+                 streamer=None, on_logits: Callable[[torch.Tensor], None] | None = None) -> list[int]:
+        """New token ids for the prompt `input_ids` [1, T] (greedy; stops at EOS once min_new_tokens are out).
+
+        `streamer` gets transformers' streamer calls (put(prompt), put(each token), end()); `on_logits` gets each
+        step's logits [1, V] (float32 copy), for tests.
+        """
+        prompt_len = input_ids.shape[1]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        if max_new_tokens <= 0:
+            if streamer is not None:
+                streamer.end()
+            return []
+        self._ensure_cache(prompt_len + max_new_tokens)
+        self._eos_bias.zero_()
+        if min_new_tokens > 0 and self.eos_ids:
+            self._eos_bias[self.eos_ids] = float("-inf")
+        logits = self._forward(input_ids.to(self.device), torch.arange(prompt_len, device=self.device))
+        self._token.copy_(self._pick(logits))
+        self._position.fill_(prompt_len)
+        new: list[int] = []
+        graph_allowed = self.use_graph and self.graph_ready()
+        while True:
+            if on_logits is not None:
+                on_logits(logits.float().clone())
+            token = int(self._token.item())
+            new.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if len(new) >= max_new_tokens or (token in self.eos_ids and len(new) >= min_new_tokens):
+                break
+            if len(new) == min_new_tokens:
+                self._eos_bias.zero_()
+            if graph_allowed and self.graph is None and len(new) > 1:
+                self._capture()  # after an eager step has compiled the kernels and warmed the libraries
+                graph_allowed = self.graph is not None
+            if graph_allowed and self.graph is not None:
+                self.graph.replay()
+                self.steps_replayed += 1
+            else:
+                self._step()
+            logits = self._logits
+        if streamer is not None:
+            streamer.end()
+        return new

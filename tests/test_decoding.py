@@ -1,0 +1,100 @@
+"""The static-cache greedy decoder (decoding.py) against transformers' generate on the same offloaded model.
+
+On the CPU the loop runs eagerly (CUDA graphs need CUDA; tests/test_cuda_stress.py replays them on a GPU): what
+is checked here is everything the graph would replay, i.e. the static cache, positions, the 4-D mask, the EOS
+bias for min_new_tokens and the stopping rule. Tolerance as in test_correctness: 1e-4 on float32 logits.
+"""
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_config
+
+from moe_offload import LLMPipeline
+from moe_offload.decoding import unsupported_reason
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "deepseek_v3"])
+def pipe(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(request.param), dtype=torch.float32).save_pretrained(path)
+    return LLMPipeline(str(path), "cpu", MOE_OFFLOAD_RATIO=37)
+
+
+def _ids(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))  # [1, T]
+
+
+def _transformers(pipe, ids, **kwargs):
+    with torch.no_grad():
+        run = pipe.model.generate(ids, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)
+    return run.sequences[0, ids.shape[1]:], torch.stack(run.logits)[:, 0]  # [N], [N, V]
+
+
+def test_logits_and_tokens_match_generate(pipe):
+    ids = _ids(11)
+    expected_tokens, expected_logits = _transformers(pipe, ids, max_new_tokens=12, min_new_tokens=12)
+    logits = []
+    tokens = pipe.decoder.generate(ids, 12, 12, on_logits=logits.append)
+    assert tokens == expected_tokens.tolist()
+    diff = (torch.cat(logits) - expected_logits).abs().max().item()
+    assert diff <= ATOL, f"max |logits diff| {diff:.2e}"
+
+
+def test_cache_is_reset_and_regrown_between_generations(pipe):
+    """Reusing the cache for a shorter request and growing it past its bucket give fresh-cache results."""
+    short, long = _ids(7, seed=1), _ids(300, seed=2)  # 300 + 4 > one 256-position bucket
+    first = pipe.decoder.generate(short, 5, 5)
+    assert pipe.decoder.generate(_ids(20, seed=3), 5, 5) == _transformers(
+        pipe, _ids(20, seed=3), max_new_tokens=5, min_new_tokens=5)[0].tolist()
+    assert pipe.decoder.generate(long, 4, 4) == _transformers(pipe, long, max_new_tokens=4,
+                                                              min_new_tokens=4)[0].tolist()
+    assert pipe.decoder.max_len == 512
+    assert pipe.decoder.generate(short, 5, 5) == first
+
+
+def test_eos_stops_only_after_min_new_tokens(pipe, monkeypatch):
+    """EOS is masked while fewer than min_new_tokens are out (as MinNewTokensLogitsProcessor does), then stops."""
+    ids = _ids(9, seed=4)
+    first = pipe.decoder.generate(ids, 1)[0]
+    monkeypatch.setattr(pipe.decoder, "eos_ids", [first])  # the token greedy picks first is now EOS
+    assert pipe.decoder.generate(ids, 8) == [first]
+    expected, _ = _transformers(pipe, ids, max_new_tokens=8, min_new_tokens=4, eos_token_id=first)
+    got = pipe.decoder.generate(ids, 8, 4)
+    assert got == expected.tolist() and first not in got[:4] and len(got) >= 4
+
+
+def test_streamer_gets_prompt_then_each_token(pipe):
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids, recorder = _ids(6, seed=5), Recorder()
+    tokens = pipe.generate_tokens(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, streamer=recorder)
+    assert recorder.puts == [ids.tolist()] + [[t] for t in tokens.tolist()] and recorder.ended
+
+
+def test_unsupported_requests_go_to_transformers(pipe):
+    assert unsupported_reason(pipe.model, dict(max_new_tokens=4, do_sample=False)) is None
+    assert unsupported_reason(pipe.model, dict(max_new_tokens=4, do_sample=True)) == "sampling"
+    assert "num_beams" in unsupported_reason(pipe.model, dict(max_new_tokens=4, num_beams=2))
+    saved = pipe.model.generation_config.repetition_penalty
+    pipe.model.generation_config.repetition_penalty = 1.3
+    try:
+        assert "repetition_penalty" in unsupported_reason(pipe.model, dict(max_new_tokens=4))
+        ids = _ids(8, seed=6)  # and the pipeline then gives transformers' answer, penalty included
+        expected, _ = _transformers(pipe, ids, max_new_tokens=6, min_new_tokens=6)
+        assert pipe.generate_tokens(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False).tolist() == \
+            expected.tolist()
+    finally:
+        pipe.model.generation_config.repetition_penalty = saved
