@@ -692,7 +692,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--ratios", default="100,50,25,10,0", help="host-tier MOE_OFFLOAD_RATIO values")
     parser.add_argument("--disk-ratios", default="25", help="disk-tier ratios ('' for none)")
-    parser.add_argument("--kernels", default="torch", help="MOE_KERNEL values, e.g. torch,triton")
+    parser.add_argument("--kernels", default="auto", help="MOE_KERNEL values, e.g. auto (triton on CUDA),torch")
     parser.add_argument("--decode-tokens", type=int, default=64, help="new tokens per generation (host tier)")
     parser.add_argument("--disk-decode-tokens", type=int, default=16, help="new tokens per disk-tier generation")
     parser.add_argument("--accelerate-tokens", type=int, default=6)
