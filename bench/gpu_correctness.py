@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from tiny_models import ARCHITECTURES, VOCAB, save_tokenizer, tiny_config  # noqa: E402
 

@@ -71,12 +71,20 @@ class GenerationTimer:
             hook.remove()
 
     def _before_forward(self, module, args) -> None:
+        if _capturing():  # a CUDA graph is being recorded (decoding.py): nothing runs, and syncing would break it
+            return
         self.sync()
         self._forward_start = time.perf_counter()
 
     def _after_forward(self, module, args, output) -> None:
+        if _capturing():
+            return
         self.sync()
         self.forward_ms.append((time.perf_counter() - self._forward_start) * 1000)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def reset_peak_rss() -> bool:
