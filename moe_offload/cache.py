@@ -92,16 +92,17 @@ class LayerCounters:
 class OffloadedExperts:
     """Runtime of one MoE layer's routed experts: resident slots, host/disk sources, and the forward."""
 
-    def __init__(self, layer: int, num_experts: int, inter: int, hidden: int, capacity: int,
+    def __init__(self, layer: int, num_experts: int, top_k: int, inter: int, hidden: int, capacity: int,
                  locations: list[ExpertLocation], host: HostTier | None, fetcher: ExpertFetcher,
                  scratch: ScratchPool, policy: EvictionPolicy, dtype: torch.dtype, device: torch.device):
-        self.layer, self.num_experts, self.inter, self.hidden = layer, num_experts, inter, hidden
+        self.layer, self.num_experts, self.top_k, self.inter, self.hidden = layer, num_experts, top_k, inter, hidden
         self.locations, self.host, self.fetcher, self.scratch = locations, host, fetcher, scratch
         self.table = SlotTable(capacity, policy)
         self._counters = LayerCounters()
         self._direct_slots: torch.Tensor | None = None  # [E] int32: device slot, or C + host row (zero-copy)
         self._direct_from_host: torch.Tensor | None = None  # [E] int64: 1 where that is a host row
-        self._direct_tally: torch.Tensor | None = None  # [2] int64 device tally (hits, misses read in place)
+        self._step_used: torch.Tensor | None = None  # [E] int64 scratch: 1 = needed by this step
+        self._use_counts: torch.Tensor | None = None  # [E] int64: steps that needed each expert (device tally)
         self.admit_misses = True  # False once zero-copy is on: the resident set behind _direct_slots stays fixed
         self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
@@ -111,18 +112,18 @@ class OffloadedExperts:
     @property
     def counters(self) -> LayerCounters:
         """Hits and misses so far (folds in the device-side tally, which costs one sync when there is one)."""
-        if self._direct_tally is not None:
-            hits, in_place = self._direct_tally.tolist()
-            self._direct_tally.zero_()
-            self._counters.hits += hits
+        if self._use_counts is not None:
+            in_place = int((self._use_counts * self._direct_from_host).sum())
+            self._counters.hits += int(self._use_counts.sum()) - in_place
             self._counters.misses += in_place
             self._counters.read_in_place += in_place
+            self._use_counts.zero_()
         return self._counters
 
     def reset_counters(self) -> None:
         self._counters = LayerCounters()
-        if self._direct_tally is not None:
-            self._direct_tally.zero_()
+        if self._use_counts is not None:
+            self._use_counts.zero_()
 
     @property
     def expert_bytes(self) -> int:
@@ -132,6 +133,11 @@ class OffloadedExperts:
     def direct(self) -> bool:
         """Decode steps run without a host sync (capturable): one launch set over the pool and the host tier."""
         return self._direct_slots is not None
+
+    def sync_free(self, num_pairs: int) -> bool:
+        """A forward of `num_pairs` (token, k) pairs takes the direct path: no host sync, capturable."""
+        return self.direct and (not self.zero_copy
+                                or num_pairs <= ZERO_COPY_MAX_PAIRS_PER_EXPERT * self.num_experts)
 
     @property
     def zero_copy(self) -> bool:
@@ -152,7 +158,8 @@ class OffloadedExperts:
             slots.append(slot if slot is not None else self.table.capacity + self.host.row_of[expert])
         self._direct_slots = torch.tensor(slots, dtype=torch.int32, device=device)  # [E]
         self._direct_from_host = (self._direct_slots >= self.table.capacity).long()  # [E]
-        self._direct_tally = torch.zeros(2, dtype=torch.long, device=device)
+        self._step_used = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
+        self._use_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
         self.admit_misses = False
         return True
 
@@ -177,8 +184,7 @@ class OffloadedExperts:
         num_tokens, top_k = top_k_index.shape  # [T, K]
         if self.route_observer is not None:
             self.route_observer(self.layer, top_k_index)
-        if self._direct_slots is not None and (not self.zero_copy or num_tokens * top_k
-                                               <= ZERO_COPY_MAX_PAIRS_PER_EXPERT * self.num_experts):
+        if self.sync_free(num_tokens * top_k):
             return self._forward_direct(hidden_states, top_k_index, top_k_weights)
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the one host sync
         needed = [expert for expert, count in enumerate(counts) if count]
@@ -231,16 +237,15 @@ class OffloadedExperts:
         """One kernel launch set over the slot pool and the host tier in place; no host sync, so the step can be
         captured in a CUDA graph. Same kernel, rows and K-sum as the general path: the same bits."""
         num_tokens, top_k = top_k_index.shape  # [T, K]
-        contrib = torch.zeros((num_tokens * top_k, self.hidden), dtype=torch.float32,
+        # every expert has a slot (device or host), so the kernels write every row: no zeroing
+        contrib = torch.empty((num_tokens * top_k, self.hidden), dtype=torch.float32,
                               device=hidden_states.device)  # [T*K, H]
         host = self.host if self.zero_copy else None
         self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
                        contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None)
-        used = torch.zeros(self.num_experts, dtype=torch.long, device=hidden_states.device).index_fill_(
-            0, top_k_index.reshape(-1), 1)  # [E] 1 = needed this step (in place: the tally survives graph replays)
-        from_host = (used * self._direct_from_host).sum()
-        self._direct_tally[0].add_(used.sum() - from_host)
-        self._direct_tally[1].add_(from_host)
+        # the counters' device tally, in place so it survives graph replays; split into hits and misses on demand
+        self._step_used.zero_().index_fill_(0, top_k_index.reshape(-1), 1)  # [E] 1 = needed by this step
+        self._use_counts.add_(self._step_used)
         return contrib.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
 
     @staticmethod

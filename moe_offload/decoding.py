@@ -5,6 +5,10 @@ what is left of a decode step is Python launching a few hundred small kernels (t
 tok/s on the 12-layer Qwen3-30B-A3B-shaped benchmark model; the kernels need well under 2 ms). Captured once and
 replayed, a step costs one launch.
 
+Prefill is captured too, per prompt length, the second time a length is seen (the first run compiles and warms
+the kernels; a capture costs about one eager forward of host time): a server answering prompts of recurring
+lengths then prefills at kernel speed. Up to PREFILL_GRAPHS lengths are kept (least recently used dropped).
+
 How: transformers' own StaticCache (fixed addresses, updated in place, length kept on the device), explicit
 position ids and a 4-D additive attention mask built on the device from the position, so neither the model's
 mask code nor anything else reads a device value on the host. The graph's inputs are static buffers (token,
@@ -32,6 +36,7 @@ _NEUTRAL_GENERATION_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "d
                               "cache_implementation", "output_attentions", "output_hidden_states",
                               "output_scores", "output_logits", "return_dict_in_generate"}
 _CACHE_BUCKET = 256  # cache lengths are rounded up to this, so one graph serves many request sizes
+PREFILL_GRAPHS = 4  # prompt lengths whose prefill graph is kept
 
 
 def unsupported_reason(model, generate_kwargs: dict[str, Any]) -> str | None:
@@ -66,11 +71,11 @@ def _eos_ids(model) -> list[int]:
 class StaticDecoder:
     """Greedy decoding of one sequence; `generate(ids, ...)` returns the new token ids.
 
-    `graph_ready()` (a callable) says whether the model's step may be captured now (MoE layers without host
-    syncs); it is asked at each generation, as layers can change path.
+    `graph_ready(num_tokens)` says whether a forward of that many tokens may be captured now (MoE layers without
+    host syncs); it is asked at each generation, as layers can change path.
     """
 
-    def __init__(self, model, device: torch.device, use_graph: bool, graph_ready: Callable[[], bool]):
+    def __init__(self, model, device: torch.device, use_graph: bool, graph_ready: Callable[[int], bool]):
         self.model, self.device = model, device
         self.use_graph = use_graph and device.type == "cuda"
         self.graph_ready = graph_ready
@@ -81,8 +86,13 @@ class StaticDecoder:
         self.cache = None
         self.max_len = 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        # prompt length -> (graph, ids [1, T], positions [T], logits [1, V]), least recently used first; the graph
+        # reads ids and positions where they were at capture, so the entry keeps them alive
+        self.prefill_graphs: dict[int, tuple] = {}
+        self._prefill_lengths_seen: set[int] = set()
         self.graph_failure: str | None = None  # why capture failed once (then steps stay eager)
         self.steps_replayed = 0
+        self.prefills_replayed = 0
 
     def _ensure_cache(self, length: int) -> None:
         """A StaticCache of at least `length` positions, and the step buffers bound to it."""
@@ -93,7 +103,8 @@ class StaticDecoder:
 
         self.max_len = -(-length // _CACHE_BUCKET) * _CACHE_BUCKET
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
-        self.graph = None  # bound to the old cache's tensors
+        self.graph = None  # graphs are bound to the old cache's tensors
+        self.prefill_graphs.clear()
         device = self.device
         self._kv_positions = torch.arange(self.max_len, device=device)  # [L]
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)  # [1, 1] input of the next step
@@ -132,15 +143,38 @@ class StaticDecoder:
         self._token.copy_(self._pick(logits))
         self._position.add_(1)
 
-    def _capture(self) -> None:
+    def _capture(self, step: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph | None, Any]:
+        """(graph, what `step` returned while recorded), or (None, None) if the model would not be captured."""
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step()
-            self.graph = graph
+                result = step()
+            return graph, result
         except RuntimeError as err:  # something in the model synced with the host: stay eager
             self.graph_failure = str(err).splitlines()[0]
             self.use_graph = False
+            return None, None
+
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] after the prompt [1, T]; replayed from a graph for a length seen before."""
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=self.device)  # [T]
+        entry = self.prefill_graphs.pop(length, None)
+        if entry is None and self.use_graph and length in self._prefill_lengths_seen and self.graph_ready(length):
+            static_ids = input_ids.to(self.device).clone()  # [1, T]
+            graph, logits = self._capture(lambda: self._forward(static_ids, positions))
+            entry = (graph, static_ids, positions, logits) if graph is not None else None
+        self._prefill_lengths_seen.add(length)
+        if entry is None:
+            return self._forward(input_ids.to(self.device), positions)
+        graph, static_ids, _, logits = entry
+        self.prefill_graphs[length] = entry  # most recently used last
+        while len(self.prefill_graphs) > PREFILL_GRAPHS:
+            self.prefill_graphs.pop(next(iter(self.prefill_graphs)))
+        static_ids.copy_(input_ids)
+        graph.replay()
+        self.prefills_replayed += 1
+        return logits
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
@@ -161,11 +195,11 @@ class StaticDecoder:
         self._eos_bias.zero_()
         if min_new_tokens > 0 and self.eos_ids:
             self._eos_bias[self.eos_ids] = float("-inf")
-        logits = self._forward(input_ids.to(self.device), torch.arange(prompt_len, device=self.device))
+        logits = self._prefill(input_ids)
         self._token.copy_(self._pick(logits))
         self._position.fill_(prompt_len)
         new: list[int] = []
-        graph_allowed = self.use_graph and self.graph_ready()
+        graph_allowed = self.use_graph and self.graph_ready(1)
         while True:
             if on_logits is not None:
                 on_logits(logits.float().clone())
@@ -178,7 +212,8 @@ class StaticDecoder:
             if len(new) == min_new_tokens:
                 self._eos_bias.zero_()
             if graph_allowed and self.graph is None and len(new) > 1:
-                self._capture()  # after an eager step has compiled the kernels and warmed the libraries
+                # after an eager step has compiled the kernels and warmed the libraries
+                self.graph, _ = self._capture(self._step)
                 graph_allowed = self.graph is not None
             if graph_allowed and self.graph is not None:
                 self.graph.replay()

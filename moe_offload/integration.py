@@ -293,7 +293,8 @@ def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: E
             batch = in_host[start:start + DISK_THREADS]
             fetcher.fetch(site.layer, None, [Transfer(e, locations[e], *host.get(e)) for e in batch])
             bar.update(len(batch))
-    runtime = OffloadedExperts(site.layer, site.num_experts, site.inter, site.hidden, capacity, locations, host,
+    top_k = int(getattr(site.module.config, "num_experts_per_tok", 1) or 1)
+    runtime = OffloadedExperts(site.layer, site.num_experts, top_k, site.inter, site.hidden, capacity, locations, host,
                                fetcher, scratch, make_policy("lru"), dtype, device)
     runtime.preload(resident)
     bar.update(site.num_experts - (len(host.row_of) if host else 0))

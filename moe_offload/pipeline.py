@@ -74,9 +74,10 @@ class LLMPipeline:
         if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
             self.decoder = None
 
-    def _graph_ready(self) -> bool:
-        """Every MoE layer runs its decode step without a host sync (and nobody records routes)."""
-        return all(layer.direct and layer.route_observer is None for layer in self.layers)
+    def _graph_ready(self, num_tokens: int) -> bool:
+        """Every MoE layer runs a forward of `num_tokens` tokens without a host sync (and nobody records routes)."""
+        return all(layer.sync_free(num_tokens * layer.top_k) and layer.route_observer is None
+                   for layer in self.layers)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -187,6 +188,7 @@ class LLMPipeline:
             "kernel": "torch" if self.layers[0].fused_moe is None else "triton",
             "zero_copy_layers": sum(layer.zero_copy for layer in self.layers),
             "cuda_graph_steps": self.decoder.steps_replayed if self.decoder else 0,
+            "cuda_graph_prefills": self.decoder.prefills_replayed if self.decoder else 0,
             "cuda_graph_failure": self.decoder.graph_failure if self.decoder else None,
         }
 
@@ -195,7 +197,7 @@ class LLMPipeline:
             layer.reset_counters()
         self.layers[0].fetcher.stats.reset()
         if self.decoder is not None:
-            self.decoder.steps_replayed = 0
+            self.decoder.steps_replayed = self.decoder.prefills_replayed = 0
 
     def close(self) -> None:
         """Release pinned host memory and file handles now (otherwise when the pipeline is collected)."""

@@ -44,3 +44,14 @@ def test_long_decode_matches_all_resident(prompt_and_reference, ratio, host_cach
     assert (stats["cuda_graph_steps"] > 0) == in_place
     mismatch = (tokens != reference).nonzero()
     assert mismatch.numel() == 0, f"first differing position {int(mismatch[0, -1])} of {reference.numel()}"
+
+
+def test_replayed_prefill_and_steps_give_the_eager_tokens(prompt_and_reference):
+    """A prompt length seen before is prefilled from a captured graph: same tokens as the eager first time."""
+    ids, reference = prompt_and_reference
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25)
+    runs = [pipe.generate_tokens(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False) for _ in range(3)]
+    stats = pipe.get_offload_stats()
+    pipe.close()
+    assert stats["cuda_graph_prefills"] == 2 and stats["experts_read_in_place"] > 0  # runs 2 (captured) and 3
+    assert all(torch.equal(run, reference[:64]) for run in runs)
