@@ -342,19 +342,6 @@ def warm_page_cache(paths: list[str]) -> dict:
 # ----------------------------------------------------------------------------------------------- generation
 
 
-class PhaseTimer(GenerationTimer):
-    """The benchmark's timer, plus a callback when the first (prefill) forward ends."""
-
-    def __init__(self, model, sync_fn, after_prefill=None):
-        super().__init__(model, sync_fn)
-        self.after_prefill = after_prefill
-
-    def _after_forward(self, module, args, output) -> None:
-        super()._after_forward(module, args, output)
-        if len(self.forward_ms) == 1 and self.after_prefill is not None:
-            self.after_prefill()
-
-
 def _deadline_criteria(deadline: float):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -375,7 +362,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: torch.devi
     """One greedy generation of `new_tokens`, timed as `moe-offload bench` times: through the pipeline's own
     decoding (static cache, CUDA graph where possible) when `pipe` is given, else transformers' generate with a
     stopping criterion at `deadline` (the baselines, which can be slow)."""
-    timer = PhaseTimer(model, lambda: sync(device), after_prefill)
+    timer = GenerationTimer(model, lambda: sync(device), after_prefill)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     eos = model.generation_config.eos_token_id

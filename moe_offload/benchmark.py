@@ -43,25 +43,37 @@ class GenerationTimer:
 
     As a transformers streamer (put/end; duck-typed so that importing this module for the CLI does not import
     transformers) it stamps each new token when generate() hands it over; the first put() carries the prompt ids
-    and is skipped. Hooks on the model time each forward call. On CUDA every stamp first waits for the device,
-    since kernels run asynchronously.
+    and marks the start. Hooks on the model time each eager forward call. A forward replayed from a CUDA graph
+    (decoding.py) runs no hooks: a replayed prefill is timed from the prompt to the first token instead. On CUDA
+    every stamp first waits for the device, since kernels run asynchronously. `after_prefill` is called once,
+    when the prefill has finished and before any decode step.
     """
 
-    def __init__(self, model: torch.nn.Module, sync: Callable[[], None]):
+    def __init__(self, model: torch.nn.Module, sync: Callable[[], None],
+                 after_prefill: Callable[[], None] | None = None):
         self.sync = sync
+        self.after_prefill = after_prefill
         self.token_times: list[float] = []
         self.forward_ms: list[float] = []
-        self._prompt_seen = False
+        self._prompt_time: float | None = None
         self._forward_start = 0.0
         self._hooks = [model.register_forward_pre_hook(self._before_forward),
                        model.register_forward_hook(self._after_forward)]
 
     def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
         self.sync()
-        self.token_times.append(time.perf_counter())
+        now = time.perf_counter()
+        if self._prompt_time is None:
+            self._prompt_time = now
+            return
+        if not self.token_times and not self.forward_ms:  # the prefill was replayed: no hook timed it
+            self._prefill_done((now - self._prompt_time) * 1000)
+        self.token_times.append(now)
+
+    def _prefill_done(self, ms: float) -> None:
+        self.forward_ms.append(ms)
+        if self.after_prefill is not None:
+            self.after_prefill()
 
     def end(self) -> None:
         """generate() is done; nothing is buffered."""
@@ -80,7 +92,11 @@ class GenerationTimer:
         if _capturing():
             return
         self.sync()
-        self.forward_ms.append((time.perf_counter() - self._forward_start) * 1000)
+        ms = (time.perf_counter() - self._forward_start) * 1000
+        if self.forward_ms:
+            self.forward_ms.append(ms)
+        else:
+            self._prefill_done(ms)
 
 
 def _capturing() -> bool:

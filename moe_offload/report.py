@@ -39,9 +39,9 @@ ITERATION_FIELDS: dict[str, tuple[type, ...]] = {
     "first_latency_ms": _NUM,         # generate() call -> first new token
     "second_avg_latency_ms": _OPT_NUM,  # mean gap between later tokens; None when only one token was generated
     "throughput_tps": _OPT_NUM,       # 1000 / second_avg_latency_ms
-    "forwards": _INT,                 # model forward calls (llm_bench "inference count")
-    "first_infer_ms": _NUM,           # the first forward (prefill) alone
-    "other_infer_avg_ms": _OPT_NUM,   # mean of the later forwards alone
+    "forwards": _INT,                 # timed forwards: the prefill + eager decode steps (graph replays run no hooks)
+    "first_infer_ms": _NUM,           # the prefill forward alone (replayed from a graph: prompt to first token)
+    "other_infer_avg_ms": _OPT_NUM,   # mean of the later eager forwards alone
     "max_rss_mb": _NUM,               # peak resident set, MiB (scope: metadata.rss_scope)
     "max_device_bytes": _OPT_INT,     # torch.cuda.max_memory_allocated; None on CPU
     "hits": _INT,                     # expert-cache hits / misses over all MoE layers

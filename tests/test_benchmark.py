@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from moe_offload import MoeOffloadError
 from moe_offload import pipeline
@@ -230,3 +231,25 @@ def test_missing_model_and_missing_matplotlib(model, tmp_path, monkeypatch, caps
     with pytest.raises(MoeOffloadError, match="--plot needs matplotlib"):
         check_args(parse("-m", model, "-d", "cpu", "--plot", str(tmp_path / "p.png")))
     assert check_args(parse("-m", model, "-d", "cpu")).model == model  # no plot asked: not needed
+
+
+def test_timer_times_a_replayed_prefill_from_prompt_to_first_token():
+    """A prefill replayed from a CUDA graph runs no forward hook: the timer times it from the prompt to the first
+    token, calls after_prefill once, and later eager forwards count as further forwards."""
+    from moe_offload.benchmark import GenerationTimer
+
+    model, calls = torch.nn.Linear(2, 2), []
+    timer = GenerationTimer(model, lambda: None, after_prefill=lambda: calls.append("prefill"))
+    timer.put(torch.tensor([[5, 6, 7]]))  # the prompt
+    timer.put(torch.tensor([8]))  # first token, no forward seen: the prefill was replayed
+    model(torch.zeros(1, 2))  # an eager decode step
+    timer.put(torch.tensor([9]))
+    timer.detach()
+    assert calls == ["prefill"] and len(timer.forward_ms) == 2 and len(timer.token_times) == 2
+
+    eager = GenerationTimer(model, lambda: None, after_prefill=lambda: calls.append("eager"))
+    eager.put(torch.tensor([[5]]))
+    model(torch.zeros(1, 2))  # the prefill, eager
+    eager.put(torch.tensor([8]))
+    eager.detach()
+    assert calls[1:] == ["eager"] and len(eager.forward_ms) == 1

@@ -49,7 +49,13 @@ DECODE_MAX_PAIRS = 16
 # hidden dtype where transformers' experts do, instead of keeping them in float32. See the module docstring.
 MATCH_TORCH_ROUNDING = True
 
-_GEMV = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)  # 16 output rows per program: enough programs to fill the SMs
+# GEMV tiles, fixed (a per-process choice could change reduction order, hence bits, between ratios). gate_up with
+# 8 rows per program: 768 programs for 8 pairs at I=768; 24 us vs 38 us with 16 rows on the H200 (device-resident
+# weights; bench/results/2026-11-29-h200-gemv-sweep.json). For down, that sweep's short kernels were bound by
+# Python launch cost, and the profiler's 10 us per call with 16 rows (2.5 TB/s) leaves little to gain. Reading
+# pinned host memory in place, every tile choice ran at 50-51 GB/s: PCIe-bound.
+_GEMV_GATE_UP = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)
+_GEMV_DOWN = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
 _GEMM = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
@@ -323,12 +329,12 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     rounding = _rounding(hidden.dtype, top_k_weights.dtype)
 
     if num_pairs <= DECODE_MAX_PAIRS:
-        _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV["BLOCK_N"]))](
+        _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV_GATE_UP["BLOCK_N"]))](
             hidden, ids, slot_of_expert, w13, host_w13, num_device_slots, act, hidden_size, inter, top_k,
-            *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **_GEMV)
-        _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV["BLOCK_N"]))](
+            *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **_GEMV_GATE_UP)
+        _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV_DOWN["BLOCK_N"]))](
             act, ids, slot_of_expert, w2, host_w2, num_device_slots, weights, contrib, hidden_size, inter,
-            *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **_GEMV)
+            *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **_GEMV_DOWN)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))
