@@ -43,9 +43,9 @@ class GenerationTimer:
 
     As a transformers streamer (put/end; duck-typed so that importing this module for the CLI does not import
     transformers) it stamps each new token when generate() hands it over; the first put() carries the prompt ids
-    and marks the start. Hooks on the model time each eager forward call. A forward replayed from a CUDA graph
-    (decoding.py) runs no hooks: a replayed prefill is timed from the prompt to the first token instead. On CUDA
-    every stamp first waits for the device, since kernels run asynchronously. `after_prefill` is called once,
+    and marks the start. Hooks on the model time each eager forward call (on CUDA waiting for the device first,
+    since kernels run asynchronously). A forward replayed from a CUDA graph (decoding.py) runs no hooks: a
+    replayed prefill is timed from the prompt to the first token instead. `after_prefill` is called once,
     when the prefill has finished and before any decode step.
     """
 
@@ -61,7 +61,8 @@ class GenerationTimer:
                        model.register_forward_hook(self._after_forward)]
 
     def put(self, value: torch.Tensor) -> None:
-        self.sync()
+        # no sync: a token handed over is already on the host (transformers' generate and the static decoder both
+        # read it back first), and waiting here for steps the decoder has queued ahead would idle the device
         now = time.perf_counter()
         if self._prompt_time is None:
             self._prompt_time = now

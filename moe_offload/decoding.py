@@ -176,6 +176,38 @@ class StaticDecoder:
         self.prefills_replayed += 1
         return logits
 
+    def _emit(self, token: int, new: list[int], max_new_tokens: int, min_new_tokens: int, streamer) -> bool:
+        """Record a new token; True when generation stops after it."""
+        new.append(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        return len(new) >= max_new_tokens or (token in self.eos_ids and len(new) >= min_new_tokens)
+
+    def _replay_rest(self, new: list[int], max_new_tokens: int, min_new_tokens: int, streamer) -> None:
+        """The remaining tokens by graph replays, queued one step ahead: the step making token i + 1 is queued
+        before token i is read back, so the device does not wait for the host between steps. A step queued
+        after a token that turns out to be EOS is wasted (its experts still count in the offload tally)."""
+        ring = torch.empty(2, dtype=torch.long, pin_memory=True)  # host copies of the last two tokens
+        ready = [torch.cuda.Event(), torch.cuda.Event()]
+
+        def queue(index: int) -> None:  # the step that makes token `index`, and its copy to the host
+            if index == min_new_tokens:
+                self._eos_bias.zero_()
+            self.graph.replay()
+            self.steps_replayed += 1
+            ring[index % 2].copy_(self._token[0, 0], non_blocking=True)
+            ready[index % 2].record()
+
+        index = len(new)
+        queue(index)
+        while True:
+            if index + 1 < max_new_tokens:
+                queue(index + 1)
+            ready[index % 2].synchronize()
+            if self._emit(int(ring[index % 2]), new, max_new_tokens, min_new_tokens, streamer):
+                return
+            index += 1
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
                  streamer=None, on_logits: Callable[[torch.Tensor], None] | None = None) -> list[int]:
@@ -203,18 +235,16 @@ class StaticDecoder:
         while True:
             if on_logits is not None:
                 on_logits(logits.float().clone())
-            token = int(self._token.item())
-            new.append(token)
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if len(new) >= max_new_tokens or (token in self.eos_ids and len(new) >= min_new_tokens):
+            if self._emit(int(self._token.item()), new, max_new_tokens, min_new_tokens, streamer):
                 break
             if len(new) == min_new_tokens:
                 self._eos_bias.zero_()
             if graph_allowed and self.graph is None and len(new) > 1:
                 # after an eager step has compiled the kernels and warmed the libraries
                 self.graph, _ = self._capture(self._step)
-                graph_allowed = self.graph is not None
+            if graph_allowed and self.graph is not None and on_logits is None:
+                self._replay_rest(new, max_new_tokens, min_new_tokens, streamer)
+                break
             if graph_allowed and self.graph is not None:
                 self.graph.replay()
                 self.steps_replayed += 1
