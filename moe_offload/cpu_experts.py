@@ -1,0 +1,368 @@
+"""CPU expert path: routed experts' outputs computed on the CPU straight from the host tier (issue 6 groundwork).
+
+Not wired into the engine yet. On the H200 machine's CPU (16-core Xeon with AMX-BF16 and AVX512-BF16, 300 MiB
+L3, 84.6 GB/s plain read; bench/results/2026-11-29-h200-cpu-experts.{json,log}), one token per expert, bf16
+tier as stored: experts one at a time on 16 threads 24-26 GB/s (fit: 53 us + bytes / 28.4 GB/s), oneDNN
+pre-packed 26-35, a pool of 2 workers x 8 threads 29-35 at 8-16 experts (but ~0.75 ms fixed cost a call);
+float32 paths 4-22. So torch's CPU kernels read expert weights at about half the rate llama.cpp's CPU backend
+reaches there (~66 GB/s): with PCIe at 50-55 GB/s, CPU + GPU together would give ~80 GB/s, not ~120.
+The measurements below are from the 2-core machine the module was written on.
+
+The engine streams a miss's weights to the GPU; for a batch-1 decode step the same expert can instead be
+computed where its weights already are. One token per expert makes an expert two GEMVs over its weights (9.4 MB
+per Qwen3-30B-A3B expert in bf16), each weight read once and used once: the cost is memory bandwidth plus a
+fixed cost per call and per expert (Python dispatch, OpenMP fork/join). bench/cpu_experts_bench.py measures it;
+the figures below are from a 2-vCPU AMD EPYC VM with avx512_bf16 (torch 2.13, oneDNN 3.12), Qwen3 shapes, a
+0.9 GB tier (every expert from DRAM), a shared and noisy machine: GB/s = expert bf16 bytes / time.
+
+Layout and dtype (one core, 8 experts): the fastest is bf16 in oneDNN's own blocked layout (PackedExperts,
+AB16b64a2b), 15.0 GB/s; then the tier's own layout, gate_up [2I, H] and down [H, I] through F.linear,
+9.3 GB/s: oneDNN (brgemm, avx512_core_bf16 here, AMX where present) re-blocks the weight on every call, and a
+core is compute-bound at that (a plain read runs at ~29 GB/s a core). Gate and up as two calls: the same 9.3.
+compute="float32" (bf16 widened to float32 in L2-sized blocks, then MKL sgemv): 8.7, the fallback for CPUs
+where torch has no bf16 GEMM. Transposed [H, 2I] with x @ W: 8.0. float32 weights (twice the bytes): 7.7
+(15.4 GB/s of float32). Converting whole matrices to float32 per call: 5.1. So: bf16 (half the bytes), packed
+if the RAM for a second copy is there (packed weights are opaque mkldnn tensors: no pinning, no streaming
+from them), else the tier as it is.
+
+Threads (2 cores, 8-16 experts, quiet moments): experts one at a time on torch's intra-op threads (serial):
+12-16 GB/s plain, 15-20 packed; a pool of 2 workers x 1 thread, experts side by side: 13-18 plain, 18-23
+packed (best of three OpenMP settings each); a plain read: 32-56 GB/s. Where torch releases the GIL (inside every op) workers overlap each other's
+Python dispatch and need no OpenMP barrier. But how libgomp's idle threads wait decides it: by default they
+spin for a while, and a spinning team (the caller's, after a call with more threads per worker) steals the
+cores the pool's workers need: the pool then fell to 6-10 GB/s at 2-8 experts. With OMP_WAIT_POLICY=PASSIVE (set before torch
+starts) the pool is fast and steady, but every parallel region pays a wake-up (a tiny expert: 30 us serial
+with spinning, 150-190 us without). And with other work on the cores, an OpenMP team that spins collapsed to
+one region per scheduler tick (8 ms per GEMV instead of 0.6) while single-threaded workers only slowed down.
+For the engine: threads = the cores nothing else needs (leave the GPU-driving thread its core), one fixed
+configuration (teams of one size), and OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT when it shares cores;
+measure on the machine (the bench runs all three variants).
+
+Rounding: the same torch ops as transformers' eager experts (reference.weighted_expert_output), so every
+intermediate is rounded to the hidden dtype at the same points: the gate/up GEMM output, act(gate),
+act(gate) * up, the down GEMM output and the weighted output (in the routing weight's dtype), then widened to
+float32. compute="native" with one worker is the reference's own ops: the same bits as the reference run on
+the CPU (pools, other thread counts and packed weights also gave the same bits here; compute="float32"
+differs in ~0.2% of outputs, by an ulp). Against the GPU (cuBLAS or the Triton kernel: float32 accumulation,
+rounded once) results differ where another accumulation order moves one of those roundings by an ulp, which
+then propagates: bit-identical results across devices are not to be expected. Against a float64-accumulated
+oracle rounded at the same points, the CPU's bf16 outputs were 99.89% bit-identical and 99.97% within one
+ulp, max |difference| 9.8e-4 at outputs of scale ~1 (1/4 ulp of the largest); a GPU that matches the oracle
+as often would match the CPU on about 99.8% of outputs. Mixing CPU- and GPU-computed experts in one step so
+gives up the engine's "the same bits at every ratio".
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MoeOffloadError
+
+ActFn = Callable[[torch.Tensor], torch.Tensor]
+COMPUTE_MODES = ("native", "float32")
+# compute="float32": bytes of float32 weight converted per block, small enough to stay in a core's L2 so the
+# conversion costs no DRAM traffic; the GEMV then reads the block from L2.
+# Measured on one core (H=2048): 64-row blocks 1.12 ms per gate_up, 128 rows 0.74, 256 rows 0.62 (per-op cost).
+DEFAULT_BLOCK_BYTES = 2 * 1024 * 1024
+
+_scratch = threading.local()
+
+
+def _expert_native(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   act_fn: ActFn, out: torch.Tensor) -> None:
+    """out [n, H] float32 = weights[:, None] * expert(x), with reference.weighted_expert_output's ops."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each, rounded to x's dtype
+    out.copy_(F.linear(act_fn(gate) * up, down) * weights[:, None])  # copy_ widens exactly, as .float() does
+
+
+def _expert_packed(x: torch.Tensor, weights: torch.Tensor, gate_up, down, act_fn: ActFn, out: torch.Tensor) -> None:
+    """_expert_native on oneDNN-packed weights (PackedExperts): the same ops, the weights already blocked."""
+    gate, up = torch.ops.mkldnn._linear_pointwise(x, gate_up, None, "none", [], "").chunk(2, dim=-1)
+    hidden = act_fn(gate) * up
+    out.copy_(torch.ops.mkldnn._linear_pointwise(hidden, down, None, "none", [], "") * weights[:, None])
+
+
+def packing_available() -> bool:
+    """Whether this torch can pre-pack linear weights for oneDNN (a private op of builds with mkldnn)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedExperts:
+    """Some experts' weights re-laid out once in oneDNN's blocked GEMM format, for the fastest CPU GEMVs.
+
+    F.linear on the tier's plain [out, in] bf16 weights makes oneDNN re-block (VNNI-pack) the weight matrix on
+    every call, which costs it about a third of its speed on a core (AMD EPYC with avx512_bf16, one thread,
+    whole experts: 9.3 GB/s plain, 15.0 GB/s packed (format AB16b64a2b), bit-identical output); the fixed cost
+    per expert is higher (a tiny expert: 55-60 us against 25-30).
+    The packed weights are opaque mkldnn tensors in memory of their own: they cannot be pinned or streamed to
+    the GPU, so packing an expert costs a second copy of it in RAM. Worth it for experts the CPU is to compute
+    every time (a fixed CPU share of the host tier), or where the CPU is short of cores rather than bandwidth.
+
+    Pass one as gate_up to CpuExperts (down=None); slots index the experts packed, in order.
+    """
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, rows: Sequence[int] | None = None):
+        if not packing_available():
+            raise MoeOffloadError("this torch build cannot pre-pack weights for oneDNN")
+        rows = range(gate_up.shape[0]) if rows is None else rows
+        self.dtype = gate_up.dtype
+        self.shape = (len(rows), gate_up.shape[1], gate_up.shape[2])  # as a gate_up pool's: [n, 2I, H]
+        self.gate_up = [torch.ops.mkldnn._reorder_linear_weight(gate_up[r].contiguous(), 1) for r in rows]
+        self.down = [torch.ops.mkldnn._reorder_linear_weight(down[r].contiguous(), 1) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.gate_up)
+
+
+def _block_scratch(numel: int) -> torch.Tensor:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float32)
+        _scratch.buffer = buffer
+    return buffer
+
+
+def _linear_widened(x32: torch.Tensor, weight: torch.Tensor, block_bytes: int | None) -> torch.Tensor:
+    """x32 [n, K] float32 times weight [N, K] (any dtype) in float32 -> [n, N] float32.
+
+    The weight is converted block by block of rows into a per-thread float32 scratch buffer (L2-sized), so the
+    float32 copy never goes to DRAM; block_bytes None converts it whole.
+    """
+    n_out, k = weight.shape
+    rows = n_out if not block_bytes else max(1, min(n_out, block_bytes // (4 * k)))
+    if rows >= n_out:
+        return F.linear(x32, weight.float())
+    scratch = _block_scratch(rows * k)
+    out_t = torch.empty((n_out, x32.shape[0]), dtype=torch.float32)  # [N, n]: row blocks are contiguous
+    for start in range(0, n_out, rows):
+        stop = min(n_out, start + rows)
+        block = scratch[:(stop - start) * k].view(stop - start, k).copy_(weight[start:stop])
+        torch.mm(block, x32.t(), out=out_t[start:stop])
+    return out_t.t()
+
+
+def _expert_float32(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    act_fn: ActFn, out: torch.Tensor, block_bytes: int | None) -> None:
+    """As _expert_native, but the GEMMs run in float32 on weights widened on the fly.
+
+    Products of two bf16 (or fp16) values are exact in float32, so this rounds the same intermediates at the
+    same points as the native path; only the float32 accumulation order differs.
+    """
+    dtype = x.dtype
+    gate, up = _linear_widened(x.float(), gate_up, block_bytes).to(dtype).chunk(2, dim=-1)
+    hidden = act_fn(gate) * up
+    out.copy_(_linear_widened(hidden.float(), down, block_bytes).to(dtype) * weights[:, None])
+
+
+class CpuExperts:
+    """Computes routed experts on the CPU from host-resident weights; see the module docstring.
+
+    threads: intra-op threads in all (default: torch.get_num_threads() of the constructing thread). Leave a core
+    to the thread that drives the GPU when both run at once.
+    workers: how many experts run at once; each gets threads // workers intra-op threads (the remainder to the
+    first ones). A call with fewer experts than workers uses fewer, each with more threads. The calling thread
+    runs one share itself; workers - 1 pool threads run the rest. submit() runs a call in the background.
+    compute: "native" (GEMMs in the weights' dtype: oneDNN for bf16) or "float32" (weights widened block by
+    block; for CPUs without a bf16 GEMM kernel).
+    """
+
+    def __init__(self, threads: int | None = None, workers: int = 1, compute: str = "native",
+                 block_bytes: int | None = DEFAULT_BLOCK_BYTES):
+        if compute not in COMPUTE_MODES:
+            raise MoeOffloadError(f"unknown CPU expert compute mode {compute!r}; expected one of {COMPUTE_MODES}")
+        self.threads = int(threads) if threads else torch.get_num_threads()
+        if self.threads < 1 or workers < 1:
+            raise MoeOffloadError(f"CpuExperts needs threads >= 1 and workers >= 1, got {threads}, {workers}")
+        self.workers = min(int(workers), self.threads)
+        self.compute = compute
+        self.block_bytes = block_bytes
+        self._pool = (ThreadPoolExecutor(self.workers - 1, thread_name_prefix="moe-cpu-experts")
+                      if self.workers > 1 else None)
+        self._driver: ThreadPoolExecutor | None = None
+
+    def submit(self, *args, **kwargs) -> Future:
+        """Run __call__(*args, **kwargs) on a background thread and return its Future, so the calling thread
+        can go on streaming other experts to the GPU meanwhile (torch ops release the GIL while they run)."""
+        if self._driver is None:
+            self._driver = ThreadPoolExecutor(1, thread_name_prefix="moe-cpu-experts-driver")
+        return self._driver.submit(self, *args, **kwargs)
+
+    def close(self) -> None:
+        for executor in (self._driver, self._pool):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._pool = self._driver = None
+
+    def __enter__(self) -> "CpuExperts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor | PackedExperts,
+                 down: torch.Tensor | None, slots: Sequence[int], counts: Sequence[int], act_fn: ActFn = F.silu,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_pairs, H] float32: row p = weights[p] * expert(hidden[p]) for the expert that owns pair p.
+
+        hidden [n_pairs, H] and weights [n_pairs]: the (token, k) pairs grouped by expert, the first counts[0]
+        rows for the expert at slots[0] of the pools, the next counts[1] for slots[1], and so on.
+        gate_up [n, 2I, H] (gate rows, then up rows) and down [n, H, I]: pools on the CPU, such as a HostTier's
+        gate_up and down. Or gate_up a PackedExperts and down None (compute must be "native").
+        out: optional [n_pairs, H] float32 destination (a pinned buffer, say).
+        """
+        packed = isinstance(gate_up, PackedExperts)
+        if packed:
+            if self.compute != "native" or hidden.dtype != gate_up.dtype:
+                raise MoeOffloadError("packed experts run with compute='native' on hidden states of their dtype")
+            gate_up, down = gate_up.gate_up, gate_up.down
+        n_pairs = _check(hidden, weights, gate_up, down, slots, counts, out)
+        if out is None:
+            out = torch.empty((n_pairs, hidden.shape[1]), dtype=torch.float32)
+        groups, start = [], 0
+        for slot, count in zip(slots, counts):
+            if count:
+                groups.append((int(slot), start, int(count)))
+            start += count
+        if not groups:
+            return out
+
+        def run(share: list[tuple[int, int, int]]) -> None:
+            for slot, first, count in share:
+                rows = slice(first, first + count)
+                if packed:
+                    _expert_packed(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows])
+                elif self.compute == "native":
+                    _expert_native(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows])
+                else:
+                    _expert_float32(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows],
+                                    self.block_bytes)
+
+        shares = _balance(groups, min(self.workers, len(groups)))
+        threads = [self.threads // len(shares) + (i < self.threads % len(shares)) for i in range(len(shares))]
+        caller = torch.get_num_threads()
+        futures = [self._pool.submit(_with_threads, n, run, share) for share, n in zip(shares[1:], threads[1:])]
+        try:
+            _with_threads(threads[0], run, shares[0])
+        finally:
+            for future in futures:
+                future.result()
+            if torch.get_num_threads() != caller or futures:
+                # Restores this thread's count and torch's process-wide default (which set_num_threads in a
+                # worker also wrote, and which threads created later start from).
+                torch.set_num_threads(caller)
+        return out
+
+
+def _with_threads(threads: int, fn, *args) -> None:
+    """Run fn(*args) with `threads` intra-op threads on this thread (set, not restored: see __call__)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    fn(*args)
+
+
+def _balance(groups: list[tuple[int, int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
+    """Split expert groups into `parts` shares of about equal work (longest first onto the lightest share).
+
+    An expert's cost is its weight bytes (the same for all) plus a little per pair, so this evens out the expert
+    count first and the pair count second.
+    """
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
+    load = [(0, 0)] * parts
+    for group in sorted(groups, key=lambda g: -g[2]):
+        lightest = min(range(parts), key=lambda i: load[i])
+        shares[lightest].append(group)
+        load[lightest] = (load[lightest][0] + 1, load[lightest][1] + group[2])
+    return shares
+
+
+def _check(hidden, weights, gate_up, down, slots, counts, out) -> int:
+    if len(slots) != len(counts):
+        raise MoeOffloadError(f"{len(slots)} slots but {len(counts)} counts")
+    if any(count < 0 for count in counts):
+        raise MoeOffloadError("pair counts must be >= 0")
+    n_pairs = int(sum(counts))
+    tensors = (("hidden", hidden), ("weights", weights)) if isinstance(gate_up, list) else \
+        (("hidden", hidden), ("weights", weights), ("gate_up", gate_up), ("down", down))
+    for name, tensor in tensors:
+        if tensor.device.type != "cpu":
+            raise MoeOffloadError(f"CPU experts need CPU tensors; {name} is on {tensor.device}")
+    if hidden.dim() != 2 or hidden.shape[0] != n_pairs or weights.shape != (n_pairs,):
+        raise MoeOffloadError(f"hidden must be [{n_pairs}, H] and weights [{n_pairs}]; got "
+                              f"{tuple(hidden.shape)} and {tuple(weights.shape)}")
+    h = hidden.shape[1]
+    if isinstance(gate_up, list):  # PackedExperts' weights: [2I, H] and [H, I] each
+        if gate_up and (gate_up[0].shape[1] != h or down[0].shape[0] != h):
+            raise MoeOffloadError(f"packed experts have hidden size {gate_up[0].shape[1]}, hidden states {h}")
+    elif gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != h or down.shape[1] != h \
+            or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[0] != down.shape[0]:
+        raise MoeOffloadError(f"pools must be gate_up [n, 2I, {h}] and down [n, {h}, I]; got "
+                              f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
+    n = len(gate_up)
+    if any(not 0 <= slot < n for slot, count in zip(slots, counts) if count):
+        raise MoeOffloadError(f"slot out of range for pools of {n} experts")
+    if out is not None and (out.shape != (n_pairs, h) or out.dtype != torch.float32 or out.device.type != "cpu"):
+        raise MoeOffloadError(f"out must be a CPU float32 tensor of shape [{n_pairs}, {h}]")
+    return n_pairs
+
+
+def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor | PackedExperts,
+                       down: torch.Tensor | None, slots: Sequence[int], counts: Sequence[int],
+                       act_fn: ActFn = F.silu, *, out: torch.Tensor | None = None, runner: CpuExperts | None = None) -> torch.Tensor:
+    """[n_pairs, H] float32 weighted expert outputs, pairs grouped by expert: see CpuExperts.__call__.
+
+    gate_up [2I, H] and down [H, I] of a single expert are accepted too (slots/counts then name it once:
+    slots=[0], counts=[n_pairs]). Without a runner: one expert at a time on this thread's intra-op threads.
+    """
+    if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 2:
+        gate_up, down = gate_up.unsqueeze(0), down.unsqueeze(0)
+    if runner is None:
+        runner = CpuExperts()
+    return runner(hidden, weights, gate_up, down, slots, counts, act_fn, out)
+
+
+def host_tier_outputs(tier, experts: Sequence[int], counts: Sequence[int], hidden: torch.Tensor,
+                      weights: torch.Tensor, act_fn: ActFn = F.silu, *, out: torch.Tensor | None = None,
+                      runner: CpuExperts | None = None) -> torch.Tensor:
+    """cpu_expert_outputs for experts (ids) held by a tiers.HostTier, read in place from its pools."""
+    missing = [e for e, count in zip(experts, counts) if count and e not in tier]
+    if missing:
+        raise MoeOffloadError(f"experts {missing} are not in this host tier")
+    slots = [tier.row_of.get(e, 0) for e in experts]
+    return cpu_expert_outputs(hidden, weights, tier.gate_up, tier.down, slots, counts, act_fn, out=out,
+                              runner=runner)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Time for one side to handle m missed experts (one token each): per_call_s + m * per_expert_s, 0 for m = 0.
+
+    CPU: per_call_s = handing the hidden states to the CPU (a device-to-host copy and its sync), the pool's
+    handoff, and the outputs' copy back; per_expert_s = expert bytes / CPU GB/s + the fixed cost per expert
+    (bench/cpu_experts_bench.py fits both: "cost_model"). GPU: per_call_s = the wait for the first copy;
+    per_expert_s = expert bytes / pinned host-to-device GB/s + per-copy overhead (the expert's compute on the
+    GPU overlaps the next copy). Measure the CPU side while the GPU streams: both read the same host DRAM.
+    """
+
+    per_call_s: float
+    per_expert_s: float
+
+    def time(self, experts: int) -> float:
+        return 0.0 if experts <= 0 else self.per_call_s + experts * self.per_expert_s
+
+
+def split_misses(misses: int, cpu: Cost, gpu: Cost) -> int:
+    """How many of `misses` experts to compute on the CPU (the rest stream to the GPU) so that both finish
+    together: argmin over m of max(cpu.time(m), gpu.time(misses - m)), ties to fewer on the CPU (what streams
+    to the GPU can stay cached there). Near m* = (misses * g + A_g - A_c) / (c + g) for per-expert costs c, g
+    and per-call costs A_c, A_g."""
+    return min(range(misses + 1), key=lambda m: (max(cpu.time(m), gpu.time(misses - m)), m))
