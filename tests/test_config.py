@@ -95,6 +95,7 @@ def test_defaults():
     assert config == OffloadConfig()
     assert (config.moe_offload_ratio, config.moe_host_cache_bytes, config.moe_io, config.moe_dtype) == \
         (100, None, "odirect", "auto")
+    assert (config.moe_kernel, config.moe_zero_copy, config.moe_cuda_graph) == ("auto", "auto", "auto")
 
 
 @pytest.mark.parametrize("name", ["MOE_OFFLOAD_RATIO", "moe_offload_ratio", "Moe_Offload_Ratio", "mOe_oFfLoAd_RaTiO"])
@@ -104,9 +105,9 @@ def test_property_names_are_case_insensitive(name):
 
 def test_all_properties_case_insensitive_and_values_normalised():
     config = make_config({"moe_offload_ratio": "25", "Moe_Host_Cache": "1KiB", "moe_io": "MMAP",
-                          "MOE_dtype": "BF16"})
+                          "MOE_dtype": "BF16", "moe_zero_copy": "OFF", "Moe_Cuda_Graph": "Off"})
     assert config == OffloadConfig(moe_offload_ratio=25, moe_host_cache_bytes=1024, moe_io="mmap",
-                                   moe_dtype="bfloat16")
+                                   moe_dtype="bfloat16", moe_zero_copy="off", moe_cuda_graph="off")
 
 
 @pytest.mark.parametrize("value, expected", [("fp32", "float32"), ("f16", "float16"), ("fp16", "float16"),
@@ -118,6 +119,8 @@ def test_dtype_aliases(value, expected):
 @pytest.mark.parametrize("name, value, words", [
     ("MOE_IO", "aio", "MOE_IO must be one of pread, mmap, odirect"),
     ("MOE_DTYPE", "int8", "MOE_DTYPE must be one of"),
+    ("MOE_ZERO_COPY", "on", "MOE_ZERO_COPY must be one of auto, off"),
+    ("MOE_CUDA_GRAPH", 1, "MOE_CUDA_GRAPH must be one of auto, off"),
     ("MOE_OFFLOAD", 5, "unknown property 'MOE_OFFLOAD'"),
     ("moe_host_cache_bytes", 5, "unknown property 'moe_host_cache_bytes'"),
 ])
