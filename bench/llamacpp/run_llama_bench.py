@@ -1,0 +1,143 @@
+"""llama.cpp's llama-bench at several -ncmoe values (experts of the first N layers kept on the CPU), with peak GPU memory.
+
+Why: issue 6 compares moe-offload with llama.cpp's own expert offload on the same random Qwen3-30B-A3B-shaped
+checkpoint. llama-bench times prefill (-p) and decode (-n) but does not report device memory, so each -ncmoe value
+runs as its own llama-bench process while a thread polls `nvidia-smi --query-gpu=memory.used` every 50 ms; the peak
+minus the idle reading taken just before is that run's device memory (CUDA context included, as for any process).
+Without nvidia-smi (a CPU machine) the memory part is skipped and peak_device_bytes is null.
+`-ncmoe` is llama-bench's short form of `--n-cpu-moe` in this llama.cpp (0c1e570, tools/llama-bench/llama-bench.cpp).
+
+Usage: python bench/llamacpp/run_llama_bench.py --llama-bench BUILD/bin/llama-bench -m MODEL.gguf \
+           --ncmoe 0,6,12 [-p 128] [-n 32] [-r 3] [--ngl 99] [--extra "-fa on"] [--out rows.json]
+Module: run(llama_bench, gguf, [0, 6, 12], ...) -> [{ncmoe, prefill_tok_s, decode_tok_s, peak_device_bytes, raw}, ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+MIB = 1 << 20
+
+
+def gpu_memory_used_bytes(gpu: str | None = None) -> int | None:
+    """Memory in use on the GPU(s) by nvidia-smi (summed over those listed), or None where it is absent/failing."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    command = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    if gpu is not None:
+        command.append(f"--id={gpu}")
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout
+        return sum(int(float(line)) for line in out.split() if line.strip()) * MIB
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return None
+
+
+class PeakMemory:
+    """Polls gpu_memory_used_bytes() every `interval` s in a thread between start() and stop(); keeps the maximum."""
+
+    def __init__(self, gpu: str | None = None, interval: float = 0.05):
+        self.gpu, self.interval, self.peak, self.samples = gpu, interval, None, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            used = gpu_memory_used_bytes(self.gpu)
+            if used is not None:
+                self.peak = used if self.peak is None else max(self.peak, used)
+                self.samples += 1
+            self._stop.wait(self.interval)
+
+    def start(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def parse(results: list[dict]) -> tuple[float | None, float | None]:
+    """(prefill tok/s, decode tok/s) from llama-bench's JSON: one object per test, avg_ts its mean tokens/s."""
+    prefill = next((r["avg_ts"] for r in results if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0), None)
+    decode = next((r["avg_ts"] for r in results if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0), None)
+    return prefill, decode
+
+
+def run_one(llama_bench: str, gguf: str, ncmoe: int, prompt: int = 128, gen: int = 32, repeats: int = 3,
+            ngl: int = 99, extra: list[str] | None = None, gpu: str | None = None, timeout: float = 600) -> dict:
+    command = [llama_bench, "-m", gguf, "-ngl", str(ngl), "-ncmoe", str(ncmoe), "-p", str(prompt), "-n", str(gen),
+               "-r", str(repeats), "-o", "json"] + list(extra or [])
+    baseline = gpu_memory_used_bytes(gpu)
+    poller = PeakMemory(gpu).start() if baseline is not None else None
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as error:
+        returncode, stdout, stderr = "timeout", error.stdout or "", error.stderr or ""
+        stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
+    seconds = time.perf_counter() - started
+    peak = poller.stop() if poller else None
+    row = {"ncmoe": ncmoe, "prefill_tok_s": None, "decode_tok_s": None,
+           "peak_device_bytes": None if peak is None else max(0, peak - baseline),
+           "baseline_device_bytes": baseline, "memory_samples": poller.samples if poller else 0,
+           "seconds": round(seconds, 2), "returncode": returncode, "command": shlex.join(command), "raw": None}
+    try:
+        row["raw"] = json.loads(stdout)
+        row["prefill_tok_s"], row["decode_tok_s"] = parse(row["raw"])
+    except json.JSONDecodeError:
+        row["stdout_tail"] = stdout[-2000:]
+    if returncode != 0 or row["raw"] is None:
+        row["stderr_tail"] = stderr[-3000:]
+    return row
+
+
+def run(llama_bench: str, gguf: str, ncmoe_values, out: str | None = None, log=print, **kwargs) -> list[dict]:
+    rows = []
+    for ncmoe in ncmoe_values:
+        row = run_one(llama_bench, gguf, int(ncmoe), **kwargs)
+        rows.append(row)
+        peak = row["peak_device_bytes"]
+        log(f"ncmoe {ncmoe:3d}: prefill {row['prefill_tok_s'] or 0:9.1f} tok/s, decode {row['decode_tok_s'] or 0:8.2f}"
+            f" tok/s, peak device {'n/a' if peak is None else f'{peak / 2**30:.2f} GiB'}, {row['seconds']:.1f} s"
+            + ("" if row["returncode"] == 0 else f", rc {row['returncode']}: {row.get('stderr_tail', '')[-300:]}"))
+        if out:  # rewritten after every run, so a killed sweep keeps what it measured
+            with open(out, "w") as handle:
+                json.dump(rows, handle, indent=1)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--llama-bench", required=True)
+    parser.add_argument("-m", "--model", required=True, help="GGUF")
+    parser.add_argument("--ncmoe", default="0", help="comma-separated -ncmoe values")
+    parser.add_argument("-p", "--prompt", type=int, default=128)
+    parser.add_argument("-n", "--gen", type=int, default=32)
+    parser.add_argument("-r", "--repeats", type=int, default=3)
+    parser.add_argument("--ngl", type=int, default=99)
+    parser.add_argument("--extra", default="", help="more llama-bench arguments, one string (e.g. '-fa on -t 16')")
+    parser.add_argument("--gpu", default=None, help="nvidia-smi --id for the memory reading (default: all GPUs)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per llama-bench run")
+    parser.add_argument("--out", default=None, help="JSON list of rows")
+    args = parser.parse_args(argv)
+    rows = run(args.llama_bench, args.model, [int(x) for x in args.ncmoe.split(",") if x.strip()], out=args.out,
+               prompt=args.prompt, gen=args.gen, repeats=args.repeats, ngl=args.ngl, extra=shlex.split(args.extra),
+               gpu=args.gpu, timeout=args.timeout)
+    if not args.out:
+        print(json.dumps(rows, indent=1))
+    return 0 if all(r["returncode"] == 0 and r["decode_tok_s"] is not None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
