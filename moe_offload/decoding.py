@@ -159,8 +159,9 @@ class StaticDecoder:
         """Logits [1, V] after the prompt [1, T]; replayed from a graph for a length seen before."""
         length = input_ids.shape[1]
         positions = torch.arange(length, device=self.device)  # [T]
-        entry = self.prefill_graphs.pop(length, None)
-        if entry is None and self.use_graph and length in self._prefill_lengths_seen and self.graph_ready(length):
+        capturable = self.use_graph and self.graph_ready(length)  # e.g. not while routes are being traced
+        entry = self.prefill_graphs.pop(length, None) if capturable else None
+        if entry is None and capturable and length in self._prefill_lengths_seen:
             static_ids = input_ids.to(self.device).clone()  # [1, T]
             graph, logits = self._capture(lambda: self._forward(static_ids, positions))
             entry = (graph, static_ids, positions, logits) if graph is not None else None
