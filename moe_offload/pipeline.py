@@ -69,6 +69,7 @@ class LLMPipeline:
         self.model, self.layers = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config,
                                                          progress)
         self.tokenizer = self._load_tokenizer()
+        self._closed = False
         self.decoder = StaticDecoder(self.model, self.device, use_graph=self.config.moe_cuda_graph == "auto",
                                      graph_ready=self._graph_ready)
         if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
@@ -109,6 +110,8 @@ class LLMPipeline:
         layer is sync-free); anything it does not reproduce (sampling, other logits processing, sliding-window
         attention, an attention mask with padding) goes to transformers' generate. Same tokens either way.
         """
+        if self._closed:  # the host tier is unpinned: kernels must no longer read it in place
+            raise MoeOffloadError("this pipeline is closed")
         mask = kwargs.pop("attention_mask", None)
         static = (self.decoder is not None and input_ids.shape[0] == 1 and (mask is None or bool(mask.all()))
                   and unsupported_reason(self.model, kwargs) is None)
@@ -201,6 +204,7 @@ class LLMPipeline:
 
     def close(self) -> None:
         """Release pinned host memory and file handles now (otherwise when the pipeline is collected)."""
+        self._closed = True
         self.layers[0].fetcher.close()  # first: it waits for copies in flight
         for layer in self.layers:
             if layer.host is not None:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from moe_offload import LLMPipeline
+from moe_offload import LLMPipeline, MoeOffloadError
 from moe_offload.cli import main
 from moe_offload.pipeline import DEFAULT_MODEL
 
@@ -83,3 +83,10 @@ def test_main_command_prints_code_from_the_shipped_model(capsys):
     continuation = out[len("def fibonacci(n):"):]
     assert continuation.strip(), "no continuation"
     assert "\n    " in continuation, f"no indented code line in {continuation!r}"
+
+
+def test_generate_after_close_is_a_clear_error():
+    pipe = LLMPipeline(None, "cpu")
+    pipe.close()
+    with pytest.raises(MoeOffloadError, match="closed"):
+        pipe.generate("def f(x):", max_new_tokens=2)
