@@ -1,9 +1,9 @@
 """Greedy decoding over a static KV cache, with the decode step replayed as one CUDA graph where it can be.
 
 Why: once the MoE layers stop syncing with the host (all experts resident, or misses read in place: cache.py),
-what is left of a decode step is Python launching a few hundred small kernels (transformers eager runs at 20-41
-tok/s on the 12-layer Qwen3-30B-A3B-shaped benchmark model; the kernels need well under 2 ms). Captured once and
-replayed, a step costs one launch.
+what is left of a decode step is Python launching ~650 small kernels: transformers all on the H200 decodes the
+12-layer Qwen3-30B-A3B-shaped benchmark model at 34-45 tok/s, the same step replayed as a graph at 384 tok/s
+(bench/results/2026-11-29-h200.json). Captured once and replayed, a step costs one launch.
 
 Prefill is captured too, per prompt length, the second time a length is seen (the first run compiles and warms
 the kernels; a capture costs about one eager forward of host time): a server answering prompts of recurring
@@ -18,8 +18,8 @@ so the tokens are the same as `model.generate`'s.
 
 Used for greedy generation of one sequence when the model's attention is plain causal (no sliding-window
 layers) and its generation config asks for no other logits processing; the graph additionally needs CUDA and
-every MoE layer on the no-sync path. Otherwise `supported` says why not and the pipeline uses
-`model.generate`; without a graph the same loop runs eagerly.
+every MoE layer on the no-sync path. Otherwise (`unsupported_reason`) the pipeline uses `model.generate`;
+without a graph the same loop runs eagerly.
 """
 
 from __future__ import annotations

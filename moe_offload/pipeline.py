@@ -108,7 +108,8 @@ class LLMPipeline:
 
         Greedy generation runs on the static-cache decoder (decoding.py: one CUDA graph per step where every MoE
         layer is sync-free); anything it does not reproduce (sampling, other logits processing, sliding-window
-        attention, an attention mask with padding) goes to transformers' generate. Same tokens either way.
+        attention, an attention mask with padding) goes to transformers' generate. Both give transformers' greedy
+        tokens (tests/test_decoding.py on the CPU; bench/gpu_correctness.py on the H200).
         """
         if self._closed:  # the host tier is unpinned: kernels must no longer read it in place
             raise MoeOffloadError("this pipeline is closed")
