@@ -47,7 +47,7 @@ ITERATION_FIELDS: dict[str, tuple[type, ...]] = {
     "hits": _INT,                     # expert-cache hits / misses over all MoE layers
     "misses": _INT,
     "hit_rate": _OPT_NUM,             # None when the model routed nothing (no MoE work)
-    "host_bytes": _INT,               # expert bytes streamed to the device from the host tier / from disk
+    "host_bytes": _INT,               # expert bytes from the host tier (copied, or read in place) / from disk
     "disk_bytes": _INT,
     "host_bytes_per_token": _NUM,     # ... per generated token (prefill's streaming included)
     "disk_bytes_per_token": _NUM,
