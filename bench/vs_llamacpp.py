@@ -1,0 +1,181 @@
+"""Issue 6 side by side: moe-offload at ratios 0/25/50/75 against llama.cpp -ncmoe 12/9/6/3, in one run.
+
+Both sides run on the same random Qwen3-30B-A3B-shaped checkpoint (bench/h200_offload_bench.py --phases gen) and
+its bf16 GGUF (bench/llamacpp/convert_qwen3moe_gguf.py). Every configuration of either side runs as its own
+process while nvidia-smi is polled (bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is
+measured the same way for both: process memory, CUDA context included, over the idle reading before it.
+- ours: a 128-token prompt of random ids, then 32 greedy tokens (llama-bench -p 128 -n 32); one warm-up
+  generation, then the median of --repeats: prefill tok/s = 128 / (prompt to first token), decode tok/s = the
+  later tokens / their time. The host tier holds every non-resident expert (zero-copy misses, CUDA graphs).
+- llama.cpp: llama-bench's own pp128 and tg32 averages (-r --repeats), -ngl 99 -ncmoe N.
+`ncmoe` = experts of N of the L layers on llama.cpp's CPU, matched to ratio = 100 (L - N) / L.
+
+Writes {rows: [{ratio, ncmoe, ours_decode_tok_s, llamacpp_decode_tok_s, ours_prefill_tok_s,
+llamacpp_prefill_tok_s, ours_peak_device_bytes, llamacpp_peak_device_bytes}], targets, machine, versions, ...}.
+
+Usage (H200): python bench/vs_llamacpp.py --model-dir /tmp/moe-offload-bench/full \
+                  --gguf /tmp/moe-offload-bench/full.gguf --llama-bench /tmp/llamacpp/build-cuda/bin/llama-bench \
+                  --out $OUT/<date>-h200-vs-llamacpp.json
+       python bench/vs_llamacpp.py --tiny --model-dir /tmp/tiny --out /tmp/vs.json   # our side on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "llamacpp"))
+sys.path.insert(0, HERE)
+
+RATIOS = (0, 25, 50, 75)
+TARGETS = {"decode_vs_llamacpp": 1.2, "prefill_vs_llamacpp": 3.0}
+
+
+def ncmoe_for(ratio: int, layers: int) -> int:
+    return round(layers * (100 - ratio) / 100)
+
+
+def ours_worker(spec: dict) -> dict:
+    """One ratio, in this (child) process: load, warm up, measure."""
+    import torch
+
+    import h200_offload_bench as bench
+    from moe_offload import LLMPipeline
+
+    device = torch.device(spec["device"])
+    facts = bench.model_facts(spec["model_dir"])
+    element = 2 if device.type == "cuda" else 4  # MOE_DTYPE auto: the bf16 checkpoint's dtype on CUDA, fp32 on CPU
+    pipe = LLMPipeline(spec["model_dir"], str(device), MOE_OFFLOAD_RATIO=spec["ratio"], MOE_IO="pread",
+                       MOE_HOST_CACHE=bench.host_tier_bytes(facts, element))
+    ids = bench.prompt_ids(facts["config"]["vocab_size"], spec["prompt"]).to(device)
+    deadline = time.perf_counter() + spec["seconds"]
+    bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe)  # warm-up: compile, capture
+    runs = [bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe)
+            for _ in range(spec["repeats"])]
+    stats = pipe.get_offload_stats()
+    pipe.close()
+    return {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+            "prefill_tok_s": statistics.median(spec["prompt"] / r["ttft_s"] for r in runs),
+            "allocator_peak_device_bytes": max(r["peak_device_bytes"] or 0 for r in runs) or None,
+            "zero_copy_layers": stats["zero_copy_layers"], "cuda_graph_steps": stats["cuda_graph_steps"],
+            "runs": runs}
+
+
+def run_ours(args, ratio: int) -> dict:
+    """Our side at one ratio, in a child process, with device memory polled from outside like llama.cpp's."""
+    from run_llama_bench import PeakMemory, gpu_memory_used_bytes
+
+    spec = {"model_dir": args.model_dir, "device": args.device, "ratio": ratio, "prompt": args.prompt,
+            "gen": args.gen, "repeats": args.repeats, "seconds": args.timeout}
+    baseline = gpu_memory_used_bytes()
+    poller = PeakMemory().start() if baseline is not None else None
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=args.timeout + 120)
+        out, err, code = done.stdout, done.stderr, done.returncode
+    except subprocess.TimeoutExpired:
+        out, err, code = "", "timed out", "timeout"
+    peak = poller.stop() if poller else None
+    row = {"returncode": code, "seconds": round(time.perf_counter() - started, 2),
+           "peak_device_bytes": None if peak is None else max(0, peak - baseline)}
+    try:
+        row.update(json.loads(out.strip().splitlines()[-1]))
+    except (IndexError, json.JSONDecodeError):
+        row["stderr_tail"] = err[-3000:]
+    return row
+
+
+def ratio_of(value, other):
+    return value / other if value and other else None
+
+
+def build_rows(ours: dict[int, dict], llamacpp: dict[int, dict], layers: int) -> list[dict]:
+    rows = []
+    for ratio, mine in sorted(ours.items()):
+        theirs = llamacpp.get(ncmoe_for(ratio, layers), {})
+        row = {"ratio": ratio, "ncmoe": ncmoe_for(ratio, layers),
+               "ours_decode_tok_s": mine.get("decode_tok_s"), "llamacpp_decode_tok_s": theirs.get("decode_tok_s"),
+               "ours_prefill_tok_s": mine.get("prefill_tok_s"), "llamacpp_prefill_tok_s": theirs.get("prefill_tok_s"),
+               "ours_peak_device_bytes": mine.get("peak_device_bytes"),
+               "llamacpp_peak_device_bytes": theirs.get("peak_device_bytes")}
+        row["decode_vs_llamacpp"] = ratio_of(row["ours_decode_tok_s"], row["llamacpp_decode_tok_s"])
+        row["prefill_vs_llamacpp"] = ratio_of(row["ours_prefill_tok_s"], row["llamacpp_prefill_tok_s"])
+        memory = (row["ours_peak_device_bytes"], row["llamacpp_peak_device_bytes"])
+        row["targets_met"] = {
+            "decode": None if row["decode_vs_llamacpp"] is None
+            else row["decode_vs_llamacpp"] >= TARGETS["decode_vs_llamacpp"],
+            "prefill": None if row["prefill_vs_llamacpp"] is None
+            else row["prefill_vs_llamacpp"] >= TARGETS["prefill_vs_llamacpp"],
+            "memory": None if None in memory else memory[0] <= memory[1]}
+        rows.append(row)
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", default="/tmp/moe-offload-bench/full")
+    parser.add_argument("--gguf", default=None, help="the checkpoint as a bf16 GGUF (llama.cpp side)")
+    parser.add_argument("--llama-bench", default=None, help="llama-bench binary; without it only our side runs")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--gen", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration")
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="write and use the tiny model; our side on the CPU")
+    parser.add_argument("--out", required=False)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(ours_worker(json.loads(args.worker))))
+        return 0
+    import torch
+
+    import h200_offload_bench as bench
+    from moe_offload.environment import machine, utc_now, versions
+
+    if args.tiny:
+        bench.generate_model(args.model_dir, bench.SPECS["tiny"], torch.device("cpu"))
+    layers = bench.model_facts(args.model_dir)["moe_layers"]
+    ratios = [int(r) for r in args.ratios.split(",") if r.strip()]
+    ours = {}
+    for ratio in ratios:
+        ours[ratio] = run_ours(args, ratio)
+        print(f"ours ratio {ratio:3d}: decode {ours[ratio].get('decode_tok_s') or 0:8.2f} tok/s, prefill "
+              f"{ours[ratio].get('prefill_tok_s') or 0:9.1f} tok/s, rc {ours[ratio]['returncode']}", flush=True)
+    llamacpp = {}
+    if args.llama_bench and args.gguf:
+        import run_llama_bench
+
+        sweep = run_llama_bench.run(args.llama_bench, args.gguf, [ncmoe_for(r, layers) for r in ratios],
+                                    prompt=args.prompt, gen=args.gen, repeats=args.repeats)
+        llamacpp = {row["ncmoe"]: row for row in sweep}
+    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model_dir": args.model_dir,
+              "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt, "gen_tokens": args.gen,
+              "repeats": args.repeats, "targets": TARGETS,
+              "memory_rule": "nvidia-smi process memory over the idle reading, polled every 50 ms, both sides",
+              "rows": build_rows(ours, llamacpp, layers), "ours": ours, "llamacpp": llamacpp}
+    for row in report["rows"]:
+        print(json.dumps({k: row[k] for k in ("ratio", "ncmoe", "decode_vs_llamacpp", "prefill_vs_llamacpp")}))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=1)
+    return 0 if all(r["returncode"] == 0 for r in ours.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

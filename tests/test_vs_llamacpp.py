@@ -1,0 +1,49 @@
+"""bench/vs_llamacpp.py (issue 6's side-by-side run): our side's whole flow on the CPU, and the row arithmetic.
+
+The llama.cpp side needs a llama-bench build (bench/llamacpp/build.sh), which CI does not have; it is exercised
+by feeding build_rows the rows run_llama_bench returns.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "bench", "vs_llamacpp.py")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("vs_llamacpp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ours_side_on_the_tiny_model(tmp_path):
+    out = tmp_path / "vs.json"
+    done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--model-dir", str(tmp_path / "model"), "--ratios",
+                           "0,50", "--gen", "3", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["ratio"], r["ncmoe"]) for r in report["rows"]] == [(0, 2), (50, 1)]  # the tiny model has 2 layers
+    for row in report["rows"]:
+        assert row["ours_decode_tok_s"] > 0 and row["ours_prefill_tok_s"] > 0
+        assert row["llamacpp_decode_tok_s"] is None and row["targets_met"]["decode"] is None
+    assert report["machine"] and report["versions"]["torch"]
+
+
+def test_rows_pair_ratios_with_ncmoe_and_check_targets():
+    vs = _module()
+    assert [vs.ncmoe_for(r, 12) for r in (0, 25, 50, 75)] == [12, 9, 6, 3]
+    ours = {0: {"decode_tok_s": 90.0, "prefill_tok_s": 400.0, "peak_device_bytes": 2e9},
+            25: {"decode_tok_s": 100.0, "prefill_tok_s": 300.0, "peak_device_bytes": 6e9}}
+    llamacpp = {12: {"decode_tok_s": 73.1, "prefill_tok_s": 121.0, "peak_device_bytes": 3e9},
+                9: {"decode_tok_s": 97.1, "prefill_tok_s": 128.0, "peak_device_bytes": 5e9}}
+    rows = {r["ratio"]: r for r in vs.build_rows(ours, llamacpp, 12)}
+    assert rows[0]["targets_met"] == {"decode": True, "prefill": True, "memory": True}  # 1.23x, 3.3x, less memory
+    assert rows[25]["targets_met"] == {"decode": False, "prefill": False, "memory": False}  # 1.03x, 2.3x, more
+    assert abs(rows[25]["decode_vs_llamacpp"] - 100.0 / 97.1) < 1e-12
