@@ -65,13 +65,13 @@ def main() -> int:
 
         def gate_up():
             triton_moe._gate_up_gemv_kernel[(K, triton.cdiv(I, block_n))](
-                x, ids.view(-1), slots, pool13, h13, E, act, H, I, K, *x.stride(), *pool13.stride(), *act.stride(),
-                **meta)
+                x, ids.view(-1), slots, pool13, h13, E, slots, act, H, I, K, *x.stride(), *pool13.stride(),
+                *act.stride(), ADMIT=False, **meta)
 
         def down():
             triton_moe._down_gemv_kernel[(K, triton.cdiv(H, block_n))](
-                act, ids.view(-1), slots, pool2, h2, E, weights.view(-1), out, H, I, *act.stride(), *pool2.stride(),
-                *out.stride(), ROUND_PRODUCT=True, ZERO_ABSENT=False, **meta)
+                act, ids.view(-1), slots, pool2, h2, E, slots, weights.view(-1), out, H, I, *act.stride(),
+                *pool2.stride(), *out.stride(), ROUND_PRODUCT=True, ZERO_ABSENT=False, ADMIT=False, **meta)
 
         expert_bytes = (2 * I * H, H * I)
         for name, fn, nbytes in (("gate_up", gate_up, expert_bytes[0]), ("down", down, expert_bytes[1])):

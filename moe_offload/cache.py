@@ -25,6 +25,7 @@ from typing import Callable, Collection
 import torch
 
 from .checkpoint import ExpertLocation
+from .device_lru import DeviceLRU
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy
 from .tiers import HostTier
@@ -103,6 +104,8 @@ class OffloadedExperts:
         self._direct_from_host: torch.Tensor | None = None  # [E] int64: 1 where that is a host row
         self._step_used: torch.Tensor | None = None  # [E] int64 scratch: 1 = needed by this step
         self._use_counts: torch.Tensor | None = None  # [E] int64: steps that needed each expert (device tally)
+        self._lru: DeviceLRU | None = None  # zero-copy misses also admitted, LRU decided on the device
+        self._tally: torch.Tensor | None = None  # [2] int64 (needed, read in place), per step, with _lru
         self.admit_misses = True  # False once zero-copy is on: the resident set behind _direct_slots stays fixed
         self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
@@ -112,7 +115,13 @@ class OffloadedExperts:
     @property
     def counters(self) -> LayerCounters:
         """Hits and misses so far (folds in the device-side tally, which costs one sync when there is one)."""
-        if self._use_counts is not None:
+        if self._tally is not None:  # with device LRU the slot maps change: tallied step by step
+            needed, in_place = self._tally.tolist()
+            self._tally.zero_()
+            self._counters.hits += needed - in_place
+            self._counters.misses += in_place
+            self._counters.read_in_place += in_place
+        elif self._use_counts is not None:
             in_place = int((self._use_counts * self._direct_from_host).sum())
             self._counters.hits += int(self._use_counts.sum()) - in_place
             self._counters.misses += in_place
@@ -122,8 +131,9 @@ class OffloadedExperts:
 
     def reset_counters(self) -> None:
         self._counters = LayerCounters()
-        if self._use_counts is not None:
-            self._use_counts.zero_()
+        for tally in (self._use_counts, self._tally):
+            if tally is not None:
+                tally.zero_()
 
     @property
     def expert_bytes(self) -> int:
@@ -136,17 +146,20 @@ class OffloadedExperts:
 
     def sync_free(self, num_pairs: int) -> bool:
         """A forward of `num_pairs` (token, k) pairs takes the direct path: no host sync, capturable."""
-        return self.direct and (not self.zero_copy
+        return self.direct and (not self.zero_copy or self._lru is not None  # LRU: the host table is stale
                                 or num_pairs <= ZERO_COPY_MAX_PAIRS_PER_EXPERT * self.num_experts)
 
     @property
     def zero_copy(self) -> bool:
         return self._direct_slots is not None and self.table.capacity < self.num_experts
 
-    def enable_direct(self, device: torch.device) -> bool:
+    def enable_direct(self, device: torch.device, lru: bool = False) -> bool:
         """Serve every step through one kernel launch set over the slot pool and, for misses, the host tier read
         in place (see the module docstring). Possible with the Triton kernel when every expert is resident or in
-        the pinned host tier; returns whether it is on. Call after preload."""
+        the pinned host tier; returns whether it is on. Call after preload.
+
+        lru: decode steps also admit their misses into the slots, LRU decided on the device (device_lru.py), when
+        the host tier holds every expert of the layer; the resident set then follows the routing."""
         if self.fused_moe is None:
             return False
         readable = self.host is not None and (self.host.pinned or device.type == "cpu")  # CPU: Triton's interpreter
@@ -156,11 +169,19 @@ class OffloadedExperts:
             if slot is None and not (readable and expert in self.host):
                 return False
             slots.append(slot if slot is not None else self.table.capacity + self.host.row_of[expert])
-        self._direct_slots = torch.tensor(slots, dtype=torch.int32, device=device)  # [E]
-        self._direct_from_host = (self._direct_slots >= self.table.capacity).long()  # [E]
+        capacity = self.table.capacity
+        slot_map = torch.tensor(slots + [0], dtype=torch.int32, device=device)  # [E + 1]: E = scatter scratch
+        from_host = (slot_map >= capacity).long()  # [E + 1]
+        self._direct_slots, self._direct_from_host = slot_map[:-1], from_host[:-1]  # [E] views
         self._step_used = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
         self._use_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
         self.admit_misses = False
+        if (lru and 0 < capacity < self.num_experts and readable and len(self.host.row_of) == self.num_experts
+                and self.top_k <= 16):  # admission happens on the decode (GEMV) path: top_k <= DECODE_MAX_PAIRS
+            oldest_first = [(self.table.lookup(e), e) for e in self.table.policy.cached()]
+            self._lru = DeviceLRU(slot_map, from_host, [self.host.row_of[e] for e in range(self.num_experts)],
+                                  oldest_first)
+            self._tally = torch.zeros(2, dtype=torch.long, device=device)
         return True
 
     @property
@@ -241,11 +262,19 @@ class OffloadedExperts:
         contrib = torch.empty((num_tokens * top_k, self.hidden), dtype=torch.float32,
                               device=hidden_states.device)  # [T*K, H]
         host = self.host if self.zero_copy else None
-        self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
-                       contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None)
-        # the counters' device tally, in place so it survives graph replays; split into hits and misses on demand
+        # the counters' device tally, in place so it survives graph replays
         self._step_used.zero_().index_fill_(0, top_k_index.reshape(-1), 1)  # [E] 1 = needed by this step
-        self._use_counts.add_(self._step_used)
+        if self._tally is not None:  # the maps change with LRU: split hits and misses now
+            self._tally[0].add_(self._step_used.sum())
+            self._tally[1].add_((self._step_used * self._direct_from_host).sum())
+        else:  # fixed maps: split on demand (counters)
+            self._use_counts.add_(self._step_used)
+        admit = self._lru.plan(top_k_index) if self._lru is not None and num_tokens == 1 else None
+        self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
+                       contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None,
+                       admit_slot_of_expert=admit)
+        if admit is not None:
+            self._lru.commit()
         return contrib.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
 
     @staticmethod

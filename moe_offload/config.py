@@ -19,6 +19,7 @@ IO_STRATEGIES = ("pread", "mmap", "odirect")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
 SWITCHES = ("auto", "off")
+ZERO_COPY_MODES = ("auto", "lru", "off")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -46,7 +47,9 @@ class OffloadConfig:
     # bit-identical to transformers' grouped_mm in bf16 on the H200 (bench/results/2026-11-28-h200-bf16-*.json).
     moe_kernel: str = "auto"
     # Misses read in place from the pinned host tier by the Triton kernel (no copy, no host sync; cache.py).
-    # "auto": on with the Triton kernel on CUDA in every layer whose non-resident experts all sit in the host tier.
+    # "auto": on with the Triton kernel on CUDA in every layer whose non-resident experts all sit in the host tier;
+    # the resident set stays as loaded. "lru": also admit decode misses into the slots as they are read, LRU
+    # decided on the device (device_lru.py; needs every expert in the host tier). "off": copy misses in.
     moe_zero_copy: str = "auto"
     # Greedy decode steps replayed as one CUDA graph (decoding.py). "auto": on CUDA when every MoE layer runs
     # without host syncs (ratio 100 or zero-copy) and the model's attention is plain causal.
@@ -96,7 +99,7 @@ _PARSERS = {
     "MOE_IO": ("moe_io", lambda v: _parse_choice(v, "MOE_IO", IO_STRATEGIES)),
     "MOE_DTYPE": ("moe_dtype", lambda v: _parse_choice(v, "MOE_DTYPE", DTYPES, _DTYPE_ALIASES)),
     "MOE_KERNEL": ("moe_kernel", lambda v: _parse_choice(v, "MOE_KERNEL", KERNELS)),
-    "MOE_ZERO_COPY": ("moe_zero_copy", lambda v: _parse_choice(v, "MOE_ZERO_COPY", SWITCHES)),
+    "MOE_ZERO_COPY": ("moe_zero_copy", lambda v: _parse_choice(v, "MOE_ZERO_COPY", ZERO_COPY_MODES)),
     "MOE_CUDA_GRAPH": ("moe_cuda_graph", lambda v: _parse_choice(v, "MOE_CUDA_GRAPH", SWITCHES)),
 }
 PROPERTY_NAMES = tuple(_PARSERS)

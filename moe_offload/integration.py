@@ -243,8 +243,8 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
     kernel = select_kernel(config, device, hf_config)
     for runtime in runtimes:
         runtime.fused_moe = kernel
-        if config.moe_zero_copy == "auto" or runtime.table.capacity == runtime.num_experts:
-            runtime.enable_direct(device)
+        if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
+            runtime.enable_direct(device, lru=config.moe_zero_copy == "lru")
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
 

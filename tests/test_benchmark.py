@@ -255,13 +255,13 @@ def test_timer_times_a_replayed_prefill_from_prompt_to_first_token():
     assert calls[1:] == ["eager"] and len(eager.forward_ms) == 1
 
 
-def test_host_bytes_count_misses_read_in_place():
+def test_host_bytes_count_misses_read_in_place(model):
     """With zero-copy, misses cross PCIe without a copy: the report's host bytes still count them."""
     pytest.importorskip("triton")
     from moe_offload.benchmark import run_iteration
     from moe_offload.kernels.triton_moe import fused_moe
 
-    pipe = pipeline.LLMPipeline(None, "cpu", MOE_OFFLOAD_RATIO=25)
+    pipe = pipeline.LLMPipeline(model, "cpu", MOE_OFFLOAD_RATIO=25)
     for layer in pipe.layers:
         layer.fused_moe = fused_moe
         assert layer.enable_direct(pipe.device)

@@ -225,6 +225,35 @@ def test_host_pool_is_read_in_place_with_the_same_bits(monkeypatch, dtype, path)
     assert_close(actual, reference, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_admitted_misses_are_written_into_their_slots_as_read(dtype):
+    """Read-through caching: an expert read in place from the host pool with an admit slot lands in that device
+    slot, bit for bit, and the outputs are those of the same call without admission."""
+    torch.manual_seed(17)
+    x, ids, weights, w13, w2, slot_of_expert = make_inputs(1, 8, 4, 64, 32, dtype, spare_slots=0)  # 8 slots
+    host_w13, host_w2 = w13.cpu(), w2.cpu()  # every expert also on the host, as the tier holds them all
+    if CUDA:
+        host_w13, host_w2 = host_w13.pin_memory(), host_w2.pin_memory()
+    capacity = 4
+    device_w13, device_w2 = w13[:capacity].clone(), w2[:capacity].clone()  # slots 0..3 hold experts there
+    slots = torch.where(slot_of_expert < capacity, slot_of_expert, capacity + slot_of_expert).to(torch.int32)
+    needed = ids[0].tolist()
+    misses = [e for e in needed if slots[e] >= capacity]
+    free = [s for s in range(capacity) if int((slot_of_expert == s).nonzero()[0]) not in needed][:len(misses)]
+    assert misses and len(free) == len(misses)
+    admit = torch.full_like(slots, -1)
+    for expert, slot in zip(misses, free):
+        admit[expert] = slot
+    plain = triton_moe.fused_moe(x, ids, weights, device_w13.clone(), device_w2.clone(), slots,
+                                 host_w13=host_w13, host_w2=host_w2)
+    admitted = triton_moe.fused_moe(x, ids, weights, device_w13, device_w2, slots, host_w13=host_w13,
+                                    host_w2=host_w2, admit_slot_of_expert=admit)
+    assert torch.equal(admitted, plain)
+    for expert, slot in zip(misses, free):
+        row = int(slot_of_expert[expert])
+        assert torch.equal(device_w13[slot].cpu(), host_w13[row]) and torch.equal(device_w2[slot].cpu(), host_w2[row])
+
+
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_deterministic(monkeypatch, path):
     _force_path(monkeypatch, path)

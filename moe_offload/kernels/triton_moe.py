@@ -93,14 +93,19 @@ def _expert_base(device_ptr, host_ptr, slot, num_device_slots, stride_slot):
 
 
 @triton.jit
-def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, host_w13_ptr, num_device_slots, act_ptr, H, I, top_k,
-                         stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr):
-    """act[p, n] = silu(gate(x_t)) * up(x_t) for pair p = (t, k) over one BLOCK_N slice of I."""
+def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, host_w13_ptr, num_device_slots, admit_ptr, act_ptr,
+                         H, I, top_k, stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr, ADMIT: tl.constexpr):
+    """act[p, n] = silu(gate(x_t)) * up(x_t) for pair p = (t, k) over one BLOCK_N slice of I.
+
+    ADMIT: the rows read are also written to device slot admit[expert] where that is >= 0 (read-through caching
+    of a miss read in place: the cache fills with no second read over PCIe)."""
     pair = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + tl.load(ids_ptr + pair)).to(tl.int64)
+    expert = tl.load(ids_ptr + pair)
+    slot = tl.load(slot_ptr + expert).to(tl.int64)
     if slot < 0:  # not in this pool; down writes the zero contribution
         return
+    admit = tl.load(admit_ptr + expert).to(tl.int64) if ADMIT else -1
     token = pair // top_k
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_n = offs_n < I
@@ -114,8 +119,15 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, host_w13_ptr, num_de
         mask_k = offs_k < H
         x = tl.load(x_ptr + token * stride_xt + offs_k * stride_xh, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
         mask = mask_n[:, None] & mask_k[None, :]
-        gate = tl.load(gate_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)  # [BN, BK]
-        up = tl.load(up_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)  # [BN, BK]
+        gate = tl.load(gate_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0)  # [BN, BK]
+        up = tl.load(up_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0)  # [BN, BK]
+        if ADMIT:
+            if admit >= 0:
+                into = w13_ptr + admit * stride_ws + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wh
+                tl.store(into, gate, mask=mask)
+                tl.store(into + I * stride_wn, up, mask=mask)
+        gate = gate.to(tl.float32)
+        up = up.to(tl.float32)
         acc_gate += tl.sum(gate * x[None, :], axis=1)
         acc_up += tl.sum(up * x[None, :], axis=1)
     act = _silu_mul(acc_gate, acc_up, act_ptr.dtype.element_ty, ROUND)  # [BN]
@@ -123,13 +135,15 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, host_w13_ptr, num_de
 
 
 @triton.jit
-def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, host_w2_ptr, num_device_slots, weight_ptr, out_ptr, H, I,
-                      stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
+def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, host_w2_ptr, num_device_slots, admit_ptr, weight_ptr,
+                      out_ptr, H, I, stride_ap, stride_ai, stride_ws, stride_wn, stride_wi, stride_op, stride_oh,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr,
-                      ROUND_PRODUCT: tl.constexpr, ZERO_ABSENT: tl.constexpr):
-    """out[p, n] = weight[p] * down(act[p]) for pair p over one BLOCK_N slice of H, in float32."""
+                      ROUND_PRODUCT: tl.constexpr, ZERO_ABSENT: tl.constexpr, ADMIT: tl.constexpr):
+    """out[p, n] = weight[p] * down(act[p]) for pair p over one BLOCK_N slice of H, in float32 (ADMIT: as in
+    _gate_up_gemv_kernel)."""
     pair = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + tl.load(ids_ptr + pair)).to(tl.int64)
+    expert = tl.load(ids_ptr + pair)
+    slot = tl.load(slot_ptr + expert).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_n = offs_n < H
     out_ptrs = out_ptr + pair * stride_op + offs_n * stride_oh  # [BN]
@@ -139,14 +153,19 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, host_w2_ptr, num_devic
         return
     w_ptrs = (_expert_base(w2_ptr, host_w2_ptr, slot, num_device_slots, stride_ws)
               + offs_n[:, None] * stride_wn)  # [BN, 1]
+    admit = tl.load(admit_ptr + expert).to(tl.int64) if ADMIT else -1
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask_k = offs_k < I
         a = tl.load(act_ptr + pair * stride_ap + offs_k * stride_ai, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-        w = tl.load(w_ptrs + offs_k[None, :] * stride_wi, mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)  # [BN, BK]
-        acc += tl.sum(w * a[None, :], axis=1)
+        mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptrs + offs_k[None, :] * stride_wi, mask=mask, other=0.0)  # [BN, BK]
+        if ADMIT:
+            if admit >= 0:
+                tl.store(w2_ptr + admit * stride_ws + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wi, w,
+                         mask=mask)
+        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     acc = _weighted(acc, tl.load(weight_ptr + pair).to(tl.float32), w2_ptr.dtype.element_ty, ROUND, ROUND_PRODUCT)
     tl.store(out_ptrs, acc, mask=mask_n)
 
@@ -290,7 +309,7 @@ def _rounding(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict[str, bool]:
 def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor, w13: torch.Tensor,
               w2: torch.Tensor, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None,
               contrib: torch.Tensor | None = None, host_w13: torch.Tensor | None = None,
-              host_w2: torch.Tensor | None = None) -> torch.Tensor:
+              host_w2: torch.Tensor | None = None, admit_slot_of_expert: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k top_k_weights[t, k] * expert_{top_k_ids[t, k]}(hidden[t]) over the experts that are in this pool.
 
     hidden [T, H]; top_k_ids [T, K] expert ids; top_k_weights [T, K]; w13 [S, 2I, H] (gate rows, then up rows);
@@ -301,6 +320,8 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     row, leaves the other rows alone and returns contrib: the caller runs every pool, then sums over K once, so
     the result does not depend on how experts were split over pools.
     With host_w13 [N, 2I, H] / host_w2 [N, H, I]: slots S..S+N-1 are their rows, read in place (zero-copy).
+    With admit_slot_of_expert [E] int32 (decode path only): an expert with a value d >= 0 is also written into
+    device slot d as it is read (read-through caching); d must not hold an expert this call reads.
     """
     # T = tokens, K = top-k, E = experts, S = slots, H = hidden, I = intermediate, P = T*K (token, k) pairs
     _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13, host_w2)
@@ -328,13 +349,19 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     act_strides, out_strides = act.stride(), contrib.stride()
     rounding = _rounding(hidden.dtype, top_k_weights.dtype)
 
+    admit = admit_slot_of_expert is not None
+    if admit and (num_pairs > DECODE_MAX_PAIRS or admit_slot_of_expert.shape != slot_of_expert.shape
+                  or admit_slot_of_expert.dtype != torch.int32):
+        raise ValueError("admit_slot_of_expert must be [E] int32, and only on the decode path")
     if num_pairs <= DECODE_MAX_PAIRS:
+        admit_slots = admit_slot_of_expert if admit else slot_of_expert  # never read when not admitting
         _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV_GATE_UP["BLOCK_N"]))](
-            hidden, ids, slot_of_expert, w13, host_w13, num_device_slots, act, hidden_size, inter, top_k,
-            *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **_GEMV_GATE_UP)
+            hidden, ids, slot_of_expert, w13, host_w13, num_device_slots, admit_slots, act, hidden_size, inter,
+            top_k, *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], ADMIT=admit, **_GEMV_GATE_UP)
         _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV_DOWN["BLOCK_N"]))](
-            act, ids, slot_of_expert, w2, host_w2, num_device_slots, weights, contrib, hidden_size, inter,
-            *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **_GEMV_DOWN)
+            act, ids, slot_of_expert, w2, host_w2, num_device_slots, admit_slots, weights, contrib, hidden_size,
+            inter, *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, ADMIT=admit,
+            **_GEMV_DOWN)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))

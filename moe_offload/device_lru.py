@@ -1,0 +1,81 @@
+"""LRU admission decided on the device, for zero-copy decode steps that must not sync with the host.
+
+policy.py's LRUPolicy decides on the host, which needs the step's expert ids there: a sync per layer, and no CUDA
+graph. Here the same decisions are made by tensor ops on the device. Every slot carries the stamp of its last
+use. A decode step takes its needed experts in ascending id, hits first, and gives them the newest stamps; its
+misses, in ascending id, take the oldest slots that the step does not need, while there are any. That is what
+SlotTable + LRUPolicy do for a step (tests/test_device_lru.py replays both over the same routing). The kernels
+write each admitted miss into its slot while they read it from host memory (triton_moe's read-through ADMIT),
+then commit() updates the maps; everything is ordered on the stream after the step's kernels, so a graph replay
+of the step does it all.
+
+Needs every expert of the layer in the host tier (an evicted expert is read in place from there afterwards) and
+one token per step (a decode step: its K experts are distinct).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_STRIDE = 1 << 16  # stamp = (step + 1) * _STRIDE + rank within the step (rank < K)
+
+
+class DeviceLRU:
+    """Slot stamps and maps of one layer; plan() before the step's kernels, commit() after them.
+
+    slot_of [E + 1] int32 (the layer's slot map, device slot or C + host row; entry E is a scratch target for
+    masked scatters), from_host [E + 1] int64 (1 where read in place), host_row [E] (every expert's host row),
+    slot_expert: the expert in each of the C slots, oldest use first (the host policy's order at load).
+    """
+
+    def __init__(self, slot_of: torch.Tensor, from_host: torch.Tensor, host_row: list[int],
+                 slot_expert_oldest_first: list[tuple[int, int]]):
+        device = slot_of.device
+        self.num_experts = slot_of.numel() - 1
+        self.capacity = len(slot_expert_oldest_first)
+        self.slot_of, self.from_host = slot_of, from_host
+        self.host_row = torch.tensor(host_row + [0], dtype=torch.long, device=device)  # [E + 1]
+        expert_in = [0] * (self.capacity + 1)
+        stamp = [0] * (self.capacity + 1)
+        for age, (slot, expert) in enumerate(slot_expert_oldest_first):  # older uses get smaller stamps
+            expert_in[slot], stamp[slot] = expert, age - self.capacity
+        self.slot_expert = torch.tensor(expert_in, dtype=torch.long, device=device)  # [C + 1]
+        self.stamp = torch.tensor(stamp, dtype=torch.long, device=device)  # [C + 1]
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.admit = torch.full((self.num_experts,), -1, dtype=torch.int32, device=device)  # [E] for the kernels
+        self._plan: tuple | None = None
+
+    def plan(self, ids: torch.Tensor) -> torch.Tensor:
+        """admit [E] int32 for a step needing `ids` [K] (distinct): the slot each admitted miss is written into."""
+        # K = experts of the step, C = slots, E = experts
+        capacity = self.capacity
+        needed = torch.sort(ids.reshape(-1)).values  # [K] ascending, like the host loop over expert ids
+        slots = self.slot_of[needed].long()  # [K]
+        resident = slots < capacity  # [K]
+        hit_rank = resident.long().cumsum(0) - 1  # [K]
+        miss_rank = (~resident).long().cumsum(0) - 1  # [K]
+        hits = resident.long().sum()  # device scalar
+        stamps = (self.step + 1) * _STRIDE + torch.where(resident, hit_rank, hits + miss_rank)  # [K] hits first
+        self.stamp.scatter_(0, torch.where(resident, slots, capacity), stamps)  # hits become the newest
+        oldest = torch.topk(self.stamp[:capacity], min(needed.numel(), capacity), largest=False).indices  # [K']
+        admitted = (~resident) & (miss_rank < capacity - hits)  # [K]: while unneeded slots are left
+        victim = oldest[miss_rank.clamp(0, oldest.numel() - 1)]  # [K]
+        self.admit.fill_(-1).scatter_(0, needed, torch.where(admitted, victim, -1).int())
+        self._plan = (needed, admitted, victim, stamps)
+        return self.admit
+
+    def commit(self) -> None:
+        """The admitted misses now live in their slots, the experts they replaced in the host tier."""
+        needed, admitted, victim, stamps = self._plan
+        capacity, experts = self.capacity, self.num_experts
+        into = torch.where(admitted, victim, capacity)  # [K] slot, or the scratch entry C
+        evicted = torch.where(admitted, self.slot_expert[into], experts)  # [K] expert, or the scratch entry E
+        self.slot_of.scatter_(0, evicted, (capacity + self.host_row[evicted]).int())
+        self.from_host.scatter_(0, evicted, torch.ones_like(evicted))
+        came_in = torch.where(admitted, needed, experts)  # [K]
+        self.slot_of.scatter_(0, came_in, victim.int())
+        self.from_host.scatter_(0, came_in, torch.zeros_like(came_in))
+        self.slot_expert.scatter_(0, into, needed)
+        self.stamp.scatter_(0, into, stamps)
+        self.step.add_(1)
+        self._plan = None

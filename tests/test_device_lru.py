@@ -1,0 +1,95 @@
+"""Device-side LRU admission (device_lru.py) against the host LRU it mirrors, and inside the engine.
+
+The device version must make exactly the decisions SlotTable + LRUPolicy make for the same decode steps (hits in
+ascending id first, then misses in ascending id, each taking the oldest slot the step does not need); inside
+the engine, misses admitted while read in place (the kernels' read-through) must leave every slot holding its
+expert's bytes and change no output bit.
+"""
+
+import random
+
+import pytest
+import torch
+
+from moe_offload import LLMPipeline
+from moe_offload.cache import SlotTable
+from moe_offload.device_lru import DeviceLRU
+from moe_offload.policy import LRUPolicy
+
+
+def _host_step(table: SlotTable, needed: list[int]) -> tuple[int, int]:
+    """What OffloadedExperts' general path does for one step: (hits, admitted)."""
+    hits = [e for e in sorted(needed) if table.lookup(e) is not None]
+    misses = [e for e in sorted(needed) if table.lookup(e) is None]
+    for expert in hits:
+        table.hit(expert)
+    admitted = sum(table.admit(expert, set(needed)) is not None for expert in misses)
+    return len(hits), admitted
+
+
+@pytest.mark.parametrize("experts,capacity,top_k", [(16, 4, 2), (16, 3, 4), (32, 8, 8), (8, 1, 2), (8, 7, 4)])
+def test_same_decisions_as_the_host_lru(experts, capacity, top_k):
+    rng = random.Random(experts * 100 + capacity * 10 + top_k)
+    table = SlotTable(capacity, LRUPolicy())
+    for expert in range(capacity):
+        table.admit(expert, ())
+    slot_map = torch.tensor([table.lookup(e) if table.lookup(e) is not None else capacity + e
+                             for e in range(experts)] + [0], dtype=torch.int32)  # host row = expert id
+    from_host = (slot_map >= capacity).long()
+    lru = DeviceLRU(slot_map, from_host, list(range(experts)),
+                    [(table.lookup(e), e) for e in table.policy.cached()])
+    hot = list(range(experts // 2))  # skewed routing, so that hits and evictions both happen
+    for _ in range(200):
+        needed = rng.sample(hot if rng.random() < 0.7 else range(experts), top_k)
+        hits, admitted = _host_step(table, needed)
+        ids = torch.tensor(needed)
+        admit = lru.plan(ids)
+        assert int((slot_map[ids] < capacity).sum()) == hits
+        assert int((admit >= 0).sum()) == admitted
+        lru.commit()
+        expected = [table.lookup(e) if table.lookup(e) is not None else capacity + e for e in range(experts)]
+        assert slot_map[:-1].tolist() == expected
+        assert from_host[:-1].tolist() == [int(s >= capacity) for s in expected]
+
+
+def test_engine_admits_misses_as_it_reads_them(checkpoint_factory):
+    """In the engine (zero-copy, Triton's interpreter on the CPU): the tokens of ratio 100, every slot holding its
+    expert's bytes, and the hits of the host LRU replayed over the same routing (decode steps admit; a prefill
+    neither admits nor touches recency)."""
+    pytest.importorskip("triton")
+    from tiny_models import VOCAB
+
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path = checkpoint_factory("qwen3_moe")
+    ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))  # [1, T]
+
+    def run(ratio: int, lru: bool):
+        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=ratio)
+        routes = {layer.layer: [] for layer in pipe.layers}
+        for layer in pipe.layers:
+            layer.fused_moe = fused_moe
+            assert layer.enable_direct(pipe.device, lru=lru) and (layer._lru is not None) == lru
+            layer.route_observer = lambda index, top_k: routes[index].append(top_k.reshape(-1).tolist())
+        tokens = pipe.generate_tokens(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        return pipe, tokens, routes
+
+    _, reference, _ = run(100, False)
+    pipe, tokens, routes = run(25, True)
+    assert torch.equal(tokens, reference)
+    replayed_hits = 0
+    for layer in pipe.layers:
+        table = SlotTable(layer.table.capacity, LRUPolicy())
+        for expert in range(layer.table.capacity):  # as loaded: experts 0..C-1
+            table.admit(expert, ())
+        for step, needed in enumerate(routes[layer.layer]):
+            if step == 0:  # the prefill
+                replayed_hits += sum(table.lookup(e) is not None for e in set(needed))
+            else:
+                replayed_hits += _host_step(table, needed)[0]
+        for expert, slot in enumerate(layer._direct_slots.tolist()):
+            if slot < layer.table.capacity:
+                gate_up, down = layer.host.get(expert)
+                assert torch.equal(layer.gate_up[slot], gate_up) and torch.equal(layer.down[slot], down)
+    stats = pipe.get_offload_stats()
+    assert stats["hits"] == replayed_hits and stats["experts_read_in_place"] == stats["misses"] > 0
