@@ -12,8 +12,10 @@ counters count each needed expert once: a hit if it was on the device, a miss ot
 Zero-copy (the Triton kernel on CUDA, every non-resident expert of the layer in the pinned host tier): the kernel
 reads misses in place from host memory over PCIe, as fast as copying them, so the layer runs as one launch set
 with no host sync and no slot traffic, and the decode step can be captured in a CUDA graph. The resident set
-then stays as loaded; prefill chunks with many tokens per expert (whose weights the grouped GEMM would read
-over PCIe once per M-block) still take the copy path, streaming through the scratch pool without admitting.
+then stays as loaded, or (MOE_ZERO_COPY=lru) decode misses are written into LRU victim slots as the kernels read
+them, LRU decided on the device (device_lru.py). Without LRU, prefill chunks with many tokens per expert (whose
+weights the grouped GEMM would read over PCIe once per M-block) take the copy path, streaming through the
+scratch pool without admitting.
 """
 
 from __future__ import annotations
