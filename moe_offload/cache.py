@@ -108,7 +108,6 @@ class OffloadedExperts:
         self._use_counts: torch.Tensor | None = None  # [E] int64: steps that needed each expert (device tally)
         self._lru: DeviceLRU | None = None  # zero-copy misses also admitted, LRU decided on the device
         self._tally: torch.Tensor | None = None  # [2] int64 (needed, read in place), per step, with _lru
-        self.admit_misses = True  # False once zero-copy is on: the resident set behind _direct_slots stays fixed
         self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
@@ -177,7 +176,6 @@ class OffloadedExperts:
         self._direct_slots, self._direct_from_host = slot_map[:-1], from_host[:-1]  # [E] views
         self._step_used = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
         self._use_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
-        self.admit_misses = False
         if (lru and 0 < capacity < self.num_experts and readable and len(self.host.row_of) == self.num_experts
                 and self.top_k <= 16):  # admission happens on the decode (GEMV) path: top_k <= DECODE_MAX_PAIRS
             oldest_first = [(self.table.lookup(e), e) for e in self.table.policy.cached()]
@@ -233,7 +231,8 @@ class OffloadedExperts:
         protected = set(needed)
         admitted, streamed = [], []
         for expert in misses:
-            slot = self.table.admit(expert, protected) if self.table.capacity and self.admit_misses else None
+            # with the direct path on, the host table must keep matching the fixed maps behind _direct_slots
+            slot = self.table.admit(expert, protected) if self.table.capacity and not self.direct else None
             if slot is None:
                 streamed.append(expert)
             else:

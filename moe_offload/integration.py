@@ -259,12 +259,16 @@ def host_budget(config: OffloadConfig) -> int:
     return available // 2
 
 
+def _top_k(site: ExpertsSite) -> int:
+    return int(getattr(site.module.config, "num_experts_per_tok", 1) or 1)
+
+
 def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[ExpertLocation]],
                             device: torch.device, dtype: torch.dtype, config: OffloadConfig,
                             progress: bool) -> list[OffloadedExperts]:
     max_bytes = max(loc.nbytes for layer in locations.values() for loc in layer)
     fetcher = ExpertFetcher(device, DiskTier(config.moe_io), max_bytes)
-    top_k = max(int(getattr(s.module.config, "num_experts_per_tok", 1) or 1) for s in sites)
+    top_k = max(_top_k(s) for s in sites)
     first = sites[0]
     scratch = ScratchPool(top_k, first.inter, first.hidden, dtype, device)
     per_layer_budget = host_budget(config) // len(sites)
@@ -293,8 +297,7 @@ def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: E
             batch = in_host[start:start + DISK_THREADS]
             fetcher.fetch(site.layer, None, [Transfer(e, locations[e], *host.get(e)) for e in batch])
             bar.update(len(batch))
-    top_k = int(getattr(site.module.config, "num_experts_per_tok", 1) or 1)
-    runtime = OffloadedExperts(site.layer, site.num_experts, top_k, site.inter, site.hidden, capacity, locations, host,
+    runtime = OffloadedExperts(site.layer, site.num_experts, _top_k(site), site.inter, site.hidden, capacity, locations, host,
                                fetcher, scratch, make_policy("lru"), dtype, device)
     runtime.preload(resident)
     bar.update(site.num_experts - (len(host.row_of) if host else 0))

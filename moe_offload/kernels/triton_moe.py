@@ -93,6 +93,14 @@ def _expert_base(device_ptr, host_ptr, slot, num_device_slots, stride_slot):
 
 
 @triton.jit
+def _admit_tile(pool_ptr, admit, stride_slot, offsets, tile, mask, ADMIT: tl.constexpr):
+    """Read-through caching: write a weight tile just read into device slot `admit` (>= 0), when ADMIT."""
+    if ADMIT:
+        if admit >= 0:
+            tl.store(pool_ptr + admit * stride_slot + offsets, tile, mask=mask)
+
+
+@triton.jit
 def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, host_w13_ptr, num_device_slots, admit_ptr, act_ptr,
                          H, I, top_k, stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_ap, stride_ai,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr, ADMIT: tl.constexpr):
@@ -121,11 +129,9 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w13_ptr, host_w13_ptr, num_de
         mask = mask_n[:, None] & mask_k[None, :]
         gate = tl.load(gate_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0)  # [BN, BK]
         up = tl.load(up_ptrs + offs_k[None, :] * stride_wh, mask=mask, other=0.0)  # [BN, BK]
-        if ADMIT:
-            if admit >= 0:
-                into = w13_ptr + admit * stride_ws + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wh
-                tl.store(into, gate, mask=mask)
-                tl.store(into + I * stride_wn, up, mask=mask)
+        tile = offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wh  # [BN, BK] offsets in an expert
+        _admit_tile(w13_ptr, admit, stride_ws, tile, gate, mask, ADMIT)
+        _admit_tile(w13_ptr, admit, stride_ws, tile + I * stride_wn, up, mask, ADMIT)
         gate = gate.to(tl.float32)
         up = up.to(tl.float32)
         acc_gate += tl.sum(gate * x[None, :], axis=1)
@@ -161,10 +167,8 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w2_ptr, host_w2_ptr, num_devic
         a = tl.load(act_ptr + pair * stride_ap + offs_k * stride_ai, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
         mask = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_ptrs + offs_k[None, :] * stride_wi, mask=mask, other=0.0)  # [BN, BK]
-        if ADMIT:
-            if admit >= 0:
-                tl.store(w2_ptr + admit * stride_ws + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wi, w,
-                         mask=mask)
+        _admit_tile(w2_ptr, admit, stride_ws, offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wi, w, mask,
+                    ADMIT)
         acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     acc = _weighted(acc, tl.load(weight_ptr + pair).to(tl.float32), w2_ptr.dtype.element_ty, ROUND, ROUND_PRODUCT)
     tl.store(out_ptrs, acc, mask=mask_n)
