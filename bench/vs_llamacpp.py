@@ -4,7 +4,8 @@ Both sides run on the same random Qwen3-30B-A3B-shaped checkpoint (bench/h200_of
 its bf16 GGUF (bench/llamacpp/convert_qwen3moe_gguf.py). Every configuration of either side runs as its own
 process while nvidia-smi is polled (bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is
 measured the same way for both: process memory, CUDA context included, over the idle reading before it.
-- ours: a 128-token prompt of random ids, then 32 greedy tokens (llama-bench -p 128 -n 32); one warm-up
+- ours: every variant (--variants: hybrid CPU+GPU misses, GPU only) at every ratio; the rows report --main.
+  A 128-token prompt of random ids, then 32 greedy tokens (llama-bench -p 128 -n 32); one warm-up
   generation, then the median of --repeats: prefill tok/s = 128 / (prompt to first token), decode tok/s = the
   later tokens / their time. The host tier holds every non-resident expert (zero-copy misses, CUDA graphs).
 - llama.cpp: llama-bench's own pp128 and tg32 averages (-r --repeats), -ngl 99 -ncmoe N.
@@ -36,6 +37,9 @@ sys.path.insert(0, HERE)
 
 RATIOS = (0, 25, 50, 75)
 TARGETS = {"decode_vs_llamacpp": 1.2, "prefill_vs_llamacpp": 3.0}
+# Our configurations (all with the host tier holding every non-resident expert: zero-copy misses, CUDA graphs):
+# misses split between the CPU and the GPU (hybrid.py), and every miss read in place by the GPU.
+VARIANTS = {"hybrid": {"MOE_CPU_EXPERTS": "auto"}, "gpu_only": {"MOE_CPU_EXPERTS": "off"}}
 
 
 def ncmoe_for(ratio: int, layers: int) -> int:
@@ -53,7 +57,7 @@ def ours_worker(spec: dict) -> dict:
     facts = bench.model_facts(spec["model_dir"])
     element = 2 if device.type == "cuda" else 4  # MOE_DTYPE auto: the bf16 checkpoint's dtype on CUDA, fp32 on CPU
     pipe = LLMPipeline(spec["model_dir"], str(device), MOE_OFFLOAD_RATIO=spec["ratio"], MOE_IO="pread",
-                       MOE_HOST_CACHE=bench.host_tier_bytes(facts, element))
+                       MOE_HOST_CACHE=bench.host_tier_bytes(facts, element), **spec["properties"])
     ids = bench.prompt_ids(facts["config"]["vocab_size"], spec["prompt"]).to(device)
     deadline = time.perf_counter() + spec["seconds"]
     bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe)  # warm-up: compile, capture
@@ -65,15 +69,17 @@ def ours_worker(spec: dict) -> dict:
             "prefill_tok_s": statistics.median(spec["prompt"] / r["ttft_s"] for r in runs),
             "allocator_peak_device_bytes": max(r["peak_device_bytes"] or 0 for r in runs) or None,
             "zero_copy_layers": stats["zero_copy_layers"], "cuda_graph_steps": stats["cuda_graph_steps"],
+            "experts_computed_on_cpu": stats["experts_computed_on_cpu"],
+            "experts_read_in_place": stats["experts_read_in_place"], "cpu_expert_split": stats["cpu_expert_split"],
             "runs": runs}
 
 
-def run_ours(args, ratio: int) -> dict:
+def run_ours(args, ratio: int, properties: dict) -> dict:
     """Our side at one ratio, in a child process, with device memory polled from outside like llama.cpp's."""
     from run_llama_bench import PeakMemory, gpu_memory_used_bytes
 
     spec = {"model_dir": args.model_dir, "device": args.device, "ratio": ratio, "prompt": args.prompt,
-            "gen": args.gen, "repeats": args.repeats, "seconds": args.timeout}
+            "gen": args.gen, "repeats": args.repeats, "seconds": args.timeout, "properties": properties}
     baseline = gpu_memory_used_bytes()
     poller = PeakMemory().start() if baseline is not None else None
     started = time.perf_counter()
@@ -97,7 +103,9 @@ def ratio_of(value, other):
     return value / other if value and other else None
 
 
-def build_rows(ours: dict[int, dict], llamacpp: dict[int, dict], layers: int) -> list[dict]:
+def build_rows(ours: dict[int, dict], llamacpp: dict[int, dict], layers: int,
+               variants: dict[str, dict[int, dict]] | None = None) -> list[dict]:
+    """The issue's rows from our main variant (`ours`) and llama.cpp; every variant's numbers ride along."""
     rows = []
     for ratio, mine in sorted(ours.items()):
         theirs = llamacpp.get(ncmoe_for(ratio, layers), {})
@@ -115,6 +123,10 @@ def build_rows(ours: dict[int, dict], llamacpp: dict[int, dict], layers: int) ->
             "prefill": None if row["prefill_vs_llamacpp"] is None
             else row["prefill_vs_llamacpp"] >= TARGETS["prefill_vs_llamacpp"],
             "memory": None if None in memory else memory[0] <= memory[1]}
+        if variants:
+            row["ours_by_variant"] = {name: {key: runs.get(ratio, {}).get(key) for key in
+                                             ("decode_tok_s", "prefill_tok_s", "peak_device_bytes")}
+                                      for name, runs in variants.items()}
         rows.append(row)
     return rows
 
@@ -131,10 +143,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="write and use the tiny model; our side on the CPU")
+    parser.add_argument("--variants", default=json.dumps(VARIANTS),
+                        help="JSON {name: properties}: our configurations, each run at every ratio")
+    parser.add_argument("--main", default=None, help="the variant the rows report (default: the first)")
     parser.add_argument("--out", required=False)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
+    args.variants = json.loads(args.variants)
+    args.main = args.main or next(iter(args.variants))
+    if args.main not in args.variants:
+        parser.error(f"--main {args.main!r} is not one of the variants {list(args.variants)}")
     return args
 
 
@@ -152,11 +171,13 @@ def main(argv=None) -> int:
         bench.generate_model(args.model_dir, bench.SPECS["tiny"], torch.device("cpu"))
     layers = bench.model_facts(args.model_dir)["moe_layers"]
     ratios = [int(r) for r in args.ratios.split(",") if r.strip()]
-    ours = {}
+    variants: dict[str, dict[int, dict]] = {name: {} for name in args.variants}
     for ratio in ratios:
-        ours[ratio] = run_ours(args, ratio)
-        print(f"ours ratio {ratio:3d}: decode {ours[ratio].get('decode_tok_s') or 0:8.2f} tok/s, prefill "
-              f"{ours[ratio].get('prefill_tok_s') or 0:9.1f} tok/s, rc {ours[ratio]['returncode']}", flush=True)
+        for name, properties in args.variants.items():
+            run = variants[name][ratio] = run_ours(args, ratio, properties)
+            print(f"ours {name} ratio {ratio:3d}: decode {run.get('decode_tok_s') or 0:8.2f} tok/s, prefill "
+                  f"{run.get('prefill_tok_s') or 0:9.1f} tok/s, rc {run['returncode']}", flush=True)
+    ours = variants[args.main]
     llamacpp = {}
     if args.llama_bench and args.gguf:
         import run_llama_bench
@@ -166,15 +187,15 @@ def main(argv=None) -> int:
         llamacpp = {row["ncmoe"]: row for row in sweep}
     report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model_dir": args.model_dir,
               "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt, "gen_tokens": args.gen,
-              "repeats": args.repeats, "targets": TARGETS,
+              "repeats": args.repeats, "targets": TARGETS, "variants": args.variants, "main_variant": args.main,
               "memory_rule": "nvidia-smi process memory over the idle reading, polled every 50 ms, both sides",
-              "rows": build_rows(ours, llamacpp, layers), "ours": ours, "llamacpp": llamacpp}
+              "rows": build_rows(ours, llamacpp, layers, variants), "ours": variants, "llamacpp": llamacpp}
     for row in report["rows"]:
         print(json.dumps({k: row[k] for k in ("ratio", "ncmoe", "decode_vs_llamacpp", "prefill_vs_llamacpp")}))
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=1)
-    return 0 if all(r["returncode"] == 0 for r in ours.values()) else 1
+    return 0 if all(r["returncode"] == 0 for runs in variants.values() for r in runs.values()) else 1
 
 
 if __name__ == "__main__":

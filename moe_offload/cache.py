@@ -21,13 +21,16 @@ scratch pool without admitting.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Callable, Collection
 
 import torch
 
 from .checkpoint import ExpertLocation
+from .cpu_experts import CpuExperts
 from .device_lru import DeviceLRU
+from .hybrid import CpuShare
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy
 from .tiers import HostTier
@@ -83,6 +86,7 @@ class ScratchPool:
 # Above this many (token, k) pairs per expert, a zero-copy layer copies its misses instead: the grouped GEMM
 # reads an expert's weights once per 64-row M-block, which is once per copy only up to here.
 ZERO_COPY_MAX_PAIRS_PER_EXPERT = 64
+_DECODE_MAX_PAIRS = 16  # kernels.triton_moe.DECODE_MAX_PAIRS (not imported: that module needs triton)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class LayerCounters:
     hits: int = 0
     misses: int = 0
     read_in_place: int = 0  # misses the kernel read straight from pinned host memory (zero-copy)
+    computed_on_cpu: int = 0  # misses computed by the CPU where they lie in the host tier (hybrid.py)
 
 
 class OffloadedExperts:
@@ -112,6 +117,8 @@ class OffloadedExperts:
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
         self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
+        self.cpu_share: CpuShare | None = None  # decode misses partly computed on the CPU (hybrid.py)
+        self._hybrid_slots: torch.Tensor | None = None  # [E + 1] int32: _direct_slots, then -1 (a CPU pair)
 
     @property
     def counters(self) -> LayerCounters:
@@ -128,11 +135,16 @@ class OffloadedExperts:
             self._counters.misses += in_place
             self._counters.read_in_place += in_place
             self._use_counts.zero_()
+        if self.cpu_share is not None:
+            on_cpu = int(self.cpu_share.tally)
+            self.cpu_share.tally.zero_()
+            self._counters.read_in_place -= on_cpu
+            self._counters.computed_on_cpu += on_cpu
         return self._counters
 
     def reset_counters(self) -> None:
         self._counters = LayerCounters()
-        for tally in (self._use_counts, self._tally):
+        for tally in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None):
             if tally is not None:
                 tally.zero_()
 
@@ -177,12 +189,44 @@ class OffloadedExperts:
         self._step_used = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
         self._use_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
         if (lru and 0 < capacity < self.num_experts and readable and len(self.host.row_of) == self.num_experts
-                and self.top_k <= 16):  # admission happens on the decode (GEMV) path: top_k <= DECODE_MAX_PAIRS
+                and self.top_k <= _DECODE_MAX_PAIRS):  # admission happens on the decode (GEMV) path
             oldest_first = [(self.table.lookup(e), e) for e in self.table.policy.cached()]
             self._lru = DeviceLRU(slot_map, from_host, [self.host.row_of[e] for e in range(self.num_experts)],
                                   oldest_first)
             self._tally = torch.zeros(2, dtype=torch.long, device=device)
         return True
+
+    def enable_cpu_share(self, split: list[int], runner: CpuExperts) -> bool:
+        """Compute some decode misses on the CPU (hybrid.py), n_cpu = split[misses] of them per step; returns
+        whether it is on. Needs the zero-copy path with a fixed resident set (the CPU reads the host tier)."""
+        if not self.zero_copy or self._lru is not None or self.top_k > _DECODE_MAX_PAIRS:
+            return False
+        device = self._direct_slots.device
+        self.cpu_share = CpuShare(self.host, self.num_experts, self.top_k, self.hidden, split, runner, device)
+        self._hybrid_slots = torch.cat([self._direct_slots, self._direct_slots.new_full((1,), -1)])  # [E + 1]
+        return True
+
+    def time_in_place(self, rows: list[int]) -> float:
+        """Seconds for the kernels to compute one token over these host-tier rows, read in place (hybrid's
+        cost model)."""
+        device = self._direct_slots.device
+        capacity = self.table.capacity
+        hidden = torch.randn((1, self.hidden), dtype=self.gate_up.dtype, device=device) * 0.1  # [1, H]
+        ids = torch.arange(len(rows), device=device).view(1, -1)  # [1, m]
+        slots = torch.tensor([capacity + row for row in rows], dtype=torch.int32, device=device)  # [m]
+        weights = torch.ones((1, len(rows)), dtype=torch.float32, device=device)  # [1, m]
+        if device.type != "cuda":
+            start = time.perf_counter()
+            self.fused_moe(hidden, ids, weights, self.gate_up, self.down, slots, host_w13=self.host.gate_up,
+                           host_w2=self.host.down)
+            return time.perf_counter() - start
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        events[0].record()
+        self.fused_moe(hidden, ids, weights, self.gate_up, self.down, slots, host_w13=self.host.gate_up,
+                       host_w2=self.host.down)
+        events[1].record()
+        events[1].synchronize()
+        return events[0].elapsed_time(events[1]) / 1000
 
     @property
     def device_bytes(self) -> int:
@@ -206,7 +250,7 @@ class OffloadedExperts:
         if self.route_observer is not None:
             self.route_observer(self.layer, top_k_index)
         if self.sync_free(num_tokens * top_k):
-            return self._forward_direct(hidden_states, top_k_index, top_k_weights)
+            return self._forward_direct(hidden_states, top_k_index, top_k_weights, act_fn)
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the one host sync
         needed = [expert for expert, count in enumerate(counts) if count]
 
@@ -255,7 +299,7 @@ class OffloadedExperts:
         return result().to(hidden_states.dtype)
 
     def _forward_direct(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                        top_k_weights: torch.Tensor) -> torch.Tensor:
+                        top_k_weights: torch.Tensor, act_fn: Callable) -> torch.Tensor:
         """One kernel launch set over the slot pool and the host tier in place; no host sync, so the step can be
         captured in a CUDA graph. Same kernel, rows and K-sum as the general path: the same bits."""
         num_tokens, top_k = top_k_index.shape  # [T, K]
@@ -270,6 +314,14 @@ class OffloadedExperts:
             self._tally[1].add_((self._step_used * self._direct_from_host).sum())
         else:  # fixed maps: split on demand (counters)
             self._use_counts.add_(self._step_used)
+        if self.cpu_share is not None and num_tokens == 1:
+            def gpu_share(ids: torch.Tensor) -> torch.Tensor:  # ids [1, K], E where the CPU computes
+                return self.fused_moe(hidden_states, ids, top_k_weights, self.gate_up, self.down, self._hybrid_slots,
+                                      contrib=contrib, host_w13=host.gate_up, host_w2=host.down)
+
+            contrib = self.cpu_share.forward(hidden_states, top_k_index, top_k_weights,
+                                             self._direct_from_host[top_k_index], gpu_share, act_fn)  # [K, H]
+            return contrib.sum(dim=0, keepdim=True).to(hidden_states.dtype)  # [1, H]
         admit = self._lru.plan(top_k_index) if self._lru is not None and num_tokens == 1 else None
         self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
                        contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None,

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
+from .cpu_experts import CpuExperts
 from .errors import MoeOffloadError
+from .hybrid import all_on_cpu, measured_split
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
@@ -245,8 +247,28 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
         runtime.fused_moe = kernel
         if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
             runtime.enable_direct(device, lru=config.moe_zero_copy == "lru")
+    if config.moe_cpu_experts != "off":
+        _enable_cpu_experts(runtimes, sites, config.moe_cpu_experts, device)
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
+
+
+def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], mode: str,
+                        device: torch.device) -> None:
+    """Hybrid decode (hybrid.py) in every zero-copy layer: one split table for all, measured on the first
+    such layer ("auto", CUDA only: on a CPU device every expert already runs on the CPU) or all misses ("all")."""
+    candidates = [(r, s) for r, s in zip(runtimes, sites) if r.zero_copy]
+    if not candidates or (mode == "auto" and device.type != "cuda"):
+        return
+    runner = CpuExperts(threads=max(1, torch.get_num_threads() - 1))  # a core left to the thread driving the GPU
+    first, site = candidates[0]
+    if mode == "all":
+        split = all_on_cpu(first.top_k)
+    else:
+        split, _costs = measured_split(first.host, first.num_experts, first.top_k, first.hidden, runner,
+                                       first.time_in_place, site.module.act_fn)
+    for runtime, _site in candidates:
+        runtime.enable_cpu_share(split, runner)
 
 
 def host_budget(config: OffloadConfig) -> int:

@@ -15,6 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
+from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
 from .integration import build_offloaded_model, check_supported
 
@@ -68,6 +69,8 @@ class LLMPipeline:
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
         self.model, self.layers = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config,
                                                          progress)
+        # before the decoder: its CUDA graphs capture whatever kernels the model launches
+        self.fused_dense_ops = fuse_dense_ops(self.model) if self.config.moe_fuse_dense == "auto" else []
         self.tokenizer = self._load_tokenizer()
         self._closed = False
         self.decoder = StaticDecoder(self.model, self.device, use_graph=self.config.moe_cuda_graph == "auto",
@@ -119,9 +122,17 @@ class LLMPipeline:
         if static:
             new = self.decoder.generate(input_ids, kwargs["max_new_tokens"], kwargs.get("min_new_tokens") or 0,
                                         streamer=streamer)
+            self._check_cpu_experts()
             return torch.tensor(new, dtype=torch.long)
         output = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **kwargs)
+        self._check_cpu_experts()
         return output[0, input_ids.shape[1]:].cpu()
+
+    def _check_cpu_experts(self) -> None:
+        """Raise what the CPU expert path's host functions caught (they cannot raise where they run)."""
+        for layer in self.layers:
+            if layer.cpu_share is not None:
+                layer.cpu_share.check()
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64,
@@ -183,6 +194,11 @@ class LLMPipeline:
             "experts_read_in_place": sum(c.read_in_place for c in counters),
             "bytes_read_in_place": sum(c.read_in_place * layer.expert_bytes
                                        for c, layer in zip(counters, self.layers)),
+            # misses computed by the CPU in the host tier (MOE_CPU_EXPERTS): their bytes never cross PCIe
+            "experts_computed_on_cpu": sum(c.computed_on_cpu for c in counters),
+            "cpu_expert_layers": sum(layer.cpu_share is not None for layer in self.layers),
+            "cpu_expert_split": next((layer.cpu_share.split_table for layer in self.layers if layer.cpu_share),
+                                     None),
             "per_layer": [{"layer": layer.layer, "hits": c.hits, "misses": c.misses,
                            "experts_read_in_place": c.read_in_place,
                            "experts_from_host": stats.per_layer.get(layer.layer, {}).get("host", 0),
@@ -194,6 +210,7 @@ class LLMPipeline:
             "cuda_graph_steps": self.decoder.steps_replayed if self.decoder else 0,
             "cuda_graph_prefills": self.decoder.prefills_replayed if self.decoder else 0,
             "cuda_graph_failure": self.decoder.graph_failure if self.decoder else None,
+            "fused_dense_ops": self.fused_dense_ops,
         }
 
     def reset_offload_stats(self) -> None:

@@ -1,29 +1,15 @@
 """fused_moe (Triton) against fused_moe_reference (eager torch), in vLLM's fused_moe test style.
 
-With CUDA: the full grid on the GPU. Without: a small-shape subset in Triton's interpreter on the CPU
-(TRITON_INTERPRET must be set before triton is first imported). The interpreter gets bfloat16 wrong in two ways:
-tl.dot multiplies the raw bit patterns (triton-lang/triton#11584) and float32 -> bfloat16 casts truncate where
-GPUs round to nearest even. `_gpu_like_bf16` patches both for the duration of each test; if the interpreter's
-internals have moved, bf16 runs the prefill path on the GPU only, as before.
+With CUDA: the full grid on the GPU. Without: a small-shape subset in Triton's interpreter on the CPU, with
+bfloat16 dots and casts patched to behave as on a GPU (triton_interp.py, imported before triton); if the
+interpreter's internals have moved, bf16 runs the prefill path on the GPU only, as before.
 """
-
-import os
-import sys
 
 import pytest
 import torch
+from triton_interp import BF16_PATCHES, CUDA, gpu_like_bf16  # first: sets TRITON_INTERPRET before triton loads
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":  # its tl.* helpers are compiled-only
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1; set it in the environment",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-
-import numpy as np  # noqa: E402
-
-from moe_offload.kernels import triton_moe  # noqa: E402
+from moe_offload.kernels import triton_moe
 
 DEVICE = "cuda" if CUDA else "cpu"
 NUM_EXPERTS = [8, 64, 128]
@@ -43,42 +29,9 @@ if not CUDA:  # the interpreter runs each program in Python: small shapes only
     PATHS = ["decode", "prefill"]
 
 
-def _interpreter_bf16_patches():
-    """{name: replacement} for Triton's InterpreterBuilder that make bf16 behave as on a GPU, or None."""
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-        builder, handle = interpreter.InterpreterBuilder, interpreter.TensorHandle
-        create_dot, cast_impl = builder.create_dot, builder.cast_impl
-    except (ImportError, AttributeError):
-        return None
-
-    def widen(h):  # bf16 (stored as uint16) -> the exact float32
-        if h.dtype.scalar != tl.bfloat16:
-            return h
-        return handle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def dot(self, a, b, d, *args, **kwargs):
-        return create_dot(self, widen(a), widen(b), d, *args, **kwargs)
-
-    def cast(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:  # round to nearest even
-            bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
-            return handle(((bits + ((bits >> 16) & 1) + 0x7FFF) >> 16).astype(np.uint16), tl.bfloat16)
-        return cast_impl(self, src, dst_type)
-
-    return builder, {"create_dot": dot, "cast_impl": cast}
-
-
-BF16_PATCHES = None if CUDA else _interpreter_bf16_patches()
-
-
 @pytest.fixture(autouse=True)
 def _gpu_like_bf16(monkeypatch):
-    if BF16_PATCHES is not None:
-        builder, patches = BF16_PATCHES
-        for name, replacement in patches.items():
-            monkeypatch.setattr(builder, name, replacement)
+    gpu_like_bf16(monkeypatch)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,9 @@
 # llama-bench over -ncmoe with peak GPU memory. Each step prints its seconds; results go to $OUT (or bench/results).
 #
 # Usage: bash bench/llamacpp/h200_llamacpp.sh      env: WORK (/tmp/llamacpp), MODEL (/tmp/moe-offload-bench/full),
-#        NCMOE (0,3,6,9,12), REPEATS (3), LAYERS (12: the gen phase's default), SKIP_CHECK / SKIP_GEN (unset)
+#        NCMOE (0,3,6,9,12), REPEATS (3), LAYERS (12: the gen phase's default), SKIP_CHECK / SKIP_GEN (unset),
+#        SKIP_SWEEP (unset: set it to stop after the conversion, e.g. to sweep in a second call with
+#        bench/vs_llamacpp.py; a rerun skips the finished build)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-/tmp/llamacpp}
@@ -49,6 +51,7 @@ fi
 step "convert"
 python3 "$REPO/bench/llamacpp/convert_qwen3moe_gguf.py" "$MODEL" "$MODEL.gguf" --llama-cpp "$WORK/llama.cpp" | tail -1
 
+[ -z "${SKIP_SWEEP:-}" ] || { step "done (no sweep): $MODEL.gguf, $BENCH"; exit 0; }
 step "llama-bench over -ncmoe $NCMOE"
 python3 "$REPO/bench/llamacpp/run_llama_bench.py" --llama-bench "$BENCH" -m "$MODEL.gguf" --ncmoe "$NCMOE" \
     -p 128 -n 32 -r "$REPEATS" --out "$RESULTS/llamacpp-ncmoe.json"

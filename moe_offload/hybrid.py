@@ -1,0 +1,230 @@
+"""Hybrid decode: a zero-copy layer's missed experts split between the CPU and the GPU, both working at once.
+
+Why: on the H200 machine the GPU reads experts left in pinned host memory over PCIe at ~50 GB/s, and the CPU
+computes one-token experts from that same memory at ~28 GB/s (torch on 16 cores; cpu_experts.py). Together they
+move more bytes per second than either alone, up to what the host DRAM gives (~85 GB/s plain read there). In a
+one-token decode step the layer's misses are split by count: the first n_cpu of them (in top-k order) are
+computed on the CPU where their weights lie, the rest are read in place by the GPU kernels; hits stay on the GPU.
+n_cpu comes from a table over the number of misses (policy: cpu_experts.split_misses on costs measured at load,
+so that both sides finish together).
+
+How, with no host sync (the decode step stays one CUDA graph): the GPU packs the layer's hidden state, the
+host-tier rows of the CPU's experts and the routing weights into one device buffer; on a side stream that buffer
+is copied to a pinned mailbox, a host function (cuLaunchHostFunc, which stream capture records as a graph host
+node) computes the CPU's experts from the mailbox into pinned outputs, and those are copied back. The main
+stream runs the GPU's share meanwhile; the streams join before the K outputs are summed in the usual fixed
+order. CUDA orders every piece: nothing polls, nothing waits on the host.
+
+Numerics: a CPU-computed expert rounds the same intermediates as the GPU kernels but accumulates in another
+order, so outputs can differ from the all-GPU run by an ulp here and there (cpu_experts.py): the CPU path is
+judged by the tolerance rule, not by bit-identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .cpu_experts import Cost, CpuExperts, split_misses
+from .errors import MoeOffloadError
+from .tiers import HostTier, pin_for_lifetime
+
+_HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_driver_lib = None
+
+
+def _driver():
+    """libcuda, for cuLaunchHostFunc (torch exposes no binding for it)."""
+    global _driver_lib
+    if _driver_lib is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as err:
+            raise MoeOffloadError(f"the CPU expert path needs the CUDA driver library: {err}") from None
+        lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, _HOST_FN, ctypes.c_void_p]
+        lib.cuLaunchHostFunc.restype = ctypes.c_int
+        _driver_lib = lib
+    return _driver_lib
+
+
+class HostFunction:
+    """A Python callable run in stream order: after the stream's earlier work, before its later work.
+
+    On CUDA it goes through cuLaunchHostFunc on a driver thread (it must not call CUDA itself); an exception
+    there cannot propagate, so it is kept in `error` for the caller to raise (check()). Without a stream it runs
+    at once.
+    """
+
+    def __init__(self, fn: Callable[[], None]):
+        self.error: BaseException | None = None
+
+        def trampoline(_user_data):
+            try:
+                fn()
+            except BaseException as err:  # an exception escaping into the driver's thread would abort
+                self.error = err
+
+        self._fn = fn
+        self._trampoline = _HOST_FN(trampoline)  # kept alive here: the driver only holds its address
+
+    def launch(self, stream: torch.cuda.Stream | None) -> None:
+        if stream is None:
+            self._fn()
+            return
+        status = _driver().cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), self._trampoline, None)
+        if status != 0:
+            raise RuntimeError(f"cuLaunchHostFunc failed (CUresult {status})")  # a graph capture falls back
+
+    def check(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise MoeOffloadError(f"the CPU expert path failed: {error!r}") from error
+
+
+class CpuShare:
+    """One layer's CPU side of hybrid decode: mailbox, CPU experts and their outputs (see the module docstring).
+
+    host: the layer's host tier (pinned on CUDA), read in place by the CPU. split: n_cpu for 0..K misses.
+    """
+
+    def __init__(self, host: HostTier, num_experts: int, top_k: int, hidden: int, split: list[int],
+                 runner: CpuExperts, device: torch.device):
+        if len(split) != top_k + 1 or any(not 0 <= n <= m for m, n in enumerate(split)):
+            raise MoeOffloadError(f"split table must give 0 <= n_cpu <= misses for 0..{top_k} misses, got {split}")
+        self.host, self.top_k, self.hidden, self.runner, self.device = host, top_k, hidden, runner, device
+        self.split_table = list(split)
+        self.split = torch.tensor(split, dtype=torch.long, device=device)  # [K + 1]
+        rows = [host.row_of.get(e, -1) for e in range(num_experts)]
+        self.host_rows = torch.tensor(rows, dtype=torch.long, device=device)  # [E] host-tier row or -1
+        on_cuda = device.type == "cuda"
+        self._pages: list[mmap.mmap] = []  # backing memory of the pinned buffers
+        # [H + 2K] float32: hidden state (widened, exact), host row of each pair's expert (-1: not the CPU's),
+        # routing weight of each pair (widened, exact)
+        self._packed = torch.empty(hidden + 2 * top_k, dtype=torch.float32, device=device)
+        self._mailbox = self._host_buffer(hidden + 2 * top_k, on_cuda)  # [H + 2K]
+        self._out_host = self._host_buffer(top_k * hidden, on_cuda).view(top_k, hidden)  # [K, H]
+        self._out = torch.zeros((top_k, hidden), dtype=torch.float32, device=device)  # [K, H]
+        self._stream = torch.cuda.Stream(device) if on_cuda else None
+        self._dtype = self._weight_dtype = None  # set by launch(); constant for a model
+        self._act_fn: Callable | None = None
+        self._function = HostFunction(self._compute)
+        self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
+
+    def _host_buffer(self, numel: int, pin: bool) -> torch.Tensor:
+        """A zeroed float32 host buffer; on CUDA page-locked by cudaHostRegister on pages of its own.
+
+        Not torch's pinned allocator: its non_blocking copies record events on the block, which graph capture
+        must not do (the buffers are copied from inside the decode graph)."""
+        if not pin:
+            return torch.zeros(numel, dtype=torch.float32)
+        pages = mmap.mmap(-1, -(-4 * numel // mmap.PAGESIZE) * mmap.PAGESIZE)  # anonymous: zeroed, page-aligned
+        self._pages.append(pages)
+        tensor = torch.frombuffer(pages, dtype=torch.float32, count=numel)
+        if pin_for_lifetime(self, [tensor]) is None:
+            raise MoeOffloadError("cannot page-lock the CPU expert path's buffers (cudaHostRegister failed)")
+        return tensor
+
+    def _compute(self) -> None:
+        """On the host, in stream order: the CPU's experts of the mailbox's step into _out_host rows."""
+        mailbox, hidden_size, top_k = self._mailbox, self.hidden, self.top_k
+        rows = mailbox[hidden_size:hidden_size + top_k].long()  # [K]
+        pairs = (rows >= 0).nonzero().flatten().tolist()
+        if not pairs:
+            return
+        hidden = mailbox[:hidden_size].to(self._dtype).unsqueeze(0).expand(len(pairs), -1)  # [n, H]
+        weights = mailbox[hidden_size + top_k:][pairs].to(self._weight_dtype)  # [n]
+        slots = rows[pairs].tolist()
+        out = self.runner(hidden, weights, self.host.gate_up, self.host.down, slots, [1] * len(pairs),
+                          self._act_fn)  # [n, H]
+        self._out_host[pairs] = out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                from_host: torch.Tensor, gpu_share: Callable[[torch.Tensor], torch.Tensor],
+                act_fn: Callable) -> torch.Tensor:
+        """contrib [K, H] float32 for one token: the CPU's pairs from the CPU, the others from gpu_share.
+
+        hidden_states [1, H]; top_k_index / top_k_weights / from_host [1, K] (from_host: 1 = read from the host
+        tier). gpu_share(ids [1, K]) runs the GPU kernels with the CPU's pairs' ids replaced by E (a slot of -1:
+        skipped) and returns their contrib rows.
+        """
+        # K = top-k, H = hidden, E = routed experts
+        self._dtype, self._weight_dtype, self._act_fn = hidden_states.dtype, top_k_weights.dtype, act_fn
+        top_k = self.top_k
+        n_cpu = self.split.index_select(0, from_host.sum().view(1))  # [1] misses the CPU computes
+        cpu_pair = (from_host > 0) & (from_host.cumsum(-1) <= n_cpu)  # [1, K] the first n_cpu misses
+        rows = torch.where(cpu_pair, self.host_rows[top_k_index], -1)  # [1, K]
+        torch.cat([hidden_states.reshape(-1).float(), rows.reshape(-1).float(), top_k_weights.reshape(-1).float()],
+                  out=self._packed)  # [H + 2K]
+        self.tally.add_(cpu_pair.sum())
+        with self._side_stream():
+            self._mailbox.copy_(self._packed, non_blocking=True)
+            self._function.launch(self._stream)
+            self._out.copy_(self._out_host, non_blocking=True)
+        contrib = gpu_share(top_k_index.masked_fill(cpu_pair, self.host_rows.numel()))  # [K, H]
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        return torch.where(cpu_pair.view(top_k, 1), self._out, contrib)  # [K, H]
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Run the block on the side stream, after the main stream's work so far (a no-op off CUDA)."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
+
+    def check(self) -> None:
+        """Raise the CPU side's error, if its host function failed since the last check."""
+        self._function.check()
+
+
+def all_on_cpu(top_k: int) -> list[int]:
+    """Split table that sends every miss to the CPU (MOE_CPU_EXPERTS=all)."""
+    return list(range(top_k + 1))
+
+
+def measured_split(host: HostTier, num_experts: int, top_k: int, hidden: int, runner: CpuExperts,
+                   gpu_time: Callable[[list[int]], float], act_fn: Callable, repeats: int = 5) -> tuple[list[int], dict]:
+    """Split table from costs measured now: the CPU computing 1 and K experts, the GPU reading 1 and K in place
+    (gpu_time(host rows) -> seconds), each fitted as per-call + per-expert cost; returns (table, costs).
+
+    Each repeat uses other host rows, so neither side times weights already in its caches (the H200 machine's
+    CPU has 300 MiB of L3). Measured apart, both sides read faster than they will side by side from one DRAM.
+    """
+    rows = sorted(host.row_of.values())
+    if len(rows) < top_k:
+        raise MoeOffloadError("the host tier holds fewer experts than top-k: nothing to measure the CPU on")
+    x = torch.randn((top_k, hidden), dtype=host.gate_up.dtype) * 0.1  # [K, H]
+    weights = torch.ones(top_k, dtype=torch.float32)
+    cursor = [0]
+
+    def next_rows(count: int) -> list[int]:
+        picked = [rows[(cursor[0] + i) % len(rows)] for i in range(count)]
+        cursor[0] += count
+        return picked
+
+    def cpu_time(count: int) -> float:
+        picked = next_rows(count)
+        start = time.perf_counter()
+        runner(x[:count], weights[:count], host.gate_up, host.down, picked, [1] * count, act_fn)
+        return time.perf_counter() - start
+
+    def fit(timer: Callable[[int], float]) -> Cost:
+        timer(top_k)  # warm-up
+        one = statistics.median(timer(1) for _ in range(repeats))
+        many = statistics.median(timer(top_k) for _ in range(repeats))
+        per_expert = max(many - one, 0.0) / max(top_k - 1, 1)
+        return Cost(per_call_s=max(one - per_expert, 0.0), per_expert_s=per_expert)
+
+    cpu = fit(cpu_time)
+    gpu = fit(lambda count: gpu_time(next_rows(count)))
+    table = [split_misses(misses, cpu, gpu) for misses in range(top_k + 1)]
+    return table, {"cpu": cpu.__dict__, "gpu": gpu.__dict__}

@@ -1,0 +1,62 @@
+"""Triton kernels under test on a machine without CUDA: the interpreter, made to round bfloat16 like a GPU.
+
+Import this before anything imports triton (test modules do so at their top): without CUDA it sets
+TRITON_INTERPRET=1, or skips the importing test module if triton was already imported compiled-only. The
+interpreter gets bfloat16 wrong in two ways: tl.dot multiplies the raw bit patterns (triton-lang/triton#11584)
+and float32 -> bfloat16 casts truncate where GPUs round to nearest even. `gpu_like_bf16(monkeypatch)` patches
+both for one test; BF16_PATCHES is None where the interpreter's internals have moved (then bf16 tests that need
+them skip) or on CUDA (nothing to patch).
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":  # its tl.* helpers are compiled-only
+        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1; set it in the environment",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+
+def _interpreter_bf16_patches():
+    """(InterpreterBuilder, {name: replacement}) that make bf16 behave as on a GPU, or None."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        builder, handle = interpreter.InterpreterBuilder, interpreter.TensorHandle
+        create_dot, cast_impl = builder.create_dot, builder.cast_impl
+    except (ImportError, AttributeError):
+        return None
+
+    def widen(h):  # bf16 (stored as uint16) -> the exact float32
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return handle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def dot(self, a, b, d, *args, **kwargs):
+        return create_dot(self, widen(a), widen(b), d, *args, **kwargs)
+
+    def cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:  # round to nearest even
+            bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
+            return handle(((bits + ((bits >> 16) & 1) + 0x7FFF) >> 16).astype(np.uint16), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    return builder, {"create_dot": dot, "cast_impl": cast}
+
+
+BF16_PATCHES = None if CUDA else _interpreter_bf16_patches()
+
+
+def gpu_like_bf16(monkeypatch) -> None:
+    """Patch the interpreter's bf16 dot and casts for the current test (no-op on CUDA or without the patches)."""
+    if BF16_PATCHES is not None:
+        builder, patches = BF16_PATCHES
+        for name, replacement in patches.items():
+            monkeypatch.setattr(builder, name, replacement)
