@@ -81,7 +81,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--kernel", default="torch", choices=["torch", "triton"], help="MOE_KERNEL under test")
+    parser.add_argument("--properties", default="{}", help='more pipeline properties as JSON, e.g. '
+                        '\'{"MOE_CPU_EXPERTS": "all"}\' (misses computed on the CPU)')
     args = parser.parse_args()
+    properties = json.loads(args.properties)
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for arch in ARCHS:
@@ -95,7 +98,7 @@ def main() -> int:
             for ratio in RATIOS:
                 for tier, host in TIERS.items():
                     pipe = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host,
-                                       MOE_KERNEL=args.kernel)
+                                       MOE_KERNEL=args.kernel, **properties)
                     with torch.no_grad():
                         logits = pipe.model(ids).logits.float()
                         tokens = pipe.model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -124,6 +127,8 @@ def main() -> int:
                         "pipeline_cuda_graph_steps": pipe.decoder.steps_replayed if pipe.decoder else 0,
                         "pipeline_cuda_graph_failure": pipe.decoder.graph_failure if pipe.decoder else None,
                         "hits": stats["hits"], "misses": stats["misses"], "bytes_streamed": stats["bytes_streamed"],
+                        "experts_computed_on_cpu": stats["experts_computed_on_cpu"],
+                        "fused_dense_ops": stats["fused_dense_ops"],
                     }
                     rows.append(row)
                     print(f"{arch:12s} ratio {ratio:3d} {tier:4s} diff {diff:.4f} tol {tolerance:.4f} "
@@ -138,7 +143,8 @@ def main() -> int:
         "date": utc_now(),
         "machine": machine(),
         "versions": versions(),
-        "dtype": "bfloat16", "kernel": args.kernel, "new_tokens": NEW_TOKENS, "prompt_tokens": 33,
+        "dtype": "bfloat16", "kernel": args.kernel, "properties": properties, "new_tokens": NEW_TOKENS,
+        "prompt_tokens": 33,
         "tolerance_rule": f"max|dlogits| <= max({TOLERANCE_FACTOR} x transformers eager-vs-grouped_mm spread, "
                           "2 bf16 ulps of the largest logit)",
         "rows": rows,

@@ -172,29 +172,36 @@ def main(argv=None) -> int:
     layers = bench.model_facts(args.model_dir)["moe_layers"]
     ratios = [int(r) for r in args.ratios.split(",") if r.strip()]
     variants: dict[str, dict[int, dict]] = {name: {} for name in args.variants}
+    llamacpp: dict[int, dict] = {}
+    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model_dir": args.model_dir,
+              "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt, "gen_tokens": args.gen,
+              "repeats": args.repeats, "targets": TARGETS, "variants": args.variants, "main_variant": args.main,
+              "memory_rule": "nvidia-smi process memory over the idle reading, polled every 50 ms, both sides"}
+
+    def write() -> None:  # after every configuration, so a run cut short keeps what it measured
+        report.update(rows=build_rows(variants[args.main], llamacpp, layers, variants), ours=variants,
+                      llamacpp=llamacpp)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(report, handle, indent=1)
+
+    if args.llama_bench and args.gguf:  # first: the peer's numbers are the ones a short run must not lose
+        import run_llama_bench
+
+        for ncmoe in [ncmoe_for(r, layers) for r in ratios]:
+            row = run_llama_bench.run(args.llama_bench, args.gguf, [ncmoe], prompt=args.prompt, gen=args.gen,
+                                      repeats=args.repeats)[0]
+            llamacpp[row["ncmoe"]] = row
+            write()
     for ratio in ratios:
         for name, properties in args.variants.items():
             run = variants[name][ratio] = run_ours(args, ratio, properties)
             print(f"ours {name} ratio {ratio:3d}: decode {run.get('decode_tok_s') or 0:8.2f} tok/s, prefill "
                   f"{run.get('prefill_tok_s') or 0:9.1f} tok/s, rc {run['returncode']}", flush=True)
-    ours = variants[args.main]
-    llamacpp = {}
-    if args.llama_bench and args.gguf:
-        import run_llama_bench
-
-        sweep = run_llama_bench.run(args.llama_bench, args.gguf, [ncmoe_for(r, layers) for r in ratios],
-                                    prompt=args.prompt, gen=args.gen, repeats=args.repeats)
-        llamacpp = {row["ncmoe"]: row for row in sweep}
-    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model_dir": args.model_dir,
-              "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt, "gen_tokens": args.gen,
-              "repeats": args.repeats, "targets": TARGETS, "variants": args.variants, "main_variant": args.main,
-              "memory_rule": "nvidia-smi process memory over the idle reading, polled every 50 ms, both sides",
-              "rows": build_rows(ours, llamacpp, layers, variants), "ours": variants, "llamacpp": llamacpp}
+            write()
+    write()
     for row in report["rows"]:
         print(json.dumps({k: row[k] for k in ("ratio", "ncmoe", "decode_vs_llamacpp", "prefill_vs_llamacpp")}))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
     return 0 if all(r["returncode"] == 0 for runs in variants.values() for r in runs.values()) else 1
 
 

@@ -206,27 +206,27 @@ class OffloadedExperts:
         self._hybrid_slots = torch.cat([self._direct_slots, self._direct_slots.new_full((1,), -1)])  # [E + 1]
         return True
 
-    def time_in_place(self, rows: list[int]) -> float:
-        """Seconds for the kernels to compute one token over these host-tier rows, read in place (hybrid's
-        cost model)."""
-        device = self._direct_slots.device
-        capacity = self.table.capacity
-        hidden = torch.randn((1, self.hidden), dtype=self.gate_up.dtype, device=device) * 0.1  # [1, H]
-        ids = torch.arange(len(rows), device=device).view(1, -1)  # [1, m]
-        slots = torch.tensor([capacity + row for row in rows], dtype=torch.int32, device=device)  # [m]
-        weights = torch.ones((1, len(rows)), dtype=torch.float32, device=device)  # [1, m]
-        if device.type != "cuda":
+    def time_decode(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                    act_fn: Callable) -> float:
+        """Seconds for one direct-path forward of these inputs, end to end (hybrid.tune_split's measurement);
+        left out of the layer's counters."""
+        tallies = [t for t in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None)
+                   if t is not None]
+        saved = [t.clone() for t in tallies]
+        if hidden.device.type == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            events[0].record()
+            self._forward_direct(hidden, top_k_index, top_k_weights, act_fn)
+            events[1].record()
+            events[1].synchronize()
+            seconds = events[0].elapsed_time(events[1]) / 1000
+        else:
             start = time.perf_counter()
-            self.fused_moe(hidden, ids, weights, self.gate_up, self.down, slots, host_w13=self.host.gate_up,
-                           host_w2=self.host.down)
-            return time.perf_counter() - start
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        events[0].record()
-        self.fused_moe(hidden, ids, weights, self.gate_up, self.down, slots, host_w13=self.host.gate_up,
-                       host_w2=self.host.down)
-        events[1].record()
-        events[1].synchronize()
-        return events[0].elapsed_time(events[1]) / 1000
+            self._forward_direct(hidden, top_k_index, top_k_weights, act_fn)
+            seconds = time.perf_counter() - start
+        for tally, before in zip(tallies, saved):
+            tally.copy_(before)
+        return seconds
 
     @property
     def device_bytes(self) -> int:

@@ -5,8 +5,8 @@ computes one-token experts from that same memory at ~28 GB/s (torch on 16 cores;
 move more bytes per second than either alone, up to what the host DRAM gives (~85 GB/s plain read there). In a
 one-token decode step the layer's misses are split by count: the first n_cpu of them (in top-k order) are
 computed on the CPU where their weights lie, the rest are read in place by the GPU kernels; hits stay on the GPU.
-n_cpu comes from a table over the number of misses (policy: cpu_experts.split_misses on costs measured at load,
-so that both sides finish together).
+n_cpu comes from a table over the number of misses, measured at load (tune_split: the layer's own decode forward
+timed for every split it can take, so that the step ends soonest).
 
 How, with no host sync (the decode step stays one CUDA graph): the GPU packs the layer's hidden state, the
 host-tier rows of the CPU's experts and the routing weights into one device buffer; on a side stream that buffer
@@ -26,12 +26,11 @@ import contextlib
 import ctypes
 import mmap
 import statistics
-import time
 from typing import Callable
 
 import torch
 
-from .cpu_experts import Cost, CpuExperts, split_misses
+from .cpu_experts import CpuExperts
 from .errors import MoeOffloadError
 from .tiers import HostTier, pin_for_lifetime
 
@@ -115,6 +114,14 @@ class CpuShare:
         self._act_fn: Callable | None = None
         self._function = HostFunction(self._compute)
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
+        self.tuning: dict[int, list[float]] = {}  # tune_split's step seconds per misses, for n_cpu = 0..misses
+
+    def set_split(self, misses: int, n_cpu: int) -> None:
+        """Compute n_cpu of a step's `misses` misses on the CPU from now on (in place: graphs see it)."""
+        if not 0 <= n_cpu <= misses <= self.top_k:
+            raise MoeOffloadError(f"cannot compute {n_cpu} of {misses} misses on the CPU (top-k {self.top_k})")
+        self.split_table[misses] = n_cpu
+        self.split[misses] = n_cpu
 
     def _host_buffer(self, numel: int, pin: bool) -> torch.Tensor:
         """A zeroed float32 host buffer; on CUDA page-locked by cudaHostRegister on pages of its own.
@@ -191,40 +198,44 @@ def all_on_cpu(top_k: int) -> list[int]:
     return list(range(top_k + 1))
 
 
-def measured_split(host: HostTier, num_experts: int, top_k: int, hidden: int, runner: CpuExperts,
-                   gpu_time: Callable[[list[int]], float], act_fn: Callable, repeats: int = 5) -> tuple[list[int], dict]:
-    """Split table from costs measured now: the CPU computing 1 and K experts, the GPU reading 1 and K in place
-    (gpu_time(host rows) -> seconds), each fitted as per-call + per-expert cost; returns (table, costs).
+def tune_split(layer, act_fn: Callable, repeats: int = 3, tie: float = 0.02) -> tuple[list[int], dict]:
+    """Split table measured on `layer` (an OffloadedExperts with a cpu_share), as it will run: for every count of
+    misses m a decode step can have, one-token forwards of the layer with each n_cpu = 0..m, timed end to end
+    (the CPU and the GPU reading the same DRAM at once, the host function's own latency, the merge); the
+    fastest n_cpu wins, the smallest within `tie` of it (what the GPU reads stays possible to cache). Returns
+    (table, {m: [median seconds for n_cpu = 0..m]}).
 
-    Each repeat uses other host rows, so neither side times weights already in its caches (the H200 machine's
-    CPU has 300 MiB of L3). Measured apart, both sides read faster than they will side by side from one DRAM.
+    Each forward takes other host-tier experts, so neither side times weights still in its caches (the H200
+    machine's CPU has 300 MiB of L3, the GPU 50 MiB of L2). Costs measured apart (cpu_experts.split_misses)
+    mispredicted badly on the H200: 3 of 8 misses on the CPU made decode 1.8x slower than none.
     """
-    rows = sorted(host.row_of.values())
-    if len(rows) < top_k:
-        raise MoeOffloadError("the host tier holds fewer experts than top-k: nothing to measure the CPU on")
-    x = torch.randn((top_k, hidden), dtype=host.gate_up.dtype) * 0.1  # [K, H]
-    weights = torch.ones(top_k, dtype=torch.float32)
+    share: CpuShare = layer.cpu_share
+    top_k, device = layer.top_k, share.device
+    from_host = layer._direct_from_host.tolist()
+    in_host = [e for e, remote in enumerate(from_host) if remote]
+    resident = [e for e, remote in enumerate(from_host) if not remote]
+    hidden = torch.randn((1, layer.hidden), dtype=layer.gate_up.dtype, device=device) * 0.1  # [1, H]
+    weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=device)  # [1, K]
     cursor = [0]
 
-    def next_rows(count: int) -> list[int]:
-        picked = [rows[(cursor[0] + i) % len(rows)] for i in range(count)]
-        cursor[0] += count
-        return picked
+    def step_time(misses: int) -> float:
+        picked = [in_host[(cursor[0] + i) % len(in_host)] for i in range(misses)]
+        cursor[0] += misses
+        ids = torch.tensor([picked + resident[:top_k - misses]], device=device)  # [1, K]
+        return layer.time_decode(hidden, ids, weights, act_fn)
 
-    def cpu_time(count: int) -> float:
-        picked = next_rows(count)
-        start = time.perf_counter()
-        runner(x[:count], weights[:count], host.gate_up, host.down, picked, [1] * count, act_fn)
-        return time.perf_counter() - start
-
-    def fit(timer: Callable[[int], float]) -> Cost:
-        timer(top_k)  # warm-up
-        one = statistics.median(timer(1) for _ in range(repeats))
-        many = statistics.median(timer(top_k) for _ in range(repeats))
-        per_expert = max(many - one, 0.0) / max(top_k - 1, 1)
-        return Cost(per_call_s=max(one - per_expert, 0.0), per_expert_s=per_expert)
-
-    cpu = fit(cpu_time)
-    gpu = fit(lambda count: gpu_time(next_rows(count)))
-    table = [split_misses(misses, cpu, gpu) for misses in range(top_k + 1)]
-    return table, {"cpu": cpu.__dict__, "gpu": gpu.__dict__}
+    table, timings = [0] * (top_k + 1), {}
+    reachable = [m for m in range(1, top_k + 1) if top_k - m <= len(resident) and m <= len(in_host)]
+    for misses in reachable:
+        times = []
+        for n_cpu in range(misses + 1):
+            share.set_split(misses, n_cpu)
+            step_time(misses)  # warm-up: compiles, first-touch, thread pools
+            times.append(statistics.median(step_time(misses) for _ in range(repeats)))
+        best = min(times)
+        table[misses] = next(n for n, t in enumerate(times) if t <= best * (1 + tie))
+        share.set_split(misses, table[misses])
+        timings[misses] = times
+    share.check()
+    share.tuning = timings
+    return table, timings

@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .cpu_experts import CpuExperts
 from .errors import MoeOffloadError
-from .hybrid import all_on_cpu, measured_split
+from .hybrid import all_on_cpu, tune_split
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
@@ -255,20 +255,20 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
 
 def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], mode: str,
                         device: torch.device) -> None:
-    """Hybrid decode (hybrid.py) in every zero-copy layer: one split table for all, measured on the first
-    such layer ("auto", CUDA only: on a CPU device every expert already runs on the CPU) or all misses ("all")."""
-    candidates = [(r, s) for r, s in zip(runtimes, sites) if r.zero_copy]
-    if not candidates or (mode == "auto" and device.type != "cuda"):
+    """Hybrid decode (hybrid.py) in every zero-copy layer, with one split table: every miss on the CPU ("all"),
+    or ("auto", CUDA only: on a CPU device every expert already runs on the CPU) the table tuned on the first
+    such layer."""
+    if mode == "auto" and device.type != "cuda":
         return
     runner = CpuExperts(threads=max(1, torch.get_num_threads() - 1))  # a core left to the thread driving the GPU
-    first, site = candidates[0]
-    if mode == "all":
-        split = all_on_cpu(first.top_k)
-    else:
-        split, _costs = measured_split(first.host, first.num_experts, first.top_k, first.hidden, runner,
-                                       first.time_in_place, site.module.act_fn)
-    for runtime, _site in candidates:
-        runtime.enable_cpu_share(split, runner)
+    layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
+    if mode == "auto" and layers:
+        first, site = layers[0]
+        table, timings = tune_split(first, site.module.act_fn)
+        for runtime, _site in layers:
+            runtime.cpu_share.tuning = timings
+            for misses, n_cpu in enumerate(table):
+                runtime.cpu_share.set_split(misses, n_cpu)
 
 
 def host_budget(config: OffloadConfig) -> int:

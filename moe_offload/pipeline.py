@@ -199,6 +199,8 @@ class LLMPipeline:
             "cpu_expert_layers": sum(layer.cpu_share is not None for layer in self.layers),
             "cpu_expert_split": next((layer.cpu_share.split_table for layer in self.layers if layer.cpu_share),
                                      None),
+            # MOE_CPU_EXPERTS=auto: seconds of a one-token layer forward per misses, for 0..misses on the CPU
+            "cpu_expert_tuning": next((layer.cpu_share.tuning for layer in self.layers if layer.cpu_share), None),
             "per_layer": [{"layer": layer.layer, "hits": c.hits, "misses": c.misses,
                            "experts_read_in_place": c.read_in_place,
                            "experts_from_host": stats.per_layer.get(layer.layer, {}).get("host", 0),

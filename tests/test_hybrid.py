@@ -23,7 +23,7 @@ from moe_offload import LLMPipeline  # noqa: E402
 from moe_offload.config import make_config  # noqa: E402
 from moe_offload.cpu_experts import CpuExperts  # noqa: E402
 from moe_offload.errors import MoeOffloadError  # noqa: E402
-from moe_offload.hybrid import CpuShare, HostFunction, all_on_cpu, measured_split  # noqa: E402
+from moe_offload.hybrid import CpuShare, HostFunction, all_on_cpu, tune_split  # noqa: E402
 from moe_offload.kernels.reference import weighted_expert_output  # noqa: E402
 from moe_offload.tiers import HostTier  # noqa: E402
 
@@ -87,15 +87,53 @@ def test_host_function_error_is_kept_for_check():
     function.check()  # reported once
 
 
-def test_measured_split_balances_costs():
-    """With a GPU side far slower than the CPU, the table sends (nearly) every miss to the CPU; far faster:
-    none. The table is valid either way."""
-    tier = _tier(num_experts=8)
-    runner = CpuExperts(threads=1)
-    slow, _ = measured_split(tier, 8, 4, 32, runner, lambda rows: 10.0 * len(rows), torch.nn.functional.silu)
-    fast, costs = measured_split(tier, 8, 4, 32, runner, lambda rows: 0.0, torch.nn.functional.silu)
-    assert slow == [0, 1, 2, 3, 4] and fast == [0, 0, 0, 0, 0]
-    assert costs["cpu"]["per_expert_s"] >= 0 and costs["gpu"]["per_expert_s"] == 0
+def _direct_pipeline(path, ratio, table=None):
+    """A CPU pipeline whose layers run the direct path (Triton interpreter), with a CPU share if `table`."""
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=ratio)
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+        assert layer.enable_direct(pipe.device)
+        if table is not None:
+            assert layer.enable_cpu_share(table(layer.top_k), CpuExperts(threads=1))
+    return pipe
+
+
+def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
+    """With a fake clock where the CPU takes 2 units an expert and the GPU 1, the step ends soonest with a third
+    of the misses on the CPU; ties go to fewer on the CPU. Unreachable miss counts stay 0."""
+    pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 37, all_on_cpu)
+    layer = pipe.layers[0]
+    share = layer.cpu_share
+    from_host = layer._direct_from_host
+
+    def fake_time(hidden, ids, weights, act_fn):
+        misses = int(from_host[ids].sum())
+        n_cpu = share.split_table[misses]
+        return max(2.0 * n_cpu, 1.0 * (misses - n_cpu))
+
+    monkeypatch.setattr(layer, "time_decode", fake_time)
+    table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
+    resident = layer.table.capacity  # 37% of the tiny model's experts: fewer than top-k, so few misses never occur
+    for misses in range(layer.top_k + 1):
+        if misses == 0 or layer.top_k - misses > resident:
+            assert table[misses] == 0 and misses not in timings
+        else:
+            best = min(max(2.0 * n, misses - n) for n in range(misses + 1))
+            assert table[misses] == min(n for n in range(misses + 1) if max(2.0 * n, misses - n) == best)
+            assert len(timings[misses]) == misses + 1
+    assert share.split.tolist() == table == share.split_table
+
+
+def test_tune_split_on_the_real_layer_leaves_counters_alone(tmp_path):
+    pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 0, all_on_cpu)
+    layer = pipe.layers[0]
+    table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
+    assert list(timings) == [layer.top_k] and all(t > 0 for t in timings[layer.top_k])  # ratio 0: always K misses
+    assert all(0 <= n <= m for m, n in enumerate(table))
+    counters = layer.counters
+    assert (counters.hits, counters.misses, counters.computed_on_cpu) == (0, 0, 0)
 
 
 def _tiny_checkpoint(tmp_path):
@@ -114,19 +152,12 @@ def _tiny_checkpoint(tmp_path):
 def test_hybrid_decode_matches_gpu_path(tmp_path, ratio):
     """Zero-copy decode with misses on the CPU gives the all-GPU-path logits (within ATOL) and tokens; the
     counters split misses into read in place and computed on the CPU."""
-    from moe_offload.kernels.triton_moe import fused_moe
-
     path = _tiny_checkpoint(tmp_path)
     ids = torch.randint(2, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    tables = {None: None, "all": all_on_cpu, "half": lambda top_k: [m // 2 for m in range(top_k + 1)]}
     results = {}
-    for split in (None, "all", "half"):
-        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=ratio)
-        for layer in pipe.layers:
-            layer.fused_moe = fused_moe
-            assert layer.enable_direct(pipe.device)
-            if split:
-                table = all_on_cpu(layer.top_k) if split == "all" else [m // 2 for m in range(layer.top_k + 1)]
-                assert layer.enable_cpu_share(table, CpuExperts(threads=1))
+    for split, table in tables.items():
+        pipe = _direct_pipeline(path, ratio, table)
         with torch.no_grad():
             run = pipe.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                       output_logits=True, return_dict_in_generate=True)
