@@ -314,7 +314,7 @@ class OffloadedExperts:
             self._tally[1].add_((self._step_used * self._direct_from_host).sum())
         else:  # fixed maps: split on demand (counters)
             self._use_counts.add_(self._step_used)
-        if self.cpu_share is not None and num_tokens == 1:
+        if self.cpu_share is not None and num_tokens == 1 and self.cpu_share.active:
             def gpu_share(ids: torch.Tensor) -> torch.Tensor:  # ids [1, K], E where the CPU computes
                 return self.fused_moe(hidden_states, ids, top_k_weights, self.gate_up, self.down, self._hybrid_slots,
                                       contrib=contrib, host_w13=host.gate_up, host_w2=host.down)

@@ -116,6 +116,12 @@ class CpuShare:
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
         self.tuning: dict[int, list[float]] = {}  # tune_split's step seconds per misses, for n_cpu = 0..misses
 
+    @property
+    def active(self) -> bool:
+        """Some miss count sends work to the CPU; else (a table of zeros) the layer skips the CPU path and its
+        copies altogether. Read when a forward runs: a captured graph keeps the path it was captured with."""
+        return any(self.split_table)
+
     def set_split(self, misses: int, n_cpu: int) -> None:
         """Compute n_cpu of a step's `misses` misses on the CPU from now on (in place: graphs see it)."""
         if not 0 <= n_cpu <= misses <= self.top_k:

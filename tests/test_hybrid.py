@@ -71,9 +71,15 @@ def test_split_sends_the_first_misses_to_the_cpu(from_host, split, expected_cpu)
     assert int(share.tally) == sum(expected_cpu)
 
 
-def test_bad_split_table_is_refused():
+def test_bad_split_table_is_refused_and_zeros_turn_the_path_off():
     with pytest.raises(MoeOffloadError, match="split table"):
         CpuShare(_tier(), 6, 2, 32, [0, 2, 1], CpuExperts(threads=1), torch.device("cpu"))
+    share = CpuShare(_tier(), 6, 2, 32, [0, 0, 0], CpuExperts(threads=1), torch.device("cpu"))
+    assert not share.active  # the layer then skips the CPU path's copies and host function
+    share.set_split(2, 1)
+    assert share.active and share.split.tolist() == [0, 0, 1]
+    with pytest.raises(MoeOffloadError, match="cannot compute 2 of 1"):
+        share.set_split(1, 2)
 
 
 def test_host_function_error_is_kept_for_check():
@@ -100,6 +106,7 @@ def _direct_pipeline(path, ratio, table=None):
     return pipe
 
 
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
 def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
     """With a fake clock where the CPU takes 2 units an expert and the GPU 1, the step ends soonest with a third
     of the misses on the CPU; ties go to fewer on the CPU. Unreachable miss counts stay 0."""
@@ -126,6 +133,7 @@ def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
     assert share.split.tolist() == table == share.split_table
 
 
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
 def test_tune_split_on_the_real_layer_leaves_counters_alone(tmp_path):
     pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 0, all_on_cpu)
     layer = pipe.layers[0]
@@ -173,6 +181,7 @@ def test_hybrid_decode_matches_gpu_path(tmp_path, ratio):
     assert results["all"][2]["experts_read_in_place"] < results[None][2]["experts_read_in_place"]
 
 
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines")
 def test_cpu_share_needs_zero_copy(tmp_path):
     """Ratio 100 (nothing to read in place) or experts only on disk: the layer keeps the GPU path."""
     from moe_offload.kernels.triton_moe import fused_moe
