@@ -145,6 +145,14 @@ class CpuShare:
 
     def _compute(self) -> None:
         """On the host, in stream order: the CPU's experts of the mailbox's step into _out_host rows."""
+        if self._stream is not None and torch.get_num_threads() != self.runner.threads:
+            # once, on the driver's thread: the runner then finds its count set and changes nothing per call
+            # (torch.set_num_threads also resizes torch's pthreadpool whenever the count changes). On the H200,
+            # while the runner still set and restored the count on every call, all 96 misses of a ratio-0 step on
+            # the CPU took 62 ms (0.63 ms an expert, per-layer costs included) against 0.38 ms an expert measured
+            # alone (bench/results/2026-11-29-h200-hybrid-costs-measured-apart.json); how much of that the
+            # per-call thread setting was is not measured yet.
+            torch.set_num_threads(self.runner.threads)
         mailbox, hidden_size, top_k = self._mailbox, self.hidden, self.top_k
         rows = mailbox[hidden_size:hidden_size + top_k].long()  # [K]
         pairs = (rows >= 0).nonzero().flatten().tolist()
