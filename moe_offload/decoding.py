@@ -3,7 +3,8 @@
 Why: once the MoE layers stop syncing with the host (all experts resident, or misses read in place: cache.py),
 what is left of a decode step is Python launching ~650 small kernels: transformers all on the H200 decodes the
 12-layer Qwen3-30B-A3B-shaped benchmark model at 34-45 tok/s, the same step replayed as a graph at 384 tok/s
-(bench/results/2026-11-29-h200.json). Captured once and replayed, a step costs one launch.
+(bench/results/2026-11-29-h200-before-fused-dense.json; 558 with dense_fusion.py's kernels). Captured once and
+replayed, a step costs one launch.
 
 Prefill is captured too, per prompt length, the second time a length is seen (the first run compiles and warms
 the kernels; a capture costs about one eager forward of host time): a server answering prompts of recurring

@@ -46,7 +46,8 @@ class LLMPipeline:
 
     properties: MOE_OFFLOAD_RATIO (0-100, percent of each MoE layer's routed experts resident on the device),
     MOE_HOST_CACHE (bytes or "64GiB" of host RAM for non-resident experts; "auto"), MOE_IO (pread|mmap|odirect),
-    MOE_DTYPE (auto|float32|bfloat16|float16), MOE_KERNEL (auto|triton|torch). `config` is a path to a JSON
+    MOE_DTYPE (auto|float32|bfloat16|float16), MOE_KERNEL (auto|triton|torch), MOE_ZERO_COPY, MOE_CUDA_GRAPH,
+    MOE_FUSE_DENSE, MOE_CPU_EXPERTS (README's property table; config.py). `config` is a path to a JSON
     file or a dict of the same keys; keyword properties override it.
     """
 

@@ -3,6 +3,7 @@
 #   prepare: build llama-bench in the background while the random model is written and converted to a BF16 GGUF
 #            and the commands in $CHECKS (GPU tests, say) run; then wait for the build.
 #   measure: bench/vs_llamacpp.py: llama-bench -ncmoe 12/9/6/3 (and 0) against our variants at ratios 0/25/50/75.
+# Both calls need carry [".llamacpp"] (the git-ignored source archive; see README.md here).
 # Usage: OUT=... CHECKS="python -m pytest -q tests/test_hybrid.py" bash bench/llamacpp/h200_side_by_side.sh prepare
 #        OUT=... bash bench/llamacpp/h200_side_by_side.sh measure        env: WORK (/tmp/llamacpp), MODEL, RATIOS
 set -uo pipefail
@@ -16,13 +17,19 @@ step() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$WORK" "$OUT"
 case "${1:-}" in
 prepare)
+    ARCHIVE=$REPO/.llamacpp/llama.cpp-src.tar.xz
+    [ -f "$WORK/llama.cpp/COMMIT" ] || [ -f "$ARCHIVE" ] || {
+        echo "no $ARCHIVE: pass carry [\".llamacpp\"] to the device call (make it with make_archive.sh)"; exit 1; }
     step "build (background)"
     bash bench/llamacpp/build.sh "$WORK" > "$OUT/llamacpp-build.log" 2>&1 &
     BUILD=$!
     step "gen $MODEL"
     [ -f "$MODEL/config.json" ] || python bench/h200_offload_bench.py --phases gen --model-dir "$MODEL" \
         --out /tmp/gen.json | tail -1
-    while [ ! -f "$WORK/llama.cpp/COMMIT" ]; do sleep 1; done  # gguf-py comes with the extracted sources
+    while [ ! -f "$WORK/llama.cpp/COMMIT" ]; do  # gguf-py comes with the extracted sources
+        kill -0 $BUILD 2>/dev/null || { echo "build.sh stopped before extracting:"; tail -5 "$OUT/llamacpp-build.log"; exit 1; }
+        sleep 1
+    done
     step "convert"
     python bench/llamacpp/convert_qwen3moe_gguf.py "$MODEL" "$MODEL.gguf" --llama-cpp "$WORK/llama.cpp" | tail -1
     if [ -n "${CHECKS:-}" ]; then step "checks: $CHECKS"; bash -c "$CHECKS"; fi
