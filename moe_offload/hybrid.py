@@ -1,7 +1,8 @@
 """Hybrid decode: a zero-copy layer's missed experts split between the CPU and the GPU, both working at once.
 
 Why: on the H200 machine the GPU reads experts left in pinned host memory over PCIe at ~50 GB/s, and the CPU
-computes one-token experts from that same memory at ~28 GB/s (torch on 16 cores; cpu_experts.py). Together they
+computes one-token experts from that same memory at ~28 GB/s (torch on 16 cores; cpu_experts.py; the numba
+kernels of kernels/cpu_numba.py, used where they apply, ran 1.5-1.9x torch on a 2-core machine). Together they
 move more bytes per second than either alone, up to what the host DRAM gives (~85 GB/s plain read there). In a
 one-token decode step the layer's misses are split by count: the first n_cpu of them (in top-k order) are
 computed on the CPU where their weights lie, the rest are read in place by the GPU kernels; hits stay on the GPU.

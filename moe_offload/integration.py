@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
-from .cpu_experts import CpuExperts
+from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
 from .hybrid import all_on_cpu, tune_split
+from .kernels import cpu_numba
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
@@ -260,7 +261,8 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
     such layer."""
     if mode == "auto" and device.type != "cuda":
         return
-    runner = CpuExperts(threads=max(1, torch.get_num_threads() - 1))  # a core left to the thread driving the GPU
+    runner = CpuExperts(threads=max(1, torch.get_num_threads() - 1),  # a core left to the thread driving the GPU
+                        compute=cpu_expert_kernel(runtimes[0].gate_up.dtype, sites[0].module.act_fn))
     layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
     if mode == "auto" and layers:
         first, site = layers[0]
@@ -269,6 +271,12 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
             runtime.cpu_share.tuning = timings
             for misses, n_cpu in enumerate(table):
                 runtime.cpu_share.set_split(misses, n_cpu)
+
+
+def cpu_expert_kernel(dtype: torch.dtype, act_fn) -> str:
+    """CpuExperts' compute mode for the CPU path: the numba GEMVs (kernels/cpu_numba.py; 1.5-1.9x torch's
+    one-token experts on a 2-core machine) where they apply, else torch's own kernels."""
+    return "numba" if dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available() else "native"
 
 
 def host_budget(config: OffloadConfig) -> int:

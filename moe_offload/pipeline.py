@@ -198,6 +198,8 @@ class LLMPipeline:
             # misses computed by the CPU in the host tier (MOE_CPU_EXPERTS): their bytes never cross PCIe
             "experts_computed_on_cpu": sum(c.computed_on_cpu for c in counters),
             "cpu_expert_layers": sum(layer.cpu_share is not None for layer in self.layers),
+            "cpu_expert_kernel": next((layer.cpu_share.runner.compute for layer in self.layers if layer.cpu_share),
+                                      None),
             "cpu_expert_split": next((layer.cpu_share.split_table for layer in self.layers if layer.cpu_share),
                                      None),
             # MOE_CPU_EXPERTS=auto: seconds of a one-token layer forward per misses, for 0..misses on the CPU

@@ -231,3 +231,36 @@ def test_split_misses_balances_cpu_and_gpu():
     m = split_misses(16, Cost(50e-6, 250e-6), gpu)
     best = max(Cost(50e-6, 250e-6).time(m), gpu.time(16 - m))
     assert all(best <= max(Cost(50e-6, 250e-6).time(k), gpu.time(16 - k)) for k in range(17))
+
+
+NUMBA_SHAPES = [(128, 96), (2048, 768), (130, 40)]  # (H, I): Qwen3-30B-A3B's, and widths off the 16-row chunks
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", NUMBA_SHAPES)
+@pytest.mark.parametrize("routing", ["one-pair", "decode-8", "uneven", "repeated-slot", "no-experts"])
+def test_numba_matches_reference(routing, shape, weight_dtype):
+    """compute="numba" (kernels/cpu_numba.py) rounds where torch does: within BF16_TOLERANCE, mostly the same bits."""
+    pytest.importorskip("numba")
+    hidden, inter = shape
+    gate_up, down = make_pools(8, hidden, inter, torch.bfloat16)
+    slots, counts = ROUTINGS[routing]
+    x, w = make_pairs(sum(counts), hidden, torch.bfloat16, weight_dtype=weight_dtype)
+    expected = reference(x, w, gate_up, down, slots, counts)
+    with CpuExperts(threads=2, compute="numba") as runner:
+        result = runner(x, w, gate_up, down, slots, counts)
+    assert relative_error(result, expected) <= BF16_TOLERANCE
+    if expected.numel():
+        assert (result == expected).float().mean() > 0.9
+
+
+def test_numba_refuses_what_it_does_not_compute():
+    pytest.importorskip("numba")
+    gate_up, down = make_pools(2, 64, 32, torch.float32)
+    x, w = make_pairs(1, 64, torch.float32)
+    with CpuExperts(compute="numba") as runner, pytest.raises(MoeOffloadError, match="bf16"):
+        runner(x, w, gate_up, down, [0], [1])
+    gate_up, down = make_pools(2, 64, 32, torch.bfloat16)
+    x, w = make_pairs(1, 64, torch.bfloat16)
+    with CpuExperts(compute="numba") as runner, pytest.raises(MoeOffloadError, match="SiLU"):
+        runner(x, w, gate_up, down, [0], [1], F.gelu)

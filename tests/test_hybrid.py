@@ -71,6 +71,30 @@ def test_split_sends_the_first_misses_to_the_cpu(from_host, split, expected_cpu)
     assert int(share.tally) == sum(expected_cpu)
 
 
+def test_cpu_share_with_the_numba_kernel_on_bf16():
+    """The engine's CPU kernel for bf16 SiLU experts (integration.cpu_expert_kernel): rows within 4 bf16 ulps of
+    the reference's."""
+    pytest.importorskip("numba")
+    from moe_offload.integration import cpu_expert_kernel
+
+    assert cpu_expert_kernel(torch.bfloat16, torch.nn.functional.silu) == "numba"
+    assert cpu_expert_kernel(torch.float32, torch.nn.functional.silu) == "native"
+    assert cpu_expert_kernel(torch.bfloat16, torch.nn.functional.gelu) == "native"
+    torch.manual_seed(0)
+    tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
+    tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
+    tier.down.copy_(torch.randn_like(tier.down, dtype=torch.float32) * 0.1)
+    share = CpuShare(tier, 6, 4, 128, all_on_cpu(4), CpuExperts(threads=2, compute="numba"), torch.device("cpu"))
+    hidden = torch.randn(1, 128).to(torch.bfloat16)
+    ids, weights = torch.tensor([[3, 1, 4, 0]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]]).to(torch.bfloat16)
+    contrib = share.forward(hidden, ids, weights, torch.ones(1, 4, dtype=torch.long),
+                            lambda gpu_ids: torch.zeros(4, 128), torch.nn.functional.silu)
+    for k in range(4):
+        gate_up, down = tier.get(int(ids[0, k]))
+        want = weighted_expert_output(hidden, weights[0, k:k + 1], gate_up, down, torch.nn.functional.silu)[0]
+        assert (contrib[k] - want.float()).abs().max() <= 2.0 ** -6 * want.float().abs().max()
+
+
 def test_bad_split_table_is_refused_and_zeros_turn_the_path_off():
     with pytest.raises(MoeOffloadError, match="split table"):
         CpuShare(_tier(), 6, 2, 32, [0, 2, 1], CpuExperts(threads=1), torch.device("cpu"))
