@@ -20,6 +20,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
 SWITCHES = ("auto", "off")
 ZERO_COPY_MODES = ("auto", "lru", "off")
+GRAPH_MODES = ("auto", "piecewise", "off")
 CPU_EXPERT_MODES = ("off", "auto", "all")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 _SIZE_UNITS = {
@@ -53,7 +54,9 @@ class OffloadConfig:
     # decided on the device (device_lru.py; needs every expert in the host tier). "off": copy misses in.
     moe_zero_copy: str = "auto"
     # Greedy decode steps replayed as one CUDA graph (decoding.py). "auto": on CUDA when every MoE layer runs
-    # without host syncs (ratio 100 or zero-copy) and the model's attention is plain causal.
+    # without host syncs (ratio 100 or zero-copy) and the model's attention is plain causal. "piecewise": also
+    # steps with layers that sync (disk tier, copied misses), as graph segments around those layers
+    # (piecewise.py; not yet run on a GPU).
     moe_cuda_graph: str = "auto"
     # transformers' RMSNorms and rotary embedding as one Triton kernel each (dense_fusion.py): ~450 fewer launches
     # per decode step of a 12-layer model. "auto": on CUDA with triton, where each passes an equivalence check.
@@ -108,7 +111,7 @@ _PARSERS = {
     "MOE_DTYPE": ("moe_dtype", lambda v: _parse_choice(v, "MOE_DTYPE", DTYPES, _DTYPE_ALIASES)),
     "MOE_KERNEL": ("moe_kernel", lambda v: _parse_choice(v, "MOE_KERNEL", KERNELS)),
     "MOE_ZERO_COPY": ("moe_zero_copy", lambda v: _parse_choice(v, "MOE_ZERO_COPY", ZERO_COPY_MODES)),
-    "MOE_CUDA_GRAPH": ("moe_cuda_graph", lambda v: _parse_choice(v, "MOE_CUDA_GRAPH", SWITCHES)),
+    "MOE_CUDA_GRAPH": ("moe_cuda_graph", lambda v: _parse_choice(v, "MOE_CUDA_GRAPH", GRAPH_MODES)),
     "MOE_FUSE_DENSE": ("moe_fuse_dense", lambda v: _parse_choice(v, "MOE_FUSE_DENSE", SWITCHES)),
     "MOE_CPU_EXPERTS": ("moe_cpu_experts", lambda v: _parse_choice(v, "MOE_CPU_EXPERTS", CPU_EXPERT_MODES)),
 }

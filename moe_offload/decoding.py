@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 
+from .piecewise import PiecewiseStep
+
 # Generation-config fields that greedy decoding here honours or that do not change greedy tokens.
 _NEUTRAL_GENERATION_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
                               "max_length", "max_new_tokens", "min_new_tokens", "do_sample", "temperature",
@@ -72,21 +74,26 @@ def _eos_ids(model) -> list[int]:
 class StaticDecoder:
     """Greedy decoding of one sequence; `generate(ids, ...)` returns the new token ids.
 
+    `piecewise_ready()` says whether a decode step whose MoE layers sync with the host may be recorded as graph
+    segments around those layers (piecewise.py).
     `graph_ready(num_tokens)` says whether a forward of that many tokens may be captured now (MoE layers without
     host syncs); it is asked at each generation, as layers can change path.
     """
 
-    def __init__(self, model, device: torch.device, use_graph: bool, graph_ready: Callable[[int], bool]):
+    def __init__(self, model, device: torch.device, use_graph: bool, graph_ready: Callable[[int], bool],
+                 piecewise_ready: Callable[[], bool] = lambda: False):
         self.model, self.device = model, device
         self.use_graph = use_graph and device.type == "cuda"
         self.graph_ready = graph_ready
+        self.piecewise_ready = piecewise_ready
         self.eos_ids = _eos_ids(model)
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass it by the name this one takes
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache = None
         self.max_len = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | PiecewiseStep | None = None  # the decode step, whole or in pieces
+        self._graph_mode: str | None = None  # "full" or "piecewise": what self.graph is
         # prompt length -> (graph, ids [1, T], positions [T], logits [1, V]), least recently used first; the graph
         # reads ids and positions where they were at capture, so the entry keeps them alive
         self.prefill_graphs: dict[int, tuple] = {}
@@ -155,6 +162,31 @@ class StaticDecoder:
             self.graph_failure = str(err).splitlines()[0]
             self.use_graph = False
             return None, None
+
+    def _record_piecewise(self) -> PiecewiseStep | None:
+        """The decode step recorded as graph segments around the syncing MoE layers, or None (then eager).
+
+        Recording runs the step; the token, position and the cache row it wrote are restored or rewritten by the
+        replay that follows, which computes the same step again from the same inputs."""
+        token, position = self._token.clone(), self._position.clone()
+        step = PiecewiseStep(self.device)
+        try:
+            step.record(self._step)
+        except RuntimeError as err:
+            self.graph_failure = str(err).splitlines()[0]
+            self.use_graph = False
+            step = None
+        self._token.copy_(token)
+        self._position.copy_(position)
+        return step
+
+    def _mode(self) -> str | None:
+        """How decode steps are replayed now: "full" (one graph), "piecewise", or None (eager)."""
+        if not self.use_graph:
+            return None
+        if self.graph_ready(1):
+            return "full"
+        return "piecewise" if self.piecewise_ready() else None
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] after the prompt [1, T]; replayed from a graph for a length seen before."""
@@ -233,7 +265,7 @@ class StaticDecoder:
         self._token.copy_(self._pick(logits))
         self._position.fill_(prompt_len)
         new: list[int] = []
-        graph_allowed = self.use_graph and self.graph_ready(1)
+        mode = self._mode()
         while True:
             if on_logits is not None:
                 on_logits(logits.float().clone())
@@ -241,13 +273,15 @@ class StaticDecoder:
                 break
             if len(new) == min_new_tokens:
                 self._eos_bias.zero_()
-            if graph_allowed and self.graph is None and len(new) > 1:
+            if mode and (self.graph is None or self._graph_mode != mode) and len(new) > 1:
                 # after an eager step has compiled the kernels and warmed the libraries
-                self.graph, _ = self._capture(self._step)
-            if graph_allowed and self.graph is not None and on_logits is None:
+                self.graph = self._capture(self._step)[0] if mode == "full" else self._record_piecewise()
+                self._graph_mode = mode if self.graph is not None else None
+                mode = self._graph_mode
+            if mode and self.graph is not None and on_logits is None:
                 self._replay_rest(new, max_new_tokens, min_new_tokens, streamer)
                 break
-            if graph_allowed and self.graph is not None:
+            if mode and self.graph is not None:
                 self.graph.replay()
                 self.steps_replayed += 1
             else:

@@ -29,6 +29,7 @@ from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .cpu_experts import CpuExperts, is_silu
+from . import piecewise
 from .errors import MoeOffloadError
 from .hybrid import all_on_cpu, tune_split
 from .kernels import cpu_numba
@@ -47,6 +48,9 @@ def offloaded_experts_forward(module, hidden_states, top_k_index, top_k_weights)
     runtime: OffloadedExperts | None = getattr(module, "_moe_offload", None)
     if runtime is None:
         raise RuntimeError("experts module was not prepared by moe_offload (load it with LLMPipeline)")
+    recording = piecewise.active()
+    if recording is not None and not runtime.sync_free(top_k_index.numel()):  # a graph segment ends here
+        return recording.moe_call(runtime, hidden_states, top_k_index, top_k_weights, module.act_fn)
     return runtime.forward(hidden_states, top_k_index, top_k_weights, module.act_fn)
 
 

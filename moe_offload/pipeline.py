@@ -74,8 +74,8 @@ class LLMPipeline:
         self.fused_dense_ops = fuse_dense_ops(self.model) if self.config.moe_fuse_dense == "auto" else []
         self.tokenizer = self._load_tokenizer()
         self._closed = False
-        self.decoder = StaticDecoder(self.model, self.device, use_graph=self.config.moe_cuda_graph == "auto",
-                                     graph_ready=self._graph_ready)
+        self.decoder = StaticDecoder(self.model, self.device, use_graph=self.config.moe_cuda_graph != "off",
+                                     graph_ready=self._graph_ready, piecewise_ready=self._piecewise_ready)
         if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
             self.decoder = None
 
@@ -83,6 +83,11 @@ class LLMPipeline:
         """Every MoE layer runs a forward of `num_tokens` tokens without a host sync (and nobody records routes)."""
         return all(layer.sync_free(num_tokens * layer.top_k) and layer.route_observer is None
                    for layer in self.layers)
+
+    def _piecewise_ready(self) -> bool:
+        """Decode steps with syncing MoE layers may be recorded as graph segments (MOE_CUDA_GRAPH=piecewise)."""
+        return self.config.moe_cuda_graph == "piecewise" and all(layer.route_observer is None
+                                                                 for layer in self.layers)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -1,0 +1,142 @@
+"""Piecewise decode graphs (moe_offload/piecewise.py): the bookkeeping around the syncing MoE layers.
+
+Without CUDA there is no capture: a stand-in graph records its calls and replays nothing, so the recording pass
+runs the step eagerly (as it executes each segment on a GPU) and these tests check what is recorded, diverted,
+restored and replayed. With CUDA, test_piecewise_decode_on_cuda runs the real thing against ratio 100.
+"""
+
+import pytest
+import torch
+
+from moe_offload import LLMPipeline
+from moe_offload import piecewise
+from moe_offload.piecewise import PiecewiseStep
+
+CUDA = torch.cuda.is_available()
+
+
+class StandInGraph:
+    """A torch CUDAGraph's interface, for CPU tests: counts calls, captures and replays nothing."""
+
+    log: list[str] = []
+
+    def capture_begin(self, **kwargs):
+        self.log.append("begin")
+
+    def capture_end(self):
+        self.log.append("end")
+
+    def replay(self):
+        self.log.append("replay")
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    StandInGraph.log = []
+    monkeypatch.setattr(PiecewiseStep, "graph_factory", StandInGraph)
+    return StandInGraph.log
+
+
+def _disk_pipeline(checkpoint_factory):
+    """Every non-resident expert read from the checkpoint: each MoE layer syncs with the host."""
+    pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0)
+    assert not any(layer.sync_free(layer.top_k) for layer in pipe.layers)
+    return pipe
+
+
+@torch.inference_mode()  # as the decoder runs
+def test_recording_splits_at_every_syncing_layer(checkpoint_factory, stand_in):
+    pipe = _disk_pipeline(checkpoint_factory)
+    decoder = pipe.decoder
+    prompt = torch.tensor([[3, 14, 15, 92]])
+    eager = decoder.generate(prompt, 3, 3)  # the same tokens the recording pass must see
+    decoder._ensure_cache(16)
+    logits = decoder._prefill(prompt)
+    decoder._token.copy_(decoder._pick(logits))
+    decoder._position.fill_(prompt.shape[1])
+    token, position = decoder._token.clone(), decoder._position.clone()
+    step = decoder._record_piecewise()
+    assert torch.equal(decoder._token, token) and torch.equal(decoder._position, position)  # restored
+    layers = len(pipe.layers)
+    assert len(step.segments) == layers + 1 and [c.runtime for c in step.calls] == pipe.layers
+    assert stand_in == ["begin"] + ["end", "replay", "begin"] * layers + ["end", "replay"]
+    assert int(decoder._pick(decoder._logits)) == eager[1]  # the recording pass ran the real step
+    for call in step.calls:  # what each layer returned is kept for the next segment to read
+        assert call.out.shape == call.hidden.shape and torch.isfinite(call.out).all()
+
+
+@torch.inference_mode()  # as the decoder runs
+def test_replay_runs_each_syncing_layer_between_segments(checkpoint_factory, stand_in):
+    pipe = _disk_pipeline(checkpoint_factory)
+    step = PiecewiseStep(torch.device("cpu"))
+    hidden = torch.randn(1, pipe.layers[0].hidden)
+    ids = torch.tensor([[0, 1]])
+    weights = torch.tensor([[0.75, 0.25]])
+    act = pipe.model.model.layers[0].mlp.experts.act_fn
+
+    def fake_step():
+        for layer in pipe.layers[:2]:
+            piecewise.active().moe_call(layer, hidden, ids, weights, act)
+
+    step.record(fake_step)
+    stand_in.clear()
+    hidden.mul_(2)  # a later step's input, at the address the segments write
+    step.replay()
+    assert stand_in == ["replay"] * 3
+    for layer, call in zip(pipe.layers, step.calls):
+        assert torch.equal(call.out, layer.forward(hidden, ids, weights, act))
+
+
+def test_a_failed_recording_closes_its_capture_and_keeps_nothing(stand_in):
+    step = PiecewiseStep(torch.device("cpu"))
+
+    def broken():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError):
+        step.record(broken)
+    assert stand_in == ["begin", "end"] and not step.segments and piecewise.active() is None
+
+
+@torch.inference_mode()  # as the decoder runs
+def test_sync_free_layers_stay_inside_the_segments(checkpoint_factory, stand_in):
+    """Ratio 100 with the direct path: nothing syncs, so the step is a single segment."""
+    pytest.importorskip("triton")
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=100)
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+        assert layer.enable_direct(pipe.device)
+    decoder = pipe.decoder
+    decoder._ensure_cache(16)
+    decoder._token.fill_(5)
+    decoder._position.fill_(0)
+    step = decoder._record_piecewise()
+    assert len(step.segments) == 1 and not step.calls
+
+
+def test_piecewise_needs_the_property(checkpoint_factory):
+    pipe = _disk_pipeline(checkpoint_factory)
+    assert not pipe._piecewise_ready()
+    piecewise_pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0,
+                                 MOE_CUDA_GRAPH="piecewise")
+    assert piecewise_pipe._piecewise_ready()
+    assert piecewise_pipe.decoder._mode() is None  # no CUDA graphs on a CPU device
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("ratio", [25, 0])
+def test_piecewise_decode_on_cuda(ratio):
+    """The shipped model with every miss read from disk, steps replayed piecewise: ratio 100's tokens."""
+    prompt = torch.randint(2, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
+    want = reference.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
+    reference.close()
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=0, MOE_CUDA_GRAPH="piecewise")
+    got = pipe.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
+    stats = pipe.get_offload_stats()
+    assert stats["cuda_graph_failure"] is None and stats["cuda_graph_steps"] > 0
+    assert torch.equal(got, want)
+    again = pipe.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)  # the recorded step reused
+    assert torch.equal(again, want)
