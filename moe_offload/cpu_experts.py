@@ -1,6 +1,6 @@
-"""CPU expert path: routed experts' outputs computed on the CPU straight from the host tier (issue 6 groundwork).
+"""CPU expert path: routed experts' outputs computed on the CPU straight from the host tier.
 
-Not wired into the engine yet. On the H200 machine's CPU (16-core Xeon with AMX-BF16 and AVX512-BF16, 300 MiB
+hybrid.py runs it for part of a decode step's misses (MOE_CPU_EXPERTS). On the H200 machine's CPU (16-core Xeon with AMX-BF16 and AVX512-BF16, 300 MiB
 L3, 84.6 GB/s plain read; bench/results/2026-11-29-h200-cpu-experts.{json,log}), one token per expert, bf16
 tier as stored: experts one at a time on 16 threads 24-26 GB/s (fit: 53 us + bytes / 28.4 GB/s), oneDNN
 pre-packed 26-35, a pool of 2 workers x 8 threads 29-35 at 8-16 experts (but ~0.75 ms fixed cost a call);
@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -364,29 +363,3 @@ def host_tier_outputs(tier, experts: Sequence[int], counts: Sequence[int], hidde
     slots = [tier.row_of.get(e, 0) for e in experts]
     return cpu_expert_outputs(hidden, weights, tier.gate_up, tier.down, slots, counts, act_fn, out=out,
                               runner=runner)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Time for one side to handle m missed experts (one token each): per_call_s + m * per_expert_s, 0 for m = 0.
-
-    CPU: per_call_s = handing the hidden states to the CPU (a device-to-host copy and its sync), the pool's
-    handoff, and the outputs' copy back; per_expert_s = expert bytes / CPU GB/s + the fixed cost per expert
-    (bench/cpu_experts_bench.py fits both: "cost_model"). GPU: per_call_s = the wait for the first copy;
-    per_expert_s = expert bytes / pinned host-to-device GB/s + per-copy overhead (the expert's compute on the
-    GPU overlaps the next copy). Measure the CPU side while the GPU streams: both read the same host DRAM.
-    """
-
-    per_call_s: float
-    per_expert_s: float
-
-    def time(self, experts: int) -> float:
-        return 0.0 if experts <= 0 else self.per_call_s + experts * self.per_expert_s
-
-
-def split_misses(misses: int, cpu: Cost, gpu: Cost) -> int:
-    """How many of `misses` experts to compute on the CPU (the rest stream to the GPU) so that both finish
-    together: argmin over m of max(cpu.time(m), gpu.time(misses - m)), ties to fewer on the CPU (what streams
-    to the GPU can stay cached there). Near m* = (misses * g + A_g - A_c) / (c + g) for per-expert costs c, g
-    and per-call costs A_c, A_g."""
-    return min(range(misses + 1), key=lambda m: (max(cpu.time(m), gpu.time(misses - m)), m))

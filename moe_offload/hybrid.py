@@ -221,8 +221,10 @@ def tune_split(layer, act_fn: Callable, repeats: int = 3, tie: float = 0.02) -> 
     (table, {m: [median seconds for n_cpu = 0..m]}).
 
     Each forward takes other host-tier experts, so neither side times weights still in its caches (the H200
-    machine's CPU has 300 MiB of L3, the GPU 50 MiB of L2). Costs measured apart (cpu_experts.split_misses)
-    mispredicted badly on the H200: 3 of 8 misses on the CPU made decode 1.8x slower than none.
+    machine's CPU has 300 MiB of L3, the GPU 50 MiB of L2). A model of per-expert costs measured apart (each side
+    timed alone, the split chosen so both finish together) mispredicted badly on the H200: it sent 3 of 8 misses
+    to the CPU, which made decode 1.65-1.8x slower than none
+    (bench/results/2026-11-29-h200-hybrid-costs-measured-apart.json).
     """
     share: CpuShare = layer.cpu_share
     top_k, device = layer.top_k, share.device

@@ -219,20 +219,6 @@ def test_packed_experts(dtype, workers):
         CpuExperts(compute="float32")(x, w, packed, None, slots, counts)
 
 
-def test_split_misses_balances_cpu_and_gpu():
-    from moe_offload.cpu_experts import Cost, split_misses
-
-    gpu = Cost(per_call_s=20e-6, per_expert_s=190e-6)  # ~50 GB/s PCIe for 9.4 MB experts
-    assert split_misses(0, Cost(50e-6, 190e-6), gpu) == 0
-    assert split_misses(1, Cost(50e-6, 190e-6), gpu) == 0  # one miss goes where it is done sooner
-    assert split_misses(8, Cost(50e-6, 190e-6), gpu) == 4  # equal speeds: half each
-    assert split_misses(8, Cost(50e-6, 380e-6), gpu) == 2  # a CPU half as fast: 2 (0.81 ms) and 6 (1.16 ms)
-    assert split_misses(8, Cost(50e-6, 1.0), gpu) == 0  # a hopeless CPU gets nothing
-    m = split_misses(16, Cost(50e-6, 250e-6), gpu)
-    best = max(Cost(50e-6, 250e-6).time(m), gpu.time(16 - m))
-    assert all(best <= max(Cost(50e-6, 250e-6).time(k), gpu.time(16 - k)) for k in range(17))
-
-
 NUMBA_SHAPES = [(128, 96), (2048, 768), (130, 40)]  # (H, I): Qwen3-30B-A3B's, and widths off the 16-row chunks
 
 
