@@ -206,27 +206,46 @@ class OffloadedExperts:
         self._hybrid_slots = torch.cat([self._direct_slots, self._direct_slots.new_full((1,), -1)])  # [E + 1]
         return True
 
-    def time_decode(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                    act_fn: Callable) -> float:
-        """Seconds for one direct-path forward of these inputs, end to end (hybrid.tune_split's measurement);
-        left out of the layer's counters."""
+    def decode_timer(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     act_fn: Callable) -> Callable[[torch.Tensor], float]:
+        """time(ids [1, K]) -> seconds of one direct-path forward of that routing, as a decode step runs it
+        (hybrid.tune_split's measurement; left out of the layer's counters). On CUDA the forward is replayed from
+        a CUDA graph of this layer, captured here with `top_k_index` after one eager run: no Python launch costs,
+        and no contention for the GIL between launching the GPU's share and the CPU share's host function."""
         tallies = [t for t in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None)
                    if t is not None]
         saved = [t.clone() for t in tallies]
-        if hidden.device.type == "cuda":
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            events[0].record()
-            self._forward_direct(hidden, top_k_index, top_k_weights, act_fn)
-            events[1].record()
-            events[1].synchronize()
-            seconds = events[0].elapsed_time(events[1]) / 1000
-        else:
-            start = time.perf_counter()
-            self._forward_direct(hidden, top_k_index, top_k_weights, act_fn)
-            seconds = time.perf_counter() - start
-        for tally, before in zip(tallies, saved):
-            tally.copy_(before)
-        return seconds
+        ids = top_k_index.clone()  # [1, K] the graph's input
+
+        def forward() -> None:
+            self._forward_direct(hidden, ids, top_k_weights, act_fn)
+
+        on_cuda = hidden.device.type == "cuda"
+        if on_cuda:
+            forward()  # compiles and warms up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                forward()
+            forward = graph.replay
+
+        def time_it(routing: torch.Tensor) -> float:
+            ids.copy_(routing)
+            if on_cuda:
+                events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                events[0].record()
+                forward()
+                events[1].record()
+                events[1].synchronize()
+                seconds = events[0].elapsed_time(events[1]) / 1000
+            else:
+                start = time.perf_counter()
+                forward()
+                seconds = time.perf_counter() - start
+            for tally, before in zip(tallies, saved):
+                tally.copy_(before)
+            return seconds
+
+        return time_it
 
     @property
     def device_bytes(self) -> int:

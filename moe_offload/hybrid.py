@@ -216,7 +216,8 @@ def all_on_cpu(top_k: int) -> list[int]:
 def tune_split(layer, act_fn: Callable, repeats: int = 3, tie: float = 0.02) -> tuple[list[int], dict]:
     """Split table measured on `layer` (an OffloadedExperts with a cpu_share), as it will run: for every count of
     misses m a decode step can have, one-token forwards of the layer with each n_cpu = 0..m, timed end to end
-    (the CPU and the GPU reading the same DRAM at once, the host function's own latency, the merge); the
+    (the CPU and the GPU reading the same DRAM at once, the host function's own latency, the merge; on CUDA
+    replayed from a graph of the layer, as in a decode step: OffloadedExperts.decode_timer); the
     fastest n_cpu wins, the smallest within `tie` of it (what the GPU reads stays possible to cache). Returns
     (table, {m: [median seconds for n_cpu = 0..m]}).
 
@@ -235,14 +236,20 @@ def tune_split(layer, act_fn: Callable, repeats: int = 3, tie: float = 0.02) -> 
     weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=device)  # [1, K]
     cursor = [0]
 
-    def step_time(misses: int) -> float:
+    def routing(misses: int) -> torch.Tensor:  # [1, K]: `misses` host-tier experts, the rest resident
         picked = [in_host[(cursor[0] + i) % len(in_host)] for i in range(misses)]
         cursor[0] += misses
-        ids = torch.tensor([picked + resident[:top_k - misses]], device=device)  # [1, K]
-        return layer.time_decode(hidden, ids, weights, act_fn)
+        return torch.tensor([picked + resident[:top_k - misses]], device=device)
 
     table, timings = [0] * (top_k + 1), {}
     reachable = [m for m in range(1, top_k + 1) if top_k - m <= len(resident) and m <= len(in_host)]
+    if not reachable:
+        return table, timings
+    timer = layer.decode_timer(hidden, routing(reachable[-1]), weights, act_fn)  # captured with the CPU path on
+
+    def step_time(misses: int) -> float:
+        return timer(routing(misses))
+
     for misses in reachable:
         times = []
         for n_cpu in range(misses + 1):

@@ -139,12 +139,15 @@ def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
     share = layer.cpu_share
     from_host = layer._direct_from_host
 
-    def fake_time(hidden, ids, weights, act_fn):
-        misses = int(from_host[ids].sum())
-        n_cpu = share.split_table[misses]
-        return max(2.0 * n_cpu, 1.0 * (misses - n_cpu))
+    def fake_timer(hidden, first_ids, weights, act_fn):
+        def time_it(ids):
+            misses = int(from_host[ids].sum())
+            n_cpu = share.split_table[misses]
+            return max(2.0 * n_cpu, 1.0 * (misses - n_cpu))
 
-    monkeypatch.setattr(layer, "time_decode", fake_time)
+        return time_it
+
+    monkeypatch.setattr(layer, "decode_timer", fake_timer)
     table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
     resident = layer.table.capacity  # 37% of the tiny model's experts: fewer than top-k, so few misses never occur
     for misses in range(layer.top_k + 1):
