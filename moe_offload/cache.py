@@ -338,9 +338,9 @@ class OffloadedExperts:
                 return self.fused_moe(hidden_states, ids, top_k_weights, self.gate_up, self.down, self._hybrid_slots,
                                       contrib=contrib, host_w13=host.gate_up, host_w2=host.down)
 
-            contrib = self.cpu_share.forward(hidden_states, top_k_index, top_k_weights,
-                                             self._direct_from_host[top_k_index], gpu_share, act_fn)  # [K, H]
-            return contrib.sum(dim=0, keepdim=True).to(hidden_states.dtype)  # [1, H]
+            merged = self.cpu_share.forward(hidden_states, top_k_index, top_k_weights,
+                                            self._direct_from_host[top_k_index], gpu_share, act_fn)  # [K, H]
+            return merged.sum(dim=0, keepdim=True).to(hidden_states.dtype)  # [1, H]
         admit = self._lru.plan(top_k_index) if self._lru is not None and num_tokens == 1 else None
         self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
                        contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None,

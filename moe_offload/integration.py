@@ -25,11 +25,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from . import piecewise
 from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .cpu_experts import CpuExperts, is_silu
-from . import piecewise
 from .errors import MoeOffloadError
 from .hybrid import all_on_cpu, tune_split
 from .kernels import cpu_numba
