@@ -29,6 +29,7 @@ import mmap
 import statistics
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .cpu_experts import CpuExperts
@@ -110,6 +111,8 @@ class CpuShare:
         self._mailbox = self._host_buffer(hidden + 2 * top_k, on_cuda)  # [H + 2K]
         self._out_host = self._host_buffer(top_k * hidden, on_cuda).view(top_k, hidden)  # [K, H]
         self._out = torch.zeros((top_k, hidden), dtype=torch.float32, device=device)  # [K, H]
+        self._mailbox_np, self._out_host_np = self._mailbox.numpy(), self._out_host.numpy()
+        self._scratch = torch.empty((top_k, hidden), dtype=torch.float32)  # [K, H] the runner's compact output
         self._stream = torch.cuda.Stream(device) if on_cuda else None
         self._dtype = self._weight_dtype = None  # set by launch(); constant for a model
         self._act_fn: Callable | None = None
@@ -154,17 +157,18 @@ class CpuShare:
             # alone (bench/results/2026-11-29-h200-hybrid-costs-measured-apart.json); how much of that the
             # per-call thread setting was is not measured yet.
             torch.set_num_threads(self.runner.threads)
-        mailbox, hidden_size, top_k = self._mailbox, self.hidden, self.top_k
-        rows = mailbox[hidden_size:hidden_size + top_k].long()  # [K]
-        pairs = (rows >= 0).nonzero().flatten().tolist()
-        if not pairs:
+        box, hidden_size, top_k = self._mailbox_np, self.hidden, self.top_k  # numpy: no torch dispatch per field
+        rows = box[hidden_size:hidden_size + top_k]  # [K]
+        pairs = np.flatnonzero(rows >= 0)  # [n]
+        if pairs.size == 0:
             return
-        hidden = mailbox[:hidden_size].to(self._dtype).unsqueeze(0).expand(len(pairs), -1)  # [n, H]
-        weights = mailbox[hidden_size + top_k:][pairs].to(self._weight_dtype)  # [n]
-        slots = rows[pairs].tolist()
-        out = self.runner(hidden, weights, self.host.gate_up, self.host.down, slots, [1] * len(pairs),
-                          self._act_fn)  # [n, H]
-        self._out_host[pairs] = out
+        count = int(pairs.size)
+        hidden = torch.from_numpy(box[:hidden_size]).to(self._dtype).expand(count, hidden_size)  # [n, H]
+        weights = torch.from_numpy(box[hidden_size + top_k:][pairs]).to(self._weight_dtype)  # [n]
+        out = self._scratch[:count]  # [n, H]
+        self.runner(hidden, weights, self.host.gate_up, self.host.down, rows[pairs].astype(np.int64).tolist(),
+                    [1] * count, self._act_fn, out)
+        self._out_host_np[pairs] = out.numpy()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 from_host: torch.Tensor, gpu_share: Callable[[torch.Tensor], torch.Tensor],
