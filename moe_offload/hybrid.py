@@ -2,7 +2,7 @@
 
 Why: on the H200 machine the GPU reads experts left in pinned host memory over PCIe at ~50 GB/s, and the CPU
 computes one-token experts from that same memory at ~28 GB/s (torch on 16 cores; cpu_experts.py; the numba
-kernels of kernels/cpu_numba.py, used where they apply, ran 1.5-1.9x torch on a 2-core machine). Together they
+kernels of kernels/cpu_numba.py ran 1.7-2.0x torch on a 2-core machine; which one runs is measured too). Together they
 move more bytes per second than either alone, up to what the host DRAM gives (~85 GB/s plain read there). In a
 one-token decode step the layer's misses are split by count: the first n_cpu of them (in top-k order) are
 computed on the CPU where their weights lie, the rest are read in place by the GPU kernels; hits stay on the GPU.
@@ -118,7 +118,12 @@ class CpuShare:
         self._act_fn: Callable | None = None
         self._function = HostFunction(self._compute)
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
-        self.tuning: dict[int, list[float]] = {}  # tune_split's step seconds per misses, for n_cpu = 0..misses
+        self.tuning: dict = {}  # tune_cpu_path's: {kernel: {misses: [step seconds for n_cpu = 0..misses]}}
+
+    def set_table(self, table: list[int]) -> None:
+        """A whole split table at once (see set_split)."""
+        for misses, n_cpu in enumerate(table):
+            self.set_split(misses, n_cpu)
 
     @property
     def active(self) -> bool:
@@ -265,5 +270,29 @@ def tune_split(layer, act_fn: Callable, repeats: int = 3, tie: float = 0.02) -> 
         share.set_split(misses, table[misses])
         timings[misses] = times
     share.check()
-    share.tuning = timings
     return table, timings
+
+
+def tune_cpu_path(layer, act_fn: Callable, runners: dict[str, CpuExperts]) -> tuple[str, list[int], dict]:
+    """The CPU kernel and split table for `layer`'s CPU share, both measured: tune_split with each runner (from
+    every miss on the CPU, so the path under test is the hybrid one), and the runner whose best steps sum to the
+    least time wins (the first on a tie). Returns (name, table, {name: tune_split's timings}).
+
+    Why measure the kernel too: the numba kernel ran 1.7-2.0x torch's on a 2-core VM
+    (bench/results/2026-11-29-cpu-numba-experts-2core.json), but single runs before that ranged from slower
+    than torch to 2x there, and it has not run on the GPU machine: the machine that serves decides."""
+    share: CpuShare = layer.cpu_share
+    best, tunings = None, {}
+    for name, runner in runners.items():
+        share.runner = runner
+        share.set_table(all_on_cpu(layer.top_k))
+        table, timings = tune_split(layer, act_fn)
+        tunings[name] = timings
+        score = sum(min(times) for times in timings.values())
+        if best is None or score < best[0]:
+            best = (score, name, table)
+    _, name, table = best
+    share.runner = runners[name]
+    share.set_table(table)
+    share.tuning = tunings
+    return name, table, tunings

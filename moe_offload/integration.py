@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
-from .hybrid import all_on_cpu, tune_split
+from .hybrid import all_on_cpu, tune_cpu_path
 from .kernels import cpu_numba
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
@@ -260,27 +260,29 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
 
 def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], mode: str,
                         device: torch.device) -> None:
-    """Hybrid decode (hybrid.py) in every zero-copy layer, with one split table: every miss on the CPU ("all"),
-    or ("auto", CUDA only: on a CPU device every expert already runs on the CPU) the table tuned on the first
-    such layer."""
+    """Hybrid decode (hybrid.py) in every zero-copy layer, one CPU kernel and split table for all: every miss on
+    the CPU with the preferred kernel ("all"), or ("auto", CUDA only: on a CPU device every expert already runs on
+    the CPU) kernel and table measured on the first such layer."""
     if mode == "auto" and device.type != "cuda":
         return
-    runner = CpuExperts(threads=max(1, torch.get_num_threads() - 1),  # a core left to the thread driving the GPU
-                        compute=cpu_expert_kernel(runtimes[0].gate_up.dtype, sites[0].module.act_fn))
+    threads = max(1, torch.get_num_threads() - 1)  # a core left to the thread driving the GPU
+    kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
+    runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in kernels}
+    runner = runners[kernels[0]]
     layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
     if mode == "auto" and layers:
         first, site = layers[0]
-        table, timings = tune_split(first, site.module.act_fn)
+        kernel, table, tunings = tune_cpu_path(first, site.module.act_fn, runners)
         for runtime, _site in layers:
-            runtime.cpu_share.tuning = timings
-            for misses, n_cpu in enumerate(table):
-                runtime.cpu_share.set_split(misses, n_cpu)
+            runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[kernel], tunings
+            runtime.cpu_share.set_table(table)
 
 
-def cpu_expert_kernel(dtype: torch.dtype, act_fn) -> str:
-    """CpuExperts' compute mode for the CPU path: the numba GEMVs (kernels/cpu_numba.py; 1.5-1.9x torch's
-    one-token experts on a 2-core machine) where they apply, else torch's own kernels."""
-    return "numba" if dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available() else "native"
+def cpu_expert_kernels(dtype: torch.dtype, act_fn) -> list[str]:
+    """CpuExperts compute modes that can run these experts, preferred first: the numba GEMVs
+    (kernels/cpu_numba.py) for bf16 SiLU experts when numba is installed, and torch's own kernels."""
+    numba = dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available()
+    return ["numba", "native"] if numba else ["native"]
 
 
 def host_budget(config: OffloadConfig) -> int:

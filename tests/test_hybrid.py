@@ -23,7 +23,7 @@ from moe_offload import LLMPipeline  # noqa: E402
 from moe_offload.config import make_config  # noqa: E402
 from moe_offload.cpu_experts import CpuExperts  # noqa: E402
 from moe_offload.errors import MoeOffloadError  # noqa: E402
-from moe_offload.hybrid import CpuShare, HostFunction, all_on_cpu, tune_split  # noqa: E402
+from moe_offload.hybrid import CpuShare, HostFunction, all_on_cpu, tune_cpu_path, tune_split  # noqa: E402
 from moe_offload.kernels.reference import weighted_expert_output  # noqa: E402
 from moe_offload.tiers import HostTier  # noqa: E402
 
@@ -75,11 +75,11 @@ def test_cpu_share_with_the_numba_kernel_on_bf16():
     """The engine's CPU kernel for bf16 SiLU experts (integration.cpu_expert_kernel): rows within 4 bf16 ulps of
     the reference's."""
     pytest.importorskip("numba")
-    from moe_offload.integration import cpu_expert_kernel
+    from moe_offload.integration import cpu_expert_kernels
 
-    assert cpu_expert_kernel(torch.bfloat16, torch.nn.functional.silu) == "numba"
-    assert cpu_expert_kernel(torch.float32, torch.nn.functional.silu) == "native"
-    assert cpu_expert_kernel(torch.bfloat16, torch.nn.functional.gelu) == "native"
+    assert cpu_expert_kernels(torch.bfloat16, torch.nn.functional.silu) == ["numba", "native"]
+    assert cpu_expert_kernels(torch.float32, torch.nn.functional.silu) == ["native"]
+    assert cpu_expert_kernels(torch.bfloat16, torch.nn.functional.gelu) == ["native"]
     torch.manual_seed(0)
     tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
     tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
@@ -158,6 +158,31 @@ def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
             assert table[misses] == min(n for n in range(misses + 1) if max(2.0 * n, misses - n) == best)
             assert len(timings[misses]) == misses + 1
     assert share.split.tolist() == table == share.split_table
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
+def test_tune_cpu_path_keeps_the_faster_kernel(tmp_path, monkeypatch):
+    """Two runners on a fake clock where the second's CPU is twice as fast: it wins, with its own table, and the
+    timings of both are kept."""
+    pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 37, all_on_cpu)
+    layer = pipe.layers[0]
+    share, from_host = layer.cpu_share, layer._direct_from_host
+    slow, fast = CpuExperts(threads=1), CpuExperts(threads=1)
+
+    def fake_timer(hidden, first_ids, weights, act_fn):
+        def time_it(ids):
+            misses = int(from_host[ids].sum())
+            n_cpu = share.split_table[misses]
+            per_expert = 2.0 if share.runner is slow else 1.0
+            return max(per_expert * n_cpu, 1.0 * (misses - n_cpu))
+
+        return time_it
+
+    monkeypatch.setattr(layer, "decode_timer", fake_timer)
+    name, table, tunings = tune_cpu_path(layer, torch.nn.functional.silu, {"slow": slow, "fast": fast})
+    assert name == "fast" and share.runner is fast and share.split_table == table and set(tunings) == {"slow", "fast"}
+    assert share.tuning is tunings
+    assert table[layer.top_k] == layer.top_k // 2  # equal speeds: half each
 
 
 @pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")

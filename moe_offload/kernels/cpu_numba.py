@@ -4,7 +4,9 @@ Why: a one-token expert is two GEMVs, a memory stream over its weights. torch's 
 plain weight matrix on every call and read expert weights at 24-35 GB/s on the H200 machine, whose plain read
 runs at 84.6 GB/s (bench/results/2026-11-29-h200-cpu-experts.log). Widening each bf16 row to float32 (a 16-bit
 shift of the bits) in a per-thread buffer and accumulating in float32 read them at 25.1 GB/s against torch's 18.2
-on a 2-core machine (bench/cpu_gemv_numba.py, bench/results/2026-11-29-cpu-gemv-numba-2core.json).
+on a 2-core machine (bench/cpu_gemv_numba.py, bench/results/2026-11-29-cpu-gemv-numba-2core.json); whole experts
+here, 8 per call, 1.7-2.0x torch's (bench/cpu_numba_experts.py, bench/results/2026-11-29-cpu-numba-experts-2core.json).
+hybrid.tune_cpu_path still times both on the serving machine and keeps the faster.
 
 All (token, expert) pairs of a call run in two parallel loops: every pair's gate/up rows, then every pair's down
 rows, in chunks of rows, so a call costs two parallel regions, not two per expert.
