@@ -71,6 +71,8 @@ def ours_worker(spec: dict) -> dict:
             "zero_copy_layers": stats["zero_copy_layers"], "cuda_graph_steps": stats["cuda_graph_steps"],
             "experts_computed_on_cpu": stats["experts_computed_on_cpu"],
             "experts_read_in_place": stats["experts_read_in_place"], "cpu_expert_split": stats["cpu_expert_split"],
+            "cpu_expert_kernel": stats["cpu_expert_kernel"], "cpu_expert_tuning": stats["cpu_expert_tuning"],
+            "fused_dense_ops": stats["fused_dense_ops"],
             "runs": runs}
 
 
