@@ -87,6 +87,8 @@ class PiecewiseStep:
         return out
 
     def replay(self) -> None:
+        if self._stream is not None:  # after what the caller queued before (the EOS bias, the last token's copy)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._on_stream():
             for index, segment in enumerate(self.segments):
                 segment.replay()
