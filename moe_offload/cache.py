@@ -118,7 +118,7 @@ class OffloadedExperts:
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
         self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
         self.cpu_share: CpuShare | None = None  # decode misses partly computed on the CPU (hybrid.py)
-        self._hybrid_slots: torch.Tensor | None = None  # [E + 1] int32: _direct_slots, then -1 (a CPU pair)
+        self._skip: torch.Tensor | None = None  # [1] int32 -1: the slot the kernels see for a CPU pair's id E
 
     @property
     def counters(self) -> LayerCounters:
@@ -198,12 +198,12 @@ class OffloadedExperts:
 
     def enable_cpu_share(self, split: list[int], runner: CpuExperts) -> bool:
         """Compute some decode misses on the CPU (hybrid.py), n_cpu = split[misses] of them per step; returns
-        whether it is on. Needs the zero-copy path with a fixed resident set (the CPU reads the host tier)."""
-        if not self.zero_copy or self._lru is not None or self.top_k > _DECODE_MAX_PAIRS:
+        whether it is on. Needs the zero-copy path (the CPU reads the host tier in place, as the GPU would)."""
+        if not self.zero_copy or self.top_k > _DECODE_MAX_PAIRS:
             return False
         device = self._direct_slots.device
         self.cpu_share = CpuShare(self.host, self.num_experts, self.top_k, self.hidden, split, runner, device)
-        self._hybrid_slots = torch.cat([self._direct_slots, self._direct_slots.new_full((1,), -1)])  # [E + 1]
+        self._skip = self._direct_slots.new_full((1,), -1)  # [1] the slot of E, the CPU pairs' id for the kernels
         return True
 
     def decode_timer(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -218,7 +218,11 @@ class OffloadedExperts:
         ids = top_k_index.clone()  # [1, K] the graph's input
 
         def forward() -> None:
-            self._forward_direct(hidden, ids, top_k_weights, act_fn)
+            lru, self._lru = self._lru, None  # timed without admitting: the maps stay as they are
+            try:
+                self._forward_direct(hidden, ids, top_k_weights, act_fn)
+            finally:
+                self._lru = lru
 
         on_cuda = hidden.device.type == "cuda"
         if on_cuda:
@@ -334,13 +338,7 @@ class OffloadedExperts:
         else:  # fixed maps: split on demand (counters)
             self._use_counts.add_(self._step_used)
         if self.cpu_share is not None and num_tokens == 1 and self.cpu_share.active:
-            def gpu_share(ids: torch.Tensor) -> torch.Tensor:  # ids [1, K], E where the CPU computes
-                return self.fused_moe(hidden_states, ids, top_k_weights, self.gate_up, self.down, self._hybrid_slots,
-                                      contrib=contrib, host_w13=host.gate_up, host_w2=host.down)
-
-            merged = self.cpu_share.forward(hidden_states, top_k_index, top_k_weights,
-                                            self._direct_from_host[top_k_index], gpu_share, act_fn)  # [K, H]
-            return merged.sum(dim=0, keepdim=True).to(hidden_states.dtype)  # [1, H]
+            return self._forward_hybrid(hidden_states, top_k_index, top_k_weights, act_fn, contrib)
         admit = self._lru.plan(top_k_index) if self._lru is not None and num_tokens == 1 else None
         self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
                        contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None,
@@ -348,6 +346,29 @@ class OffloadedExperts:
         if admit is not None:
             self._lru.commit()
         return contrib.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
+
+    def _forward_hybrid(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                        act_fn: Callable, contrib: torch.Tensor) -> torch.Tensor:
+        """A one-token step with some misses computed on the CPU (hybrid.py); with device LRU, only the misses the
+        GPU reads are admitted (the cache holds what the GPU will read again, not what the CPU serves)."""
+        slots = torch.cat([self._direct_slots, self._skip])  # [E + 1]: the maps as of now (LRU changes them)
+        lru = self._lru
+        admitted = False
+
+        def gpu_share(ids: torch.Tensor) -> torch.Tensor:  # ids [1, K], E where the CPU computes
+            nonlocal admitted
+            admit = None
+            if lru is not None:
+                admit = torch.cat([lru.plan(top_k_index, admissible=ids < self.num_experts), self._skip])  # [E + 1]
+                admitted = True
+            return self.fused_moe(hidden_states, ids, top_k_weights, self.gate_up, self.down, slots, contrib=contrib,
+                                  host_w13=self.host.gate_up, host_w2=self.host.down, admit_slot_of_expert=admit)
+
+        merged = self.cpu_share.forward(hidden_states, top_k_index, top_k_weights,
+                                        self._direct_from_host[top_k_index], gpu_share, act_fn)  # [K, H]
+        if admitted:
+            lru.commit()
+        return merged.sum(dim=0, keepdim=True).to(hidden_states.dtype)  # [1, H]
 
     @staticmethod
     def _eager_pool_runner(hidden_states, top_k_index, top_k_weights, counts, act_fn):

@@ -62,9 +62,9 @@ class OffloadConfig:
     # per decode step of a 12-layer model. "auto": on CUDA with triton, where each passes an equivalence check.
     moe_fuse_dense: str = "auto"
     # Decode misses partly computed on the CPU where they lie in the host tier, while the GPU reads the rest in
-    # place (hybrid.py; zero-copy layers with a fixed resident set). "auto": how many, per count of misses, timed
-    # on a layer at load (the fastest step wins; none where the CPU does not help); "all": every miss on the
-    # CPU; "off": every miss on the GPU.
+    # place (hybrid.py; zero-copy layers; with MOE_ZERO_COPY=lru only what the GPU reads is admitted). "auto": how
+    # many per count of misses, and with which CPU kernel, timed on a layer at load (the fastest step wins; none
+    # where the CPU does not help); "all": every miss on the CPU; "off": every miss on the GPU.
     moe_cpu_experts: str = "off"
 
     def resident_count(self, num_experts: int) -> int:

@@ -45,20 +45,24 @@ class DeviceLRU:
         self.admit = torch.full((self.num_experts,), -1, dtype=torch.int32, device=device)  # [E] for the kernels
         self._plan: tuple | None = None
 
-    def plan(self, ids: torch.Tensor) -> torch.Tensor:
-        """admit [E] int32 for a step needing `ids` [K] (distinct): the slot each admitted miss is written into."""
+    def plan(self, ids: torch.Tensor, admissible: torch.Tensor | None = None) -> torch.Tensor:
+        """admit [E] int32 for a step needing `ids` [K] (distinct): the slot each admitted miss is written into.
+
+        admissible [K] bool (aligned with ids): misses that may be admitted, i.e. that the GPU reads (the CPU
+        computes the others where they lie: hybrid.py); None = all. The others take no slot and no rank."""
         # K = experts of the step, C = slots, E = experts
         capacity = self.capacity
-        needed = torch.sort(ids.reshape(-1)).values  # [K] ascending, like the host loop over expert ids
+        needed, order = torch.sort(ids.reshape(-1))  # [K] ascending, like the host loop over expert ids
         slots = self.slot_of[needed].long()  # [K]
         resident = slots < capacity  # [K]
+        missing = ~resident if admissible is None else (~resident) & admissible.reshape(-1)[order]  # [K]
         hit_rank = resident.long().cumsum(0) - 1  # [K]
-        miss_rank = (~resident).long().cumsum(0) - 1  # [K]
+        miss_rank = missing.long().cumsum(0) - 1  # [K]
         hits = resident.long().sum()  # device scalar
         stamps = (self.step + 1) * _STRIDE + torch.where(resident, hit_rank, hits + miss_rank)  # [K] hits first
         self.stamp.scatter_(0, torch.where(resident, slots, capacity), stamps)  # hits become the newest
         oldest = torch.topk(self.stamp[:capacity], min(needed.numel(), capacity), largest=False).indices  # [K']
-        admitted = (~resident) & (miss_rank < capacity - hits)  # [K]: while unneeded slots are left
+        admitted = missing & (miss_rank < capacity - hits)  # [K]: while unneeded slots are left
         victim = oldest[miss_rank.clamp(0, oldest.numel() - 1)]  # [K]
         self.admit.fill_(-1).scatter_(0, needed, torch.where(admitted, victim, -1).int())
         self._plan = (needed, admitted, victim, stamps)

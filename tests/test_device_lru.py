@@ -17,18 +17,21 @@ from moe_offload.device_lru import DeviceLRU
 from moe_offload.policy import LRUPolicy
 
 
-def _host_step(table: SlotTable, needed: list[int]) -> tuple[int, int]:
-    """What OffloadedExperts' general path does for one step: (hits, admitted)."""
+def _host_step(table: SlotTable, needed: list[int], on_cpu: frozenset = frozenset()) -> tuple[int, int]:
+    """What OffloadedExperts' general path does for one step: (hits, admitted). Misses in `on_cpu` are computed
+    by the CPU (hybrid.py): never admitted."""
     hits = [e for e in sorted(needed) if table.lookup(e) is not None]
-    misses = [e for e in sorted(needed) if table.lookup(e) is None]
+    misses = [e for e in sorted(needed) if table.lookup(e) is None and e not in on_cpu]
     for expert in hits:
         table.hit(expert)
     admitted = sum(table.admit(expert, set(needed)) is not None for expert in misses)
     return len(hits), admitted
 
 
+@pytest.mark.parametrize("cpu_share", [False, True])
 @pytest.mark.parametrize("experts,capacity,top_k", [(16, 4, 2), (16, 3, 4), (32, 8, 8), (8, 1, 2), (8, 7, 4)])
-def test_same_decisions_as_the_host_lru(experts, capacity, top_k):
+def test_same_decisions_as_the_host_lru(experts, capacity, top_k, cpu_share):
+    """cpu_share: a random part of each step's misses is computed on the CPU and must not be admitted."""
     rng = random.Random(experts * 100 + capacity * 10 + top_k)
     table = SlotTable(capacity, LRUPolicy())
     for expert in range(capacity):
@@ -41,9 +44,11 @@ def test_same_decisions_as_the_host_lru(experts, capacity, top_k):
     hot = list(range(experts // 2))  # skewed routing, so that hits and evictions both happen
     for _ in range(200):
         needed = rng.sample(hot if rng.random() < 0.7 else range(experts), top_k)
-        hits, admitted = _host_step(table, needed)
+        on_cpu = frozenset(e for e in needed if cpu_share and table.lookup(e) is None and rng.random() < 0.5)
+        hits, admitted = _host_step(table, needed, on_cpu)
         ids = torch.tensor(needed)
-        admit = lru.plan(ids)
+        admit = lru.plan(ids, admissible=torch.tensor([e not in on_cpu for e in needed]) if cpu_share else None)
+        assert all(int(admit[e]) < 0 for e in on_cpu)
         assert int((slot_map[ids] < capacity).sum()) == hits
         assert int((admit >= 0).sum()) == admitted
         lru.commit()

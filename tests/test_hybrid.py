@@ -234,6 +234,33 @@ def test_hybrid_decode_matches_gpu_path(tmp_path, ratio):
 
 
 @pytest.mark.skipif(CUDA, reason="CPU-device pipelines")
+def test_hybrid_with_device_lru_admits_only_what_the_gpu_reads(tmp_path):
+    """MOE_ZERO_COPY=lru with half the misses on the CPU: ratio 100's tokens and every slot holding its expert's
+    bytes (that CPU-computed misses are never admitted, and the rest as the host LRU would: test_device_lru)."""
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path = _tiny_checkpoint(tmp_path)
+    ids = torch.randint(2, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    reference = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=100)
+    want = reference.generate_tokens(ids, max_new_tokens=6, min_new_tokens=6)
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37)
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+        assert layer.enable_direct(pipe.device, lru=True) and layer._lru is not None
+        assert layer.enable_cpu_share([m // 2 for m in range(layer.top_k + 1)], CpuExperts(threads=1))
+    got = pipe.generate_tokens(ids, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(got, want)
+    stats = pipe.get_offload_stats()
+    assert stats["experts_computed_on_cpu"] > 0 and stats["hits"] > 0
+    assert stats["experts_computed_on_cpu"] + stats["experts_read_in_place"] == stats["misses"]
+    for layer in pipe.layers:
+        for expert, slot in enumerate(layer._direct_slots.tolist()):
+            if slot < layer.table.capacity:
+                gate_up, down = layer.host.get(expert)
+                assert torch.equal(layer.gate_up[slot], gate_up) and torch.equal(layer.down[slot], down)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines")
 def test_cpu_share_needs_zero_copy(tmp_path):
     """Ratio 100 (nothing to read in place) or experts only on disk: the layer keeps the GPU path."""
     from moe_offload.kernels.triton_moe import fused_moe
