@@ -166,8 +166,13 @@ class StaticDecoder:
     def _record_piecewise(self) -> PiecewiseStep | None:
         """The decode step recorded as graph segments around the syncing MoE layers, or None (then eager).
 
-        Recording runs the step; the token, position and the cache row it wrote are restored or rewritten by the
-        replay that follows, which computes the same step again from the same inputs."""
+        Recording runs the step; the token, the position and the cache's own counters (transformers 5.2x's
+        StaticLayer.cumulative_length, which says where the next keys go) are restored, and the cache row it wrote
+        is rewritten by the replay that follows, which computes the same step again from the same inputs. (Its
+        MoE layers' hits and misses count once more.)"""
+        counters = [value for layer in self.cache.layers for name, value in vars(layer).items()
+                    if isinstance(value, torch.Tensor) and name not in ("keys", "values")]
+        saved = [value.clone() for value in counters]
         token, position = self._token.clone(), self._position.clone()
         step = PiecewiseStep(self.device)
         try:
@@ -178,6 +183,8 @@ class StaticDecoder:
             step = None
         self._token.copy_(token)
         self._position.copy_(position)
+        for value, before in zip(counters, saved):
+            value.copy_(before)
         return step
 
     def _mode(self) -> str | None:

@@ -116,6 +116,30 @@ def test_sync_free_layers_stay_inside_the_segments(checkpoint_factory, stand_in)
     assert len(step.segments) == 1 and not step.calls
 
 
+@torch.inference_mode()
+def test_piecewise_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch):
+    """With graphs emulated on the CPU (tests/graph_emulation.py: the captured ops really replay), a decode whose
+    steps are replayed piecewise around the disk-tier layers gives the eager decode's logits and tokens, over
+    two generations (the second reuses the recorded step)."""
+    from graph_emulation import EmulatedGraph
+
+    monkeypatch.setattr(PiecewiseStep, "graph_factory", EmulatedGraph)
+    path = checkpoint_factory("qwen3_moe")
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    eager = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0)
+    want_logits = []
+    want = eager.decoder.generate(prompt, 8, 8, on_logits=want_logits.append)
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0, MOE_CUDA_GRAPH="piecewise")
+    pipe.decoder.use_graph = True  # as on CUDA
+    assert pipe.decoder._mode() == "piecewise"
+    for _ in range(2):
+        logits = []
+        assert pipe.decoder.generate(prompt, 8, 8, on_logits=logits.append) == want
+        assert all(torch.equal(a, b) for a, b in zip(logits, want_logits))
+    assert isinstance(pipe.decoder.graph, PiecewiseStep) and pipe.decoder.steps_replayed >= 12
+    assert len(pipe.decoder.graph.calls) == len(pipe.layers) and pipe.decoder.graph_failure is None
+
+
 def test_piecewise_needs_the_property(checkpoint_factory):
     pipe = _disk_pipeline(checkpoint_factory)
     assert not pipe._piecewise_ready()

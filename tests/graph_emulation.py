@@ -1,0 +1,63 @@
+"""A CUDA graph stand-in that really replays, on the CPU, for tests of code that records and replays graphs.
+
+Between capture_begin and capture_end every aten op runs as usual and is also logged (TorchDispatchMode) with its
+arguments and results; replay() runs the logged ops again on the same tensors, in order, writing each new result
+into the tensor the op returned at capture. That is what a CUDA graph does with fixed addresses: later replays
+see new values in the tensors the capture read, and leave theirs where the capture left its outputs. (Unlike a
+real capture, the ops also execute while being recorded, and memory freed during capture is not reused.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+_HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, log: list):
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _HOST_READS:  # a CUDA capture cannot read a device value on the host either
+            raise RuntimeError(f"{func} reads a tensor's value on the host during capture")
+        result = func(*args, **kwargs)
+        self.log.append((func, args, kwargs, result))
+        return result
+
+
+def _aliases(result: torch.Tensor, args, kwargs) -> bool:
+    """The op returned (a view of) one of its inputs: in-place ops and views need no copy back."""
+    inputs, _ = tree_flatten((args, kwargs))
+    storage = result.untyped_storage().data_ptr()
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in inputs)
+
+
+class EmulatedGraph:
+    """torch.cuda.CUDAGraph's capture_begin / capture_end / replay, emulated on the CPU (see the module docstring)."""
+
+    def __init__(self):
+        self.log: list = []
+        self._mode: _Recorder | None = None
+
+    def capture_begin(self, **kwargs):
+        self._mode = _Recorder(self.log)
+        self._mode.__enter__()
+
+    def capture_end(self):
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+
+    def replay(self):
+        for func, args, kwargs, recorded in self.log:
+            result = func(*args, **kwargs)
+            outs, _ = tree_flatten(recorded)
+            news, _ = tree_flatten(result)
+            for out, new in zip(outs, news):
+                if isinstance(out, torch.Tensor) and not _aliases(out, args, kwargs):
+                    out.copy_(new)
