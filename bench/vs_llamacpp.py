@@ -38,8 +38,10 @@ sys.path.insert(0, HERE)
 RATIOS = (0, 25, 50, 75)
 TARGETS = {"decode_vs_llamacpp": 1.2, "prefill_vs_llamacpp": 3.0}
 # Our configurations (all with the host tier holding every non-resident expert: zero-copy misses, CUDA graphs):
-# misses split between the CPU and the GPU (hybrid.py), and every miss read in place by the GPU.
-VARIANTS = {"hybrid": {"MOE_CPU_EXPERTS": "auto"}, "gpu_only": {"MOE_CPU_EXPERTS": "off"}}
+# misses split between the CPU and the GPU (hybrid.py) with the token embeddings in host RAM as llama.cpp keeps
+# them (host_embeddings.py), and every miss read in place by the GPU with everything else as usual.
+VARIANTS = {"hybrid": {"MOE_CPU_EXPERTS": "auto", "MOE_HOST_EMBEDDINGS": "on"},
+            "gpu_only": {"MOE_CPU_EXPERTS": "off", "MOE_HOST_EMBEDDINGS": "off"}}
 
 
 def ncmoe_for(ratio: int, layers: int) -> int:
@@ -72,7 +74,7 @@ def ours_worker(spec: dict) -> dict:
             "experts_computed_on_cpu": stats["experts_computed_on_cpu"],
             "experts_read_in_place": stats["experts_read_in_place"], "cpu_expert_split": stats["cpu_expert_split"],
             "cpu_expert_kernel": stats["cpu_expert_kernel"], "cpu_expert_tuning": stats["cpu_expert_tuning"],
-            "fused_dense_ops": stats["fused_dense_ops"],
+            "fused_dense_ops": stats["fused_dense_ops"], "host_embedding_bytes": stats["host_embedding_bytes"],
             "runs": runs}
 
 

@@ -17,6 +17,7 @@ from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
 from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
+from .host_embeddings import move_input_embeddings_to_host
 from .integration import build_offloaded_model, check_supported
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
@@ -47,8 +48,8 @@ class LLMPipeline:
     properties: MOE_OFFLOAD_RATIO (0-100, percent of each MoE layer's routed experts resident on the device),
     MOE_HOST_CACHE (bytes or "64GiB" of host RAM for non-resident experts; "auto"), MOE_IO (pread|mmap|odirect),
     MOE_DTYPE (auto|float32|bfloat16|float16), MOE_KERNEL (auto|triton|torch), MOE_ZERO_COPY, MOE_CUDA_GRAPH,
-    MOE_FUSE_DENSE, MOE_CPU_EXPERTS (README's property table; config.py). `config` is a path to a JSON
-    file or a dict of the same keys; keyword properties override it.
+    MOE_FUSE_DENSE, MOE_CPU_EXPERTS, MOE_HOST_EMBEDDINGS (README's property table; config.py). `config` is a path
+    to a JSON file or a dict of the same keys; keyword properties override it.
     """
 
     def __init__(self, models_path: str | None = None, device: str = "cuda",
@@ -70,6 +71,11 @@ class LLMPipeline:
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
         self.model, self.layers = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config,
                                                          progress)
+        self.host_embedding_bytes = 0
+        if self.config.moe_host_embeddings == "on":
+            self.host_embedding_bytes = move_input_embeddings_to_host(self.model)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the table's device memory back to the driver
         # before the decoder: its CUDA graphs capture whatever kernels the model launches
         self.fused_dense_ops = fuse_dense_ops(self.model) if self.config.moe_fuse_dense == "auto" else []
         self.tokenizer = self._load_tokenizer()
@@ -221,6 +227,7 @@ class LLMPipeline:
             "cuda_graph_prefills": self.decoder.prefills_replayed if self.decoder else 0,
             "cuda_graph_failure": self.decoder.graph_failure if self.decoder else None,
             "fused_dense_ops": self.fused_dense_ops,
+            "host_embedding_bytes": self.host_embedding_bytes,  # MOE_HOST_EMBEDDINGS: the table moved off the device
         }
 
     def reset_offload_stats(self) -> None:

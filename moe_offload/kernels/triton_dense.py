@@ -161,3 +161,25 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                          HALF=dim // 2, BLOCK=triton.next_power_of_2(dim // 2), num_warps=1,
                          enable_fp_fusion=False)
     return q_out, k_out
+
+
+@triton.jit
+def _embedding_kernel(ids_ptr, weight_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    """out[t, block] = weight[ids[t], block]; weight may be pinned host memory, read in place over PCIe."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < width
+    row = tl.load(ids_ptr + token).to(tl.int64)
+    tl.store(out_ptr + token * width + offs, tl.load(weight_ptr + row * width + offs, mask=mask), mask=mask)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """weight[ids] ([..., W], on ids' device) for a contiguous weight [V, W] that may live in page-locked, mapped
+    host memory (tiers.pin_in_place): each token reads one row across PCIe."""
+    flat = ids.reshape(-1).contiguous()  # [T]
+    width = weight.shape[1]
+    out = torch.empty((flat.numel(), width), dtype=weight.dtype, device=ids.device)  # [T, W]
+    if flat.numel():
+        block = min(1024, triton.next_power_of_2(width))
+        _embedding_kernel[(flat.numel(), triton.cdiv(width, block))](flat, weight, out, width, BLOCK=block)
+    return out.view(*ids.shape, width)
