@@ -24,8 +24,9 @@ def move_input_embeddings_to_host(model: torch.nn.Module, force: bool = False) -
     embedding = model.get_input_embeddings()
     weight = getattr(embedding, "weight", None)
     output = model.get_output_embeddings()
-    if (type(embedding).forward is not torch.nn.Embedding.forward or not isinstance(weight, torch.Tensor)
-            or weight.dim() != 2 or getattr(embedding, "max_norm", None) is not None
+    if (type(embedding).forward is not torch.nn.Embedding.forward or "forward" in embedding.__dict__  # moved
+            or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0
+            or getattr(embedding, "max_norm", None) is not None
             or (output is not None and getattr(output, "weight", None) is not None
                 and output.weight.data_ptr() == weight.data_ptr())):
         return 0

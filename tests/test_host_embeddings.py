@@ -52,7 +52,8 @@ def test_pipeline_logits_unchanged_and_table_moved(checkpoint_factory):
     assert pipe.model.device.type == "cpu" and pipe.model.dtype == torch.float32
     assert torch.equal(pipe.model(ids).logits, want)
     assert torch.equal(pipe.generate_tokens(ids, max_new_tokens=5, min_new_tokens=5), tokens)
-    assert move_input_embeddings_to_host(pipe.model, force=True) == 0  # already moved: not a plain table now
+    assert move_input_embeddings_to_host(pipe.model, force=True) == 0  # already moved: nothing changes
+    assert embedding.host_table.shape == (vocab, hidden) and torch.equal(pipe.model(ids).logits, want)
 
 
 def test_tied_tables_stay(checkpoint_factory):
