@@ -17,6 +17,7 @@ in capture order, as torch's make_graphed_callables does.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -100,7 +101,7 @@ class PiecewiseStep:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
     def _on_stream(self):
-        return torch.cuda.stream(self._stream) if self._stream is not None else _nothing()
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     def _begin(self) -> None:
         graph = self.graph_factory()
@@ -127,10 +128,3 @@ class PiecewiseStep:
         self.segments.clear()
         self.calls.clear()
 
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
