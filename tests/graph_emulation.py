@@ -5,12 +5,14 @@ arguments and results; replay() runs the logged ops again on the same tensors, i
 into the tensor the op returned at capture. That is what a CUDA graph does with fixed addresses: later replays
 see new values in the tensors the capture read, and leave theirs where the capture left its outputs. (Unlike a
 real capture, the ops also execute while being recorded, and memory freed during capture is not reused.)
+Launches of Triton kernels (the interpreter's, which are not aten ops) and host functions are logged whole, as
+nodes (`record_triton_launches`, `record_as_node`: pytest monkeypatches), and called again on replay.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 
@@ -38,6 +40,32 @@ def _aliases(result: torch.Tensor, args, kwargs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in inputs)
 
 
+_capturing: list = []  # the EmulatedGraph capturing now, if any
+
+
+def record_as_node(monkeypatch, owner, name: str) -> None:
+    """Log calls of owner.name (a method) whole in the capturing EmulatedGraph, to be called again on replay, as a
+    CUDA graph replays a kernel launch or a host node; its own tensor ops are not logged one by one."""
+    method = getattr(owner, name)
+
+    def node(self, *args, **kwargs):
+        if not _capturing:
+            return method(self, *args, **kwargs)
+        with _disable_current_modes():
+            result = method(self, *args, **kwargs)
+        _capturing[-1].log.append((method, (self, *args), kwargs, None))
+        return result
+
+    monkeypatch.setattr(owner, name, node)
+
+
+def record_triton_launches(monkeypatch) -> None:
+    """Interpreted Triton launches (not aten ops) become graph nodes."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    record_as_node(monkeypatch, InterpretedFunction, "run")
+
+
 class EmulatedGraph:
     """torch.cuda.CUDAGraph's capture_begin / capture_end / replay, emulated on the CPU (see the module docstring)."""
 
@@ -48,14 +76,18 @@ class EmulatedGraph:
     def capture_begin(self, **kwargs):
         self._mode = _Recorder(self.log)
         self._mode.__enter__()
+        _capturing.append(self)
 
     def capture_end(self):
+        _capturing.remove(self)
         self._mode.__exit__(None, None, None)
         self._mode = None
 
     def replay(self):
         for func, args, kwargs, recorded in self.log:
             result = func(*args, **kwargs)
+            if recorded is None:  # a node (a Triton launch, a host function): it wrote its outputs itself
+                continue
             outs, _ = tree_flatten(recorded)
             news, _ = tree_flatten(result)
             for out, new in zip(outs, news):

@@ -140,6 +140,46 @@ def test_piecewise_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch
     assert len(pipe.decoder.graph.calls) == len(pipe.layers) and pipe.decoder.graph_failure is None
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("cpu_share", [False, True])
+def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory, monkeypatch, cpu_share):
+    """A model with one layer on the direct path (Triton, zero-copy: captured in a segment; with cpu_share, half
+    its misses computed by the CPU's host function) and one on the copy path (eager between segments), as when
+    the host tier holds only some layers' experts: replayed piecewise with graphs emulated on the CPU, the eager
+    decode's logits (within 1e-5: CPU-computed experts sum in another order) and tokens."""
+    pytest.importorskip("triton")
+    from graph_emulation import EmulatedGraph, record_as_node, record_triton_launches
+
+    from moe_offload.cpu_experts import CpuExperts
+    from moe_offload.hybrid import HostFunction
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    monkeypatch.setattr(PiecewiseStep, "graph_factory", EmulatedGraph)
+    record_triton_launches(monkeypatch)
+    record_as_node(monkeypatch, HostFunction, "launch")
+    path = checkpoint_factory("qwen3_moe")
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    runs = []
+    for graphs in (False, True):
+        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_CUDA_GRAPH="piecewise")
+        for layer in pipe.layers:
+            layer.fused_moe = fused_moe
+        assert pipe.layers[0].enable_direct(pipe.device) and not pipe.layers[1].direct
+        if cpu_share:
+            top_k = pipe.layers[0].top_k
+            assert pipe.layers[0].enable_cpu_share([m // 2 for m in range(top_k + 1)], CpuExperts(threads=1))
+        pipe.decoder.use_graph = graphs
+        logits = []
+        runs.append((pipe.decoder.generate(prompt, 6, 6, on_logits=logits.append), logits, pipe))
+    (want, want_logits, _), (got, got_logits, pipe) = runs
+    assert got == want and all((a - b).abs().max() <= 1e-5 for a, b in zip(got_logits, want_logits))
+    if cpu_share:
+        assert pipe.get_offload_stats()["experts_computed_on_cpu"] > 0
+    step = pipe.decoder.graph
+    assert [call.runtime for call in step.calls] == [pipe.layers[1]] and len(step.segments) == 2
+    assert pipe.decoder.steps_replayed >= 4
+
+
 def test_piecewise_needs_the_property(checkpoint_factory):
     pipe = _disk_pipeline(checkpoint_factory)
     assert not pipe._piecewise_ready()
