@@ -93,3 +93,33 @@ class EmulatedGraph:
             for out, new in zip(outs, news):
                 if isinstance(out, torch.Tensor) and not _aliases(out, args, kwargs):
                     out.copy_(new)
+
+
+def emulate_whole_graphs(monkeypatch, decoder) -> None:
+    """torch.cuda.graph / CUDAGraph emulated for `decoder` (decoding.StaticDecoder) on the CPU.
+
+    A real capture records without running; the emulation runs what it records. So the capture context here puts
+    back what one recorded decode step changes that the next step reads (the decoder's token and position, the
+    KV cache's tensors) before the decoder replays the graph for that same step. MoE state (cache maps, tallies)
+    is left as it is: it changes no output.
+    """
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", EmulatedGraph)
+
+    class Capture:
+        def __init__(self, graph, **kwargs):
+            self.graph = graph
+
+        def __enter__(self):
+            state = [decoder._token, decoder._position]
+            state += [value for layer in decoder.cache.layers for value in vars(layer).values()
+                      if isinstance(value, torch.Tensor)]
+            self.saved = [(value, value.clone()) for value in state]
+            self.graph.capture_begin()
+
+        def __exit__(self, *exc):
+            self.graph.capture_end()
+            for value, before in self.saved:
+                value.copy_(before)
+            return False
+
+    monkeypatch.setattr(torch.cuda, "graph", Capture)

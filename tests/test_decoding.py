@@ -98,3 +98,51 @@ def test_unsupported_requests_go_to_transformers(pipe):
             expected.tolist()
     finally:
         pipe.model.generation_config.repetition_penalty = saved
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("variant", ["zero-copy", "hybrid", "hybrid-lru", "host-embeddings", "fused-dense"])
+def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, variant):
+    """The decode step and a recurring prompt's prefill replayed from (CPU-emulated) whole graphs, on the paths
+    that make a step capturable: zero-copy misses, misses partly on the CPU (host functions), with device LRU,
+    the embedding table read from the host, fused dense ops (Triton kernels as graph nodes). Two generations of
+    the same prompt: the eager decode's logits and tokens, and something was replayed."""
+    pytest.importorskip("triton")
+    from graph_emulation import emulate_whole_graphs, record_as_node, record_triton_launches
+
+    from moe_offload.cpu_experts import CpuExperts
+    from moe_offload.dense_fusion import fuse_dense_ops, unfuse_dense_ops
+    from moe_offload.host_embeddings import move_input_embeddings_to_host
+    from moe_offload.hybrid import HostFunction
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    record_triton_launches(monkeypatch)
+    record_as_node(monkeypatch, HostFunction, "launch")
+    path = checkpoint_factory("qwen3_moe")
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    runs = []
+    for graphs in (False, True):
+        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37)
+        for layer in pipe.layers:
+            layer.fused_moe = fused_moe
+            assert layer.enable_direct(pipe.device, lru=variant == "hybrid-lru")
+            if variant.startswith("hybrid"):
+                assert layer.enable_cpu_share([m // 2 for m in range(layer.top_k + 1)], CpuExperts(threads=1))
+        if variant == "host-embeddings":
+            assert move_input_embeddings_to_host(pipe.model, force=True) > 0
+        if variant == "fused-dense":
+            assert fuse_dense_ops(pipe.model, force=True)
+        decoder = pipe.decoder
+        decoder.use_graph = graphs
+        if graphs:
+            emulate_whole_graphs(monkeypatch, decoder)
+        outputs = []
+        for _ in range(2):
+            logits = []
+            outputs.append((decoder.generate(prompt, 5, 5, on_logits=logits.append), logits))
+        runs.append(outputs)
+        if variant == "fused-dense":
+            unfuse_dense_ops(pipe.model)  # the rotary patch is process-wide
+    for (want, want_logits), (got, got_logits) in zip(*runs):
+        assert got == want and all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+    assert decoder.steps_replayed >= 4 and decoder.prefills_replayed == 1 and decoder.graph_failure is None
