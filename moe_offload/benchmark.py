@@ -192,7 +192,7 @@ def run_iteration(pipe, prompt: str, infer_count: int, iteration: int) -> dict[s
 
 
 def device_weight_bytes(pipe) -> int:
-    """Non-expert weights and buffers (tied ones once) + resident experts + streaming scratch, as loaded."""
+    """Non-expert weights and buffers (tied ones once) + resident experts + the streaming scratch once allocated."""
     tensors = (*pipe.model.parameters(), *pipe.model.buffers())
     dense = {t.data_ptr(): t.nbytes for t in tensors if t.device.type == pipe.device.type}
     stats = pipe.get_offload_stats()

@@ -70,17 +70,36 @@ class SlotTable:
 class ScratchPool:
     """Device buffers for experts streamed through without being cached, shared by all MoE layers.
 
-    2 * wave slots: wave i uses half i % 2, so the next wave's copies overlap this wave's compute.
+    2 * wave slots: wave i uses half i % 2, so the next wave's copies overlap this wave's compute. Allocated on
+    first use: layers that read their misses in place (zero-copy) never stream through it, and at ratio 0 on the
+    Qwen3-30B-A3B-shaped model it would hold 151 MB of device memory for nothing.
     """
 
     def __init__(self, wave: int, inter: int, hidden: int, dtype: torch.dtype, device: torch.device):
         self.wave = wave
-        self.gate_up = torch.empty((2 * wave, 2 * inter, hidden), dtype=dtype, device=device)  # [2W, 2I, H]
-        self.down = torch.empty((2 * wave, hidden, inter), dtype=dtype, device=device)  # [2W, H, I]
+        self._shapes = ((2 * wave, 2 * inter, hidden), (2 * wave, hidden, inter))  # [2W, 2I, H], [2W, H, I]
+        self._dtype, self._device = dtype, device
+        self._pools: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _allocated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pools is None:
+            with torch.inference_mode(False):  # first use may be under inference mode; later ones may not
+                self._pools = tuple(torch.empty(shape, dtype=self._dtype, device=self._device)
+                                    for shape in self._shapes)
+        return self._pools
+
+    @property
+    def gate_up(self) -> torch.Tensor:
+        return self._allocated()[0]
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self._allocated()[1]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+        """Device bytes it holds now (0 until a miss first streams through it)."""
+        return sum(t.numel() * t.element_size() for t in self._pools) if self._pools else 0
 
 
 # Above this many (token, k) pairs per expert, a zero-copy layer copies its misses instead: the grouped GEMM

@@ -194,7 +194,7 @@ class LLMPipeline:
             "total_experts": sum(layer.num_experts for layer in self.layers),
             "resident_experts": sum(layer.table.capacity for layer in self.layers),
             "device_expert_bytes": sum(layer.device_bytes for layer in self.layers),
-            "device_staging_bytes": scratch.nbytes,
+            "device_staging_bytes": scratch.nbytes,  # the streaming scratch, once a miss has gone through it
             "host_tier_experts": sum(len(layer.host.row_of) for layer in self.layers if layer.host),
             "host_tier_bytes": sum(layer.host.nbytes for layer in self.layers if layer.host),
             "hits": hits,

@@ -346,3 +346,23 @@ def test_cuda_memory_within_budget(checkpoint_path):
         assert pipe.get_offload_stats()["misses"] > 0
     finally:
         pipe.close()
+
+
+def test_scratch_pool_is_allocated_only_when_a_miss_streams_through_it(checkpoint_factory):
+    """Zero-copy layers read misses in place: the shared streaming scratch stays unallocated; the copy path at
+    ratio 0 (no slot to admit into) streams through it."""
+    pytest.importorskip("triton")
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path = checkpoint_factory("qwen3_moe")
+    ids = torch.tensor([[5, 17, 42]])
+    direct = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=0)
+    for layer in direct.layers:
+        layer.fused_moe = fused_moe
+        assert layer.enable_direct(direct.device)
+    direct.generate_tokens(ids, max_new_tokens=2, min_new_tokens=2)
+    assert direct.get_offload_stats()["device_staging_bytes"] == 0
+    copying = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=0)
+    assert copying.get_offload_stats()["device_staging_bytes"] == 0
+    copying.generate_tokens(ids, max_new_tokens=2, min_new_tokens=2)
+    assert copying.get_offload_stats()["device_staging_bytes"] > 0
