@@ -163,9 +163,13 @@ class OffloadedExperts:
 
     def reset_counters(self) -> None:
         self._counters = LayerCounters()
-        for tally in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None):
-            if tally is not None:
-                tally.zero_()
+        for tally in self._device_tallies():
+            tally.zero_()
+
+    def _device_tallies(self) -> list[torch.Tensor]:
+        """The counters kept on the device (folded into `counters` on demand)."""
+        return [t for t in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None)
+                if t is not None]
 
     @property
     def expert_bytes(self) -> int:
@@ -231,8 +235,7 @@ class OffloadedExperts:
         (hybrid.tune_split's measurement; left out of the layer's counters). On CUDA the forward is replayed from
         a CUDA graph of this layer, captured here with `top_k_index` after one eager run: no Python launch costs,
         and no contention for the GIL between launching the GPU's share and the CPU share's host function."""
-        tallies = [t for t in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None)
-                   if t is not None]
+        tallies = self._device_tallies()
         saved = [t.clone() for t in tallies]
         ids = top_k_index.clone()  # [1, K] the graph's input
 

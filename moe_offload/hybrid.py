@@ -279,8 +279,8 @@ def tune_cpu_path(layer, act_fn: Callable, runners: dict[str, CpuExperts]) -> tu
     least time wins (the first on a tie). Returns (name, table, {name: tune_split's timings}).
 
     Why measure the kernel too: the numba kernel ran 1.7-2.0x torch's on a 2-core VM
-    (bench/results/2026-11-29-cpu-numba-experts-2core.json), but single runs before that ranged from slower
-    than torch to 2x there, and it has not run on the GPU machine: the machine that serves decides."""
+    (bench/results/2026-11-29-cpu-numba-experts-2core.json), but single-round runs there before that varied
+    widely (not kept), and it has not run on the GPU machine: the machine that serves decides."""
     share: CpuShare = layer.cpu_share
     best, tunings = None, {}
     for name, runner in runners.items():

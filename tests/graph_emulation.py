@@ -6,7 +6,7 @@ into the tensor the op returned at capture. That is what a CUDA graph does with 
 see new values in the tensors the capture read, and leave theirs where the capture left its outputs. (Unlike a
 real capture, the ops also execute while being recorded, and memory freed during capture is not reused.)
 Launches of Triton kernels (the interpreter's, which are not aten ops) and host functions are logged whole, as
-nodes (`record_triton_launches`, `record_as_node`: pytest monkeypatches), and called again on replay.
+nodes (`record_graph_nodes`, `record_as_node`: pytest monkeypatches), and called again on replay.
 """
 
 from __future__ import annotations
@@ -59,11 +59,15 @@ def record_as_node(monkeypatch, owner, name: str) -> None:
     monkeypatch.setattr(owner, name, node)
 
 
-def record_triton_launches(monkeypatch) -> None:
-    """Interpreted Triton launches (not aten ops) become graph nodes."""
+def record_graph_nodes(monkeypatch) -> None:
+    """What the engine launches besides aten ops becomes graph nodes: interpreted Triton kernels and the CPU
+    expert path's host functions (hybrid.HostFunction)."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    from moe_offload.hybrid import HostFunction
+
     record_as_node(monkeypatch, InterpretedFunction, "run")
+    record_as_node(monkeypatch, HostFunction, "launch")
 
 
 class EmulatedGraph:

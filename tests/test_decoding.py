@@ -108,16 +108,14 @@ def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, va
     the embedding table read from the host, fused dense ops (Triton kernels as graph nodes). Two generations of
     the same prompt: the eager decode's logits and tokens, and something was replayed."""
     pytest.importorskip("triton")
-    from graph_emulation import emulate_whole_graphs, record_as_node, record_triton_launches
+    from graph_emulation import emulate_whole_graphs, record_graph_nodes
 
     from moe_offload.cpu_experts import CpuExperts
     from moe_offload.dense_fusion import fuse_dense_ops, unfuse_dense_ops
     from moe_offload.host_embeddings import move_input_embeddings_to_host
-    from moe_offload.hybrid import HostFunction
     from moe_offload.kernels.triton_moe import fused_moe
 
-    record_triton_launches(monkeypatch)
-    record_as_node(monkeypatch, HostFunction, "launch")
+    record_graph_nodes(monkeypatch)
     path = checkpoint_factory("qwen3_moe")
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     runs = []

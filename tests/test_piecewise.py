@@ -148,15 +148,13 @@ def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory
     the host tier holds only some layers' experts: replayed piecewise with graphs emulated on the CPU, the eager
     decode's logits (within 1e-5: CPU-computed experts sum in another order) and tokens."""
     pytest.importorskip("triton")
-    from graph_emulation import EmulatedGraph, record_as_node, record_triton_launches
+    from graph_emulation import EmulatedGraph, record_graph_nodes
 
     from moe_offload.cpu_experts import CpuExperts
-    from moe_offload.hybrid import HostFunction
     from moe_offload.kernels.triton_moe import fused_moe
 
     monkeypatch.setattr(PiecewiseStep, "graph_factory", EmulatedGraph)
-    record_triton_launches(monkeypatch)
-    record_as_node(monkeypatch, HostFunction, "launch")
+    record_graph_nodes(monkeypatch)
     path = checkpoint_factory("qwen3_moe")
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     runs = []
