@@ -679,8 +679,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--ratios", default="100,50,25,10,0", help="host-tier MOE_OFFLOAD_RATIO values")
     parser.add_argument("--disk-ratios", default="25", help="disk-tier ratios ('' for none)")
-    parser.add_argument("--disk-graph", default="auto", choices=["auto", "piecewise", "off"],
-                        help="MOE_CUDA_GRAPH for the disk tier (piecewise: graph segments around its layers)")
+    parser.add_argument("--disk-graph", default="auto", choices=["auto", "whole", "off"],
+                        help="MOE_CUDA_GRAPH for the disk tier (auto: graph segments around its layers; off: eager)")
     parser.add_argument("--kernels", default="auto", help="MOE_KERNEL values, e.g. auto (triton on CUDA),torch")
     parser.add_argument("--decode-tokens", type=int, default=64, help="new tokens per generation (host tier)")
     parser.add_argument("--disk-decode-tokens", type=int, default=16, help="new tokens per disk-tier generation")

@@ -189,6 +189,10 @@ class CpuExperts:
         self._pool = (ThreadPoolExecutor(self.workers - 1, thread_name_prefix="moe-cpu-experts")
                       if self.workers > 1 else None)
         self._driver: ThreadPoolExecutor | None = None
+        if compute == "numba":
+            from .kernels import cpu_numba
+
+            cpu_numba.warm_up()  # compiled here, on the constructing thread, not in a first call on a driver's
 
     def submit(self, *args, **kwargs) -> Future:
         """Run __call__(*args, **kwargs) on a background thread and return its Future, so the calling thread

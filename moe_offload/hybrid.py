@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import mmap
 import statistics
 from typing import Callable
@@ -66,10 +67,18 @@ class HostFunction:
         self.error: BaseException | None = None
 
         def trampoline(_user_data):
+            # No garbage collection on the driver's thread: a collected cycle may hold a CUDA tensor, whose
+            # release calls CUDA, which a host function must not (on the H200 that aborted the process, while
+            # the first numba call imported modules here). Collection resumes when the host function ends.
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 fn()
             except BaseException as err:  # an exception escaping into the driver's thread would abort
                 self.error = err
+            finally:
+                if collecting:
+                    gc.enable()
 
         self._fn = fn
         self._trampoline = _HOST_FN(trampoline)  # kept alive here: the driver only holds its address

@@ -1,10 +1,11 @@
-"""A decode step as CUDA graphs broken at the MoE layers that must sync with the host (MOE_CUDA_GRAPH=piecewise).
+"""A decode step as CUDA graphs broken at the MoE layers that must sync with the host (MOE_CUDA_GRAPH=auto).
 
 Why: a layer whose misses come from disk (or that copies misses into its cache) decides on the host what to read,
 so its step cannot be one CUDA graph, and the eager step is mostly Python launching transformers' small dense
 kernels: on the H200 the ratio-25 disk-tier step took 44.8 ms where reading its 18.2 MB from disk and computing a
-ratio-100 step bound it at 16.5 ms (efficiency 0.34, bench/results/2026-11-29-h200.json). Here the dense code
-between two such layers is captured once as a graph segment and replayed; only those layers run eagerly.
+ratio-100 step bound it at 16.5 ms (efficiency 0.34, bench/results/2026-11-29-h200-disk-eager.json). Here the
+dense code between two such layers is captured once as a graph segment and replayed; only those layers run
+eagerly: 21.0 ms a step, efficiency 0.78 (bench/results/2026-11-29-h200.json).
 
 How: recording runs the step once with the backend's calls diverted here (`moe_call`). At each syncing layer the
 segment captured so far is closed and replayed at once (capture does not execute, and the layer needs its input),

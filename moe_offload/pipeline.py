@@ -91,8 +91,8 @@ class LLMPipeline:
                    for layer in self.layers)
 
     def _piecewise_ready(self) -> bool:
-        """Decode steps with syncing MoE layers may be recorded as graph segments (MOE_CUDA_GRAPH=piecewise)."""
-        return self.config.moe_cuda_graph == "piecewise" and all(layer.route_observer is None
+        """Decode steps with syncing MoE layers may be recorded as graph segments (MOE_CUDA_GRAPH=auto)."""
+        return self.config.moe_cuda_graph == "auto" and all(layer.route_observer is None
                                                                  for layer in self.layers)
 
     def _load_tokenizer(self):

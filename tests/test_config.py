@@ -120,7 +120,7 @@ def test_dtype_aliases(value, expected):
     ("MOE_IO", "aio", "MOE_IO must be one of pread, mmap, odirect"),
     ("MOE_DTYPE", "int8", "MOE_DTYPE must be one of"),
     ("MOE_ZERO_COPY", "on", "MOE_ZERO_COPY must be one of auto, lru, off"),
-    ("MOE_CUDA_GRAPH", 1, "MOE_CUDA_GRAPH must be one of auto, piecewise, off"),
+    ("MOE_CUDA_GRAPH", 1, "MOE_CUDA_GRAPH must be one of auto, whole, off"),
     ("MOE_OFFLOAD", 5, "unknown property 'MOE_OFFLOAD'"),
     ("moe_host_cache_bytes", 5, "unknown property 'moe_host_cache_bytes'"),
 ])

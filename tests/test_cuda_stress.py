@@ -60,7 +60,7 @@ def test_replayed_prefill_and_steps_give_the_eager_tokens(prompt_and_reference):
 @pytest.mark.parametrize("properties", [{"MOE_OFFLOAD_RATIO": 25, "MOE_ZERO_COPY": "lru"},
                                         {"MOE_OFFLOAD_RATIO": 10, "MOE_CPU_EXPERTS": "all"},
                                         {"MOE_OFFLOAD_RATIO": 25, "MOE_ZERO_COPY": "lru", "MOE_CPU_EXPERTS": "all"},
-                                        {"MOE_OFFLOAD_RATIO": 25, "MOE_HOST_CACHE": 0, "MOE_CUDA_GRAPH": "piecewise"}],
+                                        {"MOE_OFFLOAD_RATIO": 25, "MOE_HOST_CACHE": 0}],
                          ids=["device-lru", "hybrid", "hybrid-lru", "disk-piecewise"])
 def test_long_decode_on_the_newer_paths(prompt_and_reference, properties):
     """Device LRU admission, misses computed on the CPU (host functions inside the graph), both at once, and

@@ -6,6 +6,7 @@ within 1e-5 of the all-GPU-path run (CPU experts accumulate in another order), g
 With CUDA: the real host function inside the decode graph, on the shipped model, against ratio 100.
 """
 
+import gc
 import os
 import sys
 
@@ -76,6 +77,7 @@ def test_cpu_share_with_the_numba_kernel_on_bf16():
     the reference's."""
     pytest.importorskip("numba")
     from moe_offload.integration import cpu_expert_kernels
+    from moe_offload.kernels import cpu_numba
 
     assert cpu_expert_kernels(torch.bfloat16, torch.nn.functional.silu) == ["numba", "native"]
     assert cpu_expert_kernels(torch.float32, torch.nn.functional.silu) == ["native"]
@@ -85,10 +87,12 @@ def test_cpu_share_with_the_numba_kernel_on_bf16():
     tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
     tier.down.copy_(torch.randn_like(tier.down, dtype=torch.float32) * 0.1)
     share = CpuShare(tier, 6, 4, 128, all_on_cpu(4), CpuExperts(threads=2, compute="numba"), torch.device("cpu"))
+    compiled = list(cpu_numba._kernel.signatures)  # by the runner's constructor, not by a first step
     hidden = torch.randn(1, 128).to(torch.bfloat16)
     ids, weights = torch.tensor([[3, 1, 4, 0]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]]).to(torch.bfloat16)
     contrib = share.forward(hidden, ids, weights, torch.ones(1, 4, dtype=torch.long),
                             lambda gpu_ids: torch.zeros(4, 128), torch.nn.functional.silu)
+    assert len(compiled) == 1 and cpu_numba._kernel.signatures == compiled  # the step compiled nothing more
     for k in range(4):
         gate_up, down = tier.get(int(ids[0, k]))
         want = weighted_expert_output(hidden, weights[0, k:k + 1], gate_up, down, torch.nn.functional.silu)[0]
@@ -115,6 +119,10 @@ def test_host_function_error_is_kept_for_check():
     with pytest.raises(MoeOffloadError, match="boom"):
         function.check()
     function.check()  # reported once
+
+    collecting = []
+    HostFunction(lambda: collecting.append(gc.isenabled()))._trampoline(None)
+    assert collecting == [False] and gc.isenabled()  # no collection on the driver's thread, back on after
 
 
 def _direct_pipeline(path, ratio, table=None):

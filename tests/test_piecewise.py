@@ -129,7 +129,7 @@ def test_piecewise_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch
     eager = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0)
     want_logits = []
     want = eager.decoder.generate(prompt, 8, 8, on_logits=want_logits.append)
-    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0, MOE_CUDA_GRAPH="piecewise")
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0)
     pipe.decoder.use_graph = True  # as on CUDA
     assert pipe.decoder._mode() == "piecewise"
     for _ in range(2):
@@ -159,7 +159,7 @@ def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     runs = []
     for graphs in (False, True):
-        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_CUDA_GRAPH="piecewise")
+        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25)
         for layer in pipe.layers:
             layer.fused_moe = fused_moe
         assert pipe.layers[0].enable_direct(pipe.device) and not pipe.layers[1].direct
@@ -178,13 +178,12 @@ def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory
     assert pipe.decoder.steps_replayed >= 4
 
 
-def test_piecewise_needs_the_property(checkpoint_factory):
-    pipe = _disk_pipeline(checkpoint_factory)
-    assert not pipe._piecewise_ready()
-    piecewise_pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0,
-                                 MOE_CUDA_GRAPH="piecewise")
-    assert piecewise_pipe._piecewise_ready()
-    assert piecewise_pipe.decoder._mode() is None  # no CUDA graphs on a CPU device
+@pytest.mark.parametrize("mode, ready", [("auto", True), ("whole", False), ("off", False)])
+def test_piecewise_is_part_of_auto(checkpoint_factory, mode, ready):
+    pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0,
+                       MOE_CUDA_GRAPH=mode)
+    assert pipe._piecewise_ready() == ready
+    assert pipe.decoder._mode() is None  # no CUDA graphs on a CPU device
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -195,7 +194,7 @@ def test_piecewise_decode_on_cuda(ratio):
     reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
     want = reference.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
     reference.close()
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=0, MOE_CUDA_GRAPH="piecewise")
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=0)
     got = pipe.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
     stats = pipe.get_offload_stats()
     assert stats["cuda_graph_failure"] is None and stats["cuda_graph_steps"] > 0

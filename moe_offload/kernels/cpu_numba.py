@@ -123,3 +123,11 @@ def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.T
     act = np.empty((len(pair_rows), down.shape[2]), dtype=np.float32)  # [P, I]
     kernel(x, _bits(gate_up), _bits(down), rows, weights.float().numpy(), weights.dtype == torch.bfloat16, act,
            out.numpy())
+
+
+def warm_up() -> None:
+    """Compile the kernel now, for the argument types a hybrid step passes (an expanded one-token hidden state),
+    so no first call compiles it (seconds of work) inside a CUDA host function."""
+    hidden = torch.zeros((1, 8), dtype=torch.bfloat16).expand(2, 8)  # [P=2, H=8]
+    gate_up, down = torch.zeros((1, 8, 8), dtype=torch.bfloat16), torch.zeros((1, 8, 4), dtype=torch.bfloat16)
+    swiglu_experts(hidden, torch.ones(2), gate_up, down, [0, 0], torch.empty((2, 8)))
