@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import mmap
 import statistics
 from typing import Callable
@@ -127,7 +128,7 @@ class CpuShare:
         self._act_fn: Callable | None = None
         self._function = HostFunction(self._compute)
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
-        self.tuning: dict = {}  # tune_cpu_path's: {kernel: {misses: [step seconds for n_cpu = 0..misses]}}
+        self.tuning: dict = {}  # tune_cpu_path's: {kernel: tune_split's timings}
 
     def set_table(self, table: list[int]) -> None:
         """A whole split table at once (see set_split)."""
@@ -231,13 +232,22 @@ def all_on_cpu(top_k: int) -> list[int]:
     return list(range(top_k + 1))
 
 
-def tune_split(layer, act_fn: Callable, repeats: int = 3, tie: float = 0.02) -> tuple[list[int], dict]:
+def tune_split(layer, act_fn: Callable, repeats: int = 7, tie: float = 0.02) -> tuple[list[int], dict]:
     """Split table measured on `layer` (an OffloadedExperts with a cpu_share), as it will run: for every count of
     misses m a decode step can have, one-token forwards of the layer with each n_cpu = 0..m, timed end to end
     (the CPU and the GPU reading the same DRAM at once, the host function's own latency, the merge; on CUDA
     replayed from a graph of the layer, as in a decode step: OffloadedExperts.decode_timer); the
-    fastest n_cpu wins, the smallest within `tie` of it (what the GPU reads stays possible to cache). Returns
-    (table, {m: [median seconds for n_cpu = 0..m]}).
+    fastest n_cpu wins, the smallest within `tie` of it (what the GPU reads stays possible to cache).
+
+    The path costs every step its copies and host node, even when a step sends nothing to the CPU, so the layer
+    is also timed without it, and the table is kept only if its expected time beats that by `tie`, the miss
+    count weighted as under uniform routing (binomial over top-k with the layer's non-resident share); else a
+    table of zeros (the path off). On the H200 the table alone, chosen against the path's own n_cpu = 0, made
+    ratio-50 decode 10% slower than none (95.2 vs 105.4 tok/s,
+    bench/results/2026-11-29-h200-hybrid-14-threads.json) while the same layer timings promised ~20% less.
+
+    Returns (table, {"split": {m: [median seconds for n_cpu = 0..m]}, "off": {m: seconds without the path},
+    "expected": {"on": seconds, "off": seconds}}).
 
     Each forward takes other host-tier experts, so neither side times weights still in its caches (the H200
     machine's CPU has 300 MiB of L3, the GPU 50 MiB of L2). A model of per-expert costs measured apart (each side
@@ -259,45 +269,58 @@ def tune_split(layer, act_fn: Callable, repeats: int = 3, tie: float = 0.02) -> 
         cursor[0] += misses
         return torch.tensor([picked + resident[:top_k - misses]], device=device)
 
-    table, timings = [0] * (top_k + 1), {}
-    reachable = [m for m in range(1, top_k + 1) if top_k - m <= len(resident) and m <= len(in_host)]
+    def median_time(timer, misses: int) -> float:
+        timer(routing(misses))  # warm-up: compiles, first-touch, thread pools
+        return statistics.median(timer(routing(misses)) for _ in range(repeats))
+
+    table, split_times, off_times = [0] * (top_k + 1), {}, {}
+    possible = [m for m in range(top_k + 1) if top_k - m <= len(resident) and m <= len(in_host)]
+    reachable = [m for m in possible if m > 0]
     if not reachable:
-        return table, timings
+        share.set_table(table)
+        return table, {"split": split_times, "off": off_times, "expected": {}}
+    share.set_table(all_on_cpu(top_k))
     timer = layer.decode_timer(hidden, routing(reachable[-1]), weights, act_fn)  # captured with the CPU path on
-
-    def step_time(misses: int) -> float:
-        return timer(routing(misses))
-
-    for misses in reachable:
+    for misses in possible:
         times = []
         for n_cpu in range(misses + 1):
             share.set_split(misses, n_cpu)
-            step_time(misses)  # warm-up: compiles, first-touch, thread pools
-            times.append(statistics.median(step_time(misses) for _ in range(repeats)))
+            times.append(median_time(timer, misses))
         best = min(times)
         table[misses] = next(n for n, t in enumerate(times) if t <= best * (1 + tie))
         share.set_split(misses, table[misses])
-        timings[misses] = times
+        split_times[misses] = times
+    share.set_table([0] * (top_k + 1))  # inactive: the next capture leaves the path out
+    timer_off = layer.decode_timer(hidden, routing(reachable[-1]), weights, act_fn)
+    for misses in possible:
+        off_times[misses] = median_time(timer_off, misses)
     share.check()
-    return table, timings
+    miss_share = len(in_host) / len(from_host)
+    weight = {m: math.comb(top_k, m) * miss_share ** m * (1 - miss_share) ** (top_k - m) for m in possible}
+    total = sum(weight.values())
+    expected = {"on": sum(weight[m] * split_times[m][table[m]] for m in possible) / total,
+                "off": sum(weight[m] * off_times[m] for m in possible) / total}
+    if not any(table) or expected["on"] > expected["off"] * (1 - tie):
+        table = [0] * (top_k + 1)
+    share.set_table(table)
+    return table, {"split": split_times, "off": off_times, "expected": expected}
 
 
 def tune_cpu_path(layer, act_fn: Callable, runners: dict[str, CpuExperts]) -> tuple[str, list[int], dict]:
-    """The CPU kernel and split table for `layer`'s CPU share, both measured: tune_split with each runner (from
-    every miss on the CPU, so the path under test is the hybrid one), and the runner whose best steps sum to the
-    least time wins (the first on a tie). Returns (name, table, {name: tune_split's timings}).
+    """The CPU kernel and split table for `layer`'s CPU share, both measured: tune_split with each runner, and
+    the runner whose table's expected step time is least wins (the first on a tie). Returns (name, table,
+    {name: tune_split's timings}); the table is all zeros (the path off) when no runner's split pays.
 
     Why measure the kernel too: the numba kernel ran 1.7-2.0x torch's on a 2-core VM
-    (bench/results/2026-11-29-cpu-numba-experts-2core.json), but single-round runs there before that varied
-    widely (not kept), and it has not run on the GPU machine: the machine that serves decides."""
+    (bench/results/2026-11-29-cpu-numba-experts-2core.json) and 2.0-2.8x with 8 experts on the H200
+    (bench/results/2026-11-29-h200-hybrid-latency*.json), but the machine that serves decides."""
     share: CpuShare = layer.cpu_share
     best, tunings = None, {}
     for name, runner in runners.items():
         share.runner = runner
-        share.set_table(all_on_cpu(layer.top_k))
         table, timings = tune_split(layer, act_fn)
         tunings[name] = timings
-        score = sum(min(times) for times in timings.values())
+        score = timings["expected"].get("on", math.inf)
         if best is None or score < best[0]:
             best = (score, name, table)
     _, name, table = best

@@ -265,7 +265,10 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
     the CPU) kernel and table measured on the first such layer."""
     if mode == "auto" and device.type != "cuda":
         return
-    threads = max(1, torch.get_num_threads() - 1)  # a core left to the thread driving the GPU
+    # Two cores left: the launching thread spin-waits on the GPU, and a parallel loop runs at its slowest thread's
+    # pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms with 14 threads, 1.92 with 15, 2.81 with 16,
+    # each replayed as the layer's CPU share (bench/hybrid_latency.py, bench/results/2026-11-29-h200-hybrid-latency*).
+    threads = max(1, torch.get_num_threads() - 2)
     kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
     runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in kernels}
     runner = runners[kernels[0]]

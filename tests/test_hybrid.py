@@ -158,14 +158,42 @@ def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
     monkeypatch.setattr(layer, "decode_timer", fake_timer)
     table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
     resident = layer.table.capacity  # 37% of the tiny model's experts: fewer than top-k, so few misses never occur
-    for misses in range(layer.top_k + 1):
-        if misses == 0 or layer.top_k - misses > resident:
-            assert table[misses] == 0 and misses not in timings
+    for misses in range(1, layer.top_k + 1):
+        if layer.top_k - misses > resident:
+            assert table[misses] == 0 and misses not in timings["split"]
         else:
             best = min(max(2.0 * n, misses - n) for n in range(misses + 1))
             assert table[misses] == min(n for n in range(misses + 1) if max(2.0 * n, misses - n) == best)
-            assert len(timings[misses]) == misses + 1
+            assert len(timings["split"][misses]) == misses + 1
+            assert timings["off"][misses] == misses  # timed with the path left out: all on the GPU
+    assert timings["expected"]["on"] < timings["expected"]["off"]
     assert share.split.tolist() == table == share.split_table
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
+def test_tune_split_turns_the_path_off_when_its_fixed_cost_eats_the_gain(tmp_path, monkeypatch):
+    """The same clock, plus a cost every step pays while the path is in the layer (its copies and host node):
+    the best split gains less than that, so the table is all zeros and the path is left out."""
+    pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 37, all_on_cpu)
+    layer = pipe.layers[0]
+    share = layer.cpu_share
+    from_host = layer._direct_from_host
+
+    def fake_timer(hidden, first_ids, weights, act_fn):
+        active = share.active  # captured with the path in or out, as decode_timer's graph is
+
+        def time_it(ids):
+            misses = int(from_host[ids].sum())
+            n_cpu = share.split_table[misses]
+            return max(2.0 * n_cpu, 1.0 * (misses - n_cpu)) + (1.5 if active else 0.0)
+
+        return time_it
+
+    monkeypatch.setattr(layer, "decode_timer", fake_timer)
+    table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
+    assert any(min(times) < times[0] for times in timings["split"].values())  # splits do beat n_cpu = 0 ...
+    assert timings["expected"]["on"] > timings["expected"]["off"]  # ... but not the layer without the path
+    assert table == [0] * (layer.top_k + 1) and not share.active
 
 
 @pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
@@ -198,7 +226,9 @@ def test_tune_split_on_the_real_layer_leaves_counters_alone(tmp_path):
     pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 0, all_on_cpu)
     layer = pipe.layers[0]
     table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
-    assert list(timings) == [layer.top_k] and all(t > 0 for t in timings[layer.top_k])  # ratio 0: always K misses
+    split = timings["split"]
+    assert list(split) == [layer.top_k] and all(t > 0 for t in split[layer.top_k])  # ratio 0: always K misses
+    assert list(timings["off"]) == [layer.top_k] and set(timings["expected"]) == {"on", "off"}
     assert all(0 <= n <= m for m, n in enumerate(table))
     counters = layer.counters
     assert (counters.hits, counters.misses, counters.computed_on_cpu) == (0, 0, 0)

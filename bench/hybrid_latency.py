@@ -1,0 +1,158 @@
+"""Where the CPU share of a hybrid decode layer (moe_offload/hybrid.py) spends its time, on one CUDA machine.
+
+Why: on the H200, tune_split timed a Qwen3-30B-A3B-shaped layer with 1 of 8 misses on the CPU at ~2.4 ms against
+~0.26 ms with none (bench/results/2026-11-29-h200-vs-llamacpp.json, cpu_expert_tuning), while one expert's bytes
+take ~0.3 ms at the CPU's ~30 GB/s. This splits that latency into its parts, each replayed from a CUDA graph and
+timed with CUDA events (median of --repeats):
+  host_node_c      side-stream D2H, a host node running a C no-op (libc free(NULL): no Python), H2D
+  host_node_python the same with a Python no-op (hybrid.HostFunction: the GIL and ctypes' trampoline)
+  python_busy      host_node_python while the launching thread runs Python (polls the event) instead of blocking
+  share            CpuShare.forward with n of 8 misses on the CPU (n = 1, 2, 4, 8), per CPU kernel
+  direct           the same kernel's call on the main thread (perf_counter), other experts each time
+Usage: python bench/hybrid_latency.py --out bench/results/<date>-h200-hybrid-latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+from moe_offload.cpu_experts import CpuExperts
+from moe_offload.hybrid import _HOST_FN, CpuShare, HostFunction, _driver
+from moe_offload.integration import cpu_expert_kernels
+from moe_offload.tiers import HostTier
+
+
+def graph_time(body, repeats: int, before=None, busy: bool = False) -> float:
+    """Median seconds of replaying a graph of body(); before() runs ahead of each replay (outside the timing)."""
+    body()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        graph.replay()
+        end.record()
+        if busy:
+            while not end.query():
+                pass
+        else:
+            end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--experts", type=int, default=96, help="host-tier experts (rotated, so caches stay cold)")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default torch's count)")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    top_k, hidden_size = 8, args.hidden
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "gpu": torch.cuda.get_device_name()},
+              "versions": {"torch": torch.__version__}, "shape": vars(args), "seconds": {}}
+    seconds = report["seconds"]
+
+    # the copies and host node of a CPU share, around a no-op
+    packed = torch.zeros(hidden_size + 2 * top_k, device=device)
+    mailbox = torch.zeros(hidden_size + 2 * top_k).pin_memory()
+    out_host = torch.zeros(top_k * hidden_size).pin_memory()
+    out = torch.zeros(top_k * hidden_size, device=device)
+    side = torch.cuda.Stream()
+    libc = ctypes.CDLL(None)
+    c_noop = ctypes.cast(libc.free, ctypes.c_void_p).value  # free(NULL) does nothing
+
+    def round_trip(launch):
+        def body():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                mailbox.copy_(packed, non_blocking=True)
+                launch()
+                out.copy_(out_host, non_blocking=True)
+            torch.cuda.current_stream().wait_stream(side)
+        return body
+
+    def launch_c():
+        status = _driver().cuLaunchHostFunc(ctypes.c_void_p(side.cuda_stream), ctypes.cast(c_noop, _HOST_FN), None)
+        assert status == 0, status
+
+    python_noop = HostFunction(lambda: None)
+    seconds["host_node_c"] = graph_time(round_trip(launch_c), args.repeats)
+    seconds["host_node_python"] = graph_time(round_trip(lambda: python_noop.launch(side)), args.repeats)
+    seconds["python_busy"] = graph_time(round_trip(lambda: python_noop.launch(side)), args.repeats, busy=True)
+    print({k: f"{v * 1e3:.3f} ms" for k, v in seconds.items()}, flush=True)
+
+    tier = HostTier(list(range(args.experts)), args.inter, hidden_size, torch.bfloat16, pin=True)
+    generator = torch.Generator().manual_seed(0)
+    for pool in (tier.gate_up, tier.down):
+        for row in pool:  # [2I, H] or [H, I], one expert at a time (bounded scratch)
+            row.copy_(torch.randn(row.shape, generator=generator) * 0.02)
+    hidden = (torch.randn(1, hidden_size, generator=generator) * 0.1).to(torch.bfloat16).to(device)  # [1, H]
+    weights = torch.full((1, top_k), 1.0 / top_k, device=device)  # [1, K]
+    from_host = torch.ones((1, top_k), dtype=torch.long, device=device)  # [1, K]: every pair a miss
+    ids = torch.zeros((1, top_k), dtype=torch.long, device=device)  # [1, K]
+    cursor = [0]
+
+    def rotate():  # other experts each replay
+        ids.copy_(torch.tensor([[(cursor[0] + k) % args.experts for k in range(top_k)]]))
+        cursor[0] += top_k
+
+    zeros = torch.zeros((top_k, hidden_size), device=device)
+    threads = args.threads or torch.get_num_threads()
+    for kernel in cpu_expert_kernels(torch.bfloat16, F.silu):
+        runner = CpuExperts(threads=threads, compute=kernel)
+        for n in (1, 2, 4, 8):
+            share = CpuShare(tier, args.experts, top_k, hidden_size, [min(n, m) for m in range(top_k + 1)],
+                             runner, device)
+            seconds[f"share_{kernel}_{n}"] = graph_time(
+                lambda: share.forward(hidden, ids, weights, from_host, lambda gpu_ids: zeros, F.silu),
+                args.repeats, before=rotate)
+            share.check()
+            host_hidden = hidden.cpu().expand(n, hidden_size)
+            scratch = torch.empty((n, hidden_size))
+            times = []
+            torch.set_num_threads(threads)
+            for _ in range(args.repeats):
+                rows = [(cursor[0] + k) % args.experts for k in range(n)]
+                cursor[0] += n
+                start = time.perf_counter()
+                runner(host_hidden, torch.full((n,), 0.125), tier.gate_up, tier.down, rows, [1] * n, F.silu,
+                       scratch)
+                times.append(time.perf_counter() - start)
+            seconds[f"direct_{kernel}_{n}"] = statistics.median(times)
+            print(kernel, n, f"share {seconds[f'share_{kernel}_{n}'] * 1e3:.3f} ms, "
+                  f"direct {seconds[f'direct_{kernel}_{n}'] * 1e3:.3f} ms", flush=True)
+        runner.close()
+    try:
+        import numba
+        report["numba_threading_layer"] = numba.threading_layer()
+        report["versions"]["numba"] = numba.__version__
+    except (ImportError, ValueError) as err:
+        report["numba_threading_layer"] = repr(err)
+    with open(args.out, "w") as handle:
+        json.dump(report, handle, indent=1)
+    print(json.dumps(report["seconds"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
