@@ -29,6 +29,7 @@ import gc
 import math
 import mmap
 import statistics
+import time
 from typing import Callable
 
 import numpy as np
@@ -328,3 +329,54 @@ def tune_cpu_path(layer, act_fn: Callable, runners: dict[str, CpuExperts]) -> tu
     share.set_table(table)
     share.tuning = tunings
     return name, table, tunings
+
+
+class _TokenStamps:
+    """A streamer (put/end) that stamps each token's arrival; the first put is the prompt."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, _value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_tok_s(self) -> float:
+        tokens, first, last = len(self.stamps) - 2, self.stamps[1], self.stamps[-1]
+        return tokens / (last - first) if tokens > 0 and last > first else 0.0
+
+
+def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_tokens: int = 32,
+                    rounds: int = 2, tie: float = 0.02) -> dict:
+    """Keep the tuned split tables of `shares` only if whole greedy decodes run faster with them than with the
+    CPU path left out: `rounds` generations of `new_tokens` from `prompt` [1, T] each way, alternating, best
+    rate of each (the first "on" one also warms up). Returns {"decode_tok_s": {"on": .., "off": ..}, "kept": bool}.
+
+    Why: tune_split times one layer alone, replayed from its own graph while the launching thread blocks. In a
+    real decode the launching thread runs Python between steps, and a host function waits for the GIL: on the
+    H200 a no-op host node took 0.05 ms while that thread blocked and 5.2 ms while it ran Python
+    (bench/results/2026-11-29-h200-hybrid-latency.json). There, tables that the layer timings promised 4% (ratio
+    50) made decode 15% slower (89.6 vs 105.5 tok/s, bench/results/2026-11-29-h200-hybrid-expected-vs-off.json).
+    """
+    tables = [list(share.split_table) for share in shares]
+
+    def use(on: bool) -> None:
+        for share, table in zip(shares, tables):
+            share.set_table(table if on else [0] * len(table))
+        decoder.graph = None  # the path is captured into the step's graph, or left out of it: capture anew
+
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(rounds):
+        for state in ("on", "off"):
+            use(state == "on")
+            stamps = _TokenStamps()
+            decoder.generate(prompt, new_tokens, new_tokens, streamer=stamps)
+            rates[state].append(stamps.decode_tok_s())
+    best = {state: max(values) for state, values in rates.items()}
+    kept = best["on"] > best["off"] * (1 + tie)
+    use(kept)
+    for share in shares:
+        share.check()
+    return {"decode_tok_s": best, "kept": kept}

@@ -18,6 +18,7 @@ from .decoding import StaticDecoder, unsupported_reason
 from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
 from .host_embeddings import move_input_embeddings_to_host
+from .hybrid import check_on_decode
 from .integration import build_offloaded_model, check_supported
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
@@ -84,6 +85,19 @@ class LLMPipeline:
                                      graph_ready=self._graph_ready, piecewise_ready=self._piecewise_ready)
         if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
             self.decoder = None
+        self.cpu_expert_check = self._check_cpu_experts()
+
+    def _check_cpu_experts(self) -> dict | None:
+        """MOE_CPU_EXPERTS=auto: keep the tuned CPU path only if whole decodes are faster with it (hybrid.py)."""
+        shares = [layer.cpu_share for layer in self.layers if layer.cpu_share is not None and layer.cpu_share.active]
+        if self.config.moe_cpu_experts != "auto" or not shares or self.decoder is None or self.device.type != "cuda":
+            return None
+        vocab = self.model.config.get_text_config().vocab_size
+        prompt = torch.randint(0, min(vocab, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            check = check_on_decode(self.decoder, shares, prompt.to(self.device))
+        self.reset_offload_stats()
+        return check
 
     def _graph_ready(self, num_tokens: int) -> bool:
         """Every MoE layer runs a forward of `num_tokens` tokens without a host sync (and nobody records routes)."""
@@ -213,8 +227,10 @@ class LLMPipeline:
                                       None),
             "cpu_expert_split": next((layer.cpu_share.split_table for layer in self.layers if layer.cpu_share),
                                      None),
-            # MOE_CPU_EXPERTS=auto: seconds of a one-token layer forward per misses, for 0..misses on the CPU
+            # MOE_CPU_EXPERTS=auto: per CPU kernel, one layer's forward timed per split (hybrid.tune_split)
             "cpu_expert_tuning": next((layer.cpu_share.tuning for layer in self.layers if layer.cpu_share), None),
+            # and whole decodes with the tuned tables and without the path: {"decode_tok_s": {on, off}, "kept"}
+            "cpu_expert_decode_check": self.cpu_expert_check,
             "per_layer": [{"layer": layer.layer, "hits": c.hits, "misses": c.misses,
                            "experts_read_in_place": c.read_in_place,
                            "experts_from_host": stats.per_layer.get(layer.layer, {}).get("host", 0),

@@ -24,7 +24,8 @@ from moe_offload import LLMPipeline  # noqa: E402
 from moe_offload.config import make_config  # noqa: E402
 from moe_offload.cpu_experts import CpuExperts  # noqa: E402
 from moe_offload.errors import MoeOffloadError  # noqa: E402
-from moe_offload.hybrid import CpuShare, HostFunction, all_on_cpu, tune_cpu_path, tune_split  # noqa: E402
+from moe_offload.hybrid import (CpuShare, HostFunction, all_on_cpu, check_on_decode, tune_cpu_path,  # noqa: E402
+                                tune_split)
 from moe_offload.kernels.reference import weighted_expert_output  # noqa: E402
 from moe_offload.tiers import HostTier  # noqa: E402
 
@@ -333,4 +334,45 @@ def test_hybrid_decode_on_cuda(mode):
     stats = pipe.get_offload_stats()
     assert stats["cuda_graph_steps"] > 0 and stats["cuda_graph_failure"] is None
     assert stats["experts_computed_on_cpu"] > 0 or mode == "auto"
+    check, split = stats["cpu_expert_decode_check"], stats["cpu_expert_split"]
+    if mode == "all":
+        assert check is None  # nothing tuned, nothing checked
+    elif check is None:
+        assert not any(split)  # tuning already left the path out
+    else:
+        assert check["kept"] == any(split)  # whole decodes decided
     assert torch.equal(got, want)
+
+
+class _FakeDecoder:
+    """generate() hands out tokens 1 ms apart, or `slow_with_path` ms apart while a share sends work to the CPU;
+    records whether each generation found its graph dropped (None), as a change of path needs."""
+
+    def __init__(self, shares, slow_with_path):
+        self.shares, self.slow_with_path, self.graph, self.fresh_graph = shares, slow_with_path, "captured", []
+
+    def generate(self, prompt, max_new_tokens, min_new_tokens, streamer):
+        self.fresh_graph.append(self.graph is None)
+        self.graph = "captured"
+        gap = self.slow_with_path if any(share.active for share in self.shares) else 1.0
+        streamer.put(prompt)
+        clock = [0.0]
+        for _ in range(max_new_tokens):
+            clock[0] += gap / 1000
+            streamer.stamps.append(clock[0])
+        streamer.end()
+
+
+@pytest.mark.parametrize("slow_with_path, kept", [(0.5, True), (1.5, False), (1.01, False)])
+def test_check_on_decode_keeps_the_tables_only_if_decode_is_faster(slow_with_path, kept):
+    """Whole decodes with and without the path decide (within the 2% tie, kept off); the tables are restored or
+    zeroed, and every switch drops the captured graph."""
+    shares = [CpuShare(_tier(), 6, 2, 32, table, CpuExperts(threads=1), torch.device("cpu"))
+              for table in ([0, 1, 1], [0, 0, 2])]
+    decoder = _FakeDecoder(shares, slow_with_path)
+    check = check_on_decode(decoder, shares, torch.zeros(1, 3, dtype=torch.long), new_tokens=5, rounds=2)
+    assert check["kept"] is kept
+    assert check["decode_tok_s"]["off"] == pytest.approx(1000.0)
+    assert check["decode_tok_s"]["on"] == pytest.approx(1000.0 / slow_with_path)
+    assert [share.split_table for share in shares] == ([[0, 1, 1], [0, 0, 2]] if kept else [[0, 0, 0]] * 2)
+    assert decoder.fresh_graph == [True] * 4 and decoder.graph is None
