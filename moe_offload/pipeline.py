@@ -85,9 +85,9 @@ class LLMPipeline:
                                      graph_ready=self._graph_ready, piecewise_ready=self._piecewise_ready)
         if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
             self.decoder = None
-        self.cpu_expert_check = self._check_cpu_experts()
+        self.cpu_expert_check = self._decide_cpu_experts()
 
-    def _check_cpu_experts(self) -> dict | None:
+    def _decide_cpu_experts(self) -> dict | None:
         """MOE_CPU_EXPERTS=auto: keep the tuned CPU path only if whole decodes are faster with it (hybrid.py)."""
         shares = [layer.cpu_share for layer in self.layers if layer.cpu_share is not None and layer.cpu_share.active]
         if self.config.moe_cpu_experts != "auto" or not shares or self.decoder is None or self.device.type != "cuda":
