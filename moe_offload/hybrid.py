@@ -1,20 +1,22 @@
 """Hybrid decode: a zero-copy layer's missed experts split between the CPU and the GPU, both working at once.
 
 Why: on the H200 machine the GPU reads experts left in pinned host memory over PCIe at ~50 GB/s, and the CPU
-computes one-token experts from that same memory at ~28 GB/s (torch on 16 cores; cpu_experts.py; the numba
-kernels of kernels/cpu_numba.py ran 1.7-2.0x torch on a 2-core machine; which one runs is measured too). Together they
-move more bytes per second than either alone, up to what the host DRAM gives (~85 GB/s plain read there). In a
-one-token decode step the layer's misses are split by count: the first n_cpu of them (in top-k order) are
-computed on the CPU where their weights lie, the rest are read in place by the GPU kernels; hits stay on the GPU.
-n_cpu comes from a table over the number of misses, measured at load (tune_split: the layer's own decode forward
-timed for every split it can take, so that the step ends soonest).
+computes one-token experts from that same memory: torch's kernels at ~18-28 GB/s on 16 cores, the numba kernels
+of kernels/cpu_numba.py at ~52 GB/s for 8 experts a call (bench/results/2026-11-29-h200-hybrid-latency.json;
+which one runs is measured at load). Together they could move more bytes per second than either alone, up to
+what the host DRAM gives (~85 GB/s plain read there). In a one-token decode step the layer's misses are split
+by count: the first n_cpu of them (in top-k order) are computed on the CPU where their weights lie, the rest are
+read in place by the GPU kernels; hits stay on the GPU. n_cpu comes from a table over the number of misses,
+measured at load (tune_split: the layer's own decode forward timed for every split it can take, and without the
+path), and the table is kept only if whole decodes run faster with it (check_on_decode).
 
 How, with no host sync (the decode step stays one CUDA graph): the GPU packs the layer's hidden state, the
 host-tier rows of the CPU's experts and the routing weights into one device buffer; on a side stream that buffer
 is copied to a pinned mailbox, a host function (cuLaunchHostFunc, which stream capture records as a graph host
 node) computes the CPU's experts from the mailbox into pinned outputs, and those are copied back. The main
 stream runs the GPU's share meanwhile; the streams join before the K outputs are summed in the usual fixed
-order. CUDA orders every piece: nothing polls, nothing waits on the host.
+order. CUDA orders every piece: nothing polls, nothing waits on the host. With the numba kernel the host
+function is compiled code (cpu_numba.step_function) that never takes the GIL; torch's kernels run from Python.
 
 Numerics: a CPU-computed expert rounds the same intermediates as the GPU kernels but accumulates in another
 order, so outputs can differ from the all-GPU run by an ulp here and there (cpu_experts.py): the CPU path is
@@ -35,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cpu_experts import CpuExperts
+from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
 from .tiers import HostTier, pin_for_lifetime
 
@@ -99,6 +101,24 @@ class HostFunction:
             raise MoeOffloadError(f"the CPU expert path failed: {error!r}") from error
 
 
+class NativeHostFunction:
+    """A compiled C function `void fn(void *user_data)` run in stream order, as HostFunction runs a Python one,
+    but taking no GIL (kernels/cpu_numba.step_function). It cannot raise; user_data must outlive its launches."""
+
+    def __init__(self, address: int, user_data: int):
+        self._fn = _HOST_FN(address)
+        self._user_data = user_data
+
+    def launch(self, stream: torch.cuda.Stream | None) -> None:
+        if stream is None:
+            self._fn(self._user_data)  # a foreign function: ctypes releases the GIL around the call
+            return
+        status = _driver().cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), self._fn,
+                                            ctypes.c_void_p(self._user_data))
+        if status != 0:
+            raise RuntimeError(f"cuLaunchHostFunc failed (CUresult {status})")
+
+
 class CpuShare:
     """One layer's CPU side of hybrid decode: mailbox, CPU experts and their outputs (see the module docstring).
 
@@ -128,6 +148,8 @@ class CpuShare:
         self._dtype = self._weight_dtype = None  # set by launch(); constant for a model
         self._act_fn: Callable | None = None
         self._function = HostFunction(self._compute)
+        self._native: NativeHostFunction | None = None  # the numba kernel's compiled step (_host_function)
+        self._descriptor: np.ndarray | None = None  # its int64 descriptor, kept alive here
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
         self.tuning: dict = {}  # tune_cpu_path's: {kernel: tune_split's timings}
 
@@ -162,6 +184,25 @@ class CpuShare:
         if pin_for_lifetime(self, [tensor]) is None:
             raise MoeOffloadError("cannot page-lock the CPU expert path's buffers (cudaHostRegister failed)")
         return tensor
+
+    def _host_function(self, act_fn: Callable) -> HostFunction | NativeHostFunction:
+        """With the numba kernel on bf16 SiLU experts, the compiled step (no Python, no GIL); else _compute."""
+        if not (self.runner.compute == "numba" and self._dtype == self.host.gate_up.dtype == torch.bfloat16
+                and is_silu(act_fn)):
+            return self._function  # (the numba runner's own checks then say what it cannot compute)
+        if self._native is None:
+            import numba
+
+            from .kernels import cpu_numba
+
+            fields = {"mailbox": self._mailbox.data_ptr(), "out": self._out_host.data_ptr(),
+                      "gate_up": self.host.gate_up.data_ptr(), "down": self.host.down.data_ptr(),
+                      "hidden": self.hidden, "inter": self.host.down.shape[2], "top_k": self.top_k,
+                      "rows": self.host.gate_up.shape[0], "round_product": int(self._weight_dtype == torch.bfloat16),
+                      "threads": min(self.runner.threads, numba.config.NUMBA_NUM_THREADS)}
+            self._descriptor = np.array([fields[name] for name in cpu_numba.DESCRIPTOR_FIELDS], dtype=np.int64)
+            self._native = NativeHostFunction(cpu_numba.step_function(), self._descriptor.ctypes.data)
+        return self._native
 
     def _compute(self) -> None:
         """On the host, in stream order: the CPU's experts of the mailbox's step into _out_host rows."""
@@ -206,7 +247,7 @@ class CpuShare:
         self.tally.add_(cpu_pair.sum())
         with self._side_stream():
             self._mailbox.copy_(self._packed, non_blocking=True)
-            self._function.launch(self._stream)
+            self._host_function(act_fn).launch(self._stream)
             self._out.copy_(self._out_host, non_blocking=True)
         contrib = gpu_share(top_k_index.masked_fill(cpu_pair, self.host_rows.numel()))  # [K, H]
         if self._stream is not None:

@@ -101,11 +101,12 @@ def test_unsupported_requests_go_to_transformers(pipe):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("variant", ["zero-copy", "hybrid", "hybrid-lru", "host-embeddings", "fused-dense"])
+@pytest.mark.parametrize("variant", ["zero-copy", "hybrid", "hybrid-lru", "hybrid-numba", "host-embeddings",
+                                     "fused-dense"])
 def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, variant):
     """The decode step and a recurring prompt's prefill replayed from (CPU-emulated) whole graphs, on the paths
-    that make a step capturable: zero-copy misses, misses partly on the CPU (host functions), with device LRU,
-    the embedding table read from the host, fused dense ops (Triton kernels as graph nodes). Two generations of
+    that make a step capturable: zero-copy misses, misses partly on the CPU (host functions; on bf16 experts
+    the numba kernel's compiled step), with device LRU, the embedding table read from the host, fused dense ops (Triton kernels as graph nodes). Two generations of
     the same prompt: the eager decode's logits and tokens, and something was replayed."""
     pytest.importorskip("triton")
     from graph_emulation import emulate_whole_graphs, record_graph_nodes
@@ -120,12 +121,16 @@ def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, va
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     runs = []
     for graphs in (False, True):
-        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37)
+        numba = variant == "hybrid-numba"
+        if numba:
+            pytest.importorskip("numba")
+        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37, MOE_DTYPE="bfloat16" if numba else "auto")
         for layer in pipe.layers:
             layer.fused_moe = fused_moe
             assert layer.enable_direct(pipe.device, lru=variant == "hybrid-lru")
             if variant.startswith("hybrid"):
-                assert layer.enable_cpu_share([m // 2 for m in range(layer.top_k + 1)], CpuExperts(threads=1))
+                runner = CpuExperts(threads=1, compute="numba" if numba else "native")
+                assert layer.enable_cpu_share([m // 2 for m in range(layer.top_k + 1)], runner)
         if variant == "host-embeddings":
             assert move_input_embeddings_to_host(pipe.model, force=True) > 0
         if variant == "fused-dense":
@@ -144,3 +149,8 @@ def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, va
     for (want, want_logits), (got, got_logits) in zip(*runs):
         assert got == want and all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
     assert decoder.steps_replayed >= 4 and decoder.prefills_replayed == 1 and decoder.graph_failure is None
+    if numba:
+        from moe_offload.hybrid import NativeHostFunction
+
+        assert isinstance(pipe.layers[0].cpu_share._native, NativeHostFunction)
+        assert pipe.get_offload_stats()["experts_computed_on_cpu"] > 0

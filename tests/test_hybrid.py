@@ -100,6 +100,46 @@ def test_cpu_share_with_the_numba_kernel_on_bf16():
         assert (contrib[k] - want.float()).abs().max() <= 2.0 ** -6 * want.float().abs().max()
 
 
+def test_compiled_step_gives_the_python_steps_bits():
+    """The numba kernel's compiled host step (no GIL; kernels/cpu_numba.step_function) computes the same rows as
+    the Python host function running the same kernel, also when another thread calls it, as CUDA's does."""
+    pytest.importorskip("numba")
+    import threading
+
+    from moe_offload.hybrid import NativeHostFunction
+
+    torch.manual_seed(0)
+    tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
+    tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
+    tier.down.copy_(torch.randn_like(tier.down, dtype=torch.float32) * 0.1)
+    hidden = torch.randn(1, 128).to(torch.bfloat16)
+    ids = torch.tensor([[3, 1, 4, 0]])
+    from_host = torch.tensor([[1, 0, 1, 1]])  # three misses, the first two on the CPU (split [.., 2])
+    runs, last_compiled = {}, None
+    for weight_dtype in (torch.bfloat16, torch.float32):  # bf16 weights round their products, float32 do not
+        weights = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).to(weight_dtype)
+        for compiled in (True, False):
+            share = CpuShare(tier, 6, 4, 128, [0, 1, 2, 2, 2], CpuExperts(threads=2, compute="numba"),
+                             torch.device("cpu"))
+            if not compiled:
+                share._host_function = lambda act_fn, share=share: share._function
+            contrib = share.forward(hidden, ids, weights, from_host, lambda gpu_ids: torch.zeros(4, 128),
+                                    torch.nn.functional.silu)
+            assert isinstance(share._host_function(torch.nn.functional.silu), NativeHostFunction) == compiled
+            runs[weight_dtype, compiled] = contrib
+            last_compiled = share if compiled else last_compiled
+        assert torch.equal(runs[weight_dtype, True], runs[weight_dtype, False])
+        assert runs[weight_dtype, True][[0, 2]].abs().sum() > 0 and not runs[weight_dtype, True][[1, 3]].any()
+    share = last_compiled  # float32 weights; its mailbox still holds that step
+    share._out_host.zero_()
+    function = share._host_function(torch.nn.functional.silu)
+    assert isinstance(function, NativeHostFunction)
+    worker = threading.Thread(target=function.launch, args=(None,))
+    worker.start()
+    worker.join()
+    assert torch.equal(share._out_host[[0, 2]], runs[torch.float32, True][[0, 2]])
+
+
 def test_bad_split_table_is_refused_and_zeros_turn_the_path_off():
     with pytest.raises(MoeOffloadError, match="split table"):
         CpuShare(_tier(), 6, 2, 32, [0, 2, 1], CpuExperts(threads=1), torch.device("cpu"))

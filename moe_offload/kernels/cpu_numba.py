@@ -131,3 +131,84 @@ def warm_up() -> None:
     hidden = torch.zeros((1, 8), dtype=torch.bfloat16).expand(2, 8)  # [P=2, H=8]
     gate_up, down = torch.zeros((1, 8, 8), dtype=torch.bfloat16), torch.zeros((1, 8, 4), dtype=torch.bfloat16)
     swiglu_experts(hidden, torch.ones(2), gate_up, down, [0, 0], torch.empty((2, 8)))
+
+
+# A hybrid layer's mailbox step as a C function (numba cfunc): field order of its int64 descriptor.
+DESCRIPTOR_FIELDS = ("mailbox", "out", "gate_up", "down", "hidden", "inter", "top_k", "rows", "round_product",
+                     "threads")
+_step_function = None
+
+
+def step_function() -> int:
+    """Address of `void step(int64 *descriptor)`: the CPU share of one hybrid decode step (hybrid.CpuShare), with
+    no Python in it, so a CUDA host node runs it without taking the GIL.
+
+    Why: a host function written in Python waits for the GIL, and the thread that launches decode steps holds
+    it while it runs Python between them: on the H200 a no-op host node took 0.05 ms while that thread blocked
+    and 5.2 ms while it ran Python (bench/results/2026-11-29-h200-hybrid-latency.json).
+
+    The descriptor holds addresses and sizes (DESCRIPTOR_FIELDS): the float32 mailbox [H + 2K] (hidden state,
+    each pair's host-tier row or -1, each pair's weight), the float32 output rows [K, H], the bf16 pools
+    gate_up [N, 2I, H] and down [N, H, I], then H, I, K, N, whether products round to bf16, and the thread count.
+    It computes what swiglu_experts computes for the pairs whose row is >= 0, into their output rows: the same
+    kernel on the same float32 inputs, so the same bits.
+    """
+    global _step_function
+    if _step_function is not None:
+        return _step_function
+    import numba
+    from numba import carray, cfunc, njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    kernel = _compile()
+    fields = len(DESCRIPTOR_FIELDS)
+
+    @intrinsic
+    def as_pointer(typingctx, address):  # int64 -> void*
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(types.int64), codegen
+
+    @njit
+    def step(desc):
+        hidden, inter, top_k, rows = desc[4], desc[5], desc[6], desc[7]
+        box = carray(as_pointer(desc[0]), (hidden + 2 * top_k,), np.float32)
+        out_rows = carray(as_pointer(desc[1]), (top_k, hidden), np.float32)
+        gate_up = carray(as_pointer(desc[2]), (rows, 2 * inter, hidden), np.uint16)
+        down = carray(as_pointer(desc[3]), (rows, hidden, inter), np.uint16)
+        pairs = 0
+        for k in range(top_k):
+            if box[hidden + k] >= 0:
+                pairs += 1
+        if pairs == 0:
+            return
+        x = np.empty((pairs, hidden), np.float32)  # [P, H] the one token's hidden state, once per pair
+        pair_rows = np.empty(pairs, np.int64)  # [P]
+        weights = np.empty(pairs, np.float32)  # [P]
+        slots = np.empty(pairs, np.int64)  # [P] each pair's k
+        p = 0
+        for k in range(top_k):
+            if box[hidden + k] >= 0:
+                x[p] = box[:hidden]
+                pair_rows[p] = np.int64(box[hidden + k])
+                weights[p] = box[hidden + top_k + k]
+                slots[p] = k
+                p += 1
+        act = np.empty((pairs, inter), np.float32)  # [P, I]
+        out = np.empty((pairs, hidden), np.float32)  # [P, H]
+        numba.set_num_threads(desc[9])
+        kernel(x, gate_up, down, pair_rows, weights, desc[8] != 0, act, out)
+        for p in range(pairs):
+            out_rows[slots[p]] = out[p]
+
+    @cfunc(types.void(types.voidptr))
+    def host_step(user_data):
+        step(carray(user_data, (fields,), np.int64))
+
+    _step_function = host_step.address
+    _keep_alive.append(host_step)
+    return _step_function
+
+
+_keep_alive: list = []  # the compiled cfunc (its address must stay valid)
