@@ -48,6 +48,16 @@ def ncmoe_for(ratio: int, layers: int) -> int:
     return round(layers * (100 - ratio) / 100)
 
 
+def memory_breakdown(torch, device) -> dict | None:
+    """The caching allocator's bytes (allocated, reserved, peak reserved) and the device's used bytes (all
+    processes: the poller's idle reading is the rest), to tell a reservation from the CUDA context and libraries."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
+            "max_reserved": torch.cuda.max_memory_reserved(device), "device_used": total - free}
+
+
 def ours_worker(spec: dict) -> dict:
     """One ratio, in this (child) process: load, warm up, measure."""
     import torch
@@ -60,14 +70,17 @@ def ours_worker(spec: dict) -> dict:
     element = 2 if device.type == "cuda" else 4  # MOE_DTYPE auto: the bf16 checkpoint's dtype on CUDA, fp32 on CPU
     pipe = LLMPipeline(spec["model_dir"], str(device), MOE_OFFLOAD_RATIO=spec["ratio"], MOE_IO="pread",
                        MOE_HOST_CACHE=bench.host_tier_bytes(facts, element), **spec["properties"])
+    after_load = memory_breakdown(torch, device)
     ids = bench.prompt_ids(facts["config"]["vocab_size"], spec["prompt"]).to(device)
     deadline = time.perf_counter() + spec["seconds"]
     bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe)  # warm-up: compile, capture
     runs = [bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe)
             for _ in range(spec["repeats"])]
     stats = pipe.get_offload_stats()
+    after_runs = memory_breakdown(torch, device)
     pipe.close()
-    return {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+    return {"memory_after_load": after_load, "memory_after_runs": after_runs,
+            "cpu_expert_decode_check": stats["cpu_expert_decode_check"], "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
             "prefill_tok_s": statistics.median(spec["prompt"] / r["ttft_s"] for r in runs),
             "allocator_peak_device_bytes": max(r["peak_device_bytes"] or 0 for r in runs) or None,
             "zero_copy_layers": stats["zero_copy_layers"], "cuda_graph_steps": stats["cuda_graph_steps"],
