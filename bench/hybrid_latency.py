@@ -7,7 +7,8 @@ timed with CUDA events (median of --repeats):
   host_node_c      side-stream D2H, a host node running a C no-op (libc free(NULL): no Python), H2D
   host_node_python the same with a Python no-op (hybrid.HostFunction: the GIL and ctypes' trampoline)
   python_busy      host_node_python while the launching thread runs Python (polls the event) instead of blocking
-  share            CpuShare.forward with n of 8 misses on the CPU (n = 1, 2, 4, 8), per CPU kernel
+  share            CpuShare.forward with n of 8 misses on the CPU (n = 1, 2, 4, 8), per CPU kernel (with numba:
+                   the compiled host step, no GIL), the launching thread blocking and (_busy) running Python
   direct           the same kernel's call on the main thread (perf_counter), other experts each time
 Usage: python bench/hybrid_latency.py --out bench/results/<date>-h200-hybrid-latency.json
 """
@@ -123,9 +124,11 @@ def main() -> int:
         for n in (1, 2, 4, 8):
             share = CpuShare(tier, args.experts, top_k, hidden_size, [min(n, m) for m in range(top_k + 1)],
                              runner, device)
-            seconds[f"share_{kernel}_{n}"] = graph_time(
-                lambda: share.forward(hidden, ids, weights, from_host, lambda gpu_ids: zeros, F.silu),
-                args.repeats, before=rotate)
+            def forward():
+                share.forward(hidden, ids, weights, from_host, lambda gpu_ids: zeros, F.silu)
+
+            seconds[f"share_{kernel}_{n}"] = graph_time(forward, args.repeats, before=rotate)
+            seconds[f"share_{kernel}_{n}_busy"] = graph_time(forward, args.repeats, before=rotate, busy=True)
             share.check()
             host_hidden = hidden.cpu().expand(n, hidden_size)
             scratch = torch.empty((n, hidden_size))
@@ -139,7 +142,8 @@ def main() -> int:
                        scratch)
                 times.append(time.perf_counter() - start)
             seconds[f"direct_{kernel}_{n}"] = statistics.median(times)
-            print(kernel, n, f"share {seconds[f'share_{kernel}_{n}'] * 1e3:.3f} ms, "
+            print(kernel, n, f"share {seconds[f'share_{kernel}_{n}'] * 1e3:.3f} ms "
+                  f"({seconds[f'share_{kernel}_{n}_busy'] * 1e3:.3f} ms busy), "
                   f"direct {seconds[f'direct_{kernel}_{n}'] * 1e3:.3f} ms", flush=True)
         runner.close()
     try:
