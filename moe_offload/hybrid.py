@@ -286,7 +286,8 @@ def tune_split(layer, act_fn: Callable, repeats: int = 7, tie: float = 0.02) -> 
     count weighted as under uniform routing (binomial over top-k with the layer's non-resident share); else a
     table of zeros (the path off). On the H200 the table alone, chosen against the path's own n_cpu = 0, made
     ratio-50 decode 10% slower than none (95.2 vs 105.4 tok/s,
-    bench/results/2026-11-29-h200-hybrid-14-threads.json) while the same layer timings promised ~20% less.
+    bench/results/2026-11-29-h200-hybrid-14-threads.json) while its layer timings promised 18-22% less at the
+    miss counts it split.
 
     Returns (table, {"split": {m: [median seconds for n_cpu = 0..m]}, "off": {m: seconds without the path},
     "expected": {"on": seconds, "off": seconds}}).
@@ -354,7 +355,7 @@ def tune_cpu_path(layer, act_fn: Callable, runners: dict[str, CpuExperts]) -> tu
     {name: tune_split's timings}); the table is all zeros (the path off) when no runner's split pays.
 
     Why measure the kernel too: the numba kernel ran 1.7-2.0x torch's on a 2-core VM
-    (bench/results/2026-11-29-cpu-numba-experts-2core.json) and 2.0-2.8x with 8 experts on the H200
+    (bench/results/2026-11-29-cpu-numba-experts-2core.json) and 2.2-2.8x with 8 experts on the H200
     (bench/results/2026-11-29-h200-hybrid-latency*.json), but the machine that serves decides."""
     share: CpuShare = layer.cpu_share
     best, tunings = None, {}
@@ -385,8 +386,10 @@ class _TokenStamps:
         pass
 
     def decode_tok_s(self) -> float:
+        if len(self.stamps) < 3:  # the prompt and one token: no decode step timed
+            return 0.0
         tokens, first, last = len(self.stamps) - 2, self.stamps[1], self.stamps[-1]
-        return tokens / (last - first) if tokens > 0 and last > first else 0.0
+        return tokens / (last - first) if last > first else 0.0
 
 
 def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_tokens: int = 32,
@@ -396,10 +399,11 @@ def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_t
     rate of each (the first "on" one also warms up). Returns {"decode_tok_s": {"on": .., "off": ..}, "kept": bool}.
 
     Why: tune_split times one layer alone, replayed from its own graph while the launching thread blocks. In a
-    real decode the launching thread runs Python between steps, and a host function waits for the GIL: on the
-    H200 a no-op host node took 0.05 ms while that thread blocked and 5.2 ms while it ran Python
-    (bench/results/2026-11-29-h200-hybrid-latency.json). There, tables that the layer timings promised 4% (ratio
-    50) made decode 15% slower (89.6 vs 105.5 tok/s, bench/results/2026-11-29-h200-hybrid-expected-vs-off.json).
+    real decode the launching thread runs Python between steps, and a Python host function then waits for the
+    GIL: on the H200 a no-op one took 0.05 ms while that thread blocked and 5.2 ms while it ran Python
+    (bench/results/2026-11-29-h200-hybrid-latency.json). Whatever the cause there, tables whose layer timings
+    promised 4% (ratio 50) made decode 15% slower (89.6 vs 105.5 tok/s,
+    bench/results/2026-11-29-h200-hybrid-expected-vs-off.json).
     """
     tables = [list(share.split_table) for share in shares]
 

@@ -106,8 +106,7 @@ class LLMPipeline:
 
     def _piecewise_ready(self) -> bool:
         """Decode steps with syncing MoE layers may be recorded as graph segments (MOE_CUDA_GRAPH=auto)."""
-        return self.config.moe_cuda_graph == "auto" and all(layer.route_observer is None
-                                                                 for layer in self.layers)
+        return self.config.moe_cuda_graph == "auto" and all(layer.route_observer is None for layer in self.layers)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
