@@ -31,6 +31,7 @@ from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
+from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host
 from .hybrid import all_on_cpu, tune_cpu_path
 from .kernels import cpu_numba
 from .policy import make_policy
@@ -165,13 +166,19 @@ def _fp32_patterns(model, dtype: torch.dtype) -> list[str]:
 
 
 def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
-                       progress: bool) -> None:
-    """Allocate every non-expert parameter on `device` and fill it from the checkpoint, one tensor at a time."""
+                       progress: bool, host_embeddings: bool = False) -> None:
+    """Allocate every non-expert parameter on `device` and fill it from the checkpoint, one tensor at a time.
+    host_embeddings (CUDA): the input embedding table, where it can live in host RAM (host_embeddings.py), is
+    allocated there instead and moved behind its Triton gather, never touching the device."""
     for pattern in _fp32_patterns(model, dtype):
         for name, param in model.named_parameters():
             if pattern in name and param.dtype != torch.float32:
                 param.data = param.data.to(torch.float32)
-    model.to_empty(device=device)
+    on_host = hostable_input_embedding(model) if host_embeddings and device.type == "cuda" else None
+    with _set_aside(model, on_host):
+        model.to_empty(device=device)
+    if on_host is not None:
+        on_host.to_empty(device="cpu")
     targets = dict(model.state_dict(keep_vars=True))
     filled: set[str] = set()
     files: dict[str, list[tuple[str, str]]] = {}
@@ -206,6 +213,24 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
     missing = sorted(set(targets) - filled - _non_persistent(model))
     if missing:
         raise MoeOffloadError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    if on_host is not None:
+        move_input_embeddings_to_host(model, device)
+
+
+@contextlib.contextmanager
+def _set_aside(model: torch.nn.Module, child: torch.nn.Module | None):
+    """Detach `child` from its parent for the block (what model-wide calls like to_empty then skip)."""
+    if child is None:
+        yield
+        return
+    name = next(name for name, module in model.named_modules() if module is child)
+    parent = model.get_submodule(name.rpartition(".")[0])
+    attribute = name.rpartition(".")[2]
+    setattr(parent, attribute, None)
+    try:
+        yield
+    finally:
+        setattr(parent, attribute, child)
 
 
 def _non_persistent(model) -> set[str]:
@@ -244,7 +269,7 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
     for site in sites:  # never allocated anywhere: the experts live in cache slots and tiers instead
         del site.module.gate_up_proj
         del site.module.down_proj
-    _materialise_dense(model, checkpoint, device, dtype, progress)
+    _materialise_dense(model, checkpoint, device, dtype, progress, config.moe_host_embeddings == "on")
     model.eval()
     runtimes = _attach_expert_runtimes(sites, locations, device, dtype, config, progress)
     kernel = select_kernel(config, device, hf_config)

@@ -17,7 +17,7 @@ from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
 from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
-from .host_embeddings import move_input_embeddings_to_host
+from .host_embeddings import host_table_bytes
 from .hybrid import check_on_decode
 from .integration import build_offloaded_model, check_supported
 
@@ -72,11 +72,7 @@ class LLMPipeline:
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
         self.model, self.layers = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config,
                                                          progress)
-        self.host_embedding_bytes = 0
-        if self.config.moe_host_embeddings == "on":
-            self.host_embedding_bytes = move_input_embeddings_to_host(self.model)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # hand the table's device memory back to the driver
+        self.host_embedding_bytes = host_table_bytes(self.model)  # MOE_HOST_EMBEDDINGS: placed at load
         # before the decoder: its CUDA graphs capture whatever kernels the model launches
         self.fused_dense_ops = fuse_dense_ops(self.model) if self.config.moe_fuse_dense == "auto" else []
         self.tokenizer = self._load_tokenizer()

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from moe_offload import LLMPipeline  # noqa: E402
 from moe_offload.config import make_config  # noqa: E402
 from moe_offload.errors import MoeOffloadError  # noqa: E402
-from moe_offload.host_embeddings import move_input_embeddings_to_host  # noqa: E402
+from moe_offload.host_embeddings import hostable_input_embedding, move_input_embeddings_to_host  # noqa: E402
 from moe_offload.kernels import triton_dense  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -64,6 +64,27 @@ def test_tied_tables_stay(checkpoint_factory):
     assert move_input_embeddings_to_host(model, force=True) == 0
 
 
+def test_load_allocates_the_table_apart(checkpoint_factory):
+    """At load (integration._materialise_dense, on CUDA) the table is set aside while the model is allocated on
+    the device, and only then allocated in host RAM: here, on a meta model, allocating the rest leaves it
+    untouched. Tied tables are not set aside, by config or by sharing the output layer's weight."""
+    from transformers import AutoConfig
+
+    from moe_offload.integration import _build_meta_model, _set_aside
+
+    config = AutoConfig.from_pretrained(checkpoint_factory("qwen3_moe"))
+    model = _build_meta_model(config, torch.float32)
+    embedding = hostable_input_embedding(model)
+    assert embedding is model.get_input_embeddings()
+    with _set_aside(model, embedding):
+        assert model.get_input_embeddings() is None
+        model.to_empty(device="cpu")
+    assert model.get_input_embeddings() is embedding and embedding.weight.device.type == "meta"
+    assert model.lm_head.weight.device.type == "cpu"
+    config.tie_word_embeddings = True
+    assert hostable_input_embedding(_build_meta_model(config, torch.float32)) is None
+
+
 def test_property():
     assert make_config({}).moe_host_embeddings == "off"
     assert make_config({"MOE_HOST_EMBEDDINGS": "ON"}).moe_host_embeddings == "on"
@@ -81,13 +102,17 @@ def test_host_embeddings_on_cuda(checkpoint_factory):
     want = reference.generate_tokens(prompt, max_new_tokens=16, min_new_tokens=16)
     reference.close()
     before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     plain = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=0)
     plain_bytes = torch.cuda.memory_allocated() - before
+    plain_peak = torch.cuda.max_memory_allocated() - before  # loading included
     plain.close()
     del plain
     before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     pipe = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=0, MOE_HOST_EMBEDDINGS="on")
     moved = pipe.get_offload_stats()["host_embedding_bytes"]
     assert moved > 0 and torch.cuda.memory_allocated() - before <= plain_bytes - moved
+    assert torch.cuda.max_memory_allocated() - before <= plain_peak - moved  # not on the device even while loading
     assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=16, min_new_tokens=16), want)
     assert pipe.get_offload_stats()["cuda_graph_steps"] > 0
