@@ -109,6 +109,15 @@ _DECODE_MAX_PAIRS = 16  # kernels.triton_moe.DECODE_MAX_PAIRS (not imported: tha
 
 
 @dataclass
+class Routing:
+    """A step's routing as the copy path needs it (OffloadedExperts.route)."""
+
+    counts: list[int]  # [E] (token, k) pairs per expert
+    hits: list[int]  # needed experts in the cache
+    misses: list[int]  # needed experts not in it
+
+
+@dataclass
 class LayerCounters:
     hits: int = 0
     misses: int = 0
@@ -296,16 +305,25 @@ class OffloadedExperts:
             self.route_observer(self.layer, top_k_index)
         if self.sync_free(num_tokens * top_k):
             return self._forward_direct(hidden_states, top_k_index, top_k_weights, act_fn)
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the one host sync
-        needed = [expert for expert, count in enumerate(counts) if count]
+        return self.forward_routed(hidden_states, top_k_index, top_k_weights, act_fn, self.route(top_k_index))
 
+    def route(self, top_k_index: torch.Tensor) -> Routing:
+        """The step's needed experts split into hits and misses: the copy path's one host sync. Counts them and
+        refreshes the hits in the cache policy; forward_routed then serves that step."""
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the host sync
+        needed = [expert for expert, count in enumerate(counts) if count]
         hits = [e for e in needed if self.table.lookup(e) is not None]
         misses = [e for e in needed if self.table.lookup(e) is None]
         self._counters.hits += len(hits)
         self._counters.misses += len(misses)
         for expert in hits:
             self.table.hit(expert)
+        return Routing(counts, hits, misses)
 
+    def forward_routed(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       act_fn: Callable[[torch.Tensor], torch.Tensor], routing: Routing) -> torch.Tensor:
+        """The copy path's forward for a step that route() has split (hits computed while misses stream in)."""
+        counts, hits, misses, needed = routing.counts, routing.hits, routing.misses, routing.hits + routing.misses
         if self.fused_moe is not None:
             run_pool, result = self._fused_pool_runner(hidden_states, top_k_index, top_k_weights)
         else:

@@ -29,7 +29,6 @@ import contextlib
 import ctypes
 import gc
 import math
-import mmap
 import statistics
 import time
 from typing import Callable
@@ -39,7 +38,7 @@ import torch
 
 from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
-from .tiers import HostTier, pin_for_lifetime
+from .tiers import HostTier, graph_host_buffer
 
 _HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _driver_lib = None
@@ -135,7 +134,6 @@ class CpuShare:
         rows = [host.row_of.get(e, -1) for e in range(num_experts)]
         self.host_rows = torch.tensor(rows, dtype=torch.long, device=device)  # [E] host-tier row or -1
         on_cuda = device.type == "cuda"
-        self._pages: list[mmap.mmap] = []  # backing memory of the pinned buffers
         # [H + 2K] float32: hidden state (widened, exact), host row of each pair's expert (-1: not the CPU's),
         # routing weight of each pair (widened, exact)
         self._packed = torch.empty(hidden + 2 * top_k, dtype=torch.float32, device=device)
@@ -172,16 +170,9 @@ class CpuShare:
         self.split[misses] = n_cpu
 
     def _host_buffer(self, numel: int, pin: bool) -> torch.Tensor:
-        """A zeroed float32 host buffer; on CUDA page-locked by cudaHostRegister on pages of its own.
-
-        Not torch's pinned allocator: its non_blocking copies record events on the block, which graph capture
-        must not do (the buffers are copied from inside the decode graph)."""
-        if not pin:
-            return torch.zeros(numel, dtype=torch.float32)
-        pages = mmap.mmap(-1, -(-4 * numel // mmap.PAGESIZE) * mmap.PAGESIZE)  # anonymous: zeroed, page-aligned
-        self._pages.append(pages)
-        tensor = torch.frombuffer(pages, dtype=torch.float32, count=numel)
-        if pin_for_lifetime(self, [tensor]) is None:
+        """A zeroed float32 host buffer, page-locked on CUDA (copied from inside the decode graph)."""
+        tensor = graph_host_buffer(self, numel, torch.float32, pin)
+        if tensor is None:
             raise MoeOffloadError("cannot page-lock the CPU expert path's buffers (cudaHostRegister failed)")
         return tensor
 

@@ -237,9 +237,19 @@ class LLMPipeline:
             "cuda_graph_steps": self.decoder.steps_replayed if self.decoder else 0,
             "cuda_graph_prefills": self.decoder.prefills_replayed if self.decoder else 0,
             "cuda_graph_failure": self.decoder.graph_failure if self.decoder else None,
+            # piecewise steps (disk tier): layers whose all-cached steps replay a graph of their own, or why not
+            "piecewise_hits_graphs": self._hits_graphs(),
             "fused_dense_ops": self.fused_dense_ops,
             "host_embedding_bytes": self.host_embedding_bytes,  # MOE_HOST_EMBEDDINGS: the table moved off the device
         }
+
+    def _hits_graphs(self) -> dict | None:
+        step = self.decoder.graph if self.decoder is not None else None
+        calls = getattr(step, "calls", None)
+        if calls is None:
+            return None
+        return {"layers": sum(call.hits_graph is not None for call in calls),
+                "failure": next((call.hits_graph_failure for call in calls if call.hits_graph_failure), None)}
 
     def reset_offload_stats(self) -> None:
         for layer in self.layers:

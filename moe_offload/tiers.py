@@ -170,6 +170,22 @@ def pin_for_lifetime(owner: object, tensors: list[torch.Tensor]) -> weakref.fina
     return weakref.finalize(owner, unpin, pinned) if pinned else None
 
 
+def graph_host_buffer(owner: object, numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A zeroed host buffer that CUDA graphs may copy from or into; with `pin`, page-locked by cudaHostRegister
+    on anonymous pages of its own until `owner` is closed or collected (None if that is refused).
+
+    Not torch's pinned allocator: its non_blocking copies record events on the block, which graph capture must
+    not do."""
+    if not pin:
+        return torch.zeros(numel, dtype=dtype)
+    size = numel * dtype.itemsize
+    pages = mmap.mmap(-1, max(1, -(-size // mmap.PAGESIZE)) * mmap.PAGESIZE)  # anonymous: zeroed, page-aligned
+    tensor = torch.frombuffer(pages, dtype=dtype, count=numel)  # keeps `pages` alive
+    if pin_for_lifetime(owner, [tensor]) is None:
+        return None
+    return tensor
+
+
 class HostTier:
     """A layer's share of non-resident experts, held in (pinned) host RAM in compute dtype.
 

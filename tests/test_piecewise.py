@@ -10,6 +10,7 @@ import torch
 
 from moe_offload import LLMPipeline
 from moe_offload import piecewise
+from moe_offload.cache import OffloadedExperts
 from moe_offload.piecewise import PiecewiseStep
 
 CUDA = torch.cuda.is_available()
@@ -176,6 +177,71 @@ def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory
     step = pipe.decoder.graph
     assert [call.runtime for call in step.calls] == [pipe.layers[1]] and len(step.segments) == 2
     assert pipe.decoder.steps_replayed >= 4
+
+
+@torch.inference_mode()
+def test_layers_with_every_expert_cached_replay_their_own_graph(checkpoint_factory, monkeypatch):
+    """Disk tier with the Triton kernel, steps replayed piecewise with graphs emulated on the CPU: a layer step
+    whose experts are all cached replays its _HitsGraph (slot map from the host buffer, kernels, K-sum), the
+    others run eagerly; both kinds occur, and logits and tokens are the eager decode's, bit for bit, over two
+    generations."""
+    pytest.importorskip("triton")
+    from graph_emulation import EmulatedGraph, record_graph_nodes
+
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    monkeypatch.setattr(PiecewiseStep, "graph_factory", EmulatedGraph)
+    record_graph_nodes(monkeypatch)
+    path = checkpoint_factory("qwen3_moe")
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    runs = []
+    for graphs in (False, True):
+        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=50, MOE_HOST_CACHE=0)
+        for layer in pipe.layers:
+            layer.fused_moe = fused_moe
+        pipe.decoder.use_graph = graphs
+        generations = []
+        for generation in range(2):
+            if graphs and generation == 1:  # the step is recorded: count how its layer steps run
+                served = {"graph": 0, "eager": 0}
+                hits_run, routed = piecewise._HitsGraph.run, OffloadedExperts.forward_routed
+                monkeypatch.setattr(piecewise._HitsGraph, "run", lambda self, slots: (
+                    served.__setitem__("graph", served["graph"] + 1), hits_run(self, slots)))
+                monkeypatch.setattr(OffloadedExperts, "forward_routed", lambda self, *args: (
+                    served.__setitem__("eager", served["eager"] + 1), routed(self, *args))[1])
+            logits = []
+            generations.append((pipe.decoder.generate(prompt, 12, 12, on_logits=logits.append), logits))
+        runs.append((generations, pipe))
+    (want, _), (got, pipe) = runs
+    for (want_tokens, want_logits), (got_tokens, got_logits) in zip(want, got):
+        assert got_tokens == want_tokens and all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+    assert isinstance(pipe.decoder.graph, PiecewiseStep) and pipe.decoder.steps_replayed >= 16
+    prefill_layers = len(pipe.layers)  # the second generation's prompt goes through forward_routed eagerly
+    assert served["graph"] > 0 and served["eager"] > prefill_layers  # both kinds of layer step were replayed
+    assert pipe.get_offload_stats()["piecewise_hits_graphs"] == {"layers": len(pipe.layers), "failure": None}
+
+
+@torch.inference_mode()
+def test_a_refused_hits_graph_leaves_the_layer_eager(checkpoint_factory, monkeypatch):
+    """If a layer's hits graph cannot be captured, the failure is kept and that layer's steps run eagerly."""
+    pytest.importorskip("triton")
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    def refuse(self, call, graph_factory):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(piecewise._HitsGraph, "__init__", refuse)
+    pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=100, MOE_HOST_CACHE=0)
+    layer = pipe.layers[0]
+    layer.fused_moe = fused_moe
+    hidden, ids = torch.randn(1, layer.hidden), torch.tensor([[1, 2]])
+    weights = torch.tensor([[0.7, 0.3]])
+    out = torch.empty(1, layer.hidden)
+    call = piecewise._MoeCall(layer, hidden, ids, weights, torch.nn.functional.silu, out)
+    for _ in range(2):
+        call.run(StandInGraph)
+        assert call.hits_graph is None and call.hits_graph_failure.startswith("operation not permitted")
+        assert torch.equal(out, layer.forward(hidden, ids, weights, torch.nn.functional.silu))
 
 
 @pytest.mark.parametrize("mode, ready", [("auto", True), ("whole", False), ("off", False)])
