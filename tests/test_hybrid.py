@@ -102,11 +102,13 @@ def test_cpu_share_with_the_numba_kernel_on_bf16():
 
 def test_compiled_step_gives_the_python_steps_bits():
     """The numba kernel's compiled host step (no GIL; kernels/cpu_numba.step_function) computes the same rows as
-    the Python host function running the same kernel, also when another thread calls it, as CUDA's does."""
+    the Python host function running the same kernel, also run on a thread Python never saw (pthread_create),
+    as CUDA's driver thread is."""
     pytest.importorskip("numba")
-    import threading
+    import ctypes
 
     from moe_offload.hybrid import NativeHostFunction
+    from moe_offload.kernels import cpu_numba
 
     torch.manual_seed(0)
     tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
@@ -132,11 +134,13 @@ def test_compiled_step_gives_the_python_steps_bits():
         assert runs[weight_dtype, True][[0, 2]].abs().sum() > 0 and not runs[weight_dtype, True][[1, 3]].any()
     share = last_compiled  # float32 weights; its mailbox still holds that step
     share._out_host.zero_()
-    function = share._host_function(torch.nn.functional.silu)
-    assert isinstance(function, NativeHostFunction)
-    worker = threading.Thread(target=function.launch, args=(None,))
-    worker.start()
-    worker.join()
+    assert isinstance(share._host_function(torch.nn.functional.silu), NativeHostFunction)
+    libc = ctypes.CDLL(None)
+    thread = ctypes.c_ulong()
+    # the step as a thread's start routine (its void result is ignored): run, then joined
+    assert libc.pthread_create(ctypes.byref(thread), None, ctypes.c_void_p(cpu_numba.step_function()),
+                               ctypes.c_void_p(share._descriptor.ctypes.data)) == 0
+    assert libc.pthread_join(thread, None) == 0
     assert torch.equal(share._out_host[[0, 2]], runs[torch.float32, True][[0, 2]])
 
 
