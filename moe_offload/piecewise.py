@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from .tiers import graph_host_buffer
+
 _state = threading.local()
 
 
@@ -82,8 +84,6 @@ class _HitsGraph:
     """
 
     def __init__(self, call: _MoeCall, graph_factory: Callable[[], Any]):
-        from .tiers import graph_host_buffer
-
         runtime, device = call.runtime, call.hidden.device
         num_tokens, top_k = call.top_k_index.shape  # [T, K]
         on_cuda = device.type == "cuda"

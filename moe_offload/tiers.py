@@ -170,7 +170,7 @@ def pin_for_lifetime(owner: object, tensors: list[torch.Tensor]) -> weakref.fina
     return weakref.finalize(owner, unpin, pinned) if pinned else None
 
 
-def graph_host_buffer(owner: object, numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+def graph_host_buffer(owner: object, numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor | None:
     """A zeroed host buffer that CUDA graphs may copy from or into; with `pin`, page-locked by cudaHostRegister
     on anonymous pages of its own until `owner` is closed or collected (None if that is refused).
 
