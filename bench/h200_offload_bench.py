@@ -468,7 +468,9 @@ def run_ours(ctx, ratio: int, tier: str, kernel: str, deadline: float) -> dict:
                        disk_bytes_per_token=decode["bytes_streamed"]["disk"] / steps,
                        zero_copy_layers=decode["zero_copy_layers"], cuda_graph_steps=decode["cuda_graph_steps"],
                        cuda_graph_failure=decode["cuda_graph_failure"],
-                       piecewise_hits_graphs=decode.get("piecewise_hits_graphs"))
+                       piecewise_hits_graphs=decode.get("piecewise_hits_graphs"),
+                       zero_copy_prefill_max_tokens=decode.get("zero_copy_prefill_max_tokens"),
+                       zero_copy_prefill_tuning=decode.get("zero_copy_prefill_tuning"))
             repeats_rows.append(one)
     finally:
         pipe.close()
@@ -476,7 +478,8 @@ def run_ours(ctx, ratio: int, tier: str, kernel: str, deadline: float) -> dict:
         free_device()
     keys = ("decode_tok_s", "prefill_tok_s", "ttft_s", "hit_rate", "prefill_hit_rate", "prefill_bytes",
             "host_bytes_per_token", "in_place_bytes_per_token", "disk_bytes_per_token", "step_ms_median")
-    for key in ("zero_copy_layers", "cuda_graph_steps", "cuda_graph_failure", "piecewise_hits_graphs"):
+    for key in ("zero_copy_layers", "cuda_graph_steps", "cuda_graph_failure", "piecewise_hits_graphs",
+                "zero_copy_prefill_max_tokens", "zero_copy_prefill_tuning"):
         row[key] = repeats_rows[-1][key] if repeats_rows else None
     row.update({k: median([r[k] for r in repeats_rows]) for k in keys})
     row["bytes_per_token"] = row["host_bytes_per_token"] + row["disk_bytes_per_token"]

@@ -80,7 +80,9 @@ def ours_worker(spec: dict) -> dict:
     after_runs = memory_breakdown(torch, device)
     pipe.close()
     return {"memory_after_load": after_load, "memory_after_runs": after_runs,
-            "cpu_expert_decode_check": stats["cpu_expert_decode_check"], "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+            "cpu_expert_decode_check": stats["cpu_expert_decode_check"],
+            "zero_copy_prefill_max_tokens": stats["zero_copy_prefill_max_tokens"],
+            "zero_copy_prefill_tuning": stats["zero_copy_prefill_tuning"], "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
             "prefill_tok_s": statistics.median(spec["prompt"] / r["ttft_s"] for r in runs),
             "allocator_peak_device_bytes": max(r["peak_device_bytes"] or 0 for r in runs) or None,
             "zero_copy_layers": stats["zero_copy_layers"], "cuda_graph_steps": stats["cuda_graph_steps"],

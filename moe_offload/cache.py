@@ -101,9 +101,14 @@ class ScratchPool:
         """Device bytes it holds now (0 until a miss first streams through it)."""
         return sum(t.numel() * t.element_size() for t in self._pools) if self._pools else 0
 
+    def release(self) -> None:
+        """Drop the buffers (allocated again on next use), e.g. after a measurement streamed through them."""
+        self._pools = None
+
 
 # Above this many (token, k) pairs per expert, a zero-copy layer copies its misses instead: the grouped GEMM
-# reads an expert's weights once per 64-row M-block, which is once per copy only up to here.
+# reads an expert's weights once per 64-row M-block, which is once per copy only up to here. The default of
+# OffloadedExperts.zero_copy_max_pairs; on CUDA prefill_tuning.py measures where copying wins.
 ZERO_COPY_MAX_PAIRS_PER_EXPERT = 64
 _DECODE_MAX_PAIRS = 16  # kernels.triton_moe.DECODE_MAX_PAIRS (not imported: that module needs triton)
 
@@ -146,6 +151,9 @@ class OffloadedExperts:
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
         self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
         self.cpu_share: CpuShare | None = None  # decode misses partly computed on the CPU (hybrid.py)
+        # zero-copy layers: forwards of more (token, k) pairs copy their misses (prefill_tuning.py measures it)
+        self.zero_copy_max_pairs = ZERO_COPY_MAX_PAIRS_PER_EXPERT * num_experts
+        self.prefill_tuning: dict | None = None  # what prefill_tuning measured on this layer, if it did
         self._skip: torch.Tensor | None = None  # [1] int32 -1: the slot the kernels see for a CPU pair's id E
 
     @property
@@ -192,7 +200,7 @@ class OffloadedExperts:
     def sync_free(self, num_pairs: int) -> bool:
         """A forward of `num_pairs` (token, k) pairs takes the direct path: no host sync, capturable."""
         return self.direct and (not self.zero_copy or self._lru is not None  # LRU: the host table is stale
-                                or num_pairs <= ZERO_COPY_MAX_PAIRS_PER_EXPERT * self.num_experts)
+                                or num_pairs <= self.zero_copy_max_pairs)
 
     @property
     def zero_copy(self) -> bool:

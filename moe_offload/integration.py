@@ -35,6 +35,7 @@ from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_
 from .hybrid import all_on_cpu, tune_cpu_path
 from .kernels import cpu_numba
 from .policy import make_policy
+from .prefill_tuning import tune_prefill_threshold
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
 
@@ -277,10 +278,24 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
         runtime.fused_moe = kernel
         if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
             runtime.enable_direct(device, lru=config.moe_zero_copy == "lru")
+    if device.type == "cuda":
+        _tune_prefill(runtimes, sites)
     if config.moe_cpu_experts != "off":
         _enable_cpu_experts(runtimes, sites, config.moe_cpu_experts, device)
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
+
+
+def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) -> None:
+    """Where zero-copy layers start copying their misses (prefill_tuning.py): measured on the first zero-copy
+    layer whose resident set is fixed, applied to every such layer (they share shapes and host tier)."""
+    layers = [(r, s) for r, s in zip(runtimes, sites) if r.zero_copy and r.sync_free(r.top_k) and r._lru is None]
+    if not layers:
+        return
+    first, site = layers[0]
+    first.prefill_tuning = tune_prefill_threshold(first, site.module.act_fn)
+    for runtime, _site in layers:
+        runtime.zero_copy_max_pairs = first.zero_copy_max_pairs
 
 
 def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], mode: str,

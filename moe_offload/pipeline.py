@@ -234,6 +234,12 @@ class LLMPipeline:
             "disk_io": fetcher.disk.strategy,
             "kernel": "torch" if self.layers[0].fused_moe is None else "triton",
             "zero_copy_layers": sum(layer.zero_copy for layer in self.layers),
+            # the longest prompt whose misses zero-copy layers read in place (longer ones copy them), and the
+            # timings that chose it (prefill_tuning.py; CUDA)
+            "zero_copy_prefill_max_tokens": next((layer.zero_copy_max_pairs // layer.top_k for layer in self.layers
+                                                  if layer.zero_copy), None),
+            "zero_copy_prefill_tuning": next((layer.prefill_tuning for layer in self.layers if layer.prefill_tuning),
+                                             None),
             "cuda_graph_steps": self.decoder.steps_replayed if self.decoder else 0,
             "cuda_graph_prefills": self.decoder.prefills_replayed if self.decoder else 0,
             "cuda_graph_failure": self.decoder.graph_failure if self.decoder else None,
