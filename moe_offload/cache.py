@@ -199,8 +199,13 @@ class OffloadedExperts:
 
     def sync_free(self, num_pairs: int) -> bool:
         """A forward of `num_pairs` (token, k) pairs takes the direct path: no host sync, capturable."""
-        return self.direct and (not self.zero_copy or self._lru is not None  # LRU: the host table is stale
-                                or num_pairs <= self.zero_copy_max_pairs)
+        return self.direct and (not self.copies_long_forwards or num_pairs <= self.zero_copy_max_pairs)
+
+    @property
+    def copies_long_forwards(self) -> bool:
+        """A zero-copy layer whose forwards above zero_copy_max_pairs take the copy path (with device LRU every
+        forward stays direct: the host table the copy path reads is stale)."""
+        return self.zero_copy and self._lru is None
 
     @property
     def zero_copy(self) -> bool:

@@ -63,8 +63,8 @@ class OffloadConfig:
     moe_fuse_dense: str = "auto"
     # Decode misses partly computed on the CPU where they lie in the host tier, while the GPU reads the rest in
     # place (hybrid.py; zero-copy layers; with MOE_ZERO_COPY=lru only what the GPU reads is admitted). "auto": how
-    # many per count of misses, and with which CPU kernel, timed on a layer at load (the fastest step wins; none
-    # where the CPU does not help); "all": every miss on the CPU; "off": every miss on the GPU.
+    # many per count of misses, and with which CPU kernel, timed on a layer at load, then kept only if whole
+    # decodes run faster with them (else none); "all": every miss on the CPU; "off": every miss on the GPU.
     moe_cpu_experts: str = "off"
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
     # 622 MB less device memory for Qwen3-30B-A3B, as llama.cpp does. "on" needs CUDA, triton and an untied table.

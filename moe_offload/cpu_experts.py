@@ -1,12 +1,12 @@
 """CPU expert path: routed experts' outputs computed on the CPU straight from the host tier.
 
-hybrid.py runs it for part of a decode step's misses (MOE_CPU_EXPERTS). On the H200 machine's CPU (16-core Xeon with AMX-BF16 and AVX512-BF16, 300 MiB
-L3, 84.6 GB/s plain read; bench/results/2026-11-29-h200-cpu-experts.{json,log}), one token per expert, bf16
-tier as stored: experts one at a time on 16 threads 24-26 GB/s (fit: 53 us + bytes / 28.4 GB/s), oneDNN
-pre-packed 26-35, a pool of 2 workers x 8 threads 29-35 at 8-16 experts (but ~0.75 ms fixed cost a call);
-float32 paths 4-22. So torch's CPU kernels read expert weights at about half the rate llama.cpp's CPU backend
-reaches there (~66 GB/s): with PCIe at 50-55 GB/s, CPU + GPU together would give ~80 GB/s, not ~120.
-The measurements below are from the 2-core machine the module was written on.
+hybrid.py runs it for part of a decode step's misses (MOE_CPU_EXPERTS). On the H200 machine's CPU (16-core Xeon with
+AMX-BF16 and AVX512-BF16, 300 MiB L3, 84.6 GB/s plain read; bench/results/2026-11-29-h200-cpu-experts.{json,log}),
+one token per expert, bf16 tier as stored: experts one at a time on 16 threads 24-26 GB/s (fit: 53 us + bytes / 28.4
+GB/s), oneDNN pre-packed 26-35, a pool of 2 workers x 8 threads 29-35 at 8-16 experts (but ~0.75 ms fixed cost a
+call); float32 paths 4-22. So torch's CPU kernels read expert weights at about half the rate llama.cpp's CPU backend
+reaches there (~66 GB/s): with PCIe at 50-55 GB/s, CPU + GPU together would give ~80 GB/s, not ~120. The measurements
+below are from the 2-core machine the module was written on.
 
 The engine streams a miss's weights to the GPU; for a batch-1 decode step the same expert can instead be
 computed where its weights already are. One token per expert makes an expert two GEMVs over its weights (9.4 MB
@@ -25,18 +25,18 @@ where torch has no bf16 GEMM. Transposed [H, 2I] with x @ W: 8.0. float32 weight
 if the RAM for a second copy is there (packed weights are opaque mkldnn tensors: no pinning, no streaming
 from them), else the tier as it is.
 
-Threads (2 cores, 8-16 experts, quiet moments): experts one at a time on torch's intra-op threads (serial):
-12-16 GB/s plain, 15-20 packed; a pool of 2 workers x 1 thread, experts side by side: 13-18 plain, 18-23
-packed (best of three OpenMP settings each); a plain read: 32-56 GB/s. Where torch releases the GIL (inside every op) workers overlap each other's
-Python dispatch and need no OpenMP barrier. But how libgomp's idle threads wait decides it: by default they
-spin for a while, and a spinning team (the caller's, after a call with more threads per worker) steals the
-cores the pool's workers need: the pool then fell to 6-10 GB/s at 2-8 experts. With OMP_WAIT_POLICY=PASSIVE (set before torch
-starts) the pool is fast and steady, but every parallel region pays a wake-up (a tiny expert: 30 us serial
-with spinning, 150-190 us without). And with other work on the cores, an OpenMP team that spins collapsed to
-one region per scheduler tick (8 ms per GEMV instead of 0.6) while single-threaded workers only slowed down.
-For the engine: threads = the cores nothing else needs (leave the GPU-driving thread its core), one fixed
-configuration (teams of one size), and OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT when it shares cores;
-measure on the machine (the bench runs all three variants).
+Threads (2 cores, 8-16 experts, quiet moments): experts one at a time on torch's intra-op threads (serial): 12-16
+GB/s plain, 15-20 packed; a pool of 2 workers x 1 thread, experts side by side: 13-18 plain, 18-23 packed (best of
+three OpenMP settings each); a plain read: 32-56 GB/s. Where torch releases the GIL (inside every op) workers overlap
+each other's Python dispatch and need no OpenMP barrier. But how libgomp's idle threads wait decides it: by default
+they spin for a while, and a spinning team (the caller's, after a call with more threads per worker) steals the cores
+the pool's workers need: the pool then fell to 6-10 GB/s at 2-8 experts. With OMP_WAIT_POLICY=PASSIVE (set before
+torch starts) the pool is fast and steady, but every parallel region pays a wake-up (a tiny expert: 30 us serial with
+spinning, 150-190 us without). And with other work on the cores, an OpenMP team that spins collapsed to one region
+per scheduler tick (8 ms per GEMV instead of 0.6) while single-threaded workers only slowed down. For the engine:
+threads = the cores nothing else needs (leave the GPU-driving thread its core), one fixed configuration (teams of one
+size), and OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT when it shares cores; measure on the machine (the bench
+runs all three variants).
 
 Rounding: the same torch ops as transformers' eager experts (reference.weighted_expert_output), so every
 intermediate is rounded to the hidden dtype at the same points: the gate/up GEMM output, act(gate),
@@ -344,7 +344,8 @@ def _check(hidden, weights, gate_up, down, slots, counts, out) -> int:
 
 def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor | PackedExperts,
                        down: torch.Tensor | None, slots: Sequence[int], counts: Sequence[int],
-                       act_fn: ActFn = F.silu, *, out: torch.Tensor | None = None, runner: CpuExperts | None = None) -> torch.Tensor:
+                       act_fn: ActFn = F.silu, *, out: torch.Tensor | None = None,
+                       runner: CpuExperts | None = None) -> torch.Tensor:
     """[n_pairs, H] float32 weighted expert outputs, pairs grouped by expert: see CpuExperts.__call__.
 
     gate_up [2I, H] and down [H, I] of a single expert are accepted too (slots/counts then name it once:

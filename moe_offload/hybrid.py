@@ -58,6 +58,13 @@ def _driver():
     return _driver_lib
 
 
+def _launch_host_func(stream: torch.cuda.Stream, fn, user_data: int | None) -> None:
+    """cuLaunchHostFunc(stream, fn, user_data): fn runs on a driver thread once the stream's earlier work is done."""
+    status = _driver().cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), fn, ctypes.c_void_p(user_data))
+    if status != 0:
+        raise RuntimeError(f"cuLaunchHostFunc failed (CUresult {status})")  # a graph capture falls back
+
+
 class HostFunction:
     """A Python callable run in stream order: after the stream's earlier work, before its later work.
 
@@ -90,9 +97,7 @@ class HostFunction:
         if stream is None:
             self._fn()
             return
-        status = _driver().cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), self._trampoline, None)
-        if status != 0:
-            raise RuntimeError(f"cuLaunchHostFunc failed (CUresult {status})")  # a graph capture falls back
+        _launch_host_func(stream, self._trampoline, None)
 
     def check(self) -> None:
         if self.error is not None:
@@ -112,10 +117,7 @@ class NativeHostFunction:
         if stream is None:
             self._fn(self._user_data)  # a foreign function: ctypes releases the GIL around the call
             return
-        status = _driver().cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), self._fn,
-                                            ctypes.c_void_p(self._user_data))
-        if status != 0:
-            raise RuntimeError(f"cuLaunchHostFunc failed (CUresult {status})")
+        _launch_host_func(stream, self._fn, self._user_data)
 
 
 class CpuShare:

@@ -289,7 +289,7 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
 def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) -> None:
     """Where zero-copy layers start copying their misses (prefill_tuning.py): measured on the first zero-copy
     layer whose resident set is fixed, applied to every such layer (they share shapes and host tier)."""
-    layers = [(r, s) for r, s in zip(runtimes, sites) if r.zero_copy and r.sync_free(r.top_k) and r._lru is None]
+    layers = [(r, s) for r, s in zip(runtimes, sites) if r.copies_long_forwards]
     if not layers:
         return
     first, site = layers[0]
@@ -310,7 +310,9 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
     # each replayed as the layer's CPU share (bench/hybrid_latency.py, bench/results/2026-11-29-h200-hybrid-latency*).
     threads = max(1, torch.get_num_threads() - 2)
     kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
-    runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in kernels}
+    # "all" runs the preferred kernel; "auto" measures each (building a numba runner compiles its kernel)
+    runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in
+               (kernels if mode == "auto" else kernels[:1])}
     runner = runners[kernels[0]]
     layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
     if mode == "auto" and layers:
@@ -376,8 +378,8 @@ def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: E
             batch = in_host[start:start + DISK_THREADS]
             fetcher.fetch(site.layer, None, [Transfer(e, locations[e], *host.get(e)) for e in batch])
             bar.update(len(batch))
-    runtime = OffloadedExperts(site.layer, site.num_experts, _top_k(site), site.inter, site.hidden, capacity, locations, host,
-                               fetcher, scratch, make_policy("lru"), dtype, device)
+    runtime = OffloadedExperts(site.layer, site.num_experts, _top_k(site), site.inter, site.hidden, capacity,
+                               locations, host, fetcher, scratch, make_policy("lru"), dtype, device)
     runtime.preload(resident)
     bar.update(site.num_experts - (len(host.row_of) if host else 0))
     site.module._moe_offload = runtime

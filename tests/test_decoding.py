@@ -106,8 +106,9 @@ def test_unsupported_requests_go_to_transformers(pipe):
 def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, variant):
     """The decode step and a recurring prompt's prefill replayed from (CPU-emulated) whole graphs, on the paths
     that make a step capturable: zero-copy misses, misses partly on the CPU (host functions; on bf16 experts
-    the numba kernel's compiled step), with device LRU, the embedding table read from the host, fused dense ops (Triton kernels as graph nodes). Two generations of
-    the same prompt: the eager decode's logits and tokens, and something was replayed."""
+    the numba kernel's compiled step), with device LRU, the embedding table read from the host, fused dense ops
+    (Triton kernels as graph nodes). Two generations of the same prompt: the eager decode's logits and tokens,
+    and something was replayed."""
     pytest.importorskip("triton")
     from graph_emulation import emulate_whole_graphs, record_graph_nodes
 

@@ -38,6 +38,27 @@ def stand_in(monkeypatch):
     return StandInGraph.log
 
 
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """Graphs emulated on the CPU (tests/graph_emulation.py: captured ops really replay), with Triton launches and
+    host functions recorded as graph nodes."""
+    pytest.importorskip("triton")
+    from graph_emulation import EmulatedGraph, record_graph_nodes
+
+    monkeypatch.setattr(PiecewiseStep, "graph_factory", EmulatedGraph)
+    record_graph_nodes(monkeypatch)
+
+
+def _triton_pipeline(path, **properties):
+    """A CPU pipeline whose MoE layers run the Triton kernels (in the interpreter)."""
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    pipe = LLMPipeline(path, "cpu", **properties)
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+    return pipe
+
+
 def _disk_pipeline(checkpoint_factory):
     """Every non-resident expert read from the checkpoint: each MoE layer syncs with the host."""
     pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=25, MOE_HOST_CACHE=0)
@@ -143,26 +164,18 @@ def test_piecewise_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch
 
 @torch.inference_mode()
 @pytest.mark.parametrize("cpu_share", [False, True])
-def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory, monkeypatch, cpu_share):
+def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory, emulated_graphs, cpu_share):
     """A model with one layer on the direct path (Triton, zero-copy: captured in a segment; with cpu_share, half
     its misses computed by the CPU's host function) and one on the copy path (eager between segments), as when
     the host tier holds only some layers' experts: replayed piecewise with graphs emulated on the CPU, the eager
     decode's logits (within 1e-5: CPU-computed experts sum in another order) and tokens."""
-    pytest.importorskip("triton")
-    from graph_emulation import EmulatedGraph, record_graph_nodes
-
     from moe_offload.cpu_experts import CpuExperts
-    from moe_offload.kernels.triton_moe import fused_moe
 
-    monkeypatch.setattr(PiecewiseStep, "graph_factory", EmulatedGraph)
-    record_graph_nodes(monkeypatch)
     path = checkpoint_factory("qwen3_moe")
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     runs = []
     for graphs in (False, True):
-        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25)
-        for layer in pipe.layers:
-            layer.fused_moe = fused_moe
+        pipe = _triton_pipeline(path, MOE_OFFLOAD_RATIO=25)
         assert pipe.layers[0].enable_direct(pipe.device) and not pipe.layers[1].direct
         if cpu_share:
             top_k = pipe.layers[0].top_k
@@ -180,25 +193,17 @@ def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory
 
 
 @torch.inference_mode()
-def test_layers_with_every_expert_cached_replay_their_own_graph(checkpoint_factory, monkeypatch):
+def test_layers_with_every_expert_cached_replay_their_own_graph(checkpoint_factory, monkeypatch,
+                                                                 emulated_graphs):
     """Disk tier with the Triton kernel, steps replayed piecewise with graphs emulated on the CPU: a layer step
     whose experts are all cached replays its _HitsGraph (slot map from the host buffer, kernels, K-sum), the
     others run eagerly; both kinds occur, and logits and tokens are the eager decode's, bit for bit, over two
     generations."""
-    pytest.importorskip("triton")
-    from graph_emulation import EmulatedGraph, record_graph_nodes
-
-    from moe_offload.kernels.triton_moe import fused_moe
-
-    monkeypatch.setattr(PiecewiseStep, "graph_factory", EmulatedGraph)
-    record_graph_nodes(monkeypatch)
     path = checkpoint_factory("qwen3_moe")
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     runs = []
     for graphs in (False, True):
-        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=50, MOE_HOST_CACHE=0)
-        for layer in pipe.layers:
-            layer.fused_moe = fused_moe
+        pipe = _triton_pipeline(path, MOE_OFFLOAD_RATIO=50, MOE_HOST_CACHE=0)
         pipe.decoder.use_graph = graphs
         generations = []
         for generation in range(2):
@@ -225,15 +230,12 @@ def test_layers_with_every_expert_cached_replay_their_own_graph(checkpoint_facto
 def test_a_refused_hits_graph_leaves_the_layer_eager(checkpoint_factory, monkeypatch):
     """If a layer's hits graph cannot be captured, the failure is kept and that layer's steps run eagerly."""
     pytest.importorskip("triton")
-    from moe_offload.kernels.triton_moe import fused_moe
 
     def refuse(self, call, graph_factory):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(piecewise._HitsGraph, "__init__", refuse)
-    pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=100, MOE_HOST_CACHE=0)
-    layer = pipe.layers[0]
-    layer.fused_moe = fused_moe
+    layer = _triton_pipeline(checkpoint_factory("qwen3_moe"), MOE_OFFLOAD_RATIO=100, MOE_HOST_CACHE=0).layers[0]
     hidden, ids = torch.randn(1, layer.hidden), torch.tensor([[1, 2]])
     weights = torch.tensor([[0.7, 0.3]])
     out = torch.empty(1, layer.hidden)

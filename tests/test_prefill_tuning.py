@@ -5,22 +5,14 @@ paths give the same rows, counters untouched, the scratch released). On CUDA it 
 reports what it chose.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+import triton_interp  # noqa: F401  first: sets TRITON_INTERPRET before triton loads
 
-from moe_offload import LLMPipeline  # noqa: E402
-from moe_offload.cache import ZERO_COPY_MAX_PAIRS_PER_EXPERT  # noqa: E402
-from moe_offload.prefill_tuning import tune_prefill_threshold  # noqa: E402
+from moe_offload import LLMPipeline
+from moe_offload.cache import ZERO_COPY_MAX_PAIRS_PER_EXPERT
+from moe_offload.prefill_tuning import tune_prefill_threshold
 
 LENGTHS = (8, 16, 32, 64, 128)
 

@@ -374,8 +374,8 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"  # fp32 matches torch's matmul
         meta = dict(BLOCK_M=block_m, INPUT_PRECISION=precision, **_GEMM)
         _gate_up_grouped_kernel[(num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
-            hidden, sorted_pairs, block_slot, w13, host_w13, num_device_slots, act, num_pairs, hidden_size, inter, top_k,
-            *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **meta)
+            hidden, sorted_pairs, block_slot, w13, host_w13, num_device_slots, act, num_pairs, hidden_size, inter,
+            top_k, *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **meta)
         _down_grouped_kernel[(num_blocks, triton.cdiv(hidden_size, meta["BLOCK_N"]))](
             act, sorted_pairs, block_slot, w2, host_w2, num_device_slots, weights, contrib, num_pairs, hidden_size,
             inter,
