@@ -184,8 +184,10 @@ class LLMPipeline:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:  # also when the caller stops early: the interpreter must not exit under a running generation
+            thread.join()
         if failure:
             raise failure[0]
 

@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -51,6 +55,26 @@ def test_cli_generate_streams_prompt_and_continuation(checkpoint_factory, capsys
                  "--max-new-tokens", "6", "def f(x):"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def f(x):") and len(out) > len("def f(x):\n")
+
+
+def test_stream_closed_early_waits_for_its_worker(tiny_pipe):
+    """A caller that stops reading (the CLI under `| head`) leaves no generation running behind it: the
+    interpreter could otherwise exit under it."""
+    before = threading.active_count()
+    pieces = tiny_pipe.stream("def f(x):", max_new_tokens=30, min_new_tokens=30)
+    next(pieces)
+    pieces.close()
+    assert threading.active_count() == before
+
+
+def test_cli_generate_into_a_closed_pipe_stops_quietly(checkpoint_factory):
+    """`moe-offload generate ... | head`: the reader has gone; exit as a SIGPIPE'd tool would, no traceback."""
+    command = [sys.executable, "-m", "moe_offload.cli", "generate", "--model", checkpoint_factory("olmoe"),
+               "--device", "cpu", "--max-new-tokens", "4", "def f(x):"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before anything is written: the first write finds no reader
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGPIPE and "Traceback" not in err and "terminate" not in err
 
 
 def test_cli_info_reports_bytes_per_ratio(checkpoint_factory, capsys):
