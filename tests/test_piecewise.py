@@ -266,6 +266,8 @@ def test_piecewise_decode_on_cuda(ratio):
     got = pipe.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
     stats = pipe.get_offload_stats()
     assert stats["cuda_graph_failure"] is None and stats["cuda_graph_steps"] > 0
+    assert stats["piecewise_hits_graphs"] is not None and stats["piecewise_hits_graphs"]["failure"] is None
+    print(f"ratio {ratio}: hits graphs {stats['piecewise_hits_graphs']}")
     assert torch.equal(got, want)
     again = pipe.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)  # the recorded step reused
     assert torch.equal(again, want)
