@@ -5,7 +5,7 @@ so its step cannot be one CUDA graph, and the eager step is mostly Python launch
 kernels: on the H200 the ratio-25 disk-tier step took 44.8 ms where reading its 18.2 MB from disk and computing a
 ratio-100 step bound it at 16.5 ms (efficiency 0.34, bench/results/2026-11-29-h200-disk-eager.json). Here the
 dense code between two such layers is captured once as a graph segment and replayed; only those layers run
-eagerly: 21.0 ms a step, efficiency 0.78 (bench/results/2026-11-29-h200.json).
+eagerly: 21.0 ms a step, efficiency 0.78 (bench/results/2026-11-29-h200-session3.json).
 
 How: recording runs the step once with the backend's calls diverted here (`moe_call`). At each syncing layer the
 segment captured so far is closed and replayed at once (capture does not execute, and the layer needs its input),
@@ -78,9 +78,14 @@ class _HitsGraph:
 
     Why: in a replayed step such a layer otherwise launches ~8 kernels from Python after its sync while the GPU
     waits. On the H200 the ratio-25 disk tier's step took 21.0 ms where its reads and the ratio-100 step bound it
-    at 16.4 ms (efficiency 0.78, bench/results/2026-11-29-h200.json), with 98% of its experts cached. The same
-    kernel, rows and sum as the eager path (cache._fused_pool_runner): the same bits. Its own memory pool: it is
-    captured after the segments, and replays between them.
+    at 16.4 ms (efficiency 0.78, bench/results/2026-11-29-h200-session3.json), with 98% of its experts cached. The
+    same kernel, rows and sum as the eager path (cache._fused_pool_runner): the same bits. Its own memory pool: it
+    is captured after the segments, and replays between them.
+
+    Measured with it (all 12 layers captured one): 46.6 and 39.2 tok/s in two runs, against 47.6 before
+    (bench/results/2026-11-29-h200-session4-run1.json, 2026-11-29-h200.json): no gain that 15 decode steps from
+    disk can show. What the step still spends on the host is the route itself (a D2H copy and a sync per layer):
+    bench/results/2026-11-29-h200-profile-disk-piecewise.log.
     """
 
     def __init__(self, call: _MoeCall, graph_factory: Callable[[], Any]):
