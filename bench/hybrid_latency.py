@@ -2,8 +2,8 @@
 
 Why: on the H200, tune_split timed a Qwen3-30B-A3B-shaped layer with 1 of 8 misses on the CPU at ~2.4 ms against
 ~0.26 ms with none (bench/results/2026-11-29-h200-vs-llamacpp-session3.json, cpu_expert_tuning), while one
-expert's bytes take ~0.3 ms at the CPU's ~30 GB/s. This splits that latency into its parts, each replayed from a CUDA graph and
-timed with CUDA events (median of --repeats):
+expert's bytes take ~0.3 ms at the CPU's ~30 GB/s. This splits that latency into its parts, each replayed from a
+CUDA graph and timed with CUDA events (median of --repeats):
   host_node_c      side-stream D2H, a host node running a C no-op (libc free(NULL): no Python), H2D
   host_node_python the same with a Python no-op (hybrid.HostFunction: the GIL and ctypes' trampoline)
   python_busy      host_node_python while the launching thread runs Python (polls the event) instead of blocking

@@ -378,10 +378,12 @@ class _TokenStamps:
     def end(self) -> None:
         pass
 
-    def decode_tok_s(self) -> float:
-        if len(self.stamps) < 3:  # the prompt and one token: no decode step timed
+    def decode_tok_s(self, warm: int = 3) -> float:
+        """Tokens per second after the first `warm` tokens: the prefill's, the eager first step's and the step
+        that captures the graph (its capture differs with the path on and off; the replays are what decode runs)."""
+        if len(self.stamps) < warm + 2:  # no step after the warm ones timed
             return 0.0
-        tokens, first, last = len(self.stamps) - 2, self.stamps[1], self.stamps[-1]
+        tokens, first, last = len(self.stamps) - 1 - warm, self.stamps[warm], self.stamps[-1]
         return tokens / (last - first) if last > first else 0.0
 
 
@@ -389,7 +391,7 @@ def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_t
                     rounds: int = 2, tie: float = 0.02) -> dict:
     """Keep the tuned split tables of `shares` only if whole greedy decodes run faster with them than with the
     CPU path left out: `rounds` generations of `new_tokens` from `prompt` [1, T] each way, alternating, best
-    rate of each (the first "on" one also warms up). Returns {"decode_tok_s": {"on": .., "off": ..}, "kept": bool}.
+    steady rate of each (the first "on" one also warms up). Returns {"decode_tok_s": {"on": .., "off": ..}, "kept": bool}.
 
     Why: tune_split times one layer alone, replayed from its own graph while the launching thread blocks. In a
     real decode the launching thread runs Python between steps, and a Python host function then waits for the

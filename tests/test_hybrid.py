@@ -16,8 +16,8 @@ from triton_interp import CUDA  # first: sets TRITON_INTERPRET before triton loa
 from moe_offload import LLMPipeline
 from moe_offload.cpu_experts import CpuExperts
 from moe_offload.errors import MoeOffloadError
-from moe_offload.hybrid import (CpuShare, HostFunction, all_on_cpu, check_on_decode, tune_cpu_path,
-                                tune_split)
+from moe_offload.hybrid import (CpuShare, HostFunction, _TokenStamps, all_on_cpu, check_on_decode,
+                                tune_cpu_path, tune_split)
 from moe_offload.kernels.reference import weighted_expert_output
 from moe_offload.tiers import HostTier
 
@@ -405,3 +405,13 @@ def test_check_on_decode_keeps_the_tables_only_if_decode_is_faster(slow_with_pat
     assert check["decode_tok_s"]["on"] == pytest.approx(1000.0 / slow_with_path)
     assert [share.split_table for share in shares] == ([[0, 1, 1], [0, 0, 2]] if kept else [[0, 0, 0]] * 2)
     assert decoder.fresh_graph == [True] * 4 and decoder.graph is None
+
+
+def test_decode_check_times_the_replayed_steps_only():
+    """The prefill's token, the eager first step and the capturing step are left out of the rate: capture costs
+    differ with the CPU path on and off, while decodes run replays."""
+    stamps = _TokenStamps()
+    stamps.stamps = [0.0, 0.5, 0.6, 0.9] + [0.9 + 0.01 * step for step in range(1, 11)]  # 10 replays, 10 ms each
+    assert stamps.decode_tok_s() == pytest.approx(100.0)
+    stamps.stamps = stamps.stamps[:4]  # nothing replayed yet
+    assert stamps.decode_tok_s() == 0.0

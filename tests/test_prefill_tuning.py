@@ -119,15 +119,17 @@ def test_load_applies_the_first_layers_threshold_to_every_zero_copy_layer(checkp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefill_threshold_measured_at_load_on_cuda():
-    """The shipped model at ratio 0 (zero-copy): the threshold is measured at load, and a prompt long enough to
-    copy its misses gives ratio 100's tokens."""
-    prompt = torch.randint(2, 1000, (1, 300), generator=torch.Generator().manual_seed(0)).cuda()
-    reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
-    want = reference.generate_tokens(prompt, max_new_tokens=16, min_new_tokens=16)
-    reference.close()
+    """The shipped model at ratio 0 (zero-copy): the threshold is measured at load, and a prompt just longer than
+    it copies its misses and gives ratio 100's tokens."""
     pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0)
     stats = pipe.get_offload_stats()
     tuning = stats["zero_copy_prefill_tuning"]
     assert tuning is not None and tuning["max_tokens"] == stats["zero_copy_prefill_max_tokens"]
     print("prefill tuning:", tuning)
-    assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=16, min_new_tokens=16), want)
+    length = tuning["max_tokens"] + 8
+    prompt = torch.randint(2, 1000, (1, length), generator=torch.Generator().manual_seed(0)).cuda()
+    got = pipe.generate_tokens(prompt, max_new_tokens=16, min_new_tokens=16)
+    assert pipe.get_offload_stats()["experts_streamed"]["host"] > 0  # the prompt took the copy path
+    pipe.close()
+    reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
+    assert torch.equal(got, reference.generate_tokens(prompt, max_new_tokens=16, min_new_tokens=16))
