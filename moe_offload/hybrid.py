@@ -391,7 +391,8 @@ def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_t
                     rounds: int = 2, tie: float = 0.02) -> dict:
     """Keep the tuned split tables of `shares` only if whole greedy decodes run faster with them than with the
     CPU path left out: `rounds` generations of `new_tokens` from `prompt` [1, T] each way, alternating, best
-    steady rate of each (the first "on" one also warms up). Returns {"decode_tok_s": {"on": .., "off": ..}, "kept": bool}.
+    steady rate of each (the first "on" one also warms up).
+    Returns {"decode_tok_s": {"on": .., "off": ..}, "kept": bool}.
 
     Why: tune_split times one layer alone, replayed from its own graph while the launching thread blocks. In a
     real decode the launching thread runs Python between steps, and a Python host function then waits for the

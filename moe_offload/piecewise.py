@@ -203,4 +203,3 @@ class PiecewiseStep:
                 pass
         self.segments.clear()
         self.calls.clear()
-
