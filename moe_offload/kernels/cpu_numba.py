@@ -127,10 +127,23 @@ def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.T
 
 def warm_up() -> None:
     """Compile the kernel now, for the argument types a hybrid step passes (an expanded one-token hidden state),
-    so no first call compiles it (seconds of work) inside a CUDA host function."""
+    so no first call compiles it (seconds of work) inside a CUDA host function.
+
+    It runs on one thread, so the calling thread gets no OpenMP team. Why: libgomp keeps a team of threads per
+    thread that opens parallel regions, and once the teams' threads together outnumber the CPUs, every idle
+    thread spins only 100 times (GOMP_SPINCOUNT's "throttled" count) before it sleeps on a futex, so each of a
+    decode step's regions waits for threads to wake. A hybrid decode opens its regions on the CUDA driver's
+    callback thread (the compiled host step): that thread's team should be the only one."""
+    import numba
+
     hidden = torch.zeros((1, 8), dtype=torch.bfloat16).expand(2, 8)  # [P=2, H=8]
     gate_up, down = torch.zeros((1, 8, 8), dtype=torch.bfloat16), torch.zeros((1, 8, 4), dtype=torch.bfloat16)
-    swiglu_experts(hidden, torch.ones(2), gate_up, down, [0, 0], torch.empty((2, 8)))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        swiglu_experts(hidden, torch.ones(2), gate_up, down, [0, 0], torch.empty((2, 8)))
+    finally:
+        numba.set_num_threads(threads)
 
 
 # A hybrid layer's mailbox step as a C function (numba cfunc): field order of its int64 descriptor.
