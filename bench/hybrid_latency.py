@@ -9,12 +9,7 @@ CUDA graph and timed with CUDA events (median of --repeats):
   python_busy      host_node_python while the launching thread runs Python (polls the event) instead of blocking
   share            CpuShare.forward with n of 8 misses on the CPU (n = 1, 2, 4, 8), per CPU kernel (with numba:
                    the compiled host step, no GIL), the launching thread blocking and (_busy) running Python
-  direct           the same kernel's call on the main thread (perf_counter), other experts each time; run after
-                   every share, because a numba call on the main thread gives it an OpenMP team of its own, and
-                   two teams that outnumber the CPUs make libgomp's idle threads sleep at once
-                   (kernels/cpu_numba.warm_up)
---main-team first opens a numba region with every thread on the main thread (as CpuExperts' warm-up did up to
-2026-11-29), to time the shares with that second team in place; the report records the process's thread count.
+  direct           the same kernel's call on the main thread (perf_counter), other experts each time
 Usage: python bench/hybrid_latency.py --out bench/results/<date>-h200-hybrid-latency.json
 """
 
@@ -72,8 +67,6 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default torch's count)")
     parser.add_argument("--kernels", default="", help="comma-separated CPU kernels to time (default: all)")
-    parser.add_argument("--main-team", action="store_true",
-                        help="open a numba region on the main thread with every thread before the shares")
     args = parser.parse_args()
     device = torch.device("cuda")
     top_k, hidden_size = 8, args.hidden
@@ -128,13 +121,6 @@ def main() -> int:
     threads = args.threads or torch.get_num_threads()
     kernels = [k for k in cpu_expert_kernels(torch.bfloat16, F.silu) if not args.kernels or k in args.kernels]
     runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in kernels}
-    if args.main_team and "numba" in runners:
-        import numba
-
-        from moe_offload.kernels import cpu_numba
-
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        cpu_numba.swiglu_experts(hidden.cpu(), torch.ones(1), tier.gate_up, tier.down, [0], torch.empty(1, hidden_size))
     for kernel, runner in runners.items():
         for n in (1, 2, 4, 8):
             share = CpuShare(tier, args.experts, top_k, hidden_size, [min(n, m) for m in range(top_k + 1)],
@@ -165,13 +151,11 @@ def main() -> int:
             seconds[f"direct_{kernel}_{n}"] = statistics.median(times)
             print(kernel, n, f"direct {seconds[f'direct_{kernel}_{n}'] * 1e3:.3f} ms", flush=True)
         runner.close()
-    report["omp_env"] = {key: os.environ.get(key) for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     try:
         import numba
-        report["numba_threading_layer"] = numba.threading_layer()
         report["versions"]["numba"] = numba.__version__
-    except (ImportError, ValueError) as err:
-        report["numba_threading_layer"] = repr(err)
+    except ImportError:
+        pass
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
     print(json.dumps(report["seconds"]))

@@ -172,8 +172,8 @@ class CpuExperts:
     first ones). A call with fewer experts than workers uses fewer, each with more threads. The calling thread
     runs one share itself; workers - 1 pool threads run the rest. submit() runs a call in the background.
     compute: "native" (GEMMs in the weights' dtype: oneDNN for bf16), "float32" (weights widened block by
-    block; for CPUs without a bf16 GEMM kernel) or "numba" (kernels/cpu_numba.py: every pair in two parallel
-    loops of bf16 GEMVs; bf16 pools, SiLU experts, `threads` numba threads, workers ignored).
+    block; for CPUs without a bf16 GEMM kernel) or "numba" (kernels/cpu_numba.py: every pair's bf16 GEMVs cut into work
+    items for a pool of `threads` spinning threads, kernels/spin_pool.py; bf16 pools, SiLU experts, workers ignored).
     """
 
     def __init__(self, threads: int | None = None, workers: int = 1, compute: str = "native",
@@ -192,7 +192,7 @@ class CpuExperts:
         if compute == "numba":
             from .kernels import cpu_numba
 
-            cpu_numba.warm_up()  # compiled here, on the constructing thread, not in a first call on a driver's
+            cpu_numba.warm_up(self.threads)  # compiled and started here, not in a first call on a driver's thread
 
     def submit(self, *args, **kwargs) -> Future:
         """Run __call__(*args, **kwargs) on a background thread and return its Future, so the calling thread
@@ -275,14 +275,9 @@ class CpuExperts:
 
         if not (hidden.dtype == gate_up.dtype == down.dtype == torch.bfloat16 and is_silu(act_fn)):
             raise MoeOffloadError("compute='numba' runs SiLU experts on bf16 weights and hidden states only")
-        import numba
-
-        threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(threads)
         pair_rows = [int(slot) for slot, count in zip(slots, counts) for _ in range(int(count))]
         if pair_rows:
-            cpu_numba.swiglu_experts(hidden, weights, gate_up, down, pair_rows, out)
+            cpu_numba.swiglu_experts(hidden, weights, gate_up, down, pair_rows, out, self.threads)
 
 
 def is_silu(act_fn) -> bool:

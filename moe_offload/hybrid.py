@@ -16,7 +16,8 @@ is copied to a pinned mailbox, a host function (cuLaunchHostFunc, which stream c
 node) computes the CPU's experts from the mailbox into pinned outputs, and those are copied back. The main
 stream runs the GPU's share meanwhile; the streams join before the K outputs are summed in the usual fixed
 order. CUDA orders every piece: nothing polls, nothing waits on the host. With the numba kernel the host
-function is compiled code (cpu_numba.step_function) that never takes the GIL; torch's kernels run from Python.
+function is compiled code (cpu_numba.step_function, on the threads of kernels/spin_pool.py) that never takes the
+GIL; torch's kernels run from Python.
 
 Numerics: a CPU-computed expert rounds the same intermediates as the GPU kernels but accumulates in another
 order, so outputs can differ from the all-GPU run by an ulp here and there (cpu_experts.py): the CPU path is
@@ -149,7 +150,9 @@ class CpuShare:
         self._act_fn: Callable | None = None
         self._function = HostFunction(self._compute)
         self._native: NativeHostFunction | None = None  # the numba kernel's compiled step (_host_function)
-        self._descriptor: np.ndarray | None = None  # its int64 descriptor, kept alive here
+        self._descriptor: np.ndarray | None = None  # its int64 descriptor, kept alive here with its job's
+        self._job: np.ndarray | None = None  # buffers (kernels/cpu_numba.make_job)
+        self._job_buffers: tuple = ()
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
         self.tuning: dict = {}  # tune_cpu_path's: {kernel: tune_split's timings}
 
@@ -184,15 +187,20 @@ class CpuShare:
                 and is_silu(act_fn)):
             return self._function  # (the numba runner's own checks then say what it cannot compute)
         if self._native is None:
-            import numba
-
             from .kernels import cpu_numba
 
-            fields = {"mailbox": self._mailbox.data_ptr(), "out": self._out_host.data_ptr(),
-                      "gate_up": self.host.gate_up.data_ptr(), "down": self.host.down.data_ptr(),
-                      "hidden": self.hidden, "inter": self.host.down.shape[2], "top_k": self.top_k,
-                      "rows": self.host.gate_up.shape[0], "round_product": int(self._weight_dtype == torch.bfloat16),
-                      "threads": min(self.runner.threads, numba.config.NUMBA_NUM_THREADS)}
+            inter, top_k = self.host.down.shape[2], self.top_k
+            self._job_buffers = (np.empty(top_k, np.int64), np.empty(top_k, np.float32),
+                                 np.empty((top_k, inter), np.float32), np.empty(top_k, np.int64))
+            pair_rows, weights, act, out_rows = self._job_buffers  # [K], [K], [K, I], [K]: filled by the step
+            self._job = cpu_numba.make_job(
+                x=self._mailbox.data_ptr(), x_per_pair=0, gate_up=self.host.gate_up.data_ptr(),
+                down=self.host.down.data_ptr(), rows=self.host.gate_up.shape[0], pair_rows=pair_rows.ctypes.data,
+                weights=weights.ctypes.data, act=act.ctypes.data, out=self._out_host.data_ptr(),
+                out_rows=out_rows.ctypes.data, hidden=self.hidden, inter=inter,
+                round_product=self._weight_dtype == torch.bfloat16)
+            fields = {"job": self._job.ctypes.data, "control": cpu_numba.pool(self.runner.threads).address,
+                      "hidden": self.hidden, "top_k": top_k}
             self._descriptor = np.array([fields[name] for name in cpu_numba.DESCRIPTOR_FIELDS], dtype=np.int64)
             self._native = NativeHostFunction(cpu_numba.step_function(), self._descriptor.ctypes.data)
         return self._native

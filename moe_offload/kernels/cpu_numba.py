@@ -8,12 +8,9 @@ on a 2-core machine (bench/cpu_gemv_numba.py, bench/results/2026-11-29-cpu-gemv-
 here, 8 per call, 1.7-2.0x torch's (bench/cpu_numba_experts.py, bench/results/2026-11-29-cpu-numba-experts-2core.json).
 hybrid.tune_cpu_path still times both on the serving machine and keeps the faster.
 
-All (token, expert) pairs of a call run in two parallel loops: every pair's gate/up rows, then every pair's down
-rows, in chunks of rows, so a call costs two parallel regions, not two per expert.
-
-Rounding: torch rounds the gate/up GEMM output, silu(gate), silu(gate) * up, the down GEMM output and (bf16
-routing weights) the weighted output to bf16; so does this (round to nearest even), accumulating in float32 in
-another order (fastmath lets the compiler vectorise the sums), so outputs can differ from torch's by an ulp.
+Every (token, expert) pair of a call is cut into work items of a few rows (UP_CHUNK, DOWN_CHUNK), handed out to the threads of a
+spin_pool.SpinPool (phase 1: each pair's gate/up rows; phase 2, once phase 1 is done: its down rows). Why not
+numba's parallel=True: its regions take the GIL and sleep between calls (spin_pool.py says how much that cost).
 """
 
 from __future__ import annotations
@@ -23,22 +20,35 @@ import importlib.util
 import numpy as np
 import torch
 
-_CHUNK = 16  # output rows per parallel work item
-
 
 def available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-_kernel = None
+# A job's int64 descriptor (addresses and sizes), the unit a SpinPool runs: pair p computes
+# out[out_rows[p]] = weights[p] * expert_{pair_rows[p]}(x[p if x_per_pair else 0]).
+JOB_FIELDS = ("x", "x_per_pair", "gate_up", "down", "rows", "pair_rows", "weights", "act", "out", "out_rows",
+              "hidden", "inter", "round_product")
+(_X, _X_PER_PAIR, _GATE_UP, _DOWN, _ROWS, _PAIR_ROWS, _WEIGHTS, _ACT, _OUT, _OUT_ROWS, _HIDDEN, _INTER,
+ _ROUND_PRODUCT) = range(len(JOB_FIELDS))
+UP_CHUNK, DOWN_CHUNK = 8, 32  # rows per work item: gate and up rows (64 KB of H=2048 weights), down rows (48 KB)
+
+_compiled: dict = {}
 
 
-def _compile():
-    """The njit kernel, compiled on first use (importing numba costs ~0.5 s; most runs never need it)."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel
-    from numba import njit, prange
+def _functions():
+    """(run_item, as_pointer), compiled on first use (importing numba costs ~0.5 s; most runs never need it)."""
+    if _compiled:
+        return _compiled["run_item"], _compiled["as_pointer"]
+    from numba import carray, njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def as_pointer(typingctx, address):  # int64 -> void*
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(types.int64), codegen
 
     @njit(inline="always")
     def round_bf16(values):  # float32 [n] in place: round to nearest even at 8 significant bits
@@ -51,7 +61,7 @@ def _compile():
                 b = np.uint32(0x7FC00000)
             bits[j] = b & np.uint32(0xFFFF0000)
 
-    @njit(inline="always")
+    @njit(inline="always", fastmath=True)
     def dot_bf16(row_bits, x, wide):  # bf16 row [K] (uint16) . x [K] float32, via wide [K] uint32 scratch
         for j in range(row_bits.size):
             wide[j] = np.uint32(row_bits[j]) << np.uint32(16)
@@ -61,48 +71,84 @@ def _compile():
             acc += values[j] * x[j]
         return acc
 
-    @njit(parallel=True, fastmath=True)
-    def experts(x, gate_up, down, pair_rows, weights, round_product, act, out):
-        # P = pairs, H = hidden, I = intermediate; x [P, H] f32, gate_up [N, 2I, H] u16, down [N, H, I] u16,
-        # pair_rows [P] (the pool row of each pair's expert), weights [P] f32, act [P, I] f32 scratch, out [P, H]
-        pairs, hidden = x.shape
-        inter = down.shape[2]
-        up_chunks = (inter + _CHUNK - 1) // _CHUNK
-        for item in prange(pairs * up_chunks):
-            p, first = item // up_chunks, (item % up_chunks) * _CHUNK
-            rows = min(_CHUNK, inter - first)
+    @njit(inline="always")
+    def floats(address, count):
+        return carray(as_pointer(address), (count,), np.float32)
+
+    @njit(nogil=True, fastmath=True)
+    def run_item(job_address, phase, index):
+        # H = hidden, I = intermediate, N = pool rows; gate_up [N, 2I, H] and down [N, H, I] bf16 bits
+        job = carray(as_pointer(job_address), (len(JOB_FIELDS),), np.int64)
+        hidden, inter, rows = job[_HIDDEN], job[_INTER], job[_ROWS]
+        p_count = index + 1  # enough of the per-pair arrays to read pair p (p <= index)
+        if phase == 1:  # gate/up rows [first, first + n) of pair p -> act[p, first:first + n]
+            chunks = (inter + UP_CHUNK - 1) // UP_CHUNK
+            p, first = index // chunks, (index % chunks) * UP_CHUNK
+            n = min(UP_CHUNK, inter - first)
+            expert = carray(as_pointer(job[_PAIR_ROWS]), (p_count,), np.int64)[p]
+            gate_up = carray(as_pointer(job[_GATE_UP]), (rows, 2 * inter, hidden), np.uint16)
+            x = floats(job[_X] + 4 * hidden * p * job[_X_PER_PAIR], hidden)  # [H]
             wide = np.empty(hidden, np.uint32)
-            gate = np.empty(rows, np.float32)
-            up = np.empty(rows, np.float32)
-            for r in range(rows):
-                gate[r] = dot_bf16(gate_up[pair_rows[p], first + r], x[p], wide)
-                up[r] = dot_bf16(gate_up[pair_rows[p], inter + first + r], x[p], wide)
+            gate = np.empty(n, np.float32)
+            up = np.empty(n, np.float32)
+            for r in range(n):
+                gate[r] = dot_bf16(gate_up[expert, first + r], x, wide)
+                up[r] = dot_bf16(gate_up[expert, inter + first + r], x, wide)
             round_bf16(gate)
             round_bf16(up)
-            for r in range(rows):
+            for r in range(n):
                 gate[r] = gate[r] / (np.float32(1.0) + np.exp(-gate[r]))  # silu
             round_bf16(gate)
-            for r in range(rows):
+            for r in range(n):
                 gate[r] = gate[r] * up[r]
             round_bf16(gate)
-            act[p, first:first + rows] = gate
-        down_chunks = (hidden + _CHUNK - 1) // _CHUNK
-        for item in prange(pairs * down_chunks):
-            p, first = item // down_chunks, (item % down_chunks) * _CHUNK
-            rows = min(_CHUNK, hidden - first)
+            floats(job[_ACT] + 4 * (p * inter + first), n)[:] = gate
+        else:  # down rows [first, first + n) of pair p -> out[out_rows[p], first:first + n]
+            chunks = (hidden + DOWN_CHUNK - 1) // DOWN_CHUNK
+            p, first = index // chunks, (index % chunks) * DOWN_CHUNK
+            n = min(DOWN_CHUNK, hidden - first)
+            expert = carray(as_pointer(job[_PAIR_ROWS]), (p_count,), np.int64)[p]
+            weight = floats(job[_WEIGHTS], p_count)[p]
+            out_row = carray(as_pointer(job[_OUT_ROWS]), (p_count,), np.int64)[p]
+            down = carray(as_pointer(job[_DOWN]), (rows, hidden, inter), np.uint16)
+            act = floats(job[_ACT] + 4 * p * inter, inter)  # [I]
             wide = np.empty(inter, np.uint32)
-            result = np.empty(rows, np.float32)
-            for r in range(rows):
-                result[r] = dot_bf16(down[pair_rows[p], first + r], act[p], wide)
+            result = np.empty(n, np.float32)
+            for r in range(n):
+                result[r] = dot_bf16(down[expert, first + r], act, wide)
             round_bf16(result)
-            for r in range(rows):
-                result[r] = result[r] * weights[p]
-            if round_product:
+            for r in range(n):
+                result[r] = result[r] * weight
+            if job[_ROUND_PRODUCT]:
                 round_bf16(result)
-            out[p, first:first + rows] = result
+            floats(job[_OUT] + 4 * (out_row * hidden + first), n)[:] = result
 
-    _kernel = experts
-    return _kernel
+    _compiled.update(run_item=run_item, as_pointer=as_pointer)
+    return run_item, as_pointer
+
+
+def item_counts(pairs: int, hidden: int, inter: int) -> tuple[int, int]:
+    """Work items of a job's two phases."""
+    return pairs * -(-inter // UP_CHUNK), pairs * -(-hidden // DOWN_CHUNK)
+
+
+_pools: dict[int, object] = {}
+
+
+def pool(threads: int):
+    """The process's SpinPool for `threads` threads in all (the driving thread and threads - 1 workers): one per
+    count, started on first use and kept (its idle workers sleep after ~20 ms)."""
+    from .spin_pool import SpinPool
+
+    threads = max(1, int(threads))
+    if threads not in _pools:
+        _pools[threads] = SpinPool(threads - 1, _functions()[0])
+    return _pools[threads]
+
+
+def make_job(**fields: int) -> np.ndarray:
+    """A job descriptor from JOB_FIELDS' values (addresses of C-contiguous buffers, sizes, flags)."""
+    return np.array([int(fields[name]) for name in JOB_FIELDS], dtype=np.int64)
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
@@ -111,109 +157,86 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
 
 
 def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   pair_rows: list[int], out: torch.Tensor) -> None:
-    """out [P, H] float32 = weights[p] * expert_{pair_rows[p]}(hidden[p]) for SiLU-gated experts.
+                   pair_rows: list[int], out: torch.Tensor, threads: int) -> None:
+    """out [P, H] float32 = weights[p] * expert_{pair_rows[p]}(hidden[p]) for SiLU-gated experts, on `threads`
+    threads (this one and the pool's).
 
     hidden [P, H] bf16, weights [P] (bf16 or float32: a float32 weight's product is not rounded, as in torch),
-    gate_up [N, 2I, H] and down [N, H, I] bf16 pools on the CPU (a host tier's), pair_rows: a pool row per pair.
+    gate_up [N, 2I, H] and down [N, H, I] contiguous bf16 pools on the CPU (a host tier's), pair_rows: a pool row
+    per pair; out contiguous.
     """
-    kernel = _compile()
-    x = hidden.float().numpy()  # [P, H] exact widening
+    count, hidden_size = hidden.shape
+    if count == 0:
+        return
+    inter = down.shape[2]
+    x = hidden.float().contiguous().numpy()  # [P, H] exact widening
     rows = np.asarray(pair_rows, dtype=np.int64)  # [P]
-    act = np.empty((len(pair_rows), down.shape[2]), dtype=np.float32)  # [P, I]
-    kernel(x, _bits(gate_up), _bits(down), rows, weights.float().numpy(), weights.dtype == torch.bfloat16, act,
-           out.numpy())
+    scale = weights.float().contiguous().numpy()  # [P]
+    act = np.empty((count, inter), dtype=np.float32)  # [P, I]
+    out_rows = np.arange(count, dtype=np.int64)  # [P]
+    gate_up_bits, down_bits, out_array = _bits(gate_up.contiguous()), _bits(down.contiguous()), out.numpy()
+    job = make_job(x=x.ctypes.data, x_per_pair=1, gate_up=gate_up_bits.ctypes.data, down=down_bits.ctypes.data,
+                   rows=gate_up.shape[0], pair_rows=rows.ctypes.data, weights=scale.ctypes.data,
+                   act=act.ctypes.data, out=out_array.ctypes.data, out_rows=out_rows.ctypes.data,
+                   hidden=hidden_size, inter=inter, round_product=weights.dtype == torch.bfloat16)
+    pool(threads).run(job, *item_counts(count, hidden_size, inter))
 
 
-def warm_up() -> None:
-    """Compile the kernel now, for the argument types a hybrid step passes (an expanded one-token hidden state),
-    so no first call compiles it (seconds of work) inside a CUDA host function.
-
-    It runs on one thread, so the calling thread gets no OpenMP team. Why: libgomp keeps a team of threads per
-    thread that opens parallel regions, and once the teams' threads together outnumber the CPUs, every idle
-    thread spins only 100 times (GOMP_SPINCOUNT's "throttled" count) before it sleeps on a futex, so each of a
-    decode step's regions waits for threads to wake. A hybrid decode opens its regions on the CUDA driver's
-    callback thread (the compiled host step): that thread's team should be the only one."""
-    import numba
-
+def warm_up(threads: int) -> None:
+    """Compile the kernel and start the pool for `threads` now, so no first call compiles (seconds of work) or
+    starts threads inside a CUDA host function."""
     hidden = torch.zeros((1, 8), dtype=torch.bfloat16).expand(2, 8)  # [P=2, H=8]
     gate_up, down = torch.zeros((1, 8, 8), dtype=torch.bfloat16), torch.zeros((1, 8, 4), dtype=torch.bfloat16)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        swiglu_experts(hidden, torch.ones(2), gate_up, down, [0, 0], torch.empty((2, 8)))
-    finally:
-        numba.set_num_threads(threads)
+    swiglu_experts(hidden, torch.ones(2), gate_up, down, [0, 0], torch.empty((2, 8)), threads)
 
 
 # A hybrid layer's mailbox step as a C function (numba cfunc): field order of its int64 descriptor.
-DESCRIPTOR_FIELDS = ("mailbox", "out", "gate_up", "down", "hidden", "inter", "top_k", "rows", "round_product",
-                     "threads")
+DESCRIPTOR_FIELDS = ("job", "control", "hidden", "top_k")
 _step_function = None
 
 
 def step_function() -> int:
     """Address of `void step(int64 *descriptor)`: the CPU share of one hybrid decode step (hybrid.CpuShare), with
-    no Python in it, so a CUDA host node runs it without taking the GIL.
+    no Python in it and no GIL taken, so a CUDA host node runs it while the launching thread runs Python.
 
-    Why: a host function written in Python waits for the GIL, and the thread that launches decode steps holds
-    it while it runs Python between them: on the H200 a no-op host node took 0.05 ms while that thread blocked
-    and 5.2 ms while it ran Python (bench/results/2026-11-29-h200-hybrid-latency.json).
-
-    The descriptor holds addresses and sizes (DESCRIPTOR_FIELDS): the float32 mailbox [H + 2K] (hidden state,
-    each pair's host-tier row or -1, each pair's weight), the float32 output rows [K, H], the bf16 pools
-    gate_up [N, 2I, H] and down [N, H, I], then H, I, K, N, whether products round to bf16, and the thread count.
-    It computes what swiglu_experts computes for the pairs whose row is >= 0, into their output rows: the same
-    kernel on the same float32 inputs, so the same bits.
+    The descriptor (DESCRIPTOR_FIELDS): the address of a job (make_job) whose x is the float32 mailbox
+    [H + 2K] (hidden state, each pair's host-tier row or -1, each pair's weight), with x_per_pair 0, out the
+    float32 output rows [K, H] and pair_rows / weights / out_rows buffers of K entries that the step fills from
+    the mailbox; then the SpinPool's control block address, H and K. It computes what swiglu_experts computes for
+    the pairs whose row is >= 0, into their output rows: the same work items on the same float32 inputs, so the
+    same bits.
     """
     global _step_function
     if _step_function is not None:
         return _step_function
-    import numba
     from numba import carray, cfunc, njit, types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
 
-    kernel = _compile()
+    from .spin_pool import CONTROL_WORDS, pool_functions
+
+    run_item, as_pointer = _functions()
+    drive = pool_functions(run_item)[1]
     fields = len(DESCRIPTOR_FIELDS)
 
-    @intrinsic
-    def as_pointer(typingctx, address):  # int64 -> void*
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], cgutils.voidptr_t)
-        return types.voidptr(types.int64), codegen
-
-    @njit
+    @njit(nogil=True)
     def step(desc):
-        hidden, inter, top_k, rows = desc[4], desc[5], desc[6], desc[7]
-        box = carray(as_pointer(desc[0]), (hidden + 2 * top_k,), np.float32)
-        out_rows = carray(as_pointer(desc[1]), (top_k, hidden), np.float32)
-        gate_up = carray(as_pointer(desc[2]), (rows, 2 * inter, hidden), np.uint16)
-        down = carray(as_pointer(desc[3]), (rows, hidden, inter), np.uint16)
+        job_address, hidden, top_k = desc[0], desc[2], desc[3]
+        job = carray(as_pointer(job_address), (len(JOB_FIELDS),), np.int64)
+        box = carray(as_pointer(job[_X]), (hidden + 2 * top_k,), np.float32)
+        pair_rows = carray(as_pointer(job[_PAIR_ROWS]), (top_k,), np.int64)
+        weights = carray(as_pointer(job[_WEIGHTS]), (top_k,), np.float32)
+        out_rows = carray(as_pointer(job[_OUT_ROWS]), (top_k,), np.int64)
         pairs = 0
         for k in range(top_k):
             if box[hidden + k] >= 0:
+                pair_rows[pairs] = np.int64(box[hidden + k])
+                weights[pairs] = box[hidden + top_k + k]
+                out_rows[pairs] = k
                 pairs += 1
-        if pairs == 0:
-            return
-        x = np.empty((pairs, hidden), np.float32)  # [P, H] the one token's hidden state, once per pair
-        pair_rows = np.empty(pairs, np.int64)  # [P]
-        weights = np.empty(pairs, np.float32)  # [P]
-        slots = np.empty(pairs, np.int64)  # [P] each pair's k
-        p = 0
-        for k in range(top_k):
-            if box[hidden + k] >= 0:
-                x[p] = box[:hidden]
-                pair_rows[p] = np.int64(box[hidden + k])
-                weights[p] = box[hidden + top_k + k]
-                slots[p] = k
-                p += 1
-        act = np.empty((pairs, inter), np.float32)  # [P, I]
-        out = np.empty((pairs, hidden), np.float32)  # [P, H]
-        numba.set_num_threads(desc[9])
-        kernel(x, gate_up, down, pair_rows, weights, desc[8] != 0, act, out)
-        for p in range(pairs):
-            out_rows[slots[p]] = out[p]
+        if pairs > 0:
+            inter = job[_INTER]
+            control = carray(as_pointer(desc[1]), (CONTROL_WORDS,), np.int64)
+            drive(control, job_address, pairs * ((inter + UP_CHUNK - 1) // UP_CHUNK),
+                  pairs * ((hidden + DOWN_CHUNK - 1) // DOWN_CHUNK))
 
     @cfunc(types.void(types.voidptr))
     def host_step(user_data):
