@@ -91,7 +91,8 @@ class ExpertFetcher:
     # -- moving bytes ----------------------------------------------------------------------------------------
     def fetch(self, layer: int, host: HostTier | None, transfers: list[Transfer]) -> None:
         """Fill each transfer's device matrices from the nearest tier: host copies are issued at once, disk
-        reads run DISK_THREADS at a time into pinned staging buffers, each copied as soon as it is read."""
+        reads run in chunks, DISK_THREADS at a time, into pinned staging buffers, each expert copied as soon as it
+        is read."""
         counters = self.stats.per_layer.setdefault(layer, {"host": 0, "disk": 0})
         from_disk = []
         for job in transfers:
@@ -106,11 +107,16 @@ class ExpertFetcher:
         for start in range(0, len(from_disk), STAGING_BUFFERS):
             batch = from_disk[start:start + STAGING_BUFFERS]
             buffers = [self._claim_staging(job.location.nbytes) for job in batch]
-            if len(batch) == 1:
-                self.disk.read_expert(batch[0].location, buffers[0][1])
-            else:
-                list(self._readers().map(lambda job, buf: self.disk.read_expert(job.location, buf[1]), batch, buffers))
-            for job, (index, raw) in zip(batch, buffers):
+            reads = [self.disk.chunk_reads(job.location, raw) for job, (_, raw) in zip(batch, buffers)]
+            if sum(map(len, reads)) == 1:
+                self.disk.read_range(*reads[0][0])
+                pending = [[]]
+            else:  # every chunk of every expert in flight at once; each expert copied as soon as it is in
+                pending = [[self._readers().submit(self.disk.read_range, src, view) for src, view in expert_reads]
+                           for expert_reads in reads]
+            for job, (index, raw), futures in zip(batch, buffers, pending):
+                for future in futures:
+                    future.result()
                 self._copy_staged(index, raw, job.location, job.dst_gate_up, job.dst_down)
                 self.stats.bytes_from_disk += job.location.nbytes
                 self.stats.experts_from_disk += 1
