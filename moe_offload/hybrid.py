@@ -2,8 +2,9 @@
 
 Why: on the H200 machine the GPU reads experts left in pinned host memory over PCIe at ~50 GB/s, and the CPU
 computes one-token experts from that same memory: torch's kernels at ~18-28 GB/s on 16 cores, the numba kernels
-of kernels/cpu_numba.py at ~52 GB/s for 8 experts a call (bench/results/2026-11-29-h200-hybrid-latency.json;
-which one runs is measured at load). Together they could move more bytes per second than either alone, up to
+of kernels/cpu_numba.py at ~66 GB/s for 8 experts a call on 14 threads, 0.235 ms for one expert, in the
+decode graph (bench/results/2026-11-29-h200-hybrid-latency-spin-pool.json; which kernel runs is measured at
+load). Together they could move more bytes per second than either alone, up to
 what the host DRAM gives (~85 GB/s plain read there). In a one-token decode step the layer's misses are split
 by count: the first n_cpu of them (in top-k order) are computed on the CPU where their weights lie, the rest are
 read in place by the GPU kernels; hits stay on the GPU. n_cpu comes from a table over the number of misses,
@@ -405,9 +406,11 @@ def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_t
     Why: tune_split times one layer alone, replayed from its own graph while the launching thread blocks. In a
     real decode the launching thread runs Python between steps, and a Python host function then waits for the
     GIL: on the H200 a no-op one took 0.05 ms while that thread blocked and 5.2 ms while it ran Python
-    (bench/results/2026-11-29-h200-hybrid-latency.json). Whatever the cause there, tables whose layer timings
-    promised 4% (ratio 50) made decode 15% slower (89.6 vs 105.5 tok/s,
-    bench/results/2026-11-29-h200-hybrid-expected-vs-off.json).
+    (bench/results/2026-11-29-h200-hybrid-latency.json; numba's parallel regions took it too, 21 ms a 1-expert
+    share, -latency-libgomp-*.json: hence kernels/spin_pool.py). Then, tables whose layer timings promised 4%
+    (ratio 50) made decode 15% slower (89.6 vs 105.5 tok/s, bench/results/2026-11-29-h200-hybrid-expected-vs-off.json).
+    With the spin pool, at ratio 75 layer timings promised 13% and decodes ran 3% slower with the table (159.9 vs
+    164.7 tok/s, bench/results/2026-11-29-h200-vs-llamacpp.json): the check left the path off.
     """
     tables = [list(share.split_table) for share in shares]
 

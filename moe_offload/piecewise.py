@@ -83,7 +83,7 @@ class _HitsGraph:
     is captured after the segments, and replays between them.
 
     Measured with it (all 12 layers captured one): 46.6 and 39.2 tok/s in two runs, against 47.6 before
-    (bench/results/2026-11-29-h200-session4-run1.json, 2026-11-29-h200.json): no gain that 15 decode steps from
+    (bench/results/2026-11-29-h200-session4-run1.json, -session4-run2.json): no gain that 15 decode steps from
     disk can show. What the step still spends on the host is the route itself (a D2H copy and a sync per layer):
     bench/results/2026-11-29-h200-profile-disk-piecewise.log.
     """
