@@ -8,7 +8,9 @@ CUDA graph and timed with CUDA events (median of --repeats):
   host_node_python the same with a Python no-op (hybrid.HostFunction: the GIL and ctypes' trampoline)
   python_busy      host_node_python while the launching thread runs Python (polls the event) instead of blocking
   share            CpuShare.forward with n of 8 misses on the CPU (n = 1, 2, 4, 8), per CPU kernel (with numba:
-                   the compiled host step, no GIL), the launching thread blocking and (_busy) running Python
+                   the compiled host step, no GIL), the launching thread blocking and (_busy) running Python;
+                   share_numba_stream_wait: handed over by a doorbell word (MOE_CPU_HANDOFF=stream_wait)
+  share_0          the same with no miss: what the path costs a layer that gives the CPU nothing
   direct           the same kernel's call on the main thread (perf_counter), other experts each time
 Usage: python bench/hybrid_latency.py --out bench/results/<date>-h200-hybrid-latency.json
 """
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_offload.cpu_experts import CpuExperts
-from moe_offload.hybrid import CpuShare, HostFunction, NativeHostFunction
+from moe_offload.hybrid import CpuShare, HostFunction, NativeHostFunction, stream_wait_available
 from moe_offload.integration import cpu_expert_kernels
 from moe_offload.tiers import HostTier
 
@@ -121,19 +123,31 @@ def main() -> int:
     threads = args.threads or torch.get_num_threads()
     kernels = [k for k in cpu_expert_kernels(torch.bfloat16, F.silu) if not args.kernels or k in args.kernels]
     runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in kernels}
+    handoffs = {kernel: [""] for kernel in runners}
+    if "numba" in runners:
+        refused = stream_wait_available(device)
+        report["stream_wait_refused"] = refused
+        if refused is None:
+            handoffs["numba"].append("_stream_wait")
+    none_missing = torch.zeros((1, top_k), dtype=torch.long, device=device)  # [1, K]
     for kernel, runner in runners.items():
-        for n in (1, 2, 4, 8):
-            share = CpuShare(tier, args.experts, top_k, hidden_size, [min(n, m) for m in range(top_k + 1)],
-                             runner, device)
+        for handoff in handoffs[kernel]:
+            for n in (0, 1, 2, 4, 8):
+                share = CpuShare(tier, args.experts, top_k, hidden_size, [min(n, m) for m in range(top_k + 1)],
+                                 runner, device)
+                if handoff:
+                    share.use_stream_wait()
+                misses = from_host if n else none_missing
 
-            def forward():
-                share.forward(hidden, ids, weights, from_host, lambda gpu_ids: zeros, F.silu)
+                def forward():
+                    share.forward(hidden, ids, weights, misses, lambda gpu_ids: zeros, F.silu)
 
-            seconds[f"share_{kernel}_{n}"] = graph_time(forward, args.repeats, before=rotate)
-            seconds[f"share_{kernel}_{n}_busy"] = graph_time(forward, args.repeats, before=rotate, busy=True)
-            share.check()
-            print(kernel, n, f"share {seconds[f'share_{kernel}_{n}'] * 1e3:.3f} ms "
-                  f"({seconds[f'share_{kernel}_{n}_busy'] * 1e3:.3f} ms busy)", flush=True)
+                name = f"share_{kernel}{handoff}_{n}"
+                seconds[name] = graph_time(forward, args.repeats, before=rotate)
+                seconds[f"{name}_busy"] = graph_time(forward, args.repeats, before=rotate, busy=True)
+                share.check()
+                print(name, f"{seconds[name] * 1e3:.3f} ms ({seconds[f'{name}_busy'] * 1e3:.3f} ms busy)",
+                      flush=True)
     report["process_threads_after_shares"] = len(os.listdir("/proc/self/task"))
     for kernel, runner in runners.items():
         for n in (1, 2, 4, 8):

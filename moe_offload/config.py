@@ -22,6 +22,7 @@ SWITCHES = ("auto", "off")
 ZERO_COPY_MODES = ("auto", "lru", "off")
 GRAPH_MODES = ("auto", "whole", "off")
 CPU_EXPERT_MODES = ("off", "auto", "all")
+CPU_HANDOFFS = ("host_function", "stream_wait")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -66,6 +67,11 @@ class OffloadConfig:
     # many per count of misses, and with which CPU kernel, timed on a layer at load, then kept only if whole
     # decodes run faster with them (else none); "all": every miss on the CPU; "off": every miss on the GPU.
     moe_cpu_experts: str = "off"
+    # How a decode step hands the CPU its experts (hybrid.py, with the numba kernel): "host_function" = a CUDA host
+    # node runs the compiled step on the driver's callback thread; "stream_wait" = the GPU rings a page-locked
+    # doorbell word and waits on another (stream memory operations) while a spinning thread of ours serves it
+    # (kernels/doorbell.py), falling back to host_function where the driver refuses. Not yet measured on a GPU.
+    moe_cpu_handoff: str = "host_function"
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
     # 622 MB less device memory for Qwen3-30B-A3B, as llama.cpp does. "on" needs CUDA, triton and an untied table.
     moe_host_embeddings: str = "off"
@@ -118,6 +124,7 @@ _PARSERS = {
     "MOE_CUDA_GRAPH": ("moe_cuda_graph", lambda v: _parse_choice(v, "MOE_CUDA_GRAPH", GRAPH_MODES)),
     "MOE_FUSE_DENSE": ("moe_fuse_dense", lambda v: _parse_choice(v, "MOE_FUSE_DENSE", SWITCHES)),
     "MOE_CPU_EXPERTS": ("moe_cpu_experts", lambda v: _parse_choice(v, "MOE_CPU_EXPERTS", CPU_EXPERT_MODES)),
+    "MOE_CPU_HANDOFF": ("moe_cpu_handoff", lambda v: _parse_choice(v, "MOE_CPU_HANDOFF", CPU_HANDOFFS)),
     "MOE_HOST_EMBEDDINGS": ("moe_host_embeddings", lambda v: _parse_choice(v, "MOE_HOST_EMBEDDINGS", ("off", "on"))),
 }
 PROPERTY_NAMES = tuple(_PARSERS)

@@ -33,6 +33,7 @@ import gc
 import math
 import statistics
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -43,6 +44,7 @@ from .errors import MoeOffloadError
 from .tiers import HostTier, graph_host_buffer
 
 _HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_STREAM_WAIT_VALUE_EQ, _STREAM_WRITE_VALUE_DEFAULT = 0x1, 0x0  # CUstreamWaitValue_flags, CUstreamWriteValue_flags
 _driver_lib = None
 
 
@@ -56,8 +58,46 @@ def _driver():
             raise MoeOffloadError(f"the CPU expert path needs the CUDA driver library: {err}") from None
         lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, _HOST_FN, ctypes.c_void_p]
         lib.cuLaunchHostFunc.restype = ctypes.c_int
+        for name in ("cuStreamWaitValue32_v2", "cuStreamWriteValue32_v2"):  # the v1 symbols need a driver option
+            if hasattr(lib, name):
+                getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+                getattr(lib, name).restype = ctypes.c_int
         _driver_lib = lib
     return _driver_lib
+
+
+def _stream_word_op(name: str, stream: torch.cuda.Stream, address: int, value: int, flags: int) -> None:
+    """cuStreamWaitValue32 / cuStreamWriteValue32 on a page-locked word (its host address: unified addressing)."""
+    function = getattr(_driver(), name, None)
+    if function is None:
+        raise RuntimeError(f"this CUDA driver has no {name}")
+    status = function(ctypes.c_void_p(stream.cuda_stream), address, value, flags)
+    if status != 0:
+        raise RuntimeError(f"{name} failed (CUresult {status})")
+
+
+def stream_wait_available(device: torch.device) -> str | None:
+    """None if stream memory operations on page-locked words work here, replayed from a CUDA graph as the
+    stream_wait handoff uses them; else why not (one line)."""
+    from .kernels.doorbell import DONE, DOORBELL_WORDS
+
+    owner = type("_Probe", (), {})()
+    try:
+        word = graph_host_buffer(owner, DOORBELL_WORDS, torch.int32, True)
+        if word is None:
+            return "cannot page-lock a doorbell word"
+        address, stream = word.data_ptr() + 4 * DONE, torch.cuda.Stream(device)
+        graph = torch.cuda.CUDAGraph()
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            _stream_word_op("cuStreamWaitValue32_v2", stream, address, 1, _STREAM_WAIT_VALUE_EQ)
+            _stream_word_op("cuStreamWriteValue32_v2", stream, address, 0, _STREAM_WRITE_VALUE_DEFAULT)
+        word[DONE] = 1  # the graph waits for 1 (already there), then writes 0
+        graph.replay()
+        torch.cuda.synchronize(device)
+        return None if int(word[DONE]) == 0 else "a replayed stream write did not reach host memory"
+    except (RuntimeError, OSError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _launch_host_func(stream: torch.cuda.Stream, fn, user_data: int | None) -> None:
@@ -156,6 +196,22 @@ class CpuShare:
         self._job_buffers: tuple = ()
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
         self.tuning: dict = {}  # tune_cpu_path's: {kernel: tune_split's timings}
+        self.handoff = "host_function"  # how the GPU hands the compiled step to the CPU (use_stream_wait)
+        self._doorbell: torch.Tensor | None = None  # [DOORBELL_WORDS] int32, page-locked (stream_wait)
+        self._ring = torch.zeros(1, dtype=torch.int32, device=device)  # [1] step counter, device-side
+
+    def use_stream_wait(self) -> None:
+        """Hand the compiled step (numba kernel) to the CPU through a doorbell word and the doorbell server
+        (kernels/doorbell.py) instead of a CUDA host function. CUDA only; check stream_wait_available first."""
+        from .kernels import doorbell
+
+        if self._stream is None:
+            raise MoeOffloadError("the stream_wait handoff needs CUDA")
+        word = graph_host_buffer(self, doorbell.DOORBELL_WORDS, torch.int32, True)
+        if word is None:
+            raise MoeOffloadError("cannot page-lock the CPU expert path's doorbell (cudaHostRegister failed)")
+        self._doorbell, self.handoff = word, "stream_wait"
+        doorbell.server()  # started (and compiled) now, not inside a capture
 
     def set_table(self, table: list[int]) -> None:
         """A whole split table at once (see set_split)."""
@@ -204,6 +260,12 @@ class CpuShare:
                       "hidden": self.hidden, "top_k": top_k}
             self._descriptor = np.array([fields[name] for name in cpu_numba.DESCRIPTOR_FIELDS], dtype=np.int64)
             self._native = NativeHostFunction(cpu_numba.step_function(), self._descriptor.ctypes.data)
+            if self._doorbell is not None:
+                from .kernels import doorbell
+
+                server = doorbell.server()
+                registration = server.register(self._doorbell.numpy(), self._descriptor)
+                weakref.finalize(self, server.unregister, registration)  # before this share's buffers go
         return self._native
 
     def _compute(self) -> None:
@@ -249,12 +311,27 @@ class CpuShare:
         self.tally.add_(cpu_pair.sum())
         with self._side_stream():
             self._mailbox.copy_(self._packed, non_blocking=True)
-            self._host_function(act_fn).launch(self._stream)
+            function = self._host_function(act_fn)
+            if self._doorbell is not None and isinstance(function, NativeHostFunction):
+                self._ring_doorbell()
+            else:
+                function.launch(self._stream)
             self._out.copy_(self._out_host, non_blocking=True)
         contrib = gpu_share(top_k_index.masked_fill(cpu_pair, self.host_rows.numel()))  # [K, H]
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         return torch.where(cpu_pair.view(top_k, 1), self._out, contrib)  # [K, H]
+
+    def _ring_doorbell(self) -> None:
+        """On the side stream, after the mailbox copy: a new RING value (the server then runs the step), a wait
+        for DONE == 1 (the outputs are in), DONE back to 0 (kernels/doorbell.py)."""
+        from .kernels.doorbell import DONE, RING
+
+        self._ring.add_(1)
+        self._doorbell[RING:RING + 1].copy_(self._ring, non_blocking=True)
+        done = self._doorbell.data_ptr() + 4 * DONE
+        _stream_word_op("cuStreamWaitValue32_v2", self._stream, done, 1, _STREAM_WAIT_VALUE_EQ)
+        _stream_word_op("cuStreamWriteValue32_v2", self._stream, done, 0, _STREAM_WRITE_VALUE_DEFAULT)
 
     @contextlib.contextmanager
     def _side_stream(self):

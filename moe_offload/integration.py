@@ -32,7 +32,7 @@ from .config import OffloadConfig
 from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
 from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host
-from .hybrid import all_on_cpu, tune_cpu_path
+from .hybrid import all_on_cpu, stream_wait_available, tune_cpu_path
 from .kernels import cpu_numba
 from .policy import make_policy
 from .prefill_tuning import tune_prefill_threshold
@@ -281,7 +281,7 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
     if device.type == "cuda":
         _tune_prefill(runtimes, sites)
     if config.moe_cpu_experts != "off":
-        _enable_cpu_experts(runtimes, sites, config.moe_cpu_experts, device)
+        _enable_cpu_experts(runtimes, sites, config.moe_cpu_experts, device, config.moe_cpu_handoff)
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
 
@@ -299,10 +299,10 @@ def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) ->
 
 
 def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], mode: str,
-                        device: torch.device) -> None:
+                        device: torch.device, handoff: str = "host_function") -> None:
     """Hybrid decode (hybrid.py) in every zero-copy layer, one CPU kernel and split table for all: every miss on
     the CPU with the preferred kernel ("all"), or ("auto", CUDA only: on a CPU device every expert already runs on
-    the CPU) kernel and table measured on the first such layer."""
+    the CPU) kernel and table measured on the first such layer. handoff: MOE_CPU_HANDOFF (CUDA only)."""
     if mode == "auto" and device.type != "cuda":
         return
     # Two cores left: the launching thread spin-waits on the GPU, and a parallel loop runs at its slowest thread's
@@ -316,6 +316,13 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
                (kernels if mode == "auto" else kernels[:1])}
     runner = runners[kernels[0]]
     layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
+    if handoff == "stream_wait" and layers and device.type == "cuda":
+        refused = stream_wait_available(device)
+        for runtime, _site in layers:
+            if refused is None:
+                runtime.cpu_share.use_stream_wait()
+            else:
+                runtime.cpu_share.handoff = f"host_function (stream_wait refused: {refused})"
     if mode == "auto" and layers:
         first, site = layers[0]
         kernel, table, tunings = tune_cpu_path(first, site.module.act_fn, runners)

@@ -49,8 +49,8 @@ class LLMPipeline:
     properties: MOE_OFFLOAD_RATIO (0-100, percent of each MoE layer's routed experts resident on the device),
     MOE_HOST_CACHE (bytes or "64GiB" of host RAM for non-resident experts; "auto"), MOE_IO (pread|mmap|odirect),
     MOE_DTYPE (auto|float32|bfloat16|float16), MOE_KERNEL (auto|triton|torch), MOE_ZERO_COPY, MOE_CUDA_GRAPH,
-    MOE_FUSE_DENSE, MOE_CPU_EXPERTS, MOE_HOST_EMBEDDINGS (README's property table; config.py). `config` is a path
-    to a JSON file or a dict of the same keys; keyword properties override it.
+    MOE_FUSE_DENSE, MOE_CPU_EXPERTS, MOE_CPU_HANDOFF, MOE_HOST_EMBEDDINGS (README's property table; config.py).
+    `config` is a path to a JSON file or a dict of the same keys; keyword properties override it.
     """
 
     def __init__(self, models_path: str | None = None, device: str = "cuda",
@@ -224,6 +224,7 @@ class LLMPipeline:
                                       None),
             "cpu_expert_split": next((layer.cpu_share.split_table for layer in self.layers if layer.cpu_share),
                                      None),
+            "cpu_expert_handoff": next((layer.cpu_share.handoff for layer in self.layers if layer.cpu_share), None),
             # MOE_CPU_EXPERTS=auto: per CPU kernel, one layer's forward timed per split (hybrid.tune_split)
             "cpu_expert_tuning": next((layer.cpu_share.tuning for layer in self.layers if layer.cpu_share), None),
             # and whole decodes with the tuned tables and without the path: {"decode_tok_s": {on, off}, "kept"}

@@ -107,10 +107,10 @@ def test_property_names_are_case_insensitive(name):
 def test_all_properties_case_insensitive_and_values_normalised():
     config = make_config({"moe_offload_ratio": "25", "Moe_Host_Cache": "1KiB", "moe_io": "MMAP",
                           "MOE_dtype": "BF16", "moe_zero_copy": "OFF", "Moe_Cuda_Graph": "Off",
-                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO"})
+                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO", "moe_cpu_handoff": "Stream_Wait"})
     assert config == OffloadConfig(moe_offload_ratio=25, moe_host_cache_bytes=1024, moe_io="mmap",
                                    moe_dtype="bfloat16", moe_zero_copy="off", moe_cuda_graph="off",
-                                   moe_host_embeddings="on", moe_cpu_experts="auto")
+                                   moe_host_embeddings="on", moe_cpu_experts="auto", moe_cpu_handoff="stream_wait")
 
 
 @pytest.mark.parametrize("value, expected", [("fp32", "float32"), ("f16", "float16"), ("fp16", "float16"),
@@ -127,6 +127,7 @@ def test_dtype_aliases(value, expected):
     ("MOE_CUDA_GRAPH", "piecewise", "MOE_CUDA_GRAPH must be one of auto, whole, off"),
     ("MOE_HOST_EMBEDDINGS", "auto", "MOE_HOST_EMBEDDINGS must be one of off, on"),
     ("MOE_CPU_EXPERTS", "some", "MOE_CPU_EXPERTS must be one of off, auto, all"),
+    ("MOE_CPU_HANDOFF", "poll", "MOE_CPU_HANDOFF must be one of host_function, stream_wait"),
     ("MOE_OFFLOAD", 5, "unknown property 'MOE_OFFLOAD'"),
     ("moe_host_cache_bytes", 5, "unknown property 'moe_host_cache_bytes'"),
 ])

@@ -8,6 +8,7 @@ With CUDA: the real host function inside the decode graph, on the shipped model,
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,52 @@ def test_compiled_step_gives_the_python_steps_bits():
                                ctypes.c_void_p(share._descriptor.ctypes.data)) == 0
     assert libc.pthread_join(thread, None) == 0
     assert torch.equal(share._out_host[[0, 2]], runs[torch.float32, True][[0, 2]])
+
+
+def test_doorbell_server_runs_the_compiled_step_when_rung():
+    """kernels/doorbell.py, with this test in the GPU's place: a new RING value gets the step's rows computed into
+    the output buffer and DONE set; an unchanged RING gets nothing; DONE cleared and RING moved on: the next step."""
+    pytest.importorskip("numba")
+    import time
+
+    from moe_offload.kernels import doorbell
+
+    torch.manual_seed(0)
+    tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
+    tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
+    tier.down.copy_(torch.randn_like(tier.down, dtype=torch.float32) * 0.1)
+    ids, weights = torch.tensor([[3, 1, 4, 0]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]]).to(torch.bfloat16)
+    from_host = torch.tensor([[1, 0, 1, 1]])  # the first two misses on the CPU (split [.., 2])
+    share = CpuShare(tier, 6, 4, 128, [0, 1, 2, 2, 2], CpuExperts(threads=2, compute="numba"), torch.device("cpu"))
+    wants = []
+    for seed in (1, 2):  # on the CPU device forward runs the compiled step at once: the reference rows
+        hidden = torch.randn(1, 128, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        wants.append((hidden, share.forward(hidden, ids, weights, from_host, lambda gpu_ids: torch.zeros(4, 128),
+                                            torch.nn.functional.silu)[[0, 2]].clone()))
+    bell = np.zeros(doorbell.DOORBELL_WORDS, dtype=np.int32)
+    registration = doorbell.server().register(bell, share._descriptor)
+
+    def wait_done() -> None:
+        deadline = time.monotonic() + 10
+        while bell[doorbell.DONE] != 1:
+            assert time.monotonic() < deadline, "the server did not answer"
+            time.sleep(0.001)
+
+    try:
+        for step, (hidden, want) in enumerate(wants, start=1):
+            share._mailbox[:128] = hidden.float()[0]  # what the GPU's mailbox copy puts there (rows, weights stay)
+            share._out_host.zero_()
+            time.sleep(0.05)
+            assert not share._out_host.any()  # RING unchanged: nothing served
+            bell[doorbell.RING] = step  # the GPU's RING copy
+            wait_done()
+            assert torch.equal(share._out_host[[0, 2]], want) and not share._out_host[[1, 3]].any()
+            bell[doorbell.DONE] = 0  # the GPU's write after its wait
+    finally:
+        doorbell.server().unregister(registration)
+    bell[doorbell.RING] = 3  # unregistered: no longer served
+    time.sleep(0.05)
+    assert bell[doorbell.DONE] == 0
 
 
 def test_bad_split_table_is_refused_and_zeros_turn_the_path_off():
@@ -352,16 +399,23 @@ def test_cpu_share_needs_zero_copy(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("mode", ["auto", "all"])
-def test_hybrid_decode_on_cuda(mode):
-    """The shipped model at ratio 0 with misses on the CPU, steps replayed from the graph: ratio 100's tokens."""
+@pytest.mark.parametrize("mode, handoff", [("auto", "host_function"), ("all", "host_function"),
+                                           ("all", "stream_wait"), ("auto", "stream_wait")])
+def test_hybrid_decode_on_cuda(mode, handoff):
+    """The shipped model at ratio 0 with misses on the CPU, steps replayed from the graph: ratio 100's tokens,
+    with either handoff (stream_wait: served by kernels/doorbell.py, unless the driver refused it)."""
     prompt = torch.randint(2, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
     want = reference.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
     reference.close()
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS=mode)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS=mode, MOE_CPU_HANDOFF=handoff)
     got = pipe.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
     stats = pipe.get_offload_stats()
+    if handoff == "host_function":
+        assert stats["cpu_expert_handoff"] == "host_function"
+    else:  # served by the doorbell, or the driver refused and the host function serves
+        assert stats["cpu_expert_handoff"] == "stream_wait" or \
+            stats["cpu_expert_handoff"].startswith("host_function (stream_wait refused: ")
     assert stats["cuda_graph_steps"] > 0 and stats["cuda_graph_failure"] is None
     assert stats["experts_computed_on_cpu"] > 0 or mode == "auto"
     check, split = stats["cpu_expert_decode_check"], stats["cpu_expert_split"]

@@ -8,9 +8,10 @@ on a 2-core machine (bench/cpu_gemv_numba.py, bench/results/2026-11-29-cpu-gemv-
 here, 8 per call, 1.7-2.0x torch's (bench/cpu_numba_experts.py, bench/results/2026-11-29-cpu-numba-experts-2core.json).
 hybrid.tune_cpu_path still times both on the serving machine and keeps the faster.
 
-Every (token, expert) pair of a call is cut into work items of a few rows (UP_CHUNK, DOWN_CHUNK), handed out to the threads of a
-spin_pool.SpinPool (phase 1: each pair's gate/up rows; phase 2, once phase 1 is done: its down rows). Why not
-numba's parallel=True: its regions take the GIL and sleep between calls (spin_pool.py says how much that cost).
+Every (token, expert) pair of a call is cut into work items of a few rows (UP_CHUNK, DOWN_CHUNK), handed out
+to the threads of a spin_pool.SpinPool (phase 1: each pair's gate/up rows; phase 2, once phase 1 is done: its
+down rows). Why not numba's parallel=True: its regions take the GIL and sleep between calls (spin_pool.py says
+how much that cost).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _compiled: dict = {}
 
 def _functions():
     """(run_item, as_pointer), compiled on first use (importing numba costs ~0.5 s; most runs never need it)."""
-    if _compiled:
+    if "run_item" in _compiled:
         return _compiled["run_item"], _compiled["as_pointer"]
     from numba import carray, njit, types
     from numba.core import cgutils
@@ -127,6 +128,11 @@ def _functions():
     return run_item, as_pointer
 
 
+def as_pointer():
+    """The numba intrinsic as_pointer(int64 address) -> void*, for carray views of raw addresses."""
+    return _functions()[1]
+
+
 def item_counts(pairs: int, hidden: int, inter: int) -> tuple[int, int]:
     """Work items of a job's two phases."""
     return pairs * -(-inter // UP_CHUNK), pairs * -(-hidden // DOWN_CHUNK)
@@ -209,13 +215,31 @@ def step_function() -> int:
     global _step_function
     if _step_function is not None:
         return _step_function
-    from numba import carray, cfunc, njit, types
+    from numba import carray, cfunc, types
+
+    step = step_kernel()
+    fields = len(DESCRIPTOR_FIELDS)
+
+    @cfunc(types.void(types.voidptr))
+    def host_step(user_data):
+        step(carray(user_data, (fields,), np.int64))
+
+    _step_function = host_step.address
+    _keep_alive.append(host_step)
+    return _step_function
+
+
+def step_kernel():
+    """step(descriptor: int64 [len(DESCRIPTOR_FIELDS)]): the body of step_function, as a nogil njit function for
+    other compiled callers (kernels/doorbell.py)."""
+    if "step" in _compiled:
+        return _compiled["step"]
+    from numba import carray, njit
 
     from .spin_pool import CONTROL_WORDS, pool_functions
 
     run_item, as_pointer = _functions()
     drive = pool_functions(run_item)[1]
-    fields = len(DESCRIPTOR_FIELDS)
 
     @njit(nogil=True)
     def step(desc):
@@ -238,13 +262,8 @@ def step_function() -> int:
             drive(control, job_address, pairs * ((inter + UP_CHUNK - 1) // UP_CHUNK),
                   pairs * ((hidden + DOWN_CHUNK - 1) // DOWN_CHUNK))
 
-    @cfunc(types.void(types.voidptr))
-    def host_step(user_data):
-        step(carray(user_data, (fields,), np.int64))
-
-    _step_function = host_step.address
-    _keep_alive.append(host_step)
-    return _step_function
+    _compiled["step"] = step
+    return step
 
 
 _keep_alive: list = []  # the compiled cfunc (its address must stay valid)

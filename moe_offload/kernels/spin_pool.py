@@ -86,6 +86,23 @@ def _intrinsics():
             return builder.extract_value(pair, 0)
         return types.int64(array, index, expected, value), codegen
 
+    def word_pointer(builder, address):  # int64 address -> i32*
+        return builder.inttoptr(address, ir.PointerType(ir.IntType(32)))
+
+    @intrinsic
+    def load_word(typingctx, address):  # an int32 at an address (memory another agent writes: the GPU, say)
+        def codegen(context, builder, signature, args):
+            return builder.sext(builder.load_atomic(word_pointer(builder, args[0]), "seq_cst", 4), ir.IntType(64))
+        return types.int64(types.int64), codegen
+
+    @intrinsic
+    def store_word(typingctx, address, value):  # an int32 to an address, seen after every earlier store
+        def codegen(context, builder, signature, args):
+            value = context.cast(builder, args[1], signature.args[1], types.int32)
+            builder.store_atomic(value, word_pointer(builder, args[0]), "seq_cst", 4)
+            return context.get_dummy_value()
+        return types.void(types.int64, value), codegen
+
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")  # (numba's JIT takes no inline asm)
 
     @intrinsic
@@ -106,8 +123,42 @@ def _intrinsics():
             return builder.call(counter, [])
         return types.int64(), codegen
 
-    _compiled["intrinsics"] = (atomic_load, atomic_store, atomic_add, atomic_cas, cpu_pause, cycles)
+    _compiled["intrinsics"] = (atomic_load, atomic_store, atomic_add, atomic_cas, cpu_pause, cycles, load_word,
+                               store_word)
     return _compiled["intrinsics"]
+
+
+def intrinsics() -> dict:
+    """The intrinsics by name (for other kernels' waiting loops): atomic_load/store/add/cas on int64 arrays,
+    load_word/store_word on int32s at raw addresses, cpu_pause, cycles."""
+    names = ("atomic_load", "atomic_store", "atomic_add", "atomic_cas", "cpu_pause", "cycles", "load_word",
+             "store_word")
+    return dict(zip(names, _intrinsics()))
+
+
+def idle_function():
+    """idle(since): one round of a thread's wait for work, idle since cycle count `since`: the pause instruction
+    for SPIN_CYCLES, then sleeps of SLEEP_US, then of LONG_SLEEP_US after LONG_IDLE_CYCLES (compiled, nogil)."""
+    if "idle" in _compiled:
+        return _compiled["idle"]
+    import ctypes
+
+    from numba import njit
+
+    cpu_pause, cycles = _intrinsics()[4:6]
+    usleep = ctypes.CDLL(None).usleep
+    usleep.argtypes, usleep.restype = [ctypes.c_uint], ctypes.c_int
+
+    @njit(nogil=True)
+    def idle(since):
+        waited = cycles() - since
+        if waited < SPIN_CYCLES:
+            cpu_pause()
+        else:
+            usleep(SLEEP_US if waited < LONG_IDLE_CYCLES else LONG_SLEEP_US)
+
+    _compiled["idle"] = idle
+    return idle
 
 
 def pool_functions(run_item):
@@ -119,13 +170,10 @@ def pool_functions(run_item):
     key = ("pool", run_item)
     if key in _compiled:
         return _compiled[key]
-    import ctypes
-
     from numba import njit
 
-    atomic_load, atomic_store, atomic_add, atomic_cas, cpu_pause, cycles = _intrinsics()
-    usleep = ctypes.CDLL(None).usleep
-    usleep.argtypes, usleep.restype = [ctypes.c_uint], ctypes.c_int
+    atomic_load, atomic_store, atomic_add, atomic_cas, cpu_pause, cycles = _intrinsics()[:6]
+    idle = idle_function()
 
     @njit(nogil=True)
     def take_tickets(control):
@@ -152,11 +200,7 @@ def pool_functions(run_item):
             if generation < 0:
                 return
             if generation == seen or generation % 2 == 1:
-                idle = cycles() - idle_since
-                if idle < SPIN_CYCLES:
-                    cpu_pause()
-                else:
-                    usleep(SLEEP_US if idle < LONG_IDLE_CYCLES else LONG_SLEEP_US)
+                idle(idle_since)
                 continue
             atomic_add(control, ACTIVE, 1)
             if atomic_load(control, GEN) == generation:  # not closed since: its counters are this job's
