@@ -88,7 +88,7 @@ def _functions():
 
 
 class DoorbellServer:
-    """The serving thread and its table of shares (register); stopped at exit or by close()."""
+    """The serving thread and its table of shares (register); stopped at exit, once queued steps are served."""
 
     def __init__(self):
         self.table = np.zeros(CAPACITY * _ROW, dtype=np.int64)
@@ -120,9 +120,6 @@ class DoorbellServer:
     def unregister(self, registration: int) -> None:
         """Stop serving a registration; when this returns the server no longer reads its buffers."""
         self._unregister(self.table, self.control, registration)
-
-    def close(self) -> None:
-        self._finalizer()
 
 
 def _stop(control: np.ndarray, thread: threading.Thread) -> None:
