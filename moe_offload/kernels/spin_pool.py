@@ -4,8 +4,8 @@ Why: a hybrid decode step computes a layer's CPU experts inside a CUDA host func
 thread, every 0.5-1.5 ms. numba's own parallel regions (parallel=True) take the GIL twice each (the gufunc
 wrapper's gil_ensure and restore_thread, numba/np/ufunc/parallel.py) and run on libgomp teams whose idle threads
 sleep on a futex once the process's teams outnumber the CPUs. On the H200, a 1-expert step took 0.4-0.7 ms with
-the launching thread blocked and 21 ms with it busy in Python (four waits for the GIL's 5 ms switch interval;
-bench/results/2026-11-29-h200-hybrid-latency-libgomp*.json). Here the workers are threads running compiled code
+the launching thread blocked and 21 ms with it busy in Python (about four of the GIL's 5 ms switch intervals:
+two regions, the GIL taken twice in each; bench/results/2026-11-29-h200-hybrid-latency-libgomp*.json). Here the workers are threads running compiled code
 that never takes the GIL; between jobs they spin on a generation counter with the CPU's pause instruction, as
 llama.cpp's CPU thread pool does, and sleep only after SPIN_CYCLES (~20 ms) without work.
 
