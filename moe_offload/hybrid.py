@@ -196,9 +196,18 @@ class CpuShare:
         self._job_buffers: tuple = ()
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
         self.tuning: dict = {}  # tune_cpu_path's: {kernel: tune_split's timings}
-        self.handoff = "host_function"  # how the GPU hands the compiled step to the CPU (use_stream_wait)
-        self._doorbell: torch.Tensor | None = None  # [DOORBELL_WORDS] int32, page-locked (stream_wait)
-        self._ring = torch.zeros(1, dtype=torch.int32, device=device)  # [1] step counter, device-side
+        self.stream_wait_refused: str | None = None  # why MOE_CPU_HANDOFF=stream_wait was not used, if it was asked
+        self._doorbell: torch.Tensor | None = None  # [DOORBELL_WORDS] int32, page-locked (use_stream_wait)
+        self._ring: torch.Tensor | None = None  # [1] int32 step counter, device-side (use_stream_wait)
+
+    @property
+    def handoff(self) -> str:
+        """How the GPU hands this layer's CPU experts over: stream_wait (the compiled numba step through the
+        doorbell), else host_function (and why stream_wait was not used, if it was asked for)."""
+        if self._doorbell is not None and self.runner.compute == "numba":
+            return "stream_wait"
+        return "host_function" + (f" (stream_wait refused: {self.stream_wait_refused})"
+                                  if self.stream_wait_refused else "")
 
     def use_stream_wait(self) -> None:
         """Hand the compiled step (numba kernel) to the CPU through a doorbell word and the doorbell server
@@ -210,7 +219,7 @@ class CpuShare:
         word = graph_host_buffer(self, doorbell.DOORBELL_WORDS, torch.int32, True)
         if word is None:
             raise MoeOffloadError("cannot page-lock the CPU expert path's doorbell (cudaHostRegister failed)")
-        self._doorbell, self.handoff = word, "stream_wait"
+        self._doorbell, self._ring = word, torch.zeros(1, dtype=torch.int32, device=self.device)
         doorbell.server()  # started (and compiled) now, not inside a capture
 
     def set_table(self, table: list[int]) -> None:

@@ -322,7 +322,7 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
             if refused is None:
                 runtime.cpu_share.use_stream_wait()
             else:
-                runtime.cpu_share.handoff = f"host_function (stream_wait refused: {refused})"
+                runtime.cpu_share.stream_wait_refused = refused
     if mode == "auto" and layers:
         first, site = layers[0]
         kernel, table, tunings = tune_cpu_path(first, site.module.act_fn, runners)

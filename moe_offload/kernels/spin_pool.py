@@ -41,8 +41,9 @@ SLEEP_US, LONG_SLEEP_US = 100, 2000
 _compiled: dict = {}
 
 
-def _intrinsics():
-    """Atomic int64 array ops, the pause instruction and the cycle counter, as numba intrinsics."""
+def intrinsics() -> dict:
+    """numba intrinsics by name: atomic_load/store/add/cas on int64 arrays, load_word/store_word on int32s at raw
+    addresses, cpu_pause (the pause instruction) and cycles (the cycle counter)."""
     if "intrinsics" in _compiled:
         return _compiled["intrinsics"]
     from llvmlite import ir
@@ -124,17 +125,10 @@ def _intrinsics():
             return builder.call(counter, [])
         return types.int64(), codegen
 
-    _compiled["intrinsics"] = (atomic_load, atomic_store, atomic_add, atomic_cas, cpu_pause, cycles, load_word,
-                               store_word)
+    _compiled["intrinsics"] = dict(atomic_load=atomic_load, atomic_store=atomic_store, atomic_add=atomic_add,
+                                   atomic_cas=atomic_cas, cpu_pause=cpu_pause, cycles=cycles, load_word=load_word,
+                                   store_word=store_word)
     return _compiled["intrinsics"]
-
-
-def intrinsics() -> dict:
-    """The intrinsics by name (for other kernels' waiting loops): atomic_load/store/add/cas on int64 arrays,
-    load_word/store_word on int32s at raw addresses, cpu_pause, cycles."""
-    names = ("atomic_load", "atomic_store", "atomic_add", "atomic_cas", "cpu_pause", "cycles", "load_word",
-             "store_word")
-    return dict(zip(names, _intrinsics()))
 
 
 def idle_function():
@@ -146,7 +140,8 @@ def idle_function():
 
     from numba import njit
 
-    cpu_pause, cycles = _intrinsics()[4:6]
+    ops = intrinsics()
+    cpu_pause, cycles = ops["cpu_pause"], ops["cycles"]
     usleep = ctypes.CDLL(None).usleep
     usleep.argtypes, usleep.restype = [ctypes.c_uint], ctypes.c_int
 
@@ -173,7 +168,10 @@ def pool_functions(run_item):
         return _compiled[key]
     from numba import njit
 
-    atomic_load, atomic_store, atomic_add, atomic_cas, cpu_pause, cycles = _intrinsics()[:6]
+    ops = intrinsics()
+    atomic_load, atomic_store, atomic_add, atomic_cas = (ops[name] for name in ("atomic_load", "atomic_store",
+                                                                               "atomic_add", "atomic_cas"))
+    cpu_pause, cycles = ops["cpu_pause"], ops["cycles"]
     idle = idle_function()
 
     @njit(nogil=True)
