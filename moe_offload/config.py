@@ -67,11 +67,12 @@ class OffloadConfig:
     # many per count of misses, and with which CPU kernel, timed on a layer at load, then kept only if whole
     # decodes run faster with them (else none); "all": every miss on the CPU; "off": every miss on the GPU.
     moe_cpu_experts: str = "off"
-    # How a decode step hands the CPU its experts (hybrid.py, with the numba kernel): "host_function" = a CUDA host
-    # node runs the compiled step on the driver's callback thread; "stream_wait" = the GPU rings a page-locked
-    # doorbell word and waits on another (stream memory operations) while a spinning thread of ours serves it
-    # (kernels/doorbell.py), falling back to host_function where the driver refuses. Not yet measured on a GPU.
-    moe_cpu_handoff: str = "host_function"
+    # How a decode step hands the CPU its experts (hybrid.py, with the numba kernel): "stream_wait" = the GPU rings a
+    # page-locked doorbell word and waits on another (stream memory operations) while a spinning thread of ours
+    # serves it (kernels/doorbell.py), falling back to host_function where the driver refuses; "host_function" = a
+    # CUDA host node runs the compiled step on the driver's callback thread. On the H200, stream_wait decoded
+    # 8-17% faster at ratios 0, 25 and 75 and 1% slower at 50 (bench/results/2026-11-29-h200-vs-llamacpp-handoffs.json).
+    moe_cpu_handoff: str = "stream_wait"
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
     # 622 MB less device memory for Qwen3-30B-A3B, as llama.cpp does. "on" needs CUDA, triton and an untied table.
     moe_host_embeddings: str = "off"

@@ -299,7 +299,7 @@ def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) ->
 
 
 def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], mode: str,
-                        device: torch.device, handoff: str = "host_function") -> None:
+                        device: torch.device, handoff: str = "stream_wait") -> None:
     """Hybrid decode (hybrid.py) in every zero-copy layer, one CPU kernel and split table for all: every miss on
     the CPU with the preferred kernel ("all"), or ("auto", CUDA only: on a CPU device every expert already runs on
     the CPU) kernel and table measured on the first such layer. handoff: MOE_CPU_HANDOFF (CUDA only)."""
