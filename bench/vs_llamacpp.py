@@ -90,7 +90,7 @@ def ours_worker(spec: dict) -> dict:
             "experts_computed_on_cpu": stats["experts_computed_on_cpu"],
             "experts_read_in_place": stats["experts_read_in_place"], "cpu_expert_split": stats["cpu_expert_split"],
             "cpu_expert_kernel": stats["cpu_expert_kernel"], "cpu_expert_tuning": stats["cpu_expert_tuning"],
-            "cpu_expert_handoff": stats["cpu_expert_handoff"],
+            "cpu_expert_handoff": stats["cpu_expert_handoff"], "cpu_expert_threads": stats["cpu_expert_threads"],
             "fused_dense_ops": stats["fused_dense_ops"], "host_embedding_bytes": stats["host_embedding_bytes"],
             "runs": runs}
 

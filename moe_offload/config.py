@@ -73,6 +73,9 @@ class OffloadConfig:
     # CUDA host node runs the compiled step on the driver's callback thread. On the H200, stream_wait decoded
     # 8-17% faster at ratios 0, 25 and 75 and 1% slower at 50 (bench/results/2026-11-29-h200-vs-llamacpp-handoffs.json).
     moe_cpu_handoff: str = "stream_wait"
+    # Worker threads of the CPU expert path (kernels/spin_pool.py; they spin between jobs). None = "auto": the
+    # cores torch uses less two (the launching thread and the doorbell server each keep one spinning).
+    moe_cpu_threads: int | None = None
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
     # 622 MB less device memory for Qwen3-30B-A3B, as llama.cpp does. "on" needs CUDA, triton and an untied table.
     moe_host_embeddings: str = "off"
@@ -93,6 +96,19 @@ def parse_ratio(value: Any) -> int:
     if not math.isfinite(number) or number != int(number) or not 0 <= number <= 100:
         raise MoeOffloadError(f"MOE_OFFLOAD_RATIO must be an integer 0-100, got {value!r}")
     return int(number)
+
+
+def parse_threads(value: Any) -> int | None:
+    """MOE_CPU_THREADS: a positive integer, or "auto" (None)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = 0
+    if isinstance(value, bool) or number < 1:
+        raise MoeOffloadError(f"MOE_CPU_THREADS must be a positive integer or auto, got {value!r}")
+    return number
 
 
 def parse_size(value: Any, name: str) -> int | None:
@@ -126,6 +142,7 @@ _PARSERS = {
     "MOE_FUSE_DENSE": ("moe_fuse_dense", lambda v: _parse_choice(v, "MOE_FUSE_DENSE", SWITCHES)),
     "MOE_CPU_EXPERTS": ("moe_cpu_experts", lambda v: _parse_choice(v, "MOE_CPU_EXPERTS", CPU_EXPERT_MODES)),
     "MOE_CPU_HANDOFF": ("moe_cpu_handoff", lambda v: _parse_choice(v, "MOE_CPU_HANDOFF", CPU_HANDOFFS)),
+    "MOE_CPU_THREADS": ("moe_cpu_threads", parse_threads),
     "MOE_HOST_EMBEDDINGS": ("moe_host_embeddings", lambda v: _parse_choice(v, "MOE_HOST_EMBEDDINGS", ("off", "on"))),
 }
 PROPERTY_NAMES = tuple(_PARSERS)

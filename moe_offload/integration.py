@@ -281,7 +281,7 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
     if device.type == "cuda":
         _tune_prefill(runtimes, sites)
     if config.moe_cpu_experts != "off":
-        _enable_cpu_experts(runtimes, sites, config.moe_cpu_experts, device, config.moe_cpu_handoff)
+        _enable_cpu_experts(runtimes, sites, config, device)
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
 
@@ -298,25 +298,27 @@ def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) ->
         runtime.zero_copy_max_pairs = first.zero_copy_max_pairs
 
 
-def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], mode: str,
-                        device: torch.device, handoff: str = "stream_wait") -> None:
+def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], config: OffloadConfig,
+                        device: torch.device) -> None:
     """Hybrid decode (hybrid.py) in every zero-copy layer, one CPU kernel and split table for all: every miss on
-    the CPU with the preferred kernel ("all"), or ("auto", CUDA only: on a CPU device every expert already runs on
-    the CPU) kernel and table measured on the first such layer. handoff: MOE_CPU_HANDOFF (CUDA only)."""
+    the CPU with the preferred kernel (MOE_CPU_EXPERTS "all"), or ("auto", CUDA only: on a CPU device every expert
+    already runs on the CPU) kernel and table measured on the first such layer; handed over as MOE_CPU_HANDOFF
+    says (CUDA only), on MOE_CPU_THREADS workers."""
+    mode = config.moe_cpu_experts
     if mode == "auto" and device.type != "cuda":
         return
-    # Two cores left: the launching thread spin-waits on the GPU, and a parallel loop runs at its slowest thread's
-    # pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms with 14 threads, 1.92 with 15, 2.81 with 16,
+    # By default two cores left: the launching thread spin-waits on the GPU, the doorbell server spins, and a
+    # parallel loop runs at its slowest thread's pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms with 14 threads, 1.92 with 15, 2.81 with 16,
     # each replayed as the layer's CPU share (bench/hybrid_latency.py, bench/results/2026-11-29-h200-hybrid-latency*;
     # measured with numba's parallel regions, before kernels/spin_pool.py: 1.14 ms with 14 there).
-    threads = max(1, torch.get_num_threads() - 2)
+    threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
     kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
     # "all" runs the preferred kernel; "auto" measures each (building a numba runner compiles its kernel)
     runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in
                (kernels if mode == "auto" else kernels[:1])}
     runner = runners[kernels[0]]
     layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
-    if handoff == "stream_wait" and layers and device.type == "cuda":
+    if config.moe_cpu_handoff == "stream_wait" and layers and device.type == "cuda":
         refused = stream_wait_available(device)
         for runtime, _site in layers:
             if refused is None:

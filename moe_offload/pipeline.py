@@ -49,7 +49,8 @@ class LLMPipeline:
     properties: MOE_OFFLOAD_RATIO (0-100, percent of each MoE layer's routed experts resident on the device),
     MOE_HOST_CACHE (bytes or "64GiB" of host RAM for non-resident experts; "auto"), MOE_IO (pread|mmap|odirect),
     MOE_DTYPE (auto|float32|bfloat16|float16), MOE_KERNEL (auto|triton|torch), MOE_ZERO_COPY, MOE_CUDA_GRAPH,
-    MOE_FUSE_DENSE, MOE_CPU_EXPERTS, MOE_CPU_HANDOFF, MOE_HOST_EMBEDDINGS (README's property table; config.py).
+    MOE_FUSE_DENSE, MOE_CPU_EXPERTS, MOE_CPU_HANDOFF, MOE_CPU_THREADS, MOE_HOST_EMBEDDINGS (README's property
+    table; config.py).
     `config` is a path to a JSON file or a dict of the same keys; keyword properties override it.
     """
 
@@ -222,6 +223,8 @@ class LLMPipeline:
             "cpu_expert_layers": sum(layer.cpu_share is not None for layer in self.layers),
             "cpu_expert_kernel": next((layer.cpu_share.runner.compute for layer in self.layers if layer.cpu_share),
                                       None),
+            "cpu_expert_threads": next((layer.cpu_share.runner.threads for layer in self.layers if layer.cpu_share),
+                                       None),
             "cpu_expert_split": next((layer.cpu_share.split_table for layer in self.layers if layer.cpu_share),
                                      None),
             "cpu_expert_handoff": next((layer.cpu_share.handoff for layer in self.layers if layer.cpu_share), None),

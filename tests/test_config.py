@@ -96,8 +96,8 @@ def test_defaults():
     assert (config.moe_offload_ratio, config.moe_host_cache_bytes, config.moe_io, config.moe_dtype) == \
         (100, None, "odirect", "auto")
     assert (config.moe_kernel, config.moe_zero_copy, config.moe_cuda_graph) == ("auto", "auto", "auto")
-    assert (config.moe_host_embeddings, config.moe_cpu_experts, config.moe_cpu_handoff) == \
-        ("off", "off", "stream_wait")
+    assert (config.moe_host_embeddings, config.moe_cpu_experts, config.moe_cpu_handoff, config.moe_cpu_threads) == \
+        ("off", "off", "stream_wait", None)
 
 
 @pytest.mark.parametrize("name", ["MOE_OFFLOAD_RATIO", "moe_offload_ratio", "Moe_Offload_Ratio", "mOe_oFfLoAd_RaTiO"])
@@ -108,10 +108,12 @@ def test_property_names_are_case_insensitive(name):
 def test_all_properties_case_insensitive_and_values_normalised():
     config = make_config({"moe_offload_ratio": "25", "Moe_Host_Cache": "1KiB", "moe_io": "MMAP",
                           "MOE_dtype": "BF16", "moe_zero_copy": "OFF", "Moe_Cuda_Graph": "Off",
-                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO", "moe_cpu_handoff": "Host_Function"})
+                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO", "moe_cpu_handoff": "Host_Function",
+                          "moe_cpu_threads": " 6 "})
     assert config == OffloadConfig(moe_offload_ratio=25, moe_host_cache_bytes=1024, moe_io="mmap",
                                    moe_dtype="bfloat16", moe_zero_copy="off", moe_cuda_graph="off",
-                                   moe_host_embeddings="on", moe_cpu_experts="auto", moe_cpu_handoff="host_function")
+                                   moe_host_embeddings="on", moe_cpu_experts="auto", moe_cpu_handoff="host_function",
+                                   moe_cpu_threads=6)
 
 
 @pytest.mark.parametrize("value, expected", [("fp32", "float32"), ("f16", "float16"), ("fp16", "float16"),
@@ -129,6 +131,9 @@ def test_dtype_aliases(value, expected):
     ("MOE_HOST_EMBEDDINGS", "auto", "MOE_HOST_EMBEDDINGS must be one of off, on"),
     ("MOE_CPU_EXPERTS", "some", "MOE_CPU_EXPERTS must be one of off, auto, all"),
     ("MOE_CPU_HANDOFF", "poll", "MOE_CPU_HANDOFF must be one of host_function, stream_wait"),
+    ("MOE_CPU_THREADS", 0, "MOE_CPU_THREADS must be a positive integer or auto, got 0"),
+    ("MOE_CPU_THREADS", "many", "MOE_CPU_THREADS must be a positive integer or auto, got 'many'"),
+    ("MOE_CPU_THREADS", True, "MOE_CPU_THREADS must be a positive integer or auto, got True"),
     ("MOE_OFFLOAD", 5, "unknown property 'MOE_OFFLOAD'"),
     ("moe_host_cache_bytes", 5, "unknown property 'moe_host_cache_bytes'"),
 ])

@@ -232,6 +232,28 @@ def _direct_pipeline(path, ratio, table=None):
     return pipe
 
 
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines")
+@pytest.mark.parametrize("threads", [None, 2])
+def test_cpu_threads_property_sizes_the_cpu_share(tmp_path, monkeypatch, threads):
+    """MOE_CPU_EXPERTS=all on zero-copy layers (the Triton kernel, interpreted): every layer's CPU share runs on
+    MOE_CPU_THREADS workers (auto: the cores torch uses less two), the stats say how many, and decode still gives
+    ratio 100's tokens."""
+    from moe_offload import integration
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path = _tiny_checkpoint(tmp_path)
+    ids = torch.randint(2, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    want = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=100).generate_tokens(ids, max_new_tokens=3, min_new_tokens=3)
+    monkeypatch.setattr(integration, "select_kernel", lambda config, device, hf_config: fused_moe)
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_CPU_EXPERTS="all", MOE_CPU_THREADS=threads or "auto")
+    got = pipe.generate_tokens(ids, max_new_tokens=3, min_new_tokens=3)
+    stats = pipe.get_offload_stats()
+    want_threads = threads or max(1, torch.get_num_threads() - 2)
+    assert stats["cpu_expert_layers"] == len(pipe.layers) and stats["cpu_expert_threads"] == want_threads
+    assert all(layer.cpu_share.runner.threads == want_threads for layer in pipe.layers)
+    assert stats["experts_computed_on_cpu"] > 0 and torch.equal(got, want)
+
+
 @pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
 def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
     """With a fake clock where the CPU takes 2 units an expert and the GPU 1, the step ends soonest with a third
