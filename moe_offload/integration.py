@@ -309,8 +309,9 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
         return
     # By default two cores left: the launching thread spin-waits on the GPU, the doorbell server spins, and a
     # parallel loop runs at its slowest thread's pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms
-    # with 14 threads, 1.92 with 15, 2.81 with 16, each replayed as the layer's CPU share (bench/hybrid_latency.py, bench/results/2026-11-29-h200-hybrid-latency*;
-    # measured with numba's parallel regions, before kernels/spin_pool.py: 1.14 ms with 14 there).
+    # with 14 threads, 1.92 with 15, 2.81 with 16, each replayed as the layer's CPU share (bench/hybrid_latency.py,
+    # bench/results/2026-11-29-h200-hybrid-latency*; measured with numba's parallel regions, before
+    # kernels/spin_pool.py: 1.14 ms with 14 there).
     threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
     kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
     # "all" runs the preferred kernel; "auto" measures each (building a numba runner compiles its kernel)
