@@ -2,8 +2,9 @@
 
 Both sides run on the same random Qwen3-30B-A3B-shaped checkpoint (bench/h200_offload_bench.py --phases gen) and
 its bf16 GGUF (bench/llamacpp/convert_qwen3moe_gguf.py). Every configuration of either side runs as its own
-process while nvidia-smi is polled (bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is
-measured the same way for both: process memory, CUDA context included, over the idle reading before it.
+process while the GPU's memory in use is polled (NVML, or nvidia-smi where NVML does not load:
+bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is measured the same way for both: process
+memory, CUDA context included, over the idle reading before it.
 - ours: every variant (--variants: hybrid CPU+GPU misses, GPU only) at every ratio; the rows report --main.
   A 128-token prompt of random ids, then 32 greedy tokens (llama-bench -p 128 -n 32); one warm-up
   generation, then the median of --repeats: prefill tok/s = 128 / (prompt to first token), decode tok/s = the
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
 
     import h200_offload_bench as bench
     from moe_offload.environment import machine, utc_now, versions
+    from run_llama_bench import memory_source
 
     if args.tiny:
         bench.generate_model(args.model_dir, bench.SPECS["tiny"], torch.device("cpu"))
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model_dir": args.model_dir,
               "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt, "gen_tokens": args.gen,
               "repeats": args.repeats, "targets": TARGETS, "variants": args.variants, "main_variant": args.main,
-              "memory_rule": "nvidia-smi process memory over the idle reading, polled every 50 ms, both sides"}
+              "memory_rule": f"{memory_source()} memory in use over the idle reading, polled every 50 ms, both sides"}
 
     def write() -> None:  # after every configuration, so a run cut short keeps what it measured
         report.update(rows=build_rows(variants[args.main], llamacpp, layers, variants), ours=variants,

@@ -50,3 +50,40 @@ def test_rows_pair_ratios_with_ncmoe_and_check_targets():
     assert rows[0]["targets_met"] == {"decode": True, "prefill": True, "memory": True}  # 1.23x, 3.3x, less memory
     assert rows[25]["targets_met"] == {"decode": False, "prefill": False, "memory": False}  # 1.03x, 2.3x, more
     assert abs(rows[25]["decode_vs_llamacpp"] - 100.0 / 97.1) < 1e-12
+
+
+def _run_llama_bench():
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "llamacpp", "run_llama_bench.py")
+    spec = importlib.util.spec_from_file_location("run_llama_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeNvml:
+    """NVML's three calls the memory poller makes, on two GPUs using 1,000 and 2,000 bytes; `fail` errs one."""
+
+    def __init__(self, fail: str = ""):
+        self.fail = fail
+
+    def nvmlDeviceGetCount_v2(self, count):
+        count._obj.value = 2
+        return int(self.fail == "count")
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
+        handle._obj.value = index + 1
+        return 0
+
+    def nvmlDeviceGetMemoryInfo(self, handle, memory):
+        memory._obj.used = handle.value * 1000
+        return int(self.fail == "memory")
+
+
+def test_nvml_memory_reading_sums_the_gpus_or_reads_one():
+    module = _run_llama_bench()
+    assert module._nvml_used_bytes(_FakeNvml(), None) == 3000
+    assert module._nvml_used_bytes(_FakeNvml(), "1") == 2000
+    assert module._nvml_used_bytes(_FakeNvml("memory"), None) is None
+    assert module._nvml_used_bytes(_FakeNvml("count"), "0") is None
+    if module._nvml() is None:  # a machine without the NVIDIA driver, as CI: nvidia-smi or nothing
+        assert module.memory_source() in ("nvidia-smi", None)

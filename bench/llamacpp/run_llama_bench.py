@@ -1,10 +1,12 @@
-"""llama.cpp's llama-bench at several -ncmoe values (experts of the first N layers kept on the CPU), with peak GPU memory.
+"""llama.cpp's llama-bench at several -ncmoe values (experts of the first N layers kept on the CPU), with peak GPU
+memory.
 
 Why: issue 6 compares moe-offload with llama.cpp's own expert offload on the same random Qwen3-30B-A3B-shaped
 checkpoint. llama-bench times prefill (-p) and decode (-n) but does not report device memory, so each -ncmoe value
-runs as its own llama-bench process while a thread polls `nvidia-smi --query-gpu=memory.used` every 50 ms; the peak
-minus the idle reading taken just before is that run's device memory (CUDA context included, as for any process).
-Without nvidia-smi (a CPU machine) the memory part is skipped and peak_device_bytes is null.
+runs as its own llama-bench process while a thread reads the GPU's memory in use every 50 ms (NVML, what
+`nvidia-smi --query-gpu=memory.used` reads, or nvidia-smi itself where NVML does not load); the peak minus the idle
+reading taken just before is that run's device memory (CUDA context included, as for any process).
+With neither (a CPU machine) the memory part is skipped and peak_device_bytes is null.
 `-ncmoe` is llama-bench's short form of `--n-cpu-moe` in this llama.cpp (0c1e570, tools/llama-bench/llama-bench.cpp).
 
 Usage: python bench/llamacpp/run_llama_bench.py --llama-bench BUILD/bin/llama-bench -m MODEL.gguf \
@@ -15,6 +17,7 @@ Module: run(llama_bench, gguf, [0, 6, 12], ...) -> [{ncmoe, prefill_tok_s, decod
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import shlex
 import shutil
@@ -26,8 +29,55 @@ import time
 MIB = 1 << 20
 
 
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+_nvml_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+
+
+def _nvml() -> ctypes.CDLL | None:
+    """libnvidia-ml (what nvidia-smi reads), initialised once; None where it is absent."""
+    global _nvml_lib
+    if _nvml_lib is None:
+        try:
+            lib = ctypes.CDLL("libnvidia-ml.so.1")
+            _nvml_lib = lib if lib.nvmlInit_v2() == 0 else False
+        except (OSError, AttributeError):
+            _nvml_lib = False
+    return _nvml_lib or None
+
+
+def _nvml_used_bytes(lib: ctypes.CDLL, gpu: str | None) -> int | None:
+    """Bytes in use on GPU `gpu` (an index) or summed over all, through NVML; None on any NVML error."""
+    count = ctypes.c_uint()
+    if lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+        return None
+    total = 0
+    for index in ([int(gpu)] if gpu is not None else range(count.value)):
+        handle, memory = ctypes.c_void_p(), _NvmlMemory()
+        if lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0 or \
+                lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+            return None
+        total += memory.used
+    return total
+
+
+def memory_source(gpu: str | None = None) -> str | None:
+    """Where gpu_memory_used_bytes reads: "nvml", "nvidia-smi", or None (neither works here)."""
+    if _nvml() is not None and (gpu is None or gpu.isdigit()):
+        return "nvml"
+    return "nvidia-smi" if shutil.which("nvidia-smi") is not None else None
+
+
 def gpu_memory_used_bytes(gpu: str | None = None) -> int | None:
-    """Memory in use on the GPU(s) by nvidia-smi (summed over those listed), or None where it is absent/failing."""
+    """Memory in use on the GPU(s) (summed over those listed), or None where it cannot be read.
+
+    NVML in this process where it loads: a reading is a library call. nvidia-smi otherwise: each reading is a
+    process of its own, started every 50 ms on the machine whose every core the benchmarked process may be using
+    (our CPU expert path spins 16 threads on the H200 machine's 16 cores; llama-bench runs 16 threads too)."""
+    if memory_source(gpu) == "nvml":
+        return _nvml_used_bytes(_nvml(), gpu)
     if shutil.which("nvidia-smi") is None:
         return None
     command = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
