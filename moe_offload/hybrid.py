@@ -496,7 +496,7 @@ def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_t
     share, -latency-libgomp-*.json: hence kernels/spin_pool.py). Then, tables whose layer timings promised 4%
     (ratio 50) made decode 15% slower (89.6 vs 105.5 tok/s, bench/results/2026-11-29-h200-hybrid-expected-vs-off.json).
     With the spin pool, at ratio 75 layer timings promised 13% and decodes ran 3% slower with the table (159.9 vs
-    164.7 tok/s, bench/results/2026-11-29-h200-vs-llamacpp.json): the check left the path off.
+    164.7 tok/s, bench/results/2026-11-29-h200-vs-llamacpp-session5.json): the check left the path off.
     """
     tables = [list(share.split_table) for share in shares]
 

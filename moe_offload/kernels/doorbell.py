@@ -4,7 +4,7 @@ functions (MOE_CPU_HANDOFF=stream_wait; hybrid.CpuShare).
 Why: a host node costs the layer a round trip through the CUDA driver's callback thread even when the step gives
 the CPU nothing to do. On the H200, with the compiled step and the spin pool, a ratio-75 layer with the CPU path
 on and no miss took 0.19 ms against 0.04 ms without the path, and one miss 0.26 against 0.21 ms (tuning tables
-in bench/results/2026-11-29-h200-vs-llamacpp.json): there the path lost, and the decode check turned it off.
+in bench/results/2026-11-29-h200-vs-llamacpp-session5.json): there the path lost, and the decode check turned it off.
 Here the GPU side is copies and stream memory operations (cuStreamWaitValue32 / cuStreamWriteValue32, which
 stream capture records as graph nodes), and the CPU side is one thread that spins over every share's doorbell
 word, as the spin pool's workers spin, and drives the pool itself.
