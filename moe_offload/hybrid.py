@@ -13,12 +13,18 @@ path), and the table is kept only if whole decodes run faster with it (check_on_
 
 How, with no host sync (the decode step stays one CUDA graph): the GPU packs the layer's hidden state, the
 host-tier rows of the CPU's experts and the routing weights into one device buffer; on a side stream that buffer
-is copied to a pinned mailbox, a host function (cuLaunchHostFunc, which stream capture records as a graph host
-node) computes the CPU's experts from the mailbox into pinned outputs, and those are copied back. The main
-stream runs the GPU's share meanwhile; the streams join before the K outputs are summed in the usual fixed
-order. CUDA orders every piece: nothing polls, nothing waits on the host. With the numba kernel the host
-function is compiled code (cpu_numba.step_function, on the threads of kernels/spin_pool.py) that never takes the
-GIL; torch's kernels run from Python.
+is copied to a pinned mailbox, the CPU computes its experts from the mailbox into pinned outputs, and those are
+copied back. The main stream runs the GPU's share meanwhile; the streams join before the K outputs are summed in
+the usual fixed order. CUDA orders every piece inside the graph: the launching thread never syncs mid-step.
+The CPU is handed its share (MOE_CPU_HANDOFF) either through a doorbell (stream_wait, the default: the GPU
+writes a step counter to a page-locked word and waits for another with cuStreamWaitValue32, both recorded in the
+graph; a spinning thread of kernels/doorbell.py runs the step) or through a host function (cuLaunchHostFunc,
+which stream capture records as a graph host node run by the driver's callback thread). On the H200 the doorbell
+cost a layer 0.068 ms with no expert for the CPU against 0.085 for the host node
+(bench/results/2026-11-29-h200-hybrid-latency-stream-wait.json) and decoded faster at 3 of 4 ratios in one run
+(-vs-llamacpp-handoffs.json). With the numba kernel the step is compiled code (cpu_numba.step_function /
+step_kernel, on the threads of kernels/spin_pool.py) that never takes the GIL; torch's kernels run from Python,
+through the host function only.
 
 Numerics: a CPU-computed expert rounds the same intermediates as the GPU kernels but accumulates in another
 order, so outputs can differ from the all-GPU run by an ulp here and there (cpu_experts.py): the CPU path is
