@@ -101,6 +101,7 @@ class StaticDecoder:
         self.graph_failure: str | None = None  # why capture failed once (then steps stay eager)
         self.steps_replayed = 0
         self.prefills_replayed = 0
+        self._feed: torch.Tensor | None = None  # [N] generate's feed, if any
 
     def _ensure_cache(self, length: int) -> None:
         """A StaticCache of at least `length` positions, and the step buffers bound to it."""
@@ -217,6 +218,11 @@ class StaticDecoder:
         self.prefills_replayed += 1
         return logits
 
+    def _override(self, index: int) -> None:
+        """With a feed, new token `index` is the fed one: written over the pick, in stream order (no host sync)."""
+        if self._feed is not None:
+            self._token.view(1).copy_(self._feed[index:index + 1])
+
     def _emit(self, token: int, new: list[int], max_new_tokens: int, min_new_tokens: int, streamer) -> bool:
         """Record a new token; True when generation stops after it."""
         new.append(token)
@@ -236,6 +242,7 @@ class StaticDecoder:
                 self._eos_bias.zero_()
             self.graph.replay()
             self.steps_replayed += 1
+            self._override(index)
             ring[index % 2].copy_(self._token[0, 0], non_blocking=True)
             ready[index % 2].record()
 
@@ -251,12 +258,21 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
-                 streamer=None, on_logits: Callable[[torch.Tensor], None] | None = None) -> list[int]:
+                 streamer=None, on_logits: Callable[[torch.Tensor], None] | None = None,
+                 feed: torch.Tensor | None = None) -> list[int]:
         """New token ids for the prompt `input_ids` [1, T] (greedy; stops at EOS once min_new_tokens are out).
 
         `streamer` gets transformers' streamer calls (put(prompt), put(each token), end()); `on_logits` gets each
-        step's logits [1, V] (float32 copy), for tests.
+        step's logits [1, V] (float32 copy), for tests. `feed` [>= max_new_tokens]: tokens that become the new
+        tokens in place of the greedy picks, so each step decodes a given token (benchmarks: llama-bench's
+        text-generation test feeds random ones; greedy decode of a random-weight model repeats one token, and so
+        one set of experts). A fed token is written over the step's pick on the device, after the step.
         """
+        if feed is not None:
+            if feed.dim() != 1 or feed.numel() < max_new_tokens:
+                raise ValueError(f"feed must be a 1-D tensor of at least {max_new_tokens} tokens")
+            feed = feed.to(self.device, torch.long)  # [N]
+        self._feed = feed
         prompt_len = input_ids.shape[1]
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -270,6 +286,7 @@ class StaticDecoder:
             self._eos_bias[self.eos_ids] = float("-inf")
         logits = self._prefill(input_ids)
         self._token.copy_(self._pick(logits))
+        self._override(0)
         self._position.fill_(prompt_len)
         new: list[int] = []
         mode = self._mode()
@@ -293,6 +310,7 @@ class StaticDecoder:
                 self.steps_replayed += 1
             else:
                 self._step()
+            self._override(len(new))
             logits = self._logits
         if streamer is not None:
             streamer.end()

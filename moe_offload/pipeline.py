@@ -128,22 +128,27 @@ class LLMPipeline:
         return dict(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
 
     @torch.inference_mode()
-    def generate_tokens(self, input_ids: torch.Tensor, streamer=None, **kwargs: Any) -> torch.Tensor:
+    def generate_tokens(self, input_ids: torch.Tensor, streamer=None, feed: torch.Tensor | None = None,
+                        **kwargs: Any) -> torch.Tensor:
         """New token ids [N] for `input_ids` [1, T]; kwargs as for transformers' generate (max_new_tokens, ...).
 
         Greedy generation runs on the static-cache decoder (decoding.py: one CUDA graph per step where every MoE
         layer is sync-free); anything it does not reproduce (sampling, other logits processing, sliding-window
         attention, an attention mask with padding) goes to transformers' generate. Both give transformers' greedy
-        tokens (tests/test_decoding.py on the CPU; bench/gpu_correctness.py on the H200).
+        tokens (tests/test_decoding.py on the CPU; bench/gpu_correctness.py on the H200). `feed` [>= N]: decode
+        these tokens instead of the greedy picks (StaticDecoder.generate; static decoder only).
         """
         if self._closed:  # the host tier is unpinned: kernels must no longer read it in place
             raise MoeOffloadError("this pipeline is closed")
         mask = kwargs.pop("attention_mask", None)
         static = (self.decoder is not None and input_ids.shape[0] == 1 and (mask is None or bool(mask.all()))
                   and unsupported_reason(self.model, kwargs) is None)
+        if feed is not None and not static:
+            raise MoeOffloadError("feeding given tokens needs greedy decoding of one unpadded sequence on the "
+                                  "static-cache decoder")
         if static:
             new = self.decoder.generate(input_ids, kwargs["max_new_tokens"], kwargs.get("min_new_tokens") or 0,
-                                        streamer=streamer)
+                                        streamer=streamer, feed=feed)
             self._check_cpu_experts()
             return torch.tensor(new, dtype=torch.long)
         output = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **kwargs)

@@ -11,6 +11,7 @@ from tiny_models import VOCAB, tiny_config
 
 from moe_offload import LLMPipeline
 from moe_offload.decoding import unsupported_reason
+from moe_offload.errors import MoeOffloadError
 
 ATOL = 1e-4
 
@@ -84,6 +85,30 @@ def test_streamer_gets_prompt_then_each_token(pipe):
     assert recorder.puts == [ids.tolist()] + [[t] for t in tokens.tolist()] and recorder.ended
 
 
+def _forward_logits(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' own forward over `ids` [1, T]: logits [T, V] at every position."""
+    with torch.no_grad():
+        return pipe.model(input_ids=ids).logits[0].float()
+
+
+def test_fed_tokens_are_decoded_in_place_of_the_greedy_picks(pipe):
+    """With a feed the new tokens are the fed ones, and each step's logits are transformers' forward over the
+    prompt and the tokens fed so far (so the cache holds the fed tokens, not the picks)."""
+    ids, feed = _ids(9, seed=7), _ids(8, seed=8)[0]
+    logits = []
+    assert pipe.decoder.generate(ids, 6, 6, on_logits=logits.append, feed=feed) == feed[:6].tolist()
+    want = _forward_logits(pipe, torch.cat([ids[0], feed[:5]])[None])[ids.shape[1] - 1:]  # [6, V]
+    diff = (torch.cat(logits) - want).abs().max().item()
+    assert diff <= ATOL, f"max |logits diff| {diff:.2e}"
+    assert pipe.generate_tokens(ids, max_new_tokens=5, min_new_tokens=5, feed=feed).tolist() == feed[:5].tolist()
+    greedy = pipe.decoder.generate(ids, 6, 6)
+    assert greedy == _transformers(pipe, ids, max_new_tokens=6, min_new_tokens=6)[0].tolist()  # feed not kept
+    with pytest.raises(ValueError, match="at least 6 tokens"):
+        pipe.decoder.generate(ids, 6, 6, feed=feed[:5])
+    with pytest.raises(MoeOffloadError, match="feeding given tokens needs greedy decoding"):
+        pipe.generate_tokens(ids, max_new_tokens=4, do_sample=True, feed=feed)
+
+
 def test_unsupported_requests_go_to_transformers(pipe):
     assert unsupported_reason(pipe.model, dict(max_new_tokens=4, do_sample=False)) is None
     assert unsupported_reason(pipe.model, dict(max_new_tokens=4, do_sample=True)) == "sampling"
@@ -102,13 +127,13 @@ def test_unsupported_requests_go_to_transformers(pipe):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("variant", ["zero-copy", "hybrid", "hybrid-lru", "hybrid-numba", "host-embeddings",
-                                     "fused-dense"])
+                                     "fused-dense", "fed"])
 def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, variant):
     """The decode step and a recurring prompt's prefill replayed from (CPU-emulated) whole graphs, on the paths
     that make a step capturable: zero-copy misses, misses partly on the CPU (host functions; on bf16 experts
     the numba kernel's compiled step), with device LRU, the embedding table read from the host, fused dense ops
-    (Triton kernels as graph nodes). Two generations of the same prompt: the eager decode's logits and tokens,
-    and something was replayed."""
+    (Triton kernels as graph nodes); and with fed tokens (each written over the replayed step's pick). Two
+    generations of the same prompt: the eager decode's logits and tokens, and something was replayed."""
     pytest.importorskip("triton")
     from graph_emulation import emulate_whole_graphs, record_graph_nodes
 
@@ -143,15 +168,34 @@ def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, va
         outputs = []
         for _ in range(2):
             logits = []
-            outputs.append((decoder.generate(prompt, 5, 5, on_logits=logits.append), logits))
+            feed = torch.tensor([7, 3, 7, 11, 2]) if variant == "fed" else None
+            outputs.append((decoder.generate(prompt, 5, 5, on_logits=logits.append, feed=feed), logits))
         runs.append(outputs)
         if variant == "fused-dense":
             unfuse_dense_ops(pipe.model)  # the rotary patch is process-wide
     for (want, want_logits), (got, got_logits) in zip(*runs):
         assert got == want and all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
+        assert variant != "fed" or got == [7, 3, 7, 11, 2]
     assert decoder.steps_replayed >= 4 and decoder.prefills_replayed == 1 and decoder.graph_failure is None
     if numba:
         from moe_offload.hybrid import NativeHostFunction
 
         assert isinstance(pipe.layers[0].cpu_share._native, NativeHostFunction)
         assert pipe.get_offload_stats()["experts_computed_on_cpu"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fed_tokens_through_queued_graph_replays_on_cuda():
+    """The shipped model at ratio 0 (zero-copy, whole-step graphs), steps queued one ahead of the host
+    (_replay_rest) with fed tokens: the new tokens are the fed ones, and the last step's logits equal those of the
+    same feed decoded step by step with its logits read back (so each queued step decoded its fed token)."""
+    generator = torch.Generator().manual_seed(9)
+    prompt = torch.randint(2, 1000, (1, 16), generator=generator).cuda()
+    feed = torch.randint(2, 1000, (24,), generator=generator)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0)
+    logits = []
+    assert pipe.decoder.generate(prompt, 24, 24, on_logits=logits.append, feed=feed) == feed.tolist()
+    replayed = pipe.decoder.steps_replayed
+    assert pipe.generate_tokens(prompt, max_new_tokens=24, min_new_tokens=24, feed=feed).tolist() == feed.tolist()
+    assert pipe.decoder.steps_replayed >= replayed + 20
+    assert torch.equal(pipe.decoder._logits.float(), logits[-1])
