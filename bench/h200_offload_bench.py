@@ -359,11 +359,21 @@ def prompt_ids(vocab: int, length: int) -> torch.Tensor:
     return torch.randint(2, vocab, (1, length), generator=torch.Generator().manual_seed(SEED + 1))  # [1, P]
 
 
+def fed_tokens(vocab: int, count: int, avoid: list[int]) -> torch.Tensor:
+    """[count] random token ids to decode in place of greedy picks (as llama-bench's tg test feeds random ones),
+    none of them in `avoid` (EOS: a fed EOS would end the generation)."""
+    tokens = torch.randint(2, vocab, (count,), generator=torch.Generator().manual_seed(SEED + 2))
+    for banned in avoid:
+        tokens[tokens == banned] = 2 if banned != 2 else 3
+    return tokens
+
+
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: torch.device, deadline: float,
-                   after_prefill=None, pipe=None) -> dict:
+                   after_prefill=None, pipe=None, feed: torch.Tensor | None = None) -> dict:
     """One greedy generation of `new_tokens`, timed as `moe-offload bench` times: through the pipeline's own
     decoding (static cache, CUDA graph where possible) when `pipe` is given, else transformers' generate with a
-    stopping criterion at `deadline` (the baselines, which can be slow)."""
+    stopping criterion at `deadline` (the baselines, which can be slow). `feed` (pipe only): tokens decoded in
+    place of the greedy picks (fed_tokens)."""
     timer = GenerationTimer(model, lambda: sync(device), after_prefill)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -374,7 +384,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: torch.devi
         with torch.inference_mode():
             if pipe is not None:
                 produced = int(pipe.generate_tokens(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                    do_sample=False, streamer=timer).numel())
+                                                    do_sample=False, streamer=timer, feed=feed).numel())
             else:
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False, streamer=timer,

@@ -6,9 +6,14 @@ process while the GPU's memory in use is polled (NVML, or nvidia-smi where NVML 
 bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is measured the same way for both: process
 memory, CUDA context included, over the idle reading before it.
 - ours: every variant (--variants: hybrid CPU+GPU misses, GPU only) at every ratio; the rows report --main.
-  A 128-token prompt of random ids, then 32 greedy tokens (llama-bench -p 128 -n 32); one warm-up
-  generation, then the median of --repeats: prefill tok/s = 128 / (prompt to first token), decode tok/s = the
-  later tokens / their time. The host tier holds every non-resident expert (zero-copy misses, CUDA graphs).
+  A 128-token prompt of random ids, then 32 tokens (llama-bench -p 128 -n 32); one warm-up generation, then the
+  median of --repeats: prefill tok/s = 128 / (prompt to first token), decode tok/s = the later tokens / their
+  time. The host tier holds every non-resident expert (zero-copy misses, CUDA graphs). What each decode step
+  takes in (--decode-tokens): random tokens by default, as llama-bench's tg test feeds (a random token each step,
+  tools/llama-bench/llama-bench.cpp test_gen); "greedy" feeds each step's pick, which on random weights repeats
+  one token 32 times (bench/results/2026-11-29-cache-policy-bench-workload.json), so the same few experts per
+  layer: a workload that favours any cache (and the CPU's L3) over llama-bench's. Runs before 2026-11-29's
+  session 6 changes were greedy.
 - llama.cpp: llama-bench's own pp128 and tg32 averages (-r --repeats), -ngl 99 -ncmoe N.
 `ncmoe` = experts of N of the L layers on llama.cpp's CPU, matched to ratio = 100 (L - N) / L.
 
@@ -72,10 +77,15 @@ def ours_worker(spec: dict) -> dict:
     pipe = LLMPipeline(spec["model_dir"], str(device), MOE_OFFLOAD_RATIO=spec["ratio"], MOE_IO="pread",
                        MOE_HOST_CACHE=bench.host_tier_bytes(facts, element), **spec["properties"])
     after_load = memory_breakdown(torch, device)
-    ids = bench.prompt_ids(facts["config"]["vocab_size"], spec["prompt"]).to(device)
+    vocab = facts["config"]["vocab_size"]
+    ids = bench.prompt_ids(vocab, spec["prompt"]).to(device)
+    feed = None
+    if spec["decode_tokens"] == "random":
+        eos = pipe.model.generation_config.eos_token_id
+        feed = bench.fed_tokens(vocab, spec["gen"], [] if eos is None else [eos] if isinstance(eos, int) else eos)
     deadline = time.perf_counter() + spec["seconds"]
-    bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe)  # warm-up: compile, capture
-    runs = [bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe)
+    bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe, feed=feed)  # compile, capture
+    runs = [bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe, feed=feed)
             for _ in range(spec["repeats"])]
     stats = pipe.get_offload_stats()
     after_runs = memory_breakdown(torch, device)
@@ -101,7 +111,8 @@ def run_ours(args, ratio: int, properties: dict) -> dict:
     from run_llama_bench import PeakMemory, gpu_memory_used_bytes
 
     spec = {"model_dir": args.model_dir, "device": args.device, "ratio": ratio, "prompt": args.prompt,
-            "gen": args.gen, "repeats": args.repeats, "seconds": args.timeout, "properties": properties}
+            "gen": args.gen, "repeats": args.repeats, "seconds": args.timeout, "properties": properties,
+            "decode_tokens": args.decode_tokens}
     baseline = gpu_memory_used_bytes()
     poller = PeakMemory().start() if baseline is not None else None
     started = time.perf_counter()
@@ -162,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--gen", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-tokens", choices=("random", "greedy"), default="random",
+                        help="what our decode steps take in: random tokens, as llama-bench's tg test feeds (default), "
+                             "or each step's greedy pick (on random weights that repeats one token)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per configuration")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="write and use the tiny model; our side on the CPU")
@@ -198,7 +212,8 @@ def main(argv=None) -> int:
     llamacpp: dict[int, dict] = {}
     report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model_dir": args.model_dir,
               "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt, "gen_tokens": args.gen,
-              "repeats": args.repeats, "targets": TARGETS, "variants": args.variants, "main_variant": args.main,
+              "repeats": args.repeats, "decode_tokens": args.decode_tokens, "targets": TARGETS,
+              "variants": args.variants, "main_variant": args.main,
               "memory_rule": f"{memory_source()} memory in use over the idle reading, polled every 50 ms, both sides"}
 
     def write() -> None:  # after every configuration, so a run cut short keeps what it measured
