@@ -6,7 +6,9 @@ step to step (bench/results/2026-11-29-routing-prediction.json), which would fav
 bench workload's routing with forward hooks on the routers of a transformers model on the CPU: the random
 Qwen3-30B-A3B-shaped 12-layer bf16 model of h200_offload_bench.generate_model (same init rule and seed as the
 H200's, but a CPU generator: not the same draws), prompt_ids(vocab, 128), 32 greedy tokens with EOS suppressed as
-pipe.generate_tokens(min_new_tokens=32) does (1 prefill + 31 decode forwards); warm-up + --repeats generations.
+pipe.generate_tokens(min_new_tokens=32) does (1 prefill + 31 decode forwards), or with --decode-tokens random the
+random tokens bench/vs_llamacpp.py feeds by default (h200_offload_bench.fed_tokens, as llama-bench's tg test feeds
+random ones); warm-up + --repeats generations.
 Replays: static (hit iff id < C), and simulate.py's "lru" and "min" on the engine's SlotTable; decode steps only,
 for one generation from a fresh load and for all generations back to back counting all but the warm-up.
 
@@ -35,8 +37,10 @@ from moe_offload.simulate import _replay_layer, replay_steps, simulate  # noqa: 
 
 
 @torch.no_grad()
-def generate(model, ids: torch.Tensor, new: int, eos: list[int]) -> tuple[list[int], list[dict[int, list]]]:
-    """Greedy tokens and, per forward, {layer: [T][K] router top-k ids}, as decoding.StaticDecoder runs it."""
+def generate(model, ids: torch.Tensor, new: int, eos: list[int],
+             feed: torch.Tensor | None = None) -> tuple[list[int], list[dict[int, list]]]:
+    """Greedy tokens (or with `feed`, the fed ones in place of the picks) and, per forward, {layer: [T][K] router
+    top-k ids}, as decoding.StaticDecoder runs it."""
     moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
     forwards: list[dict[int, list]] = []
 
@@ -52,7 +56,8 @@ def generate(model, ids: torch.Tensor, new: int, eos: list[int]) -> tuple[list[i
             forwards.append({})
             out = model(input_ids=step_ids, use_cache=True, logits_to_keep=1, **{name: past})
             past = getattr(out, name)
-            tokens.append(int((out.logits[0, -1].float() + bias).argmax()))
+            pick = int((out.logits[0, -1].float() + bias).argmax())
+            tokens.append(pick if feed is None else int(feed[len(tokens)]))
             if len(tokens) == new:
                 return tokens, forwards
             step_ids = torch.tensor([[tokens[-1]]])
@@ -99,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed generations after the one warm-up")
     p.add_argument("--ratios", default="0,25,50,75")
+    p.add_argument("--decode-tokens", choices=("random", "greedy"), default="random",
+                   help="what decode steps take in, as bench/vs_llamacpp.py's option")
     p.add_argument("--cleanup", action="store_true", help="delete --model-dir at the end")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -113,10 +120,11 @@ def main(argv=None) -> int:
     eos = model.generation_config.eos_token_id or model.config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos)
     ids = bench.prompt_ids(spec["vocab_size"], args.prompt)
+    feed = bench.fed_tokens(spec["vocab_size"], args.gen, eos) if args.decode_tokens == "random" else None
     runs, gen_s = [], []
     for _ in range(1 + args.repeats):
         t0 = time.perf_counter()
-        runs.append(generate(model, ids, args.gen, eos))
+        runs.append(generate(model, ids, args.gen, eos, feed))
         gen_s.append(time.perf_counter() - t0)
         print(f"generation {len(runs)}: {gen_s[-1]:.1f} s, tokens {runs[-1][0]}", flush=True)
     del model

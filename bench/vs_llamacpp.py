@@ -11,9 +11,12 @@ memory, CUDA context included, over the idle reading before it.
   time. The host tier holds every non-resident expert (zero-copy misses, CUDA graphs). What each decode step
   takes in (--decode-tokens): random tokens by default, as llama-bench's tg test feeds (a random token each step,
   tools/llama-bench/llama-bench.cpp test_gen); "greedy" feeds each step's pick, which on random weights repeats
-  one token 32 times (bench/results/2026-11-29-cache-policy-bench-workload.json), so the same few experts per
-  layer: a workload that favours any cache (and the CPU's L3) over llama-bench's. Runs before 2026-11-29's
-  session 6 changes were greedy.
+  one token 32 times (bench/results/2026-11-29-cache-policy-bench-workload-greedy.json). Runs before 2026-11-29's
+  session 6 changes were greedy. Either way this random checkpoint routes layers 2-11 to nearly the same 10-15
+  experts at every decode step, whatever the token (its embeddings are tiny next to what attention adds): an LRU
+  cache of the resident size would hit 0.96-0.999 of decode accesses at ratios 25-75 against 0.26-0.70 for the
+  static set (-cache-policy-bench-workload-random.json, a CPU-drawn copy of the model). Not a worst case for a
+  cache, whatever the issue assumed; say so beside any result that caches on it.
 - llama.cpp: llama-bench's own pp128 and tg32 averages (-r --repeats), -ngl 99 -ncmoe N.
 `ncmoe` = experts of N of the L layers on llama.cpp's CPU, matched to ratio = 100 (L - N) / L.
 

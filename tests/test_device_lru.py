@@ -98,3 +98,30 @@ def test_engine_admits_misses_as_it_reads_them(checkpoint_factory):
                 assert torch.equal(layer.gate_up[slot], gate_up) and torch.equal(layer.down[slot], down)
     stats = pipe.get_offload_stats()
     assert stats["hits"] == replayed_hits and stats["experts_read_in_place"] == stats["misses"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_lru_on_cuda():
+    """MOE_ZERO_COPY=lru on the GPU (the shipped model at ratio 25, decode steps replayed from whole-step graphs):
+    ratio 100's tokens, misses admitted (more hits than the static resident set gets on the same routing), and
+    every slot holding its expert's bytes afterwards."""
+    prompt = torch.randint(2, 1000, (1, 16), generator=torch.Generator().manual_seed(4)).cuda()
+    reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
+    want = reference.generate_tokens(prompt, max_new_tokens=48, min_new_tokens=48)
+    reference.close()
+    runs = {}
+    for mode in ("auto", "lru"):
+        pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25, MOE_ZERO_COPY=mode)
+        assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=48, min_new_tokens=48), want)
+        runs[mode] = pipe.get_offload_stats()
+        assert runs[mode]["cuda_graph_steps"] > 0 and runs[mode]["cuda_graph_failure"] is None
+        if mode == "lru":
+            for layer in pipe.layers:
+                for expert, slot in enumerate(layer._direct_slots.tolist()):
+                    if slot < layer.table.capacity:
+                        gate_up, down = layer.host.get(expert)
+                        assert torch.equal(layer.gate_up[slot].cpu(), gate_up.cpu())
+                        assert torch.equal(layer.down[slot].cpu(), down.cpu())
+        pipe.close()
+    assert runs["lru"]["hits"] > runs["auto"]["hits"]
+    assert runs["lru"]["hits"] + runs["lru"]["misses"] == runs["auto"]["hits"] + runs["auto"]["misses"]

@@ -6,7 +6,8 @@
 # Both calls need carry [".llamacpp"] (the git-ignored source archive; see README.md here).
 # Usage: OUT=... CHECKS="python -m pytest -q tests/test_hybrid.py" bash bench/llamacpp/h200_side_by_side.sh prepare
 #        OUT=... bash bench/llamacpp/h200_side_by_side.sh measure
-# env: WORK (/tmp/llamacpp), MODEL, RATIOS, REPEATS, VARIANTS and MAIN (vs_llamacpp.py's --variants, --main)
+# env: WORK (/tmp/llamacpp), MODEL, RATIOS, REPEATS, VARIANTS, MAIN, DECODE_TOKENS (vs_llamacpp.py's --variants,
+#      --main, --decode-tokens)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-/tmp/llamacpp}
@@ -42,7 +43,7 @@ measure)
     step "side by side"
     python bench/vs_llamacpp.py --model-dir "$MODEL" --gguf "$MODEL.gguf" --ratios "${RATIOS:-0,25,50,75}" \
         --llama-bench "$WORK/build-cuda/bin/llama-bench" --repeats "${REPEATS:-3}" --timeout 100 \
-        ${VARIANTS:+--variants "$VARIANTS"} ${MAIN:+--main "$MAIN"} \
+        ${VARIANTS:+--variants "$VARIANTS"} ${MAIN:+--main "$MAIN"} ${DECODE_TOKENS:+--decode-tokens "$DECODE_TOKENS"} \
         --out "$OUT/vs-llamacpp.json" | grep -v '^{"ratio'
     ;;
 *) echo "usage: $0 prepare|measure" >&2; exit 2 ;;
