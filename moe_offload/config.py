@@ -71,7 +71,8 @@ class OffloadConfig:
     # page-locked doorbell word and waits on another (stream memory operations) while a spinning thread of ours
     # serves it (kernels/doorbell.py), falling back to host_function where the driver refuses; "host_function" = a
     # CUDA host node runs the compiled step on the driver's callback thread. On the H200, stream_wait decoded
-    # 8-17% faster at ratios 0, 25 and 75 and 1% slower at 50 (bench/results/2026-11-29-h200-vs-llamacpp-handoffs.json).
+    # 11-17% faster at ratios 0, 25 and 75 and 1% slower at 50
+    # (bench/results/2026-11-29-h200-vs-llamacpp-handoffs.json).
     moe_cpu_handoff: str = "stream_wait"
     # Worker threads of the CPU expert path (kernels/spin_pool.py; they spin between jobs). None = "auto": the
     # cores torch uses less two (the launching thread and the doorbell server each keep one spinning).

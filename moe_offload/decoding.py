@@ -265,8 +265,8 @@ class StaticDecoder:
         `streamer` gets transformers' streamer calls (put(prompt), put(each token), end()); `on_logits` gets each
         step's logits [1, V] (float32 copy), for tests. `feed` [>= max_new_tokens]: tokens that become the new
         tokens in place of the greedy picks, so each step decodes a given token (benchmarks: llama-bench's
-        text-generation test feeds random ones; greedy decode of a random-weight model repeats one token, and so
-        one set of experts). A fed token is written over the step's pick on the device, after the step.
+        text-generation test feeds random ones, where greedy decode of a random-weight model repeats one token).
+        A fed token is written over the step's pick on the device, after the step.
         """
         if feed is not None:
             if feed.dim() != 1 or feed.numel() < max_new_tokens:
