@@ -12,7 +12,9 @@ measured at load (tune_split: the layer's own decode forward timed for every spl
 path), and the table is kept only if whole decodes run faster with it (check_on_decode).
 
 How, with no host sync (the decode step stays one CUDA graph): the GPU packs the layer's hidden state, the
-host-tier rows of the CPU's experts and the routing weights into one device buffer; on a side stream that buffer
+host-tier rows of the CPU's experts and the routing weights into one device buffer (one Triton kernel where
+Triton runs, kernels/triton_hybrid.py, which also masks the CPU's pairs out of the GPU's ids and counts them; else
+pack_share_torch); on a side stream that buffer
 is copied to a pinned mailbox, the CPU computes its experts from the mailbox into pinned outputs, and those are
 copied back. The main stream runs the GPU's share meanwhile; the streams join before the K outputs are summed in
 the usual fixed order. CUDA orders every piece inside the graph: the launching thread never syncs mid-step.
@@ -187,6 +189,9 @@ class CpuShare:
         # [H + 2K] float32: hidden state (widened, exact), host row of each pair's expert (-1: not the CPU's),
         # routing weight of each pair (widened, exact)
         self._packed = torch.empty(hidden + 2 * top_k, dtype=torch.float32, device=device)
+        self._gpu_ids = torch.empty((1, top_k), dtype=torch.long, device=device)  # [1, K] E where the CPU computes
+        self._cpu_pair = torch.zeros(top_k, dtype=torch.uint8, device=device)  # [K] 1: the CPU computes this pair
+        self._pack = _pack_function(device)
         self._mailbox = self._host_buffer(hidden + 2 * top_k, on_cuda)  # [H + 2K]
         self._out_host = self._host_buffer(top_k * hidden, on_cuda).view(top_k, hidden)  # [K, H]
         self._out = torch.zeros((top_k, hidden), dtype=torch.float32, device=device)  # [K, H]
@@ -317,13 +322,8 @@ class CpuShare:
         """
         # K = top-k, H = hidden, E = routed experts
         self._dtype, self._weight_dtype, self._act_fn = hidden_states.dtype, top_k_weights.dtype, act_fn
-        top_k = self.top_k
-        n_cpu = self.split.index_select(0, from_host.sum().view(1))  # [1] misses the CPU computes
-        cpu_pair = (from_host > 0) & (from_host.cumsum(-1) <= n_cpu)  # [1, K] the first n_cpu misses
-        rows = torch.where(cpu_pair, self.host_rows[top_k_index], -1)  # [1, K]
-        torch.cat([hidden_states.reshape(-1).float(), rows.reshape(-1).float(), top_k_weights.reshape(-1).float()],
-                  out=self._packed)  # [H + 2K]
-        self.tally.add_(cpu_pair.sum())
+        self._pack(hidden_states, top_k_index, top_k_weights, from_host, self.split, self.host_rows,
+                   self.host_rows.numel(), self._packed, self._gpu_ids, self._cpu_pair, self.tally, self._ring)
         with self._side_stream():
             self._mailbox.copy_(self._packed, non_blocking=True)
             function = self._host_function(act_fn)
@@ -332,17 +332,16 @@ class CpuShare:
             else:
                 function.launch(self._stream)
             self._out.copy_(self._out_host, non_blocking=True)
-        contrib = gpu_share(top_k_index.masked_fill(cpu_pair, self.host_rows.numel()))  # [K, H]
+        contrib = gpu_share(self._gpu_ids)  # [K, H]
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        return torch.where(cpu_pair.view(top_k, 1), self._out, contrib)  # [K, H]
+        return torch.where(self._cpu_pair.view(torch.bool).view(self.top_k, 1), self._out, contrib)  # [K, H]
 
     def _ring_doorbell(self) -> None:
-        """On the side stream, after the mailbox copy: a new RING value (the server then runs the step), a wait
-        for DONE == 1 (the outputs are in), DONE back to 0 (kernels/doorbell.py)."""
+        """On the side stream, after the mailbox copy: the new RING value (stepped by the pack; the server then
+        runs the step), a wait for DONE == 1 (the outputs are in), DONE back to 0 (kernels/doorbell.py)."""
         from .kernels.doorbell import DONE, RING
 
-        self._ring.add_(1)
         self._doorbell[RING:RING + 1].copy_(self._ring, non_blocking=True)
         done = self._doorbell.data_ptr() + 4 * DONE
         _stream_word_op("cuStreamWaitValue32_v2", self._stream, done, 1, _STREAM_WAIT_VALUE_EQ)
@@ -361,6 +360,41 @@ class CpuShare:
     def check(self) -> None:
         """Raise the CPU side's error, if its host function failed since the last check."""
         self._function.check()
+
+
+def pack_share_torch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     from_host: torch.Tensor, split: torch.Tensor, host_rows: torch.Tensor, num_experts: int,
+                     packed: torch.Tensor, gpu_ids: torch.Tensor, cpu_pair: torch.Tensor, tally: torch.Tensor,
+                     ring: torch.Tensor | None) -> None:
+    """A one-token step's CPU share, decided and packed in place (kernels/triton_hybrid.pack_share does the same
+    in one launch): the CPU's pairs are the first split[misses] misses in top-k order (cpu_pair [K], 1 = the
+    CPU's); packed [H + 2K] float32 = hidden state, each pair's host-tier row (-1: not the CPU's), each pair's
+    routing weight; gpu_ids [1, K] = the ids with the CPU's pairs replaced by E (the GPU kernels skip them);
+    tally += the CPU's pairs; ring += 1 (the doorbell's step counter, if any).
+
+    hidden [1, H]; top_k_index, top_k_weights, from_host [1, K] (from_host: 1 = read from the host tier);
+    split [K + 1]; host_rows [E].
+    """
+    n_cpu = split.index_select(0, from_host.sum().view(1))  # [1] misses the CPU computes
+    pairs = (from_host > 0) & (from_host.cumsum(-1) <= n_cpu)  # [1, K] the first n_cpu misses
+    rows = torch.where(pairs, host_rows[top_k_index], -1)  # [1, K]
+    torch.cat([hidden.reshape(-1).float(), rows.reshape(-1).float(), top_k_weights.reshape(-1).float()],
+              out=packed)  # [H + 2K]
+    gpu_ids.copy_(top_k_index.masked_fill(pairs, num_experts))
+    cpu_pair.copy_(pairs.reshape(-1))
+    tally.add_(pairs.sum())
+    if ring is not None:
+        ring.add_(1)
+
+
+def _pack_function(device: torch.device) -> Callable:
+    """pack_share_torch's fused Triton kernel where Triton runs on `device`, else pack_share_torch itself."""
+    try:
+        from .kernels import triton_hybrid
+    except ImportError:  # no triton (a CPU-only install)
+        return pack_share_torch
+    return triton_hybrid.pack_share if triton_hybrid.pack_supported(torch.empty(0, device=device)) \
+        else pack_share_torch
 
 
 def all_on_cpu(top_k: int) -> list[int]:

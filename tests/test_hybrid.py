@@ -66,6 +66,41 @@ def test_split_sends_the_first_misses_to_the_cpu(from_host, split, expected_cpu)
     assert int(share.tally) == sum(expected_cpu)
 
 
+@pytest.mark.parametrize("top_k,hidden_size,dtype,ring", [(8, 1500, torch.bfloat16, True),
+                                                          (6, 64, torch.float32, False),
+                                                          (2, 2048, torch.float16, True)])
+def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, ring):
+    """kernels/triton_hybrid.pack_share (Triton's interpreter here, compiled on CUDA) against pack_share_torch, bit
+    for bit, over every miss pattern's split: packed mailbox, GPU ids, CPU pairs, tally and ring."""
+    triton_hybrid = pytest.importorskip("moe_offload.kernels.triton_hybrid")
+    from moe_offload.hybrid import pack_share_torch
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    if not triton_hybrid.pack_supported(torch.empty(0, device=device)):
+        pytest.skip("Triton does not run on this device here (TRITON_INTERPRET unset)")
+    generator = torch.Generator().manual_seed(top_k)
+    num_experts = 40
+    host_rows = torch.where(torch.rand(num_experts, generator=generator) < 0.5,
+                            torch.randperm(num_experts, generator=generator), -1).to(device)  # [E]
+    for case in range(12):
+        ids = torch.randperm(num_experts, generator=generator)[:top_k].view(1, top_k).to(device)  # [1, K]
+        from_host = (host_rows[ids] >= 0).long()  # [1, K]
+        split = torch.tensor([min(m, (m * case) // 7) for m in range(top_k + 1)], device=device)  # [K + 1]
+        hidden = torch.randn(1, hidden_size, generator=generator).to(device, dtype)  # [1, H]
+        weights = torch.rand(1, top_k, generator=generator).to(device)  # [1, K]
+        outputs = []
+        for pack in (pack_share_torch, triton_hybrid.pack_share):
+            counter = torch.tensor([11], dtype=torch.int32, device=device) if ring else None
+            out = (torch.full((hidden_size + 2 * top_k,), 9.0, device=device),
+                   torch.full((1, top_k), -5, dtype=torch.long, device=device),
+                   torch.full((top_k,), 7, dtype=torch.uint8, device=device), torch.tensor(3, device=device), counter)
+            pack(hidden, ids, weights, from_host, split, host_rows, num_experts, *out)
+            outputs.append(out)
+        for want, got in zip(*outputs):
+            assert (want is None and got is None) or torch.equal(want, got)
+        assert int(outputs[0][2].sum()) == int(outputs[0][3]) - 3  # the tally counts the CPU's pairs
+
+
 def test_cpu_share_with_the_numba_kernel_on_bf16():
     """The engine's CPU kernel for bf16 SiLU experts (integration.cpu_expert_kernel): rows within 4 bf16 ulps of
     the reference's."""

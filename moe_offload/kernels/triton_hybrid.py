@@ -1,0 +1,73 @@
+"""The GPU side of a hybrid decode step's bookkeeping (hybrid.CpuShare.forward) as one Triton kernel.
+
+Why: before the CPU can take its share of a layer's misses, the GPU decides which pairs are the CPU's (the
+first n_cpu misses in top-k order, n_cpu from the split table), packs the hidden state, those pairs' host-tier
+rows and the routing weights into the mailbox buffer, masks the CPU's pairs out of the ids the GPU kernels
+read, counts them and steps the doorbell's ring counter. In torch that is ~16 tiny kernels (sum, index_select,
+cumsum, comparisons, gathers, casts, cat, masked_fill, adds), each ~2-3 us even replayed from a graph, on the
+path every layer of a decode step waits on, and on the CPU's critical path too. Here it is one launch.
+
+Same values as the torch code (hybrid.pack_share_torch): the hidden state and the weights widened to float32
+(exact), rows as float32 (exact below 2^24), ids as given.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_dense import runs_on
+
+_BLOCK_H = 1024
+
+
+@triton.jit
+def _pack_kernel(hidden_ptr, ids_ptr, weights_ptr, from_host_ptr, split_ptr, host_rows_ptr, packed_ptr,
+                 gpu_ids_ptr, cpu_pair_ptr, tally_ptr, ring_ptr, H, num_experts,
+                 K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RING: tl.constexpr):
+    """Every program widens a BLOCK_H chunk of the hidden state into packed[:H]; program 0 also does the pairs."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    mask = offs < H
+    x = tl.load(hidden_ptr + offs, mask=mask, other=0.0)
+    tl.store(packed_ptr + offs, x.to(tl.float32), mask=mask)
+    if pid == 0:
+        k = tl.arange(0, BLOCK_K)  # [BLOCK_K] pair index
+        live = k < K
+        ids = tl.load(ids_ptr + k, mask=live, other=0)  # [BLOCK_K] expert of each pair
+        remote = tl.load(from_host_ptr + k, mask=live, other=0).to(tl.int32)  # 1: read from the host tier
+        n_cpu = tl.load(split_ptr + tl.sum(remote, axis=0))  # misses the CPU computes
+        cpu = (remote > 0) & (tl.cumsum(remote, axis=0) <= n_cpu) & live  # the first n_cpu misses
+        rows = tl.load(host_rows_ptr + ids, mask=live, other=-1)  # [BLOCK_K] host-tier row or -1
+        rows = tl.where(cpu, rows, -1)
+        tl.store(packed_ptr + H + k, rows.to(tl.float32), mask=live)
+        weights = tl.load(weights_ptr + k, mask=live, other=0.0)
+        tl.store(packed_ptr + H + K + k, weights.to(tl.float32), mask=live)
+        tl.store(gpu_ids_ptr + k, tl.where(cpu, num_experts, ids), mask=live)
+        tl.store(cpu_pair_ptr + k, cpu.to(tl.uint8), mask=live)
+        tl.store(tally_ptr, tl.load(tally_ptr) + tl.sum(cpu.to(tl.int64), axis=0))
+        if HAS_RING:
+            tl.store(ring_ptr, tl.load(ring_ptr) + 1)
+
+
+def pack_supported(hidden: torch.Tensor) -> bool:
+    """Whether pack_share runs on this tensor's device (CUDA; the CPU in Triton's interpreter)."""
+    return runs_on(hidden)
+
+
+def pack_share(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+               from_host: torch.Tensor, split: torch.Tensor, host_rows: torch.Tensor, num_experts: int,
+               packed: torch.Tensor, gpu_ids: torch.Tensor, cpu_pair: torch.Tensor, tally: torch.Tensor,
+               ring: torch.Tensor | None) -> None:
+    """hybrid.pack_share_torch's outputs, in place, in one launch.
+
+    hidden [1, H]; top_k_index, top_k_weights, from_host [1, K]; split [K + 1]; host_rows [E];
+    packed [H + 2K] float32; gpu_ids [1, K] int64; cpu_pair [K] uint8; tally [] int64; ring [1] int32 or None.
+    """
+    width, top_k = hidden.shape[-1], top_k_index.shape[-1]
+    grid = (triton.cdiv(width, _BLOCK_H),)
+    _pack_kernel[grid](hidden.reshape(-1), top_k_index.reshape(-1), top_k_weights.reshape(-1),
+                       from_host.reshape(-1), split, host_rows, packed, gpu_ids.reshape(-1), cpu_pair, tally,
+                       ring if ring is not None else tally, width, num_experts, K=top_k,
+                       BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=_BLOCK_H, HAS_RING=ring is not None)
