@@ -15,8 +15,9 @@ How, with no host sync (the decode step stays one CUDA graph): the GPU packs the
 host-tier rows of the CPU's experts and the routing weights into one device buffer (one Triton kernel where
 Triton runs, kernels/triton_hybrid.py, which also masks the CPU's pairs out of the GPU's ids and counts them; else
 pack_share_torch); on a side stream that buffer is copied to a pinned mailbox, the CPU computes its experts
-from the mailbox into pinned outputs, and those are copied back. The main stream runs the GPU's share meanwhile; the streams join before the K outputs are summed in
-the usual fixed order. CUDA orders every piece inside the graph: the launching thread never syncs mid-step.
+from the mailbox into pinned outputs, and those are copied back. The main stream runs the GPU's share
+meanwhile; the streams join before the K outputs are summed in the usual fixed order. CUDA orders every piece
+inside the graph: the launching thread never syncs mid-step.
 The CPU is handed its share (MOE_CPU_HANDOFF) either through a doorbell (stream_wait, the default: the GPU
 writes a step counter to a page-locked word and waits for another with cuStreamWaitValue32, both recorded in the
 graph; a spinning thread of kernels/doorbell.py runs the step) or through a host function (cuLaunchHostFunc,
