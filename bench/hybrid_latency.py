@@ -11,6 +11,8 @@ CUDA graph and timed with CUDA events (median of --repeats):
                    the compiled host step, no GIL), the launching thread blocking and (_busy) running Python;
                    share_numba_stream_wait: handed over by a doorbell word (MOE_CPU_HANDOFF=stream_wait)
   share_0          the same with no miss: what the path costs a layer that gives the CPU nothing
+  share_*_{0,1}_torch_pack  the same with the GPU's bookkeeping as torch ops (hybrid.pack_share_torch) instead of
+                   the Triton kernel (kernels/triton_hybrid.py)
   direct           the same kernel's call on the main thread (perf_counter), other experts each time
 Usage: python bench/hybrid_latency.py --out bench/results/<date>-h200-hybrid-latency.json
 """
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_offload.cpu_experts import CpuExperts
-from moe_offload.hybrid import CpuShare, HostFunction, NativeHostFunction, stream_wait_available
+from moe_offload.hybrid import CpuShare, HostFunction, NativeHostFunction, pack_share_torch, stream_wait_available
 from moe_offload.integration import cpu_expert_kernels
 from moe_offload.tiers import HostTier
 
@@ -144,9 +146,12 @@ def main() -> int:
                 name = f"share_{kernel}{handoff}_{n}"
                 seconds[name] = graph_time(forward, args.repeats, before=rotate)
                 seconds[f"{name}_busy"] = graph_time(forward, args.repeats, before=rotate, busy=True)
+                if n in (0, 1) and share._pack is not pack_share_torch:  # the bookkeeping as ~16 torch launches
+                    share._pack = pack_share_torch
+                    seconds[f"{name}_torch_pack"] = graph_time(forward, args.repeats, before=rotate)
                 share.check()
                 print(name, f"{seconds[name] * 1e3:.3f} ms ({seconds[f'{name}_busy'] * 1e3:.3f} ms busy)",
-                      flush=True)
+                      f"torch pack {seconds.get(f'{name}_torch_pack', float('nan')) * 1e3:.3f} ms", flush=True)
     for kernel, runner in runners.items():
         for n in (1, 2, 4, 8):
             host_hidden = hidden.cpu().expand(n, hidden_size)
