@@ -9,6 +9,8 @@ write each admitted miss into its slot while they read it from host memory (trit
 then commit() updates the maps; everything is ordered on the stream after the step's kernels, so a graph replay
 of the step does it all.
 
+Where Triton runs, plan and commit are one Triton kernel each (kernels/triton_lru.py) instead of ~25 torch ops.
+
 Needs every expert of the layer in the host tier (an evicted expert is read in place from there afterwards) and
 one token per step (a decode step: its K experts are distinct).
 """
@@ -29,7 +31,7 @@ class DeviceLRU:
     """
 
     def __init__(self, slot_of: torch.Tensor, from_host: torch.Tensor, host_row: list[int],
-                 slot_expert_oldest_first: list[tuple[int, int]]):
+                 slot_expert_oldest_first: list[tuple[int, int]], fused: bool | None = None):
         device = slot_of.device
         self.num_experts = slot_of.numel() - 1
         self.capacity = len(slot_expert_oldest_first)
@@ -44,6 +46,11 @@ class DeviceLRU:
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.admit = torch.full((self.num_experts,), -1, dtype=torch.int32, device=device)  # [E] for the kernels
         self._plan: tuple | None = None
+        # plan/commit as two Triton kernels (kernels/triton_lru.py) where Triton runs; fused=False: torch ops
+        self._kernels = _fused_kernels(slot_of) if fused is None or fused else None
+        if fused and self._kernels is None:
+            raise ValueError("the fused device LRU needs a device Triton runs on")
+        self._plan_buffers: tuple | None = None  # (victim, admitted, stamp) [K] int64 for the fused kernels
 
     def plan(self, ids: torch.Tensor, admissible: torch.Tensor | None = None) -> torch.Tensor:
         """admit [E] int32 for a step needing `ids` [K] (distinct): the slot each admitted miss is written into.
@@ -51,6 +58,15 @@ class DeviceLRU:
         admissible [K] bool (aligned with ids): misses that may be admitted, i.e. that the GPU reads (the CPU
         computes the others where they lie: hybrid.py); None = all. The others take no slot and no rank."""
         # K = experts of the step, C = slots, E = experts
+        if self._kernels is not None and self._kernels.fused_supported(ids, ids.numel()):
+            flat = ids.reshape(-1)  # [K]
+            if self._plan_buffers is None or self._plan_buffers[0].numel() != flat.numel():
+                self._plan_buffers = tuple(torch.zeros(flat.numel(), dtype=torch.long, device=flat.device)
+                                           for _ in range(3))
+            allowed = None if admissible is None else admissible.reshape(-1).contiguous().view(torch.uint8)
+            self._kernels.plan(self, flat, allowed, self._plan_buffers, _STRIDE)
+            self._plan = ("fused", flat)
+            return self.admit
         capacity = self.capacity
         needed, order = torch.sort(ids.reshape(-1))  # [K] ascending, like the host loop over expert ids
         slots = self.slot_of[needed].long()  # [K]
@@ -65,12 +81,17 @@ class DeviceLRU:
         admitted = missing & (miss_rank < capacity - hits)  # [K]: while unneeded slots are left
         victim = oldest[miss_rank.clamp(0, oldest.numel() - 1)]  # [K]
         self.admit.fill_(-1).scatter_(0, needed, torch.where(admitted, victim, -1).int())
-        self._plan = (needed, admitted, victim, stamps)
+        self._plan = ("torch", (needed, admitted, victim, stamps))
         return self.admit
 
     def commit(self) -> None:
         """The admitted misses now live in their slots, the experts they replaced in the host tier."""
-        needed, admitted, victim, stamps = self._plan
+        kind, planned = self._plan
+        if kind == "fused":
+            self._kernels.commit(self, planned, self._plan_buffers)
+            self._plan = None
+            return
+        needed, admitted, victim, stamps = planned
         capacity, experts = self.capacity, self.num_experts
         into = torch.where(admitted, victim, capacity)  # [K] slot, or the scratch entry C
         evicted = torch.where(admitted, self.slot_expert[into], experts)  # [K] expert, or the scratch entry E
@@ -83,3 +104,12 @@ class DeviceLRU:
         self.stamp.scatter_(0, into, stamps)
         self.step.add_(1)
         self._plan = None
+
+
+def _fused_kernels(tensor: torch.Tensor):
+    """kernels/triton_lru where Triton runs on `tensor`'s device, else None."""
+    try:
+        from .kernels import triton_lru
+    except ImportError:  # no triton
+        return None
+    return triton_lru if triton_lru.runs_on(tensor) else None

@@ -28,10 +28,22 @@ def _host_step(table: SlotTable, needed: list[int], on_cpu: frozenset = frozense
     return len(hits), admitted
 
 
+def _fused_available() -> bool:
+    try:
+        from moe_offload.kernels import triton_lru
+    except ImportError:
+        return False
+    return triton_lru.runs_on(torch.empty(0))
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _fused_available(), reason="Triton does not run on the CPU here (TRITON_INTERPRET unset)"))])
 @pytest.mark.parametrize("cpu_share", [False, True])
-@pytest.mark.parametrize("experts,capacity,top_k", [(16, 4, 2), (16, 3, 4), (32, 8, 8), (8, 1, 2), (8, 7, 4)])
-def test_same_decisions_as_the_host_lru(experts, capacity, top_k, cpu_share):
-    """cpu_share: a random part of each step's misses is computed on the CPU and must not be admitted."""
+@pytest.mark.parametrize("experts,capacity,top_k", [(16, 4, 2), (16, 3, 4), (32, 8, 8), (8, 1, 2), (8, 7, 4),
+                                                    (20, 16, 6)])
+def test_same_decisions_as_the_host_lru(experts, capacity, top_k, cpu_share, fused):
+    """cpu_share: a random part of each step's misses is computed on the CPU and must not be admitted. fused: plan
+    and commit as kernels/triton_lru.py's two Triton kernels (the interpreter here), else torch ops."""
     rng = random.Random(experts * 100 + capacity * 10 + top_k)
     table = SlotTable(capacity, LRUPolicy())
     for expert in range(capacity):
@@ -40,7 +52,8 @@ def test_same_decisions_as_the_host_lru(experts, capacity, top_k, cpu_share):
                              for e in range(experts)] + [0], dtype=torch.int32)  # host row = expert id
     from_host = (slot_map >= capacity).long()
     lru = DeviceLRU(slot_map, from_host, list(range(experts)),
-                    [(table.lookup(e), e) for e in table.policy.cached()])
+                    [(table.lookup(e), e) for e in table.policy.cached()], fused=fused)
+    assert (lru._kernels is not None) == fused
     hot = list(range(experts // 2))  # skewed routing, so that hits and evictions both happen
     for _ in range(200):
         needed = rng.sample(hot if rng.random() < 0.7 else range(experts), top_k)
