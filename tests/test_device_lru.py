@@ -28,12 +28,15 @@ def _host_step(table: SlotTable, needed: list[int], on_cpu: frozenset = frozense
     return len(hits), admitted
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _fused_available() -> bool:
     try:
         from moe_offload.kernels import triton_lru
     except ImportError:
         return False
-    return triton_lru.runs_on(torch.empty(0))
+    return triton_lru.runs_on(torch.empty(0, device=DEVICE))
 
 
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
@@ -43,13 +46,14 @@ def _fused_available() -> bool:
                                                     (20, 16, 6)])
 def test_same_decisions_as_the_host_lru(experts, capacity, top_k, cpu_share, fused):
     """cpu_share: a random part of each step's misses is computed on the CPU and must not be admitted. fused: plan
-    and commit as kernels/triton_lru.py's two Triton kernels (the interpreter here), else torch ops."""
+    and commit as kernels/triton_lru.py's two Triton kernels (the interpreter without CUDA), else torch ops. On the
+    GPU where there is one."""
     rng = random.Random(experts * 100 + capacity * 10 + top_k)
     table = SlotTable(capacity, LRUPolicy())
     for expert in range(capacity):
         table.admit(expert, ())
     slot_map = torch.tensor([table.lookup(e) if table.lookup(e) is not None else capacity + e
-                             for e in range(experts)] + [0], dtype=torch.int32)  # host row = expert id
+                             for e in range(experts)] + [0], dtype=torch.int32, device=DEVICE)  # host row = id
     from_host = (slot_map >= capacity).long()
     lru = DeviceLRU(slot_map, from_host, list(range(experts)),
                     [(table.lookup(e), e) for e in table.policy.cached()], fused=fused)
@@ -59,8 +63,9 @@ def test_same_decisions_as_the_host_lru(experts, capacity, top_k, cpu_share, fus
         needed = rng.sample(hot if rng.random() < 0.7 else range(experts), top_k)
         on_cpu = frozenset(e for e in needed if cpu_share and table.lookup(e) is None and rng.random() < 0.5)
         hits, admitted = _host_step(table, needed, on_cpu)
-        ids = torch.tensor(needed)
-        admit = lru.plan(ids, admissible=torch.tensor([e not in on_cpu for e in needed]) if cpu_share else None)
+        ids = torch.tensor(needed, device=DEVICE)
+        allowed = torch.tensor([e not in on_cpu for e in needed], device=DEVICE) if cpu_share else None
+        admit = lru.plan(ids, admissible=allowed)
         assert all(int(admit[e]) < 0 for e in on_cpu)
         assert int((slot_map[ids] < capacity).sum()) == hits
         assert int((admit >= 0).sum()) == admitted
