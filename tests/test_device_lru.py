@@ -40,7 +40,7 @@ def _fused_available() -> bool:
 
 
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not _fused_available(), reason="Triton does not run on the CPU here (TRITON_INTERPRET unset)"))])
+    not _fused_available(), reason="Triton does not run on this device here (TRITON_INTERPRET unset)"))])
 @pytest.mark.parametrize("cpu_share", [False, True])
 @pytest.mark.parametrize("experts,capacity,top_k", [(16, 4, 2), (16, 3, 4), (32, 8, 8), (8, 1, 2), (8, 7, 4),
                                                     (20, 16, 6)])
