@@ -51,11 +51,7 @@ SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe_offl
 ENGLISH = ("The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. From the top he "
            "could see the fishing boats returning to the harbour, their sails bright against the grey sea, and "
            "he counted them one by one until the last had safely come home.")
-STARTED = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:7.1f}s] {message}", flush=True)
+log = bench.log  # elapsed-time lines, as the GPU bench prints them
 
 
 def peak_rss_gb() -> float:
@@ -374,7 +370,7 @@ def main(argv=None) -> int:
         result = {"small": small_model, "random": random_model}[name](args)
         report["models"].append(result)
         print(markdown(result), flush=True)
-        report["runtime_s"] = time.perf_counter() - STARTED
+        report["runtime_s"] = time.perf_counter() - bench.STARTED
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=1)

@@ -191,6 +191,7 @@ class CpuShare:
         self._packed = torch.empty(hidden + 2 * top_k, dtype=torch.float32, device=device)
         self._gpu_ids = torch.empty((1, top_k), dtype=torch.long, device=device)  # [1, K] E where the CPU computes
         self._cpu_pair = torch.zeros(top_k, dtype=torch.uint8, device=device)  # [K] 1: the CPU computes this pair
+        self._cpu_mask = self._cpu_pair.view(torch.bool).view(top_k, 1)  # [K, 1] the same bytes, for the merge
         self._pack = _pack_function(device)
         self._mailbox = self._host_buffer(hidden + 2 * top_k, on_cuda)  # [H + 2K]
         self._out_host = self._host_buffer(top_k * hidden, on_cuda).view(top_k, hidden)  # [K, H]
@@ -335,7 +336,7 @@ class CpuShare:
         contrib = gpu_share(self._gpu_ids)  # [K, H]
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        return torch.where(self._cpu_pair.view(torch.bool).view(self.top_k, 1), self._out, contrib)  # [K, H]
+        return torch.where(self._cpu_mask, self._out, contrib)  # [K, H]
 
     def _ring_doorbell(self) -> None:
         """On the side stream, after the mailbox copy: the new RING value (stepped by the pack; the server then
