@@ -5,7 +5,8 @@ its bf16 GGUF (bench/llamacpp/convert_qwen3moe_gguf.py). Every configuration of 
 process while the GPU's memory in use is polled (NVML, or nvidia-smi where NVML does not load:
 bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is measured the same way for both: process
 memory, CUDA context included, over the idle reading before it.
-- ours: every variant (--variants: hybrid CPU+GPU misses, GPU only) at every ratio; the rows report --main.
+- ours: every variant (--variants: hybrid CPU+GPU misses with the default LRU admission, the same with the
+  resident set static, GPU only) at every ratio; the rows report --main.
   A 128-token prompt of random ids, then 32 tokens (llama-bench -p 128 -n 32); one warm-up generation, then the
   median of --repeats: prefill tok/s = 128 / (prompt to first token), decode tok/s = the later tokens / their
   time. The host tier holds every non-resident expert (zero-copy misses, CUDA graphs). What each decode step
@@ -49,7 +50,10 @@ TARGETS = {"decode_vs_llamacpp": 1.2, "prefill_vs_llamacpp": 3.0}
 # Our configurations (all with the host tier holding every non-resident expert: zero-copy misses, CUDA graphs):
 # misses split between the CPU and the GPU (hybrid.py) with the token embeddings in host RAM as llama.cpp keeps
 # them (host_embeddings.py), and every miss read in place by the GPU with everything else as usual.
+# hybrid_static: the resident set fixed at load, the cache's floor on the random benchmark model, whose routing
+# barely changes from step to step (bench/results/2026-11-29-cache-policy-bench-workload-random.json)
 VARIANTS = {"hybrid": {"MOE_CPU_EXPERTS": "auto", "MOE_HOST_EMBEDDINGS": "on"},
+            "hybrid_static": {"MOE_CPU_EXPERTS": "auto", "MOE_HOST_EMBEDDINGS": "on", "MOE_ZERO_COPY": "static"},
             "gpu_only": {"MOE_CPU_EXPERTS": "off", "MOE_HOST_EMBEDDINGS": "off"}}
 
 

@@ -12,10 +12,10 @@ counters count each needed expert once: a hit if it was on the device, a miss ot
 Zero-copy (the Triton kernel on CUDA, every non-resident expert of the layer in the pinned host tier): the kernel
 reads misses in place from host memory over PCIe, as fast as copying them, so the layer runs as one launch set
 with no host sync and no slot traffic, and the decode step can be captured in a CUDA graph. The resident set
-then stays as loaded, or (MOE_ZERO_COPY=lru) decode misses are written into LRU victim slots as the kernels read
-them, LRU decided on the device (device_lru.py). Without LRU, prefill chunks with many tokens per expert (whose
+then stays as loaded (MOE_ZERO_COPY=static), or (lru, auto) decode misses are written into LRU victim slots as the
+kernels read them, LRU decided on the device (device_lru.py). Prefill chunks with many tokens per expert (whose
 weights the grouped GEMM would read over PCIe once per M-block) take the copy path, streaming through the
-scratch pool without admitting.
+scratch pool without admitting (with device LRU, after the host table is brought in line with the device's).
 """
 
 from __future__ import annotations
@@ -65,6 +65,17 @@ class SlotTable:
         self.slot_of[expert] = slot
         self.policy.on_insert(expert)
         return slot
+
+    def mirror(self, slot_expert_oldest_first: list[tuple[int, int]]) -> None:
+        """Hold exactly these (slot, expert) pairs, least recently used first (where another party, the device
+        LRU, decided the placement)."""
+        for expert in list(self.slot_of):
+            self.policy.on_evict(expert)
+        self.slot_of = {expert: slot for slot, expert in slot_expert_oldest_first}
+        taken = set(self.slot_of.values())
+        self._free = [slot for slot in range(self.capacity - 1, -1, -1) if slot not in taken]
+        for _slot, expert in slot_expert_oldest_first:
+            self.policy.on_insert(expert)
 
 
 class ScratchPool:
@@ -203,9 +214,14 @@ class OffloadedExperts:
 
     @property
     def copies_long_forwards(self) -> bool:
-        """A zero-copy layer whose forwards above zero_copy_max_pairs take the copy path (with device LRU every
-        forward stays direct: the host table the copy path reads is stale)."""
-        return self.zero_copy and self._lru is None
+        """A zero-copy layer whose forwards above zero_copy_max_pairs take the copy path (with device LRU the host
+        table is first brought in line with the device's slots; the copy path admits nothing there)."""
+        return self.zero_copy
+
+    @property
+    def lru_admission(self) -> bool:
+        """Decode misses are admitted into the slots, LRU decided on the device (device_lru.py)."""
+        return self._lru is not None
 
     @property
     def zero_copy(self) -> bool:
@@ -318,6 +334,8 @@ class OffloadedExperts:
             self.route_observer(self.layer, top_k_index)
         if self.sync_free(num_tokens * top_k):
             return self._forward_direct(hidden_states, top_k_index, top_k_weights, act_fn)
+        if self._lru is not None:  # the copy path syncs with the host anyway: read where the device put what
+            self.table.mirror(self._lru.occupants())
         return self.forward_routed(hidden_states, top_k_index, top_k_weights, act_fn, self.route(top_k_index))
 
     def route(self, top_k_index: torch.Tensor) -> Routing:

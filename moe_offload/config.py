@@ -19,7 +19,7 @@ IO_STRATEGIES = ("pread", "mmap", "odirect")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
 SWITCHES = ("auto", "off")
-ZERO_COPY_MODES = ("auto", "lru", "off")
+ZERO_COPY_MODES = ("auto", "lru", "static", "off")
 GRAPH_MODES = ("auto", "whole", "off")
 CPU_EXPERT_MODES = ("off", "auto", "all")
 CPU_HANDOFFS = ("host_function", "stream_wait")
@@ -49,10 +49,13 @@ class OffloadConfig:
     # per-expert loop (kernels/reference.py), "auto" = triton where it applies, else torch. Both gave logits
     # bit-identical to transformers' grouped_mm in bf16 on the H200 (bench/results/2026-11-28-h200-bf16-*.json).
     moe_kernel: str = "auto"
-    # Misses read in place from the pinned host tier by the Triton kernel (no copy, no host sync; cache.py).
-    # "auto": on with the Triton kernel on CUDA in every layer whose non-resident experts all sit in the host tier;
-    # the resident set stays as loaded. "lru": also admit decode misses into the slots as they are read, LRU
-    # decided on the device (device_lru.py; needs every expert in the host tier). "off": copy misses in.
+    # Misses read in place from the pinned host tier by the Triton kernel (no copy, no host sync; cache.py), with
+    # the Triton kernel on CUDA in every layer whose non-resident experts all sit in the host tier. "lru": decode
+    # misses are also admitted into the slots as they are read, LRU decided on the device (device_lru.py), where
+    # the host tier holds every expert of the layer; "static": the resident set stays as loaded; "auto": lru where
+    # it can, else static (LRU hit more than the static set on the shipped model's routing at ratios 25/50,
+    # bench/results/2026-11-29-cpu-zero-copy-lru-hits.txt, and in tests/test_device_lru.py on CUDA); "off": misses
+    # are copied in.
     moe_zero_copy: str = "auto"
     # Greedy decode steps replayed from CUDA graphs (decoding.py), on CUDA where the model's attention is plain
     # causal. "auto": one graph per step when every MoE layer runs without host syncs (ratio 100 or zero-copy),
@@ -63,7 +66,7 @@ class OffloadConfig:
     # per decode step of a 12-layer model. "auto": on CUDA with triton, where each passes an equivalence check.
     moe_fuse_dense: str = "auto"
     # Decode misses partly computed on the CPU where they lie in the host tier, while the GPU reads the rest in
-    # place (hybrid.py; zero-copy layers; with MOE_ZERO_COPY=lru only what the GPU reads is admitted). "auto": how
+    # place (hybrid.py; zero-copy layers; with LRU admission only what the GPU reads is admitted). "auto": how
     # many per count of misses, and with which CPU kernel, timed on a layer at load, then kept only if whole
     # decodes run faster with them (else none); "all": every miss on the CPU; "off": every miss on the GPU.
     moe_cpu_experts: str = "off"

@@ -52,6 +52,12 @@ class DeviceLRU:
             raise ValueError("the fused device LRU needs a device Triton runs on")
         self._plan_buffers: tuple | None = None  # (victim, admitted, stamp) [K] int64 for the fused kernels
 
+    def occupants(self) -> list[tuple[int, int]]:
+        """(slot, expert) of every slot, least recently used first: the device's state for the host (one sync)."""
+        stamps = self.stamp[:self.capacity].tolist()
+        experts = self.slot_expert[:self.capacity].tolist()
+        return sorted(((slot, expert) for slot, expert in enumerate(experts)), key=lambda pair: stamps[pair[0]])
+
     def plan(self, ids: torch.Tensor, admissible: torch.Tensor | None = None) -> torch.Tensor:
         """admit [E] int32 for a step needing `ids` [K] (distinct): the slot each admitted miss is written into.
 

@@ -125,7 +125,7 @@ def test_dtype_aliases(value, expected):
 @pytest.mark.parametrize("name, value, words", [
     ("MOE_IO", "aio", "MOE_IO must be one of pread, mmap, odirect"),
     ("MOE_DTYPE", "int8", "MOE_DTYPE must be one of"),
-    ("MOE_ZERO_COPY", "on", "MOE_ZERO_COPY must be one of auto, lru, off"),
+    ("MOE_ZERO_COPY", "on", "MOE_ZERO_COPY must be one of auto, lru, static, off"),
     ("MOE_CUDA_GRAPH", 1, "MOE_CUDA_GRAPH must be one of auto, whole, off"),
     ("MOE_CUDA_GRAPH", "piecewise", "MOE_CUDA_GRAPH must be one of auto, whole, off"),
     ("MOE_HOST_EMBEDDINGS", "auto", "MOE_HOST_EMBEDDINGS must be one of off, on"),

@@ -6,6 +6,7 @@ the engine, misses admitted while read in place (the kernels' read-through) must
 expert's bytes and change no output bit.
 """
 
+import os
 import random
 
 import pytest
@@ -29,6 +30,9 @@ def _host_step(table: SlotTable, needed: list[int], on_cpu: frozenset = frozense
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The engine tests run the Triton kernels on CPU tensors: only in Triton's interpreter (conftest sets it without CUDA)
+on_cpu_tensors = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                    reason="Triton kernels on CPU tensors need Triton's interpreter")
 
 
 def _fused_available() -> bool:
@@ -75,6 +79,7 @@ def test_same_decisions_as_the_host_lru(experts, capacity, top_k, cpu_share, fus
         assert from_host[:-1].tolist() == [int(s >= capacity) for s in expected]
 
 
+@on_cpu_tensors
 def test_engine_admits_misses_as_it_reads_them(checkpoint_factory):
     """In the engine (zero-copy, Triton's interpreter on the CPU): the tokens of ratio 100, every slot holding its
     expert's bytes, and the hits of the host LRU replayed over the same routing (decode steps admit; a prefill
@@ -118,28 +123,67 @@ def test_engine_admits_misses_as_it_reads_them(checkpoint_factory):
     assert stats["hits"] == replayed_hits and stats["experts_read_in_place"] == stats["misses"] > 0
 
 
+@on_cpu_tensors
+def test_long_forwards_copy_from_the_slots_the_device_chose(checkpoint_factory):
+    """With device LRU, a forward of more pairs than zero_copy_max_pairs (a long prefill) takes the copy path:
+    the host table is first brought in line with the device's slots (after decode steps moved them), and the
+    tokens stay ratio 100's."""
+    pytest.importorskip("triton")
+    from tiny_models import VOCAB
+
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path = checkpoint_factory("qwen3_moe")
+    prompts = [torch.randint(2, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+               for length, seed in ((5, 8), (9, 9))]  # [1, T] each
+    reference = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=100)
+    want = [reference.generate_tokens(p, max_new_tokens=6, min_new_tokens=6, do_sample=False) for p in prompts]
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25)
+    copied = []
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+        assert layer.enable_direct(pipe.device, lru=True) and layer._lru is not None
+        layer.zero_copy_max_pairs = layer.top_k  # decode steps direct, any prompt of 2+ tokens copied
+
+        def checked(*args, layer=layer, forward_routed=layer.forward_routed):
+            device_slots = {e: s for e, s in enumerate(layer._direct_slots.tolist()) if s < layer.table.capacity}
+            copied.append(layer.table.slot_of == device_slots)
+            return forward_routed(*args)
+
+        layer.forward_routed = checked
+    for prompt, tokens in zip(prompts, want):
+        assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), tokens)
+    assert len(copied) == 2 * len(pipe.layers) and all(copied)
+    moved = [layer for layer in pipe.layers if sorted(layer.table.slot_of) != list(range(layer.table.capacity))]
+    assert moved  # the decode steps between the two prompts did admit
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_lru_on_cuda():
-    """MOE_ZERO_COPY=lru on the GPU (the shipped model at ratio 25, decode steps replayed from whole-step graphs):
-    ratio 100's tokens, misses admitted (more hits than the static resident set gets on the same routing), and
-    every slot holding its expert's bytes afterwards."""
-    prompt = torch.randint(2, 1000, (1, 16), generator=torch.Generator().manual_seed(4)).cuda()
+    """MOE_ZERO_COPY=auto (LRU admission) on the GPU (the shipped model at ratio 25, decode steps replayed from
+    whole-step graphs): ratio 100's tokens, misses admitted (more hits than MOE_ZERO_COPY=static gets on the same
+    routing), every slot holding its expert's bytes afterwards; then a longer prompt through the copy path."""
+    prompt, longer = (torch.randint(2, 1000, (1, length), generator=torch.Generator().manual_seed(4)).cuda()
+                      for length in (16, 40))
     reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
     want = reference.generate_tokens(prompt, max_new_tokens=48, min_new_tokens=48)
+    want_longer = reference.generate_tokens(longer, max_new_tokens=8, min_new_tokens=8)
     reference.close()
     runs = {}
-    for mode in ("auto", "lru"):
+    for mode in ("static", "auto"):
         pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25, MOE_ZERO_COPY=mode)
         assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=48, min_new_tokens=48), want)
         runs[mode] = pipe.get_offload_stats()
         assert runs[mode]["cuda_graph_steps"] > 0 and runs[mode]["cuda_graph_failure"] is None
-        if mode == "lru":
+        if mode == "auto":
             for layer in pipe.layers:
                 for expert, slot in enumerate(layer._direct_slots.tolist()):
                     if slot < layer.table.capacity:
                         gate_up, down = layer.host.get(expert)
                         assert torch.equal(layer.gate_up[slot].cpu(), gate_up.cpu())
                         assert torch.equal(layer.down[slot].cpu(), down.cpu())
+                layer.zero_copy_max_pairs = layer.top_k  # any prompt of 2+ tokens copies its misses
+            assert torch.equal(pipe.generate_tokens(longer, max_new_tokens=8, min_new_tokens=8), want_longer)
         pipe.close()
-    assert runs["lru"]["hits"] > runs["auto"]["hits"]
-    assert runs["lru"]["hits"] + runs["lru"]["misses"] == runs["auto"]["hits"] + runs["auto"]["misses"]
+    assert runs["auto"]["hits"] > runs["static"]["hits"]
+    assert runs["auto"]["hits"] + runs["auto"]["misses"] == runs["static"]["hits"] + runs["static"]["misses"]

@@ -89,18 +89,19 @@ def test_measuring_runs_both_paths_and_leaves_no_trace(checkpoint_factory, monke
         assert torch.equal(in_place, copied)
 
 
-def test_load_applies_the_first_layers_threshold_to_every_zero_copy_layer(checkpoint_factory, monkeypatch):
-    """integration._tune_prefill (run at load on CUDA): measured on the first zero-copy layer, applied to all,
-    reported in the stats."""
+def _tune_at_load(checkpoint_factory, monkeypatch, lru_layers: tuple[int, ...] = ()):
+    """(pipe, layers measured): integration._tune_prefill (run at load on CUDA) over zero-copy layers, those in
+    lru_layers with LRU admission, with a tuner that records its layer and picks 5 tokens."""
     from types import SimpleNamespace
 
     from moe_offload import integration
     from moe_offload.kernels.triton_moe import fused_moe
 
     pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=25)
-    for layer in pipe.layers:
+    for index, layer in enumerate(pipe.layers):
         layer.fused_moe = fused_moe
-        assert layer.enable_direct(pipe.device)
+        assert layer.enable_direct(pipe.device, lru=index in lru_layers)
+        assert layer.lru_admission == (index in lru_layers)
     measured = []
 
     def fake_tune(layer, act_fn):
@@ -111,10 +112,25 @@ def test_load_applies_the_first_layers_threshold_to_every_zero_copy_layer(checkp
     monkeypatch.setattr(integration, "tune_prefill_threshold", fake_tune)
     sites = [SimpleNamespace(module=SimpleNamespace(act_fn=torch.nn.functional.silu)) for _ in pipe.layers]
     integration._tune_prefill(pipe.layers, sites)
+    return pipe, measured
+
+
+def test_load_applies_the_first_layers_threshold_to_every_zero_copy_layer(checkpoint_factory, monkeypatch):
+    """Measured on the first zero-copy layer, applied to all, reported in the stats."""
+    pipe, measured = _tune_at_load(checkpoint_factory, monkeypatch)
     assert measured == [pipe.layers[0]] and len(pipe.layers) > 1
     assert all(layer.zero_copy_max_pairs == 5 * layer.top_k for layer in pipe.layers)
     stats = pipe.get_offload_stats()
     assert stats["zero_copy_prefill_max_tokens"] == 5 and stats["zero_copy_prefill_tuning"]["max_tokens"] == 5
+
+
+def test_layers_with_lru_admission_keep_the_default_threshold(checkpoint_factory, monkeypatch):
+    """Measured on the first layer whose resident set is fixed; a layer with LRU admission is neither measured
+    nor given the result (the measurement's uniform routing over a fixed set is not what it serves)."""
+    pipe, measured = _tune_at_load(checkpoint_factory, monkeypatch, lru_layers=(0,))
+    lru_layer, static_layer = pipe.layers
+    assert measured == [static_layer] and static_layer.zero_copy_max_pairs == 5 * static_layer.top_k
+    assert lru_layer.zero_copy_max_pairs == ZERO_COPY_MAX_PAIRS_PER_EXPERT * lru_layer.num_experts
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

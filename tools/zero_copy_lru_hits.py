@@ -1,4 +1,4 @@
-"""Hit rates of zero-copy's fixed resident set against device-side LRU admission (MOE_ZERO_COPY=auto vs lru) on
+"""Hit rates of zero-copy's fixed resident set against device-side LRU admission (MOE_ZERO_COPY=static vs lru) on
 the shipped trained model, on the CPU (Triton's interpreter runs the GPU kernels): one prompt of library source,
 its prefill, then 48 greedy tokens; the counters cover that prompt's prefill and the 48 decode steps.
 

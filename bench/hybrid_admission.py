@@ -1,0 +1,128 @@
+"""Which decode misses should the CPU compute when the device cache admits what the GPU reads (hybrid + LRU)?
+
+With MOE_ZERO_COPY=auto/lru and MOE_CPU_EXPERTS on, the CPU computes split[m] of a step's m misses where they
+lie and the GPU reads the rest in place, admitting them into LRU victim slots (cache.py _forward_hybrid). An
+expert the CPU serves is never admitted, so the pick decides what the cache can learn. hybrid.pack_share picks
+the first split[m] misses in top-k order (the highest routing weights). This replays the shipped trained
+model's decode routing (tools/routing_report.py's held-out stdlib prompts, greedy) under three picks, with
+the device LRU's rules (hits refreshed in ascending id, then admitted misses in ascending id take the oldest
+slots the step does not need; prefill steps neither admit nor refresh):
+- top: the first n misses in top-k order (what runs now);
+- bottom: the last n (the lowest routing weights);
+- stale: the n misses whose last decode use is oldest (never used first), so the GPU admits the recent ones.
+Also: no CPU share (LRU alone) and the static resident set. Per ratio and split table: decode hits, misses on
+the CPU and misses the GPU reads, per (token, layer) step.
+
+Usage: python bench/hybrid_admission.py --out bench/results/<date>-hybrid-admission-small-moe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import OrderedDict
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from moe_offload import LLMPipeline  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.trace import trace_generation  # noqa: E402
+from tools.routing_report import read_train_log, stdlib_prompts  # noqa: E402
+
+PICKS = ("top", "bottom", "stale")
+
+
+def decode_steps(records: list[dict]) -> dict[int, list[list[int]]]:
+    """Per MoE layer, each decode step's experts in router order (one token per step)."""
+    prefill = {r["step"] for r in records if r["token"] == 0}
+    steps: dict[int, list[list[int]]] = {}
+    for r in records:
+        if r["step"] not in prefill:
+            steps.setdefault(int(r["layer"]), []).append([int(e) for e in r["experts"]])
+    return steps
+
+
+def cpu_pick(misses: list[int], n: int, pick: str, last_use: dict[int, int]) -> list[int]:
+    """The n of a step's misses (router order) the CPU computes."""
+    if n == 0:
+        return []
+    if pick == "top":
+        return misses[:n]
+    if pick == "bottom":
+        return misses[-n:]
+    return sorted(misses, key=lambda e: last_use.get(e, -1))[:n]  # stable: ties keep router order
+
+
+def replay(steps: list[list[int]], capacity: int, split: list[int] | None, pick: str, admit: bool = True
+           ) -> dict[str, int]:
+    """Counts over one layer's decode steps; split None = no CPU share; admit False = the static set."""
+    cache: OrderedDict[int, None] = OrderedDict((e, None) for e in range(capacity))  # oldest use first
+    last_use: dict[int, int] = {}
+    counts = {"hits": 0, "cpu": 0, "gpu_reads": 0}
+    for t, ids in enumerate(steps):
+        misses = [e for e in ids if e not in cache]
+        on_cpu = set(cpu_pick(misses, split[len(misses)], pick, last_use)) if split else set()
+        counts["hits"] += len(ids) - len(misses)
+        counts["cpu"] += len(on_cpu)
+        counts["gpu_reads"] += len(misses) - len(on_cpu)
+        if admit:
+            for e in sorted(set(ids) - set(misses)):
+                cache.move_to_end(e)
+            for e in sorted(set(misses) - on_cpu):
+                victim = next((v for v in cache if v not in ids), None)
+                if victim is None:
+                    break
+                del cache[victim]
+                cache[e] = None
+        for e in ids:
+            last_use[e] = t
+    return counts
+
+
+def per_step(total: dict[str, int], steps: int) -> dict[str, float]:
+    return {key: round(value / steps, 4) for key, value in total.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--chars", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--ratios", default="25,50")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    pipe = LLMPipeline(None, "cpu", MOE_OFFLOAD_RATIO=100)
+    prompts, files, source = stdlib_prompts(args.prompts, args.chars, 0, read_train_log(pipe.models_path))
+    eos = pipe.tokenizer.eos_token or ""
+    trace = trace_generation(pipe, [eos + p for p in prompts], args.max_new_tokens)
+    steps = decode_steps(trace.records)
+    num_experts, top_k = pipe.layers[0].num_experts, pipe.layers[0].top_k
+    splits = {"cpu_1_of_any": [0] + [1] * top_k, "cpu_half": [m // 2 for m in range(top_k + 1)]}
+    total_steps = sum(len(s) for s in steps.values())
+    rows = []
+    for ratio in (int(r) for r in args.ratios.split(",")):
+        capacity = round(num_experts * ratio / 100)
+
+        def summed(**kwargs) -> dict[str, float]:
+            totals = [replay(s, capacity, **kwargs) for s in steps.values()]
+            return per_step({k: sum(t[k] for t in totals) for k in totals[0]}, total_steps)
+
+        row = {"ratio": ratio, "capacity": capacity, "static": summed(split=None, pick="top", admit=False),
+               "lru_no_cpu": summed(split=None, pick="top")}
+        for name, split in splits.items():
+            row[name] = {"split": split, **{pick: summed(split=split, pick=pick) for pick in PICKS}}
+        rows.append(row)
+        print(json.dumps(row))
+    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model": os.path.relpath(pipe.models_path),
+              "prompts": source, "files": files, "max_new_tokens": args.max_new_tokens,
+              "layers": len(steps), "decode_layer_steps": total_steps, "top_k": top_k, "num_experts": num_experts,
+              "units": "per (token, layer) decode step: experts hit, computed on the CPU, read in place by the GPU",
+              "rows": rows}
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
