@@ -114,9 +114,10 @@ def main(argv=None) -> int:
             row[name] = {"split": split, **{pick: summed(split=split, pick=pick) for pick in PICKS}}
         rows.append(row)
         print(json.dumps(row))
-    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model": os.path.relpath(pipe.models_path),
-              "prompts": source, "files": files, "max_new_tokens": args.max_new_tokens,
-              "layers": len(steps), "decode_layer_steps": total_steps, "top_k": top_k, "num_experts": num_experts,
+    report = {"date": utc_now(), "machine": machine(), "versions": versions(),
+              "model": os.path.relpath(pipe.models_path), "prompts": source, "files": files,
+              "max_new_tokens": args.max_new_tokens, "layers": len(steps), "decode_layer_steps": total_steps,
+              "top_k": top_k, "num_experts": num_experts,
               "units": "per (token, layer) decode step: experts hit, computed on the CPU, read in place by the GPU",
               "rows": rows}
     with open(args.out, "w", encoding="utf-8") as handle:

@@ -290,10 +290,10 @@ def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) ->
     """Where zero-copy layers start copying their misses (prefill_tuning.py): measured on the first zero-copy
     layer whose resident set is fixed, applied to every such layer (they share shapes and host tier). Layers with
     LRU admission keep the default (copy once an expert's weights would be read more than once in place): the
-    measurement routes uniformly over a fixed set. On the H200 benchmark model at ratios 50/75, LRU layers
-    prefilled 128 tokens in place at 1.41/1.54x the static set's tuned copy path
-    (bench/results/2026-11-29-h200-vs-llamacpp-session7-run1.json), with the tuned threshold at 1.00/0.60x
-    (2026-11-29-h200-vs-llamacpp.json)."""
+    measurement routes uniformly over a fixed set. On the H200 benchmark model (whose routing barely changes
+    from token to token) at ratios 50/75, LRU layers prefilled 128 tokens in place at 1.41/1.54x the static set's
+    tuned copy path (bench/results/2026-11-29-h200-vs-llamacpp-session7-run1.json), with the tuned threshold at
+    1.00/0.60x (2026-11-29-h200-vs-llamacpp.json)."""
     layers = [(r, s) for r, s in zip(runtimes, sites) if r.copies_long_forwards and not r.lru_admission]
     if not layers:
         return

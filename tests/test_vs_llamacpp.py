@@ -33,7 +33,8 @@ def test_ours_side_on_the_tiny_model(tmp_path):
     for row in report["rows"]:
         assert row["ours_decode_tok_s"] > 0 and row["ours_prefill_tok_s"] > 0
         assert row["llamacpp_decode_tok_s"] is None and row["targets_met"]["decode"] is None
-        assert set(row["ours_by_variant"]) == {"hybrid", "hybrid_static", "gpu_only"}  # the main variant's numbers are the row's
+        # the main variant's numbers are the row's
+        assert set(row["ours_by_variant"]) == {"hybrid", "hybrid_static", "gpu_only"}
         assert row["ours_by_variant"]["hybrid"]["decode_tok_s"] == row["ours_decode_tok_s"]
     assert report["main_variant"] == "hybrid" and report["decode_tokens"] == "random"  # as llama-bench's tg
     assert report["machine"] and report["versions"]["torch"]
