@@ -7,15 +7,14 @@ derived figures are checked on numbers worked by hand.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from repo_scripts import load_script, script_path
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "bench", "h200_offload_bench.py")
+SCRIPT = script_path("bench", "h200_offload_bench.py")
 RUN_FIELDS = ("ratio", "tier", "kernel", "decode_tok_s", "prefill_tok_s", "ttft_s", "peak_device_bytes", "hit_rate",
               "bytes_per_token", "efficiency")
 PHASES = ("gen", "bw_memory", "warm_page_cache", "ours_host", "baselines", "bw_disk", "ours_disk")
@@ -99,10 +98,7 @@ def test_split_run_merges(tiny_report):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("h200_offload_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "h200_offload_bench.py")
 
 
 def test_derived_figures_by_hand():

@@ -5,18 +5,13 @@ At step 2 ([2, 4]) the highest-weight miss is 2, used a step ago; the least rece
 used: "top" sends 2 to the CPU and admits 4, "stale" the reverse, so step 3 ([2, 3]) hits twice under "stale".
 """
 
-import importlib.util
-import os
+from repo_scripts import load_script
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "bench", "hybrid_admission.py")
 STEPS = [[2, 3], [3, 2], [2, 4], [2, 3]]  # router order, one decode step each
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("hybrid_admission", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "hybrid_admission.py")
 
 
 def test_cpu_picks():

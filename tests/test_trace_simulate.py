@@ -353,14 +353,9 @@ def test_trace_command_bad_input(checkpoint_factory, tmp_path):
 
 
 def _routing_report():
-    import importlib.util
-    import os
+    from repo_scripts import load_script
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "routing_report.py")
-    spec = importlib.util.spec_from_file_location("routing_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools", "routing_report.py")
 
 
 def test_routing_report_on_tiny_checkpoint(checkpoint_factory, tmp_path):

@@ -6,20 +6,17 @@ by feeding build_rows the rows run_llama_bench returns.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "bench", "vs_llamacpp.py")
+from repo_scripts import load_script, script_path
+
+SCRIPT = script_path("bench", "vs_llamacpp.py")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("vs_llamacpp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "vs_llamacpp.py")
 
 
 def test_ours_side_on_the_tiny_model(tmp_path):
@@ -54,11 +51,7 @@ def test_rows_pair_ratios_with_ncmoe_and_check_targets():
 
 
 def _run_llama_bench():
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "llamacpp", "run_llama_bench.py")
-    spec = importlib.util.spec_from_file_location("run_llama_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "llamacpp", "run_llama_bench.py")
 
 
 class _FakeNvml:
