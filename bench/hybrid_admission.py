@@ -2,14 +2,16 @@
 
 With MOE_ZERO_COPY=auto/lru and MOE_CPU_EXPERTS on, the CPU computes split[m] of a step's m misses where they
 lie and the GPU reads the rest in place, admitting them into LRU victim slots (cache.py _forward_hybrid). An
-expert the CPU serves is never admitted, so the pick decides what the cache can learn. hybrid.pack_share picks
-the first split[m] misses in top-k order (the highest routing weights). This replays the shipped trained
-model's decode routing (tools/routing_report.py's held-out stdlib prompts, greedy) under three picks, with
+expert the CPU serves is never admitted, so the pick decides what the cache can learn. hybrid.pack_share picked
+the first split[m] misses in top-k order (the highest routing weights); since this comparison it picks "stale".
+This replays the shipped trained model's decode routing (tools/routing_report.py's held-out stdlib prompts,
+greedy) under three picks, with
 the device LRU's rules (hits refreshed in ascending id, then admitted misses in ascending id take the oldest
 slots the step does not need; prefill steps neither admit nor refresh):
-- top: the first n misses in top-k order (what runs now);
+- top: the first n misses in top-k order (what ran before);
 - bottom: the last n (the lowest routing weights);
-- stale: the n misses whose last decode use is oldest (never used first), so the GPU admits the recent ones.
+- stale: the n misses whose last decode use is oldest (never used first), so the GPU admits the recent ones
+  (what runs now).
 Also: no CPU share (LRU alone) and the static resident set. Per ratio and split table: decode hits, misses on
 the CPU and misses the GPU reads, per (token, layer) step.
 

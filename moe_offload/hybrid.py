@@ -6,8 +6,9 @@ of kernels/cpu_numba.py at ~66 GB/s for 8 experts a call on 14 threads, 0.235 ms
 decode graph (bench/results/2026-11-29-h200-hybrid-latency-spin-pool.json; which kernel runs is measured at
 load). Together they could move more bytes per second than either alone, up to
 what the host DRAM gives (~85 GB/s plain read there). In a one-token decode step the layer's misses are split
-by count: the first n_cpu of them (in top-k order) are computed on the CPU where their weights lie, the rest are
-read in place by the GPU kernels; hits stay on the GPU. n_cpu comes from a table over the number of misses,
+by count: n_cpu of them, those whose experts were used least recently (with LRU admission the GPU's misses are
+cached, so the CPU takes the ones least likely to come back), are computed on the CPU where their weights lie,
+the rest are read in place by the GPU kernels; hits stay on the GPU. n_cpu comes from a table over the number of misses,
 measured at load (tune_split: the layer's own decode forward timed for every split it can take, and without the
 path), and the table is kept only if whole decodes run faster with it (check_on_decode).
 
@@ -207,6 +208,9 @@ class CpuShare:
         self._job: np.ndarray | None = None  # buffers (kernels/cpu_numba.make_job)
         self._job_buffers: tuple = ()
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
+        # which misses the CPU takes: those whose experts were used least recently (pack_share_torch says why)
+        self._last_use = torch.zeros(num_experts, dtype=torch.long, device=device)  # [E] step of last use, 0 never
+        self._step = torch.zeros(1, dtype=torch.long, device=device)  # [1] one-token steps packed so far
         self.tuning: dict = {}  # tune_cpu_path's: {kernel: tune_split's timings}
         self.stream_wait_refused: str | None = None  # why MOE_CPU_HANDOFF=stream_wait was not used, if it was asked
         self._doorbell: torch.Tensor | None = None  # [DOORBELL_WORDS] int32, page-locked (use_stream_wait)
@@ -324,7 +328,8 @@ class CpuShare:
         # K = top-k, H = hidden, E = routed experts
         self._dtype, self._weight_dtype, self._act_fn = hidden_states.dtype, top_k_weights.dtype, act_fn
         self._pack(hidden_states, top_k_index, top_k_weights, from_host, self.split, self.host_rows,
-                   self.host_rows.numel(), self._packed, self._gpu_ids, self._cpu_pair, self.tally, self._ring)
+                   self.host_rows.numel(), self._packed, self._gpu_ids, self._cpu_pair, self.tally, self._last_use,
+                   self._step, self._ring)
         with self._side_stream():
             self._mailbox.copy_(self._packed, non_blocking=True)
             function = self._host_function(act_fn)
@@ -366,18 +371,32 @@ class CpuShare:
 def pack_share_torch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                      from_host: torch.Tensor, split: torch.Tensor, host_rows: torch.Tensor, num_experts: int,
                      packed: torch.Tensor, gpu_ids: torch.Tensor, cpu_pair: torch.Tensor, tally: torch.Tensor,
-                     ring: torch.Tensor | None) -> None:
+                     last_use: torch.Tensor, step: torch.Tensor, ring: torch.Tensor | None) -> None:
     """A one-token step's CPU share, decided and packed in place (kernels/triton_hybrid.pack_share does the same
-    in one launch): the CPU's pairs are the first split[misses] misses in top-k order (cpu_pair [K], 1 = the
-    CPU's); packed [H + 2K] float32 = hidden state, each pair's host-tier row (-1: not the CPU's), each pair's
-    routing weight; gpu_ids [1, K] = the ids with the CPU's pairs replaced by E (the GPU kernels skip them);
-    tally += the CPU's pairs; ring += 1 (the doorbell's step counter, if any).
+    in one launch): the CPU's pairs are the split[misses] misses whose experts were used least recently, ties in
+    top-k order (cpu_pair [K], 1 = the CPU's); packed [H + 2K] float32 = hidden state, each pair's host-tier row
+    (-1: not the CPU's), each pair's routing weight; gpu_ids [1, K] = the ids with the CPU's pairs replaced by E
+    (the GPU kernels skip them); tally += the CPU's pairs; step += 1 and last_use[ids] = step; ring += 1 (the
+    doorbell's step counter, if any).
+
+    Why least recently used: with LRU admission only the GPU's misses are admitted, so the CPU should take the
+    misses least likely to come back. On the shipped model's decode routing that kept 0.980 / 1.397 decode hits
+    per layer step (of 2) at ratios 25 / 50 where the highest-weight misses gave 0.869 / 1.298 and LRU without
+    the CPU 0.963 / 1.529 (bench/results/2026-11-29-hybrid-admission-small-moe.json).
 
     hidden [1, H]; top_k_index, top_k_weights, from_host [1, K] (from_host: 1 = read from the host tier);
-    split [K + 1]; host_rows [E].
+    split [K + 1]; host_rows [E]; last_use [E] int64 (the step each expert was last used, 0 = never); step [1].
     """
+    # K = top-k, E = routed experts
     n_cpu = split.index_select(0, from_host.sum().view(1))  # [1] misses the CPU computes
-    pairs = (from_host > 0) & (from_host.cumsum(-1) <= n_cpu)  # [1, K] the first n_cpu misses
+    stamp = last_use[top_k_index]  # [1, K]
+    order = torch.arange(top_k_index.shape[-1], device=top_k_index.device)  # [K]
+    earlier = (stamp.unsqueeze(-2) < stamp.unsqueeze(-1)) | \
+        ((stamp.unsqueeze(-2) == stamp.unsqueeze(-1)) & (order < order.unsqueeze(-1)))  # [1, K, K] j before i
+    rank = (earlier & (from_host > 0).unsqueeze(-2)).sum(-1)  # [1, K] among the misses
+    pairs = (from_host > 0) & (rank < n_cpu)  # [1, K] the n_cpu misses used least recently
+    step.add_(1)
+    last_use.index_copy_(0, top_k_index.reshape(-1), step.expand(top_k_index.numel()))
     rows = torch.where(pairs, host_rows[top_k_index], -1)  # [1, K]
     torch.cat([hidden.reshape(-1).float(), rows.reshape(-1).float(), top_k_weights.reshape(-1).float()],
               out=packed)  # [H + 2K]

@@ -66,12 +66,40 @@ def test_split_sends_the_first_misses_to_the_cpu(from_host, split, expected_cpu)
     assert int(share.tally) == sum(expected_cpu)
 
 
+def test_the_cpu_takes_the_misses_used_least_recently():
+    """With the split giving the CPU one of two misses: at first (nothing used yet) the first miss in top-k order;
+    once an expert has been used, the other miss (the one not seen for longest), whatever its routing weight."""
+    tier = _tier()
+    hidden_size = tier.gate_up.shape[2]
+    share = CpuShare(tier, 6, 2, hidden_size, [0, 1, 1], CpuExperts(threads=1), torch.device("cpu"))
+    hidden, weights = torch.randn(1, hidden_size), torch.tensor([[0.6, 0.4]])  # [1, H], [1, K]
+    misses = torch.ones(1, 2, dtype=torch.long)  # [1, K] both pairs read from the host tier
+    taken = []
+
+    def step(ids):
+        seen = {}
+
+        def gpu_share(gpu_ids):
+            seen["ids"] = gpu_ids.clone()
+            return torch.zeros(2, hidden_size)
+
+        share.forward(hidden, torch.tensor([ids]), weights, misses, gpu_share, torch.nn.functional.silu)
+        taken.append([e for e, g in zip(ids, seen["ids"][0].tolist()) if g == 6])  # E: the CPU's
+
+    step([4, 0])  # never used: ties, top-k order -> 4
+    step([0, 5])  # 0 used at step 1, 5 never -> 5
+    step([4, 5])  # 4 used at step 1, 5 at step 2 -> 4
+    step([5, 0])  # 5 at step 3, 0 at step 2 -> 0
+    assert taken == [[4], [5], [4], [0]]
+
+
 @pytest.mark.parametrize("top_k,hidden_size,dtype,ring", [(8, 1500, torch.bfloat16, True),
                                                           (6, 64, torch.float32, False),
                                                           (2, 2048, torch.float16, True)])
 def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, ring):
     """kernels/triton_hybrid.pack_share (Triton's interpreter here, compiled on CUDA) against pack_share_torch, bit
-    for bit, over every miss pattern's split: packed mailbox, GPU ids, CPU pairs, tally and ring."""
+    for bit, over 12 steps in a row (so the last-use stamps that pick the CPU's misses vary) and splits: packed
+    mailbox, GPU ids, CPU pairs, tally, last-use stamps, step and ring."""
     triton_hybrid = pytest.importorskip("moe_offload.kernels.triton_hybrid")
     from moe_offload.hybrid import pack_share_torch
 
@@ -82,8 +110,11 @@ def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, ring
     num_experts = 40
     host_rows = torch.where(torch.rand(num_experts, generator=generator) < 0.5,
                             torch.randperm(num_experts, generator=generator), -1).to(device)  # [E]
+    stamps = {pack: (torch.zeros(num_experts, dtype=torch.long, device=device),
+                     torch.zeros(1, dtype=torch.long, device=device)) for pack in (pack_share_torch,
+                                                                                   triton_hybrid.pack_share)}
     for case in range(12):
-        ids = torch.randperm(num_experts, generator=generator)[:top_k].view(1, top_k).to(device)  # [1, K]
+        ids = torch.randperm(num_experts // 2, generator=generator)[:top_k].view(1, top_k).to(device)  # [1, K]
         from_host = (host_rows[ids] >= 0).long()  # [1, K]
         split = torch.tensor([min(m, (m * case) // 7) for m in range(top_k + 1)], device=device)  # [K + 1]
         hidden = torch.randn(1, hidden_size, generator=generator).to(device, dtype)  # [1, H]
@@ -94,11 +125,12 @@ def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, ring
             out = (torch.full((hidden_size + 2 * top_k,), 9.0, device=device),
                    torch.full((1, top_k), -5, dtype=torch.long, device=device),
                    torch.full((top_k,), 7, dtype=torch.uint8, device=device), torch.tensor(3, device=device), counter)
-            pack(hidden, ids, weights, from_host, split, host_rows, num_experts, *out)
-            outputs.append(out)
+            pack(hidden, ids, weights, from_host, split, host_rows, num_experts, *out[:4], *stamps[pack], out[4])
+            outputs.append(out + stamps[pack])
         for want, got in zip(*outputs):
             assert (want is None and got is None) or torch.equal(want, got)
         assert int(outputs[0][2].sum()) == int(outputs[0][3]) - 3  # the tally counts the CPU's pairs
+        assert int(outputs[0][6]) == case + 1 and torch.equal(outputs[0][5][ids[0]], outputs[0][6].expand(top_k))
 
 
 def test_cpu_share_with_the_numba_kernel_on_bf16():
