@@ -286,14 +286,15 @@ def test_host_function_error_is_kept_for_check():
     assert collecting == [False] and gc.isenabled()  # no collection on the driver's thread, back on after
 
 
-def _direct_pipeline(path, ratio, table=None):
-    """A CPU pipeline whose layers run the direct path (Triton interpreter), with a CPU share if `table`."""
+def _direct_pipeline(path, ratio, table=None, lru=False):
+    """A CPU pipeline whose layers run the direct path (Triton interpreter; with LRU admission if `lru`), with a
+    CPU share if `table`."""
     from moe_offload.kernels.triton_moe import fused_moe
 
     pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=ratio)
     for layer in pipe.layers:
         layer.fused_moe = fused_moe
-        assert layer.enable_direct(pipe.device)
+        assert layer.enable_direct(pipe.device, lru=lru) and layer.lru_admission == lru
         if table is not None:
             assert layer.enable_cpu_share(table(layer.top_k), CpuExperts(threads=1))
     return pipe
@@ -321,6 +322,24 @@ def test_cpu_threads_property_sizes_the_cpu_share(tmp_path, monkeypatch, threads
     assert stats["experts_computed_on_cpu"] > 0 and torch.equal(got, want)
 
 
+def _tune_on_clock(monkeypatch, layer, seconds):
+    """tune_split(layer) on a fake clock: seconds(misses, n_cpu, active) for a forward with `misses` misses, n_cpu
+    of them on the CPU, the path in the timer or not (fixed when the timer is made, as decode_timer's graph is)."""
+    share, from_host = layer.cpu_share, layer._direct_from_host
+
+    def fake_timer(hidden, first_ids, weights, act_fn):
+        active = share.active
+
+        def time_it(ids):
+            misses = int(from_host[ids].sum())
+            return seconds(misses, share.split_table[misses], active)
+
+        return time_it
+
+    monkeypatch.setattr(layer, "decode_timer", fake_timer)
+    return tune_split(layer, torch.nn.functional.silu, repeats=1)
+
+
 @pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
 def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
     """With a fake clock where the CPU takes 2 units an expert and the GPU 1, the step ends soonest with a third
@@ -328,18 +347,7 @@ def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
     pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 37, all_on_cpu)
     layer = pipe.layers[0]
     share = layer.cpu_share
-    from_host = layer._direct_from_host
-
-    def fake_timer(hidden, first_ids, weights, act_fn):
-        def time_it(ids):
-            misses = int(from_host[ids].sum())
-            n_cpu = share.split_table[misses]
-            return max(2.0 * n_cpu, 1.0 * (misses - n_cpu))
-
-        return time_it
-
-    monkeypatch.setattr(layer, "decode_timer", fake_timer)
-    table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
+    table, timings = _tune_on_clock(monkeypatch, layer, lambda misses, n_cpu, active: max(2.0 * n_cpu, misses - n_cpu))
     resident = layer.table.capacity  # 37% of the tiny model's experts: fewer than top-k, so few misses never occur
     for misses in range(1, layer.top_k + 1):
         if layer.top_k - misses > resident:
@@ -354,26 +362,26 @@ def test_tune_split_picks_the_fastest_split(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
+@pytest.mark.parametrize("lru", [False, True])
+def test_near_ties_go_to_fewer_cpu_experts_only_where_the_gpus_misses_are_cached(tmp_path, monkeypatch, lru):
+    """A fake clock where each expert more on the CPU saves 0.2% (at most 0.8% at top-k 4): with LRU admission
+    the table keeps to 0 within the 2% tie (what the GPU reads gets cached), without it takes the fastest."""
+    layer = _direct_pipeline(_tiny_checkpoint(tmp_path), 37, all_on_cpu, lru=lru).layers[0]
+    table, timings = _tune_on_clock(monkeypatch, layer,
+                                    lambda misses, n_cpu, active: 1.0 - 0.002 * n_cpu if active else 2.0)
+    reached = [m for m in timings["split"] if m > 0]
+    assert reached and all(table[m] == (0 if lru else m) for m in reached)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines; CUDA runs test_hybrid_decode_on_cuda")
 def test_tune_split_turns_the_path_off_when_its_fixed_cost_eats_the_gain(tmp_path, monkeypatch):
     """The same clock, plus a cost every step pays while the path is in the layer (its copies and host node):
     the best split gains less than that, so the table is all zeros and the path is left out."""
     pipe = _direct_pipeline(_tiny_checkpoint(tmp_path), 37, all_on_cpu)
     layer = pipe.layers[0]
     share = layer.cpu_share
-    from_host = layer._direct_from_host
-
-    def fake_timer(hidden, first_ids, weights, act_fn):
-        active = share.active  # captured with the path in or out, as decode_timer's graph is
-
-        def time_it(ids):
-            misses = int(from_host[ids].sum())
-            n_cpu = share.split_table[misses]
-            return max(2.0 * n_cpu, 1.0 * (misses - n_cpu)) + (1.5 if active else 0.0)
-
-        return time_it
-
-    monkeypatch.setattr(layer, "decode_timer", fake_timer)
-    table, timings = tune_split(layer, torch.nn.functional.silu, repeats=1)
+    table, timings = _tune_on_clock(monkeypatch, layer, lambda misses, n_cpu, active:
+                                    max(2.0 * n_cpu, misses - n_cpu) + (1.5 if active else 0.0))
     assert any(min(times) < times[0] for times in timings["split"].values())  # splits do beat n_cpu = 0 ...
     assert timings["expected"]["on"] > timings["expected"]["off"]  # ... but not the layer without the path
     assert table == [0] * (layer.top_k + 1) and not share.active
