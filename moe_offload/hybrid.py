@@ -1,16 +1,16 @@
 """Hybrid decode: a zero-copy layer's missed experts split between the CPU and the GPU, both working at once.
 
 Why: on the H200 machine the GPU reads experts left in pinned host memory over PCIe at ~50 GB/s, and the CPU
-computes one-token experts from that same memory: torch's kernels at ~18-28 GB/s on 16 cores, the numba kernels
-of kernels/cpu_numba.py at ~66 GB/s for 8 experts a call on 14 threads, 0.235 ms for one expert, in the
-decode graph (bench/results/2026-11-29-h200-hybrid-latency-spin-pool.json; which kernel runs is measured at
-load). Together they could move more bytes per second than either alone, up to
-what the host DRAM gives (~85 GB/s plain read there). In a one-token decode step the layer's misses are split
-by count: n_cpu of them, those whose experts were used least recently (with LRU admission the GPU's misses are
-cached, so the CPU takes the ones least likely to come back), are computed on the CPU where their weights lie,
-the rest are read in place by the GPU kernels; hits stay on the GPU. n_cpu comes from a table over the number of misses,
-measured at load (tune_split: the layer's own decode forward timed for every split it can take, and without the
-path), and the table is kept only if whole decodes run faster with it (check_on_decode).
+computes one-token experts from that same memory: torch's kernels at ~18-28 GB/s on 16 cores, the numba kernels of
+kernels/cpu_numba.py at ~66 GB/s for 8 experts a call on 14 threads, 0.235 ms for one expert, in the decode graph
+(bench/results/2026-11-29-h200-hybrid-latency-spin-pool.json; which kernel runs is measured at load). Together they
+could move more bytes per second than either alone, up to what the host DRAM gives (~85 GB/s plain read there). In a
+one-token decode step the layer's misses are split by count: n_cpu of them, those whose experts were used least
+recently (with LRU admission the GPU's misses are cached, so the CPU takes the ones least likely to come back), are
+computed on the CPU where their weights lie, the rest are read in place by the GPU kernels; hits stay on the GPU.
+n_cpu comes from a table over the number of misses, measured at load (tune_split: the layer's own decode forward
+timed for every split it can take, and without the path), and the table is kept only if whole decodes run faster
+with it (check_on_decode).
 
 How, with no host sync (the decode step stays one CUDA graph): the GPU packs the layer's hidden state, the
 host-tier rows of the CPU's experts and the routing weights into one device buffer (one Triton kernel where

@@ -1,12 +1,12 @@
 """The GPU side of a hybrid decode step's bookkeeping (hybrid.CpuShare.forward) as one Triton kernel.
 
-Why: before the CPU can take its share of a layer's misses, the GPU decides which pairs are the CPU's (the
-n_cpu misses whose experts were used least recently, ties in top-k order; n_cpu from the split table), packs the
-hidden state, those pairs' host-tier rows and the routing weights into the mailbox buffer, masks the CPU's pairs
-out of the ids the GPU kernels read, counts them, stamps the step's experts as used and steps the doorbell's
-ring counter. In torch that is ~16 tiny kernels (sum, index_select,
-cumsum, comparisons, gathers, casts, cat, masked_fill, adds), each ~2-3 us even replayed from a graph, on the
-path every layer of a decode step waits on, and on the CPU's critical path too. Here it is one launch.
+Why: before the CPU can take its share of a layer's misses, the GPU decides which pairs are the CPU's (the n_cpu
+misses whose experts were used least recently, ties in top-k order; n_cpu from the split table), packs the hidden
+state, those pairs' host-tier rows and the routing weights into the mailbox buffer, masks the CPU's pairs out of the
+ids the GPU kernels read, counts them, stamps the step's experts as used and steps the doorbell's ring counter. In
+torch that is ~20 tiny kernels (sum, index_select, comparisons, gathers, casts, cat, masked_fill, adds, scatters),
+each ~2-3 us even replayed from a graph, on the path every layer of a decode step waits on, and on the CPU's
+critical path too. Here it is one launch.
 
 Same values as the torch code (hybrid.pack_share_torch): the hidden state and the weights widened to float32
 (exact), rows as float32 (exact below 2^24), ids as given.
