@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import resource
 import shutil
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import h200_offload_bench as bench  # noqa: E402
 from moe_offload.config import OffloadConfig  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 from moe_offload.simulate import _replay_layer, replay_steps, simulate  # noqa: E402
 
 
@@ -162,8 +161,7 @@ def main(argv=None) -> int:
     if args.cleanup:
         shutil.rmtree(args.model_dir)
     report["seconds"] = time.perf_counter() - started
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, report)
     return 0
 
 

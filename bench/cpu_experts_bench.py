@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moe_offload.cpu_experts import CpuExperts, PackedExperts, packing_available  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 from moe_offload.kernels.reference import weighted_expert_output  # noqa: E402
 
 HIDDEN, INTER = 2048, 768
@@ -452,9 +452,7 @@ def main(argv=None) -> dict:
         print("fastest per case, all variants: " + ", ".join(f"{k} {v['strategy']} {v['gb_s']:.1f}GB/s"
                                                             for k, v in summary.items()))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_report(args.out, report)
     return report
 
 

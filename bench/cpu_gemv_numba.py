@@ -13,7 +13,6 @@ Usage: python bench/cpu_gemv_numba.py [--threads N] [--out FILE.json]       (nee
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 
 ROWS, COLS, MATRICES = 1536, 2048, 96
 
@@ -101,8 +100,7 @@ def main() -> int:
               "threads": threads, "shape": [MATRICES, ROWS, COLS], "results": results,
               "numba_relative_error_vs_float32": error}
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_report(args.out, report)
     return 0
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from moe_offload.cpu_experts import CpuExperts  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 
 HIDDEN, INTER, POOL = 2048, 768, 96  # a 96-expert pool is 0.9 GB of bf16
 
@@ -74,8 +74,7 @@ def main() -> int:
               "max_rel_diff": ((native - compiled).abs().max() / native.abs().max()).item()}
     print(json.dumps({k: report[k] for k in ("numba_vs_native", "bit_identical_fraction", "max_rel_diff")}))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_report(args.out, report)
     return 0
 
 

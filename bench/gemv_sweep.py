@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 from moe_offload.kernels import triton_moe  # noqa: E402
 
 H, I, E, K = 2048, 768, 128, 8
@@ -98,9 +97,8 @@ def main() -> int:
         top = sorted(combos.items(), key=lambda item: item[1])[:5]
         print(f"{source}: best shared tiles (gate_up + down us): " +
               ", ".join(f"N{n} K{k} w{w} {us:.1f}" for (n, k, w), us in top))
-    with open(args.out, "w") as handle:
-        json.dump({"date": utc_now(), "machine": machine(), "versions": versions(), "shape": dict(H=H, I=I, E=E, K=K),
-                   "rows": rows, "best": best}, handle, indent=1)
+    write_report(args.out, {"date": utc_now(), "machine": machine(), "versions": versions(),
+                            "shape": dict(H=H, I=I, E=E, K=K), "rows": rows, "best": best})
     return 0
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from tiny_models import ARCHITECTURES, VOCAB, save_tokenizer, tiny_config  # noqa: E402
 
 from moe_offload import LLMPipeline  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 
 ARCHS = ARCHITECTURES
 RATIOS = (0, 37, 100)
@@ -152,9 +152,7 @@ def main() -> int:
         "all_greedy_identical": all(r["greedy_identical"] for r in rows),
         "all_pipeline_greedy_identical": all(r["pipeline_greedy_identical"] for r in rows),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, report)
     print(f"within tolerance: {report['all_within_tolerance']}  greedy identical: {report['all_greedy_identical']}")
     return 0
 

@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from moe_offload.benchmark import GenerationTimer  # noqa: E402
 from moe_offload.checkpoint import Checkpoint  # noqa: E402
 from moe_offload.config import OffloadConfig  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 from moe_offload.info import describe  # noqa: E402
 from moe_offload.tiers import drop_page_cache as drop_file_cache  # noqa: E402
 
@@ -654,12 +654,9 @@ def derive(report: dict) -> dict:
     return report
 
 
-def write_report(report: dict, path: str) -> None:
+def save_report(report: dict, path: str) -> None:
     derive(report)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(report, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    write_report(path, report)
 
 
 def print_table(report: dict) -> None:
@@ -791,7 +788,7 @@ def main(argv=None) -> int:
             status = f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         report["phases"][name] = {"status": status, "seconds": time.perf_counter() - started}
         log(f"phase {name}: {status} ({time.perf_counter() - started:.1f} s)")
-        write_report(report, args.out)
+        save_report(report, args.out)
 
     if "gen" in args.phases:
         def gen():
@@ -831,7 +828,7 @@ def main(argv=None) -> int:
             f"decode {row['decode_tok_s'] or 0:.1f} tok/s, prefill {row['prefill_tok_s']:.0f} tok/s, "
             f"ttft {row['ttft_s']:.3f} s, hit {row['hit_rate'] or 0:.2f}, {row['bytes_per_token'] / 1e6:.1f} MB/token, "
             f"load {row['load_s']:.1f} s")))
-        write_report(report, args.out)
+        save_report(report, args.out)
 
     if "ours" in args.phases:
         def host_runs():
@@ -849,7 +846,7 @@ def main(argv=None) -> int:
             share = min(CAP_S["transformers"], budget * 0.45 if device.type == "cuda" else budget)
             base["transformers"] = run_baseline(ctx, "transformers", share)
             base["transformers_grouped_mm_tok_s"] = base["transformers"].get("decode_tok_s")
-            write_report(report, args.out)
+            save_report(report, args.out)
             if device.type != "cuda":
                 base["accelerate"], base["accelerate_tok_s"] = {"error": "skipped: needs a CUDA device"}, None
                 return None
@@ -877,7 +874,7 @@ def main(argv=None) -> int:
                     measure(ratio, "disk", kernel, 0)
         phase("ours_disk", disk_runs)
 
-    write_report(report, args.out)
+    save_report(report, args.out)
     print_table(report)
     log(f"report -> {args.out}")
     return 0

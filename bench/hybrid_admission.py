@@ -28,7 +28,7 @@ from collections import OrderedDict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from moe_offload import LLMPipeline  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 from moe_offload.trace import trace_generation  # noqa: E402
 from tools.routing_report import read_train_log, stdlib_prompts  # noqa: E402
 
@@ -122,8 +122,7 @@ def main(argv=None) -> int:
               "top_k": top_k, "num_experts": num_experts,
               "units": "per (token, layer) decode step: experts hit, computed on the CPU, read in place by the GPU",
               "rows": rows}
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, report)
     return 0
 
 

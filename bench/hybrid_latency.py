@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 
 from moe_offload.cpu_experts import CpuExperts
+from moe_offload.environment import machine, utc_now, versions, write_report
 from moe_offload.hybrid import CpuShare, HostFunction, NativeHostFunction, pack_share_torch, stream_wait_available
 from moe_offload.integration import cpu_expert_kernels
 from moe_offload.tiers import HostTier
@@ -73,9 +72,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cuda")
     top_k, hidden_size = 8, args.hidden
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "gpu": torch.cuda.get_device_name()},
-              "versions": {"torch": torch.__version__}, "shape": vars(args), "seconds": {}}
+    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "shape": vars(args), "seconds": {}}
     seconds = report["seconds"]
 
     # the copies and host node of a CPU share, around a no-op
@@ -173,8 +170,7 @@ def main() -> int:
         report["versions"]["numba"] = numba.__version__
     except ImportError:
         pass
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, report)
     print(json.dumps(report["seconds"]))
     return 0
 

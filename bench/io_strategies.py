@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moe_offload.checkpoint import Checkpoint  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 from moe_offload.tiers import DiskTier, drop_page_cache, pin_in_place  # noqa: E402
 
 INTER, HIDDEN = 768, 2048
@@ -105,8 +105,7 @@ def main() -> int:
         "file_bytes": os.path.getsize(path), "pinned_destination": bool(pinned and all(pinned)),
         "rows": rows, "best_cold": best,
     }
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, report)
     print(f"best cold: {best['strategy']} x{best['threads']} {best['cold_gb_s']:.2f} GB/s")
     return 0
 

@@ -17,7 +17,6 @@ Usage: python bench/profile_step.py --model-dir /tmp/moe-offload-bench/full --ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from moe_offload import LLMPipeline  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 
 TOP = 20
 
@@ -102,8 +101,7 @@ def main() -> int:
         pipe.close()
         del pipe
         torch.cuda.empty_cache()
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, report)
     return 0
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import h200_offload_bench as bench  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 
 SCHEMA = "moe-offload/routing-prediction/1"
 PREDICTORS = ("prev_layer_input", "prev_layer_moe_input", "same_experts_prev_step")
@@ -371,9 +371,7 @@ def main(argv=None) -> int:
         report["models"].append(result)
         print(markdown(result), flush=True)
         report["runtime_s"] = time.perf_counter() - bench.STARTED
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_report(args.out, report)
     log(f"done, wrote {args.out}")
     return 0
 

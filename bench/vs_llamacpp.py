@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     import torch
 
     import h200_offload_bench as bench
-    from moe_offload.environment import machine, utc_now, versions
+    from moe_offload.environment import machine, utc_now, versions, write_report
     from run_llama_bench import memory_source
 
     if args.tiny:
@@ -227,8 +227,7 @@ def main(argv=None) -> int:
         report.update(rows=build_rows(variants[args.main], llamacpp, layers, variants), ours=variants,
                       llamacpp=llamacpp)
         if args.out:
-            with open(args.out, "w") as handle:
-                json.dump(report, handle, indent=1)
+            write_report(args.out, report)
 
     if args.llama_bench and args.gguf:  # first: the peer's numbers are the ones a short run must not lose
         import run_llama_bench

@@ -210,13 +210,9 @@ class OffloadedExperts:
 
     def sync_free(self, num_pairs: int) -> bool:
         """A forward of `num_pairs` (token, k) pairs takes the direct path: no host sync, capturable."""
-        return self.direct and (not self.copies_long_forwards or num_pairs <= self.zero_copy_max_pairs)
-
-    @property
-    def copies_long_forwards(self) -> bool:
-        """A zero-copy layer whose forwards above zero_copy_max_pairs take the copy path (with device LRU the host
-        table is first brought in line with the device's slots; the copy path admits nothing there)."""
-        return self.zero_copy
+        # a zero-copy layer's longer forwards take the copy path (with device LRU after forward() brings the host
+        # table in line with the device's slots; the copy path admits nothing there)
+        return self.direct and (not self.zero_copy or num_pairs <= self.zero_copy_max_pairs)
 
     @property
     def lru_admission(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from typing import Any
@@ -26,3 +27,12 @@ def machine() -> dict[str, Any]:
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """A benchmark's JSON report at `path` (its folder made if need be), replaced whole: a script that rewrites
+    its report as it goes never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1)
+    os.replace(path + ".tmp", path)

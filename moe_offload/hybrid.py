@@ -209,12 +209,12 @@ class CpuShare:
         self._job_buffers: tuple = ()
         self.tally = torch.zeros((), dtype=torch.long, device=device)  # experts computed on the CPU, device-side
         # which misses the CPU takes: those whose experts were used least recently (pack_share_torch says why)
-        self._last_use = torch.zeros(num_experts, dtype=torch.long, device=device)  # [E] step of last use, 0 never
-        self._step = torch.zeros(1, dtype=torch.long, device=device)  # [1] one-token steps packed so far
+        self._last_use = torch.zeros(num_experts, dtype=torch.int32, device=device)  # [E] step of last use, 0 never
+        # [1] one-token steps packed so far; also the value the stream_wait handoff rings the doorbell with
+        self._step = torch.zeros(1, dtype=torch.int32, device=device)
         self.tuning: dict = {}  # tune_cpu_path's: {kernel: tune_split's timings}
         self.stream_wait_refused: str | None = None  # why MOE_CPU_HANDOFF=stream_wait was not used, if it was asked
         self._doorbell: torch.Tensor | None = None  # [DOORBELL_WORDS] int32, page-locked (use_stream_wait)
-        self._ring: torch.Tensor | None = None  # [1] int32 step counter, device-side (use_stream_wait)
 
     @property
     def handoff(self) -> str:
@@ -235,7 +235,7 @@ class CpuShare:
         word = graph_host_buffer(self, doorbell.DOORBELL_WORDS, torch.int32, True)
         if word is None:
             raise MoeOffloadError("cannot page-lock the CPU expert path's doorbell (cudaHostRegister failed)")
-        self._doorbell, self._ring = word, torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._doorbell = word
         doorbell.server()  # started (and compiled) now, not inside a capture
 
     def set_table(self, table: list[int]) -> None:
@@ -329,7 +329,7 @@ class CpuShare:
         self._dtype, self._weight_dtype, self._act_fn = hidden_states.dtype, top_k_weights.dtype, act_fn
         self._pack(hidden_states, top_k_index, top_k_weights, from_host, self.split, self.host_rows,
                    self.host_rows.numel(), self._packed, self._gpu_ids, self._cpu_pair, self.tally, self._last_use,
-                   self._step, self._ring)
+                   self._step)
         with self._side_stream():
             self._mailbox.copy_(self._packed, non_blocking=True)
             function = self._host_function(act_fn)
@@ -348,7 +348,7 @@ class CpuShare:
         runs the step), a wait for DONE == 1 (the outputs are in), DONE back to 0 (kernels/doorbell.py)."""
         from .kernels.doorbell import DONE, RING
 
-        self._doorbell[RING:RING + 1].copy_(self._ring, non_blocking=True)
+        self._doorbell[RING:RING + 1].copy_(self._step, non_blocking=True)
         done = self._doorbell.data_ptr() + 4 * DONE
         _stream_word_op("cuStreamWaitValue32_v2", self._stream, done, 1, _STREAM_WAIT_VALUE_EQ)
         _stream_word_op("cuStreamWriteValue32_v2", self._stream, done, 0, _STREAM_WRITE_VALUE_DEFAULT)
@@ -371,13 +371,13 @@ class CpuShare:
 def pack_share_torch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                      from_host: torch.Tensor, split: torch.Tensor, host_rows: torch.Tensor, num_experts: int,
                      packed: torch.Tensor, gpu_ids: torch.Tensor, cpu_pair: torch.Tensor, tally: torch.Tensor,
-                     last_use: torch.Tensor, step: torch.Tensor, ring: torch.Tensor | None) -> None:
+                     last_use: torch.Tensor, step: torch.Tensor) -> None:
     """A one-token step's CPU share, decided and packed in place (kernels/triton_hybrid.pack_share does the same
     in one launch): the CPU's pairs are the split[misses] misses whose experts were used least recently, ties in
     top-k order (cpu_pair [K], 1 = the CPU's); packed [H + 2K] float32 = hidden state, each pair's host-tier row
     (-1: not the CPU's), each pair's routing weight; gpu_ids [1, K] = the ids with the CPU's pairs replaced by E
-    (the GPU kernels skip them); tally += the CPU's pairs; step += 1 and last_use[ids] = step; ring += 1 (the
-    doorbell's step counter, if any).
+    (the GPU kernels skip them); tally += the CPU's pairs; step += 1 (also the doorbell's ring value) and
+    last_use[ids] = step.
 
     Why least recently used: with LRU admission only the GPU's misses are admitted, so the CPU should take the
     misses least likely to come back. On the shipped model's decode routing that kept 0.980 / 1.397 decode hits
@@ -385,7 +385,8 @@ def pack_share_torch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     the CPU 0.963 / 1.529 (bench/results/2026-11-29-hybrid-admission-small-moe.json).
 
     hidden [1, H]; top_k_index, top_k_weights, from_host [1, K] (from_host: 1 = read from the host tier);
-    split [K + 1]; host_rows [E]; last_use [E] int64 (the step each expert was last used, 0 = never); step [1].
+    split [K + 1]; host_rows [E]; last_use [E] int32 (the step each expert was last used, 0 = never); step [1]
+    int32.
     """
     # K = top-k, E = routed experts
     n_cpu = split.index_select(0, from_host.sum().view(1))  # [1] misses the CPU computes
@@ -403,8 +404,6 @@ def pack_share_torch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     gpu_ids.copy_(top_k_index.masked_fill(pairs, num_experts))
     cpu_pair.copy_(pairs.reshape(-1))
     tally.add_(pairs.sum())
-    if ring is not None:
-        ring.add_(1)
 
 
 def _pack_function(device: torch.device) -> Callable:

@@ -294,7 +294,7 @@ def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) ->
     from token to token) at ratios 50/75, LRU layers prefilled 128 tokens in place at 1.41/1.54x the static set's
     tuned copy path (bench/results/2026-11-29-h200-vs-llamacpp-session7-run1.json), with the tuned threshold at
     1.00/0.60x (2026-11-29-h200-vs-llamacpp.json)."""
-    layers = [(r, s) for r, s in zip(runtimes, sites) if r.copies_long_forwards and not r.lru_admission]
+    layers = [(r, s) for r, s in zip(runtimes, sites) if r.zero_copy and not r.lru_admission]
     if not layers:
         return
     first, site = layers[0]

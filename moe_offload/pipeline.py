@@ -248,7 +248,7 @@ class LLMPipeline:
             # the longest prompt whose misses zero-copy layers read in place (longer ones copy them), and the
             # timings that chose it (prefill_tuning.py; CUDA)
             "zero_copy_prefill_max_tokens": next((layer.zero_copy_max_pairs // layer.top_k for layer in self.layers
-                                                  if layer.copies_long_forwards), None),
+                                                  if layer.zero_copy), None),
             "zero_copy_prefill_tuning": next((layer.prefill_tuning for layer in self.layers if layer.prefill_tuning),
                                              None),
             "cuda_graph_steps": self.decoder.steps_replayed if self.decoder else 0,

@@ -93,13 +93,13 @@ def test_the_cpu_takes_the_misses_used_least_recently():
     assert taken == [[4], [5], [4], [0]]
 
 
-@pytest.mark.parametrize("top_k,hidden_size,dtype,ring", [(8, 1500, torch.bfloat16, True),
-                                                          (6, 64, torch.float32, False),
-                                                          (2, 2048, torch.float16, True)])
-def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, ring):
+@pytest.mark.parametrize("top_k,hidden_size,dtype,first_step", [(8, 1500, torch.bfloat16, 11),
+                                                                (6, 64, torch.float32, 0),
+                                                                (2, 2048, torch.float16, 11)])
+def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, first_step):
     """kernels/triton_hybrid.pack_share (Triton's interpreter here, compiled on CUDA) against pack_share_torch, bit
     for bit, over 12 steps in a row (so the last-use stamps that pick the CPU's misses vary) and splits: packed
-    mailbox, GPU ids, CPU pairs, tally, last-use stamps, step and ring."""
+    mailbox, GPU ids, CPU pairs, tally, last-use stamps and the step (the doorbell's ring value)."""
     triton_hybrid = pytest.importorskip("moe_offload.kernels.triton_hybrid")
     from moe_offload.hybrid import pack_share_torch
 
@@ -110,9 +110,9 @@ def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, ring
     num_experts = 40
     host_rows = torch.where(torch.rand(num_experts, generator=generator) < 0.5,
                             torch.randperm(num_experts, generator=generator), -1).to(device)  # [E]
-    stamps = {pack: (torch.zeros(num_experts, dtype=torch.long, device=device),
-                     torch.zeros(1, dtype=torch.long, device=device)) for pack in (pack_share_torch,
-                                                                                   triton_hybrid.pack_share)}
+    stamps = {pack: (torch.zeros(num_experts, dtype=torch.int32, device=device),
+                     torch.full((1,), first_step, dtype=torch.int32, device=device))
+              for pack in (pack_share_torch, triton_hybrid.pack_share)}
     for case in range(12):
         ids = torch.randperm(num_experts // 2, generator=generator)[:top_k].view(1, top_k).to(device)  # [1, K]
         from_host = (host_rows[ids] >= 0).long()  # [1, K]
@@ -121,16 +121,16 @@ def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, ring
         weights = torch.rand(1, top_k, generator=generator).to(device)  # [1, K]
         outputs = []
         for pack in (pack_share_torch, triton_hybrid.pack_share):
-            counter = torch.tensor([11], dtype=torch.int32, device=device) if ring else None
             out = (torch.full((hidden_size + 2 * top_k,), 9.0, device=device),
                    torch.full((1, top_k), -5, dtype=torch.long, device=device),
-                   torch.full((top_k,), 7, dtype=torch.uint8, device=device), torch.tensor(3, device=device), counter)
-            pack(hidden, ids, weights, from_host, split, host_rows, num_experts, *out[:4], *stamps[pack], out[4])
+                   torch.full((top_k,), 7, dtype=torch.uint8, device=device), torch.tensor(3, device=device))
+            pack(hidden, ids, weights, from_host, split, host_rows, num_experts, *out, *stamps[pack])
             outputs.append(out + stamps[pack])
         for want, got in zip(*outputs):
-            assert (want is None and got is None) or torch.equal(want, got)
+            assert torch.equal(want, got)
         assert int(outputs[0][2].sum()) == int(outputs[0][3]) - 3  # the tally counts the CPU's pairs
-        assert int(outputs[0][6]) == case + 1 and torch.equal(outputs[0][5][ids[0]], outputs[0][6].expand(top_k))
+        step = outputs[0][5]
+        assert int(step) == first_step + case + 1 and torch.equal(outputs[0][4][ids[0]], step.expand(top_k))
 
 
 def test_cpu_share_with_the_numba_kernel_on_bf16():

@@ -44,7 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from moe_offload.errors import MoeOffloadError  # noqa: E402
 from moe_offload.pipeline import DEFAULT_MODEL  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions  # noqa: E402
+from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
 from moe_offload.simulate import replay_steps, simulate  # noqa: E402
 from moe_offload.trace import read_prompts, save_trace, trace_generation  # noqa: E402
 
@@ -348,8 +348,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, name + ".json")
     md_path = os.path.join(args.out_dir, name + ".md")
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(json_path, report)
     with open(md_path, "w", encoding="utf-8") as handle:
         handle.write(markdown(report))
     if args.save_trace:

@@ -25,8 +25,8 @@ _BLOCK_H = 1024
 
 @triton.jit
 def _pack_kernel(hidden_ptr, ids_ptr, weights_ptr, from_host_ptr, split_ptr, host_rows_ptr, packed_ptr,
-                 gpu_ids_ptr, cpu_pair_ptr, tally_ptr, last_use_ptr, step_ptr, ring_ptr, H, num_experts,
-                 K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RING: tl.constexpr):
+                 gpu_ids_ptr, cpu_pair_ptr, tally_ptr, last_use_ptr, step_ptr, H, num_experts,
+                 K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """Every program widens a BLOCK_H chunk of the hidden state into packed[:H]; program 0 also does the pairs."""
     pid = tl.program_id(0)
     offs = pid * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
@@ -47,7 +47,7 @@ def _pack_kernel(hidden_ptr, ids_ptr, weights_ptr, from_host_ptr, split_ptr, hos
         cpu = (remote > 0) & (rank < n_cpu) & live  # the n_cpu misses used least recently
         step = tl.load(step_ptr) + 1
         tl.store(step_ptr, step)
-        tl.store(last_use_ptr + ids, tl.zeros((BLOCK_K,), dtype=tl.int64) + step, mask=live)
+        tl.store(last_use_ptr + ids, tl.zeros((BLOCK_K,), dtype=tl.int32) + step, mask=live)
         rows = tl.load(host_rows_ptr + ids, mask=live, other=-1)  # [BLOCK_K] host-tier row or -1
         rows = tl.where(cpu, rows, -1)
         tl.store(packed_ptr + H + k, rows.to(tl.float32), mask=live)
@@ -56,8 +56,6 @@ def _pack_kernel(hidden_ptr, ids_ptr, weights_ptr, from_host_ptr, split_ptr, hos
         tl.store(gpu_ids_ptr + k, tl.where(cpu, num_experts, ids), mask=live)
         tl.store(cpu_pair_ptr + k, cpu.to(tl.uint8), mask=live)
         tl.store(tally_ptr, tl.load(tally_ptr) + tl.sum(cpu.to(tl.int64), axis=0))
-        if HAS_RING:
-            tl.store(ring_ptr, tl.load(ring_ptr) + 1)
 
 
 def pack_supported(hidden: torch.Tensor) -> bool:
@@ -68,16 +66,16 @@ def pack_supported(hidden: torch.Tensor) -> bool:
 def pack_share(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                from_host: torch.Tensor, split: torch.Tensor, host_rows: torch.Tensor, num_experts: int,
                packed: torch.Tensor, gpu_ids: torch.Tensor, cpu_pair: torch.Tensor, tally: torch.Tensor,
-               last_use: torch.Tensor, step: torch.Tensor, ring: torch.Tensor | None) -> None:
+               last_use: torch.Tensor, step: torch.Tensor) -> None:
     """hybrid.pack_share_torch's outputs, in place, in one launch.
 
     hidden [1, H]; top_k_index, top_k_weights, from_host [1, K]; split [K + 1]; host_rows [E];
-    packed [H + 2K] float32; gpu_ids [1, K] int64; cpu_pair [K] uint8; tally [] int64; last_use [E] int64;
-    step [1] int64; ring [1] int32 or None.
+    packed [H + 2K] float32; gpu_ids [1, K] int64; cpu_pair [K] uint8; tally [] int64; last_use [E] int32;
+    step [1] int32 (also the doorbell's ring value).
     """
     width, top_k = hidden.shape[-1], top_k_index.shape[-1]
     grid = (triton.cdiv(width, _BLOCK_H),)
     _pack_kernel[grid](hidden.reshape(-1), top_k_index.reshape(-1), top_k_weights.reshape(-1),
                        from_host.reshape(-1), split, host_rows, packed, gpu_ids.reshape(-1), cpu_pair, tally,
-                       last_use, step, ring if ring is not None else tally, width, num_experts, K=top_k,
-                       BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=_BLOCK_H, HAS_RING=ring is not None)
+                       last_use, step, width, num_experts, K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+                       BLOCK_H=_BLOCK_H)
