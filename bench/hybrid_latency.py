@@ -14,6 +14,9 @@ CUDA graph and timed with CUDA events (median of --repeats):
   share_*_{0,1}_torch_pack  the same with the GPU's bookkeeping as torch ops (hybrid.pack_share_torch) instead of
                    the Triton kernel (kernels/triton_hybrid.py)
   direct           the same kernel's call on the main thread (perf_counter), other experts each time
+  split_{pages}_{n}  a whole ratio-0 layer step: n of 8 misses on the CPU (numba, stream_wait) while the GPU reads
+                   the other 8 - n in place with the fused kernel, from a host tier on 2 MiB pages (huge) or 4 KiB
+                   pages (small): the two share host DRAM, as tune_split's table at load shows
 Usage: python bench/hybrid_latency.py --out bench/results/<date>-h200-hybrid-latency.json
 """
 
@@ -60,6 +63,62 @@ def graph_time(body, repeats: int, before=None, busy: bool = False) -> float:
     return statistics.median(times)
 
 
+def read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def anon_huge_bytes() -> int:
+    """The system's AnonHugePages (/proc/meminfo): anonymous memory mapped with huge pages."""
+    for line in read_text("/proc/meminfo").splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def host_tier(args, huge_pages: bool) -> HostTier:
+    """A pinned host tier of args.experts random bf16 experts."""
+    tier = HostTier(list(range(args.experts)), args.inter, args.hidden, torch.bfloat16, pin=True,
+                    huge_pages=huge_pages)
+    generator = torch.Generator().manual_seed(0)
+    for pool in (tier.gate_up, tier.down):
+        for row in pool:  # [2I, H] or [H, I], one expert at a time (bounded scratch)
+            row.copy_(torch.randn(row.shape, generator=generator) * 0.02)
+    return tier
+
+
+def split_time(tier: HostTier, runner: CpuExperts, on_cpu: int, hidden, weights, from_host, ids, rotate,
+               args) -> float:
+    """Median seconds of a decode layer step with `on_cpu` of the K misses on the CPU (stream_wait) and the rest
+    read in place by the fused kernel from the same tier, as OffloadedExperts._forward_hybrid runs a ratio-0
+    layer."""
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    device, top_k = hidden.device, ids.shape[1]
+    share = CpuShare(tier, args.experts, top_k, args.hidden, [min(on_cpu, m) for m in range(top_k + 1)], runner,
+                     device)
+    share.use_stream_wait()
+    empty_gate_up = torch.zeros((1, 2 * args.inter, args.hidden), dtype=torch.bfloat16, device=device)  # [1, 2I, H]
+    empty_down = torch.zeros((1, args.hidden, args.inter), dtype=torch.bfloat16, device=device)  # [1, H, I]
+    slots = torch.arange(1, args.experts + 2, dtype=torch.int32, device=device)  # [E + 1]: expert e at host row e
+    slots[-1] = -1  # id E: a pair the CPU computes
+    contrib = torch.zeros((top_k, args.hidden), device=device)  # [K, H] float32
+
+    def gpu_share(gpu_ids):  # [1, K]
+        return fused_moe(hidden, gpu_ids, weights, empty_gate_up, empty_down, slots, contrib=contrib,
+                         host_w13=tier.gate_up, host_w2=tier.down)
+
+    def forward():
+        share.forward(hidden, ids, weights, from_host, gpu_share, F.silu)
+
+    seconds = graph_time(forward, args.repeats, before=rotate)
+    share.check()
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -69,6 +128,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default torch's count)")
     parser.add_argument("--kernels", default="", help="comma-separated CPU kernels to time (default: all)")
+    parser.add_argument("--pages", default="huge,small", help="host-tier page sizes for the split section")
+    parser.add_argument("--splits", default="0,2,3,4,5,6,8", help="CPU shares of 8 misses for the split section")
     args = parser.parse_args()
     device = torch.device("cuda")
     top_k, hidden_size = 8, args.hidden
@@ -102,11 +163,15 @@ def main() -> int:
     seconds["python_busy"] = graph_time(round_trip(lambda: python_noop.launch(side)), args.repeats, busy=True)
     print({k: f"{v * 1e3:.3f} ms" for k, v in seconds.items()}, flush=True)
 
-    tier = HostTier(list(range(args.experts)), args.inter, hidden_size, torch.bfloat16, pin=True)
+    tiers, report["anon_huge_pages_bytes_added"] = {}, {}
+    for pages in args.pages.split(","):
+        before = anon_huge_bytes()
+        tiers[pages] = host_tier(args, pages == "huge")
+        report["anon_huge_pages_bytes_added"][pages] = anon_huge_bytes() - before
+    report["huge_pages_advised"] = {pages: tier.huge_pages for pages, tier in tiers.items()}
+    report["transparent_hugepage"] = read_text("/sys/kernel/mm/transparent_hugepage/enabled")
+    tier = next(iter(tiers.values()))
     generator = torch.Generator().manual_seed(0)
-    for pool in (tier.gate_up, tier.down):
-        for row in pool:  # [2I, H] or [H, I], one expert at a time (bounded scratch)
-            row.copy_(torch.randn(row.shape, generator=generator) * 0.02)
     hidden = (torch.randn(1, hidden_size, generator=generator) * 0.1).to(torch.bfloat16).to(device)  # [1, H]
     weights = torch.full((1, top_k), 1.0 / top_k, device=device)  # [1, K]
     from_host = torch.ones((1, top_k), dtype=torch.long, device=device)  # [1, K]: every pair a miss
@@ -149,6 +214,18 @@ def main() -> int:
                 share.check()
                 print(name, f"{seconds[name] * 1e3:.3f} ms ({seconds[f'{name}_busy'] * 1e3:.3f} ms busy)",
                       f"torch pack {seconds.get(f'{name}_torch_pack', float('nan')) * 1e3:.3f} ms", flush=True)
+    if "numba" in runners and handoffs["numba"][-1] == "_stream_wait":
+        for pages, split_tier in tiers.items():
+            for n in (int(x) for x in args.splits.split(",")):
+                name = f"split_{pages}_{n}"
+                try:
+                    seconds[name] = split_time(split_tier, runners["numba"], n, hidden, weights, from_host, ids,
+                                               rotate, args)
+                except Exception as err:  # keep the other sections' numbers
+                    report.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"
+                    print(name, report["errors"][name], flush=True)
+                    continue
+                print(name, f"{seconds[name] * 1e3:.3f} ms", flush=True)
     for kernel, runner in runners.items():
         for n in (1, 2, 4, 8):
             host_hidden = hidden.cpu().expand(n, hidden_size)

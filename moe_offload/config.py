@@ -83,6 +83,9 @@ class OffloadConfig:
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
     # 622 MB less device memory for Qwen3-30B-A3B, as llama.cpp does. "on" needs CUDA, triton and an untied table.
     moe_host_embeddings: str = "off"
+    # The host tier on 2 MiB transparent huge pages (tiers.anonymous_pages), where the kernel enables them
+    # ("always" or "madvise"): every decode step streams whole experts from it. "off": 4 KiB pages.
+    moe_host_huge_pages: str = "auto"
 
     def resident_count(self, num_experts: int) -> int:
         """Experts of a layer with `num_experts` routed experts that stay resident on the device."""
@@ -148,6 +151,7 @@ _PARSERS = {
     "MOE_CPU_HANDOFF": ("moe_cpu_handoff", lambda v: _parse_choice(v, "MOE_CPU_HANDOFF", CPU_HANDOFFS)),
     "MOE_CPU_THREADS": ("moe_cpu_threads", parse_threads),
     "MOE_HOST_EMBEDDINGS": ("moe_host_embeddings", lambda v: _parse_choice(v, "MOE_HOST_EMBEDDINGS", ("off", "on"))),
+    "MOE_HOST_HUGE_PAGES": ("moe_host_huge_pages", lambda v: _parse_choice(v, "MOE_HOST_HUGE_PAGES", SWITCHES)),
 }
 PROPERTY_NAMES = tuple(_PARSERS)
 

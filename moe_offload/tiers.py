@@ -17,6 +17,7 @@ Disk reads go straight to the expert's byte ranges in the safetensors file, with
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
 import threading
@@ -194,26 +195,54 @@ def graph_host_buffer(owner: object, numel: int, dtype: torch.dtype, pin: bool) 
     not do."""
     if not pin:
         return torch.zeros(numel, dtype=dtype)
-    size = numel * dtype.itemsize
-    pages = mmap.mmap(-1, max(1, -(-size // mmap.PAGESIZE)) * mmap.PAGESIZE)  # anonymous: zeroed, page-aligned
-    tensor = torch.frombuffer(pages, dtype=dtype, count=numel)  # keeps `pages` alive
+    tensor = anonymous_pages(numel * dtype.itemsize, huge_pages=False)[0].view(dtype)  # zeroed, page-aligned
     if pin_for_lifetime(owner, [tensor]) is None:
         return None
     return tensor
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+
+
+def anonymous_pages(nbytes: int, huge_pages: bool) -> tuple[torch.Tensor, bool]:
+    """(uint8 [nbytes] on private anonymous pages of its own, whether they were advised as huge pages).
+
+    With huge_pages the buffer starts on a 2 MiB boundary and is advised MADV_HUGEPAGE before anything touches
+    it, so where transparent huge pages are enabled ("always" or "madvise" in /sys/kernel/mm/transparent_hugepage)
+    its first touch maps 2 MiB pages: a pass over an expert's 9.4 MB then takes ~5 TLB entries instead of ~2,300.
+    A shared mapping (Python's mmap default) would get no huge pages."""
+    align = HUGE_PAGE if huge_pages else mmap.PAGESIZE
+    length = -(-max(1, nbytes) // align) * align
+    pages = mmap.mmap(-1, length + align - mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(pages, dtype=torch.uint8)  # keeps `pages` alive
+    offset = -whole.data_ptr() % align  # a multiple of the (small) page size
+    advised = False
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            pages.madvise(mmap.MADV_HUGEPAGE, offset, length)
+            advised = True
+        except OSError:  # a kernel without transparent huge pages: small pages, as torch.empty would give
+            pass
+    return whole[offset:offset + nbytes], advised
 
 
 class HostTier:
     """A layer's share of non-resident experts, held in (pinned) host RAM in compute dtype.
 
     One contiguous allocation per layer, [n, 2I, H] and [n, H, I], so pinning is one call and an expert is
-    one row of each.
+    one row of each; on huge pages where the kernel gives them (anonymous_pages), since every decode step streams
+    whole experts from here, by the CPU's cores and by the GPU's reads in place.
     """
 
-    def __init__(self, experts: list[int], inter: int, hidden: int, dtype: torch.dtype, pin: bool):
+    def __init__(self, experts: list[int], inter: int, hidden: int, dtype: torch.dtype, pin: bool,
+                 huge_pages: bool = True):
         self.row_of = {expert: row for row, expert in enumerate(experts)}
-        self.gate_up = torch.empty((len(experts), 2 * inter, hidden), dtype=dtype)  # [n, 2I, H]
-        self.down = torch.empty((len(experts), hidden, inter), dtype=dtype)  # [n, H, I]
-        self._unpin = pin_for_lifetime(self, [self.gate_up, self.down]) if pin else None
+        gate_up_shape, down_shape = (len(experts), 2 * inter, hidden), (len(experts), hidden, inter)
+        gate_up_bytes = math.prod(gate_up_shape) * dtype.itemsize
+        raw, self.huge_pages = anonymous_pages(gate_up_bytes + math.prod(down_shape) * dtype.itemsize, huge_pages)
+        self.gate_up = raw[:gate_up_bytes].view(dtype).view(gate_up_shape)  # [n, 2I, H]
+        self.down = raw[gate_up_bytes:].view(dtype).view(down_shape)  # [n, H, I]
+        self._unpin = pin_for_lifetime(self, [raw]) if pin else None
 
     def __contains__(self, expert: int) -> bool:
         return expert in self.row_of

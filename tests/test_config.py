@@ -98,6 +98,7 @@ def test_defaults():
     assert (config.moe_kernel, config.moe_zero_copy, config.moe_cuda_graph) == ("auto", "auto", "auto")
     assert (config.moe_host_embeddings, config.moe_cpu_experts, config.moe_cpu_handoff, config.moe_cpu_threads) == \
         ("off", "off", "stream_wait", None)
+    assert config.moe_host_huge_pages == "auto"
 
 
 @pytest.mark.parametrize("name", ["MOE_OFFLOAD_RATIO", "moe_offload_ratio", "Moe_Offload_Ratio", "mOe_oFfLoAd_RaTiO"])
@@ -109,11 +110,11 @@ def test_all_properties_case_insensitive_and_values_normalised():
     config = make_config({"moe_offload_ratio": "25", "Moe_Host_Cache": "1KiB", "moe_io": "MMAP",
                           "MOE_dtype": "BF16", "moe_zero_copy": "OFF", "Moe_Cuda_Graph": "Off",
                           "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO", "moe_cpu_handoff": "Host_Function",
-                          "moe_cpu_threads": " 6 "})
+                          "moe_cpu_threads": " 6 ", "Moe_Host_Huge_Pages": "OFF"})
     assert config == OffloadConfig(moe_offload_ratio=25, moe_host_cache_bytes=1024, moe_io="mmap",
                                    moe_dtype="bfloat16", moe_zero_copy="off", moe_cuda_graph="off",
                                    moe_host_embeddings="on", moe_cpu_experts="auto", moe_cpu_handoff="host_function",
-                                   moe_cpu_threads=6)
+                                   moe_cpu_threads=6, moe_host_huge_pages="off")
 
 
 @pytest.mark.parametrize("value, expected", [("fp32", "float32"), ("f16", "float16"), ("fp16", "float16"),

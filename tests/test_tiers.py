@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_offload.checkpoint import ByteRange, ExpertLocation
-from moe_offload.tiers import DiskTier
+from moe_offload.tiers import HUGE_PAGE, DiskTier, HostTier
 
 
 @pytest.fixture
@@ -40,3 +40,57 @@ def test_chunked_reads_give_the_expert_bytes(expert_file, strategy, chunk):
         list(pool.map(lambda job: disk.read_range(*job), reads))
     assert torch.equal(chunked, want)
     disk.close()
+
+
+def _thp_mode() -> str:
+    """The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled ("" where there is none)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address`, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_host_tier_holds_each_expert_apart_on_either_page_size():
+    for huge in (True, False):
+        tier = HostTier([5, 2, 9], 48, 64, torch.bfloat16, pin=False, huge_pages=huge)
+        for row, expert in enumerate((5, 2, 9)):
+            gate_up, down = tier.get(expert)
+            gate_up.fill_(row + 1)
+            down.fill_(-(row + 1))
+        for row, expert in enumerate((5, 2, 9)):
+            gate_up, down = tier.get(expert)
+            assert gate_up.shape == (96, 64) and down.shape == (64, 48)
+            assert bool((gate_up == row + 1).all()) and bool((down == -(row + 1)).all())
+        assert tier.nbytes == 3 * 3 * 48 * 64 * 2
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="transparent huge pages are off here")
+def test_host_tier_lies_on_huge_pages_where_the_kernel_gives_them():
+    # 4 experts of 2 x 2048 x 768 bf16 (9.4 MB each), as Qwen3-30B-A3B's: 37.7 MB, many whole 2 MiB pages
+    tier = HostTier(list(range(4)), 768, 2048, torch.bfloat16, pin=False)
+    assert tier.huge_pages and tier.gate_up.data_ptr() % HUGE_PAGE == 0
+    tier.gate_up.fill_(1)  # first touch maps the pages
+    tier.down.fill_(1)
+    huge = _huge_bytes_at(tier.gate_up.data_ptr())
+    # the kernel may fall back to small pages where it finds no free 2 MiB block: most of it, not all
+    assert huge >= tier.nbytes // 2, f"{huge} of {tier.nbytes} bytes on huge pages"
+    small = HostTier(list(range(4)), 768, 2048, torch.bfloat16, pin=False, huge_pages=False)
+    small.gate_up.fill_(1)
+    assert not small.huge_pages
+    if _thp_mode() == "madvise":  # small pages unless advised
+        assert _huge_bytes_at(small.gate_up.data_ptr()) == 0
