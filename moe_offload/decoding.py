@@ -233,9 +233,11 @@ class StaticDecoder:
     def _replay_rest(self, new: list[int], max_new_tokens: int, min_new_tokens: int, streamer) -> None:
         """The remaining tokens by graph replays, queued one step ahead: the step making token i + 1 is queued
         before token i is read back, so the device does not wait for the host between steps. A step queued
-        after a token that turns out to be EOS is wasted (its experts still count in the offload tally)."""
+        after a token that turns out to be EOS is wasted (its experts still count in the offload tally).
+        The host sleeps on each token's event (blocking sync) instead of spinning: being a step ahead, it wakes in
+        time, and the core it leaves is one the CPU expert path's spinning workers (hybrid.py) need."""
         ring = torch.empty(2, dtype=torch.long, pin_memory=True)  # host copies of the last two tokens
-        ready = [torch.cuda.Event(), torch.cuda.Event()]
+        ready = [torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)]
 
         def queue(index: int) -> None:  # the step that makes token `index`, and its copy to the host
             if index == min_new_tokens:
