@@ -33,7 +33,6 @@ from .device_lru import DeviceLRU
 from .hybrid import CpuShare
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy
-from .prefill_tuning import reads_in_place
 from .tiers import HostTier
 from .transfer import ExpertFetcher, Transfer
 
@@ -166,9 +165,6 @@ class OffloadedExperts:
         # zero-copy layers: forwards of more (token, k) pairs copy their misses (prefill_tuning.py measures it)
         self.zero_copy_max_pairs = ZERO_COPY_MAX_PAIRS_PER_EXPERT * num_experts
         self.prefill_tuning: dict | None = None  # what prefill_tuning measured on this layer, if it did
-        # set by prefill_tuning: {tokens: in-place time per expert read / copy time per expert}; then forwards of
-        # more than one token up to zero_copy_max_pairs choose by their routing (one host sync)
-        self.in_place_cost: dict[int, float] | None = None
         self._skip: torch.Tensor | None = None  # [1] int32 -1: the slot the kernels see for a CPU pair's id E
 
     @property
@@ -215,10 +211,8 @@ class OffloadedExperts:
     def sync_free(self, num_pairs: int) -> bool:
         """A forward of `num_pairs` (token, k) pairs takes the direct path: no host sync, capturable."""
         # a zero-copy layer's longer forwards take the copy path (with device LRU after forward() brings the host
-        # table in line with the device's slots; the copy path admits nothing there), or look at their routing
-        # first where prefill_tuning left a cost model
-        limit = self.top_k if self.in_place_cost else self.zero_copy_max_pairs
-        return self.direct and (not self.zero_copy or num_pairs <= limit)
+        # table in line with the device's slots; the copy path admits nothing there)
+        return self.direct and (not self.zero_copy or num_pairs <= self.zero_copy_max_pairs)
 
     @property
     def lru_admission(self) -> bool:
@@ -336,27 +330,14 @@ class OffloadedExperts:
             self.route_observer(self.layer, top_k_index)
         if self.sync_free(num_tokens * top_k):
             return self._forward_direct(hidden_states, top_k_index, top_k_weights, act_fn)
-        counts = None
-        if self.direct and self.in_place_cost and num_tokens * top_k <= self.zero_copy_max_pairs:
-            counts = self._pair_counts(top_k_index)  # the host sync the copy path would make anyway
-            missing = [self.table.lookup(expert) is None for expert in range(self.num_experts)]
-            if reads_in_place(counts, missing, top_k, self.in_place_cost):
-                return self._forward_direct(hidden_states, top_k_index, top_k_weights, act_fn)
         if self._lru is not None:  # the copy path syncs with the host anyway: read where the device put what
             self.table.mirror(self._lru.occupants())
-        return self.forward_routed(hidden_states, top_k_index, top_k_weights, act_fn,
-                                   self.route(top_k_index, counts))
+        return self.forward_routed(hidden_states, top_k_index, top_k_weights, act_fn, self.route(top_k_index))
 
-    def _pair_counts(self, top_k_index: torch.Tensor) -> list[int]:
-        """[E] (token, k) pairs per expert, on the host (a sync)."""
-        return torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()
-
-    def route(self, top_k_index: torch.Tensor, counts: list[int] | None = None) -> Routing:
-        """The step's needed experts split into hits and misses: the copy path's one host sync (none where the
-        caller has the counts already). Counts them and refreshes the hits in the cache policy; forward_routed
-        then serves that step."""
-        if counts is None:
-            counts = self._pair_counts(top_k_index)
+    def route(self, top_k_index: torch.Tensor) -> Routing:
+        """The step's needed experts split into hits and misses: the copy path's one host sync. Counts them and
+        refreshes the hits in the cache policy; forward_routed then serves that step."""
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # the host sync
         needed = [expert for expert, count in enumerate(counts) if count]
         hits = [e for e in needed if self.table.lookup(e) is not None]
         misses = [e for e in needed if self.table.lookup(e) is None]

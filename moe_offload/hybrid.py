@@ -428,7 +428,8 @@ def tune_split(layer, act_fn: Callable, repeats: int = 7, tie: float = 0.02) -> 
     replayed from a graph of the layer, as in a decode step: OffloadedExperts.decode_timer); the
     fastest n_cpu wins; with LRU admission the smallest within `tie` of it (what the GPU reads gets cached, what
     the CPU computes does not). Without it, nothing is cached either way: at ratio 0 on the H200 a 2% preference
-    for fewer had taken 3 of 8 misses at 1.081 ms a layer over 4 at 1.066 (2026-11-29-h200-vs-llamacpp.json).
+    for fewer had taken 3 of 8 misses at 1.081 ms a layer over 4 at 1.066
+    (2026-11-29-h200-vs-llamacpp-session7-run2.json).
 
     The path costs every step its copies and host node, even when a step sends nothing to the CPU, so the layer
     is also timed without it, and the table is kept only if its expected time beats that by `tie`, the miss

@@ -287,21 +287,20 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
 
 
 def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) -> None:
-    """Where zero-copy layers start copying their misses, and the cost model that decides below that
-    (prefill_tuning.py): measured on the first zero-copy layer whose resident set is fixed, applied to every such
-    layer (they share shapes, resident count and host tier). Layers with
+    """Where zero-copy layers start copying their misses (prefill_tuning.py): measured on the first zero-copy
+    layer whose resident set is fixed, applied to every such layer (they share shapes and host tier). Layers with
     LRU admission keep the default (copy once an expert's weights would be read more than once in place): the
     measurement routes uniformly over a fixed set. On the H200 benchmark model (whose routing barely changes
     from token to token) at ratios 50/75, LRU layers prefilled 128 tokens in place at 1.41/1.54x the static set's
     tuned copy path (bench/results/2026-11-29-h200-vs-llamacpp-session7-run1.json), with the tuned threshold at
-    1.00/0.60x (2026-11-29-h200-vs-llamacpp.json)."""
+    1.00/0.60x (2026-11-29-h200-vs-llamacpp-session7-run2.json)."""
     layers = [(r, s) for r, s in zip(runtimes, sites) if r.zero_copy and not r.lru_admission]
     if not layers:
         return
     first, site = layers[0]
     first.prefill_tuning = tune_prefill_threshold(first, site.module.act_fn)
     for runtime, _site in layers:
-        runtime.zero_copy_max_pairs, runtime.in_place_cost = first.zero_copy_max_pairs, first.in_place_cost
+        runtime.zero_copy_max_pairs = first.zero_copy_max_pairs
 
 
 def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], config: OffloadConfig,

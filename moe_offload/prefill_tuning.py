@@ -16,15 +16,6 @@ model's real prefill ran 1.5-2.6x faster copying (bench/results/2026-11-29-h200-
 is chosen from where it is no slower than in place within `margin` (a tie here is a win on real routing), not
 only where it wins by a margin: the earlier rule flipped between the two run to run on noise.
 
-The measured times then become a cost model applied to each forward's own routing (reads_in_place): per
-length, in place's time per whole-expert read over PCIe (one per M-block of an expert's pairs:
-kernels/tiling.py) relative to copying one expert. A forward up to the threshold looks at its routing (one host
-sync, on a path that is not captured in graphs) and reads in place only where that predicts it faster; skewed
-routing re-reads hot experts, so it copies. Where this matters: with the host tier on huge pages the H200 read
-uniform routing in place ~12% faster than copying at 128 tokens, so the uniform rule read 128-token prompts in
-place, and the random model's ratio-0 prefill fell from ~1,000 to 648 tok/s against copying
-(bench/results/2026-11-29-h200-vs-llamacpp-session8-run1.json).
-
 The copy path costs the streaming scratch its device memory (allocated on first use: cache.ScratchPool; 151 MB
 for the Qwen3-30B-A3B shape), which a zero-copy layer otherwise never needs. The measurement itself streams
 through the scratch, so it is in the load's device-memory peak even when it is released after; prompts stop at
@@ -39,8 +30,6 @@ from typing import Callable
 
 import torch
 
-from .kernels.tiling import block_reads, grouped_block_rows
-
 LENGTHS = (8, 16, 32, 64, 128, 256)  # prompt tokens tried, ascending
 
 
@@ -51,12 +40,13 @@ def _timer(layer, act_fn: Callable, repeats: int) -> Callable[[int, bool], float
     generator = torch.Generator().manual_seed(0)
 
     def time_it(tokens: int, copy: bool) -> float:
-        saved = layer.zero_copy_max_pairs, layer.in_place_cost
-        layer.zero_copy_max_pairs, layer.in_place_cost = -1 if copy else 1 << 62, None
+        saved = layer.zero_copy_max_pairs
+        layer.zero_copy_max_pairs = -1 if copy else 1 << 62
         times = []
         try:
             for attempt in range(repeats + 1):  # the first warms up (kernel compiles, scratch allocation)
-                ids = uniform_routing(tokens, layer.num_experts, layer.top_k, generator).to(device)  # [T, K]
+                scores = torch.rand((tokens, layer.num_experts), generator=generator)  # [T, E]
+                ids = scores.topk(layer.top_k, dim=-1).indices.to(device)  # [T, K] distinct experts per token
                 weights = torch.full((tokens, layer.top_k), 1.0 / layer.top_k, device=device)  # [T, K]
                 hidden = torch.randn((tokens, layer.hidden), generator=generator).to(device, layer.gate_up.dtype)
                 if device.type == "cuda":
@@ -68,49 +58,10 @@ def _timer(layer, act_fn: Callable, repeats: int) -> Callable[[int, bool], float
                 if attempt:
                     times.append(time.perf_counter() - start)
         finally:
-            layer.zero_copy_max_pairs, layer.in_place_cost = saved
+            layer.zero_copy_max_pairs = saved
         return statistics.median(times)
 
     return time_it
-
-
-def uniform_routing(tokens: int, num_experts: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """[T, K] distinct experts per token, uniformly at random (the measurement's routing)."""
-    return torch.rand((tokens, num_experts), generator=generator).topk(top_k, dim=-1).indices
-
-
-def rereads(pair_counts: list[int], missing: list[bool], num_pairs: int) -> tuple[int, int]:
-    """(whole-expert reads over PCIe in place, experts a copy would move) for a forward of `num_pairs` pairs
-    with these pairs per expert [E], of which the experts `missing` [E] are not resident."""
-    counts = [count for count, miss in zip(pair_counts, missing) if miss and count]
-    return block_reads(counts, grouped_block_rows(num_pairs, len(pair_counts))), len(counts)
-
-
-def uniform_rereads(tokens: int, missing: list[bool], top_k: int, samples: int = 8) -> float:
-    """Mean whole-expert reads in place per expert copied, under the measurement's uniform routing."""
-    generator = torch.Generator().manual_seed(1)
-    reads = copies = 0
-    for _ in range(samples):
-        ids = uniform_routing(tokens, len(missing), top_k, generator)  # [T, K]
-        counts = torch.bincount(ids.reshape(-1), minlength=len(missing)).tolist()
-        block, copied = rereads(counts, missing, ids.numel())
-        reads, copies = reads + block, copies + copied
-    return reads / max(1, copies)
-
-
-def reads_in_place(pair_counts: list[int], missing: list[bool], top_k: int, cost: dict[int, float],
-                   margin: float = 0.05) -> bool:
-    """Whether a forward with these pairs per expert [E] (missing [E]: not resident) is predicted faster reading
-    its misses in place than copying them: cost[tokens] = in place's time per whole-expert read relative to
-    copying one expert, at the shortest measured length not below this forward's (else the longest). Copying
-    wins ties within `margin`, as in the measurement."""
-    num_pairs = sum(pair_counts)
-    reads, copies = rereads(pair_counts, missing, num_pairs)
-    if not copies:  # every expert it needs is resident: nothing to read or copy
-        return True
-    tokens = num_pairs // top_k
-    per_read = cost[min((t for t in cost if t >= tokens), default=max(cost))]
-    return per_read * reads * (1 + margin) < copies
 
 
 def tune_prefill_threshold(layer, act_fn: Callable, lengths: tuple[int, ...] = LENGTHS, repeats: int = 3,
@@ -119,19 +70,12 @@ def tune_prefill_threshold(layer, act_fn: Callable, lengths: tuple[int, ...] = L
     zero_copy_max_pairs so that forwards from the first length where copying is no slower than in place within
     `margin`, and at every longer length tried, copy (if none, the default limit stays, or the longest length
     tried if more).
-    Forwards of more than one token up to that limit then choose by their own routing (reads_in_place, with
-    the layer's in_place_cost set here). Decode steps (one token) always read in place: they stay sync-free, so
-    CUDA graphs can replay them.
-    Returns {"max_tokens": the longest prompt that may read in place, "seconds": {tokens: {"in_place": s,
-    "copy": s}}, "uniform_rereads": {tokens: reads per copy}, "in_place_cost": {tokens: per read / per copy}}.
+    Decode steps (one token) always read in place: they stay sync-free, so CUDA graphs can replay them.
+    Returns {"max_tokens": the longest prompt read in place, "seconds": {tokens: {"in_place": s, "copy": s}}}.
     Counters are reset, and the scratch is released if the measurement was its first use."""
     time_it = timer or _timer(layer, act_fn, repeats)
     scratch_was_allocated = layer.scratch.nbytes > 0
     seconds = {tokens: {"in_place": time_it(tokens, False), "copy": time_it(tokens, True)} for tokens in lengths}
-    missing = [layer.table.lookup(expert) is None for expert in range(layer.num_experts)]
-    uniform = {tokens: uniform_rereads(tokens, missing, layer.top_k) for tokens in lengths}
-    layer.in_place_cost = {tokens: seconds[tokens]["in_place"] / seconds[tokens]["copy"] / uniform[tokens]
-                           for tokens in lengths}
     no_slower = [seconds[t]["copy"] <= seconds[t]["in_place"] * (1 + margin) for t in lengths]
     first_copy = next((i for i in range(len(lengths)) if all(no_slower[i:])), None)
     if first_copy is None:  # reading in place wins up to the longest length tried: the default beyond it
@@ -146,5 +90,4 @@ def tune_prefill_threshold(layer, act_fn: Callable, lengths: tuple[int, ...] = L
             torch.cuda.empty_cache()
     layer.reset_counters()
     layer.fetcher.stats.reset()
-    return {"max_tokens": max_tokens, "seconds": seconds, "uniform_rereads": uniform,
-            "in_place_cost": layer.in_place_cost}
+    return {"max_tokens": max_tokens, "seconds": seconds}

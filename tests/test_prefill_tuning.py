@@ -12,8 +12,7 @@ import triton_interp  # noqa: F401  first: sets TRITON_INTERPRET before triton l
 
 from moe_offload import LLMPipeline
 from moe_offload.cache import ZERO_COPY_MAX_PAIRS_PER_EXPERT
-from moe_offload.kernels.tiling import grouped_block_rows
-from moe_offload.prefill_tuning import reads_in_place, rereads, tune_prefill_threshold
+from moe_offload.prefill_tuning import tune_prefill_threshold
 
 LENGTHS = (8, 16, 32, 64, 128)
 
@@ -82,67 +81,12 @@ def test_measuring_runs_both_paths_and_leaves_no_trace(checkpoint_factory, monke
     assert (stats["hits"], stats["misses"]) == (0, 0) and stats["bytes_streamed"] == {"host": 0, "disk": 0}
     assert max(scratch_bytes) > 0 and layer.scratch.nbytes == 0  # streamed through while measuring, then released
     monkeypatch.setattr(type(layer), "forward", forward)
-    assert set(layer.in_place_cost) == {2, 4} and all(cost > 0 for cost in layer.in_place_cost.values())
-    layer.in_place_cost = None  # the paths forced by the threshold alone
     for ids, hidden in inputs:  # either path gives the same rows
         layer.zero_copy_max_pairs = 1 << 62
         in_place = layer.forward(hidden, ids, torch.full(ids.shape, 0.25), torch.nn.functional.silu)
         layer.zero_copy_max_pairs = -1
         copied = layer.forward(hidden, ids, torch.full(ids.shape, 0.25), torch.nn.functional.silu)
         assert torch.equal(in_place, copied)
-
-
-# -- the cost model: a forward's own routing decides -------------------------------------------------------------
-
-def test_rereads_count_one_read_per_m_block_of_each_missing_expert():
-    # 80 pairs over 8 experts: 10 per expert on average -> 16-row blocks; resident experts (0, 1) read nothing
-    counts = [30, 10, 17, 16, 1, 6, 0, 0]
-    missing = [False, False, True, True, True, True, True, True]
-    assert rereads(counts, missing, 80) == (2 + 1 + 1 + 1, 4)
-    # 1,024 pairs over 8 experts: 64-row blocks
-    assert rereads([128] * 8, [True] * 8, 1024) == (16, 8)
-    # the kernel's block rows (kernels/tiling.py): pairs per expert, as a power of two in [16, 64]
-    assert [grouped_block_rows(p, 128) for p in (8, 1024, 2048, 2049, 4096, 8192, 20000)] == \
-        [16, 16, 16, 32, 32, 64, 64]
-
-
-def test_reads_in_place_only_where_its_reads_cost_less_than_the_copies():
-    missing = [False, False] + [True] * 6
-    spread = [0, 0, 2, 1, 2, 1, 1, 1]  # 8 pairs (4 tokens of 2): every missing expert read once in place
-    assert reads_in_place(spread, missing, 2, {4: 0.9})  # 0.9 x 6 reads x 1.05 < 6 copies
-    assert not reads_in_place(spread, missing, 2, {4: 1.0})  # a tie within the margin copies
-    skewed = [0, 0, 40, 40, 0, 0, 0, 0]  # 40 tokens on two experts: 3 reads each in place, 2 copies
-    assert not reads_in_place(skewed, missing, 2, {4: 0.9, 64: 0.9})
-    assert reads_in_place(skewed, missing, 2, {4: 0.9, 64: 0.3})  # per read cheap enough at this length
-    assert not reads_in_place(skewed, missing, 2, {4: 0.3, 16: 0.9})  # longer than measured: the longest's cost
-    assert reads_in_place([5, 3, 0, 0, 0, 0, 0, 0], missing, 2, {4: 9.0})  # all resident: nothing to move
-
-
-@torch.inference_mode()
-def test_a_prompt_reads_in_place_or_copies_as_its_routing_predicts(checkpoint_factory, monkeypatch):
-    """With a cost model, a prompt spread over the missing experts reads them in place and one piling onto two of
-    them copies (in place would read each three times); either path gives the rows of the other."""
-    pipe, layer = _zero_copy_layer(checkpoint_factory)  # experts 0, 1 resident; 2-7 in the host tier
-    layer.in_place_cost = {4: 0.9, 64: 0.9}
-    silu = torch.nn.functional.silu
-    generator = torch.Generator().manual_seed(0)
-    spread = torch.tensor([[2, 3], [4, 5], [6, 7], [2, 4]])
-    skewed = torch.tensor([[2, 3]] * 40)
-    paths = []
-    routed = type(layer).forward_routed
-    monkeypatch.setattr(type(layer), "forward_routed", lambda self, *args: paths.append("copy") or routed(self, *args))
-    for ids, want in ((spread, []), (skewed, ["copy"])):
-        paths.clear()
-        hidden = torch.randn((ids.shape[0], layer.hidden), generator=generator) * 0.1
-        weights = torch.full(ids.shape, 0.5)
-        got = layer.forward(hidden, ids, weights, silu)
-        assert paths == want
-        cost, layer.in_place_cost = layer.in_place_cost, None
-        layer.zero_copy_max_pairs = -1 if not want else 1 << 62  # the other path, forced
-        assert torch.equal(got, layer.forward(hidden, ids, weights, silu))
-        layer.in_place_cost, layer.zero_copy_max_pairs = cost, ZERO_COPY_MAX_PAIRS_PER_EXPERT * layer.num_experts
-    assert layer.sync_free(layer.top_k) and not layer.sync_free(2 * layer.top_k)  # decode stays capturable
-    pipe.close()
 
 
 def _tune_at_load(checkpoint_factory, monkeypatch, lru_layers: tuple[int, ...] = ()):
@@ -162,7 +106,7 @@ def _tune_at_load(checkpoint_factory, monkeypatch, lru_layers: tuple[int, ...] =
 
     def fake_tune(layer, act_fn):
         measured.append(layer)
-        layer.zero_copy_max_pairs, layer.in_place_cost = 5 * layer.top_k, {5: 0.5}
+        layer.zero_copy_max_pairs = 5 * layer.top_k
         return {"max_tokens": 5, "seconds": {}}
 
     monkeypatch.setattr(integration, "tune_prefill_threshold", fake_tune)
@@ -176,7 +120,6 @@ def test_load_applies_the_first_layers_threshold_to_every_zero_copy_layer(checkp
     pipe, measured = _tune_at_load(checkpoint_factory, monkeypatch)
     assert measured == [pipe.layers[0]] and len(pipe.layers) > 1
     assert all(layer.zero_copy_max_pairs == 5 * layer.top_k for layer in pipe.layers)
-    assert all(layer.in_place_cost == {5: 0.5} for layer in pipe.layers)
     stats = pipe.get_offload_stats()
     assert stats["zero_copy_prefill_max_tokens"] == 5 and stats["zero_copy_prefill_tuning"]["max_tokens"] == 5
 
@@ -188,7 +131,6 @@ def test_layers_with_lru_admission_keep_the_default_threshold(checkpoint_factory
     lru_layer, static_layer = pipe.layers
     assert measured == [static_layer] and static_layer.zero_copy_max_pairs == 5 * static_layer.top_k
     assert lru_layer.zero_copy_max_pairs == ZERO_COPY_MAX_PAIRS_PER_EXPERT * lru_layer.num_experts
-    assert lru_layer.in_place_cost is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

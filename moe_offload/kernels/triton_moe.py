@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from .reference import accumulate_expert
-from .tiling import grouped_block_rows
 
 # T*K at or below which the GEMV path runs: up to here pairs rarely share an expert (so per-pair streaming reads
 # each expert once) and tensor-core tiles of 16+ rows would be mostly padding. Tests override it.
@@ -369,7 +368,7 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
             **_GEMV_DOWN)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
-        block_m = grouped_block_rows(num_pairs, slot_of_expert.numel())
+        block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))
         sorted_pairs, block_slot = align_by_slot(slot_of_expert[ids], num_slots, block_m)  # [B*BM], [B]
         num_blocks = block_slot.numel()
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"  # fp32 matches torch's matmul
