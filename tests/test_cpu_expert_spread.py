@@ -1,0 +1,26 @@
+"""bench/cpu_expert_spread.py: a process per trial times the numba CPU expert kernel, free or pinned threads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from repo_scripts import ROOT, script_path
+
+
+def test_each_variant_runs_in_its_own_process_and_pinning_pins(tmp_path):
+    out = tmp_path / "spread.json"
+    done = subprocess.run([sys.executable, script_path("bench", "cpu_expert_spread.py"), "--trials", "1",
+                           "--experts", "9", "--hidden", "64", "--inter", "32", "--threads", "2", "--repeats", "3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    cpus = sorted(os.sched_getaffinity(0))
+    free, pinned = report["runs"]["free"][0], report["runs"]["pinned"][0]
+    assert free["median_ms"] > 0 and pinned["median_ms"] > 0 and free["huge_pages"] in (True, False)
+    assert free["worker_affinity"] == [cpus]  # one worker: the caller drives the other thread
+    assert pinned["worker_affinity"] == [[cpus[1 % len(cpus)]]] and pinned["caller_cpu"] == cpus[0]
+    assert report["summary"]["free"]["medians_ms"] == [free["median_ms"]]
