@@ -34,7 +34,7 @@ prepare)
     done
     step "convert"
     python bench/llamacpp/convert_qwen3moe_gguf.py "$MODEL" "$MODEL.gguf" --llama-cpp "$WORK/llama.cpp" | tail -1
-    if [ -n "${CHECKS:-}" ]; then step "checks: $CHECKS"; bash -c "$CHECKS"; fi
+    if [ -n "${CHECKS:-}" ]; then step "checks: $CHECKS"; bash -c "$CHECKS"; echo "checks rc $?"; fi
     step "waiting for the build"
     wait $BUILD; echo "build rc $?"; tail -3 "$OUT/llamacpp-build.log"
     ls -la "$WORK/build-cuda/bin/llama-bench"
