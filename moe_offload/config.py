@@ -77,8 +77,8 @@ class OffloadConfig:
     # 11-17% faster at ratios 0, 25 and 75 and 1% slower at 50
     # (bench/results/2026-11-29-h200-vs-llamacpp-handoffs.json).
     moe_cpu_handoff: str = "stream_wait"
-    # Worker threads of the CPU expert path (kernels/spin_pool.py; they spin between jobs). None = "auto": the
-    # cores torch uses less two (the launching thread and the doorbell server each keep one spinning).
+    # Threads of the CPU expert path, the one driving the pool included (kernels/spin_pool.py; they spin between
+    # jobs). None = "auto": the cores torch uses less two (the launching thread's, and one spare).
     moe_cpu_threads: int | None = None
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
     # 622 MB less device memory for Qwen3-30B-A3B, as llama.cpp does. "on" needs CUDA, triton and an untied table.

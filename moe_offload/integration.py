@@ -312,8 +312,10 @@ def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSit
     mode = config.moe_cpu_experts
     if mode == "auto" and device.type != "cuda":
         return
-    # By default two cores left: the launching thread spin-waits on the GPU, the doorbell server spins, and a
-    # parallel loop runs at its slowest thread's pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms
+    # By default two cores left: one for the launching thread (it spin-waits on most syncs, and sleeps through
+    # graph-replayed decode steps), one for everything else; the thread that drives the pool (the doorbell server,
+    # or the driver's callback thread) is one of the `threads`, and a parallel loop runs at its slowest thread's
+    # pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms
     # with 14 threads, 1.92 with 15, 2.81 with 16, each replayed as the layer's CPU share (bench/hybrid_latency.py,
     # bench/results/2026-11-29-h200-hybrid-latency*; measured with numba's parallel regions, before
     # kernels/spin_pool.py: 1.14 ms with 14 there).
