@@ -3,9 +3,9 @@ steadies it: the numba kernel alone (no GPU), in a fresh process per trial, tria
 
 Why: on the H200 machine, processes of one configuration ran a ratio-0 layer's CPU share at two speeds. tune_split
 timed 8 of 8 misses on the CPU at 1.17-1.27 ms in some processes and 1.60-1.71 ms in others, and the whole decode
-followed (83.0 vs 79.7 tok/s in bench/results/2026-11-29-h200-vs-llamacpp.json, 77.5 vs 60.5 in -session8-run1.json).
-Both slow ones started right after a process with a 14.5 GB pinned host tier had exited. Each trial here allocates
-a host tier of that size (12 layers x 128 experts of the Qwen3-30B-A3B shape by default), times the kernel on 8
+followed (83.0 vs 79.7 tok/s in bench/results/2026-11-29-h200-vs-llamacpp.json, 77.5 vs 60.5 in -session8-run1.json;
+87.5 in -ours-only-session8-run3.json). Each trial here allocates a host tier of a ratio-0 run's size (12 layers x
+128 experts of the Qwen3-30B-A3B shape by default, 14.5 GB), times the kernel on 8
 experts at a time (other experts each call, so caches stay cold), and records the CPU each spin-pool thread last
 ran on. Variants: "free" (the scheduler places the threads), "pinned" (the calling thread and each worker on a core
 of its own, in affinity order).
