@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import triton_kernels
+
 _STRIDE = 1 << 16  # stamp = (step + 1) * _STRIDE + rank within the step (rank < K)
 
 
@@ -47,7 +49,7 @@ class DeviceLRU:
         self.admit = torch.full((self.num_experts,), -1, dtype=torch.int32, device=device)  # [E] for the kernels
         self._plan: tuple | None = None
         # plan/commit as two Triton kernels (kernels/triton_lru.py) where Triton runs; fused=False: torch ops
-        self._kernels = _fused_kernels(slot_of) if fused is None or fused else None
+        self._kernels = triton_kernels("triton_lru", device) if fused is None or fused else None
         if fused and self._kernels is None:
             raise ValueError("the fused device LRU needs a device Triton runs on")
         self._plan_buffers: tuple | None = None  # (victim, admitted, stamp) [K] int64 for the fused kernels
@@ -110,12 +112,3 @@ class DeviceLRU:
         self.stamp.scatter_(0, into, stamps)
         self.step.add_(1)
         self._plan = None
-
-
-def _fused_kernels(tensor: torch.Tensor):
-    """kernels/triton_lru where Triton runs on `tensor`'s device, else None."""
-    try:
-        from .kernels import triton_lru
-    except ImportError:  # no triton
-        return None
-    return triton_lru if triton_lru.runs_on(tensor) else None

@@ -50,6 +50,7 @@ import torch
 
 from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
+from .kernels import triton_kernels
 from .tiers import HostTier, graph_host_buffer
 
 _HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
@@ -193,7 +194,8 @@ class CpuShare:
         self._gpu_ids = torch.empty((1, top_k), dtype=torch.long, device=device)  # [1, K] E where the CPU computes
         self._cpu_pair = torch.zeros(top_k, dtype=torch.uint8, device=device)  # [K] 1: the CPU computes this pair
         self._cpu_mask = self._cpu_pair.view(torch.bool).view(top_k, 1)  # [K, 1] the same bytes, for the merge
-        self._pack = _pack_function(device)
+        fused = triton_kernels("triton_hybrid", device)  # the pack as one launch where Triton runs
+        self._pack = fused.pack_share if fused is not None else pack_share_torch
         self._mailbox = self._host_buffer(hidden + 2 * top_k, on_cuda)  # [H + 2K]
         self._out_host = self._host_buffer(top_k * hidden, on_cuda).view(top_k, hidden)  # [K, H]
         self._out = torch.zeros((top_k, hidden), dtype=torch.float32, device=device)  # [K, H]
@@ -404,16 +406,6 @@ def pack_share_torch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     gpu_ids.copy_(top_k_index.masked_fill(pairs, num_experts))
     cpu_pair.copy_(pairs.reshape(-1))
     tally.add_(pairs.sum())
-
-
-def _pack_function(device: torch.device) -> Callable:
-    """pack_share_torch's fused Triton kernel where Triton runs on `device`, else pack_share_torch itself."""
-    try:
-        from .kernels import triton_hybrid
-    except ImportError:  # no triton (a CPU-only install)
-        return pack_share_torch
-    return triton_hybrid.pack_share if triton_hybrid.pack_supported(torch.empty(0, device=device)) \
-        else pack_share_torch
 
 
 def all_on_cpu(top_k: int) -> list[int]:

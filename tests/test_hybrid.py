@@ -104,7 +104,7 @@ def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, firs
     from moe_offload.hybrid import pack_share_torch
 
     device = torch.device("cuda" if CUDA else "cpu")
-    if not triton_hybrid.pack_supported(torch.empty(0, device=device)):
+    if not triton_hybrid.runs_on(torch.empty(0, device=device)):
         pytest.skip("Triton does not run on this device here (TRITON_INTERPRET unset)")
     generator = torch.Generator().manual_seed(top_k)
     num_experts = 40

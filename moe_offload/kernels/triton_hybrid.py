@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_dense import runs_on
+from .triton_dense import runs_on  # noqa: F401  (kernels.triton_kernels asks each module)
 
 _BLOCK_H = 1024
 
@@ -56,11 +56,6 @@ def _pack_kernel(hidden_ptr, ids_ptr, weights_ptr, from_host_ptr, split_ptr, hos
         tl.store(gpu_ids_ptr + k, tl.where(cpu, num_experts, ids), mask=live)
         tl.store(cpu_pair_ptr + k, cpu.to(tl.uint8), mask=live)
         tl.store(tally_ptr, tl.load(tally_ptr) + tl.sum(cpu.to(tl.int64), axis=0))
-
-
-def pack_supported(hidden: torch.Tensor) -> bool:
-    """Whether pack_share runs on this tensor's device (CUDA; the CPU in Triton's interpreter)."""
-    return runs_on(hidden)
 
 
 def pack_share(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
