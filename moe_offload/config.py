@@ -1,28 +1,29 @@
 """OffloadConfig: the user's properties, parsed and validated once.
 
 Properties arrive as keyword arguments (`LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=37)`), as a JSON file
-or as inline JSON (the benchmark's `-lc`). Everything downstream reads this frozen dataclass, never the raw
-dict, so a typo or an out-of-range value fails at load with one clear line instead of deep in a layer.
+or as inline JSON (the benchmark's `-lc`); the few diagnostic switches that pin one of the engine's own paths
+come from environment variables, so that a user's configuration never depends on them. Everything downstream
+reads this frozen dataclass, never the raw dict, so a typo or an out-of-range value fails at load with one clear
+line instead of deep in a layer.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import MoeOffloadError, read_user_text
 
-IO_STRATEGIES = ("pread", "mmap", "odirect")
+IO_STRATEGIES = ("odirect", "pread")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
 SWITCHES = ("auto", "off")
 ZERO_COPY_MODES = ("auto", "lru", "static", "off")
-GRAPH_MODES = ("auto", "whole", "off")
 CPU_EXPERT_MODES = ("off", "auto", "all")
-CPU_HANDOFFS = ("host_function", "stream_wait")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -33,59 +34,47 @@ _SIZE_UNITS = {
 
 @dataclass(frozen=True)
 class OffloadConfig:
+    # -- properties: what a user chooses (PROPERTIES below) ----------------------------------------------------
     # Percent of each MoE layer's routed experts kept resident on the device (0-100).
     # Per layer: resident = floor(E * ratio / 100 + 0.5), i.e. round half up (E=60, ratio=37 -> 22).
     moe_offload_ratio: int = 100
     # Bytes of host RAM for non-resident experts (pinned on CUDA). None = "auto": as many as fit in half
     # of the RAM available at load. Experts that do not fit are read from the checkpoint file on a miss.
     moe_host_cache_bytes: int | None = None
-    # How the disk tier reads an expert's bytes from the safetensors file: O_DIRECT was fastest from a cold
-    # page cache on the H200 machine (bench/results/2026-11-28-h200-io.json); see tiers.py.
-    moe_io: str = "odirect"
     # Compute dtype. "auto": the checkpoint's dtype on CUDA, float32 on CPU (CPU half-precision GEMMs are slow
     # and float32 keeps CPU results comparable to a float32 reference).
     moe_dtype: str = "auto"
-    # Expert compute: "triton" = the fused kernel (kernels/triton_moe.py; CUDA, SiLU experts), "torch" = the
-    # per-expert loop (kernels/reference.py), "auto" = triton where it applies, else torch. Both gave logits
-    # bit-identical to transformers' grouped_mm in bf16 on the H200 (bench/results/2026-11-28-h200-bf16-*.json).
-    moe_kernel: str = "auto"
-    # Misses read in place from the pinned host tier by the Triton kernel (no copy, no host sync; cache.py), with
-    # the Triton kernel on CUDA in every layer whose non-resident experts all sit in the host tier. "lru": decode
-    # misses are also admitted into the slots as they are read, LRU decided on the device (device_lru.py), where
-    # the host tier holds every expert of the layer; "static": the resident set stays as loaded; "auto": lru where
-    # it can, else static (LRU hit more than the static set on the shipped model's routing at ratios 25/50,
-    # bench/results/2026-11-29-cpu-zero-copy-lru-hits.txt, and in tests/test_device_lru.py on CUDA); "off": misses
-    # are copied in.
-    moe_zero_copy: str = "auto"
-    # Greedy decode steps replayed from CUDA graphs (decoding.py), on CUDA where the model's attention is plain
-    # causal. "auto": one graph per step when every MoE layer runs without host syncs (ratio 100 or zero-copy),
-    # else graph segments around the layers that sync (disk tier, copied misses; piecewise.py: on the H200 the
-    # ratio-25 disk tier decoded at 47.6 tok/s against 22.3 eager). "whole": only whole-step graphs.
-    moe_cuda_graph: str = "auto"
-    # transformers' RMSNorms and rotary embedding as one Triton kernel each (dense_fusion.py): ~450 fewer launches
-    # per decode step of a 12-layer model. "auto": on CUDA with triton, where each passes an equivalence check.
-    moe_fuse_dense: str = "auto"
     # Decode misses partly computed on the CPU where they lie in the host tier, while the GPU reads the rest in
-    # place (hybrid.py; zero-copy layers; with LRU admission only what the GPU reads is admitted). "auto": how
-    # many per count of misses, and with which CPU kernel, timed on a layer at load, then kept only if whole
-    # decodes run faster with them (else none); "all": every miss on the CPU; "off": every miss on the GPU.
+    # place (moe_offload/hybrid). "auto": how many per count of misses, and with which CPU kernel, timed on a layer
+    # at load, then kept only if whole decodes run faster with them (else none); "all": every miss on the CPU;
+    # "off": every miss on the GPU.
     moe_cpu_experts: str = "off"
-    # How a decode step hands the CPU its experts (hybrid.py, with the numba kernel): "stream_wait" = the GPU rings a
-    # page-locked doorbell word and waits on another (stream memory operations) while a spinning thread of ours
-    # serves it (kernels/doorbell.py), falling back to host_function where the driver refuses; "host_function" = a
-    # CUDA host node runs the compiled step on the driver's callback thread. On the H200, stream_wait decoded
-    # 11-17% faster at ratios 0, 25 and 75 and 1% slower at 50
-    # (bench/results/2026-11-29-h200-vs-llamacpp-handoffs.json).
-    moe_cpu_handoff: str = "stream_wait"
-    # Threads of the CPU expert path, the one driving the pool included (kernels/spin_pool.py; they spin between
-    # jobs). None = "auto": the cores torch uses less two (the launching thread's, and one spare).
+    # Threads of the CPU expert path, the one driving the pool included (they spin between jobs). None = "auto":
+    # the cores torch uses less two (the launching thread's, and one spare).
     moe_cpu_threads: int | None = None
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
-    # 622 MB less device memory for Qwen3-30B-A3B, as llama.cpp does. "on" needs CUDA, triton and an untied table.
+    # vocab x hidden x 2 bytes less device memory, as llama.cpp does. "on" needs CUDA, triton and an untied table.
     moe_host_embeddings: str = "off"
-    # The host tier on 2 MiB transparent huge pages (tiers.anonymous_pages), where the kernel enables them
-    # ("always" or "madvise"): every decode step streams whole experts from it. "off": 4 KiB pages.
-    moe_host_huge_pages: str = "auto"
+
+    # -- diagnostic switches: environment variables (DIAGNOSTICS below), for comparing the engine's own paths ---
+    # Expert compute: "triton" = the fused kernel (kernels/triton_moe.py; CUDA, SiLU experts), "torch" = the
+    # per-expert loop (kernels/reference.py), "auto" = triton where it applies, else torch.
+    moe_kernel: str = "auto"
+    # Misses read in place from the pinned host tier by the Triton kernel (no copy, no host sync; cache.py), in
+    # every layer whose non-resident experts all sit in the host tier. "lru": decode misses are also admitted into
+    # the slots as they are read, LRU decided on the device (device_lru.py), where the host tier holds every
+    # expert of the layer; "static": the resident set stays as loaded; "auto": lru where it can, else static;
+    # "off": misses are copied in.
+    moe_zero_copy: str = "auto"
+    # Greedy decode steps replayed from CUDA graphs (decoding.py; graph segments around layers that sync,
+    # piecewise.py). "off": eager decoding.
+    moe_cuda_graph: str = "auto"
+    # transformers' RMSNorms and rotary embedding as one Triton kernel each (dense_fusion.py), where each passes an
+    # equivalence check at load. "off": transformers' own ops.
+    moe_fuse_dense: str = "auto"
+    # How the disk tier reads an expert's bytes: "odirect" (O_DIRECT into aligned buffers, pread where the file
+    # system refuses it) or "pread" (through the page cache). See tiers.py.
+    moe_io: str = "odirect"
 
     def resident_count(self, num_experts: int) -> int:
         """Experts of a layer with `num_experts` routed experts that stay resident on the device."""
@@ -138,22 +127,36 @@ def _parse_choice(value: Any, name: str, choices: tuple[str, ...], aliases: Mapp
     return text
 
 
-_PARSERS = {
-    "MOE_OFFLOAD_RATIO": ("moe_offload_ratio", parse_ratio),
-    "MOE_HOST_CACHE": ("moe_host_cache_bytes", lambda v: parse_size(v, "MOE_HOST_CACHE")),
-    "MOE_IO": ("moe_io", lambda v: _parse_choice(v, "MOE_IO", IO_STRATEGIES)),
-    "MOE_DTYPE": ("moe_dtype", lambda v: _parse_choice(v, "MOE_DTYPE", DTYPES, _DTYPE_ALIASES)),
-    "MOE_KERNEL": ("moe_kernel", lambda v: _parse_choice(v, "MOE_KERNEL", KERNELS)),
-    "MOE_ZERO_COPY": ("moe_zero_copy", lambda v: _parse_choice(v, "MOE_ZERO_COPY", ZERO_COPY_MODES)),
-    "MOE_CUDA_GRAPH": ("moe_cuda_graph", lambda v: _parse_choice(v, "MOE_CUDA_GRAPH", GRAPH_MODES)),
-    "MOE_FUSE_DENSE": ("moe_fuse_dense", lambda v: _parse_choice(v, "MOE_FUSE_DENSE", SWITCHES)),
-    "MOE_CPU_EXPERTS": ("moe_cpu_experts", lambda v: _parse_choice(v, "MOE_CPU_EXPERTS", CPU_EXPERT_MODES)),
-    "MOE_CPU_HANDOFF": ("moe_cpu_handoff", lambda v: _parse_choice(v, "MOE_CPU_HANDOFF", CPU_HANDOFFS)),
-    "MOE_CPU_THREADS": ("moe_cpu_threads", parse_threads),
-    "MOE_HOST_EMBEDDINGS": ("moe_host_embeddings", lambda v: _parse_choice(v, "MOE_HOST_EMBEDDINGS", ("off", "on"))),
-    "MOE_HOST_HUGE_PAGES": ("moe_host_huge_pages", lambda v: _parse_choice(v, "MOE_HOST_HUGE_PAGES", SWITCHES)),
+def _choice(name: str, choices: tuple[str, ...], aliases: Mapping[str, str] = {}):
+    return lambda value: _parse_choice(value, name, choices, aliases)
+
+
+# The properties: LLMPipeline keywords, a -lc JSON file, CLI flags. name -> (field, parser, values as the README's
+# table states them); tests/test_docs.py checks the README's table against this one.
+PROPERTIES = {
+    "MOE_OFFLOAD_RATIO": ("moe_offload_ratio", parse_ratio, "integer 0-100 (default 100)"),
+    "MOE_HOST_CACHE": ("moe_host_cache_bytes", lambda v: parse_size(v, "MOE_HOST_CACHE"),
+                       "bytes, `64GiB`, `512MB`, `0`, `auto` (default)"),
+    "MOE_DTYPE": ("moe_dtype", _choice("MOE_DTYPE", DTYPES, _DTYPE_ALIASES),
+                  "`auto` (default), `float32`, `bfloat16`, `float16`"),
+    "MOE_CPU_EXPERTS": ("moe_cpu_experts", _choice("MOE_CPU_EXPERTS", CPU_EXPERT_MODES),
+                        "`off` (default), `auto`, `all`"),
+    "MOE_CPU_THREADS": ("moe_cpu_threads", parse_threads, "positive integer, `auto` (default)"),
+    "MOE_HOST_EMBEDDINGS": ("moe_host_embeddings", _choice("MOE_HOST_EMBEDDINGS", ("off", "on")),
+                            "`off` (default), `on`"),
 }
-PROPERTY_NAMES = tuple(_PARSERS)
+PROPERTY_NAMES = tuple(PROPERTIES)
+
+# Diagnostic switches, read from the environment at load (docs/diagnostics.md): each turns off or pins one of the
+# engine's own paths, to compare it with the default or to rule it out when something goes wrong.
+DIAGNOSTICS = {
+    "MOE_KERNEL": ("moe_kernel", _choice("MOE_KERNEL", KERNELS), "`auto` (default), `triton`, `torch`"),
+    "MOE_ZERO_COPY": ("moe_zero_copy", _choice("MOE_ZERO_COPY", ZERO_COPY_MODES),
+                      "`auto` (default), `lru`, `static`, `off`"),
+    "MOE_CUDA_GRAPH": ("moe_cuda_graph", _choice("MOE_CUDA_GRAPH", SWITCHES), "`auto` (default), `off`"),
+    "MOE_FUSE_DENSE": ("moe_fuse_dense", _choice("MOE_FUSE_DENSE", SWITCHES), "`auto` (default), `off`"),
+    "MOE_IO": ("moe_io", _choice("MOE_IO", IO_STRATEGIES), "`odirect` (default), `pread`"),
+}
 
 
 def load_properties_file(source: str) -> dict[str, Any]:
@@ -170,13 +173,25 @@ def load_properties_file(source: str) -> dict[str, Any]:
     return data
 
 
-def make_config(properties: Mapping[str, Any]) -> OffloadConfig:
-    """Validate property names and values; unknown names are an error, not silently ignored."""
+def make_config(properties: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> OffloadConfig:
+    """Validate property names and values, then read the diagnostic switches from `environ` (os.environ by
+    default). Unknown names are an error, not silently ignored; a diagnostic passed as a property is told where it
+    belongs."""
     fields: dict[str, Any] = {}
     for name, value in properties.items():
         key = name.upper()
-        if key not in _PARSERS:
+        if key in DIAGNOSTICS:
+            raise MoeOffloadError(f"{key} is a diagnostic switch, not a property: set it in the environment "
+                                  f"({key}={value}; docs/diagnostics.md)")
+        if key not in PROPERTIES:
             raise MoeOffloadError(f"unknown property {name!r} (known: {', '.join(PROPERTY_NAMES)})")
-        field, parse = _PARSERS[key]
+        field, parse, _ = PROPERTIES[key]
         fields[field] = parse(value)
+    environ = os.environ if environ is None else environ
+    for key, (field, parse, _) in DIAGNOSTICS.items():
+        if environ.get(key, "").strip():
+            try:
+                fields[field] = parse(environ[key])
+            except MoeOffloadError as err:
+                raise MoeOffloadError(f"environment variable {err}") from None
     return OffloadConfig(**fields)

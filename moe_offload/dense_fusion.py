@@ -10,7 +10,9 @@ model's device and kept only if the results agree to about an ulp (`_close`). Wh
   not take (autograd, float64, ...). Norms with another formula (Gemma's `1 + weight`) fail the check and stay.
 - `apply_rotary_pos_emb` of each modeling module the model's classes come from: transformers' attention calls it
   by its module-level name, so the global is replaced by a wrapper that runs the kernel for the calls it covers
-  (triton_dense.rotary_supported) and the original otherwise. This is process-wide: every model whose attention
+  (triton_dense.rotary_supported) and the original otherwise. Since transformers 5.25 (with the `kernels` package
+  it depends on) that global is an nn.Module made from the function by the hub-kernel decorator; the function's
+  signature is read from the plain function it falls back to, and the Module stays what uncovered calls reach. This is process-wide: every model whose attention
   lives in that module (a reference transformers model loaded next to the pipeline, too) then uses the kernel, and
   unfuse_dense_ops restores it for all of them.
 Both are idempotent: fusing twice wraps nothing twice.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
 import types
 from types import ModuleType
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 
 ROTARY_NAME = "apply_rotary_pos_emb"
+_log = logging.getLogger(__name__)
 # max |fused - original| allowed, relative to max |original|: an ulp or so of the dtype (bf16's is 2^-8)
 _TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 _NORM_ROW_SCALES = (1e-3, 1.0, 30.0)  # the first row has mean(x^2) ~ eps: a misplaced eps shows there
@@ -51,7 +55,9 @@ def fuse_dense_ops(model: torch.nn.Module, force: bool = False) -> list[str]:
             if _is_norm_candidate(module) and _norm_matches(module, dtype, generator, triton_dense):
                 module.forward = types.MethodType(_fused_norm_forward, module)
         for modeling in _modeling_modules(model):
-            _fuse_rotary(modeling, _rotary_shape(model), device, dtype, generator, triton_dense)
+            left = _fuse_rotary(modeling, _rotary_shape(model), device, dtype, generator, triton_dense)
+            if left:  # a silent speed loss otherwise: the unfused rotary is ~10 launches per layer and step
+                _log.warning("moe-offload: rotary embedding of %s not fused: %s", modeling.__name__, left)
     return fused_dense_ops(model)
 
 
@@ -152,6 +158,21 @@ def _original_rotary(function: Any) -> Any:
     return getattr(function, "_dense_fusion_original", None)
 
 
+def _plain_function(rotary: Any) -> Any:
+    """The Python function behind a module's apply_rotary_pos_emb: itself, or, for the nn.Module that the
+    `kernels` package's `use_kernel_forward_from_hub` makes of a function, the function its forward falls back to
+    when no hub kernel is active. None if neither (the rotary then stays unfused)."""
+    if inspect.isfunction(rotary):
+        return rotary
+    if isinstance(rotary, torch.nn.Module):
+        try:
+            inner = inspect.getclosurevars(type(rotary).forward).nonlocals.get("func")
+        except TypeError:
+            return None
+        return inner if inspect.isfunction(inner) else None
+    return None
+
+
 def _extra_parameters(function: Any) -> dict[str, Any] | None:
     """{name: default} of the parameters after (q, k, cos, sin): `unsqueeze_dim=1` in transformers 5.x, also
     `position_ids=None` in older 4.x. None if the signature is not (q, k, cos, sin, <defaulted>...)."""
@@ -181,10 +202,10 @@ def _plain_unsqueeze_dim(extras: dict[str, Any], args: tuple, kwargs: dict[str, 
     return given.get("unsqueeze_dim", extras.get("unsqueeze_dim", 1))
 
 
-def _rotary_wrapper(original: Any, extras: dict[str, Any], triton_dense) -> Any:
+def _rotary_wrapper(original: Any, plain: Any, extras: dict[str, Any], triton_dense) -> Any:
     """apply_rotary_pos_emb through the kernel for the calls it covers, through `original` for the others."""
 
-    @functools.wraps(original)  # name, doc and (through __wrapped__) signature of the original
+    @functools.wraps(plain)  # name, doc and (through __wrapped__) signature of the plain function
     def apply_rotary_pos_emb(*args: Any, **kwargs: Any):
         unsqueeze_dim = _plain_unsqueeze_dim(extras, args, kwargs)
         if unsqueeze_dim is not None and triton_dense.rotary_supported(*args[:4], unsqueeze_dim):
@@ -243,11 +264,17 @@ def _rotary_matches_at(original: Any, unsqueeze_dim: int, shape: tuple[int, int,
 
 
 def _fuse_rotary(modeling: ModuleType, shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype,
-                 generator: torch.Generator, triton_dense) -> None:
-    """Replace `modeling.apply_rotary_pos_emb` by the kernel's wrapper if it passes the check (once)."""
+                 generator: torch.Generator, triton_dense) -> str | None:
+    """Replace `modeling.apply_rotary_pos_emb` by the kernel's wrapper if it passes the check (once).
+    Returns why it was left alone, or None (fused now or before)."""
     original = getattr(modeling, ROTARY_NAME)
-    extras = _extra_parameters(original)
-    if _original_rotary(original) is not None or extras is None:
-        return
-    if _rotary_matches(original, extras, shape, device, dtype, generator, triton_dense):
-        setattr(modeling, ROTARY_NAME, _rotary_wrapper(original, extras, triton_dense))
+    if _original_rotary(original) is not None:
+        return None
+    plain = _plain_function(original)
+    extras = None if plain is None else _extra_parameters(plain)
+    if extras is None:
+        return f"unrecognised {ROTARY_NAME} ({type(original).__name__}, not a (q, k, cos, sin, ...) function)"
+    if not _rotary_matches(original, extras, shape, device, dtype, generator, triton_dense):
+        return "the kernel's result differs from the original's on the check input"
+    setattr(modeling, ROTARY_NAME, _rotary_wrapper(original, plain, extras, triton_dense))
+    return None

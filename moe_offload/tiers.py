@@ -4,14 +4,14 @@ Mechanism only: "put expert (layer, e) into this buffer". Which experts live in 
 load (the host tier takes what its byte budget allows, the rest falls through to disk); which expert to fetch
 is the cache's business.
 
-Disk reads go straight to the expert's byte ranges in the safetensors file, with one of three strategies:
+Disk reads go straight to the expert's byte ranges in the safetensors file, with one of two strategies:
   odirect - O_DIRECT reads of the enclosing 4 KiB-aligned range into an aligned bounce buffer, bypassing the
-            page cache. Default: fastest from a cold cache on the H200 machine (1.06 GB/s one thread vs 0.75
-            for pread and 0.61 for mmap; bench/results/2026-11-28-h200-io.json), and the disk tier exists for
-            checkpoints too big for RAM, whose pages are cold. Falls back to pread where the filesystem
-            refuses O_DIRECT (tmpfs).
+            page cache. Default: the disk tier exists for checkpoints too big for RAM, whose pages are cold, and
+            a cold read is faster without the page cache's copy (bench/RESULTS.md). Falls back to pread where
+            the filesystem refuses O_DIRECT (tmpfs).
   pread   - os.preadv into the destination buffer; fastest when the file sits in the page cache.
-  mmap    - copy out of a read-only mapping of the file; slowest in every measurement, kept for comparison.
+A memory mapping of the file is deliberately not offered: it was slowest in every measurement, and a checkpoint
+that shrinks under a mapping kills the process with SIGBUS and no message.
 """
 
 from __future__ import annotations
@@ -43,11 +43,10 @@ class DiskTier:
     """Reads an expert's checkpoint bytes (checkpoint dtype) from its safetensors file."""
 
     def __init__(self, strategy: str = "odirect"):
-        if strategy not in ("pread", "mmap", "odirect"):
+        if strategy not in ("pread", "odirect"):
             raise MoeOffloadError(f"unknown disk read strategy {strategy!r}")
         self.strategy = strategy
         self._fds: dict[str, int] = {}
-        self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.RLock()
         self._bounce = threading.local()
 
@@ -70,9 +69,7 @@ class DiskTier:
     def read_range(self, src: ByteRange, dst: memoryview) -> None:
         """Fill `dst` (exactly src.nbytes long) with the file bytes [src.start, src.start + src.nbytes)."""
         fd = self._fd(src.path)  # may switch odirect to pread (filesystem without O_DIRECT)
-        if self.strategy == "mmap":
-            self._read_mmap(src, dst)
-        elif self.strategy == "odirect":
+        if self.strategy == "odirect":
             self._read_direct(fd, src, dst)
         else:
             self._read_positional(fd, src.start, dst)
@@ -85,13 +82,6 @@ class DiskTier:
             if got <= 0:
                 raise MoeOffloadError(f"short read at byte {offset + done}: checkpoint file truncated?")
             done += got
-
-    def _read_mmap(self, src: ByteRange, dst: memoryview) -> None:
-        with self._lock:
-            if src.path not in self._maps:
-                self._maps[src.path] = mmap.mmap(self._fd(src.path), 0, access=mmap.ACCESS_READ)
-            mapping = self._maps[src.path]
-        dst[:] = memoryview(mapping)[src.start:src.start + src.nbytes]
 
     def _read_direct(self, fd: int, src: ByteRange, dst: memoryview) -> None:
         begin = src.start - src.start % _ALIGN
@@ -120,10 +110,8 @@ class DiskTier:
                     chunk: int = READ_CHUNK) -> list[tuple[ByteRange, memoryview]]:
         """The reads that fill `dst` as read_expert does, each at most `chunk` bytes, to run side by side.
 
-        Why: one expert read alone keeps one request in flight, and a miss's layer waits for it. On the H200
-        machine the disk gave 1.71 GB/s to 8 concurrent expert reads against 1.06 to one
-        (bench/results/2026-11-28-h200-io.json), and the ratio-25 disk tier, which mostly misses one expert at a
-        time, read its misses at ~0.7-0.8 GB/s in sequence (bench/results/2026-11-29-h200-disk-chunks.md)."""
+        Why: one expert read alone keeps one request in flight, and a miss's layer waits for it; an NVMe disk
+        serves several requests in flight much faster than one, and a decode step often misses one expert only."""
         out = _as_bytes(dst)
         reads, pos = [], 0
         for piece in location.gate_up + location.down:
@@ -134,11 +122,8 @@ class DiskTier:
         return reads
 
     def close(self) -> None:
-        for mapping in self._maps.values():
-            mapping.close()
         for fd in self._fds.values():
             os.close(fd)
-        self._maps.clear()
         self._fds.clear()
 
 

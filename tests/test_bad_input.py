@@ -368,7 +368,7 @@ FLAG_CASES = {
     "config_inline_invalid_json": (lambda tmp: ["-lc", '{"MOE_OFFLOAD_RATIO": }'], ["not valid JSON"]),
     "config_file_not_an_object": (lambda tmp: ["-lc", _write(tmp, "list.json", "[25]")], ["JSON object"]),
     "host_cache_bad": (lambda tmp: ["--host-cache", "lots"], ["MOE_HOST_CACHE", "lots"]),
-    "io_bad": (lambda tmp: ["--io", "aio"], ["MOE_IO", "aio"]),
+    "diagnostic_as_property": (lambda tmp: ["-lc", '{"MOE_IO": "pread"}'], ["MOE_IO", "diagnostic", "environment"]),
     "dtype_bad": (lambda tmp: ["--dtype", "int4"], ["MOE_DTYPE", "int4"]),
     "max_new_tokens_0": (lambda tmp: ["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
     "max_new_tokens_not_int": (lambda tmp: ["--max-new-tokens", "many"], ["invalid int value", "many"]),
@@ -385,6 +385,13 @@ def test_generate_rejects_bad_flag(name, good_checkpoint, tmp_path, capsys):
         argv += ["--device", "cpu"]
     rc, out, err = _cli(capsys, argv)
     _assert_one_error_line(rc, err, words)
+    assert out == ""
+
+
+def test_generate_rejects_a_bad_diagnostic_in_the_environment(good_checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_IO", "mmap")  # removed: slowest everywhere, and SIGBUS when the file shrinks
+    rc, out, err = _cli(capsys, ["generate", "hello", "--model", good_checkpoint, "--device", "cpu"])
+    _assert_one_error_line(rc, err, ["environment variable", "MOE_IO", "odirect, pread", "mmap"])
     assert out == ""
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from moe_offload import LLMPipeline, MoeOffloadError, OffloadConfig
 from moe_offload.cli import main
-from moe_offload.config import load_properties_file, make_config, parse_ratio, parse_size
+from moe_offload.config import DIAGNOSTICS, PROPERTIES, load_properties_file, make_config, parse_ratio, parse_size
 
 ARCH = "qwen3_moe"  # 2 MoE layers x 8 experts, 6144 bytes per expert (float32)
 EXPERT_BYTES = 3 * 16 * 32 * 4
@@ -90,15 +91,22 @@ def test_parse_size_rejects(value):
 
 # -- names, choices and defaults ---------------------------------------------------------------------------------
 
-def test_defaults():
+def test_defaults(monkeypatch):
+    for name in DIAGNOSTICS:
+        monkeypatch.delenv(name, raising=False)
     config = make_config({})
     assert config == OffloadConfig()
-    assert (config.moe_offload_ratio, config.moe_host_cache_bytes, config.moe_io, config.moe_dtype) == \
-        (100, None, "odirect", "auto")
-    assert (config.moe_kernel, config.moe_zero_copy, config.moe_cuda_graph) == ("auto", "auto", "auto")
-    assert (config.moe_host_embeddings, config.moe_cpu_experts, config.moe_cpu_handoff, config.moe_cpu_threads) == \
-        ("off", "off", "stream_wait", None)
-    assert config.moe_host_huge_pages == "auto"
+    assert (config.moe_offload_ratio, config.moe_host_cache_bytes, config.moe_dtype) == (100, None, "auto")
+    assert (config.moe_host_embeddings, config.moe_cpu_experts, config.moe_cpu_threads) == ("off", "off", None)
+    assert (config.moe_kernel, config.moe_zero_copy, config.moe_cuda_graph, config.moe_fuse_dense, config.moe_io) == \
+        ("auto", "auto", "auto", "auto", "odirect")
+
+
+def test_at_most_ten_properties_and_no_field_set_twice():
+    """The issue's cap counts the memory budget's two properties to come (MOE_DEVICE_MEMORY, MOE_CONTEXT)."""
+    assert len(PROPERTIES) + 2 <= 10
+    fields = [field for field, _, _ in PROPERTIES.values()] + [field for field, _, _ in DIAGNOSTICS.values()]
+    assert len(fields) == len(set(fields)) == len(dataclasses.fields(OffloadConfig))
 
 
 @pytest.mark.parametrize("name", ["MOE_OFFLOAD_RATIO", "moe_offload_ratio", "Moe_Offload_Ratio", "mOe_oFfLoAd_RaTiO"])
@@ -107,14 +115,31 @@ def test_property_names_are_case_insensitive(name):
 
 
 def test_all_properties_case_insensitive_and_values_normalised():
-    config = make_config({"moe_offload_ratio": "25", "Moe_Host_Cache": "1KiB", "moe_io": "MMAP",
-                          "MOE_dtype": "BF16", "moe_zero_copy": "OFF", "Moe_Cuda_Graph": "Off",
-                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO", "moe_cpu_handoff": "Host_Function",
-                          "moe_cpu_threads": " 6 ", "Moe_Host_Huge_Pages": "OFF"})
-    assert config == OffloadConfig(moe_offload_ratio=25, moe_host_cache_bytes=1024, moe_io="mmap",
-                                   moe_dtype="bfloat16", moe_zero_copy="off", moe_cuda_graph="off",
-                                   moe_host_embeddings="on", moe_cpu_experts="auto", moe_cpu_handoff="host_function",
-                                   moe_cpu_threads=6, moe_host_huge_pages="off")
+    config = make_config({"moe_offload_ratio": "25", "Moe_Host_Cache": "1KiB", "MOE_dtype": "BF16",
+                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO", "moe_cpu_threads": " 6 "}, {})
+    assert config == OffloadConfig(moe_offload_ratio=25, moe_host_cache_bytes=1024, moe_dtype="bfloat16",
+                                   moe_host_embeddings="on", moe_cpu_experts="auto", moe_cpu_threads=6)
+
+
+def test_diagnostics_come_from_the_environment():
+    environ = {"MOE_KERNEL": " Torch ", "MOE_ZERO_COPY": "STATIC", "MOE_CUDA_GRAPH": "off", "MOE_FUSE_DENSE": "Off",
+               "MOE_IO": "pread", "MOE_UNRELATED": "x"}
+    config = make_config({"MOE_OFFLOAD_RATIO": 50}, environ)
+    assert config == OffloadConfig(moe_offload_ratio=50, moe_kernel="torch", moe_zero_copy="static",
+                                   moe_cuda_graph="off", moe_fuse_dense="off", moe_io="pread")
+    assert make_config({}, {"MOE_KERNEL": ""}).moe_kernel == "auto"  # set but empty: the default
+
+
+def test_diagnostics_read_os_environ_by_default(monkeypatch):
+    monkeypatch.setenv("MOE_ZERO_COPY", "off")
+    assert make_config({}).moe_zero_copy == "off"
+
+
+@pytest.mark.parametrize("name", list(DIAGNOSTICS))
+def test_a_diagnostic_passed_as_a_property_is_sent_to_the_environment(name):
+    with pytest.raises(MoeOffloadError, match=f"{name} is a diagnostic switch, not a property: set it in the "
+                                              "environment"):
+        make_config({name.lower(): "auto"})
 
 
 @pytest.mark.parametrize("value, expected", [("fp32", "float32"), ("f16", "float16"), ("fp16", "float16"),
@@ -124,23 +149,32 @@ def test_dtype_aliases(value, expected):
 
 
 @pytest.mark.parametrize("name, value, words", [
-    ("MOE_IO", "aio", "MOE_IO must be one of pread, mmap, odirect"),
     ("MOE_DTYPE", "int8", "MOE_DTYPE must be one of"),
-    ("MOE_ZERO_COPY", "on", "MOE_ZERO_COPY must be one of auto, lru, static, off"),
-    ("MOE_CUDA_GRAPH", 1, "MOE_CUDA_GRAPH must be one of auto, whole, off"),
-    ("MOE_CUDA_GRAPH", "piecewise", "MOE_CUDA_GRAPH must be one of auto, whole, off"),
     ("MOE_HOST_EMBEDDINGS", "auto", "MOE_HOST_EMBEDDINGS must be one of off, on"),
     ("MOE_CPU_EXPERTS", "some", "MOE_CPU_EXPERTS must be one of off, auto, all"),
-    ("MOE_CPU_HANDOFF", "poll", "MOE_CPU_HANDOFF must be one of host_function, stream_wait"),
     ("MOE_CPU_THREADS", 0, "MOE_CPU_THREADS must be a positive integer or auto, got 0"),
     ("MOE_CPU_THREADS", "many", "MOE_CPU_THREADS must be a positive integer or auto, got 'many'"),
     ("MOE_CPU_THREADS", True, "MOE_CPU_THREADS must be a positive integer or auto, got True"),
     ("MOE_OFFLOAD", 5, "unknown property 'MOE_OFFLOAD'"),
     ("moe_host_cache_bytes", 5, "unknown property 'moe_host_cache_bytes'"),
+    ("MOE_CPU_HANDOFF", "stream_wait", "unknown property 'MOE_CPU_HANDOFF'"),  # removed: one handoff
+    ("MOE_HOST_HUGE_PAGES", "off", "unknown property 'MOE_HOST_HUGE_PAGES'"),  # removed: huge pages where given
 ])
 def test_bad_names_and_choices(name, value, words):
     with pytest.raises(MoeOffloadError) as caught:
         make_config({name: value})
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("MOE_IO", "mmap", "environment variable MOE_IO must be one of odirect, pread, got 'mmap'"),  # removed
+    ("MOE_ZERO_COPY", "on", "environment variable MOE_ZERO_COPY must be one of auto, lru, static, off"),
+    ("MOE_CUDA_GRAPH", "whole", "environment variable MOE_CUDA_GRAPH must be one of auto, off"),  # removed
+    ("MOE_KERNEL", "cuda", "environment variable MOE_KERNEL must be one of auto, triton, torch"),
+])
+def test_bad_diagnostics(name, value, words):
+    with pytest.raises(MoeOffloadError) as caught:
+        make_config({}, {name: value})
     assert words in str(caught.value)
 
 
@@ -149,7 +183,7 @@ def test_unknown_property_lists_the_known_ones():
         make_config({"MOE_OFFLOAD_RATIO": 50, "MOE_CACHE_POLICY": "lru"})
     message = str(caught.value)
     assert "MOE_CACHE_POLICY" in message
-    for known in ("MOE_OFFLOAD_RATIO", "MOE_HOST_CACHE", "MOE_IO", "MOE_DTYPE"):
+    for known in PROPERTIES:
         assert known in message
 
 
@@ -160,7 +194,7 @@ def test_load_properties_file_and_inline(tmp_path):
     path.write_text('{"MOE_OFFLOAD_RATIO": 37, "MOE_HOST_CACHE": "1GiB"}', encoding="utf-8")
     assert load_properties_file(str(path)) == {"MOE_OFFLOAD_RATIO": 37, "MOE_HOST_CACHE": "1GiB"}
     assert load_properties_file('{"MOE_OFFLOAD_RATIO": 37}') == {"MOE_OFFLOAD_RATIO": 37}
-    assert load_properties_file('  {"moe_io": "mmap"}') == {"moe_io": "mmap"}
+    assert load_properties_file('  {"moe_dtype": "bf16"}') == {"moe_dtype": "bf16"}
     with pytest.raises(MoeOffloadError, match="config file not found"):
         load_properties_file(str(tmp_path / "absent.json"))
     with pytest.raises(MoeOffloadError, match="not valid JSON"):
@@ -180,7 +214,7 @@ def checkpoint_path(checkpoint_factory):
 @pytest.fixture(scope="module")
 def props_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("props") / "props.json"
-    path.write_text(json.dumps({"MOE_OFFLOAD_RATIO": 50, "MOE_HOST_CACHE": "12KiB", "MOE_IO": "mmap"}))
+    path.write_text(json.dumps({"MOE_OFFLOAD_RATIO": 50, "MOE_HOST_CACHE": "12KiB", "MOE_DTYPE": "fp32"}))
     return str(path)
 
 
@@ -193,11 +227,10 @@ def _loaded(checkpoint_path, config=None, **properties):
 
 def test_pipeline_takes_config_file(checkpoint_path, props_file):
     config, stats = _loaded(checkpoint_path, props_file)
-    assert config == OffloadConfig(moe_offload_ratio=50, moe_host_cache_bytes=12 * 1024, moe_io="mmap")
+    assert config == OffloadConfig(moe_offload_ratio=50, moe_host_cache_bytes=12 * 1024, moe_dtype="float32")
     assert stats["resident_experts"] == 8  # 4 of 8 in each of 2 layers
     assert 12 * 1024 // 2 == EXPERT_BYTES  # 12 KiB over 2 layers: room for one expert per layer
     assert stats["host_tier_experts"] == 2 and stats["host_tier_bytes"] == 2 * EXPERT_BYTES
-    assert stats["disk_io"] == "mmap"
 
 
 def test_pipeline_takes_inline_json_and_dict(checkpoint_path):
@@ -212,7 +245,7 @@ def test_pipeline_takes_inline_json_and_dict(checkpoint_path):
 def test_keyword_wins_over_config_file(checkpoint_path, props_file, keyword):
     config, stats = _loaded(checkpoint_path, props_file, **{keyword: 25})
     assert config.moe_offload_ratio == 25 and stats["resident_experts"] == 4
-    assert config.moe_io == "mmap" and config.moe_host_cache_bytes == 12 * 1024  # the rest of the file stays
+    assert config.moe_dtype == "float32" and config.moe_host_cache_bytes == 12 * 1024  # the rest of the file stays
 
 
 @pytest.mark.parametrize("config", ['{"moe_offload_ratio": 100}', {"Moe_Offload_Ratio": 100},
@@ -234,4 +267,4 @@ def test_cli_flag_wins_over_load_config(checkpoint_path, props_file, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err
     stats = json.loads(err[err.index("{\n"):])  # after the progress bars
-    assert stats["ratio"] == 25 and stats["resident_experts"] == 4 and stats["disk_io"] == "mmap"
+    assert stats["ratio"] == 25 and stats["resident_experts"] == 4 and stats["host_tier_experts"] == 2

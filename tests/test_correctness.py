@@ -116,11 +116,12 @@ def test_fused_triton_path_matches_transformers(reference_outputs):
     assert pipe.get_offload_stats()["kernel"] == "triton"
 
 
-def test_triton_kernel_refused_on_cpu(checkpoint_factory):
+def test_triton_kernel_refused_on_cpu(checkpoint_factory, monkeypatch):
     from moe_offload import MoeOffloadError
 
+    monkeypatch.setenv("MOE_KERNEL", "triton")
     with pytest.raises(MoeOffloadError, match="MOE_KERNEL=triton is not available"):
-        LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_KERNEL="triton")
+        LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu")
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])

@@ -33,9 +33,10 @@ def prompt_and_reference():
 
 @pytest.mark.parametrize("ratio,host_cache,zero_copy", [(10, "auto", "auto"), (0, "auto", "auto"),
                                                         (10, "auto", "off"), (25, 0, "auto")])
-def test_long_decode_matches_all_resident(prompt_and_reference, ratio, host_cache, zero_copy):
+def test_long_decode_matches_all_resident(prompt_and_reference, ratio, host_cache, zero_copy, monkeypatch):
     ids, reference = prompt_and_reference
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host_cache, MOE_ZERO_COPY=zero_copy)
+    monkeypatch.setenv("MOE_ZERO_COPY", zero_copy)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host_cache)
     tokens = _greedy(pipe, ids)
     stats = pipe.get_offload_stats()
     pipe.close()
@@ -59,12 +60,12 @@ def test_replayed_prefill_and_steps_give_the_eager_tokens(prompt_and_reference):
     assert all(torch.equal(run, reference[:64]) for run in runs)
 
 
-@pytest.mark.parametrize("properties", [{"MOE_OFFLOAD_RATIO": 25, "MOE_ZERO_COPY": "lru"},
-                                        {"MOE_OFFLOAD_RATIO": 10, "MOE_CPU_EXPERTS": "all"},
-                                        {"MOE_OFFLOAD_RATIO": 25, "MOE_ZERO_COPY": "lru", "MOE_CPU_EXPERTS": "all"},
-                                        {"MOE_OFFLOAD_RATIO": 25, "MOE_HOST_CACHE": 0}],
+@pytest.mark.parametrize("properties, zero_copy", [({"MOE_OFFLOAD_RATIO": 25}, "lru"),
+                                                   ({"MOE_OFFLOAD_RATIO": 10, "MOE_CPU_EXPERTS": "all"}, "auto"),
+                                                   ({"MOE_OFFLOAD_RATIO": 25, "MOE_CPU_EXPERTS": "all"}, "lru"),
+                                                   ({"MOE_OFFLOAD_RATIO": 25, "MOE_HOST_CACHE": 0}, "auto")],
                          ids=["device-lru", "hybrid", "hybrid-lru", "disk-piecewise"])
-def test_long_decode_on_the_newer_paths(prompt_and_reference, properties):
+def test_long_decode_on_the_newer_paths(prompt_and_reference, properties, zero_copy, monkeypatch):
     """Device LRU admission, misses computed on the CPU (host functions inside the graph), both at once, and
     disk-tier steps replayed piecewise: ratio 100's tokens over the whole run, from replayed steps.
 
@@ -72,6 +73,7 @@ def test_long_decode_on_the_newer_paths(prompt_and_reference, properties):
     within an ulp; in the 36-row bf16 comparison with every miss on the CPU none did
     (bench/results/2026-11-29-h200-bf16-correctness-fused-cpu-experts.json)."""
     ids, reference = prompt_and_reference
+    monkeypatch.setenv("MOE_ZERO_COPY", zero_copy)
     pipe = LLMPipeline(None, "cuda", **properties)
     tokens = _greedy(pipe, ids)
     stats = pipe.get_offload_stats()

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from moe_offload import LLMPipeline
-from moe_offload.cache import SlotTable
 from moe_offload.device_lru import DeviceLRU
-from moe_offload.policy import LRUPolicy
+from moe_offload.policy import LRUPolicy, SlotTable
 
 
 def _host_step(table: SlotTable, needed: list[int], on_cpu: frozenset = frozenset()) -> tuple[int, int]:
@@ -159,7 +158,7 @@ def test_long_forwards_copy_from_the_slots_the_device_chose(checkpoint_factory):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_lru_on_cuda():
+def test_device_lru_on_cuda(monkeypatch):
     """MOE_ZERO_COPY=auto (LRU admission) on the GPU (the shipped model at ratio 25, decode steps replayed from
     whole-step graphs): ratio 100's tokens, misses admitted (more hits than MOE_ZERO_COPY=static gets on the same
     routing), every slot holding its expert's bytes afterwards; then a longer prompt through the copy path."""
@@ -171,7 +170,8 @@ def test_device_lru_on_cuda():
     reference.close()
     runs = {}
     for mode in ("static", "auto"):
-        pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25, MOE_ZERO_COPY=mode)
+        monkeypatch.setenv("MOE_ZERO_COPY", mode)
+        pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25)
         assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=48, min_new_tokens=48), want)
         runs[mode] = pipe.get_offload_stats()
         assert runs[mode]["cuda_graph_steps"] > 0 and runs[mode]["cuda_graph_failure"] is None
