@@ -25,8 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _properties(args: argparse.Namespace) -> dict[str, Any]:
     props: dict[str, Any] = {}
-    for flag, name in (("ratio", "MOE_OFFLOAD_RATIO"), ("host_cache", "MOE_HOST_CACHE"), ("io", "MOE_IO"),
-                       ("dtype", "MOE_DTYPE")):
+    for flag, name in (("ratio", "MOE_OFFLOAD_RATIO"), ("host_cache", "MOE_HOST_CACHE"), ("dtype", "MOE_DTYPE")):
         value = getattr(args, flag, None)
         if value is not None:
             props[name] = value
@@ -57,7 +56,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
-    from .info import describe, format_info
+    from .tools.info import describe, format_info
 
     info = describe(Checkpoint(args.path))
     print(json.dumps(info, indent=1) if args.json else format_info(info))
@@ -75,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", "-d", default=None, help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--max-new-tokens", "-n", type=int, default=64)
     gen.add_argument("--host-cache", help="MOE_HOST_CACHE: host RAM for non-resident experts, e.g. 32GiB or 0")
-    gen.add_argument("--io", help="MOE_IO: disk read strategy (pread, mmap, odirect)")
     gen.add_argument("--dtype", help="MOE_DTYPE: auto, float32, bfloat16, float16")
     gen.add_argument("--load-config", "-lc", help="JSON file (or inline JSON) of properties")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -90,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_cmd_info)
 
-    from .benchmark import add_bench_command
-    from .simulate import add_simulate_command
-    from .trace import add_trace_command
+    from .tools.benchmark import add_bench_command
+    from .tools.simulate import add_simulate_command
+    from .tools.trace import add_trace_command
 
     add_trace_command(sub)
     add_simulate_command(sub)

@@ -1,4 +1,4 @@
-"""`moe-offload bench` (benchmark.py, report.py): flags, the warm-up rule, the report schema, the ratio sweep and
+"""`moe-offload bench` (tools/benchmark.py, tools/report.py): flags, the warm-up rule, the report schema, the ratio sweep and
 one-line errors. Real generations use a tiny checkpoint and a few tokens, so timings are not checked, only what
 they must satisfy whatever the machine.
 """
@@ -12,9 +12,9 @@ import torch
 
 from moe_offload import MoeOffloadError
 from moe_offload import pipeline
-from moe_offload.benchmark import DEFAULT_INFER_COUNT, DEFAULT_PROMPT, add_bench_command, check_args, main
-from moe_offload.cli import _Parser
-from moe_offload.report import AVERAGED_FIELDS, ITERATION_FIELDS, REPORT_SCHEMA, summarize, validate
+from moe_offload.cli import _Parser, main
+from moe_offload.tools.benchmark import DEFAULT_INFER_COUNT, DEFAULT_PROMPT, add_bench_command, check_args
+from moe_offload.tools.report import AVERAGED_FIELDS, ITERATION_FIELDS, REPORT_SCHEMA, summarize, validate
 
 try:
     import matplotlib  # noqa: F401
@@ -65,10 +65,10 @@ def test_llm_bench_flags(tmp_path):
 
 def test_load_config_inline_or_file(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text('{"MOE_OFFLOAD_RATIO": 37, "MOE_IO": "pread"}')
+    config.write_text('{"MOE_OFFLOAD_RATIO": 37, "MOE_DTYPE": "fp32"}')
     from_file = check_args(parse("-m", str(tmp_path), "-d", "cpu", "-lc", str(config)))
     inline = check_args(parse("-m", str(tmp_path), "-d", "cpu", "-lc", config.read_text()))
-    assert from_file.properties == inline.properties == {"MOE_OFFLOAD_RATIO": 37, "MOE_IO": "pread"}
+    assert from_file.properties == inline.properties == {"MOE_OFFLOAD_RATIO": 37, "MOE_DTYPE": "fp32"}
     assert from_file.ratios == [None] and from_file.prompt == DEFAULT_PROMPT
     assert check_args(parse("-m", str(tmp_path), "-d", "cpu", "--sweep-ratio", " 100, 10,0")).ratios == [100, 10, 0]
 
@@ -103,7 +103,7 @@ def test_two_real_iterations(model, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["-m", model, "-d", "cpu", "-ic", "3", "-n", "1", "-p", "def f(x):", "-lc", '{"MOE_OFFLOAD_RATIO": 25}',
             "-rj", str(out / "r.json"), "-r", str(out / "r.csv")]
-    assert main(argv) == 0
+    assert main(["bench", *argv]) == 0
     console = capsys.readouterr().out
     for line in ("[warm-up] Input token size:", "[1] First token latency:", "[1] First infer latency:",
                  "[1] Max rss memory cost:", "[1] MoE offload: ratio 25", "<<< Warm-up iteration is excluded. >>>",
@@ -158,7 +158,7 @@ def test_sweep_writes_one_report(model, tmp_path, capsys):
             "-r", str(tmp_path / "s.csv")]
     if HAVE_MATPLOTLIB:
         argv += ["--plot", str(tmp_path / "s.png")]
-    assert main(argv) == 0
+    assert main(["bench", *argv]) == 0
     assert "Sweep over MOE_OFFLOAD_RATIO" in capsys.readouterr().out
     report = json.loads((tmp_path / "s.json").read_text())
     validate(report)
@@ -203,7 +203,7 @@ def test_errors_are_one_line(argv, message, tmp_path, capsys):
     (tmp_path / "list.json").write_text("[1, 2]")
     names = {"TMP": str(tmp_path), "LIST_FILE": str(tmp_path / "list.json")}
     argv = [names.get(a, a.replace("MISSING", str(tmp_path / "missing"))) for a in argv]
-    assert main(["-m", str(tmp_path), "-d", "cpu", *argv]) == 2
+    assert main(["bench", "-m", str(tmp_path), "-d", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moe-offload: error: ") and err.count("\n") == 1 and message in err
 
@@ -225,7 +225,7 @@ def test_missing_model_and_missing_matplotlib(model, tmp_path, monkeypatch, caps
     monkeypatch.setattr(pipeline, "DEFAULT_MODEL", str(tmp_path / "no-model"))
     with pytest.raises(MoeOffloadError, match="shipped small model is not installed"):
         check_args(parse("-d", "cpu"))
-    assert main(["-m", str(tmp_path / "nothing"), "-d", "cpu", "-ic", "1"]) == 2
+    assert main(["bench", "-m", str(tmp_path / "nothing"), "-d", "cpu", "-ic", "1"]) == 2
     assert "model path not found" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(MoeOffloadError, match="--plot needs matplotlib"):
@@ -236,7 +236,7 @@ def test_missing_model_and_missing_matplotlib(model, tmp_path, monkeypatch, caps
 def test_timer_times_a_replayed_prefill_from_prompt_to_first_token():
     """A prefill replayed from a CUDA graph runs no forward hook: the timer times it from the prompt to the first
     token, calls after_prefill once, and later eager forwards count as further forwards."""
-    from moe_offload.benchmark import GenerationTimer
+    from moe_offload.tools.benchmark import GenerationTimer
 
     model, calls = torch.nn.Linear(2, 2), []
     timer = GenerationTimer(model, lambda: None, after_prefill=lambda: calls.append("prefill"))
@@ -258,7 +258,7 @@ def test_timer_times_a_replayed_prefill_from_prompt_to_first_token():
 def test_host_bytes_count_misses_read_in_place(model):
     """With zero-copy, misses cross PCIe without a copy: the report's host bytes still count them."""
     pytest.importorskip("triton")
-    from moe_offload.benchmark import run_iteration
+    from moe_offload.tools.benchmark import run_iteration
     from moe_offload.kernels.triton_moe import fused_moe
 
     pipe = pipeline.LLMPipeline(model, "cpu", MOE_OFFLOAD_RATIO=25)

@@ -16,10 +16,9 @@ import torch
 from tiny_models import VOCAB
 
 from moe_offload import LLMPipeline
-from moe_offload.cache import SlotTable
 from moe_offload.checkpoint import Checkpoint
-from moe_offload.info import describe
-from moe_offload.policy import LRUPolicy, make_policy
+from moe_offload.policy import LRUPolicy, SlotTable, make_policy
+from moe_offload.tools.info import describe
 
 ARCH = "qwen3_moe"  # 2 MoE layers, 8 routed experts each, top-2, I=16, H=32, float32
 PREFILL = 16
@@ -124,7 +123,7 @@ def checkpoint_path(checkpoint_factory):
 
 @pytest.fixture(scope="module")
 def layout(checkpoint_path):
-    """Facts from the checkpoint headers alone (moe_offload.info), cross-checked with config.json."""
+    """Facts from the checkpoint headers alone (moe_offload.tools.info), cross-checked with config.json."""
     info = describe(Checkpoint(checkpoint_path))
     sizes = {layer["expert_bytes"] for layer in info["layers"]}
     assert len(sizes) == 1

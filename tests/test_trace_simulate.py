@@ -1,4 +1,4 @@
-"""Routing traces (trace.py) and the replay simulator (simulate.py).
+"""Routing traces (tools/trace.py) and the replay simulator (tools/simulate.py).
 
 (a) hand-checked traces with exact LRU / MIN numbers, (b) properties on seeded random traces, including MIN
 against an exhaustive search, (c) a trace recorded on a tiny checkpoint replays to exactly the engine's own
@@ -14,10 +14,10 @@ import random
 import pytest
 
 from moe_offload import LLMPipeline, MoeOffloadError
+from moe_offload.cli import main
 from moe_offload.config import OffloadConfig
-from moe_offload.simulate import main as simulate_main
-from moe_offload.simulate import simulate
-from moe_offload.trace import add_trace_command, load_trace, read_prompts, record_trace
+from moe_offload.tools.simulate import simulate
+from moe_offload.tools.trace import add_trace_command, load_trace, read_prompts, record_trace
 
 
 def records_of(steps, layer=0, request=0, first_step=0, first_token=0):
@@ -327,7 +327,7 @@ def test_trace_command_writes_file(checkpoint_factory, tmp_path, capsys):
     assert trace.meta["ratio"] == 100 and trace.meta["max_new_tokens"] == 3
     assert {r["request"] for r in trace.records} == {0, 1}
     assert simulate(trace, None, 100, "lru")["total"]["misses"] == 0
-    assert simulate_main([str(out), "--ratio", "25", "--json"]) == 0
+    assert main(["simulate", str(out), "--ratio", "25", "--json"]) == 0
     printed = capsys.readouterr().out
     assert '"policy": "lru"' in printed and '"policy": "min"' in printed
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Routing report: how skewed and how local a model's expert routing is, and what that means for the cache.
 
-Records a routing trace (moe_offload/trace.py) of greedy generations, then writes a JSON and a markdown report:
+Records a routing trace (moe_offload/tools/trace.py) of greedy generations, then writes a JSON and a markdown report:
 
 - expert popularity per MoE layer: entropy of the share of routed (token, expert) picks, in bits and
   normalised by log2 E (1.0 = uniform, every expert equally popular);
 - routing locality per layer: the fraction of token t's top-k experts that token t-1 (same request, same
   layer) also picked, averaged over all consecutive pairs; k/E is what independent uniform routing gives;
 - cache hit rates of LRU (the engine's policy) and MIN (the offline optimum of the engine's cache mechanism,
-  see moe_offload/simulate.py) at MOE_OFFLOAD_RATIO 10, 25 and 50, over decode steps only and over all steps
+  see moe_offload/policy.py) at MOE_OFFLOAD_RATIO 10, 25 and 50, over decode steps only and over all steps
   (the cache runs through every step either way; prefill steps are one forward for the whole prompt);
 - if the model folder has train_log.json (tools/train_small_moe.py), the held-out cross-entropy next to the
   unigram baseline stored there.
@@ -44,9 +44,9 @@ if str(REPO_ROOT) not in sys.path:
 
 from moe_offload.errors import MoeOffloadError  # noqa: E402
 from moe_offload.pipeline import DEFAULT_MODEL  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
-from moe_offload.simulate import replay_steps, simulate  # noqa: E402
-from moe_offload.trace import read_prompts, save_trace, trace_generation  # noqa: E402
+from moe_offload.tools.environment import machine, utc_now, versions, write_report  # noqa: E402
+from moe_offload.tools.simulate import replay_steps, simulate  # noqa: E402
+from moe_offload.tools.trace import read_prompts, save_trace, trace_generation  # noqa: E402
 
 RATIOS = (10, 25, 50)
 POLICIES = ("lru", "min")
@@ -271,7 +271,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Cache hit rates (replayed trace)", "",
               "Per layer, C = resident experts at the ratio; the cache starts with experts 0..C-1 as after a load. "
               "LRU = the engine's policy; MIN = the offline optimum of the engine's cache mechanism "
-              "(moe_offload/simulate.py). Decode = decode steps only; all = every step, prefill included.", "",
+              "(moe_offload/policy.py). Decode = decode steps only; all = every step, prefill included.", "",
               "| ratio | C | LRU decode | MIN decode | LRU all | MIN all |", "|---|---|---|---|---|---|"]
     for row in report["hit_rates"]:
         capacities = sorted(set(row["capacity"].values()))

@@ -10,7 +10,7 @@ import os
 from moe_offload import LLMPipeline
 from moe_offload.kernels.triton_moe import fused_moe
 
-PROMPT_FILE = os.path.join(os.path.dirname(__file__), "..", "moe_offload", "trace.py")
+PROMPT_FILE = os.path.join(os.path.dirname(__file__), "..", "moe_offload", "tools", "trace.py")
 
 
 def main() -> None:

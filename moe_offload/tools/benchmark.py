@@ -26,9 +26,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .config import load_properties_file, make_config, parse_ratio
+from ..config import load_properties_file, make_config, parse_ratio
+from ..errors import MoeOffloadError, read_user_text
 from .environment import machine, utc_now, versions
-from .errors import MoeOffloadError, read_user_text
 from .report import (SCHEMA, log_info, print_average, print_iteration, print_sweep, require_matplotlib, summarize,
                      write_csv, write_json, write_plot)
 
@@ -261,7 +261,7 @@ class Workload(NamedTuple):
 
 def check_args(args: argparse.Namespace) -> Workload:
     """Every user mistake, found before a model is loaded."""
-    from .pipeline import DEFAULT_MODEL, resolve_device
+    from ..pipeline import DEFAULT_MODEL, resolve_device
 
     if args.task not in TASKS:
         raise MoeOffloadError(f"-t {args.task}: only text_gen is supported")
@@ -317,7 +317,7 @@ def _check_length(pipe, prompt: str, infer_count: int) -> None:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, measure, for each ratio; report files are rewritten after every ratio so that a sweep that
     dies part-way keeps what it measured."""
-    from .pipeline import LLMPipeline
+    from ..pipeline import LLMPipeline
 
     work = check_args(args)
     rss_scope = "iteration" if reset_peak_rss() else "process"
@@ -399,14 +399,3 @@ def add_bench_command(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, help="PNG of tokens/s, hit rate and device memory vs ratio")
     bench.set_defaults(run=_cmd_bench)
     return bench
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m moe_offload.benchmark ...` = `moe-offload bench ...`."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ import torch
 def versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"moe_offload": __version__, "torch": str(torch.__version__),
             "transformers": str(transformers.__version__), "python": platform.python_version()}

@@ -11,9 +11,9 @@ import math
 import os
 from typing import Any
 
-from .checkpoint import Checkpoint
-from .config import OffloadConfig
-from .errors import MoeOffloadError
+from ..checkpoint import Checkpoint
+from ..config import OffloadConfig
+from ..errors import MoeOffloadError
 
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
 

@@ -14,7 +14,7 @@ import os
 import statistics
 from typing import Any
 
-from .errors import MoeOffloadError
+from ..errors import MoeOffloadError
 from .info import human_bytes
 
 SCHEMA = "moe-offload-bench/1"

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import MoeOffloadError, read_user_text
+from ..errors import MoeOffloadError, read_user_text
 
 TRACE_FORMAT = 1
 
@@ -225,7 +225,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .pipeline import LLMPipeline
+    from ..pipeline import LLMPipeline
 
     if args.max_new_tokens < 1:
         raise MoeOffloadError("--max-new-tokens must be at least 1")
