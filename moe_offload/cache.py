@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Collection
+from typing import Callable
 
 import torch
 
@@ -32,50 +32,9 @@ from .cpu_experts import CpuExperts
 from .device_lru import DeviceLRU
 from .hybrid import CpuShare
 from .kernels.reference import weighted_expert_output
-from .policy import EvictionPolicy
+from .policy import EvictionPolicy, SlotTable
 from .tiers import HostTier
 from .transfer import ExpertFetcher, Transfer
-
-
-class SlotTable:
-    """Which expert occupies which of `capacity` slots. Bookkeeping only; the policy chooses victims."""
-
-    def __init__(self, capacity: int, policy: EvictionPolicy):
-        self.capacity = capacity
-        self.policy = policy
-        self.slot_of: dict[int, int] = {}
-        self._free = list(range(capacity - 1, -1, -1))
-
-    def lookup(self, expert: int) -> int | None:
-        return self.slot_of.get(expert)
-
-    def hit(self, expert: int) -> None:
-        self.policy.on_hit(expert)
-
-    def admit(self, expert: int, protected: Collection[int]) -> int | None:
-        """A slot for `expert`, evicting the policy's victim if full; None if nothing may be evicted."""
-        if self._free:
-            slot = self._free.pop()
-        else:
-            victim = self.policy.victim(protected)
-            if victim is None:
-                return None
-            self.policy.on_evict(victim)
-            slot = self.slot_of.pop(victim)
-        self.slot_of[expert] = slot
-        self.policy.on_insert(expert)
-        return slot
-
-    def mirror(self, slot_expert_oldest_first: list[tuple[int, int]]) -> None:
-        """Hold exactly these (slot, expert) pairs, least recently used first (where another party, the device
-        LRU, decided the placement)."""
-        for expert in list(self.slot_of):
-            self.policy.on_evict(expert)
-        self.slot_of = {expert: slot for slot, expert in slot_expert_oldest_first}
-        taken = set(self.slot_of.values())
-        self._free = [slot for slot in range(self.capacity - 1, -1, -1) if slot not in taken]
-        for _slot, expert in slot_expert_oldest_first:
-            self.policy.on_insert(expert)
 
 
 class ScratchPool:

@@ -390,8 +390,7 @@ def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: E
     if capacity < site.num_experts:
         fit = min(site.num_experts, host_bytes // (3 * site.inter * site.hidden * element))
         order = list(range(capacity, site.num_experts)) + resident  # non-resident experts first
-        host = HostTier(order[:fit], site.inter, site.hidden, dtype, pin=device.type == "cuda",
-                        huge_pages=config.moe_host_huge_pages == "auto") if fit else None
+        host = HostTier(order[:fit], site.inter, site.hidden, dtype, pin=device.type == "cuda") if fit else None
         in_host = list(host.row_of) if host else []
         for start in range(0, len(in_host), DISK_THREADS):  # read in parallel, like misses
             batch = in_host[start:start + DISK_THREADS]

@@ -46,12 +46,8 @@ def resolve_device(device: str | None) -> torch.device:
 class LLMPipeline:
     """`LLMPipeline(models_path, device="cuda", config=None, **properties)`.
 
-    properties: MOE_OFFLOAD_RATIO (0-100, percent of each MoE layer's routed experts resident on the device),
-    MOE_HOST_CACHE (bytes or "64GiB" of host RAM for non-resident experts; "auto"), MOE_IO (pread|mmap|odirect),
-    MOE_DTYPE (auto|float32|bfloat16|float16), MOE_KERNEL (auto|triton|torch), MOE_ZERO_COPY, MOE_CUDA_GRAPH,
-    MOE_FUSE_DENSE, MOE_CPU_EXPERTS, MOE_CPU_HANDOFF, MOE_CPU_THREADS, MOE_HOST_EMBEDDINGS (README's property
-    table; config.py).
-    `config` is a path to a JSON file or a dict of the same keys; keyword properties override it.
+    properties: the names of config.PROPERTIES (MOE_OFFLOAD_RATIO=37 keeps 37% of each MoE layer's routed experts
+    on the device). `config` is a path to a JSON file or a dict of the same keys; keyword properties override it.
     """
 
     def __init__(self, models_path: str | None = None, device: str = "cuda",
