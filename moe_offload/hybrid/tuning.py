@@ -1,0 +1,192 @@
+"""Load-time tuning of the hybrid path: which CPU kernel, how many of a step's misses go to the CPU, and whether
+whole decodes are faster with the path at all (MOE_CPU_EXPERTS=auto).
+
+Why measure rather than model: the split's best point depends on the CPU and GPU reading the same DRAM at once,
+the handoff's latency, the kernel and the thread count on the machine that serves. On the H200 a model of
+per-expert costs measured apart sent 3 of 8 misses to the CPU and made decode 1.65-1.8x slower than none; and a
+split table whose layer timings promised a gain still made whole decodes slower where the launching thread's
+Python competed with the CPU share. So the split is timed on a layer as it runs (tune_split, per candidate
+kernel: tune_cpu_path), and then kept only if whole decodes beat the path left out (check_on_decode).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .cpu_experts import CpuExperts, is_silu
+from .kernels import cpu_numba
+from .share import CpuShare
+
+
+def all_on_cpu(top_k: int) -> list[int]:
+    """Split table that sends every miss to the CPU (MOE_CPU_EXPERTS=all)."""
+    return list(range(top_k + 1))
+
+
+def cpu_expert_kernels(dtype: torch.dtype, act_fn) -> list[str]:
+    """CpuExperts compute modes that can run these experts, preferred first: the numba GEMVs
+    (kernels/cpu_numba.py) for bf16 SiLU experts when numba is installed, and torch's own kernels."""
+    numba = dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available()
+    return ["numba", "native"] if numba else ["native"]
+
+
+def tune_split(layer, act_fn: Callable, repeats: int = 7, tie: float = 0.02) -> tuple[list[int], dict]:
+    """Split table measured on `layer` (an OffloadedExperts with a cpu_share), as it will run: for every count of
+    misses m a decode step can have, one-token forwards of the layer with each n_cpu = 0..m, timed end to end
+    (the CPU and the GPU reading the same DRAM at once, the host function's own latency, the merge; on CUDA
+    replayed from a graph of the layer, as in a decode step: OffloadedExperts.decode_timer); the
+    fastest n_cpu wins; with LRU admission the smallest within `tie` of it (what the GPU reads gets cached, what
+    the CPU computes does not). Without it, nothing is cached either way: at ratio 0 on the H200 a 2% preference
+    for fewer had taken 3 of 8 misses at 1.081 ms a layer over 4 at 1.066.
+
+    The path costs every step its copies and host node, even when a step sends nothing to the CPU, so the layer
+    is also timed without it, and the table is kept only if its expected time beats that by `tie`, the miss
+    count weighted as under uniform routing (binomial over top-k with the layer's non-resident share); else a
+    table of zeros (the path off). On the H200 the table alone, chosen against the path's own n_cpu = 0, made
+    ratio-50 decode 10% slower than none (95.2 vs 105.4 tok/s) while its layer timings promised 18-22% less at
+    the miss counts it split.
+
+    Returns (table, {"split": {m: [median seconds for n_cpu = 0..m]}, "off": {m: seconds without the path},
+    "expected": {"on": seconds, "off": seconds}}).
+
+    Each forward takes other host-tier experts, so neither side times weights still in its caches (the H200
+    machine's CPU has 300 MiB of L3, the GPU 50 MiB of L2). A model of per-expert costs measured apart (each side
+    timed alone, the split chosen so both finish together) mispredicted badly on the H200: it sent 3 of 8 misses
+    to the CPU, which made decode 1.65-1.8x slower than none.
+    """
+    share: CpuShare = layer.cpu_share
+    top_k, device = layer.top_k, share.device
+    prefer_fewer = tie if layer.lru_admission else 0.0
+    from_host = layer._direct_from_host.tolist()
+    in_host = [e for e, remote in enumerate(from_host) if remote]
+    resident = [e for e, remote in enumerate(from_host) if not remote]
+    hidden = torch.randn((1, layer.hidden), dtype=layer.gate_up.dtype, device=device) * 0.1  # [1, H]
+    weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=device)  # [1, K]
+    cursor = [0]
+
+    def routing(misses: int) -> torch.Tensor:  # [1, K]: `misses` host-tier experts, the rest resident
+        picked = [in_host[(cursor[0] + i) % len(in_host)] for i in range(misses)]
+        cursor[0] += misses
+        return torch.tensor([picked + resident[:top_k - misses]], device=device)
+
+    def median_time(timer, misses: int) -> float:
+        timer(routing(misses))  # warm-up: compiles, first-touch, thread pools
+        return statistics.median(timer(routing(misses)) for _ in range(repeats))
+
+    table, split_times, off_times = [0] * (top_k + 1), {}, {}
+    possible = [m for m in range(top_k + 1) if top_k - m <= len(resident) and m <= len(in_host)]
+    reachable = [m for m in possible if m > 0]
+    if not reachable:
+        share.set_table(table)
+        return table, {"split": split_times, "off": off_times, "expected": {}}
+    share.set_table(all_on_cpu(top_k))
+    timer = layer.decode_timer(hidden, routing(reachable[-1]), weights, act_fn)  # captured with the CPU path on
+    for misses in possible:
+        times = []
+        for n_cpu in range(misses + 1):
+            share.set_split(misses, n_cpu)
+            times.append(median_time(timer, misses))
+        best = min(times)
+        table[misses] = next(n for n, t in enumerate(times) if t <= best * (1 + prefer_fewer))
+        share.set_split(misses, table[misses])
+        split_times[misses] = times
+    share.set_table([0] * (top_k + 1))  # inactive: the next capture leaves the path out
+    timer_off = layer.decode_timer(hidden, routing(reachable[-1]), weights, act_fn)
+    for misses in possible:
+        off_times[misses] = median_time(timer_off, misses)
+    share.check()
+    miss_share = len(in_host) / len(from_host)
+    weight = {m: math.comb(top_k, m) * miss_share ** m * (1 - miss_share) ** (top_k - m) for m in possible}
+    total = sum(weight.values())
+    expected = {"on": sum(weight[m] * split_times[m][table[m]] for m in possible) / total,
+                "off": sum(weight[m] * off_times[m] for m in possible) / total}
+    if not any(table) or expected["on"] > expected["off"] * (1 - tie):
+        table = [0] * (top_k + 1)
+    share.set_table(table)
+    return table, {"split": split_times, "off": off_times, "expected": expected}
+
+
+def tune_cpu_path(layer, act_fn: Callable, runners: dict[str, CpuExperts]) -> tuple[str, list[int], dict]:
+    """The CPU kernel and split table for `layer`'s CPU share, both measured: tune_split with each runner, and
+    the runner whose table's expected step time is least wins (the first on a tie). Returns (name, table,
+    {name: tune_split's timings}); the table is all zeros (the path off) when no runner's split pays.
+
+    Why measure the kernel too: the numba kernel ran 1.7-2.0x torch's on a 2-core VM and 2.2-2.8x with 8 experts
+    on the H200, but the machine that serves decides."""
+    share: CpuShare = layer.cpu_share
+    best, tunings = None, {}
+    for name, runner in runners.items():
+        share.runner = runner
+        table, timings = tune_split(layer, act_fn)
+        tunings[name] = timings
+        score = timings["expected"].get("on", math.inf)
+        if best is None or score < best[0]:
+            best = (score, name, table)
+    _, name, table = best
+    share.runner = runners[name]
+    share.set_table(table)
+    share.tuning = tunings
+    return name, table, tunings
+
+
+class _TokenStamps:
+    """A streamer (put/end) that stamps each token's arrival; the first put is the prompt."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, _value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_tok_s(self, warm: int = 3) -> float:
+        """Tokens per second after the first `warm` tokens: the prefill's, the eager first step's and the step
+        that captures the graph (its capture differs with the path on and off; the replays are what decode runs)."""
+        if len(self.stamps) < warm + 2:  # no step after the warm ones timed
+            return 0.0
+        tokens, first, last = len(self.stamps) - 1 - warm, self.stamps[warm], self.stamps[-1]
+        return tokens / (last - first) if last > first else 0.0
+
+
+def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_tokens: int = 32,
+                    rounds: int = 2, tie: float = 0.02) -> dict:
+    """Keep the tuned split tables of `shares` only if whole greedy decodes run faster with them than with the
+    CPU path left out: `rounds` generations of `new_tokens` from `prompt` [1, T] each way, alternating, best
+    steady rate of each (the first "on" one also warms up).
+    Returns {"decode_tok_s": {"on": .., "off": ..}, "kept": bool}.
+
+    Why: tune_split times one layer alone, replayed from its own graph while the launching thread blocks. In a
+    real decode the launching thread runs Python between steps, and a Python host function then waits for the
+    GIL: on the H200 a no-op one took 0.05 ms while that thread blocked and 5.2 ms while it ran Python
+    (numba's parallel regions took it too, 21 ms a 1-expert share: hence kernels/spin_pool.py). Then, tables
+    whose layer timings promised 4% (ratio 50) made decode 15% slower (89.6 vs 105.5 tok/s). With the spin pool,
+    at ratio 75 layer timings promised 13% and decodes ran 3% slower with the table (159.9 vs 164.7 tok/s): the
+    check left the path off.
+    """
+    tables = [list(share.split_table) for share in shares]
+
+    def use(on: bool) -> None:
+        for share, table in zip(shares, tables):
+            share.set_table(table if on else [0] * len(table))
+        decoder.graph = None  # the path is captured into the step's graph, or left out of it: capture anew
+
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(rounds):
+        for state in ("on", "off"):
+            use(state == "on")
+            stamps = _TokenStamps()
+            decoder.generate(prompt, new_tokens, new_tokens, streamer=stamps)
+            rates[state].append(stamps.decode_tok_s())
+    best = {state: max(values) for state, values in rates.items()}
+    kept = best["on"] > best["off"] * (1 + tie)
+    use(kept)
+    for share in shares:
+        share.check()
+    return {"decode_tok_s": best, "kept": kept}
