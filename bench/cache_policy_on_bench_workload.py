@@ -1,26 +1,26 @@
 """Decode-step expert-cache hits on the GPU bench workload (bench/vs_llamacpp.py): static resident set, LRU, MIN.
 
-Why: with zero-copy the engine keeps experts 0..C-1 of each layer resident for good (static); MOE_ZERO_COPY=lru
-would admit misses into the same C slots. Greedy decode of the random bench model may repeat its routing from
-step to step (bench/results/2026-11-29-routing-prediction.json), which would favour LRU there. This records the
-bench workload's routing with forward hooks on the routers of a transformers model on the CPU: the random
-Qwen3-30B-A3B-shaped 12-layer bf16 model of h200_offload_bench.generate_model (same init rule and seed as the
-H200's, but a CPU generator: not the same draws), prompt_ids(vocab, 128), 32 greedy tokens with EOS suppressed as
-pipe.generate_tokens(min_new_tokens=32) does (1 prefill + 31 decode forwards), or with --decode-tokens random the
-random tokens bench/vs_llamacpp.py feeds by default (h200_offload_bench.fed_tokens, as llama-bench's tg test feeds
-random ones); warm-up + --repeats generations.
-Replays: static (hit iff id < C), and simulate.py's "lru" and "min" on the engine's SlotTable; decode steps only,
-for one generation from a fresh load and for all generations back to back counting all but the warm-up.
+Why: the side-by-side's numbers depend on how the random benchmark model routes. The engine keeps experts 0..C-1
+of each layer resident (static, MOE_ZERO_COPY=static) or admits decode misses into the same C slots (LRU, the
+default). This records the bench workload's routing with forward hooks on the routers of a transformers model on
+the CPU: the random Qwen3-30B-A3B-shaped 12-layer bf16 model of bench/common.py (same init rule and seed as the
+H200's, but a CPU generator: not the same draws), prompt_ids(vocab, 128), 32 tokens with EOS suppressed as
+pipe.generate_tokens(min_new_tokens=32) does (1 prefill + 31 decode forwards): by default the random tokens
+bench/vs_llamacpp.py feeds (common.fed_tokens, as llama-bench's tg test feeds random ones), with --decode-tokens
+greedy each step's pick; warm-up + --repeats generations.
+Replays: static (hit iff id < C), and moe_offload.tools.simulate's "lru" and "min" on the engine's SlotTable, with
+C = OffloadConfig.resident_count (the product's rule); decode steps only, for one generation from a fresh load and
+for all generations back to back counting all but the warm-up.
 
-Usage: PYTHONPATH=. python bench/cache_policy_on_bench_workload.py --model-dir /tmp/cpb-full --cleanup \
-           --out bench/results/<date>-cache-policy-bench-workload.json
+Usage, from the repository root (CPU, ~17 GB of disk for the model, --cleanup deletes it):
+  python -m bench.cache_policy_on_bench_workload --model-dir /tmp/cpb-full --cleanup \
+      --out bench/results/<date>-cache-policy-bench-workload-random.json
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import resource
 import shutil
 import sys
@@ -28,11 +28,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import h200_offload_bench as bench  # noqa: E402
-from moe_offload.config import OffloadConfig  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
-from moe_offload.simulate import _replay_layer, replay_steps, simulate  # noqa: E402
+from bench import common
+from moe_offload.config import OffloadConfig
+from moe_offload.tools.simulate import _replay_layer, replay_steps, simulate
 
 
 @torch.no_grad()
@@ -98,7 +96,7 @@ def count(records: list[dict], E: int, C: int, policy: str, skip: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default="/tmp/cpb-full")
-    p.add_argument("--spec", default="full", choices=sorted(bench.SPECS), help="tiny: a quick smoke test")
+    p.add_argument("--spec", default="full", choices=sorted(common.SPECS), help="tiny: a quick smoke test")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed generations after the one warm-up")
@@ -111,15 +109,15 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
-    spec = bench.SPECS[args.spec]
-    made = bench.generate_model(args.model_dir, spec, torch.device("cpu"))
+    spec = common.SPECS[args.spec]
+    made = common.generate_model(args.model_dir, spec, torch.device("cpu"))
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - t0
     eos = model.generation_config.eos_token_id or model.config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos)
-    ids = bench.prompt_ids(spec["vocab_size"], args.prompt)
-    feed = bench.fed_tokens(spec["vocab_size"], args.gen, eos) if args.decode_tokens == "random" else None
+    ids = common.prompt_ids(spec["vocab_size"], args.prompt)
+    feed = common.fed_tokens(spec["vocab_size"], args.gen, eos) if args.decode_tokens == "random" else None
     runs, gen_s = [], []
     for _ in range(1 + args.repeats):
         t0 = time.perf_counter()
@@ -148,10 +146,12 @@ def main(argv=None) -> int:
     stability = {L: {"union_of_decode_steps": len({e for need in seq for e in need}),
                      "overlap_with_previous_step": sum(len(set(a) & set(b)) / len(b) for a, b in zip(seq, seq[1:]))
                      / (len(seq) - 1)} for L, seq in decode.items()}  # generation 1's decode routing per layer
-    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "torch_threads": torch.get_num_threads(),
-              "command": " ".join(sys.argv), "settings": vars(args), "spec": spec, "model_generation": made,
-              "weights": "bench.generate_model on the CPU: same init rule and seed as the H200 bench (CUDA generator "
-                         "there), not the same draws", "load_s": load_s, "generate_s": gen_s, "eos_suppressed": eos,
+    report = {"date": common.utc_now(), "machine": common.machine(), "versions": common.versions(),
+              "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "settings": vars(args),
+              "spec": spec, "model_generation": made,
+              "weights": "bench.common.generate_model on the CPU: same init rule and seed as the H200 bench (CUDA "
+                         "generator there), not the same draws",
+              "load_s": load_s, "generate_s": gen_s, "eos_suppressed": eos,
               "routing_identical_across_generations": all(f == runs[0][1] for _, f in runs),
               "generated_tokens": tokens, "distinct_generated_tokens": len(set(tokens[0])),
               "decode_routing_stability": stability,
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     if args.cleanup:
         shutil.rmtree(args.model_dir)
     report["seconds"] = time.perf_counter() - started
-    write_report(args.out, report)
+    common.write_report(args.out, report)
     return 0
 
 

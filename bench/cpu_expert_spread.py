@@ -3,13 +3,15 @@ steadies it: the numba kernel alone (no GPU), in a fresh process per trial, tria
 
 Why: on the H200 machine, processes of one configuration ran a ratio-0 layer's CPU share at two speeds. tune_split
 timed 8 of 8 misses on the CPU at 1.17-1.27 ms in some processes and 1.60-1.71 ms in others, and the whole decode
-followed (83.0 vs 79.7 tok/s in bench/results/2026-11-29-h200-vs-llamacpp.json, 77.5 vs 60.5 in -session8-run1.json;
-87.5 in -ours-only-session8-run3.json). Each trial here allocates a host tier of a ratio-0 run's size (12 layers x
-128 experts of the Qwen3-30B-A3B shape by default, 14.5 GB), times the kernel on 8
+followed (83.0 vs 79.7 tok/s in bench/results/2026-11-29-h200-vs-llamacpp.json, 77.5 vs 60.5 in
+bench/results/archive/2026-11-29-h200-vs-llamacpp-session8-run1.json; 87.5 in
+bench/results/archive/2026-11-29-h200-ours-only-session8-run3.json). Each trial here allocates a host tier of a
+ratio-0 run's size (12 layers x 128 experts of the Qwen3-30B-A3B shape by default, 14.5 GB), times the kernel on 8
 experts at a time (other experts each call, so caches stay cold), and records the CPU each spin-pool thread last
 ran on. Variants: "free" (the scheduler places the threads), "pinned" (the calling thread and each worker on a core
 of its own, in affinity order).
-Usage: python bench/cpu_expert_spread.py --threads 14 --out bench/results/<date>-h200-cpu-expert-spread.json
+Usage, from the repository root:
+  python -m bench.cpu_expert_spread --threads 14 --out bench/results/<date>-h200-cpu-expert-spread.json
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -41,8 +42,8 @@ def trial(args, variant: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from moe_offload.cpu_experts import CpuExperts
-    from moe_offload.kernels import cpu_numba
+    from moe_offload.hybrid.cpu_experts import CpuExperts
+    from moe_offload.hybrid.kernels import cpu_numba
     from moe_offload.tiers import HostTier
 
     started = time.perf_counter()
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(trial(args, args.child)))
         return 0
-    from moe_offload.environment import machine, utc_now, versions, write_report
+    from bench.common import machine, run_module, utc_now, versions, write_report
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -108,8 +109,8 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for number in range(args.trials):
         for variant in variants:
-            done = subprocess.run([sys.executable, __file__, *forwarded, "--child", variant], capture_output=True,
-                                  text=True, timeout=args.timeout)
+            done = run_module(__spec__.name, [*forwarded, "--child", variant], capture_output=True, text=True,
+                              timeout=args.timeout)
             if done.returncode != 0:
                 print(f"trial {number} {variant} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 return 1

@@ -1,19 +1,18 @@
 """The CPU expert path's two kernels side by side: CpuExperts compute="native" (torch/oneDNN) vs "numba"
-(moe_offload/kernels/cpu_numba.py), one token per expert, Qwen3-30B-A3B-shaped bf16 experts (H=2048, I=768).
+(moe_offload/hybrid/kernels/cpu_numba.py), one token per expert, Qwen3-30B-A3B-shaped bf16 experts (H=2048, I=768).
 
 Each call computes K distinct experts taken from a pool too big for the caches, in rotation (as a decode step's
 misses); reported: median ms per call over --repeats calls after two warm-ups (numba compiles in the first),
 GB/s of expert weights, per round (the kernels take turns --rounds times), and how the outputs compare
 (fraction bit-identical, max |diff| / max |native|).
 
-Usage: python bench/cpu_numba_experts.py [--threads N] [--experts K] [--out FILE.json]
+Usage, from the repository root: python -m bench.cpu_numba_experts [--threads N] [--experts K] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -21,9 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moe_offload.cpu_experts import CpuExperts  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
+from bench.common import machine, utc_now, versions, write_report
+from moe_offload.hybrid.cpu_experts import CpuExperts
 
 HIDDEN, INTER, POOL = 2048, 768, 96  # a 96-expert pool is 0.9 GB of bf16
 

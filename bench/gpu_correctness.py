@@ -5,12 +5,16 @@ own two experts backends (eager loop and grouped_mm) are compared on the same in
 within TOLERANCE_FACTOR times that spread (with a floor of 2 bf16 ulps of the logit scale). Greedy tokens are
 compared too; where they differ, the report says whether transformers' two backends also differ there.
 
-Usage: python bench/gpu_correctness.py --out bench/results/<date>-h200-bf16-correctness.json [--kernel triton]
+The models are the CPU tests' tiny architectures (tests/tiny_models.py), widened and with random weights.
+
+Usage, from the repository root (CUDA):
+  python -m bench.gpu_correctness --out bench/results/<date>-h200-bf16-correctness.json [--kernel triton]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -18,12 +22,20 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from tiny_models import ARCHITECTURES, VOCAB, save_tokenizer, tiny_config  # noqa: E402
+from bench.common import ROOT, load_pipeline, machine, utc_now, versions, write_report
 
-from moe_offload import LLMPipeline  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
+
+def _tiny_models():
+    """tests/tiny_models.py, by path: tests/ is not a package (and an installed `tests` could shadow it)."""
+    spec = importlib.util.spec_from_file_location("tiny_models", os.path.join(ROOT, "tests", "tiny_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_tiny = _tiny_models()
+ARCHITECTURES, VOCAB, save_tokenizer, tiny_config = (_tiny.ARCHITECTURES, _tiny.VOCAB, _tiny.save_tokenizer,
+                                                     _tiny.tiny_config)
 
 ARCHS = ARCHITECTURES
 RATIOS = (0, 37, 100)
@@ -97,8 +109,8 @@ def main() -> int:
             tolerance = max(TOLERANCE_FACTOR * spread, 2 * scale * 2**-8)
             for ratio in RATIOS:
                 for tier, host in TIERS.items():
-                    pipe = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host,
-                                       MOE_KERNEL=args.kernel, **properties)
+                    pipe = load_pipeline(path, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host,
+                                         MOE_KERNEL=args.kernel, **properties)
                     with torch.no_grad():
                         logits = pipe.model(ids).logits.float()
                         tokens = pipe.model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,

@@ -1,234 +1,73 @@
 """Issue 4 item 4 in one run: offloaded decode/prefill on a Qwen3-30B-A3B-shaped model vs its bounds and baselines.
 
 Phases (in this order; `--phases` picks a subset, the order stays):
-  gen        a random Qwen3-30B-A3B-shaped model with 12 layers (hidden 2048, 128 experts, top-8, expert
-             intermediate 768, 32 heads, 4 kv heads, head_dim 128, vocab 151936, bf16, 16.2 GB) written as hub-style
-             safetensors shards (one per layer, per-expert `experts.E.{gate,up,down}_proj.weight` keys, an index),
-             one shard in memory at a time. Every tensor is its own N(0, 0.02) draw from a seeded generator (no
-             block reused); norm weights are ones, as transformers initialises them. Skipped when the folder
-             already holds the same model (bench_model.json).
+  gen        the random benchmark model (bench/common.py: 12 layers of Qwen3-30B-A3B's shape, bf16, 16.2 GB),
+             written on the device; skipped when the folder already holds the same model (bench_model.json).
   bw         pinned host->device (9.4 MB expert-sized pieces and one 1 GiB piece), device->device copy (bytes
              read + written), both before the runs; and, just before the disk-tier runs, O_DIRECT reads of the
              checkpoint after posix_fadvise(DONTNEED) (1 thread and 4 threads, 16 MiB reads).
-  ours       LLMPipeline at each --ratios with the host tier (MOE_HOST_CACHE sized to hold exactly the
-             non-resident experts, MOE_IO=pread so loading reads the warm page cache), then at --disk-ratios with
-             the disk tier (MOE_HOST_CACHE=0, MOE_IO=odirect, page cache of the checkpoint dropped before the load
-             and before every measured generation), for each --kernels.
+  ours       LLMPipeline at each --ratios with the host tier (MOE_HOST_CACHE sized to hold every expert,
+             MOE_IO=pread so loading reads the warm page cache), then at --disk-ratios with the disk tier
+             (MOE_HOST_CACHE=0, MOE_IO=odirect, page cache of the checkpoint dropped before the load and before
+             every measured generation), for each --kernels (MOE_KERNEL).
   baselines  transformers all on the device (grouped_mm) and accelerate device_map="auto" with the GPU memory of
              the ratio-25 host run; each in a subprocess with a hard timeout. They run after the host-tier runs
              (page cache still warm) and before the disk phase, whose time is reserved.
 
-Measurement (the `moe-offload bench` rules, moe_offload/benchmark.py, whose GenerationTimer is reused): a prompt
-of --prompt-len random token ids (fixed seed), greedy, exactly --decode-tokens new tokens (min_new_tokens), one
-warm-up generation, then --repeats measured ones; medians. TTFT = generate() call to first token; prefill tok/s =
-prompt tokens / the first forward; decode tok/s = (new tokens - 1) / (last token - first token). The disk tier
-uses --disk-decode-tokens: its misses come in bursts on few steps (98% hits), so 15 steps gave 47.6, 46.6 and
-39.2 tok/s in three runs (bench/results/2026-11-29-h200*.json) and it now takes 64 tokens. Offload counters
-are reset when the prefill forward ends, so hit rate and bytes per token are decode-only. Every generation also
-has a deadline (a stopping criterion), so no phase can overrun its share of --budget-s; results are rewritten
-after every run, so a killed run keeps what it measured.
+Measurement (the `moe-offload bench` rules, common.timed_generate): a prompt of --prompt-len random token ids
+(fixed seed), greedy, exactly --decode-tokens new tokens (min_new_tokens), one warm-up generation, then --repeats
+measured ones; medians. The disk tier uses --disk-decode-tokens: its misses come in bursts on few steps (98%
+hits), so 15 steps gave 47.6, 46.6 and 39.2 tok/s in three runs (bench/results/archive/) and it now takes 64
+tokens. Offload counters are reset when the prefill forward ends, so hit rate and bytes per token are decode-only.
+Peak device memory is the caching allocator's peak (torch.cuda.max_memory_allocated), without the CUDA context.
+Every generation also has a deadline (a stopping criterion), so no phase can overrun its share of --budget-s;
+results are rewritten after every run, so a killed run keeps what it measured.
 
 Derived: efficiency = (host bytes/token / pinned H2D GB/s + disk bytes/token / raw disk GB/s + ratio-100 step) /
 step, with the best measured bandwidth of each link (the strictest bound); HBM floor = (non-expert bytes without
 the input embedding table, of which one row is read + top-k x layers x expert bytes) / device copy bandwidth.
-Routing over random weights is near uniform, so hit rates sit near the resident share (a trained model's skew
-would raise them): the bytes streamed here are a worst case for a given ratio.
+Routing over random weights: with the resident set static, hit rates sit near the resident share; with LRU
+admission (the default) this checkpoint's greedy decode, whose routing repeats from step to step, hits far more
+(bench/RESULTS.md). Neither is a trained model's routing.
 
-Usage (H200, one device call; expected ~5-6 min of the 9 min --budget-s: startup 10 s, gen 30-45 s, bw 5 s + 9 s,
-ours host 5 x ~20 s, baselines 40-70 s + 50-90 s, ours disk ~60 s):
-  python bench/h200_offload_bench.py --out $OUT/h200.json
-  python bench/h200_offload_bench.py --phases ours --ratios 10,0 --merge bench/results/<date>-h200.json --out ...
-  python bench/h200_offload_bench.py --tiny --out /tmp/tiny.json      # the whole flow on the CPU, < 60 s
+Usage, from the repository root (H200, one device call; expected ~5-6 min of the 9 min --budget-s: startup 10 s,
+gen 30-45 s, bw 5 s + 9 s, ours host 5 x ~20 s, baselines 40-70 s + 50-90 s, ours disk ~60 s):
+  python -m bench.h200_offload_bench --out $OUT/h200.json
+  python -m bench.h200_offload_bench --phases ours --ratios 10,0 --merge bench/results/<date>-h200.json --out ...
+  python -m bench.h200_offload_bench --tiny --out /tmp/tiny.json      # the whole flow on the CPU, < 60 s
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import gc
 import json
 import mmap
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from subprocess import TimeoutExpired
 
-STARTED = time.perf_counter()
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the H200 machine has no network; never wait on the hub
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import torch
 
-import torch  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moe_offload.benchmark import GenerationTimer  # noqa: E402
-from moe_offload.checkpoint import Checkpoint  # noqa: E402
-from moe_offload.config import OffloadConfig  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
-from moe_offload.info import describe  # noqa: E402
-from moe_offload.tiers import drop_page_cache as drop_file_cache  # noqa: E402
+from bench.common import (GB, MODEL_ROOT, RESULTS, SPECS, STARTED, free_device, generate_model, host_tier_bytes,
+                          load_pipeline, log, machine, median, model_facts, prompt_ids, run_module, shard_files,
+                          timed_generate, utc_now, versions, write_report)
+from moe_offload.config import OffloadConfig
+from moe_offload.tiers import drop_page_cache as drop_file_cache
 
 SCHEMA = "moe-offload/h200-offload-bench/1"
 PHASES = ("gen", "bw", "ours", "baselines")
-GB = 1e9
-SEED = 0
-INIT_STD = 0.02
 CHUNK = 16 << 20  # disk reads
 EXPERT_PIECE = 3 * 768 * 2048 * 2  # one Qwen3-30B-A3B expert in bf16: 9.4 MB
-SPECS = {
-    "full": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                 num_hidden_layers=12, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-                 num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, bos_token_id=151643,
-                 eos_token_id=151645, tie_word_embeddings=False),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4,
-                 norm_topk_prob=True, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
-                 tie_word_embeddings=False),
-}
 # Seconds a step needs at least (skipped, and said so, when less is left) and at most (its deadline).
 MIN_S = {"host": 15, "disk": 35, "disk_bw": 8, "transformers": 40, "accelerate": 60}
 CAP_S = {"host": 75, "disk": 90, "transformers": 150, "accelerate": 170}
 TARGETS = {"ratio100_decode_tok_s": 550, "ratio100_prefill_tok_s": 10000, "efficiency": 0.8,
            "ratio25_prefill_tok_s": 380, "ratio25_decode_vs_accelerate": 50, "peak_memory_tolerance": 0.10}
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:6.1f}s] {message}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_device() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-# ----------------------------------------------------------------------------------------------- gen
-
-
-def hf_config(spec: dict):
-    from transformers import Qwen3MoeConfig
-
-    return Qwen3MoeConfig(dtype="bfloat16", **spec)
-
-
-def hub_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor Qwen3MoeForCausalLM.save_pretrained writes: the meta model's state_dict, with
-    transformers' fused experts [E, 2I, H] / [E, H, I] split into per-expert hub keys."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    out = []
-    for name, tensor in model.state_dict().items():
-        shape = tuple(tensor.shape)
-        if name.endswith(".experts.gate_up_proj") and len(shape) == 3:
-            prefix, (experts, two_inter, hidden) = name[: -len("gate_up_proj")], shape
-            for e in range(experts):
-                out += [(f"{prefix}{e}.gate_proj.weight", (two_inter // 2, hidden)),
-                        (f"{prefix}{e}.up_proj.weight", (two_inter // 2, hidden))]
-        elif name.endswith(".experts.down_proj") and len(shape) == 3:
-            prefix = name[: -len("down_proj")]
-            out += [(f"{prefix}{e}.down_proj.weight", shape[1:]) for e in range(shape[0])]
-        else:
-            out.append((name, shape))
-    return out
-
-
-def _shard_of(name: str) -> int:
-    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-    return int(match.group(1)) + 1 if match else 0  # shard 0: embeddings, final norm, lm_head
-
-
-def _write_shard(path: str, entries, device: torch.device, generator: torch.Generator) -> int:
-    """One shard's tensors drawn as one buffer on `device` (fast on a GPU), saved as views of it."""
-    from safetensors.torch import save_file
-
-    sizes = [torch.Size(shape).numel() for _, shape in entries]
-    buffer = torch.empty(sum(sizes), dtype=torch.bfloat16, device=device)
-    buffer.normal_(0.0, INIT_STD, generator=generator)
-    offset, spans = 0, []
-    for (name, shape), size in zip(entries, sizes):
-        if len(shape) == 1 and name.endswith("norm.weight"):
-            buffer[offset:offset + size].fill_(1.0)
-        spans.append((name, shape, offset, size))
-        offset += size
-    host = buffer.cpu()
-    del buffer
-    tensors = {name: host[o:o + s].view(shape) for name, shape, o, s in spans}
-    try:
-        save_file(tensors, path, metadata={"format": "pt"})
-    except RuntimeError:  # an older safetensors that refuses views of one storage: give each its own
-        save_file({k: v.clone() for k, v in tensors.items()}, path, metadata={"format": "pt"})
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # written back now, so later disk measurements do not compete with writeback
-    finally:
-        os.close(fd)
-    return host.numel() * 2
-
-
-def generate_model(path: str, spec: dict, device: torch.device) -> dict:
-    marker = os.path.join(path, "bench_model.json")
-    wanted = {"spec": spec, "seed": SEED, "init_std": INIT_STD}
-    if os.path.isfile(marker):
-        with open(marker) as handle:
-            if json.load(handle).get("identity") == wanted:
-                return {"generated": False, "seconds": 0.0}
-    started = time.perf_counter()
-    os.makedirs(path, exist_ok=True)
-    config = hf_config(spec)
-    config.save_pretrained(path)
-    by_shard: dict[int, list] = {}
-    for name, shape in hub_tensors(config):
-        by_shard.setdefault(_shard_of(name), []).append((name, shape))
-    generator = torch.Generator(device=device).manual_seed(SEED)
-    count, weight_map, total = len(by_shard), {}, 0
-    for index, shard in enumerate(sorted(by_shard)):
-        file = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-        total += _write_shard(os.path.join(path, file), by_shard[shard], device, generator)
-        weight_map.update({name: file for name, _ in by_shard[shard]})
-        log(f"gen: {file} ({total / GB:.1f} GB so far)")
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as handle:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=1)
-    with open(marker, "w") as handle:  # last: a folder without it is regenerated
-        json.dump({"identity": wanted, "bytes": total}, handle)
-    seconds = time.perf_counter() - started
-    return {"generated": True, "seconds": seconds, "bytes": total, "write_gb_s": total / seconds / GB}
-
-
-def model_facts(path: str) -> dict:
-    info = describe(Checkpoint(path))
-    with open(os.path.join(path, "config.json")) as handle:
-        config = json.load(handle)
-    files = shard_files(path)
-    embed = config["vocab_size"] * config["hidden_size"] * 2
-    return {
-        "path": os.path.abspath(path), "config": config,
-        "file_bytes": sum(os.path.getsize(f) for f in files), "files": len(files),
-        "non_expert_bytes": info["non_expert_bytes"], "input_embedding_bytes": embed,
-        "expert_bytes": info["layers"][0]["expert_bytes"], "experts_per_layer": info["layers"][0]["experts"],
-        "expert_bytes_total": info["expert_bytes_total"], "moe_layers": info["moe_layers"],
-        "experts_per_token": info["experts_per_token"], "staging_bytes": info["staging_bytes"],
-        "kv_bytes_per_token": 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * 2,
-        "weights": f"every tensor its own N(0, {INIT_STD}) bf16 draw (seed {SEED}); norm weights ones",
-    }
-
-
-def shard_files(path: str) -> list[str]:
-    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------- bandwidths
@@ -341,82 +180,7 @@ def warm_page_cache(paths: list[str]) -> dict:
     return {"bytes": total, "seconds": seconds, "gb_s": total / seconds / GB}
 
 
-# ----------------------------------------------------------------------------------------------- generation
-
-
-def _deadline_criteria(deadline: float):
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Deadline(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), time.perf_counter() > deadline, dtype=torch.bool,
-                              device=input_ids.device)
-
-    return StoppingCriteriaList([Deadline()])
-
-
-def prompt_ids(vocab: int, length: int) -> torch.Tensor:
-    return torch.randint(2, vocab, (1, length), generator=torch.Generator().manual_seed(SEED + 1))  # [1, P]
-
-
-def fed_tokens(vocab: int, count: int, avoid: list[int]) -> torch.Tensor:
-    """[count] random token ids to decode in place of greedy picks (as llama-bench's tg test feeds random ones),
-    none of them in `avoid` (EOS: a fed EOS would end the generation)."""
-    tokens = torch.randint(2, vocab, (count,), generator=torch.Generator().manual_seed(SEED + 2))
-    for banned in avoid:
-        tokens[tokens == banned] = 2 if banned != 2 else 3
-    return tokens
-
-
-def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: torch.device, deadline: float,
-                   after_prefill=None, pipe=None, feed: torch.Tensor | None = None) -> dict:
-    """One greedy generation of `new_tokens`, timed as `moe-offload bench` times: through the pipeline's own
-    decoding (static cache, CUDA graph where possible) when `pipe` is given, else transformers' generate with a
-    stopping criterion at `deadline` (the baselines, which can be slow). `feed` (pipe only): tokens decoded in
-    place of the greedy picks (fed_tokens)."""
-    timer = GenerationTimer(model, lambda: sync(device), after_prefill)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    eos = model.generation_config.eos_token_id
-    sync(device)
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            if pipe is not None:
-                produced = int(pipe.generate_tokens(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                    do_sample=False, streamer=timer, feed=feed).numel())
-            else:
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, streamer=timer,
-                                     pad_token_id=eos[0] if isinstance(eos, list) else eos,
-                                     stopping_criteria=_deadline_criteria(deadline))
-                produced = int(out.shape[1] - ids.shape[1])
-    finally:
-        timer.detach()
-    stamps = timer.token_times
-    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else None
-    return {
-        "new_tokens": produced,
-        "ttft_s": stamps[0] - start,
-        "prefill_tok_s": ids.shape[1] / (timer.forward_ms[0] / 1000),
-        "decode_steps": len(stamps) - 1,
-        "decode_tok_s": (len(stamps) - 1) / decode_s if decode_s else None,
-        "step_ms_median": median([(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]),
-        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-    }
-
-
 # ----------------------------------------------------------------------------------------------- our runs
-
-
-def host_tier_bytes(facts: dict, element: int) -> int:
-    """MOE_HOST_CACHE that holds every expert of every layer (the loader splits it evenly over layers).
-
-    Not just the non-resident ones: an expert resident at load that LRU later evicts is fetched again from the
-    host tier only if the host tier holds it too; otherwise it comes from disk.
-    """
-    per_expert = facts["expert_bytes"] // 2 * element  # checkpoint is bf16; the host tier holds compute dtype
-    return facts["moe_layers"] * facts["experts_per_layer"] * per_expert
 
 
 def expected_device_bytes(facts: dict, ratio: int, staging: int, tokens: int) -> int:
@@ -426,8 +190,6 @@ def expected_device_bytes(facts: dict, ratio: int, staging: int, tokens: int) ->
 
 
 def run_ours(ctx, ratio: int, tier: str, kernel: str, deadline: float) -> dict:
-    from moe_offload import LLMPipeline
-
     facts, device, args = ctx["facts"], ctx["device"], ctx["args"]
     files = shard_files(args.model_dir)
     element = 2 if device.type == "cuda" else 4  # MOE_DTYPE auto: bf16 checkpoint dtype on CUDA, float32 on CPU
@@ -444,7 +206,7 @@ def run_ours(ctx, ratio: int, tier: str, kernel: str, deadline: float) -> dict:
     row = {"ratio": ratio, "tier": tier, "kernel": kernel, "properties": properties}
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     started = time.perf_counter()
-    pipe = LLMPipeline(args.model_dir, str(device), **properties)
+    pipe = load_pipeline(args.model_dir, str(device), **properties)
     try:
         stats = pipe.get_offload_stats()
         row.update(load_s=time.perf_counter() - started, device_bytes_before_load=before,
@@ -481,8 +243,7 @@ def run_ours(ctx, ratio: int, tier: str, kernel: str, deadline: float) -> dict:
                        zero_copy_layers=decode["zero_copy_layers"], cuda_graph_steps=decode["cuda_graph_steps"],
                        cuda_graph_failure=decode["cuda_graph_failure"],
                        piecewise_hits_graphs=decode.get("piecewise_hits_graphs"),
-                       zero_copy_prefill_max_tokens=decode.get("zero_copy_prefill_max_tokens"),
-                       zero_copy_prefill_tuning=decode.get("zero_copy_prefill_tuning"))
+                       zero_copy_prefill_max_tokens=decode.get("zero_copy_prefill_max_tokens"))
             repeats_rows.append(one)
         # the streaming scratch is allocated on first use: by a prefill that copies its misses, not at load
         staging_now = pipe.get_offload_stats()["device_staging_bytes"]
@@ -494,7 +255,7 @@ def run_ours(ctx, ratio: int, tier: str, kernel: str, deadline: float) -> dict:
     keys = ("decode_tok_s", "prefill_tok_s", "ttft_s", "hit_rate", "prefill_hit_rate", "prefill_bytes",
             "host_bytes_per_token", "in_place_bytes_per_token", "disk_bytes_per_token", "step_ms_median")
     for key in ("zero_copy_layers", "cuda_graph_steps", "cuda_graph_failure", "piecewise_hits_graphs",
-                "zero_copy_prefill_max_tokens", "zero_copy_prefill_tuning"):
+                "zero_copy_prefill_max_tokens"):
         row[key] = repeats_rows[-1][key] if repeats_rows else None
     row.update({k: median([r[k] for r in repeats_rows]) for k in keys})
     row["bytes_per_token"] = row["host_bytes_per_token"] + row["disk_bytes_per_token"]
@@ -567,11 +328,10 @@ def run_baseline(ctx, kind: str, seconds: float, gpu_bytes: int | None = None) -
     started = time.perf_counter()
     error = None
     try:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                              timeout=seconds)
+        done = run_module(__spec__.name, ["--worker", json.dumps(spec)], timeout=seconds)
         if done.returncode:
             error = f"worker exited with status {done.returncode}"
-    except subprocess.TimeoutExpired:
+    except TimeoutExpired:
         error = f"timed out after {seconds:.0f} s"
     result = {}
     if os.path.exists(out):
@@ -695,7 +455,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--ratios", default="100,50,25,10,0", help="host-tier MOE_OFFLOAD_RATIO values")
     parser.add_argument("--disk-ratios", default="25", help="disk-tier ratios ('' for none)")
-    parser.add_argument("--disk-graph", default="auto", choices=["auto", "whole", "off"],
+    parser.add_argument("--disk-graph", default="auto", choices=["auto", "off"],
                         help="MOE_CUDA_GRAPH for the disk tier (auto: graph segments around its layers; off: eager)")
     parser.add_argument("--kernels", default="auto", help="MOE_KERNEL values, e.g. auto (triton on CUDA),torch")
     parser.add_argument("--decode-tokens", type=int, default=64, help="new tokens per generation (host tier)")
@@ -723,10 +483,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 setattr(args, name, value)
     spec = "tiny" if args.tiny else "full"
     args.spec = dict(SPECS[spec], **({"num_hidden_layers": args.layers} if args.layers else {}))
-    args.model_dir = args.model_dir or os.path.join("/tmp/moe-offload-bench", spec)
+    args.model_dir = args.model_dir or os.path.join(MODEL_ROOT, spec)
     date = utc_now()[:10]
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        f"{date}-{'cpu-tiny' if args.tiny else 'h200'}.json")
+    args.out = args.out or os.path.join(RESULTS, f"{date}-{'cpu-tiny' if args.tiny else 'h200'}.json")
     return args
 
 
@@ -754,8 +513,9 @@ def new_report(args, device: torch.device) -> dict:
     report.update(date_utc=utc_now(), machine=info, versions={**versions(), **extra}, device=str(device),
                   mode="tiny" if args.tiny else "full",
                   args={k: v for k, v in vars(args).items() if k != "worker"},
-                  notes=["weights: every tensor its own seeded N(0, 0.02) draw, norms ones; random routing is near "
-                         "uniform, so hit rates sit near the resident share (worst case for a ratio)",
+                  notes=["weights: every tensor its own seeded N(0, 0.02) draw, norms ones; random-weight routing, "
+                         "which repeats from decode step to decode step on this checkpoint (bench/RESULTS.md): not "
+                         "a trained model's routing, and not a worst case for a cache",
                          "host tier: MOE_HOST_CACHE holds every expert (an evicted load-time resident expert must "
                          "come back from RAM, not disk); MOE_IO=pread for loading from the warm page cache",
                          "disk tier: MOE_HOST_CACHE=0, MOE_IO=odirect, posix_fadvise(DONTNEED) on every shard before "

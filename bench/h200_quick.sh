@@ -14,7 +14,6 @@ MODEL=${MODEL:-/tmp/moe-offload-bench/full}
 RATIOS=${RATIOS:-50,0}
 TESTS=${TESTS-tests/test_hybrid.py tests/test_piecewise.py tests/test_triton_moe.py}
 cd "$REPO"
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 T0=$(date +%s)
 step() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
@@ -24,13 +23,13 @@ if [ -n "$TESTS" ]; then
     tail -15 "$OUT/quick-tests.log"
 fi
 step "CPU share latency"
-timeout 120 python bench/hybrid_latency.py --threads $(( $(nproc) - 2 )) --out "$OUT/quick-hybrid-latency.json" \
+timeout 120 python -m bench.hybrid_latency --threads $(( $(nproc) - 2 )) --out "$OUT/quick-hybrid-latency.json" \
     | grep -v '^{'
 step "gen $MODEL"
-[ -f "$MODEL/config.json" ] || python bench/h200_offload_bench.py --phases gen --model-dir "$MODEL" \
+[ -f "$MODEL/config.json" ] || python -m bench.h200_offload_bench --phases gen --model-dir "$MODEL" \
     --out /tmp/gen.json | tail -2
 step "ratios $RATIOS: misses split as auto decides / GPU only / all on the CPU"
-python bench/vs_llamacpp.py --model-dir "$MODEL" --ratios "$RATIOS" --repeats 3 --timeout 100 \
+python -m bench.vs_llamacpp --model-dir "$MODEL" --ratios "$RATIOS" --repeats 3 --timeout 100 \
     --variants '{"hybrid": {"MOE_CPU_EXPERTS": "auto"}, "gpu_only": {"MOE_CPU_EXPERTS": "off"}, "all_cpu": {"MOE_CPU_EXPERTS": "all"}}' \
     --out "$OUT/quick-hybrid.json" | grep -v '^{'
 step "done"

@@ -2,12 +2,14 @@
 
 With MOE_ZERO_COPY=auto/lru and MOE_CPU_EXPERTS on, the CPU computes split[m] of a step's m misses where they
 lie and the GPU reads the rest in place, admitting them into LRU victim slots (cache.py _forward_hybrid). An
-expert the CPU serves is never admitted, so the pick decides what the cache can learn. hybrid.pack_share picked
+expert the CPU serves is never admitted, so the pick decides what the cache can learn. The pack (hybrid/share.py) picked
 the first split[m] misses in top-k order (the highest routing weights); since this comparison it picks "stale".
 This replays the shipped trained model's decode routing (tools/routing_report.py's held-out stdlib prompts,
-greedy) under three picks, with
-the device LRU's rules (hits refreshed in ascending id, then admitted misses in ascending id take the oldest
-slots the step does not need; prefill steps neither admit nor refresh):
+greedy; the learned routing, not the random benchmark model's) under three picks, through the engine's cache
+bookkeeping as moe_offload.tools.simulate replays it (policy.SlotTable with policy.LRUPolicy, experts 0..C-1
+cached at the start, C = OffloadConfig.resident_count), with the device LRU's rules (hits refreshed in ascending
+id, then admitted misses in ascending id take the oldest slots the step does not need; prefill steps neither
+admit nor refresh):
 - top: the first n misses in top-k order (what ran before);
 - bottom: the last n (the lowest routing weights);
 - stale: the n misses whose last decode use is oldest (never used first), so the GPU admits the recent ones
@@ -15,7 +17,8 @@ slots the step does not need; prefill steps neither admit nor refresh):
 Also: no CPU share (LRU alone) and the static resident set. Per ratio and split table: decode hits, misses on
 the CPU and misses the GPU reads, per (token, layer) step.
 
-Usage: python bench/hybrid_admission.py --out bench/results/<date>-hybrid-admission-small-moe.json
+Usage, from the repository root (CPU, about a minute):
+  python -m bench.hybrid_admission --out bench/results/<date>-hybrid-admission-small-moe.json
 """
 
 from __future__ import annotations
@@ -24,24 +27,29 @@ import argparse
 import json
 import os
 import sys
-from collections import OrderedDict
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from moe_offload import LLMPipeline  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
-from moe_offload.trace import trace_generation  # noqa: E402
-from tools.routing_report import read_train_log, stdlib_prompts  # noqa: E402
+from bench.common import machine, utc_now, versions, write_report
+from moe_offload import LLMPipeline
+from moe_offload.config import OffloadConfig
+from moe_offload.policy import LRUPolicy, SlotTable
+from moe_offload.tools.simulate import _replay_layer, replay_steps
+from moe_offload.tools.trace import trace_generation
+from tools.routing_report import read_train_log, stdlib_prompts
 
 PICKS = ("top", "bottom", "stale")
 
 
 def decode_steps(records: list[dict]) -> dict[int, list[list[int]]]:
-    """Per MoE layer, each decode step's experts in router order (one token per step)."""
+    """Per MoE layer, each decode step's experts in router order (one token per step); the steps and phases are
+    simulate.replay_steps' (a forward holding a request's token 0 is a prefill), checked against it."""
     prefill = {r["step"] for r in records if r["token"] == 0}
     steps: dict[int, list[list[int]]] = {}
     for r in records:
         if r["step"] not in prefill:
             steps.setdefault(int(r["layer"]), []).append([int(e) for e in r["experts"]])
+    _, replayed = replay_steps(records, "forward")
+    for layer, seq in steps.items():
+        assert [sorted(set(ids)) for ids in seq] == [need for need, phase in replayed[layer] if phase == "decode"]
     return steps
 
 
@@ -58,25 +66,25 @@ def cpu_pick(misses: list[int], n: int, pick: str, last_use: dict[int, int]) -> 
 
 def replay(steps: list[list[int]], capacity: int, split: list[int] | None, pick: str, admit: bool = True
            ) -> dict[str, int]:
-    """Counts over one layer's decode steps; split None = no CPU share; admit False = the static set."""
-    cache: OrderedDict[int, None] = OrderedDict((e, None) for e in range(capacity))  # oldest use first
+    """Counts over one layer's decode steps; split None = no CPU share; admit False = the static set. The cache
+    is simulate._replay_layer's (SlotTable + LRUPolicy, experts 0..C-1 first), except that the misses the CPU
+    computes are not admitted."""
+    table = SlotTable(capacity, LRUPolicy())
+    for expert in range(capacity):  # OffloadedExperts.preload(range(C))
+        table.admit(expert, ())
     last_use: dict[int, int] = {}
     counts = {"hits": 0, "cpu": 0, "gpu_reads": 0}
     for t, ids in enumerate(steps):
-        misses = [e for e in ids if e not in cache]
+        misses = [e for e in ids if table.lookup(e) is None]
         on_cpu = set(cpu_pick(misses, split[len(misses)], pick, last_use)) if split else set()
         counts["hits"] += len(ids) - len(misses)
         counts["cpu"] += len(on_cpu)
         counts["gpu_reads"] += len(misses) - len(on_cpu)
-        if admit:
+        if admit and capacity:
             for e in sorted(set(ids) - set(misses)):
-                cache.move_to_end(e)
+                table.hit(e)
             for e in sorted(set(misses) - on_cpu):
-                victim = next((v for v in cache if v not in ids), None)
-                if victim is None:
-                    break
-                del cache[victim]
-                cache[e] = None
+                table.admit(e, set(ids))  # None: no slot the step does not need, read without caching
         for e in ids:
             last_use[e] = t
     return counts
@@ -104,7 +112,10 @@ def main(argv=None) -> int:
     total_steps = sum(len(s) for s in steps.values())
     rows = []
     for ratio in (int(r) for r in args.ratios.split(",")):
-        capacity = round(num_experts * ratio / 100)
+        capacity = OffloadConfig(moe_offload_ratio=ratio).resident_count(num_experts)
+        for layer, seq in steps.items():  # with no CPU share this is simulate's own LRU replay of the decode steps
+            alone = _replay_layer([(sorted(set(ids)), "decode") for ids in seq], num_experts, capacity, "lru", layer)
+            assert alone["decode"][0] == replay(seq, capacity, None, "top")["hits"]
 
         def summed(**kwargs) -> dict[str, float]:
             totals = [replay(s, capacity, **kwargs) for s in steps.values()]

@@ -1,23 +1,24 @@
-"""Where the CPU share of a hybrid decode layer (moe_offload/hybrid.py) spends its time, on one CUDA machine.
+"""Where the CPU share of a hybrid decode layer (moe_offload/hybrid/) spends its time, on one CUDA machine.
 
 Why: on the H200, tune_split timed a Qwen3-30B-A3B-shaped layer with 1 of 8 misses on the CPU at ~2.4 ms against
-~0.26 ms with none (bench/results/2026-11-29-h200-vs-llamacpp-session3.json, cpu_expert_tuning), while one
+~0.26 ms with none (bench/results/archive/2026-11-29-h200-vs-llamacpp-session3.json, cpu_expert_tuning), while one
 expert's bytes take ~0.3 ms at the CPU's ~30 GB/s. This splits that latency into its parts, each replayed from a
 CUDA graph and timed with CUDA events (median of --repeats):
   host_node_c      side-stream D2H, a host node running a C no-op (libc free(NULL): no Python), H2D
-  host_node_python the same with a Python no-op (hybrid.HostFunction: the GIL and ctypes' trampoline)
+  host_node_python the same with a Python no-op (hybrid/driver.py HostFunction: the GIL and ctypes' trampoline)
   python_busy      host_node_python while the launching thread runs Python (polls the event) instead of blocking
   share            CpuShare.forward with n of 8 misses on the CPU (n = 1, 2, 4, 8), per CPU kernel (with numba:
-                   the compiled host step, no GIL), the launching thread blocking and (_busy) running Python;
-                   share_numba_stream_wait: handed over by a doorbell word (MOE_CPU_HANDOFF=stream_wait)
+                   the compiled host step, no GIL), the launching thread blocking and (_busy) running Python,
+                   handed over by a host function (the fallback); share_numba_stream_wait: by a doorbell word
+                   (stream memory operations, the engine's handoff)
   share_0          the same with no miss: what the path costs a layer that gives the CPU nothing
-  share_*_{0,1}_torch_pack  the same with the GPU's bookkeeping as torch ops (hybrid.pack_share_torch) instead of
-                   the Triton kernel (kernels/triton_hybrid.py)
+  share_*_{0,1}_torch_pack  the same with the GPU's bookkeeping as torch ops (share.pack_share_torch) instead of
+                   the Triton kernel (hybrid/kernels/triton_hybrid.py)
   direct           the same kernel's call on the main thread (perf_counter), other experts each time
   split_{pages}_{n}  a whole ratio-0 layer step: n of 8 misses on the CPU (numba, stream_wait) while the GPU reads
                    the other 8 - n in place with the fused kernel, from a host tier on 2 MiB pages (huge) or 4 KiB
                    pages (small): the two share host DRAM, as tune_split's table at load shows
-Usage: python bench/hybrid_latency.py --out bench/results/<date>-h200-hybrid-latency.json
+Usage, from the repository root: python -m bench.hybrid_latency --out bench/results/<date>-h200-hybrid-latency.json
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moe_offload.cpu_experts import CpuExperts
-from moe_offload.environment import machine, utc_now, versions, write_report
-from moe_offload.hybrid import CpuShare, HostFunction, NativeHostFunction, pack_share_torch, stream_wait_available
-from moe_offload.integration import cpu_expert_kernels
+from bench.common import machine, utc_now, versions, write_report
+from moe_offload.hybrid.cpu_experts import CpuExperts
+from moe_offload.hybrid.driver import HostFunction, NativeHostFunction, stream_wait_available
+from moe_offload.hybrid.share import CpuShare, pack_share_torch
+from moe_offload.hybrid.tuning import cpu_expert_kernels
 from moe_offload.tiers import HostTier
 
 

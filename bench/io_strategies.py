@@ -1,11 +1,13 @@
-"""Disk tier read strategies, measured: pread vs mmap vs O_DIRECT, one thread and several, cold and warm.
+"""Disk tier read strategies, measured: pread vs O_DIRECT (MOE_IO), one thread and several, cold and warm.
 
 Writes a safetensors file of Qwen3-30B-A3B-sized experts (gate/up/down of [768, 2048] bf16 each, 9.4 MB per
 expert), then reads random experts through moe_offload's own DiskTier into (pinned, when CUDA is there) buffers.
 "Cold" drops the file from the page cache first (posix_fadvise DONTNEED, no root needed); "warm" reads the
-same experts again. The default strategy in config.py is the fastest cold one here.
+same experts again. The default strategy (odirect) is the fastest cold one here. The canonical run
+(bench/results/2026-11-28-h200-io.json) also timed mmap, which the disk tier no longer offers.
 
-Usage: python bench/io_strategies.py --dir /tmp/iobench --gib 8 --out bench/results/<date>-io.json
+Usage, from the repository root:
+  python -m bench.io_strategies --dir /tmp/iobench --gib 8 --out bench/results/<date>-io.json
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from moe_offload.checkpoint import Checkpoint  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
-from moe_offload.tiers import DiskTier, drop_page_cache, pin_in_place  # noqa: E402
+from bench.common import machine, utc_now, versions, write_report
+from moe_offload.checkpoint import Checkpoint
+from moe_offload.tiers import DiskTier, drop_page_cache, pin_in_place
 
 INTER, HIDDEN = 768, 2048
 
@@ -87,7 +88,7 @@ def main() -> int:
     pinned = [pin_in_place(b) for b in buffers] if torch.cuda.is_available() else []
 
     rows = []
-    for strategy in ("pread", "mmap", "odirect"):
+    for strategy in ("pread", "odirect"):
         for threads in thread_counts:
             locations = rng.sample(all_locations, count)
             drop_page_cache(path)

@@ -18,12 +18,12 @@ Random expectation: m / E. Sanity: the router recomputed from the hooked post-at
 the model's own routing exactly (asserted; reported as recall 1.0).
 
 Models: `small` = the shipped trained small-moe (float32); `random` = the random Qwen3-30B-A3B-shaped 12-layer
-bf16 model of bench/h200_offload_bench.py, written by its generate_model (spec, SEED, INIT_STD) on the CPU (a CPU
+bf16 benchmark model of bench/common.py, written by its generate_model (spec, SEED, INIT_STD) on the CPU (a CPU
 generator: the same rule and seed, but not the same draws as the H200 run, whose generator is a CUDA one);
 --random-moe-intermediate shrinks the expert width (same init rule) when the full 16.2 GB does not fit.
 
-Usage:
-  PYTHONPATH=. python bench/routing_prediction.py --models small,random --random-dir /tmp/rp-full --cleanup \
+Usage, from the repository root:
+  python -m bench.routing_prediction --models small,random --random-dir /tmp/rp-full --cleanup \
       --out bench/results/<date>-routing-prediction.json
 """
 
@@ -41,17 +41,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import h200_offload_bench as bench  # noqa: E402
-from moe_offload.environment import machine, utc_now, versions, write_report  # noqa: E402
+from bench import common
+from bench.common import log
+from moe_offload.pipeline import DEFAULT_MODEL
 
 SCHEMA = "moe-offload/routing-prediction/1"
 PREDICTORS = ("prev_layer_input", "prev_layer_moe_input", "same_experts_prev_step")
-SMALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe_offload", "assets", "small-moe")
+SMALL = DEFAULT_MODEL  # the shipped trained model
 ENGLISH = ("The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. From the top he "
            "could see the fishing boats returning to the harbour, their sails bright against the grey sea, and "
            "he counted them one by one until the last had safely come home.")
-log = bench.log  # elapsed-time lines, as the GPU bench prints them
 
 
 def peak_rss_gb() -> float:
@@ -306,26 +305,26 @@ def small_model(args) -> dict:
 
 def random_model(args) -> dict:
     started = time.perf_counter()
-    spec = dict(bench.SPECS["full"])
+    spec = dict(common.SPECS["full"])
     if args.random_moe_intermediate:
         spec["moe_intermediate_size"] = args.random_moe_intermediate
     log(f"random: generate_model({args.random_dir}) on the CPU, spec moe_intermediate {spec['moe_intermediate_size']}")
-    gen = bench.generate_model(args.random_dir, spec, torch.device("cpu"))
+    gen = common.generate_model(args.random_dir, spec, torch.device("cpu"))
     log(f"random: generation {gen}")
     load_started = time.perf_counter()
     model = load(args.random_dir, torch.bfloat16)
     load_s = time.perf_counter() - load_started
     log(f"random: loaded in {load_s:.1f} s, peak RSS {peak_rss_gb():.1f} GB")
-    ids = bench.prompt_ids(spec["vocab_size"], args.random_prompt_len)
-    reduced = spec["moe_intermediate_size"] != bench.SPECS["full"]["moe_intermediate_size"]
-    extra = {"source": f"bench/h200_offload_bench.py generate_model into {args.random_dir}, device cpu",
-             "weights": f"every tensor its own N(0, {bench.INIT_STD}) bf16 draw from torch.Generator('cpu') seeded "
-                        f"{bench.SEED} (bench.generate_model); norm weights ones. Same rule and seed as the H200 "
+    ids = common.prompt_ids(spec["vocab_size"], args.random_prompt_len)
+    reduced = spec["moe_intermediate_size"] != common.SPECS["full"]["moe_intermediate_size"]
+    extra = {"source": f"bench/common.py generate_model into {args.random_dir}, device cpu",
+             "weights": f"every tensor its own N(0, {common.INIT_STD}) bf16 draw from torch.Generator('cpu') seeded "
+                        f"{common.SEED} (common.generate_model); norm weights ones. Same rule and seed as the H200 "
                         "bench, but the H200 run draws with a CUDA generator, so the values differ",
              "moe_intermediate_reduced": reduced, "spec": spec, "model_generation": gen, "load_s": load_s,
-             "prompt_rule": f"bench.prompt_ids(vocab, {args.random_prompt_len}) (random ids, seed {bench.SEED + 1})"}
+             "prompt_rule": f"common.prompt_ids(vocab, {args.random_prompt_len}) (random ids, seed {common.SEED + 1})"}
     report = run_model("random-qwen3-30b-a3b-shape-12l" + ("-reduced" if reduced else ""), model,
-                       [{"source": "bench.prompt_ids", "ids": ids}], args.random_steps, extra)
+                       [{"source": "common.prompt_ids", "ids": ids}], args.random_steps, extra)
     del model
     report["seconds"] = time.perf_counter() - started
     report["peak_rss_gb_process"] = peak_rss_gb()
@@ -356,7 +355,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"schema": SCHEMA, "created": utc_now(), "machine": machine(), "versions": versions(),
+    report = {"schema": SCHEMA, "created": common.utc_now(), "machine": common.machine(), "versions": common.versions(),
               "torch_threads": torch.get_num_threads(), "args": vars(args), "command": " ".join(sys.argv),
               "predictors": {"prev_layer_input": "layer L's router on post_attention_layernorm_L(residual entering "
                                                  "layer L, before its attention)",
@@ -370,8 +369,8 @@ def main(argv=None) -> int:
         result = {"small": small_model, "random": random_model}[name](args)
         report["models"].append(result)
         print(markdown(result), flush=True)
-        report["runtime_s"] = time.perf_counter() - bench.STARTED
-        write_report(args.out, report)
+        report["runtime_s"] = time.perf_counter() - common.STARTED
+        common.write_report(args.out, report)
     log(f"done, wrote {args.out}")
     return 0
 

@@ -1,10 +1,10 @@
 """Issue 6 side by side: moe-offload at ratios 0/25/50/75 against llama.cpp -ncmoe 12/9/6/3, in one run.
 
-Both sides run on the same random Qwen3-30B-A3B-shaped checkpoint (bench/h200_offload_bench.py --phases gen) and
-its bf16 GGUF (bench/llamacpp/convert_qwen3moe_gguf.py). Every configuration of either side runs as its own
-process while the GPU's memory in use is polled (NVML, or nvidia-smi where NVML does not load:
-bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is measured the same way for both: process
-memory, CUDA context included, over the idle reading before it.
+Both sides run on the same random Qwen3-30B-A3B-shaped checkpoint (bench/common.py; written by
+`python -m bench.h200_offload_bench --phases gen`) and its bf16 GGUF (bench/llamacpp/convert_qwen3moe_gguf.py).
+Every configuration of either side runs as its own process while the GPU's memory in use is polled (NVML, or
+nvidia-smi where NVML does not load: bench/llamacpp/run_llama_bench.py's PeakMemory), so peak device memory is
+measured the same way for both: process memory, CUDA context included, over the idle reading before it.
 - ours: every variant (--variants: hybrid CPU+GPU misses with the default LRU admission, the same with the
   resident set static, GPU only) at every ratio; the rows report --main.
   A 128-token prompt of random ids, then 32 tokens (llama-bench -p 128 -n 32); one warm-up generation, then the
@@ -12,38 +12,36 @@ memory, CUDA context included, over the idle reading before it.
   time. The host tier holds every non-resident expert (zero-copy misses, CUDA graphs). What each decode step
   takes in (--decode-tokens): random tokens by default, as llama-bench's tg test feeds (a random token each step,
   tools/llama-bench/llama-bench.cpp test_gen); "greedy" feeds each step's pick, which on random weights repeats
-  one token 32 times (bench/results/2026-11-29-cache-policy-bench-workload-greedy.json). Runs before 2026-11-29's
-  session 6 changes were greedy. Either way this random checkpoint routes layers 2-11 to nearly the same 10-15
-  experts at every decode step, whatever the token (its embeddings are tiny next to what attention adds): an LRU
-  cache of the resident size would hit 0.96-0.999 of decode accesses at ratios 25-75 against 0.26-0.70 for the
-  static set (-cache-policy-bench-workload-random.json, a CPU-drawn copy of the model). Not a worst case for a
-  cache, whatever the issue assumed; say so beside any result that caches on it.
+  one token 32 times (bench/results/archive/2026-11-29-cache-policy-bench-workload-greedy.json). Runs before
+  2026-11-29's session 6 changes were greedy. Either way this random checkpoint routes layers 2-11 to nearly the
+  same 10-15 experts at every decode step, whatever the token (its embeddings are tiny next to what attention
+  adds): an LRU cache of the resident size would hit 0.96-0.999 of decode accesses at ratios 25-75 against
+  0.26-0.70 for the static set (bench/results/2026-11-29-cache-policy-bench-workload-random.json, a CPU-drawn copy
+  of the model; bench/RESULTS.md). Not a worst case for a cache; say so beside any result that caches on it.
 - llama.cpp: llama-bench's own pp128 and tg32 averages (-r --repeats), -ngl 99 -ncmoe N.
 `ncmoe` = experts of N of the L layers on llama.cpp's CPU, matched to ratio = 100 (L - N) / L.
 
 Writes {rows: [{ratio, ncmoe, ours_decode_tok_s, llamacpp_decode_tok_s, ours_prefill_tok_s,
 llamacpp_prefill_tok_s, ours_peak_device_bytes, llamacpp_peak_device_bytes}], targets, machine, versions, ...}.
 
-Usage (H200): python bench/vs_llamacpp.py --model-dir /tmp/moe-offload-bench/full \
+Usage, from the repository root (H200; bench/llamacpp/h200_side_by_side.sh runs it):
+       python -m bench.vs_llamacpp --model-dir /tmp/moe-offload-bench/full \
                   --gguf /tmp/moe-offload-bench/full.gguf --llama-bench /tmp/llamacpp/build-cuda/bin/llama-bench \
                   --out $OUT/<date>-h200-vs-llamacpp.json
-       python bench/vs_llamacpp.py --tiny --model-dir /tmp/tiny --out /tmp/vs.json   # our side on a CPU
+       python -m bench.vs_llamacpp --tiny --model-dir /tmp/tiny --out /tmp/vs.json   # our side on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "llamacpp"))
-sys.path.insert(0, HERE)
+from bench import common
+from bench.llamacpp import run_llama_bench
 
 RATIOS = (0, 25, 50, 75)
 TARGETS = {"decode_vs_llamacpp": 1.2, "prefill_vs_llamacpp": 3.0}
@@ -75,24 +73,21 @@ def ours_worker(spec: dict) -> dict:
     """One ratio, in this (child) process: load, warm up, measure."""
     import torch
 
-    import h200_offload_bench as bench
-    from moe_offload import LLMPipeline
-
     device = torch.device(spec["device"])
-    facts = bench.model_facts(spec["model_dir"])
+    facts = common.model_facts(spec["model_dir"])
     element = 2 if device.type == "cuda" else 4  # MOE_DTYPE auto: the bf16 checkpoint's dtype on CUDA, fp32 on CPU
-    pipe = LLMPipeline(spec["model_dir"], str(device), MOE_OFFLOAD_RATIO=spec["ratio"], MOE_IO="pread",
-                       MOE_HOST_CACHE=bench.host_tier_bytes(facts, element), **spec["properties"])
+    pipe = common.load_pipeline(spec["model_dir"], str(device), MOE_OFFLOAD_RATIO=spec["ratio"], MOE_IO="pread",
+                                MOE_HOST_CACHE=common.host_tier_bytes(facts, element), **spec["properties"])
     after_load = memory_breakdown(torch, device)
     vocab = facts["config"]["vocab_size"]
-    ids = bench.prompt_ids(vocab, spec["prompt"]).to(device)
+    ids = common.prompt_ids(vocab, spec["prompt"]).to(device)
     feed = None
     if spec["decode_tokens"] == "random":
         eos = pipe.model.generation_config.eos_token_id
-        feed = bench.fed_tokens(vocab, spec["gen"], [] if eos is None else [eos] if isinstance(eos, int) else eos)
+        feed = common.fed_tokens(vocab, spec["gen"], [] if eos is None else [eos] if isinstance(eos, int) else eos)
     deadline = time.perf_counter() + spec["seconds"]
-    bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe, feed=feed)  # compile, capture
-    runs = [bench.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe, feed=feed)
+    common.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe, feed=feed)  # compile, capture
+    runs = [common.timed_generate(pipe.model, ids, spec["gen"], device, deadline, pipe=pipe, feed=feed)
             for _ in range(spec["repeats"])]
     stats = pipe.get_offload_stats()
     after_runs = memory_breakdown(torch, device)
@@ -100,7 +95,6 @@ def ours_worker(spec: dict) -> dict:
     return {"memory_after_load": after_load, "memory_after_runs": after_runs,
             "cpu_expert_decode_check": stats["cpu_expert_decode_check"],
             "zero_copy_prefill_max_tokens": stats["zero_copy_prefill_max_tokens"],
-            "zero_copy_prefill_tuning": stats["zero_copy_prefill_tuning"],
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
             "prefill_tok_s": statistics.median(spec["prompt"] / r["ttft_s"] for r in runs),
             "allocator_peak_device_bytes": max(r["peak_device_bytes"] or 0 for r in runs) or None,
@@ -115,17 +109,15 @@ def ours_worker(spec: dict) -> dict:
 
 def run_ours(args, ratio: int, properties: dict) -> dict:
     """Our side at one ratio, in a child process, with device memory polled from outside like llama.cpp's."""
-    from run_llama_bench import PeakMemory, gpu_memory_used_bytes
-
     spec = {"model_dir": args.model_dir, "device": args.device, "ratio": ratio, "prompt": args.prompt,
             "gen": args.gen, "repeats": args.repeats, "seconds": args.timeout, "properties": properties,
             "decode_tokens": args.decode_tokens}
-    baseline = gpu_memory_used_bytes()
-    poller = PeakMemory().start() if baseline is not None else None
+    baseline = run_llama_bench.gpu_memory_used_bytes()
+    poller = run_llama_bench.PeakMemory().start() if baseline is not None else None
     started = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=args.timeout + 120)
+        done = common.run_module(__spec__.name, ["--worker", json.dumps(spec)], capture_output=True, text=True,
+                                 timeout=args.timeout + 120)
         out, err, code = done.stdout, done.stderr, done.returncode
     except subprocess.TimeoutExpired:
         out, err, code = "", "timed out", "timeout"
@@ -173,7 +165,7 @@ def build_rows(ours: dict[int, dict], llamacpp: dict[int, dict], layers: int,
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", default="/tmp/moe-offload-bench/full")
+    parser.add_argument("--model-dir", default=f"{common.MODEL_ROOT}/full")
     parser.add_argument("--gguf", default=None, help="the checkpoint as a bf16 GGUF (llama.cpp side)")
     parser.add_argument("--llama-bench", default=None, help="llama-bench binary; without it only our side runs")
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
@@ -207,31 +199,26 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    import h200_offload_bench as bench
-    from moe_offload.environment import machine, utc_now, versions, write_report
-    from run_llama_bench import memory_source
-
     if args.tiny:
-        bench.generate_model(args.model_dir, bench.SPECS["tiny"], torch.device("cpu"))
-    layers = bench.model_facts(args.model_dir)["moe_layers"]
+        common.generate_model(args.model_dir, common.SPECS["tiny"], torch.device("cpu"))
+    layers = common.model_facts(args.model_dir)["moe_layers"]
     ratios = [int(r) for r in args.ratios.split(",") if r.strip()]
     variants: dict[str, dict[int, dict]] = {name: {} for name in args.variants}
     llamacpp: dict[int, dict] = {}
-    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "model_dir": args.model_dir,
-              "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt, "gen_tokens": args.gen,
-              "repeats": args.repeats, "decode_tokens": args.decode_tokens, "targets": TARGETS,
+    report = {"date": common.utc_now(), "machine": common.machine(), "versions": common.versions(),
+              "model_dir": args.model_dir, "gguf": args.gguf, "layers": layers, "prompt_tokens": args.prompt,
+              "gen_tokens": args.gen, "repeats": args.repeats, "decode_tokens": args.decode_tokens, "targets": TARGETS,
               "variants": args.variants, "main_variant": args.main,
-              "memory_rule": f"{memory_source()} memory in use over the idle reading, polled every 50 ms, both sides"}
+              "memory_rule": f"{run_llama_bench.memory_source()} memory in use over the idle reading, polled every "
+                             "50 ms, both sides"}
 
     def write() -> None:  # after every configuration, so a run cut short keeps what it measured
         report.update(rows=build_rows(variants[args.main], llamacpp, layers, variants), ours=variants,
                       llamacpp=llamacpp)
         if args.out:
-            write_report(args.out, report)
+            common.write_report(args.out, report)
 
     if args.llama_bench and args.gguf:  # first: the peer's numbers are the ones a short run must not lose
-        import run_llama_bench
-
         for ncmoe in [ncmoe_for(r, layers) for r in ratios]:
             row = run_llama_bench.run(args.llama_bench, args.gguf, [ncmoe], prompt=args.prompt, gen=args.gen,
                                       repeats=args.repeats)[0]

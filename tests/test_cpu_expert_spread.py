@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
-from repo_scripts import ROOT, script_path
+from repo_scripts import run_bench
 
 
 def test_each_variant_runs_in_its_own_process_and_pinning_pins(tmp_path):
     out = tmp_path / "spread.json"
-    done = subprocess.run([sys.executable, script_path("bench", "cpu_expert_spread.py"), "--trials", "1",
-                           "--experts", "9", "--hidden", "64", "--inter", "32", "--threads", "2", "--repeats", "3",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    done = run_bench("cpu_expert_spread", "--trials", "1", "--experts", "9", "--hidden", "64", "--inter", "32",
+                     "--threads", "2", "--repeats", "3", "--out", str(out), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
     cpus = sorted(os.sched_getaffinity(0))

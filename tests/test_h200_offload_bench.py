@@ -8,20 +8,17 @@ derived figures are checked on numbers worked by hand.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from repo_scripts import load_script, script_path
+from repo_scripts import bench_module, run_bench
 
-SCRIPT = script_path("bench", "h200_offload_bench.py")
 RUN_FIELDS = ("ratio", "tier", "kernel", "decode_tok_s", "prefill_tok_s", "ttft_s", "peak_device_bytes", "hit_rate",
               "bytes_per_token", "efficiency")
 PHASES = ("gen", "bw_memory", "warm_page_cache", "ours_host", "baselines", "bw_disk", "ours_disk")
 
 
 def _run(*args: str) -> None:
-    done = subprocess.run([sys.executable, SCRIPT, "--tiny", *args], capture_output=True, text=True, timeout=300)
+    done = run_bench("h200_offload_bench", "--tiny", *args, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -97,12 +94,8 @@ def test_split_run_merges(tiny_report):
     assert "gen" not in merged["args"]["phases"]
 
 
-def _load_script():
-    return load_script("bench", "h200_offload_bench.py")
-
-
 def test_derived_figures_by_hand():
-    bench = _load_script()
+    bench = bench_module("h200_offload_bench")
     model = {"non_expert_bytes": 1_700_000_000, "input_embedding_bytes": 600_000_000, "config": {"hidden_size": 1000},
              "experts_per_token": 8, "moe_layers": 12, "expert_bytes": 10_000_000}
     run = dict(kernel="torch", peak_device_bytes=None, expected_device_bytes=None)

@@ -5,13 +5,13 @@ At step 2 ([2, 4]) the highest-weight miss is 2, used a step ago; the least rece
 used: "top" sends 2 to the CPU and admits 4, "stale" the reverse, so step 3 ([2, 3]) hits twice under "stale".
 """
 
-from repo_scripts import load_script
+from repo_scripts import bench_module
 
 STEPS = [[2, 3], [3, 2], [2, 4], [2, 3]]  # router order, one decode step each
 
 
 def _module():
-    return load_script("bench", "hybrid_admission.py")
+    return bench_module("hybrid_admission")
 
 
 def test_cpu_picks():

@@ -7,23 +7,18 @@ by feeding build_rows the rows run_llama_bench returns.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from repo_scripts import load_script, script_path
-
-SCRIPT = script_path("bench", "vs_llamacpp.py")
+from repo_scripts import bench_module, run_bench
 
 
 def _module():
-    return load_script("bench", "vs_llamacpp.py")
+    return bench_module("vs_llamacpp")
 
 
 def test_ours_side_on_the_tiny_model(tmp_path):
     out = tmp_path / "vs.json"
-    done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--model-dir", str(tmp_path / "model"), "--ratios",
-                           "0,50", "--gen", "3", "--repeats", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = run_bench("vs_llamacpp", "--tiny", "--model-dir", str(tmp_path / "model"), "--ratios", "0,50", "--gen", "3",
+                     "--repeats", "1", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert [(r["ratio"], r["ncmoe"]) for r in report["rows"]] == [(0, 2), (50, 1)]  # the tiny model has 2 layers
@@ -51,7 +46,7 @@ def test_rows_pair_ratios_with_ncmoe_and_check_targets():
 
 
 def _run_llama_bench():
-    return load_script("bench", "llamacpp", "run_llama_bench.py")
+    return bench_module("llamacpp.run_llama_bench")
 
 
 class _FakeNvml:

@@ -7,7 +7,7 @@ position (transformers fed llama.cpp's ids, so one early flip does not hide the 
 cache and, by default, no flash attention: an F32 GGUF then matches transformers to float32 rounding (seen: 3e-7
 relative L2 on the tiny model); a BF16 GGUF on the CPU rounds activations to bf16 in its matrix products (seen: 3e-3).
 
-Usage: python bench/llamacpp/check_gguf.py MODEL_DIR MODEL.gguf --llama-cpp DIR/llama.cpp --build DIR/build-cpu
+Usage: python -m bench.llamacpp.check_gguf MODEL_DIR MODEL.gguf --llama-cpp DIR/llama.cpp --build DIR/build-cpu
        [--prompt-len 12] [--new 8] [--ngl 0]
 """
 

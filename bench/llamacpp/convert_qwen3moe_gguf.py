@@ -14,7 +14,7 @@ peak RAM is about one stacked expert tensor (400 MB for Qwen3-30B-A3B's shape). 
 F32 (exact bf16 -> f32), which makes llama.cpp's CPU backend compute in F32: used to check the layout against
 transformers to float32 accuracy.
 
-Usage: python bench/llamacpp/convert_qwen3moe_gguf.py MODEL_DIR OUT.gguf [--llama-cpp DIR/llama.cpp]
+Usage: python -m bench.llamacpp.convert_qwen3moe_gguf MODEL_DIR OUT.gguf [--llama-cpp DIR/llama.cpp]
        [--outtype bf16|f32] [--vocab VOCAB.gguf] [--gguf-py DIR]   (--llama-cpp: build.sh's extracted tree, default
        /tmp/llamacpp/llama.cpp; gguf-py and models/ggml-vocab-qwen2.gguf are taken from it)
 """
@@ -22,6 +22,7 @@ Usage: python bench/llamacpp/convert_qwen3moe_gguf.py MODEL_DIR OUT.gguf [--llam
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -207,10 +208,21 @@ def copy_tokenizer(gguf, writer, vocab_path: str, n_vocab: int, config: dict) ->
     return note
 
 
+def load_gguf(gguf_py: str):
+    """The `gguf` package of llama.cpp's gguf-py folder (the writer of the same llama.cpp that reads the file),
+    loaded from there by path, ahead of any other `gguf` installed."""
+    folder = os.path.join(gguf_py, "gguf")
+    spec = importlib.util.spec_from_file_location("gguf", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gguf"] = module  # its submodules import `gguf.` names
+    spec.loader.exec_module(module)
+    return module
+
+
 def convert(model_dir: str, out_path: str, vocab_path: str, gguf_py: str, outtype: str = "bf16") -> dict:
     started = time.perf_counter()
-    sys.path.insert(0, gguf_py)
-    import gguf
+    gguf = load_gguf(gguf_py)
 
     with open(os.path.join(model_dir, "config.json")) as handle:
         config = json.load(handle)

@@ -26,14 +26,14 @@ prepare)
     bash bench/llamacpp/build.sh "$WORK" > "$OUT/llamacpp-build.log" 2>&1 &
     BUILD=$!
     step "gen $MODEL"
-    [ -f "$MODEL/config.json" ] || python bench/h200_offload_bench.py --phases gen --model-dir "$MODEL" \
+    [ -f "$MODEL/config.json" ] || python -m bench.h200_offload_bench --phases gen --model-dir "$MODEL" \
         --out /tmp/gen.json | tail -1
     while [ ! -f "$WORK/llama.cpp/COMMIT" ]; do  # gguf-py comes with the extracted sources
         kill -0 $BUILD 2>/dev/null || { echo "build.sh stopped before extracting:"; tail -5 "$OUT/llamacpp-build.log"; exit 1; }
         sleep 1
     done
     step "convert"
-    python bench/llamacpp/convert_qwen3moe_gguf.py "$MODEL" "$MODEL.gguf" --llama-cpp "$WORK/llama.cpp" | tail -1
+    python -m bench.llamacpp.convert_qwen3moe_gguf "$MODEL" "$MODEL.gguf" --llama-cpp "$WORK/llama.cpp" | tail -1
     if [ -n "${CHECKS:-}" ]; then step "checks: $CHECKS"; bash -c "$CHECKS"; echo "checks rc $?"; fi
     step "waiting for the build"
     wait $BUILD; echo "build rc $?"; tail -3 "$OUT/llamacpp-build.log"
@@ -41,7 +41,7 @@ prepare)
     ;;
 measure)
     step "side by side"
-    python bench/vs_llamacpp.py --model-dir "$MODEL" --gguf "$MODEL.gguf" --ratios "${RATIOS:-0,25,50,75}" \
+    python -m bench.vs_llamacpp --model-dir "$MODEL" --gguf "$MODEL.gguf" --ratios "${RATIOS:-0,25,50,75}" \
         --llama-bench "$WORK/build-cuda/bin/llama-bench" --repeats "${REPEATS:-3}" --timeout 100 \
         ${VARIANTS:+--variants "$VARIANTS"} ${MAIN:+--main "$MAIN"} ${DECODE_TOKENS:+--decode-tokens "$DECODE_TOKENS"} \
         --out "$OUT/vs-llamacpp.json" | grep -v '^{"ratio'

@@ -4,23 +4,19 @@ Why: the side-by-side run (bench/vs_llamacpp.py) polls the GPU's memory every 50
 both sides keep every core of the H200 machine busy. A reading that is a process of its own (nvidia-smi) takes CPU
 time from them; one through NVML in the poller's process should not. This measures both.
 
-Usage: python bench/llamacpp/memory_reader_cost.py [--readings 20] [--out FILE.json]
+Usage, from the repository root: python -m bench.llamacpp.memory_reader_cost [--readings 20] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
-import run_llama_bench as reader  # noqa: E402
+from bench.llamacpp import run_llama_bench as reader
 
 
 def timed_readings(read, readings: int) -> dict:
@@ -41,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--readings", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from moe_offload.environment import machine, utc_now
+    from bench.common import machine, utc_now
 
     report = {"date": utc_now(), "machine": machine(), "source": reader.memory_source()}
     lib = reader._nvml()

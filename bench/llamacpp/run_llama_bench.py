@@ -9,7 +9,7 @@ reading taken just before is that run's device memory (CUDA context included, as
 With neither (a CPU machine) the memory part is skipped and peak_device_bytes is null.
 `-ncmoe` is llama-bench's short form of `--n-cpu-moe` in this llama.cpp (0c1e570, tools/llama-bench/llama-bench.cpp).
 
-Usage: python bench/llamacpp/run_llama_bench.py --llama-bench BUILD/bin/llama-bench -m MODEL.gguf \
+Usage: python -m bench.llamacpp.run_llama_bench --llama-bench BUILD/bin/llama-bench -m MODEL.gguf \
            --ncmoe 0,6,12 [-p 128] [-n 32] [-r 3] [--ngl 99] [--extra "-fa on"] [--out rows.json]
 Module: run(llama_bench, gguf, [0, 6, 12], ...) -> [{ncmoe, prefill_tok_s, decode_tok_s, peak_device_bytes, raw}, ...]
 """
