@@ -28,9 +28,8 @@ from typing import Callable
 import torch
 
 from .checkpoint import ExpertLocation
-from .cpu_experts import CpuExperts
 from .device_lru import DeviceLRU
-from .hybrid import CpuShare
+from .hybrid import CpuExperts, CpuShare
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy, SlotTable
 from .tiers import HostTier
@@ -71,14 +70,10 @@ class ScratchPool:
         """Device bytes it holds now (0 until a miss first streams through it)."""
         return sum(t.numel() * t.element_size() for t in self._pools) if self._pools else 0
 
-    def release(self) -> None:
-        """Drop the buffers (allocated again on next use), e.g. after a measurement streamed through them."""
-        self._pools = None
-
 
 # Above this many (token, k) pairs per expert, a zero-copy layer copies its misses instead: the grouped GEMM
 # reads an expert's weights once per 64-row M-block, which is once per copy only up to here. The default of
-# OffloadedExperts.zero_copy_max_pairs; on CUDA prefill_tuning.py measures where copying wins.
+# OffloadedExperts.zero_copy_max_pairs, in every zero-copy layer.
 ZERO_COPY_MAX_PAIRS_PER_EXPERT = 64
 _DECODE_MAX_PAIRS = 16  # kernels.triton_moe.DECODE_MAX_PAIRS (not imported: that module needs triton)
 
@@ -97,7 +92,7 @@ class LayerCounters:
     hits: int = 0
     misses: int = 0
     read_in_place: int = 0  # misses the kernel read straight from pinned host memory (zero-copy)
-    computed_on_cpu: int = 0  # misses computed by the CPU where they lie in the host tier (hybrid.py)
+    computed_on_cpu: int = 0  # misses computed by the CPU where they lie in the host tier (hybrid/)
 
 
 class OffloadedExperts:
@@ -120,10 +115,9 @@ class OffloadedExperts:
         self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
         self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
-        self.cpu_share: CpuShare | None = None  # decode misses partly computed on the CPU (hybrid.py)
-        # zero-copy layers: forwards of more (token, k) pairs copy their misses (prefill_tuning.py measures it)
+        self.cpu_share: CpuShare | None = None  # decode misses partly computed on the CPU (hybrid/)
+        # zero-copy layers: forwards of more (token, k) pairs copy their misses
         self.zero_copy_max_pairs = ZERO_COPY_MAX_PAIRS_PER_EXPERT * num_experts
-        self.prefill_tuning: dict | None = None  # what prefill_tuning measured on this layer, if it did
         self._skip: torch.Tensor | None = None  # [1] int32 -1: the slot the kernels see for a CPU pair's id E
 
     @property
@@ -213,7 +207,7 @@ class OffloadedExperts:
         return True
 
     def enable_cpu_share(self, split: list[int], runner: CpuExperts) -> bool:
-        """Compute some decode misses on the CPU (hybrid.py), n_cpu = split[misses] of them per step; returns
+        """Compute some decode misses on the CPU (hybrid/share.py), n_cpu = split[misses] of them per step; returns
         whether it is on. Needs the zero-copy path (the CPU reads the host tier in place, as the GPU would)."""
         if not self.zero_copy or self.top_k > _DECODE_MAX_PAIRS:
             return False
@@ -225,9 +219,9 @@ class OffloadedExperts:
     def decode_timer(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                      act_fn: Callable) -> Callable[[torch.Tensor], float]:
         """time(ids [1, K]) -> seconds of one direct-path forward of that routing, as a decode step runs it
-        (hybrid.tune_split's measurement; left out of the layer's counters). On CUDA the forward is replayed from
-        a CUDA graph of this layer, captured here with `top_k_index` after one eager run: no Python launch costs,
-        and no contention for the GIL between launching the GPU's share and the CPU share's host function."""
+        (hybrid.tuning.tune_split's measurement; left out of the layer's counters). On CUDA the forward is replayed
+        from a CUDA graph of this layer, captured here with `top_k_index` after one eager run: no Python launch
+        costs, and no contention for the GIL between launching the GPU's share and the CPU share's host function."""
         tallies = self._device_tallies()
         saved = [t.clone() for t in tallies]
         ids = top_k_index.clone()  # [1, K] the graph's input
@@ -375,7 +369,7 @@ class OffloadedExperts:
 
     def _forward_hybrid(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                         act_fn: Callable, contrib: torch.Tensor) -> torch.Tensor:
-        """A one-token step with some misses computed on the CPU (hybrid.py); with device LRU, only the misses the
+        """A one-token step with some misses computed on the CPU (hybrid/share.py); with device LRU, only the misses the
         GPU reads are admitted (the cache holds what the GPU will read again, not what the CPU serves)."""
         slots = torch.cat([self._direct_slots, self._skip])  # [E + 1]: the maps as of now (LRU changes them)
         lru = self._lru

@@ -1,10 +1,9 @@
 """Greedy decoding over a static KV cache, with the decode step replayed as one CUDA graph where it can be.
 
 Why: once the MoE layers stop syncing with the host (all experts resident, or misses read in place: cache.py),
-what is left of a decode step is Python launching ~650 small kernels: transformers all on the H200 decodes the
-12-layer Qwen3-30B-A3B-shaped benchmark model at 34-45 tok/s, the same step replayed as a graph at 384 tok/s
-(bench/results/2026-11-29-h200-before-fused-dense.json; 558 with dense_fusion.py's kernels). Captured once and
-replayed, a step costs one launch.
+what is left of a decode step is Python launching ~650 small kernels, and the GPU waits on the host for most of
+the step (on an H200, replaying the step as a graph decoded about 9x faster than transformers' eager loop).
+Captured once and replayed, a step costs one launch.
 
 Prefill is captured too, per prompt length, the second time a length is seen (the first run compiles and warms
 the kernels; a capture costs about one eager forward of host time): a server answering prompts of recurring
@@ -235,7 +234,7 @@ class StaticDecoder:
         before token i is read back, so the device does not wait for the host between steps. A step queued
         after a token that turns out to be EOS is wasted (its experts still count in the offload tally).
         The host sleeps on each token's event (blocking sync) instead of spinning: being a step ahead, it wakes in
-        time, and the core it leaves is one the CPU expert path's spinning workers (hybrid.py) need."""
+        time, and the core it leaves is one the CPU expert path's spinning workers (hybrid/) need."""
         ring = torch.empty(2, dtype=torch.long, pin_memory=True)  # host copies of the last two tokens
         ready = [torch.cuda.Event(blocking=True), torch.cuda.Event(blocking=True)]
 

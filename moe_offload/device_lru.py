@@ -49,7 +49,7 @@ class DeviceLRU:
         self.admit = torch.full((self.num_experts,), -1, dtype=torch.int32, device=device)  # [E] for the kernels
         self._plan: tuple | None = None
         # plan/commit as two Triton kernels (kernels/triton_lru.py) where Triton runs; fused=False: torch ops
-        self._kernels = triton_kernels("triton_lru", device) if fused is None or fused else None
+        self._kernels = triton_kernels("moe_offload.kernels.triton_lru", device) if fused is None or fused else None
         if fused and self._kernels is None:
             raise ValueError("the fused device LRU needs a device Triton runs on")
         self._plan_buffers: tuple | None = None  # (victim, admitted, stamp) [K] int64 for the fused kernels
@@ -64,7 +64,7 @@ class DeviceLRU:
         """admit [E] int32 for a step needing `ids` [K] (distinct): the slot each admitted miss is written into.
 
         admissible [K] bool (aligned with ids): misses that may be admitted, i.e. that the GPU reads (the CPU
-        computes the others where they lie: hybrid.py); None = all. The others take no slot and no rank."""
+        computes the others where they lie: hybrid/); None = all. The others take no slot and no rank."""
         # K = experts of the step, C = slots, E = experts
         if self._kernels is not None and self._kernels.fused_supported(ids, ids.numel()):
             flat = ids.reshape(-1)  # [K]

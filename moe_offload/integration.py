@@ -25,17 +25,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import piecewise
+from . import hybrid, piecewise
 from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
-from .cpu_experts import CpuExperts, is_silu
 from .errors import MoeOffloadError
 from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host
-from .hybrid import all_on_cpu, stream_wait_available, tune_cpu_path
-from .kernels import cpu_numba
 from .policy import make_policy
-from .prefill_tuning import tune_prefill_threshold
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
 
@@ -278,74 +274,9 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
         runtime.fused_moe = kernel
         if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
             runtime.enable_direct(device, lru=config.moe_zero_copy in ("auto", "lru"))
-    if device.type == "cuda":
-        _tune_prefill(runtimes, sites)
-    if config.moe_cpu_experts != "off":
-        _enable_cpu_experts(runtimes, sites, config, device)
+    hybrid.enable(runtimes, sites, config, device)
     _load_generation_config(model, checkpoint.root)
     return model, runtimes
-
-
-def _tune_prefill(runtimes: list[OffloadedExperts], sites: list[ExpertsSite]) -> None:
-    """Where zero-copy layers start copying their misses (prefill_tuning.py): measured on the first zero-copy
-    layer whose resident set is fixed, applied to every such layer (they share shapes and host tier). Layers with
-    LRU admission keep the default (copy once an expert's weights would be read more than once in place): the
-    measurement routes uniformly over a fixed set. On the H200 benchmark model (whose routing barely changes
-    from token to token) at ratios 50/75, LRU layers prefilled 128 tokens in place at 1.41/1.54x the static set's
-    tuned copy path (bench/results/2026-11-29-h200-vs-llamacpp-session7-run1.json), with the tuned threshold at
-    1.00/0.60x (2026-11-29-h200-vs-llamacpp-session7-run2.json)."""
-    layers = [(r, s) for r, s in zip(runtimes, sites) if r.zero_copy and not r.lru_admission]
-    if not layers:
-        return
-    first, site = layers[0]
-    first.prefill_tuning = tune_prefill_threshold(first, site.module.act_fn)
-    for runtime, _site in layers:
-        runtime.zero_copy_max_pairs = first.zero_copy_max_pairs
-
-
-def _enable_cpu_experts(runtimes: list[OffloadedExperts], sites: list[ExpertsSite], config: OffloadConfig,
-                        device: torch.device) -> None:
-    """Hybrid decode (hybrid.py) in every zero-copy layer, one CPU kernel and split table for all: every miss on
-    the CPU with the preferred kernel (MOE_CPU_EXPERTS "all"), or ("auto", CUDA only: on a CPU device every expert
-    already runs on the CPU) kernel and table measured on the first such layer; handed over as MOE_CPU_HANDOFF
-    says (CUDA only), on MOE_CPU_THREADS workers."""
-    mode = config.moe_cpu_experts
-    if mode == "auto" and device.type != "cuda":
-        return
-    # By default two cores left: one for the launching thread (it spin-waits on most syncs, and sleeps through
-    # graph-replayed decode steps), one for everything else; the thread that drives the pool (the doorbell server,
-    # or the driver's callback thread) is one of the `threads`, and a parallel loop runs at its slowest thread's
-    # pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms
-    # with 14 threads, 1.92 with 15, 2.81 with 16, each replayed as the layer's CPU share (bench/hybrid_latency.py,
-    # bench/results/2026-11-29-h200-hybrid-latency*; measured with numba's parallel regions, before
-    # kernels/spin_pool.py: 1.14 ms with 14 there).
-    threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
-    kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
-    # "all" runs the preferred kernel; "auto" measures each (building a numba runner compiles its kernel)
-    runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in
-               (kernels if mode == "auto" else kernels[:1])}
-    runner = runners[kernels[0]]
-    layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
-    if config.moe_cpu_handoff == "stream_wait" and layers and device.type == "cuda":
-        refused = stream_wait_available(device)
-        for runtime, _site in layers:
-            if refused is None:
-                runtime.cpu_share.use_stream_wait()
-            else:
-                runtime.cpu_share.stream_wait_refused = refused
-    if mode == "auto" and layers:
-        first, site = layers[0]
-        kernel, table, tunings = tune_cpu_path(first, site.module.act_fn, runners)
-        for runtime, _site in layers:
-            runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[kernel], tunings
-            runtime.cpu_share.set_table(table)
-
-
-def cpu_expert_kernels(dtype: torch.dtype, act_fn) -> list[str]:
-    """CpuExperts compute modes that can run these experts, preferred first: the numba GEMVs
-    (kernels/cpu_numba.py) for bf16 SiLU experts when numba is installed, and torch's own kernels."""
-    numba = dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available()
-    return ["numba", "native"] if numba else ["native"]
 
 
 def host_budget(config: OffloadConfig) -> int:

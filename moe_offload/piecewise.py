@@ -2,10 +2,9 @@
 
 Why: a layer whose misses come from disk (or that copies misses into its cache) decides on the host what to read,
 so its step cannot be one CUDA graph, and the eager step is mostly Python launching transformers' small dense
-kernels: on the H200 the ratio-25 disk-tier step took 44.8 ms where reading its 18.2 MB from disk and computing a
-ratio-100 step bound it at 16.5 ms (efficiency 0.34, bench/results/2026-11-29-h200-disk-eager.json). Here the
-dense code between two such layers is captured once as a graph segment and replayed; only those layers run
-eagerly: 21.0 ms a step, efficiency 0.78 (bench/results/2026-11-29-h200-session3.json).
+kernels: a disk-tier step then takes several times what its reads and a resident step cost. Here the dense code
+between two such layers is captured once as a graph segment and replayed; only those layers run eagerly, which
+roughly halved the disk tier's step time on an H200.
 
 How: recording runs the step once with the backend's calls diverted here (`moe_call`). At each syncing layer the
 segment captured so far is closed and replayed at once (capture does not execute, and the layer needs its input),
@@ -15,8 +14,8 @@ buffer. A replay then alternates: segment i, layer i eagerly on the tensors the 
 are sync-free (zero-copy, resident) stay inside the segments. All segments share one memory pool and are replayed
 in capture order, as torch's make_graphed_callables does.
 
-A syncing layer still routes on the host each step, but when every expert its step needs is cached (98% of the
-disk tier's decode experts at ratio 25 on the H200), it replays a small graph of its own (_HitsGraph) instead of
+A syncing layer still routes on the host each step, but when every expert its step needs is cached (most steps:
+a disk-tier layer misses in bursts), it replays a small graph of its own (_HitsGraph) instead of
 launching its kernels from Python; only steps with misses run eagerly.
 """
 
@@ -77,15 +76,9 @@ class _HitsGraph:
     page-locked buffer, the Triton kernels over the cache, the fixed-order K-sum into the call's output.
 
     Why: in a replayed step such a layer otherwise launches ~8 kernels from Python after its sync while the GPU
-    waits. On the H200 the ratio-25 disk tier's step took 21.0 ms where its reads and the ratio-100 step bound it
-    at 16.4 ms (efficiency 0.78, bench/results/2026-11-29-h200-session3.json), with 98% of its experts cached. The
-    same kernel, rows and sum as the eager path (cache._fused_pool_runner): the same bits. Its own memory pool: it
-    is captured after the segments, and replays between them.
-
-    Measured with it (all 12 layers captured one): 46.6 and 39.2 tok/s in two runs, against 47.6 before
-    (bench/results/2026-11-29-h200-session4-run1.json, -session4-run2.json): no gain that 15 decode steps from
-    disk can show. What the step still spends on the host is the route itself (a D2H copy and a sync per layer):
-    bench/results/2026-11-29-h200-profile-disk-piecewise.log.
+    waits. The same kernel, rows and sum as the eager path (cache._fused_pool_runner): the same bits. Its own
+    memory pool: it is captured after the segments, and replays between them. What the step still spends on the
+    host is the route itself (a device-to-host copy and a sync per layer).
     """
 
     def __init__(self, call: _MoeCall, graph_factory: Callable[[], Any]):

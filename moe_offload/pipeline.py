@@ -12,13 +12,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import hybrid
 from .checkpoint import Checkpoint
 from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
 from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
 from .host_embeddings import host_table_bytes
-from .hybrid import check_on_decode
 from .integration import build_offloaded_model, check_supported
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
@@ -78,19 +78,11 @@ class LLMPipeline:
                                      graph_ready=self._graph_ready, piecewise_ready=self._piecewise_ready)
         if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
             self.decoder = None
-        self.cpu_expert_check = self._decide_cpu_experts()
-
-    def _decide_cpu_experts(self) -> dict | None:
-        """MOE_CPU_EXPERTS=auto: keep the tuned CPU path only if whole decodes are faster with it (hybrid.py)."""
-        shares = [layer.cpu_share for layer in self.layers if layer.cpu_share is not None and layer.cpu_share.active]
-        if self.config.moe_cpu_experts != "auto" or not shares or self.decoder is None or self.device.type != "cuda":
-            return None
-        vocab = self.model.config.get_text_config().vocab_size
-        prompt = torch.randint(0, min(vocab, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            check = check_on_decode(self.decoder, shares, prompt.to(self.device))
-        self.reset_offload_stats()
-        return check
+        # MOE_CPU_EXPERTS=auto: the tuned CPU path kept only if whole decodes are faster with it
+        self.cpu_expert_check = hybrid.check_decodes(self.decoder, self.layers, self.config, self.device,
+                                                     self.model.config.get_text_config().vocab_size)
+        if self.cpu_expert_check is not None:
+            self.reset_offload_stats()
 
     def _graph_ready(self, num_tokens: int) -> bool:
         """Every MoE layer runs a forward of `num_tokens` tokens without a host sync (and nobody records routes)."""
@@ -145,17 +137,11 @@ class LLMPipeline:
         if static:
             new = self.decoder.generate(input_ids, kwargs["max_new_tokens"], kwargs.get("min_new_tokens") or 0,
                                         streamer=streamer, feed=feed)
-            self._check_cpu_experts()
+            hybrid.raise_errors(self.layers)
             return torch.tensor(new, dtype=torch.long)
         output = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **kwargs)
-        self._check_cpu_experts()
+        hybrid.raise_errors(self.layers)
         return output[0, input_ids.shape[1]:].cpu()
-
-    def _check_cpu_experts(self) -> None:
-        """Raise what the CPU expert path's host functions caught (they cannot raise where they run)."""
-        for layer in self.layers:
-            if layer.cpu_share is not None:
-                layer.cpu_share.check()
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64,
@@ -221,18 +207,7 @@ class LLMPipeline:
                                        for c, layer in zip(counters, self.layers)),
             # misses computed by the CPU in the host tier (MOE_CPU_EXPERTS): their bytes never cross PCIe
             "experts_computed_on_cpu": sum(c.computed_on_cpu for c in counters),
-            "cpu_expert_layers": sum(layer.cpu_share is not None for layer in self.layers),
-            "cpu_expert_kernel": next((layer.cpu_share.runner.compute for layer in self.layers if layer.cpu_share),
-                                      None),
-            "cpu_expert_threads": next((layer.cpu_share.runner.threads for layer in self.layers if layer.cpu_share),
-                                       None),
-            "cpu_expert_split": next((layer.cpu_share.split_table for layer in self.layers if layer.cpu_share),
-                                     None),
-            "cpu_expert_handoff": next((layer.cpu_share.handoff for layer in self.layers if layer.cpu_share), None),
-            # MOE_CPU_EXPERTS=auto: per CPU kernel, one layer's forward timed per split (hybrid.tune_split)
-            "cpu_expert_tuning": next((layer.cpu_share.tuning for layer in self.layers if layer.cpu_share), None),
-            # and whole decodes with the tuned tables and without the path: {"decode_tok_s": {on, off}, "kept"}
-            "cpu_expert_decode_check": self.cpu_expert_check,
+            **hybrid.summary(self.layers, self.cpu_expert_check),  # cpu_expert_*: the CPU's share (MOE_CPU_EXPERTS)
             "per_layer": [{"layer": layer.layer, "hits": c.hits, "misses": c.misses,
                            "experts_read_in_place": c.read_in_place,
                            "experts_from_host": stats.per_layer.get(layer.layer, {}).get("host", 0),
@@ -241,12 +216,9 @@ class LLMPipeline:
             "disk_io": fetcher.disk.strategy,
             "kernel": "torch" if self.layers[0].fused_moe is None else "triton",
             "zero_copy_layers": sum(layer.zero_copy for layer in self.layers),
-            # the longest prompt whose misses zero-copy layers read in place (longer ones copy them), and the
-            # timings that chose it (prefill_tuning.py; CUDA)
+            # the longest prompt whose misses zero-copy layers read in place (longer ones copy them)
             "zero_copy_prefill_max_tokens": next((layer.zero_copy_max_pairs // layer.top_k for layer in self.layers
                                                   if layer.zero_copy), None),
-            "zero_copy_prefill_tuning": next((layer.prefill_tuning for layer in self.layers if layer.prefill_tuning),
-                                             None),
             "cuda_graph_steps": self.decoder.steps_replayed if self.decoder else 0,
             "cuda_graph_prefills": self.decoder.prefills_replayed if self.decoder else 0,
             "cuda_graph_failure": self.decoder.graph_failure if self.decoder else None,

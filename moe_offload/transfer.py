@@ -17,8 +17,8 @@ import torch
 from .checkpoint import ExpertLocation
 from .tiers import DiskTier, HostTier, pin_for_lifetime, split_expert_bytes
 
-# Disk misses of one step are read by this many threads at once (os.preadv releases the GIL): on the H200
-# machine 8 concurrent O_DIRECT expert reads gave 1.71 GB/s against 1.06 with one (bench/results/*-h200-io.json).
+# Disk misses of one step are read by this many threads at once (os.preadv releases the GIL): an NVMe disk serves
+# several O_DIRECT requests in flight much faster than one.
 DISK_THREADS = 8
 STAGING_BUFFERS = DISK_THREADS
 

@@ -61,10 +61,10 @@ def record_as_node(monkeypatch, owner, name: str) -> None:
 
 def record_graph_nodes(monkeypatch) -> None:
     """What the engine launches besides aten ops becomes graph nodes: interpreted Triton kernels and the CPU
-    expert path's host functions (hybrid.HostFunction, and NativeHostFunction: the compiled numba step)."""
+    expert path's host functions (hybrid.driver.HostFunction, and NativeHostFunction: the compiled numba step)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from moe_offload.hybrid import HostFunction, NativeHostFunction
+    from moe_offload.hybrid.driver import HostFunction, NativeHostFunction
 
     record_as_node(monkeypatch, InterpretedFunction, "run")
     record_as_node(monkeypatch, HostFunction, "launch")

@@ -1,11 +1,11 @@
-"""The CPU expert path (moe_offload/cpu_experts.py) against the eager reference (kernels/reference.py).
+"""The CPU expert path (moe_offload/hybrid/cpu_experts.py) against the eager reference (kernels/reference.py).
 
 float32: within 1e-5 of the reference, relative to its largest output.
 bfloat16: compute="native" with one worker runs the reference's own ops on this thread's intra-op threads, so
 it must be bit-identical. Other configurations (a pool, whose workers use fewer intra-op threads; float32
 compute) round the same intermediates at the same points but may accumulate in another order, so an
 intermediate can land one bf16 ulp away and carry that on: max |difference| within BF16_TOLERANCE (4 bf16 ulps)
-of the largest output. Measured on an AMD EPYC (avx512_bf16): 0 for pools and packed weights (the same bits),
+of the largest output. Measured on an AMD EPYC (avx512_bf16): 0 for pools (the same bits),
 up to 2e-3 for float32 compute (~0.2% of outputs one ulp off).
 """
 
@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_offload.cpu_experts import (CpuExperts, PackedExperts, cpu_expert_outputs, host_tier_outputs,
-                                     packing_available)
+from moe_offload.hybrid.cpu_experts import CpuExperts, cpu_expert_outputs, host_tier_outputs
 from moe_offload.errors import MoeOffloadError
 from moe_offload.kernels.reference import weighted_expert_output
 from moe_offload.tiers import HostTier
@@ -162,7 +161,7 @@ def test_pool_leaves_thread_counts_alone():
 
 
 def test_work_is_balanced_over_workers():
-    from moe_offload.cpu_experts import _balance
+    from moe_offload.hybrid.cpu_experts import _balance
 
     shares = _balance([(s, 0, c) for s, c in enumerate([5, 1, 1, 1, 1, 1])], 2)
     assert sorted(len(share) for share in shares) == [3, 3]  # weight bytes per expert dominate, not pairs
@@ -200,23 +199,6 @@ def test_submit_runs_in_the_background():
     with CpuExperts() as runner:
         future = runner.submit(x, w, gate_up, down, slots, counts)
         assert torch.equal(future.result(), reference(x, w, gate_up, down, slots, counts))
-
-
-@pytest.mark.skipif(not packing_available(), reason="torch without oneDNN weight packing")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("workers", [1, 2])
-def test_packed_experts(dtype, workers):
-    gate_up, down = make_pools(6, 128, 96, dtype)
-    packed = PackedExperts(gate_up, down, rows=[4, 1, 5])  # packed slots 0, 1, 2 = pool rows 4, 1, 5
-    slots, counts = ROUTINGS["uneven"]
-    slots = [s % 3 for s in slots]
-    x, w = make_pairs(sum(counts), 128, dtype)
-    expected = reference(x, w, gate_up[[4, 1, 5]], down[[4, 1, 5]], slots, counts)
-    with CpuExperts(threads=2, workers=workers) as runner:
-        result = runner(x, w, packed, None, slots, counts)
-    assert relative_error(result, expected) <= (FP32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE)
-    with pytest.raises(MoeOffloadError, match="packed"):
-        CpuExperts(compute="float32")(x, w, packed, None, slots, counts)
 
 
 NUMBA_SHAPES = [(128, 96), (2048, 768), (130, 40)]  # (H, I): Qwen3-30B-A3B's, and widths off the 16-row chunks

@@ -141,7 +141,7 @@ def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, va
         pytest.skip("CPU-emulated graphs need Triton's interpreter for kernels on CPU tensors")
     from graph_emulation import emulate_whole_graphs, record_graph_nodes
 
-    from moe_offload.cpu_experts import CpuExperts
+    from moe_offload.hybrid import CpuExperts
     from moe_offload.dense_fusion import fuse_dense_ops, unfuse_dense_ops
     from moe_offload.host_embeddings import move_input_embeddings_to_host
     from moe_offload.kernels.triton_moe import fused_moe
@@ -182,7 +182,7 @@ def test_graph_replays_give_the_eager_tokens(checkpoint_factory, monkeypatch, va
         assert variant != "fed" or got == [7, 3, 7, 11, 2]
     assert decoder.steps_replayed >= 4 and decoder.prefills_replayed == 1 and decoder.graph_failure is None
     if numba:
-        from moe_offload.hybrid import NativeHostFunction
+        from moe_offload.hybrid.driver import NativeHostFunction
 
         assert isinstance(pipe.layers[0].cpu_share._native, NativeHostFunction)
         assert pipe.get_offload_stats()["experts_computed_on_cpu"] > 0

@@ -19,7 +19,7 @@ from moe_offload.policy import LRUPolicy, SlotTable
 
 def _host_step(table: SlotTable, needed: list[int], on_cpu: frozenset = frozenset()) -> tuple[int, int]:
     """What OffloadedExperts' general path does for one step: (hits, admitted). Misses in `on_cpu` are computed
-    by the CPU (hybrid.py): never admitted."""
+    by the CPU (hybrid/): never admitted."""
     hits = [e for e in sorted(needed) if table.lookup(e) is not None]
     misses = [e for e in sorted(needed) if table.lookup(e) is None and e not in on_cpu]
     for expert in hits:

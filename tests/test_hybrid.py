@@ -1,4 +1,4 @@
-"""Hybrid decode (moe_offload/hybrid.py): some misses computed on the CPU while the GPU reads the rest in place.
+"""Hybrid decode (moe_offload/hybrid/): some misses computed on the CPU while the GPU reads the rest in place.
 
 On the CPU the Triton kernels run in the interpreter and the host function runs inline; the split, the
 mailbox, the CPU experts and the merge of their rows are the same code as on CUDA. Tolerance: float32 logits
@@ -15,10 +15,10 @@ import torch
 from triton_interp import CUDA  # first: sets TRITON_INTERPRET before triton loads
 
 from moe_offload import LLMPipeline
-from moe_offload.cpu_experts import CpuExperts
 from moe_offload.errors import MoeOffloadError
-from moe_offload.hybrid import (CpuShare, HostFunction, _TokenStamps, all_on_cpu, check_on_decode,
-                                tune_cpu_path, tune_split)
+from moe_offload.hybrid import CpuExperts, CpuShare
+from moe_offload.hybrid.driver import HostFunction
+from moe_offload.hybrid.tuning import _TokenStamps, all_on_cpu, check_on_decode, tune_cpu_path, tune_split
 from moe_offload.kernels.reference import weighted_expert_output
 from moe_offload.tiers import HostTier
 
@@ -100,8 +100,8 @@ def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, firs
     """kernels/triton_hybrid.pack_share (Triton's interpreter here, compiled on CUDA) against pack_share_torch, bit
     for bit, over 12 steps in a row (so the last-use stamps that pick the CPU's misses vary) and splits: packed
     mailbox, GPU ids, CPU pairs, tally, last-use stamps and the step (the doorbell's ring value)."""
-    triton_hybrid = pytest.importorskip("moe_offload.kernels.triton_hybrid")
-    from moe_offload.hybrid import pack_share_torch
+    triton_hybrid = pytest.importorskip("moe_offload.hybrid.kernels.triton_hybrid")
+    from moe_offload.hybrid.share import pack_share_torch
 
     device = torch.device("cuda" if CUDA else "cpu")
     if not triton_hybrid.runs_on(torch.empty(0, device=device)):
@@ -134,11 +134,11 @@ def test_fused_pack_gives_the_torch_packs_values(top_k, hidden_size, dtype, firs
 
 
 def test_cpu_share_with_the_numba_kernel_on_bf16():
-    """The engine's CPU kernel for bf16 SiLU experts (integration.cpu_expert_kernel): rows within 4 bf16 ulps of
+    """The engine's CPU kernel for bf16 SiLU experts (tuning.cpu_expert_kernels): rows within 4 bf16 ulps of
     the reference's."""
     pytest.importorskip("numba")
-    from moe_offload.integration import cpu_expert_kernels
-    from moe_offload.kernels import cpu_numba
+    from moe_offload.hybrid.kernels import cpu_numba
+    from moe_offload.hybrid.tuning import cpu_expert_kernels
 
     assert cpu_expert_kernels(torch.bfloat16, torch.nn.functional.silu) == ["numba", "native"]
     assert cpu_expert_kernels(torch.float32, torch.nn.functional.silu) == ["native"]
@@ -168,8 +168,8 @@ def test_compiled_step_gives_the_python_steps_bits():
     pytest.importorskip("numba")
     import ctypes
 
-    from moe_offload.hybrid import NativeHostFunction
-    from moe_offload.kernels import cpu_numba
+    from moe_offload.hybrid.driver import NativeHostFunction
+    from moe_offload.hybrid.kernels import cpu_numba
 
     torch.manual_seed(0)
     tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
@@ -211,7 +211,7 @@ def test_doorbell_server_runs_the_compiled_step_when_rung():
     pytest.importorskip("numba")
     import time
 
-    from moe_offload.kernels import doorbell
+    from moe_offload.hybrid.kernels import doorbell
 
     torch.manual_seed(0)
     tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
@@ -505,20 +505,24 @@ def test_cpu_share_needs_zero_copy(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("mode, handoff", [("auto", "host_function"), ("all", "host_function"),
-                                           ("all", "stream_wait"), ("auto", "stream_wait")])
-def test_hybrid_decode_on_cuda(mode, handoff):
+@pytest.mark.parametrize("mode, refused", [("auto", False), ("all", False), ("all", True), ("auto", True)])
+def test_hybrid_decode_on_cuda(monkeypatch, mode, refused):
     """The shipped model at ratio 0 with misses on the CPU, steps replayed from the graph: ratio 100's tokens,
-    with either handoff (stream_wait: served by kernels/doorbell.py, unless the driver refused it)."""
+    with the doorbell (kernels/doorbell.py, unless the driver refuses it) or, forced here as if the driver refused
+    stream memory operations, the host-function fallback."""
+    from moe_offload.hybrid import driver
+
+    if refused:
+        monkeypatch.setattr(driver, "stream_wait_available", lambda device: "refused by the test")
     prompt = torch.randint(2, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     reference = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=100)
     want = reference.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
     reference.close()
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS=mode, MOE_CPU_HANDOFF=handoff)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS=mode)
     got = pipe.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48)
     stats = pipe.get_offload_stats()
-    if handoff == "host_function":
-        assert stats["cpu_expert_handoff"] == "host_function"
+    if refused:
+        assert stats["cpu_expert_handoff"] == "host_function (stream_wait refused: refused by the test)"
     elif stats["cpu_expert_kernel"] == "numba":  # served by the doorbell, or the driver refused it
         assert stats["cpu_expert_handoff"] == "stream_wait" or \
             stats["cpu_expert_handoff"].startswith("host_function (stream_wait refused: ")
@@ -578,3 +582,26 @@ def test_decode_check_times_the_replayed_steps_only():
     assert stamps.decode_tok_s() == pytest.approx(100.0)
     stamps.stamps = stamps.stamps[:4]  # nothing replayed yet
     assert stamps.decode_tok_s() == 0.0
+
+
+def test_the_engine_enters_the_hybrid_path_by_one_door():
+    """Outside moe_offload/hybrid/, the package imports moe_offload.hybrid itself (its __init__: enable,
+    check_decodes, raise_errors, summary), never one of its modules."""
+    import ast
+    from pathlib import Path
+
+    import moe_offload.hybrid
+
+    root = Path(moe_offload.hybrid.__file__).resolve().parent
+    inner = {path.stem for path in root.glob("*.py")} | {"kernels"}
+    for path in root.parent.rglob("*.py"):
+        if root in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = ("moe_offload." if node.level else "") + (node.module or "")
+                names = {alias.name for alias in node.names}
+                assert not module.startswith("moe_offload.hybrid."), (path.name, module)
+                assert module.rstrip(".") != "moe_offload.hybrid" or not names & inner, (path.name, names)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("moe_offload.hybrid.") for a in node.names), path.name

@@ -169,7 +169,7 @@ def test_piecewise_keeps_sync_free_layers_inside_the_segments(checkpoint_factory
     its misses computed by the CPU's host function) and one on the copy path (eager between segments), as when
     the host tier holds only some layers' experts: replayed piecewise with graphs emulated on the CPU, the eager
     decode's logits (within 1e-5: CPU-computed experts sum in another order) and tokens."""
-    from moe_offload.cpu_experts import CpuExperts
+    from moe_offload.hybrid import CpuExperts
 
     path = checkpoint_factory("qwen3_moe")
     prompt = torch.tensor([[3, 14, 15, 92, 65]])

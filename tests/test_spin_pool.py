@@ -1,4 +1,4 @@
-"""kernels/spin_pool.SpinPool: every item of both phases runs once, phase 2 only after phase 1, from any thread."""
+"""hybrid/kernels/spin_pool.SpinPool: every item of both phases runs once, phase 2 only after phase 1, from any thread."""
 
 import threading
 
@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("numba")
 
-from moe_offload.kernels.spin_pool import SpinPool  # noqa: E402
+from moe_offload.hybrid.kernels.spin_pool import SpinPool  # noqa: E402
 
 ITEMS = 64
 

@@ -1,33 +1,30 @@
 """CPU expert path: routed experts' outputs computed on the CPU straight from the host tier.
 
-hybrid.py runs it for part of a decode step's misses (MOE_CPU_EXPERTS). On the H200 machine's CPU (16-core Xeon with
-AMX-BF16 and AVX512-BF16, 300 MiB L3, 84.6 GB/s plain read; bench/results/2026-11-29-h200-cpu-experts.{json,log}),
-one token per expert, bf16 tier as stored: experts one at a time on 16 threads 24-26 GB/s (fit: 53 us + bytes / 28.4
-GB/s), oneDNN pre-packed 26-35, a pool of 2 workers x 8 threads 29-35 at 8-16 experts (but ~0.75 ms fixed cost a
-call); float32 paths 4-22. So torch's CPU kernels read expert weights at about half the rate llama.cpp's CPU backend
-reaches there (~66 GB/s): with PCIe at 50-55 GB/s, CPU + GPU together would give ~80 GB/s, not ~120. The measurements
-below are from the 2-core machine the module was written on.
+share.py runs it for part of a decode step's misses (MOE_CPU_EXPERTS). The engine streams a miss's weights to the
+GPU; for a batch-1 decode step the same expert can instead be computed where its weights already are. One token
+per expert makes an expert two GEMVs over its weights (9.4 MB per Qwen3-30B-A3B expert in bf16), each weight read
+once and used once: the cost is memory bandwidth plus a fixed cost per call and per expert (Python dispatch,
+OpenMP fork/join). bench/cpu_experts_bench.py measures it.
 
-The engine streams a miss's weights to the GPU; for a batch-1 decode step the same expert can instead be
-computed where its weights already are. One token per expert makes an expert two GEMVs over its weights (9.4 MB
-per Qwen3-30B-A3B expert in bf16), each weight read once and used once: the cost is memory bandwidth plus a
-fixed cost per call and per expert (Python dispatch, OpenMP fork/join). bench/cpu_experts_bench.py measures it;
-the figures below are from a 2-vCPU AMD EPYC VM with avx512_bf16 (torch 2.13, oneDNN 3.12), Qwen3 shapes, a
-0.9 GB tier (every expert from DRAM), a shared and noisy machine: GB/s = expert bf16 bytes / time.
+On the H200 machine's CPU (16-core Xeon with AMX-BF16 and AVX512-BF16, 300 MiB L3, 84.6 GB/s plain read), one
+token per expert, bf16 tier as stored: experts one at a time on 16 threads 24-26 GB/s (fit: 53 us + bytes / 28.4
+GB/s), a pool of 2 workers x 8 threads 29-35 at 8-16 experts (but ~0.75 ms fixed cost a call); float32 paths
+4-22. So torch's CPU kernels read expert weights at about half the rate llama.cpp's CPU backend reaches there
+(~66 GB/s): hence the numba kernel (compute="numba", kernels/cpu_numba.py). The figures below are from a 2-vCPU
+AMD EPYC VM with avx512_bf16 (torch 2.13, oneDNN 3.12), Qwen3 shapes, a 0.9 GB tier (every expert from DRAM), a
+shared and noisy machine: GB/s = expert bf16 bytes / time.
 
-Layout and dtype (one core, 8 experts): the fastest is bf16 in oneDNN's own blocked layout (PackedExperts,
-AB16b64a2b), 15.0 GB/s; then the tier's own layout, gate_up [2I, H] and down [H, I] through F.linear,
-9.3 GB/s: oneDNN (brgemm, avx512_core_bf16 here, AMX where present) re-blocks the weight on every call, and a
-core is compute-bound at that (a plain read runs at ~29 GB/s a core). Gate and up as two calls: the same 9.3.
-compute="float32" (bf16 widened to float32 in L2-sized blocks, then MKL sgemv): 8.7, the fallback for CPUs
-where torch has no bf16 GEMM. Transposed [H, 2I] with x @ W: 8.0. float32 weights (twice the bytes): 7.7
-(15.4 GB/s of float32). Converting whole matrices to float32 per call: 5.1. So: bf16 (half the bytes), packed
-if the RAM for a second copy is there (packed weights are opaque mkldnn tensors: no pinning, no streaming
-from them), else the tier as it is.
+Layout and dtype (one core, 8 experts): the tier's own layout, gate_up [2I, H] and down [H, I] through
+F.linear, 9.3 GB/s: oneDNN (brgemm, avx512_core_bf16 here, AMX where present) re-blocks the weight on every
+call, and a core is compute-bound at that (a plain read runs at ~29 GB/s a core). Gate and up as two calls: the
+same 9.3. compute="float32" (bf16 widened to float32 in L2-sized blocks, then MKL sgemv): 8.7, the fallback for
+CPUs where torch has no bf16 GEMM. Transposed [H, 2I] with x @ W: 8.0. float32 weights (twice the bytes): 7.7
+(15.4 GB/s of float32). Converting whole matrices to float32 per call: 5.1. So: bf16 (half the bytes), the tier
+as it is.
 
 Threads (2 cores, 8-16 experts, quiet moments): experts one at a time on torch's intra-op threads (serial): 12-16
-GB/s plain, 15-20 packed; a pool of 2 workers x 1 thread, experts side by side: 13-18 plain, 18-23 packed (best of
-three OpenMP settings each); a plain read: 32-56 GB/s. Where torch releases the GIL (inside every op) workers overlap
+GB/s; a pool of 2 workers x 1 thread, experts side by side: 13-18 (best of three OpenMP settings each); a plain
+read: 32-56 GB/s. Where torch releases the GIL (inside every op) workers overlap
 each other's Python dispatch and need no OpenMP barrier. But how libgomp's idle threads wait decides it: by default
 they spin for a while, and a spinning team (the caller's, after a call with more threads per worker) steals the cores
 the pool's workers need: the pool then fell to 6-10 GB/s at 2-8 experts. With OMP_WAIT_POLICY=PASSIVE (set before
@@ -42,7 +39,7 @@ Rounding: the same torch ops as transformers' eager experts (reference.weighted_
 intermediate is rounded to the hidden dtype at the same points: the gate/up GEMM output, act(gate),
 act(gate) * up, the down GEMM output and the weighted output (in the routing weight's dtype), then widened to
 float32. compute="native" with one worker is the reference's own ops: the same bits as the reference run on
-the CPU (pools, other thread counts and packed weights also gave the same bits here; compute="float32"
+the CPU (pools and other thread counts also gave the same bits here; compute="float32"
 differs in ~0.2% of outputs, by an ulp). Against the GPU (cuBLAS or the Triton kernel: float32 accumulation,
 rounded once) results differ where another accumulation order moves one of those roundings by an ulp, which
 then propagates: bit-identical results across devices are not to be expected. Against a float64-accumulated
@@ -61,7 +58,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import MoeOffloadError
+from ..errors import MoeOffloadError
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 COMPUTE_MODES = ("native", "float32", "numba")
@@ -78,49 +75,6 @@ def _expert_native(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor
     """out [n, H] float32 = weights[:, None] * expert(x), with reference.weighted_expert_output's ops."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each, rounded to x's dtype
     out.copy_(F.linear(act_fn(gate) * up, down) * weights[:, None])  # copy_ widens exactly, as .float() does
-
-
-def _expert_packed(x: torch.Tensor, weights: torch.Tensor, gate_up, down, act_fn: ActFn, out: torch.Tensor) -> None:
-    """_expert_native on oneDNN-packed weights (PackedExperts): the same ops, the weights already blocked."""
-    gate, up = torch.ops.mkldnn._linear_pointwise(x, gate_up, None, "none", [], "").chunk(2, dim=-1)
-    hidden = act_fn(gate) * up
-    out.copy_(torch.ops.mkldnn._linear_pointwise(hidden, down, None, "none", [], "") * weights[:, None])
-
-
-def packing_available() -> bool:
-    """Whether this torch can pre-pack linear weights for oneDNN (a private op of builds with mkldnn)."""
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class PackedExperts:
-    """Some experts' weights re-laid out once in oneDNN's blocked GEMM format, for the fastest CPU GEMVs.
-
-    F.linear on the tier's plain [out, in] bf16 weights makes oneDNN re-block (VNNI-pack) the weight matrix on
-    every call, which costs it about a third of its speed on a core (AMD EPYC with avx512_bf16, one thread,
-    whole experts: 9.3 GB/s plain, 15.0 GB/s packed (format AB16b64a2b), bit-identical output); the fixed cost
-    per expert is higher (a tiny expert: 55-60 us against 25-30).
-    The packed weights are opaque mkldnn tensors in memory of their own: they cannot be pinned or streamed to
-    the GPU, so packing an expert costs a second copy of it in RAM. Worth it for experts the CPU is to compute
-    every time (a fixed CPU share of the host tier), or where the CPU is short of cores rather than bandwidth.
-
-    Pass one as gate_up to CpuExperts (down=None); slots index the experts packed, in order.
-    """
-
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, rows: Sequence[int] | None = None):
-        if not packing_available():
-            raise MoeOffloadError("this torch build cannot pre-pack weights for oneDNN")
-        rows = range(gate_up.shape[0]) if rows is None else rows
-        self.dtype = gate_up.dtype
-        self.shape = (len(rows), gate_up.shape[1], gate_up.shape[2])  # as a gate_up pool's: [n, 2I, H]
-        self.gate_up = [torch.ops.mkldnn._reorder_linear_weight(gate_up[r].contiguous(), 1) for r in rows]
-        self.down = [torch.ops.mkldnn._reorder_linear_weight(down[r].contiguous(), 1) for r in rows]
-
-    def __len__(self) -> int:
-        return len(self.gate_up)
 
 
 def _block_scratch(numel: int) -> torch.Tensor:
@@ -213,22 +167,17 @@ class CpuExperts:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor | PackedExperts,
-                 down: torch.Tensor | None, slots: Sequence[int], counts: Sequence[int], act_fn: ActFn = F.silu,
+    def __call__(self, hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                 down: torch.Tensor, slots: Sequence[int], counts: Sequence[int], act_fn: ActFn = F.silu,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """[n_pairs, H] float32: row p = weights[p] * expert(hidden[p]) for the expert that owns pair p.
 
         hidden [n_pairs, H] and weights [n_pairs]: the (token, k) pairs grouped by expert, the first counts[0]
         rows for the expert at slots[0] of the pools, the next counts[1] for slots[1], and so on.
         gate_up [n, 2I, H] (gate rows, then up rows) and down [n, H, I]: pools on the CPU, such as a HostTier's
-        gate_up and down. Or gate_up a PackedExperts and down None (compute must be "native").
+        gate_up and down.
         out: optional [n_pairs, H] float32 destination (a pinned buffer, say).
         """
-        packed = isinstance(gate_up, PackedExperts)
-        if packed:
-            if self.compute != "native" or hidden.dtype != gate_up.dtype:
-                raise MoeOffloadError("packed experts run with compute='native' on hidden states of their dtype")
-            gate_up, down = gate_up.gate_up, gate_up.down
         n_pairs = _check(hidden, weights, gate_up, down, slots, counts, out)
         if out is None:
             out = torch.empty((n_pairs, hidden.shape[1]), dtype=torch.float32)
@@ -246,9 +195,7 @@ class CpuExperts:
         def run(share: list[tuple[int, int, int]]) -> None:
             for slot, first, count in share:
                 rows = slice(first, first + count)
-                if packed:
-                    _expert_packed(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows])
-                elif self.compute == "native":
+                if self.compute == "native":
                     _expert_native(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows])
                 else:
                     _expert_float32(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows],
@@ -268,7 +215,6 @@ class CpuExperts:
                 # worker also wrote, and which threads created later start from).
                 torch.set_num_threads(caller)
         return out
-
 
     def _numba(self, hidden, weights, gate_up, down, slots, counts, act_fn, out) -> None:
         from .kernels import cpu_numba
@@ -313,19 +259,14 @@ def _check(hidden, weights, gate_up, down, slots, counts, out) -> int:
     if any(count < 0 for count in counts):
         raise MoeOffloadError("pair counts must be >= 0")
     n_pairs = int(sum(counts))
-    tensors = (("hidden", hidden), ("weights", weights)) if isinstance(gate_up, list) else \
-        (("hidden", hidden), ("weights", weights), ("gate_up", gate_up), ("down", down))
-    for name, tensor in tensors:
+    for name, tensor in (("hidden", hidden), ("weights", weights), ("gate_up", gate_up), ("down", down)):
         if tensor.device.type != "cpu":
             raise MoeOffloadError(f"CPU experts need CPU tensors; {name} is on {tensor.device}")
     if hidden.dim() != 2 or hidden.shape[0] != n_pairs or weights.shape != (n_pairs,):
         raise MoeOffloadError(f"hidden must be [{n_pairs}, H] and weights [{n_pairs}]; got "
                               f"{tuple(hidden.shape)} and {tuple(weights.shape)}")
     h = hidden.shape[1]
-    if isinstance(gate_up, list):  # PackedExperts' weights: [2I, H] and [H, I] each
-        if gate_up and (gate_up[0].shape[1] != h or down[0].shape[0] != h):
-            raise MoeOffloadError(f"packed experts have hidden size {gate_up[0].shape[1]}, hidden states {h}")
-    elif gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != h or down.shape[1] != h \
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != h or down.shape[1] != h \
             or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[0] != down.shape[0]:
         raise MoeOffloadError(f"pools must be gate_up [n, 2I, {h}] and down [n, {h}, I]; got "
                               f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
@@ -337,8 +278,8 @@ def _check(hidden, weights, gate_up, down, slots, counts, out) -> int:
     return n_pairs
 
 
-def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor | PackedExperts,
-                       down: torch.Tensor | None, slots: Sequence[int], counts: Sequence[int],
+def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                       down: torch.Tensor, slots: Sequence[int], counts: Sequence[int],
                        act_fn: ActFn = F.silu, *, out: torch.Tensor | None = None,
                        runner: CpuExperts | None = None) -> torch.Tensor:
     """[n_pairs, H] float32 weighted expert outputs, pairs grouped by expert: see CpuExperts.__call__.
@@ -346,7 +287,7 @@ def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: tor
     gate_up [2I, H] and down [H, I] of a single expert are accepted too (slots/counts then name it once:
     slots=[0], counts=[n_pairs]). Without a runner: one expert at a time on this thread's intra-op threads.
     """
-    if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 2:
+    if gate_up.dim() == 2:
         gate_up, down = gate_up.unsqueeze(0), down.unsqueeze(0)
     if runner is None:
         runner = CpuExperts()

@@ -10,10 +10,11 @@ import torch
 
 
 def triton_kernels(module: str, device: torch.device) -> ModuleType | None:
-    """The Triton kernel module kernels/<module> where Triton runs on `device` (CUDA, or the CPU in Triton's
-    interpreter), else None: triton not installed, or a CPU device outside the interpreter."""
+    """The Triton kernel module `module` (its full name, e.g. "moe_offload.kernels.triton_lru") where Triton runs
+    on `device` (CUDA, or the CPU in Triton's interpreter), else None: triton not installed, or a CPU device
+    outside the interpreter. Each such module exports runs_on(tensor)."""
     try:
-        kernels = importlib.import_module(f"{__name__}.{module}")
+        kernels = importlib.import_module(module)
     except ImportError:
         return None
     return kernels if kernels.runs_on(torch.empty(0, device=device)) else None

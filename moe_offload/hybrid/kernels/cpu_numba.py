@@ -2,11 +2,10 @@
 
 Why: a one-token expert is two GEMVs, a memory stream over its weights. torch's CPU path (oneDNN) re-blocks a
 plain weight matrix on every call and read expert weights at 24-35 GB/s on the H200 machine, whose plain read
-runs at 84.6 GB/s (bench/results/2026-11-29-h200-cpu-experts.log). Widening each bf16 row to float32 (a 16-bit
-shift of the bits) in a per-thread buffer and accumulating in float32 read them at 25.1 GB/s against torch's 18.2
-on a 2-core machine (bench/cpu_gemv_numba.py, bench/results/2026-11-29-cpu-gemv-numba-2core.json); whole experts
-here, 8 per call, 1.7-2.0x torch's (bench/cpu_numba_experts.py, bench/results/2026-11-29-cpu-numba-experts-2core.json).
-hybrid.tune_cpu_path still times both on the serving machine and keeps the faster.
+runs at 84.6 GB/s. Widening each bf16 row to float32 (a 16-bit shift of the bits) in a per-thread buffer and
+accumulating in float32 read them at 25.1 GB/s against torch's 18.2 on a 2-core machine; whole experts there,
+8 per call, 1.7-2.0x torch's (bench/cpu_numba_experts.py measures it). tuning.tune_cpu_path still times both on
+the serving machine and keeps the faster.
 
 Every (token, expert) pair of a call is cut into work items of a few rows (UP_CHUNK, DOWN_CHUNK), handed out
 to the threads of a spin_pool.SpinPool (phase 1: each pair's gate/up rows; phase 2, once phase 1 is done: its
@@ -202,7 +201,7 @@ _step_function = None
 
 
 def step_function() -> int:
-    """Address of `void step(int64 *descriptor)`: the CPU share of one hybrid decode step (hybrid.CpuShare), with
+    """Address of `void step(int64 *descriptor)`: the CPU share of one hybrid decode step (share.CpuShare), with
     no Python in it and no GIL taken, so a CUDA host node runs it while the launching thread runs Python.
 
     The descriptor (DESCRIPTOR_FIELDS): the address of a job (make_job) whose x is the float32 mailbox

@@ -1,4 +1,4 @@
-"""The GPU side of a hybrid decode step's bookkeeping (hybrid.CpuShare.forward) as one Triton kernel.
+"""The GPU side of a hybrid decode step's bookkeeping (share.CpuShare.forward) as one Triton kernel.
 
 Why: before the CPU can take its share of a layer's misses, the GPU decides which pairs are the CPU's (the n_cpu
 misses whose experts were used least recently, ties in top-k order; n_cpu from the split table), packs the hidden
@@ -8,7 +8,7 @@ torch that is ~20 tiny kernels (sum, index_select, comparisons, gathers, casts, 
 each ~2-3 us even replayed from a graph, on the path every layer of a decode step waits on, and on the CPU's
 critical path too. Here it is one launch.
 
-Same values as the torch code (hybrid.pack_share_torch): the hidden state and the weights widened to float32
+Same values as the torch code (share.pack_share_torch): the hidden state and the weights widened to float32
 (exact), rows as float32 (exact below 2^24), ids as given.
 """
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_dense import runs_on  # noqa: F401  (kernels.triton_kernels asks each module)
+from ...kernels.triton_dense import runs_on  # noqa: F401  (kernels.triton_kernels asks each module)
 
 _BLOCK_H = 1024
 
@@ -62,7 +62,7 @@ def pack_share(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: t
                from_host: torch.Tensor, split: torch.Tensor, host_rows: torch.Tensor, num_experts: int,
                packed: torch.Tensor, gpu_ids: torch.Tensor, cpu_pair: torch.Tensor, tally: torch.Tensor,
                last_use: torch.Tensor, step: torch.Tensor) -> None:
-    """hybrid.pack_share_torch's outputs, in place, in one launch.
+    """share.pack_share_torch's outputs, in place, in one launch.
 
     hidden [1, H]; top_k_index, top_k_weights, from_host [1, K]; split [K + 1]; host_rows [E];
     packed [H + 2K] float32; gpu_ids [1, K] int64; cpu_pair [K] uint8; tally [] int64; last_use [E] int32;
