@@ -2,7 +2,7 @@
 
 Why: once the MoE layers stop syncing with the host (all experts resident, or misses read in place: cache.py),
 what is left of a decode step is Python launching ~650 small kernels, and the GPU waits on the host for most of
-the step (on an H200, replaying the step as a graph decoded about 9x faster than transformers' eager loop).
+the step (replaying the step as a graph has decoded several times faster than transformers' eager loop).
 Captured once and replayed, a step costs one launch.
 
 Prefill is captured too, per prompt length, the second time a length is seen (the first run compiles and warms

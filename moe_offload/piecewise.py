@@ -4,7 +4,7 @@ Why: a layer whose misses come from disk (or that copies misses into its cache) 
 so its step cannot be one CUDA graph, and the eager step is mostly Python launching transformers' small dense
 kernels: a disk-tier step then takes several times what its reads and a resident step cost. Here the dense code
 between two such layers is captured once as a graph segment and replayed; only those layers run eagerly, which
-roughly halved the disk tier's step time on an H200.
+roughly halved the disk tier's step time.
 
 How: recording runs the step once with the backend's calls diverted here (`moe_call`). At each syncing layer the
 segment captured so far is closed and replayed at once (capture does not execute, and the layer needs its input),

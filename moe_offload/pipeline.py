@@ -123,7 +123,7 @@ class LLMPipeline:
         Greedy generation runs on the static-cache decoder (decoding.py: one CUDA graph per step where every MoE
         layer is sync-free); anything it does not reproduce (sampling, other logits processing, sliding-window
         attention, an attention mask with padding) goes to transformers' generate. Both give transformers' greedy
-        tokens (tests/test_decoding.py on the CPU; bench/gpu_correctness.py on the H200). `feed` [>= N]: decode
+        tokens (tests/test_decoding.py checks it on the CPU, bench/gpu_correctness.py on a GPU). `feed` [>= N]: decode
         these tokens instead of the greedy picks (StaticDecoder.generate; static decoder only).
         """
         if self._closed:  # the host tier is unpinned: kernels must no longer read it in place

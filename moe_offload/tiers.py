@@ -7,7 +7,7 @@ is the cache's business.
 Disk reads go straight to the expert's byte ranges in the safetensors file, with one of two strategies:
   odirect - O_DIRECT reads of the enclosing 4 KiB-aligned range into an aligned bounce buffer, bypassing the
             page cache. Default: the disk tier exists for checkpoints too big for RAM, whose pages are cold, and
-            a cold read is faster without the page cache's copy (bench/RESULTS.md). Falls back to pread where
+            a cold read is faster without the page cache's copy. Falls back to pread where
             the filesystem refuses O_DIRECT (tmpfs).
   pread   - os.preadv into the destination buffer; fastest when the file sits in the page cache.
 A memory mapping of the file is deliberately not offered: it was slowest in every measurement, and a checkpoint

@@ -2,14 +2,14 @@
 working at once. The engine's one door to it: enable at load, check_decodes once the decoder exists,
 raise_errors after each generation, summary for the stats; cache.OffloadedExperts holds each layer's CpuShare.
 
-Why: the GPU reads experts left in pinned host memory over PCIe (~50 GB/s on the H200 machine), and the CPU can
-compute one-token experts from that same memory (~66 GB/s there for 8 experts a call with the numba kernel).
-Together they can move more bytes per second than either alone, up to what the host DRAM gives (~85 GB/s there).
+Why: the GPU reads experts left in pinned host memory over PCIe, and the CPU can compute one-token experts from
+that same memory with the numba kernel at a comparable rate (tens of GB/s each on a GPU server). Together they
+can move more bytes per second than either alone, up to what the host DRAM gives.
 In a one-token decode step a layer's misses are split by count: n_cpu of them, those whose experts were used
 least recently, are computed on the CPU where their weights lie (share.py), the rest are read in place by the
 GPU kernels; hits stay on the GPU. n_cpu per miss count, and the CPU kernel, are measured at load, and kept only
-if whole decodes then run faster (tuning.py). On the H200 at ratio 0 the decode check ran 81-86 tok/s with the
-path against 52 without.
+if whole decodes then run faster (tuning.py). With every routed expert offloaded (ratio 0), where the GPU alone
+is PCIe-bound, the decode check has found the path clearly faster than none.
 
 Layout: driver.py (the CUDA driver calls torch does not bind), share.py (one layer's CPU share and the GPU's
 packing of it), cpu_experts.py (the CPU kernel runner), tuning.py (all load-time measurement), kernels/ (numba
@@ -43,8 +43,7 @@ def enable(runtimes: list, sites: list, config, device: torch.device) -> dict[st
     # By default two cores left: one for the launching thread (it spin-waits on most syncs, and sleeps through
     # graph-replayed decode steps), one for everything else; the thread that drives the pool (the doorbell server,
     # or the driver's callback thread) is one of the `threads`, and a parallel loop runs at its slowest thread's
-    # pace. On the H200 (16 cores) 8 experts on the CPU took 1.67 ms with 14 threads, 1.92 with 15, 2.81 with 16,
-    # each replayed as the layer's CPU share (measured before kernels/spin_pool.py: 1.14 ms with 14 there).
+    # pace: taking those last two cores too made a layer's CPU share slower, not faster.
     threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
     kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
     # "all" runs the preferred kernel; "auto" measures each (building a numba runner compiles its kernel)

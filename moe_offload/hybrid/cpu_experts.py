@@ -2,51 +2,29 @@
 
 share.py runs it for part of a decode step's misses (MOE_CPU_EXPERTS). The engine streams a miss's weights to the
 GPU; for a batch-1 decode step the same expert can instead be computed where its weights already are. One token
-per expert makes an expert two GEMVs over its weights (9.4 MB per Qwen3-30B-A3B expert in bf16), each weight read
-once and used once: the cost is memory bandwidth plus a fixed cost per call and per expert (Python dispatch,
-OpenMP fork/join). bench/cpu_experts_bench.py measures it.
+per expert makes an expert two GEMVs over its weights, each weight read once and used once: the cost is memory
+bandwidth plus a fixed cost per call and per expert (Python dispatch, OpenMP fork/join).
 
-On the H200 machine's CPU (16-core Xeon with AMX-BF16 and AVX512-BF16, 300 MiB L3, 84.6 GB/s plain read), one
-token per expert, bf16 tier as stored: experts one at a time on 16 threads 24-26 GB/s (fit: 53 us + bytes / 28.4
-GB/s), a pool of 2 workers x 8 threads 29-35 at 8-16 experts (but ~0.75 ms fixed cost a call); float32 paths
-4-22. So torch's CPU kernels read expert weights at about half the rate llama.cpp's CPU backend reaches there
-(~66 GB/s): hence the numba kernel (compute="numba", kernels/cpu_numba.py). The figures below are from a 2-vCPU
-AMD EPYC VM with avx512_bf16 (torch 2.13, oneDNN 3.12), Qwen3 shapes, a 0.9 GB tier (every expert from DRAM), a
-shared and noisy machine: GB/s = expert bf16 bytes / time.
+Kernels (`compute`): "native" runs transformers' own torch ops on the tier as stored (bf16: half the bytes of
+float32; oneDNN re-blocks the weight on every call, so a core is compute-bound well below what a plain read of the
+same bytes reaches); "float32" widens bf16 to float32 in L2-sized blocks for CPUs where torch has no bf16 GEMM;
+"numba" (kernels/cpu_numba.py, bf16 SiLU experts) reads the weights at close to memory speed with no Python in the
+loop, which is why the hybrid path prefers it where it applies.
 
-Layout and dtype (one core, 8 experts): the tier's own layout, gate_up [2I, H] and down [H, I] through
-F.linear, 9.3 GB/s: oneDNN (brgemm, avx512_core_bf16 here, AMX where present) re-blocks the weight on every
-call, and a core is compute-bound at that (a plain read runs at ~29 GB/s a core). Gate and up as two calls: the
-same 9.3. compute="float32" (bf16 widened to float32 in L2-sized blocks, then MKL sgemv): 8.7, the fallback for
-CPUs where torch has no bf16 GEMM. Transposed [H, 2I] with x @ W: 8.0. float32 weights (twice the bytes): 7.7
-(15.4 GB/s of float32). Converting whole matrices to float32 per call: 5.1. So: bf16 (half the bytes), the tier
-as it is.
-
-Threads (2 cores, 8-16 experts, quiet moments): experts one at a time on torch's intra-op threads (serial): 12-16
-GB/s; a pool of 2 workers x 1 thread, experts side by side: 13-18 (best of three OpenMP settings each); a plain
-read: 32-56 GB/s. Where torch releases the GIL (inside every op) workers overlap
-each other's Python dispatch and need no OpenMP barrier. But how libgomp's idle threads wait decides it: by default
-they spin for a while, and a spinning team (the caller's, after a call with more threads per worker) steals the cores
-the pool's workers need: the pool then fell to 6-10 GB/s at 2-8 experts. With OMP_WAIT_POLICY=PASSIVE (set before
-torch starts) the pool is fast and steady, but every parallel region pays a wake-up (a tiny expert: 30 us serial with
-spinning, 150-190 us without). And with other work on the cores, an OpenMP team that spins collapsed to one region
-per scheduler tick (8 ms per GEMV instead of 0.6) while single-threaded workers only slowed down. For the engine:
-threads = the cores nothing else needs (leave the GPU-driving thread its core), one fixed configuration (teams of one
-size), and OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT when it shares cores; measure on the machine (the bench
-runs all three variants).
+Threads: a pool of workers, each a fixed small team, overlaps Python dispatch where torch releases the GIL. How
+libgomp's idle threads wait decides the rest: a spinning team steals the cores the pool's workers need, and with
+other work on the cores a spinning team collapses to one region per scheduler tick. So: threads = the cores
+nothing else needs (leave the GPU-driving thread its core), one fixed configuration (teams of one size), and
+OMP_WAIT_POLICY=PASSIVE or a short GOMP_SPINCOUNT when it shares cores.
 
 Rounding: the same torch ops as transformers' eager experts (reference.weighted_expert_output), so every
 intermediate is rounded to the hidden dtype at the same points: the gate/up GEMM output, act(gate),
 act(gate) * up, the down GEMM output and the weighted output (in the routing weight's dtype), then widened to
-float32. compute="native" with one worker is the reference's own ops: the same bits as the reference run on
-the CPU (pools and other thread counts also gave the same bits here; compute="float32"
-differs in ~0.2% of outputs, by an ulp). Against the GPU (cuBLAS or the Triton kernel: float32 accumulation,
-rounded once) results differ where another accumulation order moves one of those roundings by an ulp, which
-then propagates: bit-identical results across devices are not to be expected. Against a float64-accumulated
-oracle rounded at the same points, the CPU's bf16 outputs were 99.89% bit-identical and 99.97% within one
-ulp, max |difference| 9.8e-4 at outputs of scale ~1 (1/4 ulp of the largest); a GPU that matches the oracle
-as often would match the CPU on about 99.8% of outputs. Mixing CPU- and GPU-computed experts in one step so
-gives up the engine's "the same bits at every ratio".
+float32. compute="native" with one worker is the reference's own ops: the same bits as the reference run on the
+CPU. Against the GPU (cuBLAS or the Triton kernel: float32 accumulation, rounded once) results differ where
+another accumulation order moves one of those roundings by an ulp, which then propagates: bit-identical results
+across devices are not to be expected, and mixing CPU- and GPU-computed experts in one step gives up the
+engine's "the same bits at every ratio" (the CPU path is held to a tolerance instead).
 """
 
 from __future__ import annotations
@@ -63,8 +41,7 @@ from ..errors import MoeOffloadError
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 COMPUTE_MODES = ("native", "float32", "numba")
 # compute="float32": bytes of float32 weight converted per block, small enough to stay in a core's L2 so the
-# conversion costs no DRAM traffic; the GEMV then reads the block from L2.
-# Measured on one core (H=2048): 64-row blocks 1.12 ms per gate_up, 128 rows 0.74, 256 rows 0.62 (per-op cost).
+# conversion costs no DRAM traffic; the GEMV then reads the block from L2 (smaller blocks pay more per-op cost).
 DEFAULT_BLOCK_BYTES = 2 * 1024 * 1024
 
 _scratch = threading.local()

@@ -7,8 +7,8 @@ another (cuStreamWaitValue32 / cuStreamWriteValue32, which stream capture record
 spinning thread of ours (kernels/doorbell.py). Some drivers refuse stream memory operations on host memory;
 stream_wait_available finds out once at load, and then (and for torch's CPU kernels, which run from Python) the
 handoff is a host function (cuLaunchHostFunc, recorded as a graph host node and run by the driver's callback
-thread). On the H200 the doorbell cost a layer 0.068 ms with nothing for the CPU against 0.085 ms for the host
-node, and whole decodes ran faster with it at most ratios.
+thread). The doorbell costs a layer less than a host node when the CPU has nothing to do, and whole decodes ran
+faster with it at most ratios on an H200.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ class HostFunction:
 
         def trampoline(_user_data):
             # No garbage collection on the driver's thread: a collected cycle may hold a CUDA tensor, whose
-            # release calls CUDA, which a host function must not (on the H200 that aborted the process, while
-            # the first numba call imported modules here). Collection resumes when the host function ends.
+            # release calls CUDA, which a host function must not (it has aborted the process, while the first
+            # numba call imported modules here). Collection resumes when the host function ends.
             collecting = gc.isenabled()
             gc.disable()
             try:

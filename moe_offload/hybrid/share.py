@@ -161,10 +161,8 @@ class CpuShare:
         """On the host, in stream order: the CPU's experts of the mailbox's step into _out_host rows."""
         if self._stream is not None and torch.get_num_threads() != self.runner.threads:
             # once, on the driver's thread: the runner then finds its count set and changes nothing per call
-            # (torch.set_num_threads also resizes torch's pthreadpool whenever the count changes). On the H200,
-            # while the runner still set and restored the count on every call, all 96 misses of a ratio-0 step on
-            # the CPU took 62 ms (0.63 ms an expert, per-layer costs included) against 0.38 ms an expert measured
-            # alone; how much of that the per-call thread setting was is not measured yet.
+            # (torch.set_num_threads also resizes torch's pthreadpool whenever the count changes: setting and
+            # restoring it per call is avoidable work in every step, though what it cost was never isolated).
             torch.set_num_threads(self.runner.threads)
         box, hidden_size, top_k = self._mailbox_np, self.hidden, self.top_k  # numpy: no torch dispatch per field
         rows = box[hidden_size:hidden_size + top_k]  # [K]
@@ -241,9 +239,8 @@ def pack_share_torch(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     last_use[ids] = step.
 
     Why least recently used: with LRU admission only the GPU's misses are admitted, so the CPU should take the
-    misses least likely to come back. On the shipped model's decode routing that kept 0.980 / 1.397 decode hits
-    per layer step (of 2) at ratios 25 / 50 where the highest-weight misses gave 0.869 / 1.298 and LRU without
-    the CPU 0.963 / 1.529 (bench/hybrid_admission.py replays it).
+    misses least likely to come back. On the shipped model's decode routing that kept more decode hits than
+    giving the CPU the highest-weight misses (bench/hybrid_admission.py replays it).
 
     hidden [1, H]; top_k_index, top_k_weights, from_host [1, K] (from_host: 1 = read from the host tier);
     split [K + 1]; host_rows [E]; last_use [E] int32 (the step each expert was last used, 0 = never); step [1]

@@ -2,11 +2,12 @@
 whole decodes are faster with the path at all (MOE_CPU_EXPERTS=auto).
 
 Why measure rather than model: the split's best point depends on the CPU and GPU reading the same DRAM at once,
-the handoff's latency, the kernel and the thread count on the machine that serves. On the H200 a model of
-per-expert costs measured apart sent 3 of 8 misses to the CPU and made decode 1.65-1.8x slower than none; and a
-split table whose layer timings promised a gain still made whole decodes slower where the launching thread's
-Python competed with the CPU share. So the split is timed on a layer as it runs (tune_split, per candidate
-kernel: tune_cpu_path), and then kept only if whole decodes beat the path left out (check_on_decode).
+the handoff's latency, the kernel and the thread count on the machine that serves. A model of per-expert costs
+measured apart (blind to the two sides contending for DRAM) sent too many misses to the CPU and made decode much
+slower than none; and a split table whose layer timings promised a gain still made whole decodes slower where
+the launching thread's Python competed with the CPU share. So the split is timed on a layer as it runs
+(tune_split, per candidate kernel: tune_cpu_path), and then kept only if whole decodes beat the path left out
+(check_on_decode).
 """
 
 from __future__ import annotations
@@ -41,23 +42,22 @@ def tune_split(layer, act_fn: Callable, repeats: int = 7, tie: float = 0.02) -> 
     (the CPU and the GPU reading the same DRAM at once, the host function's own latency, the merge; on CUDA
     replayed from a graph of the layer, as in a decode step: OffloadedExperts.decode_timer); the
     fastest n_cpu wins; with LRU admission the smallest within `tie` of it (what the GPU reads gets cached, what
-    the CPU computes does not). Without it, nothing is cached either way: at ratio 0 on the H200 a 2% preference
-    for fewer had taken 3 of 8 misses at 1.081 ms a layer over 4 at 1.066.
+    the CPU computes does not). Without it, nothing is cached either way, so a preference for fewer would only
+    give up speed.
 
     The path costs every step its copies and host node, even when a step sends nothing to the CPU, so the layer
     is also timed without it, and the table is kept only if its expected time beats that by `tie`, the miss
     count weighted as under uniform routing (binomial over top-k with the layer's non-resident share); else a
-    table of zeros (the path off). On the H200 the table alone, chosen against the path's own n_cpu = 0, made
-    ratio-50 decode 10% slower than none (95.2 vs 105.4 tok/s) while its layer timings promised 18-22% less at
-    the miss counts it split.
+    table of zeros (the path off). A table chosen only against the path's own n_cpu = 0 made decode slower than
+    no path at all, while its layer timings promised a clear gain at the miss counts it split.
 
     Returns (table, {"split": {m: [median seconds for n_cpu = 0..m]}, "off": {m: seconds without the path},
     "expected": {"on": seconds, "off": seconds}}).
 
-    Each forward takes other host-tier experts, so neither side times weights still in its caches (the H200
-    machine's CPU has 300 MiB of L3, the GPU 50 MiB of L2). A model of per-expert costs measured apart (each side
-    timed alone, the split chosen so both finish together) mispredicted badly on the H200: it sent 3 of 8 misses
-    to the CPU, which made decode 1.65-1.8x slower than none.
+    Each forward takes other host-tier experts, so neither side times weights still in its caches (a server
+    CPU's L3 can hold dozens of experts, a GPU's L2 several). A model of per-expert costs measured apart (each
+    side timed alone, the split chosen so both finish together) mispredicted badly: it sent too many misses to
+    the CPU, which made decode much slower than none.
     """
     share: CpuShare = layer.cpu_share
     top_k, device = layer.top_k, share.device
@@ -116,8 +116,8 @@ def tune_cpu_path(layer, act_fn: Callable, runners: dict[str, CpuExperts]) -> tu
     the runner whose table's expected step time is least wins (the first on a tie). Returns (name, table,
     {name: tune_split's timings}); the table is all zeros (the path off) when no runner's split pays.
 
-    Why measure the kernel too: the numba kernel ran 1.7-2.0x torch's on a 2-core VM and 2.2-2.8x with 8 experts
-    on the H200, but the machine that serves decides."""
+    Why measure the kernel too: the numba kernel has run about twice torch's speed or better on the machines
+    tried, from a 2-core VM to a GPU server, but the machine that serves decides."""
     share: CpuShare = layer.cpu_share
     best, tunings = None, {}
     for name, runner in runners.items():
@@ -164,11 +164,10 @@ def check_on_decode(decoder, shares: list[CpuShare], prompt: torch.Tensor, new_t
 
     Why: tune_split times one layer alone, replayed from its own graph while the launching thread blocks. In a
     real decode the launching thread runs Python between steps, and a Python host function then waits for the
-    GIL: on the H200 a no-op one took 0.05 ms while that thread blocked and 5.2 ms while it ran Python
-    (numba's parallel regions took it too, 21 ms a 1-expert share: hence kernels/spin_pool.py). Then, tables
-    whose layer timings promised 4% (ratio 50) made decode 15% slower (89.6 vs 105.5 tok/s). With the spin pool,
-    at ratio 75 layer timings promised 13% and decodes ran 3% slower with the table (159.9 vs 164.7 tok/s): the
-    check left the path off.
+    GIL, up to a switch interval (5 ms by default) instead of microseconds (numba's parallel regions took it too:
+    hence kernels/spin_pool.py). So tables whose layer timings promised a gain have made whole decodes slower;
+    even with the spin pool, a table that promised a clear gain per layer lost on whole decodes, and this check
+    left the path off.
     """
     tables = [list(share.split_table) for share in shares]
 

@@ -6,8 +6,8 @@ So a layer whose experts are spread over its cache pool and the scratch waves ca
 with that pool's slot map and the same float32 `out`, and gets the full sum without copying experts around.
 
 An optional second pair (host_w13 [N, 2I, H], host_w2 [N, H, I]) extends the slot space: slot S + r is row r of
-it. On CUDA those are pinned, mapped host tensors that the kernels read in place over PCIe (zero-copy: ~49 GB/s
-on the H200 machine, as fast as copying), so one launch set covers hits and misses with no copy, no host sync,
+it. On CUDA those are pinned, mapped host tensors that the kernels read in place over PCIe (zero-copy: as fast as
+copying them, both bound by the PCIe link), so one launch set covers hits and misses with no copy, no host sync,
 and a step that can be captured in a CUDA graph.
 
 Two kernels per path (gate_up + act, down + weight) and a torch sum over K, not one fused kernel: the down GEMM
@@ -27,8 +27,8 @@ outputs, silu(gate), the activation, the down GEMM output, and the weighted outp
 the hidden dtype (Mixtral's are float32, so `down_out * weight` promotes and is not rounded). float32 intermediates
 are ~2.5x closer to an fp64 truth, but ~2/3 of the outputs then differ from transformers' by an ulp, which reach
 the next layer's router: where its top-k gap is one bf16 ulp, another expert is picked, and one flipped
-(token, expert) moves the logits by ~0.1 (on CPU, and the likely cause of Mixtral's 0.098 in the H200 bf16
-correctness run). Rounding like torch leaves only accumulation-order differences (<= 0.3% of outputs on CPU).
+(token, expert) moves the logits by ~0.1 (seen on CPU, and the likely cause of differences that size in bf16
+GPU correctness checks). Rounding like torch leaves only accumulation-order differences (<= 0.3% of outputs on CPU).
 MATCH_TORCH_ROUNDING = False restores the float32 intermediates.
 """
 

@@ -1,11 +1,11 @@
 """One-token SwiGLU experts on the CPU, from bf16 weights, as a numba kernel (cpu_experts.CpuExperts compute="numba").
 
-Why: a one-token expert is two GEMVs, a memory stream over its weights. torch's CPU path (oneDNN) re-blocks a
-plain weight matrix on every call and read expert weights at 24-35 GB/s on the H200 machine, whose plain read
-runs at 84.6 GB/s. Widening each bf16 row to float32 (a 16-bit shift of the bits) in a per-thread buffer and
-accumulating in float32 read them at 25.1 GB/s against torch's 18.2 on a 2-core machine; whole experts there,
-8 per call, 1.7-2.0x torch's (bench/cpu_numba_experts.py measures it). tuning.tune_cpu_path still times both on
-the serving machine and keeps the faster.
+Why: a one-token expert is two GEMVs, a memory stream over its weights, so what counts is how close a kernel
+reads to the DRAM's bandwidth. torch's CPU path (oneDNN) re-blocks a plain weight matrix on every call and reads
+expert weights at well under half of what a plain read of the same memory reaches. Widening each bf16 row to
+float32 (a 16-bit shift of the bits) in a per-thread buffer and accumulating in float32 streams them faster, and
+has run whole experts well ahead of torch's (bench/cpu_numba_experts.py measures it). tuning.tune_cpu_path still
+times both on the serving machine and keeps the faster.
 
 Every (token, expert) pair of a call is cut into work items of a few rows (UP_CHUNK, DOWN_CHUNK), handed out
 to the threads of a spin_pool.SpinPool (phase 1: each pair's gate/up rows; phase 2, once phase 1 is done: its

@@ -2,14 +2,13 @@
 functions (share.CpuShare; the GPU side's stream memory operations are in driver.py).
 
 Why: a host node costs the layer a round trip through the CUDA driver's callback thread even when the step gives
-the CPU nothing to do. On the H200, with the compiled step and the spin pool, a ratio-75 layer with the CPU path
-on and no miss took 0.19 ms against 0.04 ms without the path, and one miss 0.26 against 0.21 ms: there the path
-lost, and the decode check turned it off. Here the GPU side is copies and stream memory operations
-(cuStreamWaitValue32 / cuStreamWriteValue32, which stream capture records as graph nodes), and the CPU side is
-one thread that spins over every share's doorbell word, as the spin pool's workers spin, and drives the pool
-itself. On the H200 the path's cost with no expert for the CPU fell from 0.085 to 0.068 ms a layer, and whole
-decodes ran at 81.6 / 107.4 / 136.8 / 214.6 tok/s at ratios 0 / 25 / 50 / 75 against 69.8 / 96.9 / 138.4 /
-187.0 with the host node: hence the one handoff, the host node left only where the driver refuses.
+the CPU nothing to do; where steps have few misses (high offload ratios) that fixed cost outweighed what the CPU
+saved, even with the compiled step and the spin pool, and the decode check turned the path off. Here the GPU side
+is copies and stream memory operations (cuStreamWaitValue32 / cuStreamWriteValue32, which stream capture records
+as graph nodes), and the CPU side is one thread that spins over every share's doorbell word, as the spin pool's
+workers spin, and drives the pool itself. This handoff costs a layer less than a host node when the CPU has
+nothing to do, and decoded faster at most ratios on an H200: hence the one handoff, the host node left only
+where the driver refuses.
 
 Per share, two int32 words a cache line apart in page-locked memory (DOORBELL_WORDS): RING, which the GPU
 overwrites after each step's mailbox copy with a device counter it increments every step (a later copy in

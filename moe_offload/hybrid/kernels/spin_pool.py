@@ -1,13 +1,14 @@
 """Persistent spinning CPU worker threads for numba kernels, driven from any thread without the GIL.
 
 Why: a hybrid decode step computes a layer's CPU experts on the doorbell thread (doorbell.py) or inside a CUDA
-host function on the driver's callback thread, every 0.5-1.5 ms. numba's own parallel regions (parallel=True)
-take the GIL twice each (the gufunc wrapper's gil_ensure and restore_thread, numba/np/ufunc/parallel.py) and run
-on libgomp teams whose idle threads sleep on a futex once the process's teams outnumber the CPUs. On the H200, a
-1-expert step took 0.4-0.7 ms with the launching thread blocked and 21 ms with it busy in Python (about four of
-the GIL's 5 ms switch intervals: two regions, the GIL taken twice in each). Here the workers are threads running
-compiled code that never takes the GIL; between jobs they spin on a generation counter with the CPU's pause
-instruction, as llama.cpp's CPU thread pool does, and sleep only after SPIN_CYCLES (~20 ms) without work.
+host function on the driver's callback thread, about once a millisecond. numba's own parallel regions
+(parallel=True) take the GIL twice each (the gufunc wrapper's gil_ensure and restore_thread,
+numba/np/ufunc/parallel.py) and run on libgomp teams whose idle threads sleep on a futex once the process's teams
+outnumber the CPUs. With the launching thread busy in Python each of those GIL acquisitions can wait out a switch
+interval (5 ms by default), so a one-expert step took tens of times longer than with that thread blocked. Here
+the workers are threads running compiled code that never takes the GIL; between jobs they spin on a generation
+counter with the CPU's pause instruction, as llama.cpp's CPU thread pool does, and sleep only after SPIN_CYCLES
+(~20 ms) without work.
 
 A job has two phases of work items (phase 1 must finish before phase 2 starts: an expert's gate/up rows before
 its down rows). The driving thread works too. Items are handed out by an atomic ticket counter, so a worker that
