@@ -2,7 +2,7 @@
 
 Each MoE layer owns a slot pool of `capacity` experts on the device (capacity = the resident share set by
 MOE_OFFLOAD_RATIO), [C, 2I, H] and [C, H, I]. A SlotTable maps expert ids to slots; the eviction policy
-(policy.py) picks victims by id. Misses that cannot be admitted (capacity 0, or every cached expert is needed by
+(policy/) picks victims by id. Misses that cannot be admitted (capacity 0, or every cached expert is needed by
 this very step) stream through a small scratch pool shared by all layers, in double-buffered waves: while one
 wave computes, the next one is copied.
 
@@ -13,7 +13,7 @@ Zero-copy (the Triton kernel on CUDA, every non-resident expert of the layer in 
 reads misses in place from host memory over PCIe, as fast as copying them, so the layer runs as one launch set
 with no host sync and no slot traffic, and the decode step can be captured in a CUDA graph. The resident set
 then stays as loaded (MOE_ZERO_COPY=static), or (lru, auto) decode misses are written into LRU victim slots as the
-kernels read them, LRU decided on the device (device_lru.py). Prefill chunks with many tokens per expert (whose
+kernels read them, LRU decided on the device (policy/device_lru.py). Prefill chunks with many tokens per expert (whose
 weights the grouped GEMM would read over PCIe once per M-block) take the copy path, streaming through the
 scratch pool without admitting (with device LRU, after the host table is brought in line with the device's).
 """
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import ExpertLocation
-from .device_lru import DeviceLRU
+from .policy.device_lru import DeviceLRU
 from .hybrid import CpuExperts, CpuShare
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy, SlotTable

@@ -62,7 +62,7 @@ class OffloadConfig:
     moe_kernel: str = "auto"
     # Misses read in place from the pinned host tier by the Triton kernel (no copy, no host sync; cache.py), in
     # every layer whose non-resident experts all sit in the host tier. "lru": decode misses are also admitted into
-    # the slots as they are read, LRU decided on the device (device_lru.py), where the host tier holds every
+    # the slots as they are read, LRU decided on the device (policy/device_lru.py), where the host tier holds every
     # expert of the layer; "static": the resident set stays as loaded; "auto": lru where it can, else static;
     # "off": misses are copied in.
     moe_zero_copy: str = "auto"

@@ -1,4 +1,4 @@
-"""Device-side LRU admission (device_lru.py) against the host LRU it mirrors, and inside the engine.
+"""Device-side LRU admission (policy/device_lru.py) against the host LRU it mirrors, and inside the engine.
 
 The device version must make exactly the decisions SlotTable + LRUPolicy make for the same decode steps (hits in
 ascending id first, then misses in ascending id, each taking the oldest slot the step does not need); inside
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe_offload import LLMPipeline
-from moe_offload.device_lru import DeviceLRU
+from moe_offload.policy.device_lru import DeviceLRU
 from moe_offload.policy import LRUPolicy, SlotTable
 
 

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from moe_offload.errors import MoeOffloadError
 from moe_offload.checkpoint import ByteRange, ExpertLocation
+from moe_offload.errors import MoeOffloadError
 from moe_offload.tiers import HUGE_PAGE, DiskTier, HostTier
 
 

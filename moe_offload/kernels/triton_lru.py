@@ -1,4 +1,4 @@
-"""device_lru.DeviceLRU's plan and commit as one Triton kernel each.
+"""policy/device_lru.py's DeviceLRU plan and commit as one Triton kernel each, over its tensors.
 
 Why: the torch version is ~25 tiny kernels per layer and decode step (sort, gathers, cumsums, scatters, topk),
 each a few microseconds even replayed from a graph, on the path every MoE layer of a step waits on. Here the
@@ -94,22 +94,28 @@ def fused_supported(tensor: torch.Tensor, top_k: int) -> bool:
     return runs_on(tensor) and top_k <= 16
 
 
-def plan(lru, ids: torch.Tensor, admissible: torch.Tensor | None, plan_state: tuple, stride: int) -> None:
-    """DeviceLRU.plan's effects on `lru` (stamps, admit) and the pair-wise plan for commit, in one launch.
-    ids [K] distinct; admissible [K] uint8 or None; plan_state = (victim [K], admitted [K], stamp [K]) int64;
-    stride: device_lru's stamp stride."""
-    top_k = ids.numel()
-    victim, admitted, stamp = plan_state
-    _plan_kernel[(1,)](ids, admissible if admissible is not None else ids, lru.slot_of, lru.stamp, lru.step,
-                       lru.admit, victim, admitted, stamp, lru.capacity, lru.num_experts,
+def plan(ids: torch.Tensor, admissible: torch.Tensor | None, slot_of: torch.Tensor, stamp: torch.Tensor,
+         step: torch.Tensor, admit: torch.Tensor, plan_state: tuple, stride: int) -> None:
+    """DeviceLRU.plan's effects (stamps of the step's hits, admit) and the pair-wise plan for commit, in one launch.
+
+    ids [K] distinct; admissible [K] uint8 or None; slot_of [E + 1] int32 (slot, or C + host row); stamp [C + 1]
+    int64; step [1] int64; admit [E] int32 (written: the slot each admitted miss goes to, else -1);
+    plan_state = (victim [K], admitted [K], stamp [K]) int64 (written); stride: the stamp stride."""
+    top_k, capacity, num_experts = ids.numel(), stamp.numel() - 1, admit.numel()
+    victim, admitted, planned_stamp = plan_state
+    _plan_kernel[(1,)](ids, admissible if admissible is not None else ids, slot_of, stamp, step, admit, victim,
+                       admitted, planned_stamp, capacity, num_experts,
                        STRIDE=stride, STAMP_MAX=_STAMP_MAX, K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
-                       BLOCK_C=triton.next_power_of_2(max(lru.capacity, 1)),
-                       BLOCK_E=1024 * triton.cdiv(lru.num_experts, 1024), HAS_ADMISSIBLE=admissible is not None)
+                       BLOCK_C=triton.next_power_of_2(max(capacity, 1)),
+                       BLOCK_E=1024 * triton.cdiv(num_experts, 1024), HAS_ADMISSIBLE=admissible is not None)
 
 
-def commit(lru, ids: torch.Tensor, plan_state: tuple) -> None:
-    """DeviceLRU.commit's effects, in one launch, from plan()'s pair-wise plan."""
-    top_k = ids.numel()
-    victim, admitted, stamp = plan_state
-    _commit_kernel[(1,)](ids, victim, admitted, stamp, lru.slot_of, lru.from_host, lru.host_row, lru.slot_expert,
-                         lru.stamp, lru.step, lru.capacity, K=top_k, BLOCK_K=triton.next_power_of_2(top_k))
+def commit(ids: torch.Tensor, plan_state: tuple, slot_of: torch.Tensor, from_host: torch.Tensor,
+           host_row: torch.Tensor, slot_expert: torch.Tensor, stamp: torch.Tensor, step: torch.Tensor) -> None:
+    """DeviceLRU.commit's effects, in one launch, from plan()'s pair-wise plan: slot_of [E + 1] and from_host
+    [E + 1] of the admitted and evicted experts, slot_expert [C + 1] and stamp [C + 1] of their slots, step + 1.
+    host_row [E + 1] int64: every expert's row in the host tier."""
+    top_k, capacity = ids.numel(), stamp.numel() - 1
+    victim, admitted, planned_stamp = plan_state
+    _commit_kernel[(1,)](ids, victim, admitted, planned_stamp, slot_of, from_host, host_row, slot_expert, stamp,
+                         step, capacity, K=top_k, BLOCK_K=triton.next_power_of_2(top_k))

@@ -1,6 +1,7 @@
-"""LRU admission decided on the device, for zero-copy decode steps that must not sync with the host.
+"""LRU admission decided on the device, for zero-copy decode steps that must not sync with the host: the tensor
+form of the policy package's LRUPolicy.
 
-policy.py's LRUPolicy decides on the host, which needs the step's expert ids there: a sync per layer, and no CUDA
+LRUPolicy decides on the host, which needs the step's expert ids there: a sync per layer, and no CUDA
 graph. Here the same decisions are made by tensor ops on the device. Every slot carries the stamp of its last
 use. A decode step takes its needed experts in ascending id, hits first, and gives them the newest stamps; its
 misses, in ascending id, take the oldest slots that the step does not need, while there are any. That is what
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import triton_kernels
+from ..kernels import triton_kernels
 
 _STRIDE = 1 << 16  # stamp = (step + 1) * _STRIDE + rank within the step (rank < K)
 
@@ -72,7 +73,8 @@ class DeviceLRU:
                 self._plan_buffers = tuple(torch.zeros(flat.numel(), dtype=torch.long, device=flat.device)
                                            for _ in range(3))
             allowed = None if admissible is None else admissible.reshape(-1).contiguous().view(torch.uint8)
-            self._kernels.plan(self, flat, allowed, self._plan_buffers, _STRIDE)
+            self._kernels.plan(flat, allowed, self.slot_of, self.stamp, self.step, self.admit, self._plan_buffers,
+                               _STRIDE)
             self._plan = ("fused", flat)
             return self.admit
         capacity = self.capacity
@@ -96,7 +98,8 @@ class DeviceLRU:
         """The admitted misses now live in their slots, the experts they replaced in the host tier."""
         kind, planned = self._plan
         if kind == "fused":
-            self._kernels.commit(self, planned, self._plan_buffers)
+            self._kernels.commit(planned, self._plan_buffers, self.slot_of, self.from_host, self.host_row,
+                                 self.slot_expert, self.stamp, self.step)
             self._plan = None
             return
         needed, admitted, victim, stamps = planned

@@ -1,8 +1,10 @@
 """Cache policy: which expert holds which device slot, and which one gives up its slot when a new one comes in.
 
-Policy only: this module sees expert ids and slot numbers, never tensors, streams or devices (it imports no
-torch), so it can be unit-tested on the CPU and replayed over a routing trace (moe_offload/tools/simulate.py)
-with exactly the engine's bookkeeping. The mechanism (cache.py) keeps one SlotTable per MoE layer and moves
+The one home of cache policy. This module sees expert ids and slot numbers, never tensors, streams or devices (it
+imports no torch), so it can be unit-tested on the CPU and replayed over a routing trace
+(moe_offload/tools/simulate.py) with exactly the engine's bookkeeping. Its one neighbour, device_lru.py, is
+LRUPolicy's tensor form, for decode steps that decide on the device without a host sync (the same decisions:
+tests/test_device_lru.py). The mechanism (cache.py) keeps one SlotTable per MoE layer and moves
 the weights; the table asks its eviction policy for a victim and tells it what was used, inserted and evicted.
 
 LRUPolicy is the engine's policy. MinPolicy is the offline optimum, Belady's MIN generalised to cache.py's
