@@ -1,4 +1,4 @@
-"""`moe-offload` command line: generate | info | trace | simulate | bench.
+"""`moe-offload` command line: generate | tune | info | trace | simulate | bench.
 
 Every user mistake ends as one line on stderr and exit status 2 (MoeOffloadError, bad flags); a traceback
 means a bug in moe-offload.
@@ -37,6 +37,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = LLMPipeline(args.model, args.device, config=args.load_config,
                        progress=sys.stderr.isatty(), require_tokenizer=True, **_properties(args))
+    if sys.stderr.isatty() or args.stats:  # beside the progress bars; a script reads them in --stats' JSON too
+        _say_choices(pipe)
     sampling = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
@@ -51,6 +53,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if args.stats:
         print(json.dumps(pipe.get_offload_stats(), indent=1), file=sys.stderr)
+    return 0
+
+
+def _say_choices(pipe) -> None:
+    for choice in pipe.choices:
+        print(f"moe-offload: {choice.line()}", file=sys.stderr)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """Measure this machine's choices for the model at each ratio again, replacing the stored profile."""
+    from .config import parse_ratio
+    from .pipeline import LLMPipeline
+
+    ratios = [parse_ratio(r) for r in str(args.ratio).split(",")]
+    for ratio in ratios:
+        pipe = LLMPipeline(args.model, args.device, config=args.load_config, progress=sys.stderr.isatty(),
+                           retune=True, **{**_properties(args), "MOE_OFFLOAD_RATIO": ratio})
+        print(f"ratio {ratio}:")
+        for choice in pipe.choices:
+            print(f"  {choice.line()}")
+        pipe.close()
     return 0
 
 
@@ -82,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stats", action="store_true", help="print offload counters to stderr at the end")
     gen.set_defaults(run=_cmd_generate)
+
+    tune = sub.add_parser("tune", help="measure the load-time choices for this machine again (MOE_CPU_EXPERTS=auto) "
+                                       "and store them in its profile")
+    tune.add_argument("--model", "-m", default=None, help="checkpoint folder (default: the shipped small model)")
+    tune.add_argument("--ratio", default="0,25,50,75", help="MOE_OFFLOAD_RATIO values, comma-separated (each is "
+                                                          "measured and stored apart)")
+    tune.add_argument("--device", "-d", default=None, help="cpu or cuda (default: cuda when available)")
+    tune.add_argument("--host-cache", help="MOE_HOST_CACHE, as for generate")
+    tune.add_argument("--dtype", help="MOE_DTYPE, as for generate")
+    tune.add_argument("--load-config", "-lc", help="JSON file (or inline JSON) of properties")
+    tune.set_defaults(run=_cmd_tune)
 
     info = sub.add_parser("info", help="layers, experts, bytes per expert and device bytes per ratio")
     info.add_argument("path")

@@ -23,7 +23,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
 SWITCHES = ("auto", "off")
 ZERO_COPY_MODES = ("auto", "lru", "static", "off")
-CPU_EXPERT_MODES = ("off", "auto", "all")
+CPU_EXPERT_MODES = ("auto", "off", "all")
+HOST_EMBEDDING_MODES = ("auto", "on", "off")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -38,23 +39,25 @@ class OffloadConfig:
     # Percent of each MoE layer's routed experts kept resident on the device (0-100).
     # Per layer: resident = floor(E * ratio / 100 + 0.5), i.e. round half up (E=60, ratio=37 -> 22).
     moe_offload_ratio: int = 100
-    # Bytes of host RAM for non-resident experts (pinned on CUDA). None = "auto": as many as fit in half
-    # of the RAM available at load. Experts that do not fit are read from the checkpoint file on a miss.
+    # Bytes of host RAM for the host tier (pinned on CUDA). None = "auto": every expert of the offloaded layers
+    # where the RAM available at load holds them with some left over, else what it holds (defaults.host_cache).
+    # Experts that do not fit are read from the checkpoint file on a miss.
     moe_host_cache_bytes: int | None = None
     # Compute dtype. "auto": the checkpoint's dtype on CUDA, float32 on CPU (CPU half-precision GEMMs are slow
     # and float32 keeps CPU results comparable to a float32 reference).
     moe_dtype: str = "auto"
     # Decode misses partly computed on the CPU where they lie in the host tier, while the GPU reads the rest in
-    # place (moe_offload/hybrid). "auto": how many per count of misses, and with which CPU kernel, timed on a layer
-    # at load, then kept only if whole decodes run faster with them (else none); "all": every miss on the CPU;
-    # "off": every miss on the GPU.
-    moe_cpu_experts: str = "off"
+    # place (moe_offload/hybrid). "auto" (CUDA): how many per count of misses, and with which CPU kernel, timed on
+    # a layer at the first load, kept only if whole decodes run faster with them (else none), and stored in this
+    # machine's profile for the next loads (profile.py); "all": every miss on the CPU; "off": every miss on the GPU.
+    moe_cpu_experts: str = "auto"
     # Threads of the CPU expert path, the one driving the pool included (they spin between jobs). None = "auto":
     # the cores torch uses less two (the launching thread's, and one spare).
     moe_cpu_threads: int | None = None
     # The input embedding table in page-locked host RAM, its rows read in place by the GPU (host_embeddings.py):
-    # vocab x hidden x 2 bytes less device memory, as llama.cpp does. "on" needs CUDA, triton and an untied table.
-    moe_host_embeddings: str = "off"
+    # vocab x hidden x 2 bytes less device memory, as llama.cpp does. "on" needs CUDA, triton and an untied table;
+    # "auto": on where it can be and experts are offloaded (defaults.host_embeddings).
+    moe_host_embeddings: str = "auto"
 
     # -- diagnostic switches: environment variables (DIAGNOSTICS below), for comparing the engine's own paths ---
     # Expert compute: "triton" = the fused kernel (kernels/triton_moe.py; CUDA, SiLU experts), "torch" = the
@@ -140,10 +143,10 @@ PROPERTIES = {
     "MOE_DTYPE": ("moe_dtype", _choice("MOE_DTYPE", DTYPES, _DTYPE_ALIASES),
                   "`auto` (default), `float32`, `bfloat16`, `float16`"),
     "MOE_CPU_EXPERTS": ("moe_cpu_experts", _choice("MOE_CPU_EXPERTS", CPU_EXPERT_MODES),
-                        "`off` (default), `auto`, `all`"),
+                        "`auto` (default), `off`, `all`"),
     "MOE_CPU_THREADS": ("moe_cpu_threads", parse_threads, "positive integer, `auto` (default)"),
-    "MOE_HOST_EMBEDDINGS": ("moe_host_embeddings", _choice("MOE_HOST_EMBEDDINGS", ("off", "on")),
-                            "`off` (default), `on`"),
+    "MOE_HOST_EMBEDDINGS": ("moe_host_embeddings", _choice("MOE_HOST_EMBEDDINGS", HOST_EMBEDDING_MODES),
+                            "`auto` (default), `on`, `off`"),
 }
 PROPERTY_NAMES = tuple(PROPERTIES)
 

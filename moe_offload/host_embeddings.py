@@ -1,4 +1,5 @@
-"""The input embedding table in page-locked host RAM, read in place by the GPU (MOE_HOST_EMBEDDINGS=on).
+"""The input embedding table in page-locked host RAM, read in place by the GPU (MOE_HOST_EMBEDDINGS; defaults.py
+says when it is on).
 
 Why: a decode step reads one row of it (4 KiB for Qwen3-30B-A3B), yet on the device the table costs
 vocab x hidden x 2 bytes (151,936 x 2048 bf16 = 622 MB of the 1.7 GB of non-expert weights), as much as 66
@@ -22,22 +23,29 @@ import torch
 from .tiers import pin_for_lifetime
 
 
-def hostable_input_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
-    """The model's input embedding if its table can live in host RAM (see the module docstring), else None.
-    Works on a meta-device model too (before loading)."""
+def why_not_hostable(model: torch.nn.Module) -> str | None:
+    """None where the model's input embedding table can live in host RAM (see the module docstring), else why
+    not. Works on a meta-device model too (before loading)."""
     embedding = model.get_input_embeddings()
     weight = getattr(embedding, "weight", None)
     output = model.get_output_embeddings()
     output_weight = getattr(output, "weight", None) if output is not None else None
     if (type(embedding).forward is not torch.nn.Embedding.forward or "forward" in embedding.__dict__  # moved
             or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0
-            or getattr(embedding, "max_norm", None) is not None
-            or output_weight is weight or getattr(model.config, "tie_word_embeddings", False)
+            or getattr(embedding, "max_norm", None) is not None):
+        return "the input embedding is not a plain table lookup"
+    if (output_weight is weight or getattr(model.config, "tie_word_embeddings", False)
             or (output_weight is not None and weight.device.type != "meta"
-                and output_weight.data_ptr() == weight.data_ptr())
-            or importlib.util.find_spec("triton") is None):
-        return None
-    return embedding
+                and output_weight.data_ptr() == weight.data_ptr())):
+        return "the table is tied to the output layer, which reads all of it every token"
+    if importlib.util.find_spec("triton") is None:
+        return "its gather kernel needs triton"
+    return None
+
+
+def hostable_input_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """The model's input embedding if its table can live in host RAM (why_not_hostable), else None."""
+    return model.get_input_embeddings() if why_not_hostable(model) is None else None
 
 
 def move_input_embeddings_to_host(model: torch.nn.Module, device: torch.device | None = None,

@@ -25,12 +25,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import hybrid, piecewise
+from . import defaults, piecewise
 from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .errors import MoeOffloadError
-from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host
+from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host, why_not_hostable
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
@@ -254,39 +254,41 @@ def _initialise_buffers(model, filled: set[str]) -> None:
             raise MoeOffloadError(f"unsupported architecture: cannot initialise buffer {module_name}.{unfilled[0]}")
 
 
+@dataclass
+class LoadedModel:
+    """What build_offloaded_model made: the transformers model, its experts' runtimes and sites (in layer order),
+    and the choices the load made for properties left at auto (defaults.py)."""
+
+    model: torch.nn.Module
+    runtimes: list[OffloadedExperts]
+    sites: list[ExpertsSite]
+    choices: list[defaults.Choice]
+
+
 def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.device, config: OffloadConfig,
-                          progress: bool = True):
+                          progress: bool = True) -> LoadedModel:
     """The transformers model (hf_config from check_supported) with its routed experts served by
-    OffloadedExperts; returns (model, runtimes)."""
+    OffloadedExperts."""
     dtype = resolve_dtype(config, checkpoint, device)
     model = _build_meta_model(hf_config, dtype)
     sites = find_expert_sites(model, hf_config.model_type)
     # Checked before anything is allocated, so a bad checkpoint fails at once with one line.
     locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter) for s in sites}
+    embeddings_on_host, embeddings = defaults.host_embeddings(config.moe_host_embeddings, device,
+                                                              config.moe_offload_ratio, why_not_hostable(model))
     for site in sites:  # never allocated anywhere: the experts live in cache slots and tiers instead
         del site.module.gate_up_proj
         del site.module.down_proj
-    _materialise_dense(model, checkpoint, device, dtype, progress, config.moe_host_embeddings == "on")
+    _materialise_dense(model, checkpoint, device, dtype, progress, embeddings_on_host)
     model.eval()
-    runtimes = _attach_expert_runtimes(sites, locations, device, dtype, config, progress)
+    runtimes, host_cache = _attach_expert_runtimes(sites, locations, device, dtype, config, progress)
     kernel = select_kernel(config, device, hf_config)
     for runtime in runtimes:
         runtime.fused_moe = kernel
         if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
             runtime.enable_direct(device, lru=config.moe_zero_copy in ("auto", "lru"))
-    hybrid.enable(runtimes, sites, config, device)
     _load_generation_config(model, checkpoint.root)
-    return model, runtimes
-
-
-def host_budget(config: OffloadConfig) -> int:
-    if config.moe_host_cache_bytes is not None:
-        return config.moe_host_cache_bytes
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        available = 0
-    return available // 2
+    return LoadedModel(model, runtimes, sites, [host_cache, embeddings])
 
 
 def _top_k(site: ExpertsSite) -> int:
@@ -295,19 +297,25 @@ def _top_k(site: ExpertsSite) -> int:
 
 def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[ExpertLocation]],
                             device: torch.device, dtype: torch.dtype, config: OffloadConfig,
-                            progress: bool) -> list[OffloadedExperts]:
+                            progress: bool) -> tuple[list[OffloadedExperts], defaults.Choice]:
     max_bytes = max(loc.nbytes for layer in locations.values() for loc in layer)
     fetcher = ExpertFetcher(device, DiskTier(config.moe_io), max_bytes)
     top_k = max(_top_k(s) for s in sites)
     first = sites[0]
     scratch = ScratchPool(top_k, first.inter, first.hidden, dtype, device)
-    per_layer_budget = host_budget(config) // len(sites)
+    element = torch.empty((), dtype=dtype).element_size()
+    expert_bytes = 3 * first.inter * first.hidden * element  # every site has this shape (find_expert_sites)
+    # a layer with offloaded experts wants all of them in host RAM, the resident ones too: LRU admission evicts
+    # those, and reads every miss in place, only where the host tier holds every expert of the layer
+    offloaded = [s.num_experts for s in sites if config.resident_count(s.num_experts) < s.num_experts]
+    budget, choice = defaults.host_cache(config.moe_host_cache_bytes,
+                                         max(offloaded, default=0) * expert_bytes * len(sites))
     with tqdm(total=sum(s.num_experts for s in sites), desc="experts", unit="expert",
               disable=not progress, leave=False) as bar:
-        runtimes = [_attach_layer(site, locations[site.layer], fetcher, scratch, per_layer_budget, dtype, device,
+        runtimes = [_attach_layer(site, locations[site.layer], fetcher, scratch, budget // len(sites), dtype, device,
                                   config, bar) for site in sites]
     fetcher.stats.reset()
-    return runtimes
+    return runtimes, choice
 
 
 def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: ExpertFetcher, scratch: ScratchPool,

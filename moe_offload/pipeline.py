@@ -6,13 +6,14 @@ reference system can switch with the same property names (MOE_OFFLOAD_RATIO, ...
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any, Callable, Iterator
 
 import torch
 
-from . import hybrid
+from . import defaults, hybrid
 from .checkpoint import Checkpoint
 from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
@@ -20,8 +21,10 @@ from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
 from .host_embeddings import host_table_bytes
 from .integration import build_offloaded_model, check_supported
+from .profile import file_digest
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
+log = logging.getLogger("moe_offload")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -48,11 +51,13 @@ class LLMPipeline:
 
     properties: the names of config.PROPERTIES (MOE_OFFLOAD_RATIO=37 keeps 37% of each MoE layer's routed experts
     on the device). `config` is a path to a JSON file or a dict of the same keys; keyword properties override it.
+    Properties left at auto are decided at load for this machine (defaults.py; `choices` says what and why);
+    `retune` measures what this machine's stored profile would otherwise give (profile.py).
     """
 
     def __init__(self, models_path: str | None = None, device: str = "cuda",
                  config: str | dict[str, Any] | None = None, progress: bool = False,
-                 require_tokenizer: bool = False, **properties: Any):
+                 require_tokenizer: bool = False, retune: bool = False, **properties: Any):
         merged: dict[str, Any] = {}
         if isinstance(config, str):
             merged.update(load_properties_file(config))
@@ -67,8 +72,10 @@ class LLMPipeline:
         if require_tokenizer and not any(os.path.isfile(os.path.join(self.models_path, name))
                                          for name in TOKENIZER_FILES):
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
-        self.model, self.layers = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config,
-                                                         progress)
+        loaded = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config, progress)
+        self.model, self.layers = loaded.model, loaded.runtimes
+        tuned = hybrid.enable(self.layers, loaded.sites, self.config, self.device,
+                              file_digest(os.path.join(self.models_path, "config.json")), retune)
         self.host_embedding_bytes = host_table_bytes(self.model)  # MOE_HOST_EMBEDDINGS: placed at load
         # before the decoder: its CUDA graphs capture whatever kernels the model launches
         self.fused_dense_ops = fuse_dense_ops(self.model) if self.config.moe_fuse_dense == "auto" else []
@@ -78,11 +85,17 @@ class LLMPipeline:
                                      graph_ready=self._graph_ready, piecewise_ready=self._piecewise_ready)
         if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
             self.decoder = None
-        # MOE_CPU_EXPERTS=auto: the tuned CPU path kept only if whole decodes are faster with it
-        self.cpu_expert_check = hybrid.check_decodes(self.decoder, self.layers, self.config, self.device,
+        # MOE_CPU_EXPERTS=auto: a measured CPU path kept only if whole decodes are faster with it
+        self.cpu_expert_check = hybrid.check_decodes(self.decoder, self.layers, tuned, self.device,
                                                      self.model.config.get_text_config().vocab_size)
         if self.cpu_expert_check is not None:
             self.reset_offload_stats()
+        enabled = sum(layer.cpu_share is not None for layer in self.layers)
+        #: what the properties left at auto became at this load, and why (defaults.py); also logged
+        self.choices: list[defaults.Choice] = loaded.choices + [
+            defaults.cpu_experts(self.config.moe_cpu_experts, self.device, tuned, self.cpu_expert_check, enabled)]
+        for choice in self.choices:
+            log.info("%s", choice.line())
 
     def _graph_ready(self, num_tokens: int) -> bool:
         """Every MoE layer runs a forward of `num_tokens` tokens without a host sync (and nobody records routes)."""
@@ -226,6 +239,7 @@ class LLMPipeline:
             "piecewise_hits_graphs": self._hits_graphs(),
             "fused_dense_ops": self.fused_dense_ops,
             "host_embedding_bytes": self.host_embedding_bytes,  # MOE_HOST_EMBEDDINGS: the table moved off the device
+            "choices": {choice.name: {"value": choice.value, "why": choice.why} for choice in self.choices},
         }
 
     def _hits_graphs(self) -> dict | None:

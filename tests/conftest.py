@@ -31,3 +31,10 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_profile_dir(tmp_path_factory):
+    """Tuning profiles (moe_offload/profile.py) go to a folder of the test session's, never the user's cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield

@@ -97,7 +97,8 @@ def test_defaults(monkeypatch):
     config = make_config({})
     assert config == OffloadConfig()
     assert (config.moe_offload_ratio, config.moe_host_cache_bytes, config.moe_dtype) == (100, None, "auto")
-    assert (config.moe_host_embeddings, config.moe_cpu_experts, config.moe_cpu_threads) == ("off", "off", None)
+    # auto: decided at load for the machine (moe_offload/defaults.py, tests/test_defaults.py)
+    assert (config.moe_host_embeddings, config.moe_cpu_experts, config.moe_cpu_threads) == ("auto", "auto", None)
     assert (config.moe_kernel, config.moe_zero_copy, config.moe_cuda_graph, config.moe_fuse_dense, config.moe_io) == \
         ("auto", "auto", "auto", "auto", "odirect")
 
@@ -116,9 +117,9 @@ def test_property_names_are_case_insensitive(name):
 
 def test_all_properties_case_insensitive_and_values_normalised():
     config = make_config({"moe_offload_ratio": "25", "Moe_Host_Cache": "1KiB", "MOE_dtype": "BF16",
-                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "AUTO", "moe_cpu_threads": " 6 "}, {})
+                          "MOE_HOST_EMBEDDINGS": "ON", "MOE_CPU_EXPERTS": "ALL", "moe_cpu_threads": " 6 "}, {})
     assert config == OffloadConfig(moe_offload_ratio=25, moe_host_cache_bytes=1024, moe_dtype="bfloat16",
-                                   moe_host_embeddings="on", moe_cpu_experts="auto", moe_cpu_threads=6)
+                                   moe_host_embeddings="on", moe_cpu_experts="all", moe_cpu_threads=6)
 
 
 def test_diagnostics_come_from_the_environment():
@@ -150,8 +151,8 @@ def test_dtype_aliases(value, expected):
 
 @pytest.mark.parametrize("name, value, words", [
     ("MOE_DTYPE", "int8", "MOE_DTYPE must be one of"),
-    ("MOE_HOST_EMBEDDINGS", "auto", "MOE_HOST_EMBEDDINGS must be one of off, on"),
-    ("MOE_CPU_EXPERTS", "some", "MOE_CPU_EXPERTS must be one of off, auto, all"),
+    ("MOE_HOST_EMBEDDINGS", "yes", "MOE_HOST_EMBEDDINGS must be one of auto, on, off"),
+    ("MOE_CPU_EXPERTS", "some", "MOE_CPU_EXPERTS must be one of auto, off, all"),
     ("MOE_CPU_THREADS", 0, "MOE_CPU_THREADS must be a positive integer or auto, got 0"),
     ("MOE_CPU_THREADS", "many", "MOE_CPU_THREADS must be a positive integer or auto, got 'many'"),
     ("MOE_CPU_THREADS", True, "MOE_CPU_THREADS must be a positive integer or auto, got True"),

@@ -36,7 +36,7 @@ def prompt_and_reference():
 def test_long_decode_matches_all_resident(prompt_and_reference, ratio, host_cache, zero_copy, monkeypatch):
     ids, reference = prompt_and_reference
     monkeypatch.setenv("MOE_ZERO_COPY", zero_copy)
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host_cache)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host_cache, MOE_CPU_EXPERTS="off")
     tokens = _greedy(pipe, ids)
     stats = pipe.get_offload_stats()
     pipe.close()
@@ -52,7 +52,7 @@ def test_long_decode_matches_all_resident(prompt_and_reference, ratio, host_cach
 def test_replayed_prefill_and_steps_give_the_eager_tokens(prompt_and_reference):
     """A prompt length seen before is prefilled from a captured graph: same tokens as the eager first time."""
     ids, reference = prompt_and_reference
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25, MOE_CPU_EXPERTS="off")
     runs = [pipe.generate_tokens(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False) for _ in range(3)]
     stats = pipe.get_offload_stats()
     pipe.close()
@@ -60,7 +60,7 @@ def test_replayed_prefill_and_steps_give_the_eager_tokens(prompt_and_reference):
     assert all(torch.equal(run, reference[:64]) for run in runs)
 
 
-@pytest.mark.parametrize("properties, zero_copy", [({"MOE_OFFLOAD_RATIO": 25}, "lru"),
+@pytest.mark.parametrize("properties, zero_copy", [({"MOE_OFFLOAD_RATIO": 25, "MOE_CPU_EXPERTS": "off"}, "lru"),
                                                    ({"MOE_OFFLOAD_RATIO": 10, "MOE_CPU_EXPERTS": "all"}, "auto"),
                                                    ({"MOE_OFFLOAD_RATIO": 25, "MOE_CPU_EXPERTS": "all"}, "lru"),
                                                    ({"MOE_OFFLOAD_RATIO": 25, "MOE_HOST_CACHE": 0}, "auto")],
@@ -79,7 +79,7 @@ def test_long_decode_on_the_newer_paths(prompt_and_reference, properties, zero_c
     stats = pipe.get_offload_stats()
     pipe.close()
     assert stats["misses"] > STEPS // 10 and stats["cuda_graph_steps"] > 0 and stats["cuda_graph_failure"] is None
-    if "MOE_CPU_EXPERTS" in properties:
+    if properties.get("MOE_CPU_EXPERTS") == "all":
         assert stats["experts_computed_on_cpu"] > 0
     mismatch = (tokens != reference).nonzero()
     assert mismatch.numel() == 0, f"first differing position {int(mismatch[0, -1])} of {reference.numel()}"

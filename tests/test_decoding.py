@@ -196,7 +196,7 @@ def test_fed_tokens_through_queued_graph_replays_on_cuda():
     generator = torch.Generator().manual_seed(9)
     prompt = torch.randint(2, 1000, (1, 16), generator=generator).cuda()
     feed = torch.randint(2, 1000, (24,), generator=generator)
-    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0)
+    pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS="off")
     logits = []
     assert pipe.decoder.generate(prompt, 24, 24, on_logits=logits.append, feed=feed) == feed.tolist()
     replayed = pipe.decoder.steps_replayed

@@ -171,7 +171,7 @@ def test_device_lru_on_cuda(monkeypatch):
     runs = {}
     for mode in ("static", "auto"):
         monkeypatch.setenv("MOE_ZERO_COPY", mode)
-        pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25)
+        pipe = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=25, MOE_CPU_EXPERTS="off")  # the GPU admits every miss
         assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=48, min_new_tokens=48), want)
         runs[mode] = pipe.get_offload_stats()
         assert runs[mode]["cuda_graph_steps"] > 0 and runs[mode]["cuda_graph_failure"] is None

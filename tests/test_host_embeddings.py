@@ -86,14 +86,14 @@ def test_host_embeddings_on_cuda(checkpoint_factory):
     reference.close()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    plain = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=0)
+    plain = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=0, MOE_HOST_EMBEDDINGS="off", MOE_CPU_EXPERTS="off")
     plain_bytes = torch.cuda.memory_allocated() - before
     plain_peak = torch.cuda.max_memory_allocated() - before  # loading included
     plain.close()
     del plain
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    pipe = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=0, MOE_HOST_EMBEDDINGS="on")
+    pipe = LLMPipeline(path, "cuda", MOE_OFFLOAD_RATIO=0, MOE_HOST_EMBEDDINGS="on", MOE_CPU_EXPERTS="off")
     moved = pipe.get_offload_stats()["host_embedding_bytes"]
     assert moved > 0 and torch.cuda.memory_allocated() - before <= plain_bytes - moved
     assert torch.cuda.max_memory_allocated() - before <= plain_peak - moved  # not on the device even while loading

@@ -538,6 +538,13 @@ def test_hybrid_decode_on_cuda(monkeypatch, mode, refused):
     else:
         assert check["kept"] == any(split)  # whole decodes decided
     assert torch.equal(got, want)
+    if mode == "auto" and not refused:  # the next load of this model and placement applies what was measured
+        pipe.close()
+        again = LLMPipeline(None, "cuda", MOE_OFFLOAD_RATIO=0)
+        source = again.get_offload_stats()["cpu_expert_decode_check"]
+        assert (source or {}).get("source", "").endswith(".json") or not any(split)
+        assert again.get_offload_stats()["cpu_expert_split"] == stats["cpu_expert_split"]
+        assert torch.equal(again.generate_tokens(prompt.cuda(), max_new_tokens=48, min_new_tokens=48), want)
 
 
 class _FakeDecoder:
@@ -605,3 +612,65 @@ def test_the_engine_enters_the_hybrid_path_by_one_door():
                 assert module.rstrip(".") != "moe_offload.hybrid" or not names & inner, (path.name, names)
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("moe_offload.hybrid.") for a in node.names), path.name
+
+
+@pytest.mark.skipif(CUDA, reason="CPU-device pipelines standing in for CUDA ones")
+def test_auto_measures_once_then_applies_the_machines_profile(tmp_path, monkeypatch):
+    """MOE_CPU_EXPERTS=auto (the default) measures at the first load of a model and placement, stores kernel and
+    table in the machine's profile, and a later load applies them without measuring; `retune` and another
+    placement measure again. The CPU pipelines stand in for CUDA ones (the door is told the device is CUDA)."""
+    from types import SimpleNamespace
+
+    from moe_offload import defaults, hybrid
+    from moe_offload.config import make_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(hybrid, "machine_key", lambda device: {"gpu": "a test's"})
+    monkeypatch.setattr(hybrid.driver, "stream_wait_available", lambda device: "refused by the test")
+    measured = []
+
+    def fake_tune(layer, act_fn, runners):
+        table = [min(m, 1) for m in range(layer.top_k + 1)]  # one miss of each step on the CPU
+        measured.append(table)
+        layer.cpu_share.set_table(table)
+        return "native", table, {"native": {"expected": {"on": 1.0, "off": 2.0}}}
+
+    monkeypatch.setattr(hybrid, "tune_cpu_path", fake_tune)
+    path, cuda = _tiny_checkpoint(tmp_path), torch.device("cuda")
+
+    def load(ratio=25, retune=False):
+        pipe = _direct_pipeline(path, ratio)
+        sites = [SimpleNamespace(module=SimpleNamespace(act_fn=torch.nn.functional.silu))] * len(pipe.layers)
+        config = make_config({"MOE_OFFLOAD_RATIO": ratio})
+        tuned = hybrid.enable(pipe.layers, sites, config, cuda, "digest of config.json", retune)
+        check = hybrid.check_decodes(None, pipe.layers, tuned, cuda, 64)  # no decoder: the layer's timing decides
+        return pipe, tuned, defaults.cpu_experts(config.moe_cpu_experts, cuda, tuned, check, len(pipe.layers))
+
+    _, first, choice = load()
+    assert len(measured) == 1 and not first.from_profile and "measured at this load" in choice.why
+    stored = first.profile.stored["result"]
+    assert (stored["kernel"], stored["table"], stored["kept"]) == ("native", measured[0], True)
+    pipe, second, choice = load()
+    assert len(measured) == 1 and second.from_profile and second.profile.path == first.profile.path
+    assert all(layer.cpu_share.split_table == measured[0] for layer in pipe.layers)
+    assert choice.value == f"on (native kernel, split {measured[0]})" and first.profile.path in choice.why
+    load(retune=True)
+    load(ratio=50)
+    assert len(measured) == 3
+
+
+@pytest.mark.parametrize("result", [
+    {"kernel": "numba-on-a-machine-without-it", "table": [0, 1, 1, 1, 1], "kept": True},
+    {"kernel": "native", "table": [0, 2, 1, 1, 1], "kept": True},  # more on the CPU than there are misses
+    {"kernel": "native", "table": [0, 1], "kept": True},  # another top-k
+    {"kernel": "native", "table": [0, 1, 1, 1, 1]},  # no verdict
+])
+def test_a_stored_result_this_load_cannot_apply_is_measured_again(tmp_path, result):
+    from moe_offload import hybrid
+    from moe_offload.profile import Profile
+
+    profile = Profile({"k": 1}, str(tmp_path))
+    profile.save(result)
+    assert hybrid._usable(Profile({"k": 1}, str(tmp_path)), ["native"], top_k=4) is None
+    profile.save({"kernel": "native", "table": [0, 1, 1, 1, 1], "kept": False})
+    assert hybrid._usable(Profile({"k": 1}, str(tmp_path)), ["native"], top_k=4)["kept"] is False

@@ -18,25 +18,41 @@ CPU kernels, their spinning threads and doorbell server, the Triton pack).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..profile import Profile, code_version, machine_key
 from . import driver
 from .cpu_experts import CpuExperts
 from .share import CpuShare
 from .tuning import all_on_cpu, check_on_decode, cpu_expert_kernels, tune_cpu_path
 
-__all__ = ["CpuExperts", "CpuShare", "check_decodes", "enable", "raise_errors", "summary"]
+__all__ = ["CpuExperts", "CpuShare", "Tuned", "check_decodes", "enable", "raise_errors", "summary"]
 
 
-def enable(runtimes: list, sites: list, config, device: torch.device) -> dict[str, Any] | None:
+@dataclass
+class Tuned:
+    """How MOE_CPU_EXPERTS=auto got its CPU kernel and split table at this load: measured now, or read from the
+    machine's profile (profile.py), which check_decodes fills once a measured table has been judged on decodes."""
+
+    profile: Profile
+    kernel: str
+    table: list[int]
+    tuning: dict = field(default_factory=dict)
+    from_profile: bool = False
+
+
+def enable(runtimes: list, sites: list, config, device: torch.device, model_digest: str = "",
+           retune: bool = False) -> Tuned | None:
     """Hybrid decode in every zero-copy layer of `runtimes` (cache.OffloadedExperts, with their
     integration.ExpertsSite), one CPU kernel and split table for all, as config.moe_cpu_experts says: "all" =
     every miss on the CPU with the preferred kernel; "auto" (CUDA only: on a CPU device every expert already runs
-    on the CPU) = kernel and table measured on the first such layer. On CUDA the CPU is handed its share through
-    the doorbell, or through host functions where the driver refuses stream memory operations. Returns
-    summary(runtimes), or None where nothing was enabled."""
+    on the CPU) = kernel and table from this machine's profile for this model shape and placement
+    (`model_digest`: its config.json's), else (or with `retune`) measured on the first such layer. On CUDA the
+    CPU is handed its share through the doorbell, or through host functions where the driver refuses stream
+    memory operations. Returns the auto mode's Tuned, else None."""
     mode = config.moe_cpu_experts
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
@@ -46,11 +62,21 @@ def enable(runtimes: list, sites: list, config, device: torch.device) -> dict[st
     # pace: taking those last two cores too made a layer's CPU share slower, not faster.
     threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
     kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
-    # "all" runs the preferred kernel; "auto" measures each (building a numba runner compiles its kernel)
-    runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in
-               (kernels if mode == "auto" else kernels[:1])}
-    runner = runners[kernels[0]]
-    layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(r.top_k), runner)]
+    top_k = runtimes[0].top_k
+    profile = stored = None
+    if mode == "auto":
+        placement = [[r.num_experts, r.table.capacity, len(r.host.row_of) if r.host else 0] for r in runtimes]
+        profile = Profile({"machine": machine_key(device), "model": model_digest, "dtype": str(runtimes[0].gate_up.dtype),
+                           "placement": placement, "threads": threads, "code": code_version()})
+        if retune:
+            profile.forget()
+        stored = _usable(profile, kernels, top_k)
+    # "all" runs the preferred kernel, a profile its stored one; measuring tries each (building a numba runner
+    # compiles its kernel)
+    chosen = [stored["kernel"]] if stored else kernels if mode == "auto" else kernels[:1]
+    runners = {kernel: CpuExperts(threads=threads, compute=kernel) for kernel in chosen}
+    runner = runners[chosen[0]]
+    layers = [(r, s) for r, s in zip(runtimes, sites) if r.enable_cpu_share(all_on_cpu(top_k), runner)]
     if not layers:
         return None
     if device.type == "cuda":
@@ -60,25 +86,54 @@ def enable(runtimes: list, sites: list, config, device: torch.device) -> dict[st
                 runtime.cpu_share.use_stream_wait()
             else:
                 runtime.cpu_share.stream_wait_refused = refused
-    if mode == "auto":
+    if mode != "auto":
+        return None
+    if stored:
+        tuned = Tuned(profile, stored["kernel"], stored["table"], stored.get("tuning", {}), from_profile=True)
+        table = tuned.table if stored["kept"] else [0] * (top_k + 1)
+    else:
         first, site = layers[0]
         kernel, table, tunings = tune_cpu_path(first, site.module.act_fn, runners)
-        for runtime, _site in layers:
-            runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[kernel], tunings
-            runtime.cpu_share.set_table(table)
-    return summary(runtimes)
+        tuned = Tuned(profile, kernel, list(table), tunings)
+    for runtime, _site in layers:
+        runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[tuned.kernel], tuned.tuning
+        runtime.cpu_share.set_table(table)
+    return tuned
 
 
-def check_decodes(decoder, runtimes: list, config, device: torch.device, vocab_size: int) -> dict | None:
-    """MOE_CPU_EXPERTS=auto on CUDA: keep the tuned split tables only if whole greedy decodes on `decoder`
-    (decoding.StaticDecoder) run faster with them than without the path (tuning.check_on_decode), from a fixed
-    random 16-token prompt. Returns that check's result, or None where there was nothing to check."""
-    shares = [r.cpu_share for r in runtimes if r.cpu_share is not None and r.cpu_share.active]
-    if config.moe_cpu_experts != "auto" or not shares or decoder is None or device.type != "cuda":
+def _usable(profile: Profile, kernels: list[str], top_k: int) -> dict | None:
+    """The profile's stored result, where it is one this load can apply (else None: measure)."""
+    result = (profile.stored or {}).get("result")
+    if not isinstance(result, dict):
         return None
-    prompt = torch.randint(0, min(vocab_size, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        return check_on_decode(decoder, shares, prompt.to(device))
+    table = result.get("table")
+    if (result.get("kernel") not in kernels or not isinstance(table, list) or len(table) != top_k + 1
+            or not all(isinstance(n, int) and 0 <= n <= m for m, n in enumerate(table))
+            or not isinstance(result.get("kept"), bool)):
+        return None
+    return result
+
+
+def check_decodes(decoder, runtimes: list, tuned: Tuned | None, device: torch.device, vocab_size: int) -> dict | None:
+    """MOE_CPU_EXPERTS=auto on CUDA: keep the measured split tables only if whole greedy decodes on `decoder`
+    (decoding.StaticDecoder) run faster with them than without the path (tuning.check_on_decode), from a fixed
+    random 16-token prompt; then store the outcome in the profile. A table read from the profile was judged when
+    it was measured: its check is the stored one. Returns that check's result (None: nothing was checked)."""
+    if tuned is None:
+        return None
+    if tuned.from_profile:
+        stored = tuned.profile.stored["result"]
+        return {"decode_tok_s": stored.get("decode_tok_s"), "kept": stored["kept"], "source": tuned.profile.path}
+    shares = [r.cpu_share for r in runtimes if r.cpu_share is not None and r.cpu_share.active]
+    check = None
+    if shares and decoder is not None and device.type == "cuda":
+        prompt = torch.randint(0, min(vocab_size, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            check = check_on_decode(decoder, shares, prompt.to(device))
+    kept = check["kept"] if check else any(tuned.table)
+    tuned.profile.save({"kernel": tuned.kernel, "table": tuned.table, "kept": kept,
+                        "decode_tok_s": check["decode_tok_s"] if check else None, "tuning": tuned.tuning})
+    return check
 
 
 def raise_errors(runtimes: list) -> None:
