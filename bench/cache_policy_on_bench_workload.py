@@ -1,12 +1,13 @@
-"""Decode-step expert-cache hits on the GPU bench workload (bench/vs_llamacpp.py): static resident set, LRU, MIN.
+"""Decode-step expert-cache hits on the GPU bench workload as the side by side ran it until issue 22 (one fixed draw of
+prompt and decode tokens, repeated every generation; bench/harness.py now draws fresh ones): static, LRU, MIN.
 
 Why: the side-by-side's numbers depend on how the random benchmark model routes. The engine keeps experts 0..C-1
 of each layer resident (static, MOE_ZERO_COPY=static) or admits decode misses into the same C slots (LRU, the
 default). This records the bench workload's routing with forward hooks on the routers of a transformers model on
 the CPU: the random Qwen3-30B-A3B-shaped 12-layer bf16 model of bench/common.py (same init rule and seed as the
 H200's, but a CPU generator: not the same draws), prompt_ids(vocab, 128), 32 tokens with EOS suppressed as
-pipe.generate_tokens(min_new_tokens=32) does (1 prefill + 31 decode forwards): by default the random tokens
-bench/vs_llamacpp.py feeds (common.fed_tokens, as llama-bench's tg test feeds random ones), with --decode-tokens
+pipe.generate_tokens(min_new_tokens=32) does (1 prefill + 31 decode forwards): by default the random tokens the
+side by side fed then (common.fed_tokens, as llama-bench's tg test feeds random ones), with --decode-tokens
 greedy each step's pick; warm-up + --repeats generations.
 Replays: static (hit iff id < C), and moe_offload.tools.simulate's "lru" and "min" on the engine's SlotTable, with
 C = OffloadConfig.resident_count (the product's rule); decode steps only, for one generation from a fresh load and
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed generations after the one warm-up")
     p.add_argument("--ratios", default="0,25,50,75")
     p.add_argument("--decode-tokens", choices=("random", "greedy"), default="random",
-                   help="what decode steps take in, as bench/vs_llamacpp.py's option")
+                   help="what decode steps take in: common.fed_tokens' random ones or greedy picks")
     p.add_argument("--cleanup", action="store_true", help="delete --model-dir at the end")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -68,11 +67,6 @@ def free_device() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def run_module(module: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -198,16 +192,6 @@ def model_facts(path: str) -> dict:
     }
 
 
-def host_tier_bytes(facts: dict, element: int) -> int:
-    """MOE_HOST_CACHE that holds every expert of every layer (the loader splits it evenly over layers).
-
-    Not just the non-resident ones: an expert resident at load that LRU later evicts is fetched again from the
-    host tier only if the host tier holds it too; otherwise it comes from disk.
-    """
-    per_expert = facts["expert_bytes"] // 2 * element  # checkpoint is bf16; the host tier holds compute dtype
-    return facts["moe_layers"] * facts["experts_per_layer"] * per_expert
-
-
 # ----------------------------------------------------------------------------------------------- the workload
 
 
@@ -266,14 +250,16 @@ def _deadline_criteria(deadline: float):
 
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: torch.device, deadline: float,
                    after_prefill=None, pipe=None, feed: torch.Tensor | None = None) -> dict:
-    """One greedy generation of `new_tokens`, timed as `moe-offload bench` times (its GenerationTimer): through the
-    pipeline's own decoding (static cache, CUDA graph where possible) when `pipe` is given, else transformers'
-    generate with a stopping criterion at `deadline` (the baselines, which can be slow). `feed` (pipe only): tokens
-    decoded in place of the greedy picks (fed_tokens). TTFT = call to first token; prefill tok/s = prompt tokens /
-    the first forward; decode tok/s = (new tokens - 1) / (last token - first token)."""
+    """One greedy generation of `new_tokens` from the prompt `ids` [1, P], timed by token arrival (GenerationTimer,
+    as `moe-offload bench` times): through the pipeline's own decoding (static cache, CUDA graphs where possible)
+    when `pipe` is given, else transformers' generate with a stopping criterion at `deadline` (the baselines, which
+    can be slow). `feed` [>= new_tokens] (pipe only): tokens decoded in place of the greedy picks.
+    `after_prefill` is called once the prefill is done, before any decode step.
+
+    TTFT = call to first token; prefill tok/s = P / TTFT, the whole wait a user sees (llama-bench's pp test times
+    the whole prompt too), the same rule whether the prefill ran eagerly or replayed a graph; decode tok/s = (new
+    tokens - 1) / (last token - first token)."""
     timer = GenerationTimer(model, lambda: sync(device), after_prefill)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     eos = model.generation_config.eos_token_id
     sync(device)
     start = time.perf_counter()
@@ -292,12 +278,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, device: torch.devi
         timer.detach()
     stamps = timer.token_times
     decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else None
-    return {
-        "new_tokens": produced,
-        "ttft_s": stamps[0] - start,
-        "prefill_tok_s": ids.shape[1] / (timer.forward_ms[0] / 1000),
-        "decode_steps": len(stamps) - 1,
-        "decode_tok_s": (len(stamps) - 1) / decode_s if decode_s else None,
-        "step_ms_median": median([(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]),
-        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-    }
+    ttft = stamps[0] - start
+    return {"prompt_tokens": int(ids.shape[1]), "new_tokens": produced, "ttft_s": ttft,
+            "prefill_tok_s": ids.shape[1] / ttft, "decode_steps": len(stamps) - 1,
+            "decode_tok_s": (len(stamps) - 1) / decode_s if decode_s else None}

@@ -3,7 +3,7 @@ steadies it: the numba kernel alone (no GPU), in a fresh process per trial, tria
 
 Why: on the H200 machine, processes of one configuration ran a ratio-0 layer's CPU share at two speeds. tune_split
 timed 8 of 8 misses on the CPU at 1.17-1.27 ms in some processes and 1.60-1.71 ms in others, and the whole decode
-followed (83.0 vs 79.7 tok/s in bench/results/2026-11-29-h200-vs-llamacpp.json, 77.5 vs 60.5 in
+followed (83.0 vs 79.7 tok/s in bench/results/archive/2026-11-29-h200-vs-llamacpp.json, 77.5 vs 60.5 in
 bench/results/archive/2026-11-29-h200-vs-llamacpp-session8-run1.json; 87.5 in
 bench/results/archive/2026-11-29-h200-ours-only-session8-run3.json). Each trial here allocates a host tier of a
 ratio-0 run's size (12 layers x 128 experts of the Qwen3-30B-A3B shape by default, 14.5 GB), times the kernel on 8
@@ -44,10 +44,11 @@ def trial(args, variant: str) -> dict:
 
     from moe_offload.hybrid.cpu_experts import CpuExperts
     from moe_offload.hybrid.kernels import cpu_numba
+    from moe_offload.expert_format import ExpertFormat
     from moe_offload.tiers import HostTier
 
     started = time.perf_counter()
-    tier = HostTier(list(range(args.experts)), args.inter, args.hidden, torch.bfloat16, pin=False,
+    tier = HostTier(list(range(args.experts)), ExpertFormat(args.inter, args.hidden, torch.bfloat16), pin=False,
                     huge_pages=not args.small_pages)
     tier.gate_up.fill_(0.01)  # the kernel's speed does not depend on the values; first touch maps the pages
     tier.down.fill_(0.01)

@@ -37,6 +37,7 @@ from moe_offload.hybrid.cpu_experts import CpuExperts
 from moe_offload.hybrid.driver import HostFunction, NativeHostFunction, stream_wait_available
 from moe_offload.hybrid.share import CpuShare, pack_share_torch
 from moe_offload.hybrid.tuning import cpu_expert_kernels
+from moe_offload.expert_format import ExpertFormat
 from moe_offload.tiers import HostTier
 
 
@@ -83,7 +84,7 @@ def anon_huge_bytes() -> int:
 
 def host_tier(args, huge_pages: bool) -> HostTier:
     """A pinned host tier of args.experts random bf16 experts."""
-    tier = HostTier(list(range(args.experts)), args.inter, args.hidden, torch.bfloat16, pin=True,
+    tier = HostTier(list(range(args.experts)), ExpertFormat(args.inter, args.hidden, torch.bfloat16), pin=True,
                     huge_pages=huge_pages)
     generator = torch.Generator().manual_seed(0)
     for pool in (tier.gate_up, tier.down):
@@ -103,8 +104,9 @@ def split_time(tier: HostTier, runner: CpuExperts, on_cpu: int, hidden, weights,
     share = CpuShare(tier, args.experts, top_k, args.hidden, [min(on_cpu, m) for m in range(top_k + 1)], runner,
                      device)
     share.use_stream_wait()
-    empty_gate_up = torch.zeros((1, 2 * args.inter, args.hidden), dtype=torch.bfloat16, device=device)  # [1, 2I, H]
-    empty_down = torch.zeros((1, args.hidden, args.inter), dtype=torch.bfloat16, device=device)  # [1, H, I]
+    # an empty device pool: one row of the host tier's format, so both pools have the strides the kernel shares
+    empty = tier.format.weights(torch.zeros((1, tier.format.row_bytes), dtype=torch.uint8, device=device))
+    empty_gate_up, empty_down = empty.gate_up, empty.down  # [1, 2I, H], [1, H, I]
     slots = torch.arange(1, args.experts + 2, dtype=torch.int32, device=device)  # [E + 1]: expert e at host row e
     slots[-1] = -1  # id E: a pair the CPU computes
     contrib = torch.zeros((top_k, args.hidden), device=device)  # [K, H] float32

@@ -84,7 +84,8 @@ def main() -> int:
     count = min(experts, int(args.read_gib * 2**30 // all_locations[0].nbytes))
     rng = random.Random(0)
     thread_counts = [int(t) for t in args.threads.split(",")]
-    buffers = [torch.empty(all_locations[0].nbytes, dtype=torch.uint8) for _ in range(max(thread_counts) * 2)]
+    row_bytes = all_locations[0].format.row_bytes
+    buffers = [torch.empty(row_bytes, dtype=torch.uint8) for _ in range(max(thread_counts) * 2)]
     pinned = [pin_in_place(b) for b in buffers] if torch.cuda.is_available() else []
 
     rows = []

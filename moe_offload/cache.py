@@ -1,10 +1,11 @@
 """The device-side expert cache of one MoE layer, and the layer's offloaded forward.
 
 Each MoE layer owns a slot pool of `capacity` experts on the device (capacity = the resident share set by
-MOE_OFFLOAD_RATIO), [C, 2I, H] and [C, H, I]. A SlotTable maps expert ids to slots; the eviction policy
-(policy/) picks victims by id. Misses that cannot be admitted (capacity 0, or every cached expert is needed by
-this very step) stream through a small scratch pool shared by all layers, in double-buffered waves: while one
-wave computes, the next one is copied.
+MOE_OFFLOAD_RATIO): uint8 [C, B], one expert per row in the layer's expert format (expert_format.py), which the
+kernels read through typed views ([C, 2I, H] and [C, H, I] for dense weights). A SlotTable maps expert ids to
+slots; the eviction policy (policy/) picks victims by id. Misses that cannot be admitted (capacity 0, or every
+cached expert is needed by this very step) stream through a small scratch pool shared by all layers, in
+double-buffered waves: while one wave computes, the next one is copied.
 
 Per forward call (a decode step, or a whole prefill chunk) each needed expert is loaded at most once, and the
 counters count each needed expert once: a hit if it was on the device, a miss otherwise.
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import ExpertLocation
+from .expert_format import ExpertFormat, ExpertWeights, Matrix
 from .policy.device_lru import DeviceLRU
 from .hybrid import CpuExperts, CpuShare
 from .kernels.reference import weighted_expert_output
@@ -37,38 +39,43 @@ from .transfer import ExpertFetcher, Transfer
 
 
 class ScratchPool:
-    """Device buffers for experts streamed through without being cached, shared by all MoE layers.
+    """Device rows for experts streamed through without being cached, shared by all MoE layers.
 
-    2 * wave slots: wave i uses half i % 2, so the next wave's copies overlap this wave's compute. Allocated on
-    first use: layers that read their misses in place (zero-copy) never stream through it, and at ratio 0 on the
-    Qwen3-30B-A3B-shaped model it would hold 151 MB of device memory for nothing.
+    2 * wave rows, uint8 [2W, B] (expert_format.py): wave i uses half i % 2, so the next wave's copies overlap
+    this wave's compute. Allocated on first use: layers that read their misses in place (zero-copy) never stream
+    through it, and at ratio 0 on the Qwen3-30B-A3B-shaped model it would hold 151 MB of device memory for nothing.
     """
 
-    def __init__(self, wave: int, inter: int, hidden: int, dtype: torch.dtype, device: torch.device):
-        self.wave = wave
-        self._shapes = ((2 * wave, 2 * inter, hidden), (2 * wave, hidden, inter))  # [2W, 2I, H], [2W, H, I]
-        self._dtype, self._device = dtype, device
-        self._pools: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, wave: int, fmt: ExpertFormat, device: torch.device):
+        self.wave, self.format, self._device = wave, fmt, device
+        self._rows: torch.Tensor | None = None  # [2W, B]
+        self._weights: ExpertWeights | None = None
 
-    def _allocated(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pools is None:
+    def _allocated(self) -> ExpertWeights:
+        if self._rows is None:
             with torch.inference_mode(False):  # first use may be under inference mode; later ones may not
-                self._pools = tuple(torch.empty(shape, dtype=self._dtype, device=self._device)
-                                    for shape in self._shapes)
-        return self._pools
+                self._rows = torch.empty((2 * self.wave, self.format.row_bytes), dtype=torch.uint8,
+                                         device=self._device)
+            self._weights = self.format.weights(self._rows)
+        return self._weights
 
     @property
-    def gate_up(self) -> torch.Tensor:
-        return self._allocated()[0]
+    def rows(self) -> torch.Tensor:
+        self._allocated()
+        return self._rows  # [2W, B]
 
     @property
-    def down(self) -> torch.Tensor:
-        return self._allocated()[1]
+    def gate_up(self) -> Matrix:
+        return self._allocated().gate_up  # [2W, 2I, H]
+
+    @property
+    def down(self) -> Matrix:
+        return self._allocated().down  # [2W, H, I]
 
     @property
     def nbytes(self) -> int:
         """Device bytes it holds now (0 until a miss first streams through it)."""
-        return sum(t.numel() * t.element_size() for t in self._pools) if self._pools else 0
+        return self._rows.numel() if self._rows is not None else 0
 
 
 # Above this many (token, k) pairs per expert, a zero-copy layer copies its misses instead: the grouped GEMM
@@ -98,10 +105,11 @@ class LayerCounters:
 class OffloadedExperts:
     """Runtime of one MoE layer's routed experts: resident slots, host/disk sources, and the forward."""
 
-    def __init__(self, layer: int, num_experts: int, top_k: int, inter: int, hidden: int, capacity: int,
+    def __init__(self, layer: int, num_experts: int, top_k: int, fmt: ExpertFormat, capacity: int,
                  locations: list[ExpertLocation], host: HostTier | None, fetcher: ExpertFetcher,
-                 scratch: ScratchPool, policy: EvictionPolicy, dtype: torch.dtype, device: torch.device):
-        self.layer, self.num_experts, self.top_k, self.inter, self.hidden = layer, num_experts, top_k, inter, hidden
+                 scratch: ScratchPool, policy: EvictionPolicy, device: torch.device):
+        self.layer, self.num_experts, self.top_k = layer, num_experts, top_k
+        self.format, self.inter, self.hidden = fmt, fmt.inter, fmt.hidden
         self.locations, self.host, self.fetcher, self.scratch = locations, host, fetcher, scratch
         self.table = SlotTable(capacity, policy)
         self._counters = LayerCounters()
@@ -111,8 +119,8 @@ class OffloadedExperts:
         self._use_counts: torch.Tensor | None = None  # [E] int64: steps that needed each expert (device tally)
         self._lru: DeviceLRU | None = None  # zero-copy misses also admitted, LRU decided on the device
         self._tally: torch.Tensor | None = None  # [2] int64 (needed, read in place), per step, with _lru
-        self.gate_up = torch.empty((capacity, 2 * inter, hidden), dtype=dtype, device=device)  # [C, 2I, H]
-        self.down = torch.empty((capacity, hidden, inter), dtype=dtype, device=device)  # [C, H, I]
+        self.slots = torch.empty((capacity, fmt.row_bytes), dtype=torch.uint8, device=device)  # [C, B]
+        self.weights = fmt.weights(self.slots)  # the kernels' views of the slots
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
         self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
         self.cpu_share: CpuShare | None = None  # decode misses partly computed on the CPU (hybrid/)
@@ -153,8 +161,17 @@ class OffloadedExperts:
                 if t is not None]
 
     @property
+    def gate_up(self) -> Matrix:
+        return self.weights.gate_up  # [C, 2I, H]
+
+    @property
+    def down(self) -> Matrix:
+        return self.weights.down  # [C, H, I]
+
+    @property
     def expert_bytes(self) -> int:
-        return 3 * self.inter * self.hidden * self.gate_up.element_size()
+        """Bytes of one expert's weights in the engine's format (quantized: packed values, scales, zeros)."""
+        return self.format.nbytes
 
     @property
     def direct(self) -> bool:
@@ -262,18 +279,18 @@ class OffloadedExperts:
 
     @property
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+        return self.slots.numel()
 
     def preload(self, experts: list[int]) -> None:
         """Make `experts` resident (at load time; not counted as misses)."""
         self.fetcher.begin_step()
-        self._fetch([(expert, self.table.admit(expert, ())) for expert in experts], self.gate_up, self.down)
+        self._fetch([(expert, self.table.admit(expert, ())) for expert in experts], self.slots)
         self.fetcher.wait_copies(self.fetcher.mark(on_copy_stream=True))
 
-    def _fetch(self, pairs: list[tuple[int, int]], gate_up_pool: torch.Tensor, down_pool: torch.Tensor) -> None:
-        """Bring each (expert, slot) of `pairs` into that slot of the given pool pair."""
-        self.fetcher.fetch(self.layer, self.host, [Transfer(expert, self.locations[expert], gate_up_pool[slot],
-                                                            down_pool[slot]) for expert, slot in pairs])
+    def _fetch(self, pairs: list[tuple[int, int]], rows: torch.Tensor) -> None:
+        """Bring each (expert, slot) of `pairs` into that row of `rows` ([n, B]: the slots or the scratch)."""
+        self.fetcher.fetch(self.layer, self.host, [Transfer(expert, self.locations[expert], rows[slot])
+                                                   for expert, slot in pairs], self.format)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -324,7 +341,7 @@ class OffloadedExperts:
                 streamed.append(expert)
             else:
                 admitted.append((expert, slot))
-        self._fetch(admitted, self.gate_up, self.down)
+        self._fetch(admitted, self.slots)
         admitted_ready = self.fetcher.mark(on_copy_stream=True)
         waves = [streamed[i:i + self.scratch.wave] for i in range(0, len(streamed), self.scratch.wave)]
         wave_ready = [self._load_wave(waves, 0), self._load_wave(waves, 1)]
@@ -438,6 +455,5 @@ class OffloadedExperts:
         if index >= len(waves):
             return None
         base = (index % 2) * self.scratch.wave
-        self._fetch([(e, base + offset) for offset, e in enumerate(waves[index])], self.scratch.gate_up,
-                    self.scratch.down)
+        self._fetch([(e, base + offset) for offset, e in enumerate(waves[index])], self.scratch.rows)
         return self.fetcher.mark(on_copy_stream=True)

@@ -5,15 +5,19 @@ so it needs absolute byte offsets, and a corrupt file must fail at open with one
 segfault or a garbage tensor mid-generation). So every header is checked here: length, JSON, dtypes,
 offsets inside the file, sizes matching shapes, no two tensors sharing bytes.
 
-Two expert layouts are understood:
+Expert layouts understood:
   per-expert (the usual hub files): `...layers.L.<mlp>.experts.E.{w1,w3,w2 | gate_proj,up_proj,down_proj}.weight`
   fused 3-D (transformers' in-memory layout): `...layers.L.<mlp>.experts.{gate_up_proj [E, 2I, H], down_proj [E, H, I]}`
-Either way an expert becomes an ExpertLocation: the byte ranges that fill its gate_up [2I, H] (gate rows then
-up rows) and its down [H, I] matrices.
+  quantized per-expert (compressed-tensors pack-quantized, int4/int8 group-wise, weight only):
+      `...experts.E.<proj>.{weight_packed, weight_scale[, weight_zero_point], weight_shape}`, with config.json's
+      `quantization_config` saying so (quantization_scheme); other quantization methods are refused by name.
+Either way an expert becomes an ExpertLocation: its format (expert_format.py) and, per plane of that format, the
+byte ranges that fill it back to back (gate before up), so a disk read never needs to know the format.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MoeOffloadError
+from .expert_format import ExpertFormat
+from .quant.format import QuantSpec
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,12 +41,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 _PER_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<expert>\d+)\."
-    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<tensor>weight|weight_packed|weight_scale|weight_zero_point|"
+    r"weight_shape|weight_g_idx)$"
 )
 _FUSED_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<proj>gate_up_proj|down_proj)$"
 )
 _PROJ_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+# compressed-tensors' tensors of one quantized Linear (quant/format.py has their layout)
+PACKED, SCALE, ZERO, SHAPE, G_IDX = "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"
 
 
 @dataclass(frozen=True)
@@ -64,26 +73,43 @@ class ByteRange:
 
 @dataclass(frozen=True)
 class ExpertLocation:
-    """Where one routed expert's weights lie on disk, in checkpoint dtype.
+    """Where one routed expert's weights lie on disk: its format as stored (the checkpoint's dtype, its
+    quantization) and, per plane of that format, the byte ranges that fill the plane when read back to back."""
 
-    gate_up ranges, read back to back, fill a [2I, H] matrix (gate rows first); down ranges fill [H, I].
-    """
+    format: ExpertFormat
+    planes: tuple[tuple[ByteRange, ...], ...]  # aligned with format.planes
 
-    dtype: torch.dtype
-    gate_up: tuple[ByteRange, ...]
-    down: tuple[ByteRange, ...]
+    def __post_init__(self):
+        assert [sum(r.nbytes for r in ranges) for ranges in self.planes] == [p.nbytes for p in self.format.planes]
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.gate_up + self.down)
+        """Bytes read from the file for this expert."""
+        return sum(r.nbytes for ranges in self.planes for r in ranges)
 
 
 @dataclass
 class ExpertTensors:
     """Checkpoint tensors of one MoE layer's routed experts, before they are checked against the model."""
 
-    per_expert: dict[int, dict[str, TensorEntry]] = field(default_factory=dict)  # expert -> role -> tensor
+    # expert -> role -> tensor: role "gate"/"up"/"down" for a dense weight, "gate.weight_packed" and the like for
+    # a quantized one's tensors
+    per_expert: dict[int, dict[str, TensorEntry]] = field(default_factory=dict)
     fused: dict[str, TensorEntry] = field(default_factory=dict)  # "gate_up_proj"/"down_proj" -> [E, ., .]
+
+    @property
+    def count(self) -> int:
+        """Experts of the layer."""
+        if self.fused:
+            return next(iter(self.fused.values())).shape[0]
+        return len(self.per_expert)
+
+    @property
+    def bytes_per_expert(self) -> int:
+        """Bytes of one expert's weights as stored (quantized: packed values, scales and zero points)."""
+        entries = list(self.fused.values()) or [entry for roles in self.per_expert.values()
+                                                for role, entry in roles.items() if not role.endswith(SHAPE)]
+        return sum(entry.nbytes for entry in entries) // self.count
 
 
 def _read_header(path: str) -> tuple[dict, int, int]:
@@ -208,22 +234,53 @@ class Checkpoint:
         for name, entry in self.tensors.items():
             if match := _PER_EXPERT_KEY.match(name):
                 layer = by_layer.setdefault(int(match["layer"]), ExpertTensors())
-                layer.per_expert.setdefault(int(match["expert"]), {})[_PROJ_ROLE[match["proj"]]] = entry
+                role, tensor = _PROJ_ROLE[match["proj"]], match["tensor"]
+                key = role if tensor == "weight" else f"{role}.{tensor}"
+                layer.per_expert.setdefault(int(match["expert"]), {})[key] = entry
             elif match := _FUSED_EXPERT_KEY.match(name):
                 by_layer.setdefault(int(match["layer"]), ExpertTensors()).fused[match["proj"]] = entry
             else:
                 dense.append(name)
         return by_layer, dense
 
+    @functools.cached_property
+    def quantization(self) -> QuantSpec | None:
+        """The routed experts' weight quantization (config.json's quantization_config), None where there is none.
+        Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors."""
+        outside = next((name for name in sorted(self.dense_names) if name.endswith(f".{PACKED}")), None)
+        if outside is not None:
+            raise MoeOffloadError(f"{outside}: quantized weights outside the routed experts are not supported "
+                                  "(attention, routers and shared experts must stay unquantized)")
+        try:
+            with open(os.path.join(self.root, "config.json"), encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None  # unreadable: loading the transformers config reports it
+        return quantization_scheme(config) if isinstance(config, dict) else None
+
     def expert_locations(self, layer: int, num_experts: int, hidden: int, inter: int) -> list[ExpertLocation]:
-        """Locations of experts 0..num_experts-1 of `layer`, checked against the model's shapes."""
+        """Locations of experts 0..num_experts-1 of `layer`, checked against the model's shapes (and, quantized,
+        against the quantization scheme)."""
+        spec = self.quantization  # refuses unsupported schemes by name before any tensor is looked at
         tensors = self.experts_by_layer.get(layer)
         if tensors is None:
             raise MoeOffloadError(f"checkpoint has no routed expert weights for MoE layer {layer}")
         if tensors.fused:
             return [self._fused_location(tensors.fused, layer, e, num_experts, hidden, inter)
                     for e in range(num_experts)]
-        return [self._per_expert_location(tensors.per_expert, layer, e, hidden, inter) for e in range(num_experts)]
+        quantized = next((entry.name for roles in tensors.per_expert.values() for role, entry in roles.items()
+                          if "." in role), None)
+        if quantized is None:
+            return [self._per_expert_location(tensors.per_expert, layer, e, hidden, inter)
+                    for e in range(num_experts)]
+        if spec is None:
+            raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
+        locations = [_quantized_location(tensors.per_expert, layer, e, hidden, inter, spec)
+                     for e in range(num_experts)]
+        scales = sorted({str(loc.format.dtype) for loc in locations})
+        if len(scales) > 1:
+            raise MoeOffloadError(f"experts of layer {layer} mix scale dtypes {scales}")
+        return locations
 
     @staticmethod
     def _per_expert_location(per_expert, layer: int, expert: int, hidden: int, inter: int) -> ExpertLocation:
@@ -239,11 +296,8 @@ class Checkpoint:
         dtypes = {roles[r].dtype for r in want}
         if len(dtypes) != 1:
             raise MoeOffloadError(f"expert {expert} of layer {layer} mixes dtypes {sorted(map(str, dtypes))}")
-
-        def whole(entry: TensorEntry) -> ByteRange:
-            return ByteRange(entry.path, entry.start, entry.nbytes)
-
-        return ExpertLocation(roles["gate"].dtype, (whole(roles["gate"]), whole(roles["up"])), (whole(roles["down"]),))
+        return ExpertLocation(ExpertFormat(inter, hidden, roles["gate"].dtype),
+                              ((_whole(roles["gate"]), _whole(roles["up"])), (_whole(roles["down"]),)))
 
     @staticmethod
     def _fused_location(fused, layer: int, expert: int, num_experts: int, hidden: int, inter: int) -> ExpertLocation:
@@ -262,7 +316,7 @@ class Checkpoint:
         gate_up, down = fused["gate_up_proj"], fused["down_proj"]
         if gate_up.dtype != down.dtype:
             raise MoeOffloadError(f"experts of layer {layer} mix dtypes {gate_up.dtype} and {down.dtype}")
-        return ExpertLocation(gate_up.dtype, (row(gate_up),), (row(down),))
+        return ExpertLocation(ExpertFormat(inter, hidden, gate_up.dtype), ((row(gate_up),), (row(down),)))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -272,3 +326,104 @@ class Checkpoint:
             if entry.dtype.is_floating_point:
                 totals[entry.dtype] = totals.get(entry.dtype, 0) + entry.nbytes
         return max(totals, key=totals.get) if totals else torch.float32
+
+
+def _whole(entry: TensorEntry) -> ByteRange:
+    return ByteRange(entry.path, entry.start, entry.nbytes)
+
+
+def _quantized_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
+                        spec: QuantSpec) -> ExpertLocation:
+    """An expert's compressed-tensors tensors, each checked (dtype, shape) against the model's shapes and the
+    scheme, as the planes of its quantized ExpertFormat. weight_shape is checked by its header only: reading its
+    values would be three small reads per expert at load, and the packed and scale shapes already pin N and K."""
+    roles = per_expert.get(expert, {})
+    scale_dtypes = set()
+    for role, (rows, cols) in {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}.items():
+        if role in roles:
+            raise MoeOffloadError(f"{roles[role].name}: expert {expert} of layer {layer} mixes quantized and "
+                                  "unquantized projections")
+        if f"{role}.{G_IDX}" in roles:
+            raise MoeOffloadError(f"{roles[f'{role}.{G_IDX}'].name}: act-order quantization (g_idx) is not supported")
+        groups = -(-cols // spec.group_size)
+        words = -(-cols * spec.bits // 32)
+        expected = {PACKED: ("int32", (rows, words)), SCALE: ("floating point", (rows, groups)),
+                    SHAPE: ("int64", (2,))}
+        if not spec.symmetric:
+            expected[ZERO] = ("int32", (-(-rows * spec.bits // 32), groups))
+        elif f"{role}.{ZERO}" in roles:
+            raise MoeOffloadError(f"{roles[f'{role}.{ZERO}'].name}: zero points, but the scheme is symmetric")
+        for key, (dtype, shape) in expected.items():
+            entry = roles.get(f"{role}.{key}")
+            if entry is None:
+                raise MoeOffloadError(f"checkpoint lacks {key} of the {role} projection of expert {expert} in layer "
+                                      f"{layer}")
+            dtype_ok = {"int32": entry.dtype == torch.int32, "floating point": entry.dtype.is_floating_point,
+                        "int64": entry.dtype in (torch.int64, torch.int32)}[dtype]
+            if not dtype_ok or entry.shape != shape:
+                raise MoeOffloadError(
+                    f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, expected "
+                    f"{dtype} {list(shape)} for a [{rows}, {cols}] weight at {spec.bits} bits, group "
+                    f"{spec.group_size}")
+        scale_dtypes.add(roles[f"{role}.{SCALE}"].dtype)
+    if len(scale_dtypes) != 1:
+        raise MoeOffloadError(f"expert {expert} of layer {layer} mixes scale dtypes "
+                              f"{sorted(str(d) for d in scale_dtypes)}")
+    fmt = ExpertFormat(inter, hidden, scale_dtypes.pop(), spec)
+    tensor = {"packed": PACKED, "scale": SCALE, "zero": ZERO}
+    planes = []
+    for plane in fmt.planes:
+        matrix, kind = plane.name.split(".")
+        projections = ("gate", "up") if matrix == "gate_up" else ("down",)
+        planes.append(tuple(_whole(roles[f"{role}.{tensor[kind]}"]) for role in projections))
+    return ExpertLocation(fmt, tuple(planes))
+
+
+def quantization_scheme(config: dict) -> QuantSpec | None:
+    """The weight-only scheme of config.json's quantization_config (None where there is none): compressed-tensors
+    `pack-quantized`, integer weights of 4 or 8 bits, group-wise, symmetric or with zero points, one scheme for
+    every config group. Everything else is refused by name, in one line."""
+    config = config.get("quantization_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise MoeOffloadError("config.json's quantization_config is not a JSON object")
+    method = config.get("quant_method")
+    if method != "compressed-tensors":
+        raise MoeOffloadError(f"quantization method {method!r} is not supported: moe-offload reads compressed-tensors "
+                              "pack-quantized checkpoints (int4/int8 weight-only)")
+    for key in ("sparsity_config", "kv_cache_scheme", "transform_config"):
+        if config.get(key):
+            raise MoeOffloadError(f"compressed-tensors {key} is not supported")
+    groups = config.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise MoeOffloadError("config.json's compressed-tensors quantization_config has no config_groups")
+    schemes = set()
+    for name, group in groups.items():
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise MoeOffloadError(f"compressed-tensors config group {name!r} has no weights scheme")
+        layout = group.get("format") or config.get("format")
+        if layout != "pack-quantized":
+            raise MoeOffloadError(f"compressed-tensors format {layout!r} is not supported (pack-quantized only)")
+        if group.get("input_activations") or group.get("output_activations"):
+            raise MoeOffloadError(f"compressed-tensors config group {name!r} quantizes activations: only weight-only "
+                                  "schemes (W4A16, W8A16) are supported")
+        weights = group["weights"]
+        if weights.get("type", "int") != "int":
+            raise MoeOffloadError(f"{weights.get('type')!r} weights are not supported (integer weights only)")
+        if weights.get("strategy") != "group":
+            raise MoeOffloadError(f"{weights.get('strategy')!r}-wise weight quantization is not supported "
+                                  "(group-wise only)")
+        if weights.get("actorder"):
+            raise MoeOffloadError(f"act-order quantization ({weights['actorder']!r}) is not supported")
+        if weights.get("dynamic"):
+            raise MoeOffloadError("dynamic weight quantization is not supported")
+        bits, group_size = weights.get("num_bits"), weights.get("group_size")
+        if bits not in (4, 8) or not isinstance(group_size, int) or group_size < 1:
+            raise MoeOffloadError(f"{bits}-bit weights in groups of {group_size!r} are not supported (4 or 8 bits, "
+                                  "a positive group size)")
+        schemes.add((bits, group_size, bool(weights.get("symmetric", True))))
+    if len(schemes) > 1:
+        raise MoeOffloadError(f"several weight quantization schemes {sorted(schemes)} are not supported (one only)")
+    bits, group_size, symmetric = schemes.pop()
+    return QuantSpec(bits, group_size, symmetric)

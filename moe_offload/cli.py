@@ -1,4 +1,4 @@
-"""`moe-offload` command line: generate | tune | info | trace | simulate | bench.
+"""`moe-offload` command line: generate | tune | info | trace | simulate | bench | quantize.
 
 Every user mistake ends as one line on stderr and exit status 2 (MoeOffloadError, bad flags); a traceback
 means a bug in moe-offload.
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_cmd_info)
 
+    from .quant.command import add_quantize_command
     from .tools.benchmark import add_bench_command
     from .tools.simulate import add_simulate_command
     from .tools.trace import add_trace_command
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_command(sub)
     add_simulate_command(sub)
     add_bench_command(sub)
+    add_quantize_command(sub)
     return parser
 
 

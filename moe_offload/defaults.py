@@ -101,14 +101,17 @@ def host_embeddings(mode: str, device: torch.device, ratio: int, hostable_reason
                                     "reads only its own row of it over PCIe")
 
 
-def cpu_experts(mode: str, device: torch.device, tuned, check: dict | None, enabled_layers: int) -> Choice:
-    """What MOE_CPU_EXPERTS came to: `tuned` (hybrid.Tuned or None), the decode check's result, and how many
-    layers got a CPU share."""
+def cpu_experts(mode: str, device: torch.device, tuned, check: dict | None, enabled_layers: int,
+                refused: str | None = None) -> Choice:
+    """What MOE_CPU_EXPERTS came to: `tuned` (hybrid.Tuned or None), the decode check's result, how many
+    layers got a CPU share, and why the path cannot take these experts at all (hybrid.unsupported), if so."""
     name = "MOE_CPU_EXPERTS"
     if mode in ("off", "all"):
         return Choice(name, mode, "set by the user")
     if device.type != "cuda":
         return Choice(name, "off", "on a CPU device every expert already runs on the CPU")
+    if refused is not None:
+        return Choice(name, "off", refused)
     if tuned is None or not enabled_layers:
         return Choice(name, "off", "no layer reads misses in place from host RAM (every expert is resident, or "
                                    "experts are on the disk tier)")

@@ -30,6 +30,7 @@ from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .errors import MoeOffloadError
+from .expert_format import ExpertFormat
 from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host, why_not_hostable
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
@@ -295,48 +296,59 @@ def _top_k(site: ExpertsSite) -> int:
     return int(getattr(site.module.config, "num_experts_per_tok", 1) or 1)
 
 
+def engine_format(locations: dict[int, list[ExpertLocation]], dtype: torch.dtype) -> ExpertFormat:
+    """How the engine holds every layer's experts (slots, host tier, scratch): dense checkpoints in the compute
+    dtype, quantized ones exactly as stored, so what moves is the quantized bytes."""
+    formats = {loc.format for layer in locations.values() for loc in layer}
+    quantized = {fmt for fmt in formats if fmt.quantized}
+    if not quantized:
+        first = next(iter(formats))
+        return ExpertFormat(first.inter, first.hidden, dtype)
+    if len(formats) > 1:
+        raise MoeOffloadError("MoE layers with different expert formats are not supported: "
+                              + ", ".join(sorted(fmt.describe() for fmt in formats)))
+    return quantized.pop()
+
+
 def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[ExpertLocation]],
                             device: torch.device, dtype: torch.dtype, config: OffloadConfig,
                             progress: bool) -> tuple[list[OffloadedExperts], defaults.Choice]:
-    max_bytes = max(loc.nbytes for layer in locations.values() for loc in layer)
-    fetcher = ExpertFetcher(device, DiskTier(config.moe_io), max_bytes)
+    fmt = engine_format(locations, dtype)  # every site has one expert shape (find_expert_sites)
+    staging = max(loc.format.row_bytes for layer in locations.values() for loc in layer)
+    fetcher = ExpertFetcher(device, DiskTier(config.moe_io), staging)
     top_k = max(_top_k(s) for s in sites)
-    first = sites[0]
-    scratch = ScratchPool(top_k, first.inter, first.hidden, dtype, device)
-    element = torch.empty((), dtype=dtype).element_size()
-    expert_bytes = 3 * first.inter * first.hidden * element  # every site has this shape (find_expert_sites)
+    scratch = ScratchPool(top_k, fmt, device)
     # a layer with offloaded experts wants all of them in host RAM, the resident ones too: LRU admission evicts
     # those, and reads every miss in place, only where the host tier holds every expert of the layer
     offloaded = [s.num_experts for s in sites if config.resident_count(s.num_experts) < s.num_experts]
     budget, choice = defaults.host_cache(config.moe_host_cache_bytes,
-                                         max(offloaded, default=0) * expert_bytes * len(sites))
+                                         max(offloaded, default=0) * fmt.row_bytes * len(sites))
     with tqdm(total=sum(s.num_experts for s in sites), desc="experts", unit="expert",
               disable=not progress, leave=False) as bar:
-        runtimes = [_attach_layer(site, locations[site.layer], fetcher, scratch, budget // len(sites), dtype, device,
+        runtimes = [_attach_layer(site, locations[site.layer], fetcher, scratch, budget // len(sites), fmt, device,
                                   config, bar) for site in sites]
     fetcher.stats.reset()
     return runtimes, choice
 
 
 def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: ExpertFetcher, scratch: ScratchPool,
-                  host_bytes: int, dtype: torch.dtype, device: torch.device, config: OffloadConfig,
+                  host_bytes: int, fmt: ExpertFormat, device: torch.device, config: OffloadConfig,
                   bar) -> OffloadedExperts:
     """Fill one layer's host tier and resident slots, and hang its runtime on the experts module."""
-    element = torch.empty((), dtype=dtype).element_size()
     capacity = config.resident_count(site.num_experts)
     resident = list(range(capacity))
     host = None
     if capacity < site.num_experts:
-        fit = min(site.num_experts, host_bytes // (3 * site.inter * site.hidden * element))
+        fit = min(site.num_experts, host_bytes // fmt.row_bytes)
         order = list(range(capacity, site.num_experts)) + resident  # non-resident experts first
-        host = HostTier(order[:fit], site.inter, site.hidden, dtype, pin=device.type == "cuda") if fit else None
+        host = HostTier(order[:fit], fmt, pin=device.type == "cuda") if fit else None
         in_host = list(host.row_of) if host else []
         for start in range(0, len(in_host), DISK_THREADS):  # read in parallel, like misses
             batch = in_host[start:start + DISK_THREADS]
-            fetcher.fetch(site.layer, None, [Transfer(e, locations[e], *host.get(e)) for e in batch])
+            fetcher.fetch(site.layer, None, [Transfer(e, locations[e], host.row(e)) for e in batch], fmt)
             bar.update(len(batch))
-    runtime = OffloadedExperts(site.layer, site.num_experts, _top_k(site), site.inter, site.hidden, capacity,
-                               locations, host, fetcher, scratch, make_policy("lru"), dtype, device)
+    runtime = OffloadedExperts(site.layer, site.num_experts, _top_k(site), fmt, capacity, locations, host, fetcher,
+                               scratch, make_policy("lru"), device)
     runtime.preload(resident)
     bar.update(site.num_experts - (len(host.row_of) if host else 0))
     site.module._moe_offload = runtime

@@ -93,7 +93,8 @@ class LLMPipeline:
         enabled = sum(layer.cpu_share is not None for layer in self.layers)
         #: what the properties left at auto became at this load, and why (defaults.py); also logged
         self.choices: list[defaults.Choice] = loaded.choices + [
-            defaults.cpu_experts(self.config.moe_cpu_experts, self.device, tuned, self.cpu_expert_check, enabled)]
+            defaults.cpu_experts(self.config.moe_cpu_experts, self.device, tuned, self.cpu_expert_check, enabled,
+                                 hybrid.unsupported(self.layers))]
         for choice in self.choices:
             log.info("%s", choice.line())
 
@@ -205,6 +206,9 @@ class LLMPipeline:
             "moe_layers": len(self.layers),
             "total_experts": sum(layer.num_experts for layer in self.layers),
             "resident_experts": sum(layer.table.capacity for layer in self.layers),
+            # how an expert is held and moved (expert_format.py), and its bytes: quantized ones stay quantized
+            "expert_format": self.layers[0].format.describe(),
+            "expert_bytes": self.layers[0].expert_bytes,
             "device_expert_bytes": sum(layer.device_bytes for layer in self.layers),
             "device_staging_bytes": scratch.nbytes,  # the streaming scratch, once a miss has gone through it
             "host_tier_experts": sum(len(layer.host.row_of) for layer in self.layers if layer.host),
@@ -220,6 +224,8 @@ class LLMPipeline:
                                        for c, layer in zip(counters, self.layers)),
             # misses computed by the CPU in the host tier (MOE_CPU_EXPERTS): their bytes never cross PCIe
             "experts_computed_on_cpu": sum(c.computed_on_cpu for c in counters),
+            "bytes_computed_on_cpu": sum(c.computed_on_cpu * layer.expert_bytes
+                                         for c, layer in zip(counters, self.layers)),
             **hybrid.summary(self.layers, self.cpu_expert_check),  # cpu_expert_*: the CPU's share (MOE_CPU_EXPERTS)
             "per_layer": [{"layer": layer.layer, "hits": c.hits, "misses": c.misses,
                            "experts_read_in_place": c.read_in_place,

@@ -17,7 +17,6 @@ that shrinks under a mapping kills the process with SIGBUS and no message.
 from __future__ import annotations
 
 import errno
-import math
 import mmap
 import os
 import threading
@@ -26,6 +25,7 @@ import weakref
 import torch
 
 from .checkpoint import ByteRange, ExpertLocation
+from .expert_format import ExpertFormat, ExpertWeights, Matrix
 from .errors import MoeOffloadError
 
 _ALIGN = 4096
@@ -100,7 +100,8 @@ class DiskTier:
         dst[:] = view[src.start - begin: src.start - begin + src.nbytes]
 
     def read_expert(self, location: ExpertLocation, dst: torch.Tensor) -> int:
-        """Read one expert into `dst` (CPU uint8, location.nbytes): gate_up bytes then down bytes."""
+        """Read one expert into `dst` (CPU uint8 [location.format.row_bytes]), each plane at its offset in the row
+        of location.format (the checkpoint's format: a dtype conversion, if any, is the caller's)."""
         for src, view in self.chunk_reads(location, dst):
             self.read_range(src, view)
         return location.nbytes
@@ -113,12 +114,15 @@ class DiskTier:
         Why: one expert read alone keeps one request in flight, and a miss's layer waits for it; an NVMe disk
         serves several requests in flight much faster than one, and a decode step often misses one expert only."""
         out = _as_bytes(dst)
-        reads, pos = [], 0
-        for piece in location.gate_up + location.down:
-            for offset in range(0, piece.nbytes, chunk):
-                size = min(chunk, piece.nbytes - offset)
-                reads.append((ByteRange(piece.path, piece.start + offset, size), out[pos + offset:pos + offset + size]))
-            pos += piece.nbytes
+        reads = []
+        for plane, pieces in zip(location.format.planes, location.planes):
+            pos = plane.offset
+            for piece in pieces:
+                for offset in range(0, piece.nbytes, chunk):
+                    size = min(chunk, piece.nbytes - offset)
+                    reads.append((ByteRange(piece.path, piece.start + offset, size),
+                                  out[pos + offset:pos + offset + size]))
+                pos += piece.nbytes
         return reads
 
     def close(self) -> None:
@@ -212,21 +216,20 @@ def anonymous_pages(nbytes: int, huge_pages: bool) -> tuple[torch.Tensor, bool]:
 
 
 class HostTier:
-    """A layer's share of non-resident experts, held in (pinned) host RAM in compute dtype.
+    """A layer's share of non-resident experts, held in (pinned) host RAM in the engine's expert format.
 
-    One contiguous allocation per layer, [n, 2I, H] and [n, H, I], so pinning is one call and an expert is
-    one row of each; on huge pages where the kernel gives them (anonymous_pages), since every decode step streams
-    whole experts from here, by the CPU's cores and by the GPU's reads in place.
+    One allocation per layer, uint8 [n, B] (expert_format.py: one expert per row), so pinning is one call, an
+    expert is one row to copy, and a kernel reads its planes in place through `weights`; on huge pages where the
+    kernel gives them (anonymous_pages), since every decode step streams whole experts from here, by the CPU's
+    cores and by the GPU's reads in place.
     """
 
-    def __init__(self, experts: list[int], inter: int, hidden: int, dtype: torch.dtype, pin: bool,
-                 huge_pages: bool = True):
+    def __init__(self, experts: list[int], fmt: ExpertFormat, pin: bool, huge_pages: bool = True):
         self.row_of = {expert: row for row, expert in enumerate(experts)}
-        gate_up_shape, down_shape = (len(experts), 2 * inter, hidden), (len(experts), hidden, inter)
-        gate_up_bytes = math.prod(gate_up_shape) * dtype.itemsize
-        raw, self.huge_pages = anonymous_pages(gate_up_bytes + math.prod(down_shape) * dtype.itemsize, huge_pages)
-        self.gate_up = raw[:gate_up_bytes].view(dtype).view(gate_up_shape)  # [n, 2I, H]
-        self.down = raw[gate_up_bytes:].view(dtype).view(down_shape)  # [n, H, I]
+        self.format = fmt
+        raw, self.huge_pages = anonymous_pages(len(experts) * fmt.row_bytes, huge_pages)
+        self.rows = raw.view(len(experts), fmt.row_bytes)  # [n, B]
+        self.weights = fmt.weights(self.rows)  # the kernels' views: [n, 2I, H] and [n, H, I], or quantized
         self._unpin = pin_for_lifetime(self, [raw]) if pin else None
 
     def __contains__(self, expert: int) -> bool:
@@ -237,22 +240,26 @@ class HostTier:
         """Page-locked and mapped now: copies are asynchronous and kernels may read it in place."""
         return self._unpin is not None and self._unpin.alive
 
-    def get(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = self.row_of[expert]
-        return self.gate_up[row], self.down[row]
+    @property
+    def gate_up(self) -> Matrix:
+        return self.weights.gate_up  # [n, 2I, H]
+
+    @property
+    def down(self) -> Matrix:
+        return self.weights.down  # [n, H, I]
+
+    def row(self, expert: int) -> torch.Tensor:
+        """The expert's bytes, uint8 [B]."""
+        return self.rows[self.row_of[expert]]
+
+    def get(self, expert: int) -> ExpertWeights:
+        """The expert's matrices, views into its row."""
+        return self.format.weights(self.row(expert))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+        return self.rows.numel()
 
     def close(self) -> None:
         if self._unpin is not None:
             self._unpin()
-
-
-def split_expert_bytes(raw: torch.Tensor, dtype: torch.dtype, inter: int, hidden: int):
-    """View a packed expert buffer (uint8) as its gate_up [2I, H] and down [H, I] matrices."""
-    values = raw.view(dtype)
-    split = 2 * inter * hidden
-    return values[:split].view(2 * inter, hidden), values[split:split + hidden * inter].view(hidden, inter)
-

@@ -1,10 +1,13 @@
 """ExpertFetcher: moves one expert's weights from its tier into a device buffer, asynchronously on CUDA.
 
-Mechanism only. On CUDA every copy runs on one dedicated copy stream; the compute stream waits on an event
-before it reads a buffer that was filled, and the copy stream waits for earlier compute before it overwrites
-a slot that compute may still read (`begin_step`, `reuse_after`). Disk reads land in a ring of pinned
-staging buffers first, each guarded by an event so a buffer is not refilled while its copy is in flight.
-On the CPU the same calls run synchronously, so the CPU path is the same code and the test oracle.
+Mechanism only, and blind to the expert's format: an expert is a row of bytes (expert_format.py), copied whole
+from the host tier, or read from the checkpoint plane by plane into a staging row and copied on (converted only
+where a dense checkpoint's dtype is not the compute dtype). On CUDA every copy runs on one dedicated copy
+stream; the compute stream waits on an event before it reads a buffer that was filled, and the copy stream
+waits for earlier compute before it overwrites a slot that compute may still read (`begin_step`,
+`reuse_after`). Disk reads land in a ring of pinned staging buffers first, each guarded by an event so a buffer
+is not refilled while its copy is in flight. On the CPU the same calls run synchronously, so the CPU path is the
+same code and the test oracle.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import ExpertLocation
-from .tiers import DiskTier, HostTier, pin_for_lifetime, split_expert_bytes
+from .expert_format import ExpertFormat
+from .tiers import DiskTier, HostTier, pin_for_lifetime
 
 # Disk misses of one step are read by this many threads at once (os.preadv releases the GIL): an NVMe disk serves
 # several O_DIRECT requests in flight much faster than one.
@@ -25,12 +29,11 @@ STAGING_BUFFERS = DISK_THREADS
 
 @dataclass
 class Transfer:
-    """One expert to bring to the device: where it lies and the two device matrices to fill."""
+    """One expert to bring to the device: where it lies in the checkpoint, and the row to fill."""
 
     expert: int
     location: ExpertLocation
-    dst_gate_up: torch.Tensor  # [2I, H]
-    dst_down: torch.Tensor  # [H, I]
+    dst: torch.Tensor  # [B] uint8, a row of a slot pool, scratch or host tier
 
 
 @dataclass
@@ -57,7 +60,7 @@ class ExpertFetcher:
         self.stats = TransferStats()
         self.on_cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.on_cuda else None
-        # Checkpoint-dtype staging for disk reads: [max_expert_bytes] uint8 each, pinned on CUDA.
+        # Staging for disk reads, in the checkpoint's format: [max_expert_bytes] uint8 each, pinned on CUDA.
         self._staging = [torch.empty(max_expert_bytes, dtype=torch.uint8) for _ in range(STAGING_BUFFERS)]
         self._unpin = pin_for_lifetime(self, self._staging) if self.on_cuda else None
         self._staging_free = [None] * STAGING_BUFFERS  # CUDA event after which the buffer may be refilled
@@ -89,24 +92,23 @@ class ExpertFetcher:
             self.copy_stream.wait_event(event)
 
     # -- moving bytes ----------------------------------------------------------------------------------------
-    def fetch(self, layer: int, host: HostTier | None, transfers: list[Transfer]) -> None:
-        """Fill each transfer's device matrices from the nearest tier: host copies are issued at once, disk
-        reads run in chunks, DISK_THREADS at a time, into pinned staging buffers, each expert copied as soon as it
+    def fetch(self, layer: int, host: HostTier | None, transfers: list[Transfer], fmt: ExpertFormat) -> None:
+        """Fill each transfer's row (in format `fmt`) from the nearest tier: host rows are copied at once, disk
+        reads run in chunks, DISK_THREADS at a time, into pinned staging rows, each expert copied as soon as it
         is read."""
         counters = self.stats.per_layer.setdefault(layer, {"host": 0, "disk": 0})
         from_disk = []
         for job in transfers:
             if host is not None and job.expert in host:
-                gate_up, down = host.get(job.expert)
-                self._copy(job.dst_gate_up, gate_up, job.dst_down, down)
-                self.stats.bytes_from_host += (gate_up.numel() + down.numel()) * gate_up.element_size()
+                self._copy(job.dst, fmt, host.row(job.expert), host.format)
+                self.stats.bytes_from_host += fmt.nbytes
                 self.stats.experts_from_host += 1
                 counters["host"] += 1
             else:
                 from_disk.append(job)
         for start in range(0, len(from_disk), STAGING_BUFFERS):
             batch = from_disk[start:start + STAGING_BUFFERS]
-            buffers = [self._claim_staging(job.location.nbytes) for job in batch]
+            buffers = [self._claim_staging(job.location.format.row_bytes) for job in batch]
             reads = [self.disk.chunk_reads(job.location, raw) for job, (_, raw) in zip(batch, buffers)]
             if sum(map(len, reads)) == 1:
                 self.disk.read_range(*reads[0][0])
@@ -117,7 +119,8 @@ class ExpertFetcher:
             for job, (index, raw), futures in zip(batch, buffers, pending):
                 for future in futures:
                     future.result()
-                self._copy_staged(index, raw, job.location, job.dst_gate_up, job.dst_down)
+                self._copy(job.dst, fmt, raw, job.location.format)
+                self._staging_free[index] = self.mark(on_copy_stream=True)
                 self.stats.bytes_from_disk += job.location.nbytes
                 self.stats.experts_from_disk += 1
                 counters["disk"] += 1
@@ -135,20 +138,14 @@ class ExpertFetcher:
             self._staging_free[index].synchronize()
         return index, self._staging[index][:nbytes]
 
-    def _copy_staged(self, index: int, raw: torch.Tensor, location: ExpertLocation, dst_gate_up: torch.Tensor,
-                     dst_down: torch.Tensor) -> None:
-        gate_up, down = split_expert_bytes(raw, location.dtype, dst_down.shape[1], dst_down.shape[0])
-        self._copy(dst_gate_up, gate_up, dst_down, down)
-        self._staging_free[index] = self.mark(on_copy_stream=True)
-
-    def _copy(self, dst_gate_up, src_gate_up, dst_down, src_down) -> None:
+    def _copy(self, dst: torch.Tensor, fmt: ExpertFormat, src: torch.Tensor, src_format: ExpertFormat) -> None:
+        """dst row (format fmt) = src row (src_format), on the copy stream on CUDA: one copy of the bytes, or plane
+        by plane where a dense checkpoint's dtype is not the compute dtype (ExpertFormat.copy_row)."""
         if self.on_cuda:
             with torch.cuda.stream(self.copy_stream):
-                dst_gate_up.copy_(src_gate_up, non_blocking=True)
-                dst_down.copy_(src_down, non_blocking=True)
+                fmt.copy_row(dst, src, src_format, non_blocking=True)
         else:
-            dst_gate_up.copy_(src_gate_up)
-            dst_down.copy_(src_down)
+            fmt.copy_row(dst, src, src_format)
 
     def close(self) -> None:
         if self.on_cuda:

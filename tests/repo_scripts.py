@@ -26,7 +26,7 @@ def load_script(*parts: str):
 
 
 def bench_module(name: str):
-    """bench.<name> (e.g. "vs_llamacpp", "llamacpp.run_llama_bench")."""
+    """bench.<name> (e.g. "harness", "llamacpp.run_llama_bench")."""
     return importlib.import_module(f"bench.{name}")
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from moe_offload.hybrid.cpu_experts import CpuExperts, cpu_expert_outputs, host_tier_outputs
 from moe_offload.errors import MoeOffloadError
+from moe_offload.expert_format import ExpertFormat
 from moe_offload.kernels.reference import weighted_expert_output
 from moe_offload.tiers import HostTier
 
@@ -138,7 +139,7 @@ def test_zero_pairs_returns_empty():
 
 
 def test_host_tier_in_place():
-    tier = HostTier([3, 7, 9], 32, 64, torch.bfloat16, pin=False)
+    tier = HostTier([3, 7, 9], ExpertFormat(32, 64, torch.bfloat16), pin=False)
     gate_up, down = make_pools(3, 64, 32, torch.bfloat16)
     tier.gate_up.copy_(gate_up)
     tier.down.copy_(down)

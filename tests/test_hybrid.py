@@ -16,6 +16,7 @@ from triton_interp import CUDA  # first: sets TRITON_INTERPRET before triton loa
 
 from moe_offload import LLMPipeline
 from moe_offload.errors import MoeOffloadError
+from moe_offload.expert_format import ExpertFormat
 from moe_offload.hybrid import CpuExperts, CpuShare
 from moe_offload.hybrid.driver import HostFunction
 from moe_offload.hybrid.tuning import _TokenStamps, all_on_cpu, check_on_decode, tune_cpu_path, tune_split
@@ -27,7 +28,7 @@ ATOL = 1e-5
 
 def _tier(num_experts=6, inter=16, hidden=32, seed=0) -> HostTier:
     torch.manual_seed(seed)
-    tier = HostTier(list(range(num_experts)), inter, hidden, torch.float32, pin=False)
+    tier = HostTier(list(range(num_experts)), ExpertFormat(inter, hidden, torch.float32), pin=False)
     tier.gate_up.copy_(torch.randn_like(tier.gate_up) * 0.2)
     tier.down.copy_(torch.randn_like(tier.down) * 0.2)
     return tier
@@ -144,7 +145,7 @@ def test_cpu_share_with_the_numba_kernel_on_bf16():
     assert cpu_expert_kernels(torch.float32, torch.nn.functional.silu) == ["native"]
     assert cpu_expert_kernels(torch.bfloat16, torch.nn.functional.gelu) == ["native"]
     torch.manual_seed(0)
-    tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
+    tier = HostTier(list(range(6)), ExpertFormat(64, 128, torch.bfloat16), pin=False)
     tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
     tier.down.copy_(torch.randn_like(tier.down, dtype=torch.float32) * 0.1)
     share = CpuShare(tier, 6, 4, 128, all_on_cpu(4), CpuExperts(threads=2, compute="numba"), torch.device("cpu"))
@@ -172,7 +173,7 @@ def test_compiled_step_gives_the_python_steps_bits():
     from moe_offload.hybrid.kernels import cpu_numba
 
     torch.manual_seed(0)
-    tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
+    tier = HostTier(list(range(6)), ExpertFormat(64, 128, torch.bfloat16), pin=False)
     tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
     tier.down.copy_(torch.randn_like(tier.down, dtype=torch.float32) * 0.1)
     hidden = torch.randn(1, 128).to(torch.bfloat16)
@@ -214,7 +215,7 @@ def test_doorbell_server_runs_the_compiled_step_when_rung():
     from moe_offload.hybrid.kernels import doorbell
 
     torch.manual_seed(0)
-    tier = HostTier(list(range(6)), 64, 128, torch.bfloat16, pin=False)
+    tier = HostTier(list(range(6)), ExpertFormat(64, 128, torch.bfloat16), pin=False)
     tier.gate_up.copy_(torch.randn_like(tier.gate_up, dtype=torch.float32) * 0.1)
     tier.down.copy_(torch.randn_like(tier.down, dtype=torch.float32) * 0.1)
     ids, weights = torch.tensor([[3, 1, 4, 0]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]]).to(torch.bfloat16)

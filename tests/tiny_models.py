@@ -6,7 +6,9 @@ writes (per-expert hub names, sharded with an index) or reads (fused 3-D experts
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import torch
 from safetensors.torch import save_file
@@ -97,3 +99,43 @@ def make_checkpoint(arch: str, path: str, layout: str = "per_expert", max_shard_
     if with_tokenizer:
         save_tokenizer(path)
     return path
+
+
+_EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+
+
+def quantize_experts(src: str, dst: str, spec, scale_dtype: torch.dtype = torch.bfloat16,
+                     dequantized: str | None = None) -> str:
+    """Copy the per-expert checkpoint `src` to `dst` with every routed expert projection written as
+    compressed-tensors pack-quantized tensors (`weight_packed`, `weight_scale`, [`weight_zero_point`,]
+    `weight_shape`: round to nearest, from the weight in `scale_dtype`, so the scales are in it) and config.json's
+    quantization_config saying so; everything else as it was. With `dequantized`, also write there the same
+    model with those experts replaced by what compressed-tensors decompresses them to (in scale_dtype, stored as
+    the source's float32): the checkpoint transformers loads to compare against."""
+    from safetensors.torch import load_file
+
+    from moe_offload.quant.format import dequantize, quantization_config
+    from moe_offload.quant.methods import quantize_weight
+
+    state = load_file(os.path.join(src, "model.safetensors"))
+    quantized, plain = {}, {}
+    for name, tensor in state.items():
+        if not _EXPERT_WEIGHT.search(name):
+            quantized[name] = plain[name] = tensor
+            continue
+        module = name.removesuffix(".weight")
+        tensors = quantize_weight(tensor.to(scale_dtype), spec, "rtn")
+        quantized.update({f"{module}.{key}": value for key, value in tensors.items()})
+        plain[name] = dequantize(tensors, spec).to(scale_dtype).to(tensor.dtype)
+    for folder, tensors in ((dst, quantized), (dequantized, plain)):
+        if folder is None:
+            continue
+        os.makedirs(folder, exist_ok=True)
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(src, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        if folder == dst:
+            config["quantization_config"] = quantization_config(spec, ["lm_head"])
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+    return dst

@@ -1,1 +1,2 @@
-"""The llama.cpp side of the side-by-side benchmark (bench/vs_llamacpp.py); README.md here says how to run it."""
+"""The llama.cpp side of the side-by-side benchmark (bench/harness.py through bench/sides.py); README.md here says how
+to run it."""

@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-bench` from the trimmed archive (.llamacpp/llama.cpp-src.tar.xz, see README.md here),
-# offline, for the issue-6 baseline: llama.cpp with its MoE experts kept on the CPU (-ncmoe) vs moe-offload.
-# Only the llama-bench target (and what it links) is built; CUDA for one arch (sm_90, the H200), no FA all-quants,
-# so that building fits in one short device call. `--cpu` builds without CUDA (for a machine with no nvcc/GPU).
+# Builds llama.cpp's `llama-bench` and `llama-batched-bench` from the trimmed archive (.llamacpp/llama.cpp-src.tar.xz,
+# see README.md here), offline, for the issue-6 baseline: llama.cpp with its MoE experts kept on the CPU (-ncmoe, and
+# -ncmoe with its GPU expert cache --moe-cache-mib, which only common_params tools such as llama-batched-bench parse)
+# vs moe-offload. Only those two targets (and what they link) are built; CUDA for one arch (sm_90, the H200), no FA
+# all-quants, so that building fits in one short device call. `--cpu` builds without CUDA (a machine with no nvcc/GPU).
 #
 # Usage: bench/llamacpp/build.sh [--cpu] [--archive A.tar.xz] [--targets "llama-bench ..."] DIR
-#   -> DIR/llama.cpp (sources), DIR/build-cuda or DIR/build-cpu (binaries in bin/); prints the binary's path last.
+#   -> DIR/llama.cpp (sources), DIR/build-cuda or DIR/build-cpu (binaries in bin/); prints the binaries' paths last.
 # Where the CUDA toolkit lacks cuBLAS (an image whose toolkit came as pip wheels), cuBLAS is taken from the Python
 # packages (nvidia/cu13 or nvidia/cublas); where no libcuda.so link is found, libcuda.so.1 is named directly.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ARCHIVE=$HERE/../../.llamacpp/llama.cpp-src.tar.xz
 CUDA=ON
-TARGETS=llama-bench
+TARGETS="llama-bench llama-batched-bench"
 DIR=
 while [ $# -gt 0 ]; do
     case $1 in
         --cpu) CUDA=OFF ;;
         --archive) ARCHIVE=$2; shift ;;
         --targets) TARGETS=$2; shift ;;
-        -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,11p "$0"; exit 0 ;;
         *) DIR=$1 ;;
     esac
     shift
@@ -32,11 +33,13 @@ SRC=$DIR/llama.cpp
 if [ ! -f "$SRC/COMMIT" ]; then
     tar -xJf "$ARCHIVE" -C "$DIR"
 fi
-COMMIT=$(cat "$SRC/COMMIT")
+COMMIT=$(cat "$SRC/COMMIT")  # the llama.cpp tag, e.g. b11549 (the sdist has no git metadata)
+NUMBER=${COMMIT#b}
+[[ "$NUMBER" =~ ^[0-9]+$ ]] || NUMBER=0
 
 ARGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
-      -DLLAMA_BUILD_COMMIT="${COMMIT:0:9}" -DLLAMA_BUILD_NUMBER=0)
+      -DLLAMA_BUILD_COMMIT="$COMMIT" -DLLAMA_BUILD_NUMBER="$NUMBER")
 if command -v ninja >/dev/null; then ARGS+=(-G Ninja); fi
 if [ "$CUDA" = ON ]; then
     BUILD=$DIR/build-cuda
@@ -84,4 +87,4 @@ CONFIGURED=$(date +%s.%N)
 cmake --build "$BUILD" --config Release -j "$(nproc)" --target $TARGETS
 END=$(date +%s.%N)
 awk -v s="$START" -v c="$CONFIGURED" -v e="$END" 'BEGIN { printf "build.sh: extract+configure %.1f s, build %.1f s, total %.1f s\n", c - s, e - c, e - s }'
-echo "$BUILD/bin/llama-bench"
+for target in $TARGETS; do echo "$BUILD/bin/$target"; done

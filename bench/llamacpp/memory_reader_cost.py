@@ -1,8 +1,8 @@
 """What one reading of the GPU's memory in use costs, by NVML and by nvidia-smi, and whether they agree.
 
-Why: the side-by-side run (bench/vs_llamacpp.py) polls the GPU's memory every 50 ms while either side runs, and
-both sides keep every core of the H200 machine busy. A reading that is a process of its own (nvidia-smi) takes CPU
-time from them; one through NVML in the poller's process should not. This measures both.
+Why: the side-by-side run (bench/harness.py, bench/sides.py) polls the GPU's memory every 50 ms while either side
+runs, and both sides keep every core of the H200 machine busy. A reading that is a process of its own (nvidia-smi)
+takes CPU time from them; one through NVML in the poller's process should not. This measures both.
 
 Usage, from the repository root: python -m bench.llamacpp.memory_reader_cost [--readings 20] [--out FILE.json]
 """

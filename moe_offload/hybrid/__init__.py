@@ -1,6 +1,7 @@
 """Hybrid decode (MOE_CPU_EXPERTS): a zero-copy layer's missed experts split between the CPU and the GPU, both
-working at once. The engine's one door to it: enable at load, check_decodes once the decoder exists,
-raise_errors after each generation, summary for the stats; cache.OffloadedExperts holds each layer's CpuShare.
+working at once. The engine's one door to it: enable at load (unsupported: why it cannot take a model's
+experts), check_decodes once the decoder exists, raise_errors after each generation, summary for the stats;
+cache.OffloadedExperts holds each layer's CpuShare.
 
 Why: the GPU reads experts left in pinned host memory over PCIe, and the CPU can compute one-token experts from
 that same memory with the numba kernel at a comparable rate (tens of GB/s each on a GPU server). Together they
@@ -23,13 +24,14 @@ from typing import Any
 
 import torch
 
+from ..errors import MoeOffloadError
 from ..profile import Profile, code_version, machine_key
 from . import driver
 from .cpu_experts import CpuExperts
 from .share import CpuShare
 from .tuning import all_on_cpu, check_on_decode, cpu_expert_kernels, tune_cpu_path
 
-__all__ = ["CpuExperts", "CpuShare", "Tuned", "check_decodes", "enable", "raise_errors", "summary"]
+__all__ = ["CpuExperts", "CpuShare", "Tuned", "check_decodes", "enable", "raise_errors", "summary", "unsupported"]
 
 
 @dataclass
@@ -55,6 +57,10 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
     memory operations. Returns the auto mode's Tuned, else None."""
     mode = config.moe_cpu_experts
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if (refused := unsupported(runtimes)) is not None:
+        if mode == "all":
+            raise MoeOffloadError(f"MOE_CPU_EXPERTS=all is not possible here: {refused}")
         return None
     # By default two cores left: one for the launching thread (it spin-waits on most syncs, and sleeps through
     # graph-replayed decode steps), one for everything else; the thread that drives the pool (the doorbell server,
@@ -99,6 +105,15 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
         runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[tuned.kernel], tuned.tuning
         runtime.cpu_share.set_table(table)
     return tuned
+
+
+def unsupported(runtimes: list) -> str | None:
+    """Why the CPU path cannot take these layers' experts (None: it can). Its kernels compute dense experts;
+    int4/int8 CPU kernels are still to come."""
+    fmt = runtimes[0].format  # one format for every layer (integration.engine_format)
+    if fmt.quantized:
+        return f"the CPU expert path computes dense experts only, not quantized ones ({fmt.describe()}) yet"
+    return None
 
 
 def _usable(profile: Profile, kernels: list[str], top_k: int) -> dict | None:

@@ -141,7 +141,8 @@ class CpuShare:
             pair_rows, weights, act, out_rows = self._job_buffers  # [K], [K], [K, I], [K]: filled by the step
             self._job = cpu_numba.make_job(
                 x=self._mailbox.data_ptr(), x_per_pair=0, gate_up=self.host.gate_up.data_ptr(),
-                down=self.host.down.data_ptr(), rows=self.host.gate_up.shape[0], pair_rows=pair_rows.ctypes.data,
+                down=self.host.down.data_ptr(), gate_up_stride=self.host.format.row_bytes,
+                down_stride=self.host.format.row_bytes, pair_rows=pair_rows.ctypes.data,
                 weights=weights.ctypes.data, act=act.ctypes.data, out=self._out_host.data_ptr(),
                 out_rows=out_rows.ctypes.data, hidden=self.hidden, inter=inter,
                 round_product=self._weight_dtype == torch.bfloat16)

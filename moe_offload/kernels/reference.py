@@ -3,6 +3,10 @@
 It mirrors transformers' own experts math (gate/up projection, act(gate) * up, down projection, times the
 routing weight in the routing weight's dtype) so that offloaded results match transformers on the same
 checkpoint; contributions are summed in float32, as transformers' grouped_mm path does, and rounded once.
+
+A quantized expert (expert_format.QuantMatrix) is first dequantized to what compressed-tensors decompresses it to,
+(q - zero) * scale computed exactly in float32 and rounded to the scale's dtype, then taken in the compute dtype
+(as transformers would hold the decompressed weight): the same expert math then runs on it.
 """
 
 from __future__ import annotations
@@ -12,22 +16,48 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..expert_format import Matrix, QuantMatrix
+from ..quant.format import unpack
 
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+
+def dequantize(matrix: QuantMatrix) -> torch.Tensor:
+    """W [N, K] float32 = (u - z) * scale of one quantized matrix, exact (u - z needs 9 bits, a bf16/fp16 scale
+    11, float32 holds 24). quant.format.unpack reads the words; the groups here may end short of K (G = ceil(K/g)),
+    which the kernels must handle too, and gate_up's zero points are packed per projection (QuantMatrix.parts)."""
+    rows, cols, bits = matrix.packed.shape[0], matrix.in_features, matrix.bits
+    signed = unpack(matrix.packed, bits, cols).float()  # [N, K] u - 2^(b-1)
+    group = torch.arange(cols, device=signed.device) // matrix.group_size  # [K] group of each column
+    scale = matrix.scale.float()[:, group]  # [N, K]
+    if matrix.zero is None:
+        return signed * scale
+    per_part = rows // matrix.parts
+    zero = torch.cat([unpack(part.t().contiguous(), bits, per_part).t()  # [N/parts, G] signed zero points
+                      for part in matrix.zero.chunk(matrix.parts, dim=0)]).float()  # [N, G]
+    return (signed - zero[:, group]) * scale
+
+
+def dense(matrix: Matrix, dtype: torch.dtype) -> torch.Tensor:
+    """A dense tensor as it is; a quantized matrix dequantized, rounded to its scale's dtype, in `dtype`."""
+    if isinstance(matrix, torch.Tensor):
+        return matrix
+    return dequantize(matrix).to(matrix.scale.dtype).to(dtype)
+
+
+def expert_ffn(x: torch.Tensor, gate_up: Matrix, down: Matrix,
                act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """SwiGLU-style expert: x [n, H], gate_up [2I, H] (gate rows first), down [H, I] -> [n, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(act_fn(gate) * up, down)  # [n, H]
+    gate, up = F.linear(x, dense(gate_up, x.dtype)).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act_fn(gate) * up, dense(down, x.dtype))  # [n, H]
 
 
-def weighted_expert_output(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+def weighted_expert_output(x: torch.Tensor, weights: torch.Tensor, gate_up: Matrix, down: Matrix,
                            act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """weights[:, None] * expert(x) in float32: x [n, H], weights [n] -> [n, H]."""
     return (expert_ffn(x, gate_up, down, act_fn) * weights[:, None]).float()
 
 
 def accumulate_expert(out: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
-                      gate_up: torch.Tensor, down: torch.Tensor,
+                      gate_up: Matrix, down: Matrix,
                       act_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """out[tokens] += weights * expert(hidden[tokens]).
 

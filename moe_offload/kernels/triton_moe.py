@@ -19,7 +19,9 @@ float32 row [T*K, H] and summed over K in a fixed order, so results are determin
   padding, so the step is a handful of launches, and each expert's rows are streamed once per pair.
 - prefill: pairs grouped by slot and padded per slot to BLOCK_M (vLLM's moe_align_block_size, done in torch with
   no host sync), then grouped GEMMs on the tensor cores; each expert's weights are read once per M-block.
-Only SiLU is supported: the caller checks `config.hidden_act == "silu"`.
+Only SiLU is supported: the caller checks `config.hidden_act == "silu"`. The pools are dense tensors here;
+int4/int8 experts (expert_format.QuantMatrix views of the same byte rows) take triton_quant.py's kernels, which
+dequantize in their inner loop, through the same fused_moe.
 
 Rounding: GEMMs accumulate in float32, but in half precision the kernels round the same intermediates that
 transformers' experts (and reference.accumulate_expert) materialise in the hidden dtype: the gate and up GEMM
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..expert_format import Matrix, QuantMatrix
 from .reference import accumulate_expert
 
 # T*K at or below which the GEMV path runs: up to here pairs rarely share an expert (so per-pair streaming reads
@@ -277,25 +280,35 @@ def align_by_slot(pair_slots: torch.Tensor, num_slots: int, block_m: int) -> tup
     return sorted_pairs, block_slot
 
 
+def _layout(matrix: Matrix) -> tuple:
+    """What the kernels assume alike of a device pool and its host pool: they take one set of strides."""
+    if isinstance(matrix, QuantMatrix):
+        planes = (matrix.packed, matrix.scale) + (() if matrix.zero is None else (matrix.zero,))
+        return (matrix.bits, matrix.group_size, matrix.parts) + tuple((t.dtype, t.stride()) for t in planes)
+    return matrix.dtype, matrix.stride()
+
+
 def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13=None, host_w2=None) -> None:
     """Shape/dtype checks that need no host sync; slot values (< S + N) are the caller's contract."""
     num_slots, two_inter, hidden_size = w13.shape
     if (host_w13 is None) != (host_w2 is None):
         raise ValueError("host_w13 and host_w2 go together")
+    pools = [w13, w2] + ([host_w13, host_w2] if host_w13 is not None else [])
+    if len({isinstance(pool, QuantMatrix) for pool in pools}) > 1:
+        raise ValueError("pools must be all dense tensors or all quantized")
     if host_w13 is not None and (host_w13.shape[1:] != w13.shape[1:] or host_w2.shape[1:] != w2.shape[1:]
-                                 or host_w13.shape[0] != host_w2.shape[0] or host_w13.dtype != w13.dtype
-                                 or host_w2.dtype != w2.dtype or host_w13.stride() != w13.stride()
-                                 or host_w2.stride() != w2.stride()):  # the kernels use one set of strides
+                                 or host_w13.shape[0] != host_w2.shape[0] or _layout(host_w13) != _layout(w13)
+                                 or _layout(host_w2) != _layout(w2)):  # the kernels use one set of strides
         raise ValueError(f"host pools {tuple(host_w13.shape)} / {tuple(host_w2.shape)} do not match the device "
                          f"pools {tuple(w13.shape)} / {tuple(w2.shape)} (same dtype and strides)")
     if hidden.dim() != 2 or hidden.shape[1] != hidden_size or two_inter % 2:
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match w13 {tuple(w13.shape)}")
-    if w2.shape != (num_slots, hidden_size, two_inter // 2):
+    if tuple(w2.shape) != (num_slots, hidden_size, two_inter // 2):
         raise ValueError(f"w2 {tuple(w2.shape)} does not match w13 {tuple(w13.shape)}")
     if top_k_ids.dim() != 2 or top_k_ids.shape[0] != hidden.shape[0] or top_k_weights.shape != top_k_ids.shape:
         raise ValueError(f"top_k_ids {tuple(top_k_ids.shape)} / weights {tuple(top_k_weights.shape)} "
                          f"do not match hidden {tuple(hidden.shape)}")
-    if not hidden.dtype == w13.dtype == w2.dtype:
+    if not isinstance(w13, QuantMatrix) and not hidden.dtype == w13.dtype == w2.dtype:
         raise ValueError(f"dtypes differ: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype}")
     if slot_of_expert.dtype != torch.int32 or slot_of_expert.dim() != 1:
         raise ValueError(f"slot_of_expert must be 1-D int32, got {slot_of_expert.dtype} {tuple(slot_of_expert.shape)}")
@@ -309,10 +322,10 @@ def _rounding(dtype: torch.dtype, weight_dtype: torch.dtype) -> dict[str, bool]:
     return dict(ROUND=half, ROUND_PRODUCT=half and torch.promote_types(dtype, weight_dtype) == dtype)
 
 
-def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor, w13: torch.Tensor,
-              w2: torch.Tensor, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None,
-              contrib: torch.Tensor | None = None, host_w13: torch.Tensor | None = None,
-              host_w2: torch.Tensor | None = None, admit_slot_of_expert: torch.Tensor | None = None) -> torch.Tensor:
+def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor, w13: Matrix,
+              w2: Matrix, slot_of_expert: torch.Tensor, out: torch.Tensor | None = None,
+              contrib: torch.Tensor | None = None, host_w13: Matrix | None = None,
+              host_w2: Matrix | None = None, admit_slot_of_expert: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k top_k_weights[t, k] * expert_{top_k_ids[t, k]}(hidden[t]) over the experts that are in this pool.
 
     hidden [T, H]; top_k_ids [T, K] expert ids; top_k_weights [T, K]; w13 [S, 2I, H] (gate rows, then up rows);
@@ -325,6 +338,8 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     With host_w13 [N, 2I, H] / host_w2 [N, H, I]: slots S..S+N-1 are their rows, read in place (zero-copy).
     With admit_slot_of_expert [E] int32 (decode path only): an expert with a value d >= 0 is also written into
     device slot d as it is read (read-through caching); d must not hold an expert this call reads.
+    Quantized pools (expert_format.QuantMatrix views standing for w13 / w2 and their host pools) run the same
+    contract with triton_quant.py's kernels.
     """
     # T = tokens, K = top-k, E = experts, S = slots, H = hidden, I = intermediate, P = T*K (token, k) pairs
     _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13, host_w2)
@@ -347,38 +362,29 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
         contrib = torch.empty((num_pairs, hidden_size), dtype=torch.float32, device=hidden.device)  # [P, H]
     elif contrib.shape != (num_pairs, hidden_size) or contrib.dtype != torch.float32 or not contrib.is_contiguous():
         raise ValueError(f"contrib must be a contiguous float32 [{num_pairs}, {hidden_size}] tensor")
-    x_strides = (hidden.stride(0), hidden.stride(1))
-    w13_strides, w2_strides = w13.stride(), w2.stride()
-    act_strides, out_strides = act.stride(), contrib.stride()
     rounding = _rounding(hidden.dtype, top_k_weights.dtype)
 
     admit = admit_slot_of_expert is not None
     if admit and (num_pairs > DECODE_MAX_PAIRS or admit_slot_of_expert.shape != slot_of_expert.shape
                   or admit_slot_of_expert.dtype != torch.int32):
         raise ValueError("admit_slot_of_expert must be [E] int32, and only on the decode path")
+    if isinstance(w13, QuantMatrix):
+        from . import triton_quant  # the int4/int8 kernels; imported here since they import this module's helpers
+        decode, prefill = triton_quant.decode, triton_quant.prefill
+    else:
+        decode, prefill = _decode, _prefill
     if num_pairs <= DECODE_MAX_PAIRS:
         admit_slots = admit_slot_of_expert if admit else slot_of_expert  # never read when not admitting
-        _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV_GATE_UP["BLOCK_N"]))](
-            hidden, ids, slot_of_expert, w13, host_w13, num_device_slots, admit_slots, act, hidden_size, inter,
-            top_k, *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], ADMIT=admit, **_GEMV_GATE_UP)
-        _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV_DOWN["BLOCK_N"]))](
-            act, ids, slot_of_expert, w2, host_w2, num_device_slots, admit_slots, weights, contrib, hidden_size,
-            inter, *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, ADMIT=admit,
-            **_GEMV_DOWN)
+        decode(hidden, ids, weights, slot_of_expert, admit_slots, w13, w2, host_w13, host_w2, act, contrib, rounding,
+               own_rows, admit, top_k)
     else:
         # Rows per tile ~ pairs per expert: small tiles waste less padding when each expert gets few tokens.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, slot_of_expert.numel()))))
         sorted_pairs, block_slot = align_by_slot(slot_of_expert[ids], num_slots, block_m)  # [B*BM], [B]
-        num_blocks = block_slot.numel()
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"  # fp32 matches torch's matmul
         meta = dict(BLOCK_M=block_m, INPUT_PRECISION=precision, **_GEMM)
-        _gate_up_grouped_kernel[(num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
-            hidden, sorted_pairs, block_slot, w13, host_w13, num_device_slots, act, num_pairs, hidden_size, inter,
-            top_k, *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **meta)
-        _down_grouped_kernel[(num_blocks, triton.cdiv(hidden_size, meta["BLOCK_N"]))](
-            act, sorted_pairs, block_slot, w2, host_w2, num_device_slots, weights, contrib, num_pairs, hidden_size,
-            inter,
-            *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **meta)
+        prefill(hidden, sorted_pairs, block_slot, weights, w13, w2, host_w13, host_w2, act, contrib, rounding,
+                own_rows, meta, top_k)
 
     if not own_rows:
         return contrib
@@ -388,10 +394,42 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     return out.add_(summed)
 
 
+def _decode(hidden, ids, weights, slot_of_expert, admit_slots, w13, w2, host_w13, host_w2, act, contrib,
+            rounding: dict, own_rows: bool, admit: bool, top_k: int) -> None:
+    """fused_moe's GEMV path: act [P, I] then the pairs' rows of contrib [P, H]."""
+    num_device_slots, two_inter, hidden_size = w13.shape
+    inter, num_pairs = two_inter // 2, ids.numel()
+    x_strides, w13_strides, w2_strides = hidden.stride(), w13.stride(), w2.stride()
+    act_strides, out_strides = act.stride(), contrib.stride()
+    _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV_GATE_UP["BLOCK_N"]))](
+        hidden, ids, slot_of_expert, w13, host_w13, num_device_slots, admit_slots, act, hidden_size, inter,
+        top_k, *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], ADMIT=admit, **_GEMV_GATE_UP)
+    _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV_DOWN["BLOCK_N"]))](
+        act, ids, slot_of_expert, w2, host_w2, num_device_slots, admit_slots, weights, contrib, hidden_size,
+        inter, *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, ADMIT=admit,
+        **_GEMV_DOWN)
+
+
+def _prefill(hidden, sorted_pairs, block_slot, weights, w13, w2, host_w13, host_w2, act, contrib, rounding: dict,
+             own_rows: bool, meta: dict, top_k: int) -> None:
+    """fused_moe's grouped-GEMM path, over pairs grouped by slot (align_by_slot)."""
+    num_device_slots, two_inter, hidden_size = w13.shape
+    inter, num_pairs, num_blocks = two_inter // 2, act.shape[0], block_slot.numel()
+    x_strides, w13_strides, w2_strides = hidden.stride(), w13.stride(), w2.stride()
+    act_strides, out_strides = act.stride(), contrib.stride()
+    _gate_up_grouped_kernel[(num_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
+        hidden, sorted_pairs, block_slot, w13, host_w13, num_device_slots, act, num_pairs, hidden_size, inter,
+        top_k, *x_strides, *w13_strides, *act_strides, ROUND=rounding["ROUND"], **meta)
+    _down_grouped_kernel[(num_blocks, triton.cdiv(hidden_size, meta["BLOCK_N"]))](
+        act, sorted_pairs, block_slot, w2, host_w2, num_device_slots, weights, contrib, num_pairs, hidden_size,
+        inter,
+        *act_strides, *w2_strides, *out_strides, **rounding, ZERO_ABSENT=own_rows, **meta)
+
+
 def fused_moe_reference(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torch.Tensor,
-                        w13: torch.Tensor, w2: torch.Tensor, slot_of_expert: torch.Tensor,
-                        out: torch.Tensor | None = None, host_w13: torch.Tensor | None = None,
-                        host_w2: torch.Tensor | None = None) -> torch.Tensor:
+                        w13: Matrix, w2: Matrix, slot_of_expert: torch.Tensor,
+                        out: torch.Tensor | None = None, host_w13: Matrix | None = None,
+                        host_w2: Matrix | None = None) -> torch.Tensor:
     """fused_moe's contract computed eagerly with reference.accumulate_expert: the oracle for its tests."""
     _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13, host_w2)
     acc = out if out is not None else torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]

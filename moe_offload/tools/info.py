@@ -18,22 +18,14 @@ from ..errors import MoeOffloadError
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
 
 
-def _expert_count(tensors) -> int:
-    if tensors.fused:
-        return next(iter(tensors.fused.values())).shape[0]
-    return len(tensors.per_expert)
-
-
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     with open(os.path.join(checkpoint.root, "config.json"), encoding="utf-8") as handle:
         config = json.load(handle)
     if not checkpoint.experts_by_layer:
         raise MoeOffloadError(f"{config.get('model_type')!r} is a dense model: it has no routed experts to offload")
-    layers = []
-    for layer, tensors in sorted(checkpoint.experts_by_layer.items()):
-        entries = list(tensors.fused.values()) or [e for roles in tensors.per_expert.values() for e in roles.values()]
-        count = _expert_count(tensors)
-        layers.append({"layer": layer, "experts": count, "expert_bytes": sum(e.nbytes for e in entries) // count})
+    layers = [{"layer": layer, "experts": tensors.count, "expert_bytes": tensors.bytes_per_expert}
+              for layer, tensors in sorted(checkpoint.experts_by_layer.items())]
+    spec = checkpoint.quantization
     dense_bytes = sum(checkpoint.tensors[name].nbytes for name in checkpoint.dense_names)
     top_k = int(config.get("num_experts_per_tok") or 1)
     per_ratio = {}
@@ -46,6 +38,9 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "path": checkpoint.root,
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
+        # the routed experts' weight quantization (compressed-tensors pack-quantized), None where they are dense
+        "quantization": None if spec is None else {"bits": spec.bits, "group_size": spec.group_size,
+                                                   "symmetric": spec.symmetric},
         "moe_layers": len(layers),
         "layers": layers,
         "experts_per_token": top_k,
@@ -71,6 +66,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"architecture     {info['model_type']} ({info['dtype']})",
         f"MoE layers       {info['moe_layers']} (layers {', '.join(str(l['layer']) for l in info['layers'])})",
         f"experts/layer    {', '.join(map(str, experts))} routed, top-{info['experts_per_token']}",
+        f"expert weights   {_weights(info['quantization'])}",
         f"bytes/expert     {', '.join(f'{s} ({human_bytes(s)})' for s in sizes)}",
         f"non-expert bytes {info['non_expert_bytes']} ({human_bytes(info['non_expert_bytes'])})",
         f"expert bytes     {info['expert_bytes_total']} ({human_bytes(info['expert_bytes_total'])})",
@@ -79,3 +75,10 @@ def format_info(info: dict[str, Any]) -> str:
     for ratio, row in info["device_bytes_by_ratio"].items():
         lines.append(f"  ratio {ratio:>3}  {row['device_bytes']:>16}  ({human_bytes(row['device_bytes'])})")
     return "\n".join(lines)
+
+
+def _weights(quantization: dict | None) -> str:
+    if quantization is None:
+        return "unquantized"
+    kind = "symmetric" if quantization["symmetric"] else "asymmetric"
+    return f"int{quantization['bits']}, group size {quantization['group_size']}, {kind} (compressed-tensors)"

@@ -27,10 +27,12 @@ def available() -> bool:
 
 # A job's int64 descriptor (addresses and sizes), the unit a SpinPool runs: pair p computes
 # out[out_rows[p]] = weights[p] * expert_{pair_rows[p]}(x[p if x_per_pair else 0]).
-JOB_FIELDS = ("x", "x_per_pair", "gate_up", "down", "rows", "pair_rows", "weights", "act", "out", "out_rows",
-              "hidden", "inter", "round_product")
-(_X, _X_PER_PAIR, _GATE_UP, _DOWN, _ROWS, _PAIR_ROWS, _WEIGHTS, _ACT, _OUT, _OUT_ROWS, _HIDDEN, _INTER,
- _ROUND_PRODUCT) = range(len(JOB_FIELDS))
+# gate_up / down: the pools' first expert; *_stride: bytes from one expert to the next (a host tier's rows hold
+# both matrices, expert_format.py), each expert's matrix itself contiguous.
+JOB_FIELDS = ("x", "x_per_pair", "gate_up", "down", "gate_up_stride", "down_stride", "pair_rows", "weights", "act",
+              "out", "out_rows", "hidden", "inter", "round_product")
+(_X, _X_PER_PAIR, _GATE_UP, _DOWN, _GATE_UP_STRIDE, _DOWN_STRIDE, _PAIR_ROWS, _WEIGHTS, _ACT, _OUT, _OUT_ROWS,
+ _HIDDEN, _INTER, _ROUND_PRODUCT) = range(len(JOB_FIELDS))
 UP_CHUNK, DOWN_CHUNK = 8, 32  # rows per work item: gate and up rows (64 KB of H=2048 weights), down rows (48 KB)
 
 _compiled: dict = {}
@@ -77,23 +79,24 @@ def _functions():
 
     @njit(nogil=True, fastmath=True)
     def run_item(job_address, phase, index):
-        # H = hidden, I = intermediate, N = pool rows; gate_up [N, 2I, H] and down [N, H, I] bf16 bits
+        # H = hidden, I = intermediate; an expert's gate_up [2I, H] and down [H, I] bf16 bits
         job = carray(as_pointer(job_address), (len(JOB_FIELDS),), np.int64)
-        hidden, inter, rows = job[_HIDDEN], job[_INTER], job[_ROWS]
+        hidden, inter = job[_HIDDEN], job[_INTER]
         p_count = index + 1  # enough of the per-pair arrays to read pair p (p <= index)
         if phase == 1:  # gate/up rows [first, first + n) of pair p -> act[p, first:first + n]
             chunks = (inter + UP_CHUNK - 1) // UP_CHUNK
             p, first = index // chunks, (index % chunks) * UP_CHUNK
             n = min(UP_CHUNK, inter - first)
             expert = carray(as_pointer(job[_PAIR_ROWS]), (p_count,), np.int64)[p]
-            gate_up = carray(as_pointer(job[_GATE_UP]), (rows, 2 * inter, hidden), np.uint16)
+            gate_up = carray(as_pointer(job[_GATE_UP] + expert * job[_GATE_UP_STRIDE]), (2 * inter, hidden),
+                             np.uint16)
             x = floats(job[_X] + 4 * hidden * p * job[_X_PER_PAIR], hidden)  # [H]
             wide = np.empty(hidden, np.uint32)
             gate = np.empty(n, np.float32)
             up = np.empty(n, np.float32)
             for r in range(n):
-                gate[r] = dot_bf16(gate_up[expert, first + r], x, wide)
-                up[r] = dot_bf16(gate_up[expert, inter + first + r], x, wide)
+                gate[r] = dot_bf16(gate_up[first + r], x, wide)
+                up[r] = dot_bf16(gate_up[inter + first + r], x, wide)
             round_bf16(gate)
             round_bf16(up)
             for r in range(n):
@@ -110,12 +113,12 @@ def _functions():
             expert = carray(as_pointer(job[_PAIR_ROWS]), (p_count,), np.int64)[p]
             weight = floats(job[_WEIGHTS], p_count)[p]
             out_row = carray(as_pointer(job[_OUT_ROWS]), (p_count,), np.int64)[p]
-            down = carray(as_pointer(job[_DOWN]), (rows, hidden, inter), np.uint16)
+            down = carray(as_pointer(job[_DOWN] + expert * job[_DOWN_STRIDE]), (hidden, inter), np.uint16)
             act = floats(job[_ACT] + 4 * p * inter, inter)  # [I]
             wide = np.empty(inter, np.uint32)
             result = np.empty(n, np.float32)
             for r in range(n):
-                result[r] = dot_bf16(down[expert, first + r], act, wide)
+                result[r] = dot_bf16(down[first + r], act, wide)
             round_bf16(result)
             for r in range(n):
                 result[r] = result[r] * weight
@@ -156,9 +159,9 @@ def make_job(**fields: int) -> np.ndarray:
     return np.array([int(fields[name]) for name in JOB_FIELDS], dtype=np.int64)
 
 
-def _bits(tensor: torch.Tensor) -> np.ndarray:
-    """The bf16 tensor's bits as a numpy uint16 array (no copy)."""
-    return tensor.view(torch.int16).numpy().view(np.uint16)
+def _experts_contiguous(pool: torch.Tensor) -> torch.Tensor:
+    """pool [N, R, C] itself where each expert's [R, C] matrix is contiguous (a host tier's rows), else a copy."""
+    return pool if pool.stride()[1:] == (pool.shape[2], 1) else pool.contiguous()
 
 
 def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -167,8 +170,8 @@ def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.T
     threads (this one and the pool's).
 
     hidden [P, H] bf16, weights [P] (bf16 or float32: a float32 weight's product is not rounded, as in torch),
-    gate_up [N, 2I, H] and down [N, H, I] contiguous bf16 pools on the CPU (a host tier's), pair_rows: a pool row
-    per pair; out contiguous.
+    gate_up [N, 2I, H] and down [N, H, I] bf16 pools on the CPU (a host tier's views: any stride between experts,
+    each expert's matrix contiguous), pair_rows: a pool row per pair; out contiguous.
     """
     count, hidden_size = hidden.shape
     if count == 0:
@@ -179,9 +182,11 @@ def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.T
     scale = weights.float().contiguous().numpy()  # [P]
     act = np.empty((count, inter), dtype=np.float32)  # [P, I]
     out_rows = np.arange(count, dtype=np.int64)  # [P]
-    gate_up_bits, down_bits, out_array = _bits(gate_up.contiguous()), _bits(down.contiguous()), out.numpy()
-    job = make_job(x=x.ctypes.data, x_per_pair=1, gate_up=gate_up_bits.ctypes.data, down=down_bits.ctypes.data,
-                   rows=gate_up.shape[0], pair_rows=rows.ctypes.data, weights=scale.ctypes.data,
+    gate_up, down = _experts_contiguous(gate_up), _experts_contiguous(down)
+    out_array = out.numpy()
+    job = make_job(x=x.ctypes.data, x_per_pair=1, gate_up=gate_up.data_ptr(), down=down.data_ptr(),
+                   gate_up_stride=gate_up.stride(0) * 2, down_stride=down.stride(0) * 2,
+                   pair_rows=rows.ctypes.data, weights=scale.ctypes.data,
                    act=act.ctypes.data, out=out_array.ctypes.data, out_rows=out_rows.ctypes.data,
                    hidden=hidden_size, inter=inter, round_product=weights.dtype == torch.bfloat16)
     pool(threads).run(job, *item_counts(count, hidden_size, inter))

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every GPU table of bench/RESULTS.md (bench/harness.py: the offload table and the side by side with llama.cpp) in two
+# device calls fired back to back: the machine keeps /tmp (the llama.cpp build, the 16.2 GB model, its GGUF and the
+# harness's report) only ~30 s after a call. Both calls carry [".llamacpp"] (bench/llamacpp/README.md), and may set
+# MOE_BENCH_COMMIT / MOE_BENCH_DIRTY: the device's copy of the tree may have no .git (bench/provenance.py).
+#
+#   prepare  ~9.5 min (it stops by LIMIT=570 s): bench/llamacpp/build.sh in the background (5-6 min on the H200
+#            machine); meanwhile the model (python -m bench.harness --phases gen, 30-45 s), its BF16 GGUF (~1 min)
+#            and $CHECKS if set. Once the build is done, the time left measures the offload table's configurations
+#            that llama.cpp does not pair with: ratio 100 (~45 s), the baselines (transformers ~60 s, accelerate
+#            ~90 s), the disk tier at ratio 25 (~70 s with its disk reads); what does not fit is left to `measure`.
+#   measure  ~6-9 min: the side by side at ratios 0/25/50/75 (per ratio ours ~45-55 s and llama-bench ~10-25 s, back
+#            to back, alternating which goes first), then what `prepare` left; if it ends "incomplete", run `measure`
+#            again (same command: it finishes what is missing and keeps the rest).
+# Each call ends by copying the report to $OUT/harness.json. Then, on the machine that called:
+#   cp <returned harness.json> bench/results/<date>-h200-harness.json
+#   python -m bench.table bench/results/<date>-h200-harness.json --write bench/RESULTS.md
+#
+# Usage: OUT=... [CHECKS="python -m pytest -q tests/test_hybrid.py"] bash bench/h200_run.sh prepare
+#        OUT=... [VARIANTS='{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'] [LLAMACPP_FLAGS="-t 16"] bash bench/h200_run.sh measure
+# env: WORK (/tmp/llamacpp), MODEL (/tmp/moe-offload-bench/full), STATE (/tmp/moe-offload-bench/harness.json: the
+#      report both calls build), LIMIT (570: the seconds a call may take, under the device's 600)
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${WORK:-/tmp/llamacpp}
+MODEL=${MODEL:-/tmp/moe-offload-bench/full}
+STATE=${STATE:-/tmp/moe-offload-bench/harness.json}
+LIMIT=${LIMIT:-570}
+OUT=${OUT:-$REPO/bench/results}
+BENCH=$WORK/build-cuda/bin/llama-bench
+cd "$REPO"
+T0=$(date +%s)
+step() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+mkdir -p "$WORK" "$OUT" "$(dirname "$STATE")"
+
+harness() {  # python -m bench.harness ARGS, within what is left of LIMIT, onto $STATE; then the report to $OUT
+    local left=$(( LIMIT - ($(date +%s) - T0) ))
+    if [ "$left" -lt 60 ]; then step "no time left for: bench.harness $*"; return 0; fi
+    local merge=(); [ -f "$STATE" ] && merge=(--merge "$STATE")
+    step "bench.harness $* (budget $(( left - 15 )) s)"
+    PYTHONUNBUFFERED=1 timeout -k 10 "$left" python -m bench.harness "$@" "${merge[@]}" --model-dir "$MODEL" \
+        --out "$STATE" --budget-s $(( left - 15 ))
+    echo "harness rc $?"
+    [ -f "$STATE" ] && cp "$STATE" "$OUT/harness.json"
+}
+
+case "${1:-}" in
+prepare)
+    ARCHIVE=$REPO/.llamacpp/llama.cpp-src.tar.xz
+    [ -f "$WORK/llama.cpp/COMMIT" ] || [ -f "$ARCHIVE" ] || {
+        echo "no $ARCHIVE: pass carry [\".llamacpp\"] to the device call (bench/llamacpp/make_archive.sh makes it)"; exit 1; }
+    step "build (background): $OUT/llamacpp-build.log"
+    bash bench/llamacpp/build.sh "$WORK" > "$OUT/llamacpp-build.log" 2>&1 &
+    BUILD=$!
+    step "gen $MODEL"
+    python -m bench.harness --phases gen --model-dir "$MODEL" --out "$WORK/gen.json" | tail -2
+    while [ ! -f "$WORK/llama.cpp/COMMIT" ]; do  # gguf-py comes with the extracted sources
+        kill -0 $BUILD 2>/dev/null || { echo "build.sh stopped before extracting:"; tail -5 "$OUT/llamacpp-build.log"; exit 1; }
+        sleep 1
+    done
+    step "convert"
+    [ -f "$MODEL.gguf" ] || python -m bench.llamacpp.convert_qwen3moe_gguf "$MODEL" "$MODEL.gguf" --llama-cpp "$WORK/llama.cpp" | tail -1
+    if [ -n "${CHECKS:-}" ]; then step "checks: $CHECKS"; bash -c "$CHECKS" > "$OUT/checks.log" 2>&1; echo "checks rc $?"; tail -5 "$OUT/checks.log"; fi
+    step "waiting for the build"
+    wait $BUILD; echo "build rc $?"; tail -3 "$OUT/llamacpp-build.log"
+    [ -x "$BENCH" ] || { echo "no $BENCH"; exit 1; }
+    harness --tables offload --offload-ratios 100
+    ;;
+measure)
+    [ -x "$BENCH" ] && [ -f "$MODEL.gguf" ] || { echo "no $BENCH or $MODEL.gguf: run prepare first (within 30 s)"; exit 1; }
+    harness --gguf "$MODEL.gguf" --llama-bench "$BENCH" ${VARIANTS:+--variants "$VARIANTS"} \
+        ${LLAMACPP_FLAGS:+--llamacpp-flags "$LLAMACPP_FLAGS"}
+    ;;
+*) echo "usage: $0 prepare|measure" >&2; exit 2 ;;
+esac
+step "done"

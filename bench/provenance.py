@@ -1,0 +1,83 @@
+"""What a benchmark result was measured with: the commit, whether the tree differed from it, the code's digest,
+the machine and the versions.
+
+Why: an audit (issue 22) found published tables whose code could not be named; a number that cannot be tied to
+code cannot be reproduced, only repeated. The commit comes from git; where the tree was copied without its .git
+(a device machine gets the working tree only), from MOE_BENCH_COMMIT / MOE_BENCH_DIRTY set by whoever started the
+run, and the digest of the sources lets anyone check afterwards which tree it was (`source_digest` here and on
+the commit must agree).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from bench.common import ROOT, machine, utc_now, versions
+
+SOURCE_FOLDERS = ("moe_offload", "bench")  # the code a GPU table measures: the engine and the harness
+EXTRA_PACKAGES = ("accelerate", "safetensors", "triton", "numba")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def commit() -> dict:
+    """{"commit", "dirty", "commit_source"}: HEAD and whether tracked files differ from it (git status), else the
+    environment's MOE_BENCH_COMMIT / MOE_BENCH_DIRTY, else nulls."""
+    head = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if head else None
+    if head and status is not None:
+        return {"commit": head.strip(), "dirty": bool(status.strip()), "commit_source": "git"}
+    given = os.environ.get("MOE_BENCH_COMMIT", "").strip()
+    if given:
+        dirty = os.environ.get("MOE_BENCH_DIRTY", "").strip().lower()
+        return {"commit": given, "dirty": {"true": True, "false": False}.get(dirty), "commit_source": "environment"}
+    return {"commit": None, "dirty": None, "commit_source": None}
+
+
+def source_digest() -> str:
+    """sha256 (16 hex digits) over the paths and bytes of every .py file under SOURCE_FOLDERS, in sorted order."""
+    digest = hashlib.sha256()
+    for folder in SOURCE_FOLDERS:
+        for base, dirs, files in sorted(os.walk(os.path.join(ROOT, folder))):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(base, name)
+                digest.update(os.path.relpath(path, ROOT).encode())
+                with open(path, "rb") as handle:
+                    digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def _ram_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            return int(handle.readline().split()[1]) * 1024  # MemTotal, kB
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def record() -> dict:
+    """This invocation's provenance: commit, dirty, source digest, date, machine, versions."""
+    info = machine()
+    info["ram_bytes"] = _ram_bytes()
+    if torch.cuda.is_available():
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    extra = {"cuda": torch.version.cuda}
+    for package in EXTRA_PACKAGES:
+        try:
+            extra[package] = version(package)
+        except PackageNotFoundError:
+            extra[package] = None
+    return {**commit(), "source_digest": source_digest(), "date_utc": utc_now(), "machine": info,
+            "versions": {**versions(), **extra}}

@@ -1,0 +1,193 @@
+"""How one routed expert lies in a row of bytes: the one place that knows an expert's storage format.
+
+Why: tiers, transfers, disk reads and the device LRU's read-through admission move whole experts. With every
+expert one row of B bytes (the slot pool uint8 [C, B], the host tier uint8 [R, B], the scratch uint8 [2W, B]),
+they move rows and never know what is in them; only the kernels do, through the typed views built here
+(strided views into the rows: no copy). A row holds the expert's planes back to back, each at an offset
+aligned to ALIGN bytes (a dtype view needs its element's alignment, vector loads want more):
+
+  dense (bf16/fp16/fp32):  gate_up [2I, H] (gate rows, then up rows), down [H, I], in the compute dtype
+  quantized (compressed-tensors pack-quantized, int4/int8, group-wise), for gate_up (gate then up: N = 2I,
+  K = H) and down (N = H, K = I), exactly the checkpoint's tensors:
+      <m>.packed  int32 [N, ceil(K*b/32)]        b-bit values + 2^(b-1), packed along K, low bits first
+      <m>.scale   scale dtype [N, G]             G = ceil(K/g), one scale per row and group of g values
+      <m>.zero    int32 [parts * ceil(N/parts*b/32), G]  zero points packed down the rows, one block per
+                                                 projection (gate's, then up's): asymmetric schemes only
+
+so what comes off the disk and crosses PCIe is the quantized bytes, and a quantized expert is dequantized only
+where it is computed (kernels/).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .quant.format import QuantSpec
+
+ALIGN = 16  # bytes: every plane's offset in a row, and the row's length, are multiples of it
+MATRICES = ("gate_up", "down")
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One tensor of an expert: its name, per-expert shape and dtype, and its byte offset in the row."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class QuantMatrix:
+    """Group-quantized [N, K] weight matrices of a stack of experts ([n, ...] tensors) or of one (no leading dim),
+    as views into byte rows: what the kernels take where a dense matrix would be a [n, N, K] tensor.
+
+    W[r, k] = (u[r, k] - z[r, g]) * scale[r, g] with g = k // group_size, u the unsigned b-bit value in packed
+    and z the row's zero point (2^(b-1) when symmetric, i.e. zero is None)."""
+
+    packed: torch.Tensor  # [n, N, ceil(K*b/32)] int32
+    scale: torch.Tensor  # [n, N, G]
+    zero: torch.Tensor | None  # [n, parts * ceil(N/parts*b/32), G] int32, or None (symmetric)
+    bits: int
+    group_size: int
+    in_features: int  # K
+    parts: int  # projections stacked along N whose zero points are packed apart (gate_up: 2, down: 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(n, N, K) for a stack, (N, K) for one matrix: the shape of the dense matrices it stands for."""
+        return (*self.packed.shape[:-1], self.in_features)
+
+    def __getitem__(self, index) -> "QuantMatrix":
+        """The matrices of index along the stack (an int: one matrix)."""
+        return QuantMatrix(self.packed[index], self.scale[index], None if self.zero is None else self.zero[index],
+                           self.bits, self.group_size, self.in_features, self.parts)
+
+    def to(self, device: torch.device) -> "QuantMatrix":
+        return QuantMatrix(self.packed.to(device), self.scale.to(device),
+                           None if self.zero is None else self.zero.to(device), self.bits, self.group_size,
+                           self.in_features, self.parts)
+
+
+Matrix = torch.Tensor | QuantMatrix
+
+
+class ExpertWeights(NamedTuple):
+    """An expert's (or a stack of experts') two matrices, dense tensors or QuantMatrix views."""
+
+    gate_up: Matrix  # [n, 2I, H]: gate rows, then up rows
+    down: Matrix  # [n, H, I]
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """The planes of one routed expert of I x H (intermediate x hidden) in a byte row.
+
+    dtype: the dense weights' dtype, or a quantized format's scale dtype. quant: None for dense weights."""
+
+    inter: int
+    hidden: int
+    dtype: torch.dtype
+    quant: QuantSpec | None = None
+    planes: tuple[Plane, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        offset, planes = 0, []
+        for name, shape, dtype in self._plane_specs():
+            planes.append(Plane(name, shape, dtype, offset))
+            offset = _aligned(offset + planes[-1].nbytes)
+        object.__setattr__(self, "planes", tuple(planes))
+
+    def _plane_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        inter, hidden = self.inter, self.hidden
+        if self.quant is None:
+            return [("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)]
+        specs = []
+        for matrix, parts, rows, cols in (("gate_up", 2, inter, hidden), ("down", 1, hidden, inter)):
+            groups = -(-cols // self.quant.group_size)
+            specs += [(f"{matrix}.packed", (parts * rows, _words(cols, self.quant.bits)), torch.int32),
+                      (f"{matrix}.scale", (parts * rows, groups), self.dtype)]
+            if not self.quant.symmetric:
+                specs.append((f"{matrix}.zero", (parts * _words(rows, self.quant.bits), groups), torch.int32))
+        return specs
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant is not None
+
+    @property
+    def row_bytes(self) -> int:
+        """B: bytes of one expert's row, planes and alignment padding."""
+        return _aligned(self.planes[-1].offset + self.planes[-1].nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one expert's weights, padding left out: what a transfer of it moves."""
+        return sum(plane.nbytes for plane in self.planes)
+
+    def plane(self, name: str) -> Plane:
+        return next(plane for plane in self.planes if plane.name == name)
+
+    def plane_views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """name -> [n, *shape] view of every plane of rows uint8 [n, B] (a row [B]: [*shape] views)."""
+        stack = rows.view(1, -1) if rows.dim() == 1 else rows  # [n, B]
+        assert stack.dtype == torch.uint8 and stack.shape[1] == self.row_bytes and stack.stride(1) == 1
+        views = {}
+        for plane in self.planes:
+            typed = stack.view(plane.dtype)  # [n, B / itemsize]
+            size = plane.dtype.itemsize
+            inner = [math.prod(plane.shape[i + 1:]) for i in range(len(plane.shape))]  # contiguous in the row
+            # explicit strides: a pool of 0 or 1 rows keeps the row stride B, so its views' strides are those of
+            # any other pool of this format (the kernels pass one set of strides for the slots and the host tier)
+            views[plane.name] = typed.as_strided((stack.shape[0], *plane.shape), (self.row_bytes // size, *inner),
+                                                 typed.storage_offset() + plane.offset // size)
+        return {name: view[0] for name, view in views.items()} if rows.dim() == 1 else views
+
+    def weights(self, rows: torch.Tensor) -> ExpertWeights:
+        """The experts of rows uint8 [n, B] (or of one row [B]) as the kernels read them."""
+        views = self.plane_views(rows)
+        if self.quant is None:
+            return ExpertWeights(views["gate_up"], views["down"])
+        spec = self.quant
+        return ExpertWeights(*(QuantMatrix(views[f"{m}.packed"], views[f"{m}.scale"], views.get(f"{m}.zero"),
+                                           spec.bits, spec.group_size, in_features, parts)
+                               for m, in_features, parts in (("gate_up", self.hidden, 2), ("down", self.inter, 1))))
+
+    def copy_row(self, dst: torch.Tensor, src: torch.Tensor, src_format: "ExpertFormat",
+                 non_blocking: bool = False) -> None:
+        """dst row [B] (this format) = src row (src_format's): one copy of the bytes where the formats are the
+        same, else plane by plane, converting the dtype (a dense checkpoint in another dtype than the compute's)."""
+        if src_format == self:
+            dst.copy_(src[:self.row_bytes], non_blocking=non_blocking)
+            return
+        if [(p.name, p.shape) for p in src_format.planes] != [(p.name, p.shape) for p in self.planes]:
+            raise ValueError(f"cannot convert {src_format.describe()} experts to {self.describe()}")
+        sources = src_format.plane_views(src[:src_format.row_bytes])
+        for name, view in self.plane_views(dst).items():
+            view.copy_(sources[name], non_blocking=non_blocking)
+
+    def describe(self) -> str:
+        """'bfloat16', or e.g. 'int4, group 128, symmetric, bfloat16 scales'."""
+        dtype = str(self.dtype).replace("torch.", "")
+        if self.quant is None:
+            return dtype
+        kind = "symmetric" if self.quant.symmetric else "asymmetric"
+        return f"int{self.quant.bits}, group {self.quant.group_size}, {kind}, {dtype} scales"
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
+def _words(values: int, bits: int) -> int:
+    """int32 words that hold `values` b-bit values."""
+    return -(-values * bits // 32)

@@ -1,0 +1,6 @@
+"""Weight-only quantization of routed experts into compressed-tensors `pack-quantized` checkpoints.
+
+format.py is the format (tensor names, dtypes, shapes, packing, the reference dequantize, config.json's
+`quantization_config`); methods.py chooses scales (rtn, mse); shards.py writes safetensors shards planned
+ahead; writer.py streams a checkpoint through them; command.py is `moe-offload quantize`.
+"""
