@@ -9,8 +9,9 @@
 #            and $CHECKS if set. Once the build is done, the time left measures the offload table's configurations
 #            that llama.cpp does not pair with: ratio 100 (~45 s), the baselines (transformers ~60 s, accelerate
 #            ~90 s), the disk tier at ratio 25 (~70 s with its disk reads); what does not fit is left to `measure`.
-#   measure  ~6-9 min: the side by side at ratios 0/25/50/75 (per ratio ours ~45-55 s and llama-bench ~10-25 s, back
-#            to back, alternating which goes first), then what `prepare` left; if it ends "incomplete", run `measure`
+#   measure  ~8-13 min: llama.cpp's flag sweep (threads x -fa x -lm at -ncmoe 12, 2-4 min; skipped with
+#            LLAMACPP_FLAGS), then the side by side at ratios 0/25/50/75 (per ratio ours ~45-55 s and llama-bench
+#            ~10-25 s, back to back, alternating which goes first), then what `prepare` left; if it ends "incomplete", run `measure`
 #            again (same command: it finishes what is missing and keeps the rest).
 # Each call ends by copying the report to $OUT/harness.json. Then, on the machine that called:
 #   cp <returned harness.json> bench/results/<date>-h200-harness.json
@@ -68,8 +69,16 @@ prepare)
     ;;
 measure)
     [ -x "$BENCH" ] && [ -f "$MODEL.gguf" ] || { echo "no $BENCH or $MODEL.gguf: run prepare first (within 30 s)"; exit 1; }
-    harness --gguf "$MODEL.gguf" --llama-bench "$BENCH" ${VARIANTS:+--variants "$VARIANTS"} \
-        ${LLAMACPP_FLAGS:+--llamacpp-flags "$LLAMACPP_FLAGS"}
+    SWEEP=$(dirname "$STATE")/llamacpp-sweep.json
+    if [ -z "${LLAMACPP_FLAGS:-}" ] && [ ! -f "$SWEEP" ]; then  # llama.cpp at its best: threads x -fa x -lm at -ncmoe 12
+        step "llama.cpp flag sweep (~2-4 min)"
+        timeout 300 python -m bench.llamacpp.run_llama_bench --llama-bench "$BENCH" -m "$MODEL.gguf" --ncmoe 12 \
+            --sweep-ncmoe 12 --log-dir "$OUT/llamacpp-logs" --out "$SWEEP" | tail -3
+        cp "$SWEEP" "$OUT/" 2>/dev/null
+    fi
+    PEER=(); if [ -n "${LLAMACPP_FLAGS:-}" ]; then PEER=(--llamacpp-flags "$LLAMACPP_FLAGS")
+    elif [ -f "$SWEEP" ]; then PEER=(--llamacpp-sweep "$SWEEP"); fi
+    harness --gguf "$MODEL.gguf" --llama-bench "$BENCH" ${VARIANTS:+--variants "$VARIANTS"} "${PEER[@]}"
     ;;
 *) echo "usage: $0 prepare|measure" >&2; exit 2 ;;
 esac

@@ -100,6 +100,14 @@ def _variants(text: str, parser) -> dict[str, dict]:
     return {"default": {}, **{k: v for k, v in extra.items() if k not in RESERVED}}
 
 
+def _read_json(path: str, flag: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as err:
+        sys.exit(f"{flag} {path}: {err}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="JSON report (default bench/results/<date>-<h200|cpu-tiny>-"
@@ -127,7 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="of the random tokens (the same for every config)")
     parser.add_argument("--gguf", default=None, help="the model as a bf16 GGUF (llama.cpp's side)")
     parser.add_argument("--llama-bench", default=None, help="llama-bench; without it the side by side is ours only")
-    parser.add_argument("--llamacpp-flags", default="", help="more llama-bench arguments, e.g. '-t 16 -fa on'")
+    parser.add_argument("--llamacpp-flags", default="", help="more llama-bench arguments, e.g. '-t 16 -fa 1'")
+    parser.add_argument("--llamacpp-sweep", default=None, help="a report of `python -m bench.llamacpp.run_llama_bench "
+                        "--sweep-ncmoe N`: its best flags are used (instead of --llamacpp-flags) and its rows kept")
     parser.add_argument("--baseline-experts", default="grouped_mm", help="transformers' experts_implementation")
     parser.add_argument("--budget-s", type=float, default=540, help="wall-clock budget of this call")
     parser.add_argument("--tiny", action="store_true", help="the whole flow on the CPU with the tiny model")
@@ -201,6 +211,14 @@ def new_report(args, call: dict) -> dict:
     if args.llama_bench:
         flags = {"flags": args.llamacpp_flags, "swept": False,
                  "how": "given by --llamacpp-flags, else llama-bench's defaults; not swept"}
+        if args.llamacpp_sweep:
+            sweep = _read_json(args.llamacpp_sweep, "--llamacpp-sweep")
+            if not isinstance(sweep, dict) or not isinstance(sweep.get("llamacpp_flags"), str):
+                sys.exit(f"--llamacpp-sweep {args.llamacpp_sweep}: no llamacpp_flags in it")
+            args.llamacpp_flags = shlex.split(sweep["llamacpp_flags"])
+            flags = {"flags": args.llamacpp_flags, "swept": True, "sweep": sweep.get("sweep"),
+                     "how": "the best median decode of run_llama_bench's sweep (threads x flash attention x load "
+                            "mode at one -ncmoe), in its own processes before this call"}
         if report["llamacpp"] and report["llamacpp_flags"] not in (None, flags):
             sys.exit(f"--merge {args.merge}: llama.cpp ran with {report['llamacpp_flags']['flags']}, not "
                      f"{args.llamacpp_flags}")
