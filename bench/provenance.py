@@ -10,7 +10,6 @@ the commit must agree).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from bench.common import ROOT, machine, utc_now, versions
+from moe_offload.profile import sources_digest
 
 SOURCE_FOLDERS = ("moe_offload", "bench")  # the code a GPU table measures: the engine and the harness
 EXTRA_PACKAGES = ("accelerate", "safetensors", "triton", "numba")
@@ -46,17 +46,8 @@ def commit() -> dict:
 
 
 def source_digest() -> str:
-    """sha256 (16 hex digits) over the paths and bytes of every .py file under SOURCE_FOLDERS, in sorted order."""
-    digest = hashlib.sha256()
-    for folder in SOURCE_FOLDERS:
-        for base, dirs, files in sorted(os.walk(os.path.join(ROOT, folder))):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for name in sorted(f for f in files if f.endswith(".py")):
-                path = os.path.join(base, name)
-                digest.update(os.path.relpath(path, ROOT).encode())
-                with open(path, "rb") as handle:
-                    digest.update(handle.read())
-    return digest.hexdigest()[:16]
+    """The digest of every .py file under SOURCE_FOLDERS (moe_offload.profile.sources_digest)."""
+    return sources_digest(*(os.path.join(ROOT, folder) for folder in SOURCE_FOLDERS))
 
 
 def _ram_bytes() -> int | None:

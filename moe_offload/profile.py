@@ -33,18 +33,25 @@ def profile_dir() -> str:
     return os.path.join(base, "moe-offload", "profiles")
 
 
+def sources_digest(*folders: str) -> str:
+    """sha256 (16 hex digits) over the paths (relative to each folder's parent) and bytes of every .py file under
+    `folders`, in sorted order: which source tree ran."""
+    digest = hashlib.sha256()
+    for top in folders:
+        for folder, dirs, files in sorted(os.walk(top)):
+            dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "assets"))
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, os.path.dirname(top)).encode())
+                with open(path, "rb") as handle:
+                    digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """A digest of the package's Python sources: any change to the code may change what tuning finds."""
-    digest = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(_PACKAGE)):
-        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", "assets"))
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, _PACKAGE).encode())
-            with open(path, "rb") as handle:
-                digest.update(handle.read())
-    return digest.hexdigest()[:16]
+    return sources_digest(_PACKAGE)
 
 
 def _cpu_model() -> str:
