@@ -30,11 +30,15 @@ import torch
 from .errors import MoeOffloadError
 from .expert_format import ExpertFormat
 from .quant.format import QuantSpec
+from .validation import (check_weight_dtypes, quantization_format, read_config_json, refuse_unsupported_format,
+                         require_regular_file)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
+    # parsed so that an FP8 checkpoint is named by its format (validation.py), never as a bad header
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER_BYTES = 100 * 2**20
 INDEX_FILE = "model.safetensors.index.json"
@@ -105,6 +109,17 @@ class ExpertTensors:
         return len(self.per_expert)
 
     @property
+    def indices(self) -> list[int]:
+        """The expert numbers the checkpoint holds for the layer, ascending (a match has 0..E-1)."""
+        return list(range(self.count)) if self.fused else sorted(self.per_expert)
+
+    @property
+    def any_name(self) -> str:
+        """One tensor name of the layer's experts, for messages and name patterns."""
+        entries = self.fused or next(iter(self.per_expert.values()))
+        return next(iter(entries.values())).name
+
+    @property
     def bytes_per_expert(self) -> int:
         """Bytes of one expert's weights as stored (quantized: packed values, scales and zero points)."""
         entries = list(self.fused.values()) or [entry for roles in self.per_expert.values()
@@ -115,6 +130,7 @@ class ExpertTensors:
 def _read_header(path: str) -> tuple[dict, int, int]:
     """Parse one safetensors header; return (entries, data_start, data_size). Raises on any corruption."""
     name = os.path.basename(path)
+    require_regular_file(path)  # a FIFO would block the read below forever
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
@@ -153,6 +169,9 @@ def _entries_of(path: str) -> list[TensorEntry]:
             begin, end = int(begin), int(end)
         except (TypeError, KeyError, ValueError):
             raise MoeOffloadError(f"corrupt safetensors header in {name}: bad entry for {key!r}") from None
+        if not isinstance(dtype_name, str):  # ["F32"] is unhashable: the lookup below would raise TypeError
+            raise MoeOffloadError(f"corrupt safetensors header in {name}: dtype of {key!r} is {dtype_name!r}, not "
+                                  "a string")
         if dtype_name not in SAFETENSORS_DTYPES:
             raise MoeOffloadError(f"unsupported dtype {dtype_name} for {key!r} in {name}")
         dtype = SAFETENSORS_DTYPES[dtype_name]
@@ -190,7 +209,8 @@ def _entries_of(path: str) -> list[TensorEntry]:
 
 def _safetensors_files(root: str) -> list[str]:
     index_path = os.path.join(root, INDEX_FILE)
-    if os.path.isfile(index_path):
+    if os.path.lexists(index_path):
+        require_regular_file(index_path)
         try:
             with open(index_path, encoding="utf-8") as handle:
                 weight_map = json.load(handle)["weight_map"]
@@ -199,7 +219,7 @@ def _safetensors_files(root: str) -> list[str]:
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise MoeOffloadError(f"corrupt {INDEX_FILE} in {root}") from None
-        missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+        missing = [f for f in files if not os.path.lexists(os.path.join(root, f))]
         if missing:
             raise MoeOffloadError(f"{INDEX_FILE} names missing shard {missing[0]} in {root}")
         return [os.path.join(root, f) for f in files]
@@ -209,6 +229,12 @@ def _safetensors_files(root: str) -> list[str]:
     return [os.path.join(root, f) for f in files]
 
 
+def _unindexed_shards(root: str, files: list[str]) -> list[str]:
+    """Safetensors files in the folder that the index does not name (so their tensors are never read)."""
+    named = {os.path.basename(f) for f in files}
+    return sorted(f for f in os.listdir(root) if f.endswith(".safetensors") and f not in named)
+
+
 class Checkpoint:
     """A checkpoint folder: its config.json, and the location of every tensor in its safetensors files."""
 
@@ -216,17 +242,34 @@ class Checkpoint:
         if not os.path.exists(root):
             raise MoeOffloadError(f"model path not found: {root}")
         if not os.path.isdir(root):
+            if root.lower().endswith(".gguf"):
+                refuse_unsupported_format(("GGUF", f"file {os.path.basename(root)}"))
             raise MoeOffloadError(f"model path is not a directory: {root}")
-        if not os.path.isfile(os.path.join(root, "config.json")):
-            raise MoeOffloadError(f"no config.json in {root}: not a Hugging Face checkpoint")
+        folder = os.listdir(root)
+        if "config.json" not in folder:  # a folder of GGUF files alone is named by its format
+            refuse_unsupported_format(quantization_format({}, folder))
         self.root = root
+        self.config: dict = read_config_json(root)
+        refuse_unsupported_format(quantization_format(self.config, folder))  # before a shard's header is read
+        self.files = _safetensors_files(root)
         self.tensors: dict[str, TensorEntry] = {}
-        for path in _safetensors_files(root):
+        for path in self.files:
             for entry in _entries_of(path):
                 if entry.name in self.tensors:
                     raise MoeOffloadError(f"tensor {entry.name!r} appears in two shards of {root}")
                 self.tensors[entry.name] = entry
+        refuse_unsupported_format(quantization_format(self.config, folder, self.tensors))  # by tensor names
+        check_weight_dtypes(self.tensors.values())
         self.experts_by_layer, self.dense_names = self._split_experts()
+
+    def index_note(self) -> str:
+        """Where an index decides which shards are read: what it leaves out, for a message about missing
+        tensors ("" without an index)."""
+        if not os.path.isfile(os.path.join(self.root, INDEX_FILE)):
+            return ""
+        left_out = _unindexed_shards(self.root, self.files)
+        return (f" ({INDEX_FILE} does not list them" +
+                (f"; shards in the folder it leaves out: {', '.join(left_out)})" if left_out else ")"))
 
     def _split_experts(self) -> tuple[dict[int, ExpertTensors], list[str]]:
         by_layer: dict[int, ExpertTensors] = {}
@@ -251,12 +294,7 @@ class Checkpoint:
         if outside is not None:
             raise MoeOffloadError(f"{outside}: quantized weights outside the routed experts are not supported "
                                   "(attention, routers and shared experts must stay unquantized)")
-        try:
-            with open(os.path.join(self.root, "config.json"), encoding="utf-8") as handle:
-                config = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None  # unreadable: loading the transformers config reports it
-        return quantization_scheme(config) if isinstance(config, dict) else None
+        return quantization_scheme(self.config)
 
     def expert_locations(self, layer: int, num_experts: int, hidden: int, inter: int) -> list[ExpertLocation]:
         """Locations of experts 0..num_experts-1 of `layer`, checked against the model's shapes (and, quantized,
@@ -264,7 +302,7 @@ class Checkpoint:
         spec = self.quantization  # refuses unsupported schemes by name before any tensor is looked at
         tensors = self.experts_by_layer.get(layer)
         if tensors is None:
-            raise MoeOffloadError(f"checkpoint has no routed expert weights for MoE layer {layer}")
+            raise MoeOffloadError(f"checkpoint has no routed expert weights for MoE layer {layer}{self.index_note()}")
         if tensors.fused:
             return [self._fused_location(tensors.fused, layer, e, num_experts, hidden, inter)
                     for e in range(num_experts)]

@@ -104,7 +104,9 @@ def host_embeddings(mode: str, device: torch.device, ratio: int, hostable_reason
 def cpu_experts(mode: str, device: torch.device, tuned, check: dict | None, enabled_layers: int,
                 refused: str | None = None) -> Choice:
     """What MOE_CPU_EXPERTS came to: `tuned` (hybrid.Tuned or None), the decode check's result, how many
-    layers got a CPU share, and why the path cannot take these experts at all (hybrid.unsupported), if so."""
+    layers got a CPU share, and why the path cannot take these experts at all (hybrid.unsupported), if so: no
+    format the engine holds today, since dense and int4/int8 quantized experts both run on the CPU path, so a
+    quantized model gets the path measured and kept where it pays like any other."""
     name = "MOE_CPU_EXPERTS"
     if mode in ("off", "all"):
         return Choice(name, mode, "set by the user")

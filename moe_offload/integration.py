@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
+from .validation import (check_buffer_dtype, check_routed_experts, check_top_k, ignore_on_load, read_config_json,
+                         report_unexpected, require_routed_experts)
 
 IMPLEMENTATION = "moe_offload"
 # Hub checkpoints that name a module differently from the transformers class that loads them.
@@ -69,12 +70,7 @@ def resolve_dtype(config: OffloadConfig, checkpoint: Checkpoint, device: torch.d
 def load_hf_config(root: str):
     from transformers import AutoConfig
 
-    with open(os.path.join(root, "config.json"), encoding="utf-8") as handle:
-        try:
-            raw = json.load(handle)
-        except json.JSONDecodeError:
-            raise MoeOffloadError(f"config.json in {root} is not valid JSON") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    model_type = read_config_json(root).get("model_type")
     try:
         return AutoConfig.from_pretrained(root)
     except (ValueError, KeyError, OSError, TypeError) as err:
@@ -86,8 +82,7 @@ def load_hf_config(root: str):
 def check_supported(checkpoint: Checkpoint):
     """The checkpoint's transformers config, once its architecture is known and it has routed experts."""
     hf_config = load_hf_config(checkpoint.root)
-    if not checkpoint.experts_by_layer:
-        raise MoeOffloadError(f"{hf_config.model_type!r} is a dense model: it has no routed experts to offload")
+    require_routed_experts(checkpoint.experts_by_layer, checkpoint.config, checkpoint.index_note())
     return hf_config
 
 
@@ -180,6 +175,7 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
     targets = dict(model.state_dict(keep_vars=True))
     filled: set[str] = set()
     files: dict[str, list[tuple[str, str]]] = {}
+    unexpected: list[str] = []
     for key in checkpoint.dense_names:
         target = key
         for old, new in _KEY_RENAMES:
@@ -187,10 +183,14 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
                 target = target.replace(old, new)
         if target in targets:
             files.setdefault(checkpoint.tensors[key].path, []).append((key, target))
+        else:
+            unexpected.append(key)
+    report_unexpected(unexpected, ignore_on_load(model))  # as transformers does: warn, but refuse expert extras
     for key, target in ((k, t) for pairs in files.values() for k, t in pairs):
         shape = checkpoint.tensors[key].shape
         if tuple(shape) != tuple(targets[target].shape):  # checked before a byte is read or a bar is drawn
             raise MoeOffloadError(f"{key} has shape {list(shape)}, the model expects {list(targets[target].shape)}")
+        check_buffer_dtype(key, checkpoint.tensors[key].dtype, targets[target])
     with torch.no_grad(), tqdm(total=sum(len(v) for v in files.values()), desc="dense weights", unit="tensor",
                                disable=not progress, leave=False) as bar:
         for path, pairs in files.items():
@@ -210,7 +210,8 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
             filled.add("lm_head.weight")
     missing = sorted(set(targets) - filled - _non_persistent(model))
     if missing:
-        raise MoeOffloadError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+        raise MoeOffloadError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. "
+                              f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
     if on_host is not None:
         move_input_embeddings_to_host(model, device)
 
@@ -274,6 +275,7 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
     model = _build_meta_model(hf_config, dtype)
     sites = find_expert_sites(model, hf_config.model_type)
     # Checked before anything is allocated, so a bad checkpoint fails at once with one line.
+    check_experts_match(checkpoint, sites, model)
     locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter) for s in sites}
     embeddings_on_host, embeddings = defaults.host_embeddings(config.moe_host_embeddings, device,
                                                               config.moe_offload_ratio, why_not_hostable(model))
@@ -290,6 +292,16 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
             runtime.enable_direct(device, lru=config.moe_zero_copy in ("auto", "lru"))
     _load_generation_config(model, checkpoint.root)
     return LoadedModel(model, runtimes, sites, [host_cache, embeddings])
+
+
+def check_experts_match(checkpoint: Checkpoint, sites: list[ExpertsSite], model) -> None:
+    """The checkpoint's routed experts are the model's: the same MoE layers, experts 0..E-1 in each, and a
+    num_experts_per_tok they can serve (validation.py says why each matters)."""
+    ignore = ignore_on_load(model)
+    check_routed_experts(checkpoint.experts_by_layer, {site.layer: site.num_experts for site in sites},
+                         lambda name: bool(ignore.search(name)))
+    for site in sites:
+        check_top_k(getattr(site.module.config, "num_experts_per_tok", None), site.num_experts)
 
 
 def _top_k(site: ExpertsSite) -> int:

@@ -25,7 +25,15 @@ from .profile import file_digest
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
 log = logging.getLogger("moe_offload")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# files that carry a vocabulary: without one, AutoTokenizer still builds the config's tokenizer class, empty, and
+# every prompt encodes to no tokens ("empty prompt"), so a folder without them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether the checkpoint folder holds a tokenizer's vocabulary (see TOKENIZER_FILES)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -69,8 +77,7 @@ class LLMPipeline:
         self.models_path = models_path or DEFAULT_MODEL
         self.checkpoint = Checkpoint(self.models_path)
         hf_config = check_supported(self.checkpoint)
-        if require_tokenizer and not any(os.path.isfile(os.path.join(self.models_path, name))
-                                         for name in TOKENIZER_FILES):
+        if require_tokenizer and not has_tokenizer(self.models_path):
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
         loaded = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config, progress)
         self.model, self.layers = loaded.model, loaded.runtimes
@@ -110,6 +117,8 @@ class LLMPipeline:
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
+        if not has_tokenizer(self.models_path):
+            return None  # _require_tokenizer says so in one line, where text is asked for
         try:
             return AutoTokenizer.from_pretrained(self.models_path)
         except (OSError, ValueError, TypeError):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, quantize_experts
 
-from moe_offload import LLMPipeline, defaults
+from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
 from moe_offload.errors import MoeOffloadError
 from moe_offload.expert_format import ExpertFormat, QuantMatrix
@@ -247,9 +247,9 @@ def _weights(config: dict) -> dict:
 
 
 @pytest.mark.parametrize("edit,words", [
-    (lambda c: c.update(quant_method="gptq"), "quantization method 'gptq' is not supported"),
+    (lambda c: c.update(quant_method="gptq"), "GPTQ quantization .* is not supported"),
     (lambda c: c.update(format="float-quantized") or c["config_groups"]["group_0"].update(format=None),
-     "format 'float-quantized' is not supported"),
+     "FP8 quantization .*format 'float-quantized'. is not supported"),
     (lambda c: _weights(c).update(actorder="group"), "act-order"),
     (lambda c: _weights(c).update(strategy="channel", group_size=None), "'channel'-wise weight quantization"),
     (lambda c: _weights(c).update(num_bits=3), "3-bit weights"),
@@ -317,14 +317,4 @@ def test_quantized_weights_outside_the_experts_are_refused(quantized, tmp_path):
         LLMPipeline(path, "cpu")
 
 
-# -- the CPU expert path ---------------------------------------------------------------------------------------
-
-def test_the_cpu_expert_path_refuses_quantized_experts(quantized):
-    """MOE_CPU_EXPERTS=all is an error (the CPU kernels compute dense experts only, for now); auto leaves the path
-    off and says why in LLMPipeline.choices."""
-    with pytest.raises(MoeOffloadError, match="MOE_CPU_EXPERTS=all is not possible here: the CPU expert path "
-                                              "computes dense experts only, not quantized ones \\(int4, group 16"):
-        LLMPipeline(quantized("int4-g16-sym")[0], "cpu", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS="all")
-    why = "the CPU expert path computes dense experts only, not quantized ones (int4, ...) yet"
-    choice = defaults.cpu_experts("auto", torch.device("cuda"), None, None, 0, why)
-    assert (choice.value, choice.why) == ("off", why)
+# The CPU expert path (MOE_CPU_EXPERTS) on quantized experts: tests/test_hybrid_quant.py.

@@ -67,12 +67,14 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
     # or the driver's callback thread) is one of the `threads`, and a parallel loop runs at its slowest thread's
     # pace: taking those last two cores too made a layer's CPU share slower, not faster.
     threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
-    kernels = cpu_expert_kernels(runtimes[0].gate_up.dtype, sites[0].module.act_fn)
+    fmt = runtimes[0].format  # one format for every layer (integration.engine_format)
+    kernels = cpu_expert_kernels(fmt.dtype, sites[0].module.act_fn, fmt.quantized)
     top_k = runtimes[0].top_k
     profile = stored = None
     if mode == "auto":
         placement = [[r.num_experts, r.table.capacity, len(r.host.row_of) if r.host else 0] for r in runtimes]
-        profile = Profile({"machine": machine_key(device), "model": model_digest, "dtype": str(runtimes[0].gate_up.dtype),
+        dtype = fmt.describe() if fmt.quantized else str(fmt.dtype)  # e.g. "int4, group 128, ..." or torch.bfloat16
+        profile = Profile({"machine": machine_key(device), "model": model_digest, "dtype": dtype,
                            "placement": placement, "threads": threads, "code": code_version()})
         if retune:
             profile.forget()
@@ -108,11 +110,9 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
 
 
 def unsupported(runtimes: list) -> str | None:
-    """Why the CPU path cannot take these layers' experts (None: it can). Its kernels compute dense experts;
-    int4/int8 CPU kernels are still to come."""
-    fmt = runtimes[0].format  # one format for every layer (integration.engine_format)
-    if fmt.quantized:
-        return f"the CPU expert path computes dense experts only, not quantized ones ({fmt.describe()}) yet"
+    """Why the CPU path cannot take these layers' experts (None: it can). It takes every format the engine holds:
+    dense experts, and int4/int8 quantized ones computed from their packed rows (cpu_experts.py); kept as the one
+    place a format it cannot compute would be refused (MOE_CPU_EXPERTS=all: an error; auto: off, with why)."""
     return None
 
 

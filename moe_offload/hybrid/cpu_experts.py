@@ -11,6 +11,14 @@ same bytes reaches); "float32" widens bf16 to float32 in L2-sized blocks for CPU
 "numba" (kernels/cpu_numba.py, bf16 SiLU experts) reads the weights at close to memory speed with no Python in the
 loop, which is why the hybrid path prefers it where it applies.
 
+Quantized experts (int4/int8, expert_format.QuantMatrix views of the host tier's rows) run in every mode:
+"numba" computes them from the packed bytes, dequantizing group by group inside its dot products (for bf16 or
+float32 scales and hidden states; a float16 compute it cannot round to goes to "float32"); "float32"
+dequantizes block by block of rows into the same L2-sized float32 buffer it widens bf16 into, so a whole
+dequantized expert never exists; "native" is the reference's own ops (reference.dense dequantizes the whole
+expert each call: the oracle, not a fast path). Every mode dequantizes as reference.dense does: (u - z) * scale
+exact in float32, rounded to the scale's dtype, then to the compute dtype.
+
 Threads: a pool of workers, each a fixed small team, overlaps Python dispatch where torch releases the GIL. How
 libgomp's idle threads wait decides the rest: a spinning team steals the cores the pool's workers need, and with
 other work on the cores a spinning team collapses to one region per scheduler tick. So: threads = the cores
@@ -37,6 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoeOffloadError
+from ..expert_format import Matrix, QuantMatrix
+from ..kernels.reference import dense
+from ..quant.format import unpack
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 COMPUTE_MODES = ("native", "float32", "numba")
@@ -47,11 +58,33 @@ DEFAULT_BLOCK_BYTES = 2 * 1024 * 1024
 _scratch = threading.local()
 
 
-def _expert_native(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+def _expert_native(x: torch.Tensor, weights: torch.Tensor, gate_up: Matrix, down: Matrix,
                    act_fn: ActFn, out: torch.Tensor) -> None:
-    """out [n, H] float32 = weights[:, None] * expert(x), with reference.weighted_expert_output's ops."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each, rounded to x's dtype
-    out.copy_(F.linear(act_fn(gate) * up, down) * weights[:, None])  # copy_ widens exactly, as .float() does
+    """out [n, H] float32 = weights[:, None] * expert(x), with reference.weighted_expert_output's ops (a quantized
+    expert dequantized whole by reference.dense, as the reference does)."""
+    gate, up = F.linear(x, dense(gate_up, x.dtype)).chunk(2, dim=-1)  # [n, I] each, rounded to x's dtype
+    # copy_ widens exactly, as .float() does
+    out.copy_(F.linear(act_fn(gate) * up, dense(down, x.dtype)) * weights[:, None])
+
+
+def dequantize_rows(matrix: QuantMatrix, start: int, stop: int, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of one quantized matrix [N, K] as float32 [stop - start, K] holding exactly what
+    reference.dense(matrix, dtype) holds there: (u - z) * scale in float32, rounded to the scale's dtype, then to
+    `dtype`. Why rows: the float32 path dequantizes an L2-sized block at a time, never a whole expert. out: an
+    optional float32 [stop - start, K] destination."""
+    bits, group, cols = matrix.bits, matrix.group_size, matrix.in_features
+    signed = unpack(matrix.packed[start:stop], bits, cols).float()  # [r, K] u - 2^(b-1)
+    scale = matrix.scale[start:stop].float().repeat_interleave(group, dim=1)[:, :cols]  # [r, K]
+    if matrix.zero is not None:  # zero points packed down the rows, each projection (part) apart
+        rows = torch.arange(start, stop)  # [r]
+        per_part = matrix.packed.shape[0] // matrix.parts
+        part, local = rows // per_part, rows % per_part  # [r] each
+        words = matrix.zero[part * (matrix.zero.shape[0] // matrix.parts) + local * bits // 32]  # [r, G] int32
+        zero = ((words >> (local * bits % 32).unsqueeze(1)) & ((1 << bits) - 1)) - (1 << (bits - 1))  # [r, G]
+        signed -= zero.float().repeat_interleave(group, dim=1)[:, :cols]
+    weight = (signed * scale).to(matrix.scale.dtype).to(dtype)  # [r, K] exact product, then the two roundings
+    return weight.float() if out is None else out.copy_(weight)
 
 
 def _block_scratch(numel: int) -> torch.Tensor:
@@ -62,8 +95,18 @@ def _block_scratch(numel: int) -> torch.Tensor:
     return buffer
 
 
-def _linear_widened(x32: torch.Tensor, weight: torch.Tensor, block_bytes: int | None) -> torch.Tensor:
-    """x32 [n, K] float32 times weight [N, K] (any dtype) in float32 -> [n, N] float32.
+def _widen_rows(weight: Matrix, start: int, stop: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    """out float32 [stop - start, K] = rows [start, stop) of weight as the compute sees them: a dense weight
+    widened exactly, a quantized one dequantized (dequantize_rows)."""
+    if isinstance(weight, QuantMatrix):
+        return dequantize_rows(weight, start, stop, dtype, out)
+    return out.copy_(weight[start:stop])
+
+
+def _linear_widened(x32: torch.Tensor, weight: Matrix, block_bytes: int | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """x32 [n, K] float32 times weight [N, K] (any dtype, or quantized: its values in `dtype`, the compute
+    dtype) in float32 -> [n, N] float32.
 
     The weight is converted block by block of rows into a per-thread float32 scratch buffer (L2-sized), so the
     float32 copy never goes to DRAM; block_bytes None converts it whole.
@@ -71,27 +114,27 @@ def _linear_widened(x32: torch.Tensor, weight: torch.Tensor, block_bytes: int | 
     n_out, k = weight.shape
     rows = n_out if not block_bytes else max(1, min(n_out, block_bytes // (4 * k)))
     if rows >= n_out:
-        return F.linear(x32, weight.float())
+        return F.linear(x32, _widen_rows(weight, 0, n_out, dtype, torch.empty((n_out, k), dtype=torch.float32)))
     scratch = _block_scratch(rows * k)
     out_t = torch.empty((n_out, x32.shape[0]), dtype=torch.float32)  # [N, n]: row blocks are contiguous
     for start in range(0, n_out, rows):
         stop = min(n_out, start + rows)
-        block = scratch[:(stop - start) * k].view(stop - start, k).copy_(weight[start:stop])
+        block = _widen_rows(weight, start, stop, dtype, scratch[:(stop - start) * k].view(stop - start, k))
         torch.mm(block, x32.t(), out=out_t[start:stop])
     return out_t.t()
 
 
-def _expert_float32(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+def _expert_float32(x: torch.Tensor, weights: torch.Tensor, gate_up: Matrix, down: Matrix,
                     act_fn: ActFn, out: torch.Tensor, block_bytes: int | None) -> None:
-    """As _expert_native, but the GEMMs run in float32 on weights widened on the fly.
+    """As _expert_native, but the GEMMs run in float32 on weights widened (or dequantized) on the fly.
 
     Products of two bf16 (or fp16) values are exact in float32, so this rounds the same intermediates at the
     same points as the native path; only the float32 accumulation order differs.
     """
     dtype = x.dtype
-    gate, up = _linear_widened(x.float(), gate_up, block_bytes).to(dtype).chunk(2, dim=-1)
-    hidden = act_fn(gate) * up
-    out.copy_(_linear_widened(hidden.float(), down, block_bytes).to(dtype) * weights[:, None])
+    gate, up = _linear_widened(x.float(), gate_up, block_bytes, dtype).to(dtype).chunk(2, dim=-1)  # [n, I] each
+    hidden = act_fn(gate) * up  # [n, I]
+    out.copy_(_linear_widened(hidden.float(), down, block_bytes, dtype).to(dtype) * weights[:, None])
 
 
 class CpuExperts:
@@ -103,8 +146,9 @@ class CpuExperts:
     first ones). A call with fewer experts than workers uses fewer, each with more threads. The calling thread
     runs one share itself; workers - 1 pool threads run the rest. submit() runs a call in the background.
     compute: "native" (GEMMs in the weights' dtype: oneDNN for bf16), "float32" (weights widened block by
-    block; for CPUs without a bf16 GEMM kernel) or "numba" (kernels/cpu_numba.py: every pair's bf16 GEMVs cut into work
-    items for a pool of `threads` spinning threads, kernels/spin_pool.py; bf16 pools, SiLU experts, workers ignored).
+    block; for CPUs without a bf16 GEMM kernel) or "numba" (kernels/cpu_numba.py: every pair's GEMVs cut into work
+    items for a pool of `threads` spinning threads, kernels/spin_pool.py; bf16 or int4/int8 pools, SiLU experts,
+    workers ignored). Quantized pools: see the module docstring.
     """
 
     def __init__(self, threads: int | None = None, workers: int = 1, compute: str = "native",
@@ -144,23 +188,27 @@ class CpuExperts:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor, slots: Sequence[int], counts: Sequence[int], act_fn: ActFn = F.silu,
+    def __call__(self, hidden: torch.Tensor, weights: torch.Tensor, gate_up: Matrix,
+                 down: Matrix, slots: Sequence[int], counts: Sequence[int], act_fn: ActFn = F.silu,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """[n_pairs, H] float32: row p = weights[p] * expert(hidden[p]) for the expert that owns pair p.
 
         hidden [n_pairs, H] and weights [n_pairs]: the (token, k) pairs grouped by expert, the first counts[0]
         rows for the expert at slots[0] of the pools, the next counts[1] for slots[1], and so on.
         gate_up [n, 2I, H] (gate rows, then up rows) and down [n, H, I]: pools on the CPU, such as a HostTier's
-        gate_up and down.
+        gate_up and down (tensors, or QuantMatrix stacks of a quantized format).
         out: optional [n_pairs, H] float32 destination (a pinned buffer, say).
         """
         n_pairs = _check(hidden, weights, gate_up, down, slots, counts, out)
         if out is None:
             out = torch.empty((n_pairs, hidden.shape[1]), dtype=torch.float32)
-        if self.compute == "numba":
-            self._numba(hidden, weights, gate_up, down, slots, counts, act_fn, out)
+        if self.compute == "numba" and self._numba(hidden, weights, gate_up, down, slots, counts, act_fn, out):
             return out
+        return self._torch(hidden, weights, gate_up, down, slots, counts, act_fn, out,
+                           "float32" if self.compute == "numba" else self.compute)
+
+    def _torch(self, hidden, weights, gate_up, down, slots, counts, act_fn, out, compute: str) -> torch.Tensor:
+        """The torch modes ("native", "float32"): experts spread over the workers, one expert per call."""
         groups, start = [], 0
         for slot, count in zip(slots, counts):
             if count:
@@ -172,7 +220,7 @@ class CpuExperts:
         def run(share: list[tuple[int, int, int]]) -> None:
             for slot, first, count in share:
                 rows = slice(first, first + count)
-                if self.compute == "native":
+                if compute == "native":
                     _expert_native(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows])
                 else:
                     _expert_float32(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows],
@@ -193,14 +241,21 @@ class CpuExperts:
                 torch.set_num_threads(caller)
         return out
 
-    def _numba(self, hidden, weights, gate_up, down, slots, counts, act_fn, out) -> None:
+    def _numba(self, hidden, weights, gate_up, down, slots, counts, act_fn, out) -> bool:
+        """Run the numba kernel; False where it leaves the call to the float32 path: quantized experts in a
+        dtype it does not round to (float16 scales or hidden states). Dense pools it cannot take are an error."""
         from .kernels import cpu_numba
 
-        if not (hidden.dtype == gate_up.dtype == down.dtype == torch.bfloat16 and is_silu(act_fn)):
-            raise MoeOffloadError("compute='numba' runs SiLU experts on bf16 weights and hidden states only")
+        quantized = isinstance(gate_up, QuantMatrix)
+        if not is_silu(act_fn) or (not quantized and cpu_numba.why_not(hidden.dtype, gate_up, down)):
+            raise MoeOffloadError("compute='numba' runs SiLU experts on bf16 weights and hidden states only"
+                                  + (" (or int4/int8 quantized ones)" if quantized else ""))
+        if quantized and cpu_numba.why_not(hidden.dtype, gate_up, down):
+            return False
         pair_rows = [int(slot) for slot, count in zip(slots, counts) for _ in range(int(count))]
         if pair_rows:
             cpu_numba.swiglu_experts(hidden, weights, gate_up, down, pair_rows, out, self.threads)
+        return True
 
 
 def is_silu(act_fn) -> bool:
@@ -237,17 +292,20 @@ def _check(hidden, weights, gate_up, down, slots, counts, out) -> int:
         raise MoeOffloadError("pair counts must be >= 0")
     n_pairs = int(sum(counts))
     for name, tensor in (("hidden", hidden), ("weights", weights), ("gate_up", gate_up), ("down", down)):
-        if tensor.device.type != "cpu":
-            raise MoeOffloadError(f"CPU experts need CPU tensors; {name} is on {tensor.device}")
+        device = (tensor.packed if isinstance(tensor, QuantMatrix) else tensor).device
+        if device.type != "cpu":
+            raise MoeOffloadError(f"CPU experts need CPU tensors; {name} is on {device}")
     if hidden.dim() != 2 or hidden.shape[0] != n_pairs or weights.shape != (n_pairs,):
         raise MoeOffloadError(f"hidden must be [{n_pairs}, H] and weights [{n_pairs}]; got "
                               f"{tuple(hidden.shape)} and {tuple(weights.shape)}")
     h = hidden.shape[1]
-    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != h or down.shape[1] != h \
+    if isinstance(gate_up, QuantMatrix) != isinstance(down, QuantMatrix):
+        raise MoeOffloadError("gate_up and down must be both dense or both quantized")
+    if len(gate_up.shape) != 3 or len(down.shape) != 3 or gate_up.shape[2] != h or down.shape[1] != h \
             or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[0] != down.shape[0]:
         raise MoeOffloadError(f"pools must be gate_up [n, 2I, {h}] and down [n, {h}, I]; got "
                               f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
-    n = len(gate_up)
+    n = gate_up.shape[0]
     if any(not 0 <= slot < n for slot, count in zip(slots, counts) if count):
         raise MoeOffloadError(f"slot out of range for pools of {n} experts")
     if out is not None and (out.shape != (n_pairs, h) or out.dtype != torch.float32 or out.device.type != "cpu"):
@@ -255,8 +313,17 @@ def _check(hidden, weights, gate_up, down, slots, counts, out) -> int:
     return n_pairs
 
 
-def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                       down: torch.Tensor, slots: Sequence[int], counts: Sequence[int],
+def _stacked(matrix: Matrix) -> Matrix:
+    """One expert's matrix [N, K] as a stack of one [1, N, K] (a QuantMatrix: each plane gets the leading dim)."""
+    if isinstance(matrix, QuantMatrix):
+        return QuantMatrix(matrix.packed.unsqueeze(0), matrix.scale.unsqueeze(0),
+                           None if matrix.zero is None else matrix.zero.unsqueeze(0), matrix.bits,
+                           matrix.group_size, matrix.in_features, matrix.parts)
+    return matrix.unsqueeze(0)
+
+
+def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: Matrix,
+                       down: Matrix, slots: Sequence[int], counts: Sequence[int],
                        act_fn: ActFn = F.silu, *, out: torch.Tensor | None = None,
                        runner: CpuExperts | None = None) -> torch.Tensor:
     """[n_pairs, H] float32 weighted expert outputs, pairs grouped by expert: see CpuExperts.__call__.
@@ -264,8 +331,8 @@ def cpu_expert_outputs(hidden: torch.Tensor, weights: torch.Tensor, gate_up: tor
     gate_up [2I, H] and down [H, I] of a single expert are accepted too (slots/counts then name it once:
     slots=[0], counts=[n_pairs]). Without a runner: one expert at a time on this thread's intra-op threads.
     """
-    if gate_up.dim() == 2:
-        gate_up, down = gate_up.unsqueeze(0), down.unsqueeze(0)
+    if len(gate_up.shape) == 2:
+        gate_up, down = _stacked(gate_up), _stacked(down)
     if runner is None:
         runner = CpuExperts()
     return runner(hidden, weights, gate_up, down, slots, counts, act_fn, out)

@@ -128,24 +128,26 @@ class CpuShare:
         return tensor
 
     def _host_function(self, act_fn: Callable) -> HostFunction | NativeHostFunction:
-        """With the numba kernel on bf16 SiLU experts, the compiled step (no Python, no GIL); else _compute."""
-        if not (self.runner.compute == "numba" and self._dtype == self.host.gate_up.dtype == torch.bfloat16
-                and is_silu(act_fn)):
+        """With the numba kernel on experts it computes (bf16, or int4/int8 straight from the tier's quantized
+        rows; SiLU), the compiled step (no Python, no GIL); else _compute."""
+        if self.runner.compute != "numba" or not is_silu(act_fn):
             return self._function  # (the numba runner's own checks then say what it cannot compute)
-        if self._native is None:
-            from .kernels import cpu_numba
+        from .kernels import cpu_numba
 
+        if cpu_numba.why_not(self._dtype, self.host.gate_up, self.host.down) is not None:
+            return self._function
+        if self._native is None:
             inter, top_k = self.host.down.shape[2], self.top_k
+            # the host tier's own views: each expert's planes contiguous, so nothing is copied (kept: the views)
+            fields, kept = cpu_numba.weight_fields(self.host.gate_up, self.host.down, self._dtype,
+                                                   self._weight_dtype)
             self._job_buffers = (np.empty(top_k, np.int64), np.empty(top_k, np.float32),
-                                 np.empty((top_k, inter), np.float32), np.empty(top_k, np.int64))
-            pair_rows, weights, act, out_rows = self._job_buffers  # [K], [K], [K, I], [K]: filled by the step
+                                 np.empty((top_k, inter), np.float32), np.empty(top_k, np.int64), kept)
+            pair_rows, weights, act, out_rows, _ = self._job_buffers  # [K], [K], [K, I], [K]: filled by the step
             self._job = cpu_numba.make_job(
-                x=self._mailbox.data_ptr(), x_per_pair=0, gate_up=self.host.gate_up.data_ptr(),
-                down=self.host.down.data_ptr(), gate_up_stride=self.host.format.row_bytes,
-                down_stride=self.host.format.row_bytes, pair_rows=pair_rows.ctypes.data,
+                x=self._mailbox.data_ptr(), x_per_pair=0, pair_rows=pair_rows.ctypes.data,
                 weights=weights.ctypes.data, act=act.ctypes.data, out=self._out_host.data_ptr(),
-                out_rows=out_rows.ctypes.data, hidden=self.hidden, inter=inter,
-                round_product=self._weight_dtype == torch.bfloat16)
+                out_rows=out_rows.ctypes.data, hidden=self.hidden, inter=inter, **fields)
             fields = {"job": self._job.ctypes.data, "control": cpu_numba.pool(self.runner.threads).address,
                       "hidden": self.hidden, "top_k": top_k}
             self._descriptor = np.array([fields[name] for name in cpu_numba.DESCRIPTOR_FIELDS], dtype=np.int64)

@@ -29,9 +29,14 @@ def all_on_cpu(top_k: int) -> list[int]:
     return list(range(top_k + 1))
 
 
-def cpu_expert_kernels(dtype: torch.dtype, act_fn) -> list[str]:
-    """CpuExperts compute modes that can run these experts, preferred first: the numba GEMVs
-    (kernels/cpu_numba.py) for bf16 SiLU experts when numba is installed, and torch's own kernels."""
+def cpu_expert_kernels(dtype: torch.dtype, act_fn, quantized: bool = False) -> list[str]:
+    """CpuExperts compute modes that can run these experts, preferred first. Dense experts of `dtype`: the numba
+    GEMVs (kernels/cpu_numba.py) for bf16 SiLU experts when numba is installed, and torch's own kernels.
+    Quantized (int4/int8, `dtype` the scales'): numba for bf16 or float32 scales, and the torch path that
+    dequantizes block by block ("float32"; "native" would dequantize each whole expert per call)."""
+    if quantized:
+        numba = dtype in cpu_numba.ROUNDED and is_silu(act_fn) and cpu_numba.available()
+        return ["numba", "float32"] if numba else ["float32"]
     numba = dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available()
     return ["numba", "native"] if numba else ["native"]
 
@@ -65,7 +70,9 @@ def tune_split(layer, act_fn: Callable, repeats: int = 7, tie: float = 0.02) -> 
     from_host = layer._direct_from_host.tolist()
     in_host = [e for e, remote in enumerate(from_host) if remote]
     resident = [e for e, remote in enumerate(from_host) if not remote]
-    hidden = torch.randn((1, layer.hidden), dtype=layer.gate_up.dtype, device=device) * 0.1  # [1, H]
+    # [1, H] in the experts' dtype: the compute dtype for dense experts; for quantized ones their scales' (the
+    # checkpoint's dtype, hence the compute dtype unless MOE_DTYPE says otherwise)
+    hidden = torch.randn((1, layer.hidden), dtype=layer.format.dtype, device=device) * 0.1
     weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=device)  # [1, K]
     cursor = [0]
 

@@ -6,28 +6,25 @@ fit?" before spending minutes on a load.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..config import OffloadConfig
-from ..errors import MoeOffloadError
+from ..validation import check_config_experts, check_top_k, require_routed_experts, text_config
 
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
 
 
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
-    with open(os.path.join(checkpoint.root, "config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    if not checkpoint.experts_by_layer:
-        raise MoeOffloadError(f"{config.get('model_type')!r} is a dense model: it has no routed experts to offload")
+    config = checkpoint.config  # a JSON object: Checkpoint refuses anything else in one line
+    require_routed_experts(checkpoint.experts_by_layer, config, checkpoint.index_note())
+    check_config_experts(config, checkpoint.experts_by_layer)
     layers = [{"layer": layer, "experts": tensors.count, "expert_bytes": tensors.bytes_per_expert}
               for layer, tensors in sorted(checkpoint.experts_by_layer.items())]
     spec = checkpoint.quantization
     dense_bytes = sum(checkpoint.tensors[name].nbytes for name in checkpoint.dense_names)
-    top_k = int(config.get("num_experts_per_tok") or 1)
+    top_k = check_top_k(text_config(config).get("num_experts_per_tok"), min(l["experts"] for l in layers))
     per_ratio = {}
     for ratio in RATIOS:
         rule = OffloadConfig(moe_offload_ratio=ratio)

@@ -1,4 +1,5 @@
-"""One-token SwiGLU experts on the CPU, from bf16 weights, as a numba kernel (cpu_experts.CpuExperts compute="numba").
+"""One-token SwiGLU experts on the CPU, from bf16 or int4/int8 weights, as a numba kernel (cpu_experts.CpuExperts
+compute="numba").
 
 Why: a one-token expert is two GEMVs, a memory stream over its weights, so what counts is how close a kernel
 reads to the DRAM's bandwidth. torch's CPU path (oneDNN) re-blocks a plain weight matrix on every call and reads
@@ -11,14 +12,29 @@ Every (token, expert) pair of a call is cut into work items of a few rows (UP_CH
 to the threads of a spin_pool.SpinPool (phase 1: each pair's gate/up rows; phase 2, once phase 1 is done: its
 down rows). Why not numba's parallel=True: its regions take the GIL and sleep between calls (spin_pool.py says
 how much that cost).
+
+Quantized experts (expert_format.QuantMatrix: compressed-tensors pack-quantized int4/int8, group-wise scales,
+optional zero points) are computed straight from their planes in the host tier's rows, never from a dequantized
+copy: per row, group by group, the group's b-bit values are unpacked and dequantized into a per-thread buffer of
+one group (w = (u - z) * scale, exact in float32, then rounded to bf16 where the scales or the compute are bf16:
+what reference.dense and triton_quant._dequant_tile compute), and dotted into a float32 accumulator that runs
+along the whole row, so the bytes read are the packed words, scales and zero points only. The compute dtype
+is bf16 (every intermediate rounded where torch rounds, as for bf16 weights) or float32 (nothing rounded).
+The packed words are read as bytes (little-endian: int8 value j is byte j, int4 values 2i and 2i + 1 the
+nibbles of byte i, against x's even and odd elements), so every loop is a plain stream the compiler vectorizes;
+on a 2-core AMD EPYC that ran int8 experts faster than bf16 ones and int4 close to them (bench/cpu_quant_experts.py),
+compute-bound where bf16 is bandwidth-bound.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import torch
+
+from ...expert_format import Matrix, QuantMatrix
 
 
 def available() -> bool:
@@ -29,10 +45,21 @@ def available() -> bool:
 # out[out_rows[p]] = weights[p] * expert_{pair_rows[p]}(x[p if x_per_pair else 0]).
 # gate_up / down: the pools' first expert; *_stride: bytes from one expert to the next (a host tier's rows hold
 # both matrices, expert_format.py), each expert's matrix itself contiguous.
+# Quantized pools (bits 4 or 8; 0: bf16 weights): gate_up / down are then the packed planes, *_scale / *_zero the
+# scale and zero-point planes of the first expert (each with its own stride between experts: a host tier's rows
+# have one for all, separate tensors do not); group: values per scale; has_zero: zero points present (else
+# 2^(bits-1)); scale_bytes: 2 (bf16 scales) or 4 (float32); round: the compute dtype is bf16 (intermediates
+# rounded to it) rather than float32; round_weight: dequantized weights rounded to bf16 (bf16 scales or compute).
 JOB_FIELDS = ("x", "x_per_pair", "gate_up", "down", "gate_up_stride", "down_stride", "pair_rows", "weights", "act",
-              "out", "out_rows", "hidden", "inter", "round_product")
+              "out", "out_rows", "hidden", "inter", "round_product",
+              "bits", "group", "has_zero", "scale_bytes", "round", "round_weight",
+              "gate_up_scale", "gate_up_scale_stride", "gate_up_zero", "gate_up_zero_stride",
+              "down_scale", "down_scale_stride", "down_zero", "down_zero_stride")
 (_X, _X_PER_PAIR, _GATE_UP, _DOWN, _GATE_UP_STRIDE, _DOWN_STRIDE, _PAIR_ROWS, _WEIGHTS, _ACT, _OUT, _OUT_ROWS,
- _HIDDEN, _INTER, _ROUND_PRODUCT) = range(len(JOB_FIELDS))
+ _HIDDEN, _INTER, _ROUND_PRODUCT, _BITS, _GROUP, _HAS_ZERO, _SCALE_BYTES, _ROUND, _ROUND_WEIGHT,
+ _GATE_UP_SCALE, _GATE_UP_SCALE_STRIDE, _GATE_UP_ZERO, _GATE_UP_ZERO_STRIDE,
+ _DOWN_SCALE, _DOWN_SCALE_STRIDE, _DOWN_ZERO, _DOWN_ZERO_STRIDE) = range(len(JOB_FIELDS))
+WEIGHT_FIELDS = JOB_FIELDS[2:6] + JOB_FIELDS[13:]  # what weight_fields() fills: the pools and how to read them
 UP_CHUNK, DOWN_CHUNK = 8, 32  # rows per work item: gate and up rows (64 KB of H=2048 weights), down rows (48 KB)
 
 _compiled: dict = {}
@@ -77,34 +104,156 @@ def _functions():
     def floats(address, count):
         return carray(as_pointer(address), (count,), np.float32)
 
+    @njit(fastmath=True)
+    def round_some(values, n):  # float32 [>= n]: the first n rounded to bf16 in place (finite values)
+        bits = values.view(np.uint32)
+        for j in range(n):
+            b = bits[j]
+            bits[j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+
+    @njit(fastmath=True)
+    def dot_quant(row, scales, zeros, zero_shift, x, x_even, x_odd, bits, group, has_zero, round_weight, w, low,
+                  high):
+        """One quantized row . x [K] float32, dequantized group by group and accumulated in float32 along the
+        whole row. row: the row's packed bytes (uint8 [4 * ceil(K*b/32)]: little-endian words, values low bits
+        first, so int8 value j is byte j and int4 values 2i, 2i+1 the low and high nibbles of byte i); scales:
+        float32 [G]; zeros: int32 [G] words holding this row's zero points at zero_shift, read only if has_zero
+        (else z = 2^(b-1)); x_even / x_odd: x's even and odd elements (int4). w, low, high: float32 [g + 1]
+        scratch (separate arrays: rows of one 2-D array vectorized worse).
+
+        Each group's weights w = (u - z) * scale (exact in float32: |u - z| < 2^8 times a scale's significand)
+        go to the scratch, rounded to bf16 in place where round_weight (what reference.dense and the Triton kernels
+        compute), then are dotted: three simple loops over contiguous memory that the compiler vectorizes. An
+        int4 group of even size is taken as byte pairs (low nibbles against x_even, high ones against x_odd);
+        odd group sizes (allowed, though rare) value by value."""
+        k = x.size
+        mask = (1 << bits) - 1
+        acc = np.float32(0.0)
+        for g in range((k + group - 1) // group):
+            start = g * group
+            n = min(group, k - start)
+            # u - z in float32 (exact: small integers), so the hot loops convert 32-bit integers only
+            z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else (1 << (bits - 1)))
+            s = scales[g]
+            # Unsigned indices in the hot loops: numba wraps negative signed indices around, and that check on
+            # an offset index kept the loops from vectorizing (4x slower).
+            if bits == 8:
+                base, count = np.uint64(start), np.uint64(n)
+                for j in range(count):
+                    w[j] = (np.float32(np.int32(row[base + j])) - z) * s
+                if round_weight:
+                    round_some(w, count)
+                for j in range(count):
+                    acc += w[j] * x[base + j]
+            elif group % 2 == 0:  # int4 from byte pairs: start is even
+                pairs, first = np.uint64(n // 2), np.uint64(start // 2)
+                for i in range(pairs):
+                    b = np.int32(row[first + i])
+                    low[i] = (np.float32(b & np.int32(15)) - z) * s
+                    high[i] = (np.float32(b >> np.int32(4)) - z) * s
+                if round_weight:
+                    round_some(low, pairs)
+                    round_some(high, pairs)
+                for i in range(pairs):
+                    acc += low[i] * x_even[first + i] + high[i] * x_odd[first + i]
+                if n % 2:  # K odd: the last value, a low nibble
+                    w[0] = (np.float32(np.int32(row[(start + n - 1) // 2]) & 15) - z) * s
+                    if round_weight:
+                        round_some(w, 1)
+                    acc += w[0] * x[start + n - 1]
+            else:  # int4, odd group size: value by value
+                for j in range(n):
+                    c = start + j
+                    w[j] = (np.float32((np.int32(row[c >> 1]) >> ((c & 1) * 4)) & 15) - z) * s
+                if round_weight:
+                    round_some(w, n)
+                for j in range(n):
+                    acc += w[j] * x[start + j]
+        return acc
+
+    @njit(fastmath=True)
+    def quant_dot(job, planes, expert, row, rows_per_part, x, x_even, x_odd, w, low, high, scale_bits):
+        """Row `row` of an expert's quantized matrix [N, K] (planes: the job field of its packed plane, _GATE_UP
+        or _DOWN) . x [K]. rows_per_part: rows per projection (zero points are packed per projection);
+        scale_bits: uint32 [G] scratch for the row's scales widened to float32; the rest: dot_quant's."""
+        k, bits, group = x.size, job[_BITS], job[_GROUP]
+        groups = (k + group - 1) // group
+        width = (k * bits + 31) // 32  # int32 words per row
+        stride, scale_field = (job[_GATE_UP_STRIDE], _GATE_UP_SCALE) if planes == _GATE_UP else \
+            (job[_DOWN_STRIDE], _DOWN_SCALE)
+        row_bytes = carray(as_pointer(job[planes] + expert * stride + 4 * row * width), (4 * width,), np.uint8)
+        scale_row = job[scale_field] + expert * job[scale_field + 1] + row * groups * job[_SCALE_BYTES]
+        if job[_SCALE_BYTES] == 2:  # bf16 -> float32: the bits shifted up
+            bf16 = carray(as_pointer(scale_row), (groups,), np.uint16)
+            for g in range(groups):
+                scale_bits[g] = np.uint32(bf16[g]) << np.uint32(16)
+        else:
+            scale_bits[:] = carray(as_pointer(scale_row), (groups,), np.uint32)
+        zero_row, zero_shift, zero_count = 0, 0, 0
+        if job[_HAS_ZERO]:  # z of (row, g): bits (local*b) % 32 of word [part * rows' words + local*b // 32, g]
+            part = row // rows_per_part
+            local = row - part * rows_per_part
+            zero_word_row = part * ((rows_per_part * bits + 31) // 32) + (local * bits) // 32
+            zero_row = job[scale_field + 2] + expert * job[scale_field + 3] + 4 * zero_word_row * groups
+            zero_shift, zero_count = (local * bits) % 32, groups
+        zeros = carray(as_pointer(zero_row), (zero_count,), np.int32)  # [G] (empty when symmetric)
+        return dot_quant(row_bytes, scale_bits.view(np.float32), zeros, zero_shift, x, x_even, x_odd, bits, group,
+                         job[_HAS_ZERO] != 0, job[_ROUND_WEIGHT] != 0, w, low, high)
+
+    @njit(fastmath=True)
+    def quant_rows(job, planes, expert, first, count, offset, rows_per_part, x, out):
+        """out[r] = row offset + first + r of an expert's quantized matrix . x [K], for r < count (the scratch
+        buffers made once for all of them)."""
+        k, bits, group = x.size, job[_BITS], job[_GROUP]
+        w = np.empty(min(group, k) + 1, np.float32)
+        low = np.empty(min(group, k) + 1, np.float32)
+        high = np.empty(min(group, k) + 1, np.float32)
+        scale_bits = np.empty((k + group - 1) // group, np.uint32)  # [G]
+        x_even = np.empty((k + 1) // 2 if bits == 4 else 0, np.float32)  # int4: x deinterleaved once
+        x_odd = np.empty(k // 2 if bits == 4 else 0, np.float32)
+        for i in range(x_odd.size):
+            x_even[i] = x[2 * i]
+            x_odd[i] = x[2 * i + 1]
+        for r in range(count):
+            out[r] = quant_dot(job, planes, expert, offset + first + r, rows_per_part, x, x_even, x_odd, w, low,
+                               high, scale_bits)
+
     @njit(nogil=True, fastmath=True)
     def run_item(job_address, phase, index):
-        # H = hidden, I = intermediate; an expert's gate_up [2I, H] and down [H, I] bf16 bits
+        # H = hidden, I = intermediate; an expert's gate_up [2I, H] and down [H, I]: bf16 bits, or quantized
         job = carray(as_pointer(job_address), (len(JOB_FIELDS),), np.int64)
-        hidden, inter = job[_HIDDEN], job[_INTER]
+        hidden, inter, bits = job[_HIDDEN], job[_INTER], job[_BITS]
+        rounds = job[_ROUND] != 0
         p_count = index + 1  # enough of the per-pair arrays to read pair p (p <= index)
         if phase == 1:  # gate/up rows [first, first + n) of pair p -> act[p, first:first + n]
             chunks = (inter + UP_CHUNK - 1) // UP_CHUNK
             p, first = index // chunks, (index % chunks) * UP_CHUNK
             n = min(UP_CHUNK, inter - first)
             expert = carray(as_pointer(job[_PAIR_ROWS]), (p_count,), np.int64)[p]
-            gate_up = carray(as_pointer(job[_GATE_UP] + expert * job[_GATE_UP_STRIDE]), (2 * inter, hidden),
-                             np.uint16)
             x = floats(job[_X] + 4 * hidden * p * job[_X_PER_PAIR], hidden)  # [H]
-            wide = np.empty(hidden, np.uint32)
             gate = np.empty(n, np.float32)
             up = np.empty(n, np.float32)
-            for r in range(n):
-                gate[r] = dot_bf16(gate_up[first + r], x, wide)
-                up[r] = dot_bf16(gate_up[inter + first + r], x, wide)
-            round_bf16(gate)
-            round_bf16(up)
+            if bits == 0:
+                gate_up = carray(as_pointer(job[_GATE_UP] + expert * job[_GATE_UP_STRIDE]), (2 * inter, hidden),
+                                 np.uint16)
+                wide = np.empty(hidden, np.uint32)
+                for r in range(n):
+                    gate[r] = dot_bf16(gate_up[first + r], x, wide)
+                    up[r] = dot_bf16(gate_up[inter + first + r], x, wide)
+            else:
+                quant_rows(job, _GATE_UP, expert, first, n, 0, inter, x, gate)
+                quant_rows(job, _GATE_UP, expert, first, n, inter, inter, x, up)
+            if rounds:
+                round_bf16(gate)
+                round_bf16(up)
             for r in range(n):
                 gate[r] = gate[r] / (np.float32(1.0) + np.exp(-gate[r]))  # silu
-            round_bf16(gate)
+            if rounds:
+                round_bf16(gate)
             for r in range(n):
                 gate[r] = gate[r] * up[r]
-            round_bf16(gate)
+            if rounds:
+                round_bf16(gate)
             floats(job[_ACT] + 4 * (p * inter + first), n)[:] = gate
         else:  # down rows [first, first + n) of pair p -> out[out_rows[p], first:first + n]
             chunks = (hidden + DOWN_CHUNK - 1) // DOWN_CHUNK
@@ -113,13 +262,17 @@ def _functions():
             expert = carray(as_pointer(job[_PAIR_ROWS]), (p_count,), np.int64)[p]
             weight = floats(job[_WEIGHTS], p_count)[p]
             out_row = carray(as_pointer(job[_OUT_ROWS]), (p_count,), np.int64)[p]
-            down = carray(as_pointer(job[_DOWN] + expert * job[_DOWN_STRIDE]), (hidden, inter), np.uint16)
             act = floats(job[_ACT] + 4 * p * inter, inter)  # [I]
-            wide = np.empty(inter, np.uint32)
             result = np.empty(n, np.float32)
-            for r in range(n):
-                result[r] = dot_bf16(down[first + r], act, wide)
-            round_bf16(result)
+            if bits == 0:
+                down = carray(as_pointer(job[_DOWN] + expert * job[_DOWN_STRIDE]), (hidden, inter), np.uint16)
+                wide = np.empty(inter, np.uint32)
+                for r in range(n):
+                    result[r] = dot_bf16(down[first + r], act, wide)
+            else:
+                quant_rows(job, _DOWN, expert, first, n, 0, hidden, act, result)
+            if rounds:
+                round_bf16(result)
             for r in range(n):
                 result[r] = result[r] * weight
             if job[_ROUND_PRODUCT]:
@@ -164,14 +317,63 @@ def _experts_contiguous(pool: torch.Tensor) -> torch.Tensor:
     return pool if pool.stride()[1:] == (pool.shape[2], 1) else pool.contiguous()
 
 
-def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+ROUNDED = (torch.bfloat16, torch.float32)  # the dtypes the kernel computes in (float32: no rounding)
+
+
+def why_not(dtype: torch.dtype, gate_up: Matrix, down: Matrix) -> str | None:
+    """Why this kernel cannot compute experts of these pools on hidden states of `dtype` (None: it can).
+    bf16 pools need bf16 hidden states; quantized ones (int4/int8) bf16 or float32 scales and hidden states (the
+    roundings it knows: float16 has no rounding here) on a little-endian CPU (it reads the packed words as bytes)."""
+    if not isinstance(gate_up, QuantMatrix):
+        same = dtype == gate_up.dtype == down.dtype == torch.bfloat16
+        return None if same else "bf16 weights and hidden states only"
+    if gate_up.scale.dtype not in ROUNDED or down.scale.dtype not in ROUNDED:
+        return f"quantized experts with bf16 or float32 scales only, not {gate_up.scale.dtype}"
+    if dtype not in ROUNDED:
+        return f"quantized experts on bf16 or float32 hidden states only, not {dtype}"
+    if sys.byteorder != "little":
+        return "quantized experts on little-endian CPUs only"
+    return None
+
+
+def weight_fields(gate_up: Matrix, down: Matrix, dtype: torch.dtype, weight_dtype: torch.dtype
+                  ) -> tuple[dict[str, int], list[torch.Tensor]]:
+    """The job fields (WEIGHT_FIELDS) that say where the pools lie and how to compute them, for hidden states
+    of `dtype` and routing weights of `weight_dtype`; and the tensors they point into (copies where an expert's
+    plane was not contiguous), which must outlive the job. gate_up [N, 2I, H] and down [N, H, I]: bf16 tensors
+    or QuantMatrix stacks (a host tier's views: any stride between experts)."""
+    rounds = dtype == torch.bfloat16
+    fields = dict.fromkeys(WEIGHT_FIELDS, 0)
+    # torch: a bf16 expert output times a bf16 weight is rounded to bf16; any float32 side promotes
+    fields.update(round=int(rounds), round_product=int(rounds and weight_dtype == torch.bfloat16))
+    planes = {"gate_up": gate_up, "down": down}
+    if isinstance(gate_up, QuantMatrix):
+        if (gate_up.bits, gate_up.group_size, gate_up.zero is None, gate_up.scale.dtype) != \
+                (down.bits, down.group_size, down.zero is None, down.scale.dtype):
+            raise ValueError("gate_up and down must share one quantization scheme")
+        fields.update(bits=gate_up.bits, group=gate_up.group_size, has_zero=int(gate_up.zero is not None),
+                      scale_bytes=gate_up.scale.element_size(),
+                      round_weight=int(rounds or gate_up.scale.dtype == torch.bfloat16))
+        planes = {f"{name}{suffix}": plane for name, matrix in planes.items()
+                  for suffix, plane in (("", matrix.packed), ("_scale", matrix.scale), ("_zero", matrix.zero))
+                  if plane is not None}
+    kept = []
+    for name, plane in planes.items():
+        plane = _experts_contiguous(plane)
+        kept.append(plane)
+        fields[name], fields[f"{name}_stride"] = plane.data_ptr(), plane.stride(0) * plane.element_size()
+    return fields, kept
+
+
+def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: Matrix, down: Matrix,
                    pair_rows: list[int], out: torch.Tensor, threads: int) -> None:
     """out [P, H] float32 = weights[p] * expert_{pair_rows[p]}(hidden[p]) for SiLU-gated experts, on `threads`
     threads (this one and the pool's).
 
-    hidden [P, H] bf16, weights [P] (bf16 or float32: a float32 weight's product is not rounded, as in torch),
-    gate_up [N, 2I, H] and down [N, H, I] bf16 pools on the CPU (a host tier's views: any stride between experts,
-    each expert's matrix contiguous), pair_rows: a pool row per pair; out contiguous.
+    hidden [P, H] (bf16; or float32 for quantized pools), weights [P] (bf16 or float32: a float32 weight's
+    product is not rounded, as in torch), gate_up [N, 2I, H] and down [N, H, I] pools on the CPU, bf16 tensors or
+    QuantMatrix stacks (a host tier's views: any stride between experts, each expert's planes contiguous; see
+    why_not), pair_rows: a pool row per pair; out contiguous.
     """
     count, hidden_size = hidden.shape
     if count == 0:
@@ -182,13 +384,11 @@ def swiglu_experts(hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.T
     scale = weights.float().contiguous().numpy()  # [P]
     act = np.empty((count, inter), dtype=np.float32)  # [P, I]
     out_rows = np.arange(count, dtype=np.int64)  # [P]
-    gate_up, down = _experts_contiguous(gate_up), _experts_contiguous(down)
+    fields, _kept = weight_fields(gate_up, down, hidden.dtype, weights.dtype)  # _kept: alive until the job ends
     out_array = out.numpy()
-    job = make_job(x=x.ctypes.data, x_per_pair=1, gate_up=gate_up.data_ptr(), down=down.data_ptr(),
-                   gate_up_stride=gate_up.stride(0) * 2, down_stride=down.stride(0) * 2,
-                   pair_rows=rows.ctypes.data, weights=scale.ctypes.data,
+    job = make_job(x=x.ctypes.data, x_per_pair=1, pair_rows=rows.ctypes.data, weights=scale.ctypes.data,
                    act=act.ctypes.data, out=out_array.ctypes.data, out_rows=out_rows.ctypes.data,
-                   hidden=hidden_size, inter=inter, round_product=weights.dtype == torch.bfloat16)
+                   hidden=hidden_size, inter=inter, **fields)
     pool(threads).run(job, *item_counts(count, hidden_size, inter))
 
 

@@ -1,0 +1,113 @@
+"""The CPU expert path's numba kernel on int4/int8 experts beside bf16: one token per expert, Qwen3-30B-A3B-shaped
+experts (H=2048, I=768), group 128, as a hybrid decode step computes its misses (CpuExperts compute="numba",
+moe_offload/hybrid/kernels/cpu_numba.py), and the torch fallback that dequantizes block by block
+(compute="float32").
+
+Why: a quantized expert is 3.6x (int4) / 1.9x (int8) fewer bytes than bf16, but the CPU must unpack and
+dequantize every weight, so its cost per expert is not its bytes' share of a bf16 one's. This measures
+experts/s per format (what tune_split weighs against the GPU), and the outputs against the reference.
+
+Each call computes K distinct experts from a pool too big for the caches, in rotation; reported per format and
+kernel: median ms per call over --repeats calls after two warm-ups, experts/s, GB/s of the format's bytes, and
+max |diff| / max |reference| against reference.weighted_expert_output (the same math as the engine's).
+
+Usage, from the repository root: python -m bench.cpu_quant_experts [--threads N] [--experts K] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import machine, utc_now, versions, write_report
+from moe_offload.expert_format import ExpertFormat
+from moe_offload.hybrid.cpu_experts import CpuExperts
+from moe_offload.kernels.reference import weighted_expert_output
+from moe_offload.quant.format import QuantSpec
+from moe_offload.tiers import HostTier
+
+HIDDEN, INTER, GROUP = 2048, 768, 128
+FORMATS = {"bf16": None, "int4-g128-sym": QuantSpec(4, GROUP, True), "int8-g128-sym": QuantSpec(8, GROUP, True),
+           "int4-g128-asym": QuantSpec(4, GROUP, False)}
+
+
+def pool(spec: QuantSpec | None, experts: int, seed: int = 0) -> HostTier:
+    """A host tier of `experts` random experts in the format: bf16 weights ~ N(0, 1/K), or random packed values
+    and zero points with scales of that size."""
+    tier = HostTier(list(range(experts)), ExpertFormat(INTER, HIDDEN, torch.bfloat16, spec), pin=False)
+    gen = torch.Generator().manual_seed(seed)
+    if spec is None:
+        tier.gate_up.copy_(torch.randn(tier.gate_up.shape, generator=gen) / HIDDEN ** 0.5)
+        tier.down.copy_(torch.randn(tier.down.shape, generator=gen) / INTER ** 0.5)
+        return tier
+    tier.rows.copy_(torch.randint(0, 256, tier.rows.shape, dtype=torch.uint8, generator=gen))
+    for name, plane in tier.format.plane_views(tier.rows).items():
+        if name.endswith(".scale"):  # [n, N, G]
+            width = HIDDEN if name.startswith("gate_up") else INTER
+            plane.copy_(torch.rand(plane.shape, generator=gen) * 2 / (width ** 0.5 * (1 << (spec.bits - 1))))
+    return tier
+
+
+def time_calls(runner: CpuExperts, tier: HostTier, x: torch.Tensor, weights: torch.Tensor, repeats: int,
+               cursor: list[int]) -> float:
+    """Median seconds of a call over `repeats`, after two warm-ups, each call on the next K experts."""
+    k, n = x.shape[0], len(tier.row_of)
+    times = []
+    for _ in range(repeats + 2):
+        slots = [(cursor[0] + i) % n for i in range(k)]
+        cursor[0] += k
+        start = time.perf_counter()
+        runner(x, weights, tier.gate_up, tier.down, slots, [1] * k, F.silu)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--experts", type=int, default=8, help="experts per call (a step's misses)")
+    parser.add_argument("--pool", type=int, default=48, help="experts per format in rotation (bf16: 9.4 MB each)")
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((args.experts, HIDDEN), generator=gen).to(torch.bfloat16)  # [K, H]
+    weights = torch.rand(args.experts, generator=gen)  # [K] float32, as routers give
+    results = {}
+    for name, spec in FORMATS.items():
+        tier = pool(spec, args.pool)
+        kernels = ["numba"] + ([] if spec is None else ["float32"])
+        for kernel in kernels:
+            with CpuExperts(threads=args.threads, compute=kernel) as runner:
+                seconds = time_calls(runner, tier, x, weights, args.repeats, [0])
+                got = runner(x, weights, tier.gate_up, tier.down, list(range(args.experts)), [1] * args.experts)
+            want = torch.cat([weighted_expert_output(x[i:i + 1], weights[i:i + 1], tier.gate_up[i], tier.down[i],
+                                                     F.silu) for i in range(args.experts)])
+            results[f"{name}/{kernel}"] = {
+                "ms_per_call": seconds * 1e3, "experts_per_s": args.experts / seconds,
+                "expert_bytes": tier.format.nbytes, "gb_s": args.experts * tier.format.nbytes / seconds / 1e9,
+                "max_rel_diff": ((got - want).abs().max() / want.abs().max()).item(),
+                "bit_identical_fraction": (got == want).float().mean().item()}
+            print(f"{name:15s} {kernel:8s} {seconds * 1e3:7.2f} ms/call {args.experts / seconds:7.0f} experts/s "
+                  f"{results[f'{name}/{kernel}']['gb_s']:6.2f} GB/s", flush=True)
+        del tier
+    from importlib.metadata import version
+
+    report = {"date": utc_now(), "machine": machine(), "versions": {**versions(), "numba": version("numba")},
+              "threads": args.threads, "experts_per_call": args.experts, "pool": args.pool,
+              "shape": {"hidden": HIDDEN, "inter": INTER, "group": GROUP}, "results": results}
+    print(json.dumps({k: {"experts_per_s": round(v["experts_per_s"]), "max_rel_diff": v["max_rel_diff"]}
+                      for k, v in results.items()}))
+    if args.out:
+        write_report(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
