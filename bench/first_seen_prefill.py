@@ -1,7 +1,8 @@
 """Where the time of a first-seen prefill goes: the harness measured a 128-token prefill the first time a prompt
 length is seen at a fraction of its replayed speed (bench/RESULTS.md), and a server sees mostly new lengths.
 
-One process per graph mode (MOE_CUDA_GRAPH auto, then off), the random benchmark model at one ratio: prefills
+One process per mode (MOE_CUDA_GRAPH auto or off; SDPA's cuDNN backend allowed or not: it builds a plan per
+new shape), the random benchmark model at one ratio: prefills
 (one new token each) at a sequence of prompt lengths, each new length followed by repeats of it, so the first
 run of a length, its capture and its replays are timed apart; then one more new length under torch.profiler,
 whose top operators by self time (CPU and CUDA) say whether the first run pays compiling, capturing or launching.
@@ -49,9 +50,13 @@ def top_operators(pipe, device: torch.device, count: int = 15) -> dict:
     return {"by_cpu_self": rows("self_cpu_time_total"), "by_device_self": rows("self_device_time_total")}
 
 
-def measure(path: str, ratio: int, graph: str) -> dict:
-    """The timings of one graph mode, in this process."""
+MODES = [("auto", True), ("auto", False), ("off", True), ("off", False)]  # (MOE_CUDA_GRAPH, cuDNN SDPA allowed)
+
+
+def measure(path: str, ratio: int, graph: str, cudnn_sdp: bool) -> dict:
+    """The timings of one mode, in this process."""
     device = torch.device("cuda")
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     pipe = load_pipeline(path, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_CUDA_GRAPH=graph)
     prefill_seconds(pipe, 96, device)  # the first forward ever: kernels compile here, not in the timings below
     runs, seen = [], set()
@@ -60,7 +65,7 @@ def measure(path: str, ratio: int, graph: str) -> dict:
         runs.append({"length": length, "first_seen": length not in seen, "ms": seconds * 1e3,
                      "tok_s": length / seconds})
         seen.add(length)
-    result = {"graph": graph, "ratio": ratio, "runs": runs, "profile_first_seen": top_operators(pipe, device)}
+    result = {"graph": graph, "cudnn_sdp": cudnn_sdp, "ratio": ratio, "runs": runs, "profile_first_seen": top_operators(pipe, device)}
     pipe.close()
     return result
 
@@ -71,24 +76,25 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--out", default=None)
     parser.add_argument("--graph", default=None, help=argparse.SUPPRESS)  # one mode, in a child process
+    parser.add_argument("--cudnn-sdp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=os.path.join(MODEL_ROOT, "full"))
     a = parser.parse_args(argv)
     if a.graph:
-        print(json.dumps(measure(a.model_dir, a.ratio, a.graph)))
+        print(json.dumps(measure(a.model_dir, a.ratio, a.graph, bool(a.cudnn_sdp))))
         return 0
     spec = dict(SPECS["full"], num_hidden_layers=a.layers)
     generation = generate_model(a.model_dir, spec, torch.device("cuda"))
     modes = []
-    for graph in ("auto", "off"):
+    for graph, cudnn_sdp in MODES:
         child = subprocess.run([sys.executable, "-m", "bench.first_seen_prefill", "--graph", graph,
-                                "--ratio", str(a.ratio), "--model-dir", a.model_dir],
+                                "--cudnn-sdp", str(int(cudnn_sdp)), "--ratio", str(a.ratio), "--model-dir", a.model_dir],
                                capture_output=True, text=True)
         if child.returncode:
-            modes.append({"graph": graph, "error": child.stderr[-3000:]})
+            modes.append({"graph": graph, "cudnn_sdp": cudnn_sdp, "error": child.stderr[-3000:]})
         else:
             modes.append(json.loads(child.stdout.strip().splitlines()[-1]))
         for run in modes[-1].get("runs", []):
-            print(f"graph {graph}: {run['length']:4d} tokens {'first ' if run['first_seen'] else 'again '}"
+            print(f"graph {graph} cudnn {int(cudnn_sdp)}: {run['length']:4d} tokens {'first ' if run['first_seen'] else 'again '}"
                   f"{run['ms']:8.1f} ms {run['tok_s']:9.0f} tok/s", flush=True)
     report = {"benchmark": "first_seen_prefill", "date": utc_now(), "machine": machine(), "versions": versions(),
               "spec": spec, "model_generation": generation, "modes": modes}
