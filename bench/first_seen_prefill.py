@@ -50,7 +50,7 @@ def top_operators(pipe, device: torch.device, count: int = 15) -> dict:
     return {"by_cpu_self": rows("self_cpu_time_total"), "by_device_self": rows("self_device_time_total")}
 
 
-MODES = [("auto", True), ("auto", False), ("off", True), ("off", False)]  # (MOE_CUDA_GRAPH, cuDNN SDPA allowed)
+MODES = [("auto", True), ("auto", False), ("off", False)]  # (MOE_CUDA_GRAPH, cuDNN SDPA allowed)
 
 
 def measure(path: str, ratio: int, graph: str, cudnn_sdp: bool) -> dict:
