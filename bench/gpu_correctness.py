@@ -23,6 +23,7 @@ import tempfile
 import torch
 
 from bench.common import ROOT, load_pipeline, machine, utc_now, versions, write_report
+from moe_offload.attention import prompt_attention
 
 
 def _tiny_models():
@@ -76,7 +77,7 @@ def reference(path: str, ids: torch.Tensor, backend: str):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation=backend).cuda()
-    with torch.no_grad():
+    with torch.no_grad(), prompt_attention("cuda"):  # the attention backends the pipeline's generation uses
         logits = model(ids).logits.float()
         tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     del model
@@ -112,7 +113,7 @@ def main() -> int:
                 for tier, host in TIERS.items():
                     pipe = load_pipeline(path, "cuda", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host,
                                          MOE_KERNEL=args.kernel, **properties)
-                    with torch.no_grad():
+                    with torch.no_grad(), prompt_attention("cuda"):
                         logits = pipe.model(ids).logits.float()
                         tokens = pipe.model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                                      do_sample=False)

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from .attention import prompt_attention
+
 from .piecewise import PiecewiseStep
 
 # Generation-config fields that greedy decoding here honours or that do not change greedy tokens.
@@ -261,6 +263,13 @@ class StaticDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
                  streamer=None, on_logits: Callable[[torch.Tensor], None] | None = None,
                  feed: torch.Tensor | None = None) -> list[int]:
+        """`_generate` with SDPA kept off cuDNN's per-shape plans (attention.py), graphs captured alike."""
+        with prompt_attention(self.device):
+            return self._generate(input_ids, max_new_tokens, min_new_tokens, streamer, on_logits, feed)
+
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
+                  streamer=None, on_logits: Callable[[torch.Tensor], None] | None = None,
+                  feed: torch.Tensor | None = None) -> list[int]:
         """New token ids for the prompt `input_ids` [1, T] (greedy; stops at EOS once min_new_tokens are out).
 
         `streamer` gets transformers' streamer calls (put(prompt), put(each token), end()); `on_logits` gets each

@@ -17,6 +17,7 @@ from . import defaults, hybrid
 from .checkpoint import Checkpoint
 from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
+from .attention import prompt_attention
 from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
 from .host_embeddings import host_table_bytes
@@ -162,7 +163,8 @@ class LLMPipeline:
                                         streamer=streamer, feed=feed)
             hybrid.raise_errors(self.layers)
             return torch.tensor(new, dtype=torch.long)
-        output = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **kwargs)
+        with prompt_attention(self.device):  # its key length grows every step: a new shape each time
+            output = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **kwargs)
         hybrid.raise_errors(self.layers)
         return output[0, input_ids.shape[1]:].cpu()
 
