@@ -34,7 +34,7 @@ from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_
 from .policy import make_policy
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
-from .validation import (check_buffer_dtype, check_routed_experts, check_top_k, ignore_on_load, read_config_json,
+from .validation import (check_buffer_dtype, check_routed_experts, check_top_k, ignore_on_load,
                          report_unexpected, require_routed_experts)
 
 IMPLEMENTATION = "moe_offload"
@@ -67,10 +67,10 @@ def resolve_dtype(config: OffloadConfig, checkpoint: Checkpoint, device: torch.d
     return checkpoint.dtype if device.type == "cuda" else torch.float32
 
 
-def load_hf_config(root: str):
+def load_hf_config(checkpoint: Checkpoint):
     from transformers import AutoConfig
 
-    model_type = read_config_json(root).get("model_type")
+    root, model_type = checkpoint.root, checkpoint.config.get("model_type")
     try:
         return AutoConfig.from_pretrained(root)
     except (ValueError, KeyError, OSError, TypeError) as err:
@@ -81,7 +81,7 @@ def load_hf_config(root: str):
 
 def check_supported(checkpoint: Checkpoint):
     """The checkpoint's transformers config, once its architecture is known and it has routed experts."""
-    hf_config = load_hf_config(checkpoint.root)
+    hf_config = load_hf_config(checkpoint)
     require_routed_experts(checkpoint.experts_by_layer, checkpoint.config, checkpoint.index_note())
     return hf_config
 

@@ -14,10 +14,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import defaults, hybrid
+from .attention import prompt_attention
 from .checkpoint import Checkpoint
 from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
-from .attention import prompt_attention
 from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
 from .host_embeddings import host_table_bytes

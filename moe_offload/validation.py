@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .errors import MoeOffloadError
+from .errors import MoeOffloadError, read_user_text
 
 log = logging.getLogger("moe_offload")
 
@@ -48,13 +48,7 @@ def read_config_json(root: str) -> dict:
     if not os.path.lexists(path):
         raise MoeOffloadError(f"no config.json in {root}: not a Hugging Face checkpoint")
     require_regular_file(path, "config.json")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as err:
-        raise MoeOffloadError(f"cannot read config.json in {root}: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise MoeOffloadError(f"config.json in {root} is not valid JSON (not UTF-8 text)") from None
+    text = read_user_text(path, "config.json")
     if not text.strip():
         raise MoeOffloadError(f"config.json in {root} is empty")
     try:
