@@ -46,8 +46,7 @@ import torch.nn.functional as F
 
 from ..errors import MoeOffloadError
 from ..expert_format import Matrix, QuantMatrix
-from ..kernels.reference import dense
-from ..quant.format import unpack
+from ..kernels.reference import dense, dequantize
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
 COMPUTE_MODES = ("native", "float32", "numba")
@@ -73,17 +72,7 @@ def dequantize_rows(matrix: QuantMatrix, start: int, stop: int, dtype: torch.dty
     reference.dense(matrix, dtype) holds there: (u - z) * scale in float32, rounded to the scale's dtype, then to
     `dtype`. Why rows: the float32 path dequantizes an L2-sized block at a time, never a whole expert. out: an
     optional float32 [stop - start, K] destination."""
-    bits, group, cols = matrix.bits, matrix.group_size, matrix.in_features
-    signed = unpack(matrix.packed[start:stop], bits, cols).float()  # [r, K] u - 2^(b-1)
-    scale = matrix.scale[start:stop].float().repeat_interleave(group, dim=1)[:, :cols]  # [r, K]
-    if matrix.zero is not None:  # zero points packed down the rows, each projection (part) apart
-        rows = torch.arange(start, stop)  # [r]
-        per_part = matrix.packed.shape[0] // matrix.parts
-        part, local = rows // per_part, rows % per_part  # [r] each
-        words = matrix.zero[part * (matrix.zero.shape[0] // matrix.parts) + local * bits // 32]  # [r, G] int32
-        zero = ((words >> (local * bits % 32).unsqueeze(1)) & ((1 << bits) - 1)) - (1 << (bits - 1))  # [r, G]
-        signed -= zero.float().repeat_interleave(group, dim=1)[:, :cols]
-    weight = (signed * scale).to(matrix.scale.dtype).to(dtype)  # [r, K] exact product, then the two roundings
+    weight = dequantize(matrix, start, stop).to(matrix.scale.dtype).to(dtype)  # [r, K], as dense() rounds
     return weight.float() if out is None else out.copy_(weight)
 
 

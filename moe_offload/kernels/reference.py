@@ -20,19 +20,21 @@ from ..expert_format import Matrix, QuantMatrix
 from ..quant.format import unpack
 
 
-def dequantize(matrix: QuantMatrix) -> torch.Tensor:
-    """W [N, K] float32 = (u - z) * scale of one quantized matrix, exact (u - z needs 9 bits, a bf16/fp16 scale
-    11, float32 holds 24). quant.format.unpack reads the words; the groups here may end short of K (G = ceil(K/g)),
-    which the kernels must handle too, and gate_up's zero points are packed per projection (QuantMatrix.parts)."""
+def dequantize(matrix: QuantMatrix, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of W [N, K] float32 = (u - z) * scale of one quantized matrix, exact (u - z needs 9 bits,
+    a bf16/fp16 scale 11, float32 holds 24). quant.format.unpack reads the words; the groups here may end short of
+    K (G = ceil(K/g)), which the kernels must handle too, and gate_up's zero points are packed per projection
+    (QuantMatrix.parts). A row range serves the CPU path, which dequantizes an L2-sized block at a time."""
     rows, cols, bits = matrix.packed.shape[0], matrix.in_features, matrix.bits
-    signed = unpack(matrix.packed, bits, cols).float()  # [N, K] u - 2^(b-1)
+    stop = rows if stop is None else stop
+    signed = unpack(matrix.packed[start:stop], bits, cols).float()  # [r, K] u - 2^(b-1)
     group = torch.arange(cols, device=signed.device) // matrix.group_size  # [K] group of each column
-    scale = matrix.scale.float()[:, group]  # [N, K]
+    scale = matrix.scale[start:stop].float()[:, group]  # [r, K]
     if matrix.zero is None:
         return signed * scale
     per_part = rows // matrix.parts
     zero = torch.cat([unpack(part.t().contiguous(), bits, per_part).t()  # [N/parts, G] signed zero points
-                      for part in matrix.zero.chunk(matrix.parts, dim=0)]).float()  # [N, G]
+                      for part in matrix.zero.chunk(matrix.parts, dim=0)])[start:stop].float()  # [r, G]
     return (signed - zero[:, group]) * scale
 
 
