@@ -225,10 +225,11 @@ class StaticDecoder:
             self._token.view(1).copy_(self._feed[index:index + 1])
 
     def _emit(self, token: int, new: list[int], max_new_tokens: int, min_new_tokens: int, streamer) -> bool:
-        """Record a new token; True when generation stops after it."""
+        """Record a new token; True when generation stops after it (also when the streamer's put returns True:
+        a caller that has seen enough, a server client gone)."""
         new.append(token)
-        if streamer is not None:
-            streamer.put(torch.tensor([token]))
+        if streamer is not None and streamer.put(torch.tensor([token])) is True:
+            return True
         return len(new) >= max_new_tokens or (token in self.eos_ids and len(new) >= min_new_tokens)
 
     def _replay_rest(self, new: list[int], max_new_tokens: int, min_new_tokens: int, streamer) -> None:
@@ -272,7 +273,8 @@ class StaticDecoder:
                   feed: torch.Tensor | None = None) -> list[int]:
         """New token ids for the prompt `input_ids` [1, T] (greedy; stops at EOS once min_new_tokens are out).
 
-        `streamer` gets transformers' streamer calls (put(prompt), put(each token), end()); `on_logits` gets each
+        `streamer` gets transformers' streamer calls (put(prompt), put(each token), end()); a put of a new token
+        that returns True stops generation after that token. `on_logits` gets each
         step's logits [1, V] (float32 copy), for tests. `feed` [>= max_new_tokens]: tokens that become the new
         tokens in place of the greedy picks, so each step decodes a given token (benchmarks: llama-bench's
         text-generation test feeds random ones, where greedy decode of a random-weight model repeats one token).

@@ -147,7 +147,9 @@ class LLMPipeline:
         Greedy generation runs on the static-cache decoder (decoding.py: one CUDA graph per step where every MoE
         layer is sync-free); anything it does not reproduce (sampling, other logits processing, sliding-window
         attention, an attention mask with padding) goes to transformers' generate. Both give transformers' greedy
-        tokens (tests/test_decoding.py checks it on the CPU, bench/gpu_correctness.py on a GPU). `feed` [>= N]: decode
+        tokens (tests/test_decoding.py checks it on the CPU, bench/gpu_correctness.py on a GPU). `streamer`: transformers'
+        streamer protocol (put, end); on both paths a put of new tokens that returns True stops generation after
+        them. `feed` [>= N]: decode
         these tokens instead of the greedy picks (StaticDecoder.generate; static decoder only).
         """
         if self._closed:  # the host tier is unpinned: kernels must no longer read it in place
@@ -163,10 +165,14 @@ class LLMPipeline:
                                         streamer=streamer, feed=feed)
             hybrid.raise_errors(self.layers)
             return torch.tensor(new, dtype=torch.long)
+        if streamer is not None:
+            streamer = _StopOnTrue(streamer)
+            kwargs["stopping_criteria"] = [*kwargs.get("stopping_criteria", ()), streamer.criterion]
         with prompt_attention(self.device):  # its key length grows every step: a new shape each time
             output = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **kwargs)
         hybrid.raise_errors(self.layers)
-        return output[0, input_ids.shape[1]:].cpu()
+        new = output[0, input_ids.shape[1]:].cpu()
+        return new[:streamer.kept] if streamer is not None and streamer.stopped else new
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64,
@@ -281,6 +287,31 @@ class LLMPipeline:
         for layer in self.layers:
             if layer.host is not None:
                 layer.host.close()
+
+
+class _StopOnTrue:
+    """A streamer passed on to transformers' generate, which ignores what put returns: a put returning True is
+    turned into a stopping criterion, so both generation paths stop alike. transformers 5.25 evaluates its
+    criteria before it streams the step's token, so one more token may be made: it is neither streamed nor
+    returned (`kept` counts the steps streamed up to the stop)."""
+
+    def __init__(self, streamer):
+        self.streamer, self.stopped, self.prompt_seen, self.kept = streamer, False, False, 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first put is the prompt: it cannot stop what never began
+            self.prompt_seen = True
+            self.streamer.put(value)
+        elif not self.stopped:
+            self.kept += 1
+            self.stopped = self.streamer.put(value) is True
+
+    def end(self) -> None:
+        self.streamer.end()
+
+    def criterion(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """transformers' StoppingCriteria call: True per sequence [B] once the streamer asked to stop."""
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
 
 
 def _call_each(pieces: Iterator[str], callback: Callable[[str], Any]) -> Iterator[str]:

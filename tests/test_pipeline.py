@@ -114,3 +114,34 @@ def test_generate_after_close_is_a_clear_error():
     pipe.close()
     with pytest.raises(MoeOffloadError, match="closed"):
         pipe.generate("def f(x):", max_new_tokens=2)
+
+
+class _StopAfter:
+    """A transformers-protocol streamer whose put returns True (stop) at the `after`-th new token."""
+
+    def __init__(self, after: int):
+        self.after, self.tokens, self.prompt, self.ended = after, [], None, False
+
+    def put(self, value):
+        if self.prompt is None:
+            self.prompt = value
+            return None
+        self.tokens += value.view(-1).tolist()
+        return len(self.tokens) >= self.after
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["static-decoder", "transformers-generate"])
+def test_streamer_returning_true_stops_generation(tiny_pipe, sampling):
+    """Both generation paths stop right after the token whose put returned True, and return what was streamed."""
+    ids = tiny_pipe.tokenizer("def f(x):", return_tensors="pt")["input_ids"]
+    kwargs = dict(do_sample=True, temperature=1.0) if sampling else {}
+    torch.manual_seed(0)
+    whole = tiny_pipe.generate_tokens(ids, max_new_tokens=10, min_new_tokens=10, **kwargs)
+    streamer = _StopAfter(3)
+    torch.manual_seed(0)
+    new = tiny_pipe.generate_tokens(ids, streamer=streamer, max_new_tokens=10, min_new_tokens=10, **kwargs)
+    assert new.tolist() == streamer.tokens == whole[:3].tolist()
+    assert streamer.ended
