@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-bench` and `llama-batched-bench` from the trimmed archive (.llamacpp/llama.cpp-src.tar.xz,
+# Builds llama.cpp's `llama-bench`, `llama-batched-bench` and `llama-quantize` (the Q4_0/Q8_0 GGUFs of the quantized
+# comparison) from the trimmed archive (.llamacpp/llama.cpp-src.tar.xz,
 # see README.md here), offline, for the issue-6 baseline: llama.cpp with its MoE experts kept on the CPU (-ncmoe, and
 # -ncmoe with its GPU expert cache --moe-cache-mib, which only common_params tools such as llama-batched-bench parse)
-# vs moe-offload. Only those two targets (and what they link) are built; CUDA for one arch (sm_90, the H200), no FA
+# vs moe-offload. Only those targets (and what they link) are built; CUDA for one arch (sm_90, the H200), no FA
 # all-quants, so that building fits in one short device call. `--cpu` builds without CUDA (a machine with no nvcc/GPU).
 #
 # Usage: bench/llamacpp/build.sh [--cpu] [--archive A.tar.xz] [--targets "llama-bench ..."] DIR
@@ -13,7 +14,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ARCHIVE=$HERE/../../.llamacpp/llama.cpp-src.tar.xz
 CUDA=ON
-TARGETS="llama-bench llama-batched-bench"
+TARGETS="llama-bench llama-batched-bench llama-quantize"
 DIR=
 while [ $# -gt 0 ]; do
     case $1 in

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds .llamacpp/llama.cpp-src.tar.xz: the llama.cpp vendored in the xllamacpp sdist, trimmed to what building
-# `llama-bench` and `llama-batched-bench` (CPU + CUDA backends) needs, plus gguf-py/ and models/ggml-vocab-qwen2.gguf.
+# `llama-bench`, `llama-batched-bench` and `llama-quantize` (CPU + CUDA backends) needs, plus gguf-py/ and
+# models/ggml-vocab-qwen2.gguf.
 # Why: the GPU machine has no network and the repo that travels there has a 64 MB ceiling, so the sources travel
 # as one small archive (see README.md here for what is kept and what is replaced). xllamacpp because its tree is new
 # enough to have the MoE expert cache (--moe-cache-mib), which the llama-cpp-python 0.3.36 tree lacked.
@@ -31,7 +32,7 @@ keep() { for p in "$@"; do mkdir -p "$DST/$(dirname "$p")"; cp -a "$SRC/$p" "$DS
 keep CMakeLists.txt LICENSE licenses cmake include src common \
      ggml/CMakeLists.txt ggml/cmake ggml/include \
      ggml/src/CMakeLists.txt ggml/src/ggml-version.h.in ggml/src/ggml-cpu ggml/src/ggml-cuda \
-     tools/llama-bench tools/batched-bench vendor/nlohmann vendor/sheredom vendor/cpp-httplib \
+     tools/llama-bench tools/batched-bench tools/quantize vendor/nlohmann vendor/sheredom vendor/cpp-httplib \
      gguf-py/gguf gguf-py/LICENSE gguf-py/README.md gguf-py/pyproject.toml \
      models/ggml-vocab-qwen2.gguf
 cp -a "$SRC"/ggml/src/*.c "$SRC"/ggml/src/*.cpp "$SRC"/ggml/src/*.h "$DST/ggml/src/"
@@ -44,11 +45,12 @@ find "$DST/gguf-py" -name __pycache__ -prune -exec rm -rf {} +
 
 # Replaced: these two CMakeLists.txt add every tool / vendored library; only what the two benches link is left.
 cat > "$DST/tools/CMakeLists.txt" <<'CMAKE'
-# trimmed for moe-offload (bench/llamacpp/make_archive.sh): only llama-bench and llama-batched-bench
+# trimmed for moe-offload (bench/llamacpp/make_archive.sh): only llama-bench, llama-batched-bench, llama-quantize
 find_package(Threads REQUIRED)
 llama_add_compile_flags()
 add_subdirectory(llama-bench)
 add_subdirectory(batched-bench)
+add_subdirectory(quantize)
 CMAKE
 cat > "$DST/vendor/CMakeLists.txt" <<'CMAKE'
 # trimmed for moe-offload (bench/llamacpp/make_archive.sh): what llama-common links
@@ -60,8 +62,8 @@ endif()
 CMAKE
 cat > "$DST/TRIMMED.txt" <<TXT
 llama.cpp $TAG, as vendored in xllamacpp $VERSION (PyPI sdist; the exact commit is not shipped, the tag is read
-from xllamacpp's version), trimmed by moe-offload's bench/llamacpp/make_archive.sh to build llama-bench and
-llama-batched-bench (CPU + CUDA). Configure with
+from xllamacpp's version), trimmed by moe-offload's bench/llamacpp/make_archive.sh to build llama-bench,
+llama-batched-bench and llama-quantize (CPU + CUDA). Configure with
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
 (bench/llamacpp/build.sh does). tools/CMakeLists.txt and vendor/CMakeLists.txt are replaced.
 TXT
