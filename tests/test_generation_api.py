@@ -252,3 +252,16 @@ def test_pipeline_rejects_a_bad_config(checkpoint_factory, config, words):
         LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", config=config)
     for word in words:
         assert word in str(caught.value)
+
+
+def test_docs_list_every_generation_field():
+    """docs/api.md's table of generation arguments is generation.CHECKS, field for field."""
+    from pathlib import Path
+
+    from test_docs import table_after
+
+    from moe_offload.generation import CHECKS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text(encoding="utf-8")
+    rows = table_after(text, ("field", "accepts", "default"))
+    assert [row[0].strip("`") for row in rows] == list(CHECKS)
