@@ -58,6 +58,15 @@ def _number(name: str, value: Any, low: float, high: float, low_open: bool, high
     return float(value)
 
 
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    """A stop string, or a list / tuple / set of them: non-empty strings (a bare str is one, not its letters)."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple, set, frozenset)) or not all(
+            isinstance(item, str) and item for item in items):
+        raise MoeOffloadError(f"{name} must be a non-empty string or a list of them, got {value!r}")
+    return tuple(dict.fromkeys(sorted(items) if isinstance(items, (set, frozenset)) else items))
+
+
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise MoeOffloadError(f"{name} must be True or False, got {value!r}")
@@ -76,6 +85,8 @@ CHECKS = {
     "top_k": lambda v: _integer("top_k", v, 0),  # 0: no top-k limit
     "repetition_penalty": lambda v: _number("repetition_penalty", v, 0.0, math.inf, True, True),
     "rng_seed": lambda v: _integer("rng_seed", v, 0, SEED_LIMIT),
+    "stop_strings": lambda v: _strings("stop_strings", v),
+    "include_stop_str_in_output": lambda v: _flag("include_stop_str_in_output", v),
 }
 # transformers GenerationConfig fields that do not change which tokens come out, or that the model's own config
 # already carries (special token ids): accepted from a transformers config and left to the model
@@ -102,6 +113,8 @@ class GenerationConfig:
     top_k: int | None = None  # sampling only; 0 = no limit
     repetition_penalty: float | None = None  # > 0; 1.0 = none
     rng_seed: int | None = None  # sampling: seeds this call's random draws (the global generator is left as it was)
+    stop_strings: tuple[str, ...] | None = None  # the text ends before the first of these that it makes
+    include_stop_str_in_output: bool | None = None  # True: ... and includes that stop string
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,7 +145,7 @@ class GenerationConfig:
 
 
 BASE = GenerationConfig(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
-                        min_new_tokens=0, ignore_eos=False)
+                        min_new_tokens=0, ignore_eos=False, stop_strings=(), include_stop_str_in_output=False)
 
 
 def check_names(values: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +204,8 @@ class Resolved:
     top_k: int
     repetition_penalty: float
     rng_seed: int | None
+    stop_strings: tuple[str, ...]  # applied to the text (streaming.TextSink), not by the engine
+    include_stop_str_in_output: bool
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Arguments for LLMPipeline.generate_tokens (transformers' generate names). Greedy calls carry only what
@@ -233,4 +248,5 @@ def resolve(layers: list[GenerationConfig | None], prompt_tokens: int) -> Resolv
                     min_new_tokens=max_new if merged["ignore_eos"] else min(merged["min_new_tokens"], max_new),
                     do_sample=merged["do_sample"], temperature=merged["temperature"], top_p=merged["top_p"],
                     top_k=merged["top_k"], repetition_penalty=merged["repetition_penalty"],
-                    rng_seed=merged.get("rng_seed"))
+                    rng_seed=merged.get("rng_seed"), stop_strings=merged["stop_strings"],
+                    include_stop_str_in_output=merged["include_stop_str_in_output"])

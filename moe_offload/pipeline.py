@@ -28,7 +28,7 @@ from .host_embeddings import host_table_bytes
 from .integration import build_offloaded_model, check_supported
 from .perf_metrics import PerfMetrics, PromptTimes
 from .profile import file_digest
-from .streaming import CancellableTextIterator, TextCallback, TokenStamps
+from .streaming import Tee, TextCallback, TextIterator, TextSink, TokenStamps
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
 log = logging.getLogger("moe_offload")
@@ -198,11 +198,11 @@ class LLMPipeline:
         prompts, single = _prompts(inputs)
         if streamer is not None and not single:
             raise MoeOffloadError("a streamer follows one prompt: pass one prompt, not a list")
-        sink = _sink(streamer, self._require_tokenizer() if callable(streamer) else None)
+        _check_streamer(streamer)
         layers = self._layers(generation_config, kwargs)
         texts, times = [], []
         for prompt in prompts:
-            text, timing = self._generate_one(prompt, layers, sink)
+            text, timing = self._generate_one(prompt, layers, streamer)
             texts.append(text)
             times.append(timing)
         self.perf_metrics = PerfMetrics(self.load_time_ms, times)
@@ -215,11 +215,12 @@ class LLMPipeline:
         if not single:
             raise MoeOffloadError("stream takes one prompt or conversation; generate takes a list")
         layers = self._layers(generation_config, kwargs)
-        streamer = CancellableTextIterator(self._require_tokenizer())
         outcome: list = []  # [PromptTimes] or [exception], handed from the worker
         prompt, start = prompts[0], time.perf_counter()
         encoded = self._encode(prompt)  # in the caller's thread: a bad prompt raises here, before any thread starts
         settings = resolve(layers, encoded.shape[1])
+        streamer = TextIterator(self.tokenizer, stop_strings=settings.stop_strings,
+                                include_stop=settings.include_stop_str_in_output)
 
         def work() -> None:
             try:
@@ -230,7 +231,7 @@ class LLMPipeline:
 
         return self._drain(streamer, threading.Thread(target=work, daemon=True), outcome)
 
-    def _drain(self, streamer: CancellableTextIterator, thread: threading.Thread, outcome: list) -> Iterator[str]:
+    def _drain(self, streamer: TextIterator, thread: threading.Thread, outcome: list) -> Iterator[str]:
         thread.start()
         try:
             yield from streamer
@@ -269,10 +270,10 @@ class LLMPipeline:
         tokenizer = self.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def _generate_one(self, prompt: Prompt, layers: list, sink: Any,
+    def _generate_one(self, prompt: Prompt, layers: list, streamer: Any,
                       prepared: tuple[float, torch.Tensor, Resolved] | None = None) -> tuple[str, PromptTimes]:
-        """One prompt through the engine: its text and its timings. `prepared`: (start time, ids, settings) where
-        the caller encoded and resolved already."""
+        """One prompt through the engine: its text and its timings. `streamer`: generate's (or stream's
+        TextIterator); `prepared`: (start time, ids, settings) where the caller encoded and resolved already."""
         if prepared is None:
             start = time.perf_counter()
             ids = self._encode(prompt)  # [1, T]
@@ -280,14 +281,30 @@ class LLMPipeline:
         else:
             start, ids, settings = prepared
         tokenized = time.perf_counter()
+        sink, text_sink = self._sinks(streamer, settings)
         stamps = TokenStamps(sink)
         with _seeded(settings.rng_seed, self.device):
             new = self.generate_tokens(ids, streamer=stamps, pad_token_id=self._pad_id(),
                                        **settings.generate_kwargs())
         generated = time.perf_counter()
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        # with stop strings the text is what the sink let through; else all of it (what any pieces add up to)
+        text = text_sink.text if settings.stop_strings else self.tokenizer.decode(new, skip_special_tokens=True)
         return text, PromptTimes(int(ids.shape[1]), start, tokenized, tuple(stamps.times), generated,
                                  time.perf_counter())
+
+    def _sinks(self, streamer: Any, settings: Resolved) -> tuple[Any, TextSink | None]:
+        """(what generate_tokens is given, the TextSink that sees the text, if any) for a call's `streamer`: a
+        text callback becomes a TextCallback; stop strings need a TextSink, beside a caller's token streamer."""
+        stops = dict(stop_strings=settings.stop_strings, include_stop=settings.include_stop_str_in_output)
+        if isinstance(streamer, TextSink):
+            return streamer, streamer
+        if streamer is not None and not _is_token_streamer(streamer):
+            sink = TextCallback(self.tokenizer, streamer, **stops)
+            return sink, sink
+        if not settings.stop_strings:
+            return streamer, None
+        sink = TextSink(self.tokenizer, **stops)
+        return (sink if streamer is None else Tee(streamer, sink)), sink
 
     def _generate_kwargs(self, prompt: str, max_new_tokens: int, **kwargs: Any) -> dict[str, Any]:
         """generate_tokens' arguments for `prompt`, resolved as generate resolves them (the benchmark's way in)."""
@@ -448,14 +465,15 @@ def _prompts(inputs: Any) -> tuple[list[Any], bool]:
                           f"or a non-empty list of either, got {what}")
 
 
-def _sink(streamer: Any, tokenizer: Any) -> Any:
-    """generate's `streamer` as a transformers-protocol streamer: a text callback is wrapped (TextCallback)."""
-    if streamer is None or (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
-        return streamer
-    if callable(streamer):
-        return TextCallback(tokenizer, streamer)
-    raise MoeOffloadError(f"streamer must be a callable str -> bool | None, or an object with put and end, got "
-                          f"{type(streamer).__name__}")
+def _is_token_streamer(streamer: Any) -> bool:
+    """transformers' streamer protocol: put(token ids) and end()."""
+    return callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))
+
+
+def _check_streamer(streamer: Any) -> None:
+    if streamer is not None and not callable(streamer) and not _is_token_streamer(streamer):
+        raise MoeOffloadError(f"streamer must be a callable str -> bool | None, or an object with put and end, got "
+                              f"{type(streamer).__name__}")
 
 
 @contextlib.contextmanager

@@ -120,6 +120,68 @@ def test_stream_stopped_early_cancels_its_generation(pipe):
     assert pipe.perf_metrics.get_num_generated_tokens() < 200
 
 
+def _stop_in(text: str) -> str:
+    """A stop string of several printable characters (whole ones, no partial UTF-8) that the greedy continuation
+    makes early on, not at its very start."""
+    for start in range(2, len(text) - 6):
+        stop = text[start:start + 5]
+        if stop.isprintable() and stop.strip() and "\ufffd" not in stop and text.find(stop) == start:
+            return stop
+    pytest.fail(f"no stop string to pick in {text!r}")
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_cut_the_text_and_stop(pipe, include):
+    full = pipe.generate(PROMPT, max_new_tokens=40, ignore_eos=True)
+    stop = _stop_in(full)
+    end = full.index(stop) + (len(stop) if include else 0)
+    kwargs = dict(max_new_tokens=40, ignore_eos=True, stop_strings=[stop, "never made \u2603"],
+                  include_stop_str_in_output=include)
+    assert pipe.generate(PROMPT, **kwargs) == full[:end]
+    assert pipe.perf_metrics.get_num_generated_tokens() < 40
+    pieces = []
+    assert pipe.generate(PROMPT, streamer=pieces.append, **kwargs) == full[:end] == "".join(pieces)
+    assert "".join(pipe.stream(PROMPT, **kwargs)) == full[:end]
+
+
+def test_text_that_may_begin_a_stop_string_is_held_back(pipe):
+    """Pieces as transformers' TextStreamer hands them over: none shows text past the stop, held text that turns
+    out not to be a stop is let through, and the end flushes it."""
+    from moe_offload.streaming import TextCallback
+
+    shown = []
+    sink = TextCallback(pipe.tokenizer, shown.append, stop_strings=("<stop>",))
+    for piece in ["ab<", "s", "x <st", "o"]:
+        sink.on_finalized_text(piece)
+    assert shown == ["ab", "<sx "] and not sink.stopped
+    sink.on_finalized_text("p>tail")
+    assert shown == ["ab", "<sx "] and sink.stopped and sink.text == "ab<sx "
+    held = TextCallback(pipe.tokenizer, shown.append, stop_strings=("<stop>",))
+    held.on_finalized_text("end <st")
+    held.on_finalized_text("", stream_end=True)
+    assert held.text == "end <st" and shown[-1] == "<st"
+
+
+def test_stop_strings_beside_a_token_streamer(pipe):
+    full = pipe.generate(PROMPT, max_new_tokens=40, ignore_eos=True)
+    stop = _stop_in(full)
+
+    class Tokens:
+        def __init__(self):
+            self.seen = []
+
+        def put(self, value):
+            self.seen.append(value)
+
+        def end(self):
+            pass
+
+    tokens = Tokens()
+    assert pipe.generate(PROMPT, streamer=tokens, max_new_tokens=40, ignore_eos=True,
+                         stop_strings=stop) == full[:full.index(stop)]
+    assert len(tokens.seen) - 1 == pipe.perf_metrics.get_num_generated_tokens() < 40  # the prompt, then each token
+
+
 @pytest.fixture(scope="module")
 def sampling_checkpoint(checkpoint_factory, tmp_path_factory):
     """The tiny checkpoint whose generation_config.json samples, at temperature 0.5 with top_k 3, 5 new tokens."""
@@ -204,6 +266,8 @@ BAD_CALLS = {
     "config_dict_unknown": ((PROMPT, {"beams": 2}), {}, ["unknown generation argument", "beams"]),
     "transformers_config_beams": ((PROMPT, HFGenerationConfig(num_beams=2)), {}, ["num_beams", "not apply"]),
     "streamer_wrong_type": ((PROMPT,), {"streamer": 5}, ["streamer", "int"]),
+    "stop_string_empty": ((PROMPT,), {"stop_strings": [""]}, ["stop_strings", "non-empty"]),
+    "stop_strings_not_strings": ((PROMPT,), {"stop_strings": ["a", 3]}, ["stop_strings", "3"]),
     "streamer_with_a_list": (([PROMPT, PROMPT],), {"streamer": print}, ["streamer", "one prompt"]),
     "empty_prompt": (("",), {}, ["empty prompt"]),
 }
