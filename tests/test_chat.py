@@ -23,6 +23,7 @@ from moe_offload.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TOKENS = 4
+PROMPT = b"\r\n> "  # the chat's prompt at the start of a line (the code the model writes has ">>> " in it)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +42,6 @@ def replies(shipped):
     then = reply([{"role": "user", "content": "hello"}, {"role": "assistant", "content": hello.strip()},
                   {"role": "user", "content": "what now"}])
     return {"hello": hello, "then": then, "alone": reply([{"role": "user", "content": "what now"}])}
-
-
-def test_conversation_goes_through_the_chat_template(shipped, replies):
-    messages = [{"role": "user", "content": "hello"}]
-    ids = shipped.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    tokens = shipped.generate_tokens(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert replies["hello"] == shipped.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def test_chat_from_a_pipe_keeps_resets_and_exits(replies, monkeypatch, capsys):
@@ -93,15 +86,16 @@ def test_chat_in_a_terminal(replies):
     os.close(slave)
     seen = bytearray()
     try:
-        _read_until(master, b"> ", seen)
+        _read_until(master, PROMPT, seen)
         assert b"/exit or Ctrl-D" in seen
         os.write(master, b"hello\r")
         _read_until(master, shown, seen)  # streaming: these tokens show long before the 4000th is made
         os.write(master, b"\x03")  # Ctrl-C: stops this reply, not the chat
         _read_until(master, b"(reply stopped)", seen)
-        _read_until(master, b"> ", seen, count=2)
+        _read_until(master, PROMPT, seen, count=2)
         os.write(master, b"/reset\r")
         _read_until(master, b"(conversation cleared)", seen)
+        _read_until(master, PROMPT, seen, count=3)  # typed before input() reads again, Ctrl-D could be lost
         os.write(master, b"\x04")  # Ctrl-D
         assert process.wait(timeout=60) == 0
     finally:

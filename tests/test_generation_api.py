@@ -48,11 +48,26 @@ def test_device_defaults_to_the_cli_choice(pipe):
 
 
 def test_a_list_of_prompts_gives_a_list_equal_to_one_by_one(pipe):
-    prompts = [PROMPT, "import os", "class A:"]
-    together = pipe.generate(prompts, max_new_tokens=5)
+    prompts = (PROMPT, "import os")  # a tuple is a list too
+    together = pipe.generate(prompts, max_new_tokens=3)
     assert isinstance(together, list)
-    assert together == [pipe.generate(p, max_new_tokens=5) for p in prompts]
-    assert pipe.generate(tuple(prompts[:1]), max_new_tokens=5) == together[:1]
+    assert together == [pipe.generate(p, max_new_tokens=3) for p in prompts]
+
+
+def test_a_conversation_goes_through_the_chat_template(pipe):
+    """A list of messages is laid out by the tokenizer's chat template (its own special tokens, none added)."""
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(MoeOffloadError, match="no chat template"):
+        pipe.generate(messages)
+    pipe.tokenizer.chat_template = "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    try:
+        ids = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        tokens = pipe.generate_tokens(ids, max_new_tokens=3, do_sample=False)
+        assert pipe.generate(messages, max_new_tokens=3) == pipe.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert pipe.perf_metrics.get_num_input_tokens() == ids.shape[1]
+    finally:
+        pipe.tokenizer.chat_template = None
 
 
 @pytest.mark.parametrize("config", [GenerationConfig(max_new_tokens=4, ignore_eos=True),
@@ -130,18 +145,24 @@ def _stop_in(text: str) -> str:
     pytest.fail(f"no stop string to pick in {text!r}")
 
 
-@pytest.mark.parametrize("include", [False, True])
-def test_stop_strings_cut_the_text_and_stop(pipe, include):
-    full = pipe.generate(PROMPT, max_new_tokens=40, ignore_eos=True)
-    stop = _stop_in(full)
-    end = full.index(stop) + (len(stop) if include else 0)
-    kwargs = dict(max_new_tokens=40, ignore_eos=True, stop_strings=[stop, "never made \u2603"],
-                  include_stop_str_in_output=include)
-    assert pipe.generate(PROMPT, **kwargs) == full[:end]
-    assert pipe.perf_metrics.get_num_generated_tokens() < 40
+STOP_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def full_text(pipe):
+    return pipe.generate(PROMPT, max_new_tokens=STOP_TOKENS, ignore_eos=True)
+
+
+def test_stop_strings_cut_the_text_and_stop(pipe, full_text):
+    stop = _stop_in(full_text)
+    end = full_text.index(stop)
+    kwargs = dict(max_new_tokens=STOP_TOKENS, ignore_eos=True, stop_strings=[stop, "never made \u2603"])
+    assert pipe.generate(PROMPT, **kwargs) == full_text[:end]
+    assert pipe.perf_metrics.get_num_generated_tokens() < STOP_TOKENS
     pieces = []
-    assert pipe.generate(PROMPT, streamer=pieces.append, **kwargs) == full[:end] == "".join(pieces)
-    assert "".join(pipe.stream(PROMPT, **kwargs)) == full[:end]
+    assert pipe.generate(PROMPT, streamer=pieces.append, **kwargs) == full_text[:end] == "".join(pieces)
+    assert "".join(pipe.stream(PROMPT, **kwargs)) == full_text[:end]
+    assert pipe.generate(PROMPT, **kwargs, include_stop_str_in_output=True) == full_text[:end + len(stop)]
 
 
 def test_text_that_may_begin_a_stop_string_is_held_back(pipe):
@@ -162,9 +183,8 @@ def test_text_that_may_begin_a_stop_string_is_held_back(pipe):
     assert held.text == "end <st" and shown[-1] == "<st"
 
 
-def test_stop_strings_beside_a_token_streamer(pipe):
-    full = pipe.generate(PROMPT, max_new_tokens=40, ignore_eos=True)
-    stop = _stop_in(full)
+def test_stop_strings_beside_a_token_streamer(pipe, full_text):
+    full, stop = full_text, _stop_in(full_text)
 
     class Tokens:
         def __init__(self):
@@ -177,9 +197,9 @@ def test_stop_strings_beside_a_token_streamer(pipe):
             pass
 
     tokens = Tokens()
-    assert pipe.generate(PROMPT, streamer=tokens, max_new_tokens=40, ignore_eos=True,
+    assert pipe.generate(PROMPT, streamer=tokens, max_new_tokens=STOP_TOKENS, ignore_eos=True,
                          stop_strings=stop) == full[:full.index(stop)]
-    assert len(tokens.seen) - 1 == pipe.perf_metrics.get_num_generated_tokens() < 40  # the prompt, then each token
+    assert len(tokens.seen) - 1 == pipe.perf_metrics.get_num_generated_tokens() < STOP_TOKENS  # prompt, tokens
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +257,9 @@ def test_max_length_counts_the_prompt(pipe):
 
 
 def test_none_means_not_given(pipe):
-    assert pipe.generate(PROMPT, max_new_tokens=None, temperature=None) == pipe.generate(PROMPT)
+    """A keyword left at None does not override the layer below (here the config's 3 tokens)."""
+    pipe.generate(PROMPT, GenerationConfig(max_new_tokens=3, ignore_eos=True), max_new_tokens=None, top_k=None)
+    assert pipe.perf_metrics.get_num_generated_tokens() == 3
 
 
 # -- the door: one rule (a wrong type or a value out of range is a MoeOffloadError, itself a ValueError, naming the
