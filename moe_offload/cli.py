@@ -93,13 +93,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from . import chat
-    from .generation import DEFAULT_MAX_NEW_TOKENS
 
     config = _generation_config(args)
     pipe = _load(args, require_tokenizer=True)
     defaults = pipe.get_generation_config()
     if config.max_new_tokens is None and defaults.max_new_tokens is None and defaults.max_length is None:
-        config.max_new_tokens = max(DEFAULT_MAX_NEW_TOKENS, CHAT_MAX_NEW_TOKENS)  # a reply, not a completion
+        config = config.update(max_new_tokens=CHAT_MAX_NEW_TOKENS)  # a reply is longer than generate's default
     if sys.stdin.isatty():
         print(f"moe-offload chat ({pipe.models_path}): {chat.HELP}", file=sys.stderr)
         read = chat.terminal_reader()

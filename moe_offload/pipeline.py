@@ -176,7 +176,8 @@ class LLMPipeline:
     # -- the text API: OpenVINO GenAI's generate(inputs, generation_config=None, streamer=None, **kwargs) --------
 
     def get_generation_config(self) -> GenerationConfig:
-        """The defaults every call starts from: the checkpoint's generation_config.json (the fields we apply)."""
+        """The defaults every call starts from: the checkpoint's generation_config.json (the fields we apply), or
+        what set_generation_config gave since."""
         return replace(self._generation_defaults)
 
     def set_generation_config(self, config: GenerationConfig | Mapping[str, Any] | Any) -> None:
