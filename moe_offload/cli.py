@@ -96,6 +96,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     config = _generation_config(args)
     pipe = _load(args, require_tokenizer=True)
+    if not getattr(pipe.tokenizer, "chat_template", None):
+        raise MoeOffloadError(f"no chat template in {pipe.models_path}: chat needs one (generate does not)")
     defaults = pipe.get_generation_config()
     if config.max_new_tokens is None and defaults.max_new_tokens is None and defaults.max_length is None:
         config = config.update(max_new_tokens=CHAT_MAX_NEW_TOKENS)  # a reply is longer than generate's default

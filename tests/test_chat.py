@@ -103,3 +103,12 @@ def test_chat_in_a_terminal(replies):
             process.kill()
         os.close(master)
     assert b"Traceback" not in seen
+
+
+def test_chat_without_a_chat_template_is_one_line(checkpoint_factory, monkeypatch, capsys):
+    path = checkpoint_factory("qwen3_moe")
+    capsys.readouterr()  # the checkpoint's making
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", "-m", path, "-d", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "no chat template" in captured.err
