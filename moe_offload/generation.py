@@ -95,12 +95,13 @@ NEUTRAL_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start
                   "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate"}
 
 
-@dataclass
+@dataclass(slots=True)
 class GenerationConfig:
     """Generation settings, named as in OpenVINO GenAI's `GenerationConfig` (a subset; transformers' names agree).
 
     Every field defaults to None, "not set": the checkpoint's generation_config.json, then transformers' defaults,
-    supply it (module docstring). `pipe.get_generation_config()` shows the checkpoint's values.
+    supply it (module docstring). `pipe.get_generation_config()` shows the checkpoint's values. Slots: a misspelt
+    field (`config.max_new_token = 8`) is an AttributeError, not a value silently never read.
     """
 
     max_new_tokens: int | None = None  # new tokens at most (>= 1); wins over max_length

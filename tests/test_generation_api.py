@@ -312,6 +312,8 @@ def test_a_reassigned_field_is_checked_at_the_call(pipe):
     config.max_new_tokens = 2.5
     with pytest.raises(MoeOffloadError, match="max_new_tokens"):
         pipe.generate(PROMPT, config)
+    with pytest.raises(AttributeError):
+        config.max_new_token = 8  # misspelt: never read, so refused
 
 
 def test_a_callback_returning_a_non_bool_is_an_error(pipe):
