@@ -202,6 +202,21 @@ def test_stop_strings_beside_a_token_streamer(pipe, full_text):
     assert len(tokens.seen) - 1 == pipe.perf_metrics.get_num_generated_tokens() < STOP_TOKENS  # prompt, tokens
 
 
+def test_stream_reraises_a_failure_of_its_worker(pipe, monkeypatch):
+    """Arguments are checked by the call; a failure inside generation comes out of the iteration instead."""
+    import threading
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(pipe, "generate_tokens", fail)
+    before = threading.active_count()
+    pieces = pipe.stream(PROMPT, max_new_tokens=3)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        list(pieces)
+    assert threading.active_count() == before
+
+
 @pytest.fixture(scope="module")
 def sampling_checkpoint(checkpoint_factory, tmp_path_factory):
     """The tiny checkpoint whose generation_config.json samples, at temperature 0.5 with top_k 3, 5 new tokens."""
