@@ -2,7 +2,8 @@
 
 from .config import OffloadConfig
 from .errors import MoeOffloadError
+from .generation import GenerationConfig
 from .pipeline import LLMPipeline
 
-__all__ = ["LLMPipeline", "OffloadConfig", "MoeOffloadError"]
+__all__ = ["LLMPipeline", "GenerationConfig", "OffloadConfig", "MoeOffloadError"]
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ ZERO_COPY_MODES = ("auto", "lru", "static", "off")
 CPU_EXPERT_MODES = ("auto", "off", "all")
 HOST_EMBEDDING_MODES = ("auto", "on", "off")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
+MAX_BYTES = 2**64  # no machine has more; a larger count is a typo (1e400 overflows)
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -114,12 +115,15 @@ def parse_size(value: Any, name: str) -> int | None:
     """A byte count: an int, or a string like "64GiB", "512MB", "0". "auto" gives None."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_BYTES:
         return value
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:[eE]\+?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise MoeOffloadError(f"{name} must be a byte count like 8GiB, 512MB, 0 or auto, got {value!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not size < MAX_BYTES:  # 1e400 is inf: int() of it would raise OverflowError
+        raise MoeOffloadError(f"{name} must be below 2**64 bytes, got {value!r}")
+    return int(size)
 
 
 def _parse_choice(value: Any, name: str, choices: tuple[str, ...], aliases: Mapping[str, str] = {}) -> str:
@@ -163,9 +167,11 @@ DIAGNOSTICS = {
 
 
 def load_properties_file(source: str) -> dict[str, Any]:
-    """Properties from a JSON file path or from inline JSON text (`-lc '{"MOE_OFFLOAD_RATIO": 37}'`)."""
+    """Properties from a JSON file path or from inline JSON text (`-lc '{"MOE_OFFLOAD_RATIO": 37}'`). Text that
+    is not a file and starts like JSON (`{`, `[`) is read as JSON, so `-lc '[37]'` says "not a JSON object" rather
+    than "config file not found"."""
     text = source
-    if not source.lstrip().startswith("{"):
+    if not source.lstrip().startswith(("{", "[")) or os.path.isfile(source):
         text = read_user_text(source, "config file")
     try:
         data = json.loads(text)
@@ -182,6 +188,8 @@ def make_config(properties: Mapping[str, Any], environ: Mapping[str, str] | None
     belongs."""
     fields: dict[str, Any] = {}
     for name, value in properties.items():
+        if not isinstance(name, str):
+            raise MoeOffloadError(f"property names are strings (known: {', '.join(PROPERTY_NAMES)}), got {name!r}")
         key = name.upper()
         if key in DIAGNOSTICS:
             raise MoeOffloadError(f"{key} is a diagnostic switch, not a property: set it in the environment "

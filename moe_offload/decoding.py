@@ -59,7 +59,7 @@ def unsupported_reason(model, generate_kwargs: dict[str, Any]) -> str | None:
     changed = {name for name, value in config.to_dict().items() if defaults.get(name, value) != value}
     if changed - _NEUTRAL_GENERATION_FIELDS:
         return f"generation config sets {sorted(changed - _NEUTRAL_GENERATION_FIELDS)}"
-    if config.do_sample:
+    if config.do_sample and "do_sample" not in generate_kwargs:  # an explicit do_sample=False is greedy
         return "the generation config samples"
     return None
 

@@ -1,13 +1,15 @@
 """One exception type for every user-facing failure.
 
 The CLI turns a MoeOffloadError into one line on stderr and a non-zero exit; anything else is a bug and
-keeps its traceback. Raise this for bad input (paths, checkpoints, properties, budgets), never for bugs.
+keeps its traceback. Raise this for bad input (paths, checkpoints, properties, budgets, generation arguments),
+never for bugs. It is a ValueError, so that code written for transformers' or OpenVINO GenAI's generate, which
+catches ValueError for a bad argument, catches ours too.
 """
 
 import os
 
 
-class MoeOffloadError(Exception):
+class MoeOffloadError(ValueError):
     """A problem with what the user gave us, stated in one line."""
 
 

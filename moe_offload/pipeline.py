@@ -6,10 +6,13 @@ reference system can switch with the same property names (MOE_OFFLOAD_RATIO, ...
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterator
+import time
+from dataclasses import replace
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -20,9 +23,12 @@ from .config import OffloadConfig, load_properties_file, make_config
 from .decoding import StaticDecoder, unsupported_reason
 from .dense_fusion import fuse_dense_ops
 from .errors import MoeOffloadError
+from .generation import GenerationConfig, Resolved, as_config, check_names, checkpoint_defaults, resolve
 from .host_embeddings import host_table_bytes
 from .integration import build_offloaded_model, check_supported
+from .perf_metrics import PerfMetrics, PromptTimes
 from .profile import file_digest
+from .streaming import Tee, TextCallback, TextIterator, TextSink, TokenStamps
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "small-moe")
 log = logging.getLogger("moe_offload")
@@ -56,23 +62,20 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 class LLMPipeline:
-    """`LLMPipeline(models_path, device="cuda", config=None, **properties)`.
+    """`LLMPipeline(models_path, device=None, config=None, **properties)`.
 
+    device: "cpu", "cuda[:N]", or None / "auto" (the CLI's choice: cuda when torch sees a GPU, else cpu).
     properties: the names of config.PROPERTIES (MOE_OFFLOAD_RATIO=37 keeps 37% of each MoE layer's routed experts
     on the device). `config` is a path to a JSON file or a dict of the same keys; keyword properties override it.
     Properties left at auto are decided at load for this machine (defaults.py; `choices` says what and why);
     `retune` measures what this machine's stored profile would otherwise give (profile.py).
     """
 
-    def __init__(self, models_path: str | None = None, device: str = "cuda",
-                 config: str | dict[str, Any] | None = None, progress: bool = False,
+    def __init__(self, models_path: str | None = None, device: str | None = None,
+                 config: str | os.PathLike | Mapping[str, Any] | None = None, progress: bool = False,
                  require_tokenizer: bool = False, retune: bool = False, **properties: Any):
-        merged: dict[str, Any] = {}
-        if isinstance(config, str):
-            merged.update(load_properties_file(config))
-        elif config is not None:
-            merged.update(config)
-        merged.update(properties)
+        started = time.perf_counter()
+        merged = _merge_properties(config, properties)
         self.config: OffloadConfig = make_config(merged)
         self.device = resolve_device(device)
         self.models_path = models_path or DEFAULT_MODEL
@@ -105,6 +108,11 @@ class LLMPipeline:
                                  hybrid.unsupported(self.layers))]
         for choice in self.choices:
             log.info("%s", choice.line())
+        # generation_config.json's values under every call's own (generation.py); set_generation_config replaces it
+        self._generation_defaults = checkpoint_defaults(self.models_path)
+        self.load_time_ms = (time.perf_counter() - started) * 1000
+        #: timings of the last generate/stream call (OpenVINO GenAI's perf_metrics); None before the first
+        self.perf_metrics: PerfMetrics | None = None
 
     def _graph_ready(self, num_tokens: int) -> bool:
         """Every MoE layer runs a forward of `num_tokens` tokens without a host sync (and nobody records routes)."""
@@ -129,15 +137,6 @@ class LLMPipeline:
         if self.tokenizer is None:
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: pass token ids to pipe.model instead")
         return self.tokenizer
-
-    def _generate_kwargs(self, prompt: str, max_new_tokens: int, **kwargs: Any) -> dict[str, Any]:
-        tokenizer = self._require_tokenizer()
-        inputs = tokenizer(prompt, return_tensors="pt").to(self.device)
-        if inputs["input_ids"].shape[1] == 0:
-            raise MoeOffloadError("empty prompt: give at least one token of text")
-        kwargs.setdefault("do_sample", False)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return dict(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
 
     @torch.inference_mode()
     def generate_tokens(self, input_ids: torch.Tensor, streamer=None, feed: torch.Tensor | None = None,
@@ -174,41 +173,145 @@ class LLMPipeline:
         new = output[0, input_ids.shape[1]:].cpu()
         return new[:streamer.kept] if streamer is not None and streamer.stopped else new
 
-    @torch.inference_mode()
-    def generate(self, prompt: str, max_new_tokens: int = 64,
-                 streamer: Callable[[str], Any] | None = None, **kwargs: Any) -> str:
-        """Generated text (greedy unless do_sample=True; temperature, top_p, top_k as in transformers).
+    # -- the text API: OpenVINO GenAI's generate(inputs, generation_config=None, streamer=None, **kwargs) --------
 
-        `streamer`, if given, is called with each new piece of text as soon as it is decoded.
+    def get_generation_config(self) -> GenerationConfig:
+        """The defaults every call starts from: the checkpoint's generation_config.json (the fields we apply), or
+        what set_generation_config gave since."""
+        return replace(self._generation_defaults)
+
+    def set_generation_config(self, config: GenerationConfig | Mapping[str, Any] | Any) -> None:
+        """Replace those defaults (ours, transformers' GenerationConfig, or a dict of fields)."""
+        self._generation_defaults = as_config(config) or GenerationConfig()
+
+    def generate(self, inputs: Prompt | list[Prompt], generation_config: Any = None, streamer: Any = None,
+                 **kwargs: Any) -> str | list[str]:
+        """The generated text of `inputs`: a prompt (str), a conversation (a list of {"role", "content"} dicts,
+        laid out by the tokenizer's chat template, as transformers' pipelines do), or a list of either, which
+        returns a list (prompts run one after another: the engine decodes one sequence at a time).
+
+        generation_config: GenerationConfig (ours, transformers', or a dict); kwargs: its fields (max_new_tokens,
+        do_sample, temperature, top_p, top_k, ...). Explicit values win over the checkpoint's generation_config.json
+        (get_generation_config), which wins over transformers' defaults; greedy unless something samples.
+        streamer: a callback str -> bool | None called with each piece of text (True stops generation), or a
+        transformers-protocol streamer (put / end; a put returning True stops). Timings: `self.perf_metrics`.
         """
-        if streamer is not None:
-            return "".join(_call_each(self.stream(prompt, max_new_tokens, **kwargs), streamer))
-        args = self._generate_kwargs(prompt, max_new_tokens, **kwargs)
-        return self.tokenizer.decode(self.generate_tokens(**args), skip_special_tokens=True)
+        prompts, single = _prompts(inputs)
+        if streamer is not None and not single:
+            raise MoeOffloadError("a streamer follows one prompt: pass one prompt, not a list")
+        _check_streamer(streamer)
+        layers = self._layers(generation_config, kwargs)
+        texts, times = [], []
+        for prompt in prompts:
+            text, timing = self._generate_one(prompt, layers, streamer)
+            texts.append(text)
+            times.append(timing)
+        self.perf_metrics = PerfMetrics(self.load_time_ms, times)
+        return texts[0] if single else texts
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
-        """Iterate over the generated text piece by piece while generation runs in a worker thread."""
-        from transformers import TextIteratorStreamer
-
-        args = self._generate_kwargs(prompt, max_new_tokens, **kwargs)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failure: list[BaseException] = []
+    def stream(self, inputs: Prompt, generation_config: Any = None, **kwargs: Any) -> Iterator[str]:
+        """Iterate over the generated text piece by piece while generation runs in a worker thread; arguments as
+        for generate (one prompt or conversation). Stopping early (break, close()) stops the generation too."""
+        prompts, single = _prompts(inputs)
+        if not single:
+            raise MoeOffloadError("stream takes one prompt or conversation; generate takes a list")
+        layers = self._layers(generation_config, kwargs)
+        outcome: list = []  # [PromptTimes] or [exception], handed from the worker
+        prompt, start = prompts[0], time.perf_counter()
+        encoded = self._encode(prompt)  # in the caller's thread: a bad prompt raises here, before any thread starts
+        settings = resolve(layers, encoded.shape[1])
+        streamer = TextIterator(self.tokenizer, stop_strings=settings.stop_strings,
+                                include_stop=settings.include_stop_str_in_output)
 
         def work() -> None:
             try:
-                self.generate_tokens(**args, streamer=streamer)
+                outcome.append(self._generate_one(prompt, layers, streamer, (start, encoded, settings))[1])
             except BaseException as err:  # re-raised in the caller's thread below
-                failure.append(err)
+                outcome.append(err)
                 streamer.end()
 
-        thread = threading.Thread(target=work, daemon=True)
+        return self._drain(streamer, threading.Thread(target=work, daemon=True), outcome)
+
+    def _drain(self, streamer: TextIterator, thread: threading.Thread, outcome: list) -> Iterator[str]:
         thread.start()
         try:
             yield from streamer
-        finally:  # also when the caller stops early: the interpreter must not exit under a running generation
+        finally:  # also when the caller stops early: stop the generation, and never leave it running behind us
+            streamer.cancel()
             thread.join()
-        if failure:
-            raise failure[0]
+            if outcome and not isinstance(outcome[0], BaseException):
+                self.perf_metrics = PerfMetrics(self.load_time_ms, outcome)
+        if outcome and isinstance(outcome[0], BaseException):
+            raise outcome[0]
+
+    def _layers(self, generation_config: Any, kwargs: dict[str, Any]) -> list[GenerationConfig | None]:
+        """The caller's layers over the checkpoint's, checked before anything runs (generation.resolve)."""
+        return [self._generation_defaults, as_config(generation_config), GenerationConfig(**check_names(kwargs))]
+
+    def _encode(self, prompt: Prompt) -> torch.Tensor:
+        """Token ids [1, T] of a prompt, or of a conversation through the tokenizer's chat template (whose text
+        carries its own special tokens, so none are added, as apply_chat_template(tokenize=True) does)."""
+        tokenizer = self._require_tokenizer()
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        else:
+            if not getattr(tokenizer, "chat_template", None):
+                raise MoeOffloadError(f"no chat template in {self.models_path}: a conversation needs one "
+                                      "(pass a string prompt instead)")
+            try:
+                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            except Exception as err:  # jinja2's TemplateError (raise_exception in a template) and kin
+                raise MoeOffloadError(f"the chat template rejected the conversation: {err}") from None
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.shape[1] == 0:
+            raise MoeOffloadError("empty prompt: give at least one token of text")
+        return ids.to(self.device)
+
+    def _pad_id(self) -> int | None:
+        tokenizer = self.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _generate_one(self, prompt: Prompt, layers: list, streamer: Any,
+                      prepared: tuple[float, torch.Tensor, Resolved] | None = None) -> tuple[str, PromptTimes]:
+        """One prompt through the engine: its text and its timings. `streamer`: generate's (or stream's
+        TextIterator); `prepared`: (start time, ids, settings) where the caller encoded and resolved already."""
+        if prepared is None:
+            start = time.perf_counter()
+            ids = self._encode(prompt)  # [1, T]
+            settings = resolve(layers, ids.shape[1])
+        else:
+            start, ids, settings = prepared
+        tokenized = time.perf_counter()
+        sink, text_sink = self._sinks(streamer, settings)
+        stamps = TokenStamps(sink)
+        with _seeded(settings.rng_seed, self.device):
+            new = self.generate_tokens(ids, streamer=stamps, pad_token_id=self._pad_id(),
+                                       **settings.generate_kwargs())
+        generated = time.perf_counter()
+        # with stop strings the text is what the sink let through; else all of it (what any pieces add up to)
+        text = text_sink.text if settings.stop_strings else self.tokenizer.decode(new, skip_special_tokens=True)
+        return text, PromptTimes(int(ids.shape[1]), start, tokenized, tuple(stamps.times), generated,
+                                 time.perf_counter())
+
+    def _sinks(self, streamer: Any, settings: Resolved) -> tuple[Any, TextSink | None]:
+        """(what generate_tokens is given, the TextSink that sees the text, if any) for a call's `streamer`: a
+        text callback becomes a TextCallback; stop strings need a TextSink, beside a caller's token streamer."""
+        stops = dict(stop_strings=settings.stop_strings, include_stop=settings.include_stop_str_in_output)
+        if isinstance(streamer, TextSink):
+            return streamer, streamer
+        if streamer is not None and not _is_token_streamer(streamer):
+            sink = TextCallback(self.tokenizer, streamer, **stops)
+            return sink, sink
+        if not settings.stop_strings:
+            return streamer, None
+        sink = TextSink(self.tokenizer, **stops)
+        return (sink if streamer is None else Tee(streamer, sink)), sink
+
+    def _generate_kwargs(self, prompt: str, max_new_tokens: int, **kwargs: Any) -> dict[str, Any]:
+        """generate_tokens' arguments for `prompt`, resolved as generate resolves them (the benchmark's way in)."""
+        ids = self._encode(prompt)
+        settings = resolve(self._layers(None, dict(kwargs, max_new_tokens=max_new_tokens)), ids.shape[1])
+        return dict(input_ids=ids, pad_token_id=self._pad_id(), **settings.generate_kwargs())
 
     def get_offload_stats(self) -> dict[str, Any]:
         """Counters since load (or the last reset_offload_stats)."""
@@ -314,7 +417,72 @@ class _StopOnTrue:
         return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
 
 
-def _call_each(pieces: Iterator[str], callback: Callable[[str], Any]) -> Iterator[str]:
-    for piece in pieces:
-        callback(piece)
-        yield piece
+Message = Mapping[str, Any]  # {"role": ..., "content": ...}
+Prompt = str | list[Message]  # a prompt, or a conversation
+
+
+def _merge_properties(config: Any, properties: dict[str, Any]) -> dict[str, Any]:
+    """`config` (a JSON file path, inline JSON text or a mapping) under the keyword properties."""
+    if isinstance(config, os.PathLike):
+        config = os.fspath(config)
+    if isinstance(config, str):
+        merged = dict(load_properties_file(config))
+    elif isinstance(config, Mapping):
+        merged = dict(config)
+    elif config is None:
+        merged = {}
+    else:
+        raise MoeOffloadError(f"config must be a JSON file, JSON text or a dict of properties, got "
+                              f"{type(config).__name__} {config!r}")
+    merged.update(properties)
+    return merged
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, Mapping) for m in value)
+
+
+def _check_conversation(messages: Any) -> list[dict[str, Any]]:
+    for message in messages:
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise MoeOffloadError(f"a conversation is a list of {{'role': str, 'content': str}} dicts, got a message "
+                                  f"{dict(message)!r}")
+    return [dict(message) for message in messages]
+
+
+def _prompts(inputs: Any) -> tuple[list[Any], bool]:
+    """(the prompts, whether `inputs` was one prompt): a str or a conversation is one; a list of them is many."""
+    if isinstance(inputs, str):
+        return [inputs], True
+    if _is_conversation(inputs):
+        return [_check_conversation(inputs)], True
+    if isinstance(inputs, (list, tuple)) and inputs:
+        if all(isinstance(p, str) for p in inputs):
+            return list(inputs), False
+        if all(_is_conversation(p) for p in inputs):
+            return [_check_conversation(p) for p in inputs], False
+    what = "an empty list" if isinstance(inputs, (list, tuple)) and not inputs else repr(inputs)[:80]
+    raise MoeOffloadError(f"inputs must be a prompt (str), a conversation (a list of {{'role', 'content'}} dicts) "
+                          f"or a non-empty list of either, got {what}")
+
+
+def _is_token_streamer(streamer: Any) -> bool:
+    """transformers' streamer protocol: put(token ids) and end()."""
+    return callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))
+
+
+def _check_streamer(streamer: Any) -> None:
+    if streamer is not None and not callable(streamer) and not _is_token_streamer(streamer):
+        raise MoeOffloadError(f"streamer must be a callable str -> bool | None, or an object with put and end, got "
+                              f"{type(streamer).__name__}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Draws seeded by `seed` inside, torch's global generators restored after (OpenVINO's rng_seed)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

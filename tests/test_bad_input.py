@@ -374,6 +374,16 @@ FLAG_CASES = {
     "max_new_tokens_not_int": (lambda tmp: ["--max-new-tokens", "many"], ["invalid int value", "many"]),
     "unknown_flag": (lambda tmp: ["--bogus"], ["unrecognized arguments", "--bogus"]),
     "bad_device": (lambda tmp: ["--device", "tpu"], ["device", "tpu"]),
+    # issue 19 part 5: each of these was a traceback or was silently accepted
+    "host_cache_overflow": (lambda tmp: ["--host-cache", "1e400"], ["MOE_HOST_CACHE", "1e400"]),
+    "top_k_negative": (lambda tmp: ["--top-k", "-1"], ["--top-k", "-1"]),
+    "seed_too_big": (lambda tmp: ["--seed", str(2**70)], ["--seed", str(2**70)]),
+    "temperature_negative": (lambda tmp: ["--temperature", "-1"], ["--temperature", "-1"]),
+    "temperature_nan": (lambda tmp: ["--temperature", "nan"], ["--temperature", "nan"]),
+    "top_p_0": (lambda tmp: ["--temperature", "1", "--top-p", "0"], ["--top-p", "(0, 1]", "0"]),
+    "top_p_2": (lambda tmp: ["--top-p", "2"], ["--top-p", "2"]),
+    "config_inline_list": (lambda tmp: ["-lc", "[37]"], ["JSON object", "[37]"]),
+    "prompt_and_prompt_file": (lambda tmp: ["-f", _write(tmp, "p.txt", "x")], ["not both"]),
 }
 
 

@@ -45,7 +45,8 @@ def add_quantize_command(subparsers) -> argparse.ArgumentParser:
     """Register `quantize` on an argparse subparsers object; returns the subparser."""
     quant = subparsers.add_parser(
         "quantize", help="write a copy of a MoE checkpoint with int4/int8 routed experts (compressed-tensors)")
-    quant.add_argument("model_dir", help="the unquantized checkpoint folder")
+    quant.add_argument("model_dir", nargs="?", default=None, help="the unquantized checkpoint folder (or -m PATH)")
+    quant.add_argument("--model", "-m", default=None, help="the unquantized checkpoint folder")
     quant.add_argument("--output", "-o", required=True, help="folder to write (must not exist, or be empty)")
     quant.add_argument("--bits", type=_bits, required=True, help="4 or 8 bits per expert weight")
     quant.add_argument("--group-size", type=_positive_int, default=DEFAULT_GROUP_SIZE,
@@ -59,5 +60,5 @@ def add_quantize_command(subparsers) -> argparse.ArgumentParser:
                       help="no zero points (default): what vLLM's and transformers' MoE loaders accept")
     zero.add_argument("--asymmetric", dest="symmetric", action="store_false",
                       help="a zero point per group")
-    quant.set_defaults(run=_cmd_quantize)
+    quant.set_defaults(run=_cmd_quantize, model_positional="model_dir")  # cli.py: the argument or -m, once
     return quant
