@@ -81,8 +81,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
     from .tools.info import describe, format_info
 
-    info = describe(Checkpoint(args.path))
-    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    checkpoint = Checkpoint(args.path)
+    info = describe(checkpoint)
+    budget = {name: value for name, value in (("MOE_DEVICE_MEMORY", args.device_memory),
+                                              ("MOE_CONTEXT", args.context)) if value is not None}
+    if budget:  # the memory plan (budget.py): what a budget gives
+        from .tools.info import describe_budget, format_budget
+
+        info["memory_plan"] = describe_budget(checkpoint, budget)
+    if args.json:
+        info.get("memory_plan", {}).pop("summaries", None)
+        print(json.dumps(info, indent=1))
+    else:
+        print(format_info(info) + ("\n" + format_budget(info["memory_plan"]) if budget else ""))
     return 0
 
 
@@ -120,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="layers, experts, bytes per expert and device bytes per ratio")
     info.add_argument("path")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--device-memory", help="MOE_DEVICE_MEMORY: show the memory plan and the ratio this budget "
+                                              "gives, e.g. 8GiB")
+    info.add_argument("--context", help="MOE_CONTEXT: tokens of context the memory plan's KV cache holds")
     info.set_defaults(run=_cmd_info)
 
     from .quant.command import add_quantize_command

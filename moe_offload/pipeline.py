@@ -82,6 +82,8 @@ class LLMPipeline:
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
         loaded = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config, progress)
         self.model, self.layers = loaded.model, loaded.runtimes
+        #: the ratio decided at load (a memory budget's, MOE_OFFLOAD_RATIO=AUTO's), and the load's device plan
+        self.config, self.memory_plan = loaded.config, loaded.plan
         tuned = hybrid.enable(self.layers, loaded.sites, self.config, self.device,
                               file_digest(os.path.join(self.models_path, "config.json")), retune)
         self.host_embedding_bytes = host_table_bytes(self.model)  # MOE_HOST_EMBEDDINGS: placed at load
