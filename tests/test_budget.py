@@ -267,3 +267,14 @@ def test_cli_budget_errors_are_one_line(tiny, capsys, argv, words):
     assert main([a.replace("{tiny}", tiny) for a in argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("moe-offload: error: ") and err.count("\n") == 1 and words in err
+
+
+def test_a_generation_past_moe_context_is_refused(tiny):
+    pipe = LLMPipeline(tiny, "cpu", MOE_CONTEXT=16)
+    try:
+        ids = torch.randint(2, 300, (1, 10))  # [1, T]
+        assert pipe.generate_tokens(ids, max_new_tokens=6, min_new_tokens=6).numel() == 6  # the whole context
+        with pytest.raises(MoeOffloadError, match="10 prompt tokens \\+ max_new_tokens 7 exceed MOE_CONTEXT=16"):
+            pipe.generate_tokens(ids, max_new_tokens=7)
+    finally:
+        pipe.close()
