@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import quantize_experts
+from tiny_models import ARCHITECTURES, quantize_experts
 
 from moe_offload import LLMPipeline, budget
 from moe_offload.checkpoint import Checkpoint
@@ -202,6 +202,21 @@ def test_a_load_allocates_what_the_plan_says(tiny):
         pipe.generate("def f(x):", max_new_tokens=3)  # the static decoder's cache: 256 positions
         cache = pipe.decoder.cache
         assert plan.terms["kv_cache"] == sum(t.numel() * t.element_size() for layer in cache.layers
+                                             for t in (layer.keys, layer.values))
+    finally:
+        pipe.close()
+
+
+@pytest.mark.parametrize("arch, dtype", [(arch, "float32") for arch in ARCHITECTURES] + [("deepseek_v3", "bfloat16")])
+def test_every_architecture_allocates_the_planned_weights_and_kv_cache(checkpoint_factory, arch, dtype):
+    """DeepSeek's MLA caches its latent, Mixtral/OLMoE/Qwen K and V of their KV heads; DeepSeek has dense layers,
+    and in bf16 keeps what transformers holds in float32 (its router's weight and correction bias)."""
+    pipe = LLMPipeline(checkpoint_factory(arch), "cpu", MOE_OFFLOAD_RATIO=50, MOE_DTYPE=dtype)
+    try:
+        plan = pipe.memory_plan
+        assert plan.context == 256 and plan.terms["weights"] == _tensor_bytes(pipe.model)
+        pipe.generate_tokens(torch.randint(2, 300, (1, 5)), max_new_tokens=2)
+        assert plan.terms["kv_cache"] == sum(t.numel() * t.element_size() for layer in pipe.decoder.cache.layers
                                              for t in (layer.keys, layer.values))
     finally:
         pipe.close()
