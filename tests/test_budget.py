@@ -9,12 +9,13 @@ heads, vocabulary 320, untied, 256 positions.
 import dataclasses
 import json
 import logging
+import os
 
 import pytest
 import torch
 from tiny_models import ARCHITECTURES, quantize_experts
 
-from moe_offload import LLMPipeline, budget
+from moe_offload import LLMPipeline, budget, defaults
 from moe_offload.checkpoint import Checkpoint
 from moe_offload.cli import main
 from moe_offload.config import OffloadConfig, make_config
@@ -293,3 +294,12 @@ def test_a_generation_past_moe_context_is_refused(tiny):
             pipe.generate_tokens(ids, max_new_tokens=7)
     finally:
         pipe.close()
+
+
+def test_meminfo_without_memavailable_falls_back_to_sysconf(tmp_path):
+    """Kernels before 3.14 have no MemAvailable line: the host tier is then sized from sysconf's pages."""
+    path = tmp_path / "meminfo"
+    path.write_text("MemTotal:       65536000 kB\nMemFree:         1000000 kB\nCached:  30000000 kB\n")
+    page = os.sysconf("SC_PAGE_SIZE")
+    got = defaults.memory_info(str(path))
+    assert got["total"] == os.sysconf("SC_PHYS_PAGES") * page and got["available"] > 0
