@@ -16,6 +16,8 @@ import contextlib
 import sys
 from typing import Any, Callable, TextIO
 
+from .errors import MoeOffloadError
+
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
 HELP = "/exit or Ctrl-D leaves, /reset clears the conversation, Ctrl-C stops a reply"
@@ -62,9 +64,10 @@ def stream_reader(source: TextIO) -> Callable[[], str | None]:
 
 
 def run(pipe, generation_config: Any, read_line: Callable[[], str | None], out: TextIO, note: TextIO,
-        system: str | None = None) -> int:
+        system: str | None = None, interactive: bool = False) -> int:
     """The chat loop until /exit or the end of input; `note` gets what is not a reply (cleared, unknown command).
-    Returns the number of replies made."""
+    A turn the pipeline refuses (a conversation grown past MOE_CONTEXT) ends a piped chat with that error; at a
+    terminal it is reported, the turn dropped, and the chat goes on. Returns the number of replies made."""
     conversation = Conversation(system)
     replies = 0
     while True:
@@ -84,7 +87,15 @@ def run(pipe, generation_config: Any, read_line: Callable[[], str | None], out: 
             print(f"unknown command {text}: {HELP}", file=note, flush=True)
             continue
         conversation.add("user", text)
-        conversation.add("assistant", _reply(pipe, conversation.messages, generation_config, out, note))
+        try:
+            reply = _reply(pipe, conversation.messages, generation_config, out, note)
+        except MoeOffloadError as error:
+            if not interactive:
+                raise
+            conversation.messages.pop()  # the refused turn is not part of the conversation
+            print(f"error: {error} (/reset starts over)", file=note, flush=True)
+            continue
+        conversation.add("assistant", reply)
         replies += 1
 
 

@@ -101,12 +101,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     defaults = pipe.get_generation_config()
     if config.max_new_tokens is None and defaults.max_new_tokens is None and defaults.max_length is None:
         config = config.update(max_new_tokens=CHAT_MAX_NEW_TOKENS)  # a reply is longer than generate's default
-    if sys.stdin.isatty():
+    interactive = sys.stdin.isatty()
+    if interactive:
         print(f"moe-offload chat ({pipe.models_path}): {chat.HELP}", file=sys.stderr)
         read = chat.terminal_reader()
     else:
         read = chat.stream_reader(sys.stdin)
-    chat.run(pipe, config, read, sys.stdout, sys.stderr, system=args.system)
+    chat.run(pipe, config, read, sys.stdout, sys.stderr, system=args.system, interactive=interactive)
     return 0
 
 
@@ -134,8 +135,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
     from .tools.info import describe, format_info
 
-    info = describe(Checkpoint(args.path))
-    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    checkpoint = Checkpoint(args.path)
+    info = describe(checkpoint)
+    budget = {name: value for name, value in (("MOE_DEVICE_MEMORY", args.device_memory),
+                                              ("MOE_CONTEXT", args.context)) if value is not None}
+    if budget:  # the memory plan (budget.py): what a budget gives
+        from .tools.info import describe_budget, format_budget
+
+        info["memory_plan"] = describe_budget(checkpoint, budget)
+    if args.json:
+        info.get("memory_plan", {}).pop("summaries", None)
+        print(json.dumps(info, indent=1))
+    else:
+        print(format_info(info) + ("\n" + format_budget(info["memory_plan"]) if budget else ""))
     return 0
 
 
@@ -200,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", nargs="?", default=None, help="checkpoint folder (or -m PATH)")
     info.add_argument("--model", "-m", default=None, help="checkpoint folder")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--device-memory", help="MOE_DEVICE_MEMORY: show the memory plan and the ratio this budget "
+                                              "gives, e.g. 8GiB")
+    info.add_argument("--context", help="MOE_CONTEXT: tokens of context the memory plan's KV cache holds")
     info.set_defaults(run=_cmd_info, model_positional="path")
 
     from .quant.command import add_quantize_command

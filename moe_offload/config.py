@@ -39,7 +39,15 @@ class OffloadConfig:
     # -- properties: what a user chooses (PROPERTIES below) ----------------------------------------------------
     # Percent of each MoE layer's routed experts kept resident on the device (0-100).
     # Per layer: resident = floor(E * ratio / 100 + 0.5), i.e. round half up (E=60, ratio=37 -> 22).
-    moe_offload_ratio: int = 100
+    # "auto" (MOE_OFFLOAD_RATIO=AUTO): the largest ratio whose plan fits the free device memory less a margin
+    # (budget.py); decided at load, before anything is allocated, so a loaded pipeline's config holds the number.
+    moe_offload_ratio: int | str = 100
+    # Bytes of device memory the load may take (MOE_DEVICE_MEMORY, instead of a ratio): the largest ratio whose
+    # plan (budget.py: weights, resident experts, KV cache for moe_context tokens, workspace) fits. None: unset.
+    moe_device_memory: int | None = None
+    # Tokens of context (prompt and generated) the KV cache of the memory plan is sized for (budget.py). None =
+    # "auto": the model's max_position_embeddings, at most budget.DEFAULT_CONTEXT_CAP (LLMPipeline.memory_plan.context).
+    moe_context: int | None = None
     # Bytes of host RAM for the host tier (pinned on CUDA). None = "auto": every expert of the offloaded layers
     # where the RAM available at load holds them with some left over, else what it holds (defaults.host_cache).
     # Experts that do not fit are read from the checkpoint file on a miss.
@@ -82,6 +90,8 @@ class OffloadConfig:
 
     def resident_count(self, num_experts: int) -> int:
         """Experts of a layer with `num_experts` routed experts that stay resident on the device."""
+        if not isinstance(self.moe_offload_ratio, int):
+            raise RuntimeError("MOE_OFFLOAD_RATIO=AUTO is decided at load (budget.resolve), not read before")
         return min(num_experts, math.floor(num_experts * self.moe_offload_ratio / 100 + 0.5))
 
 
@@ -96,6 +106,34 @@ def parse_ratio(value: Any) -> int:
     if not math.isfinite(number) or number != int(number) or not 0 <= number <= 100:
         raise MoeOffloadError(f"MOE_OFFLOAD_RATIO must be an integer 0-100, got {value!r}")
     return int(number)
+
+
+def parse_ratio_property(value: Any) -> int | str:
+    """MOE_OFFLOAD_RATIO as a property: an integer 0-100, or AUTO (any case) for the largest that fits the device."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_ratio(value)
+    except MoeOffloadError:
+        raise MoeOffloadError(f"MOE_OFFLOAD_RATIO must be an integer 0-100 or AUTO, got {value!r}") from None
+
+
+def parse_device_memory(value: Any) -> int:
+    """MOE_DEVICE_MEMORY: a positive byte count ("8GiB", "24GB", 8589934592)."""
+    number = parse_size(value, "MOE_DEVICE_MEMORY")
+    if not number:
+        raise MoeOffloadError(f"MOE_DEVICE_MEMORY must be a positive byte count like 8GiB or 24GB, got {value!r}")
+    return number
+
+
+def parse_context(value: Any) -> int | None:
+    """MOE_CONTEXT: a positive number of tokens, or "auto" (None)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
+            or int(value) < 1:
+        raise MoeOffloadError(f"MOE_CONTEXT must be a positive number of tokens or auto, got {value!r}")
+    return int(value)
 
 
 def parse_threads(value: Any) -> int | None:
@@ -141,7 +179,9 @@ def _choice(name: str, choices: tuple[str, ...], aliases: Mapping[str, str] = {}
 # The properties: LLMPipeline keywords, a -lc JSON file, CLI flags. name -> (field, parser, values as the README's
 # table states them); tests/test_docs.py checks the README's table against this one.
 PROPERTIES = {
-    "MOE_OFFLOAD_RATIO": ("moe_offload_ratio", parse_ratio, "integer 0-100 (default 100)"),
+    "MOE_OFFLOAD_RATIO": ("moe_offload_ratio", parse_ratio_property, "integer 0-100 (default 100), `AUTO`"),
+    "MOE_DEVICE_MEMORY": ("moe_device_memory", parse_device_memory, "bytes, `8GiB`, `24GB` (instead of a ratio)"),
+    "MOE_CONTEXT": ("moe_context", parse_context, "positive integer, `auto` (default)"),
     "MOE_HOST_CACHE": ("moe_host_cache_bytes", lambda v: parse_size(v, "MOE_HOST_CACHE"),
                        "bytes, `64GiB`, `512MB`, `0`, `auto` (default)"),
     "MOE_DTYPE": ("moe_dtype", _choice("MOE_DTYPE", DTYPES, _DTYPE_ALIASES),
@@ -187,6 +227,10 @@ def make_config(properties: Mapping[str, Any], environ: Mapping[str, str] | None
     default). Unknown names are an error, not silently ignored; a diagnostic passed as a property is told where it
     belongs."""
     fields: dict[str, Any] = {}
+    given = {str(name).upper() for name in properties}
+    if {"MOE_DEVICE_MEMORY", "MOE_OFFLOAD_RATIO"} <= given:
+        raise MoeOffloadError("give MOE_DEVICE_MEMORY or MOE_OFFLOAD_RATIO, not both: a memory budget chooses the "
+                              "ratio")
     for name, value in properties.items():
         if not isinstance(name, str):
             raise MoeOffloadError(f"property names are strings (known: {', '.join(PROPERTY_NAMES)}), got {name!r}")

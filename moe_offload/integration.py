@@ -15,7 +15,9 @@ to the host tier or stay on disk (tiers.py). No step holds the whole model in ho
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import defaults, piecewise
+from . import budget, defaults, piecewise
 from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
@@ -41,6 +43,7 @@ IMPLEMENTATION = "moe_offload"
 # Hub checkpoints that name a module differently from the transformers class that loads them.
 _KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+log = logging.getLogger("moe_offload")
 
 
 def offloaded_experts_forward(module, hidden_states, top_k_index, top_k_weights):
@@ -259,26 +262,56 @@ def _initialise_buffers(model, filled: set[str]) -> None:
 @dataclass
 class LoadedModel:
     """What build_offloaded_model made: the transformers model, its experts' runtimes and sites (in layer order),
-    and the choices the load made for properties left at auto (defaults.py)."""
+    the choices the load made for properties left at auto (defaults.py), the config as decided and its plan."""
 
     model: torch.nn.Module
     runtimes: list[OffloadedExperts]
     sites: list[ExpertsSite]
     choices: list[defaults.Choice]
+    config: OffloadConfig  # the user's, with MOE_OFFLOAD_RATIO decided (budget.resolve)
+    plan: budget.Plan  # the device bytes planned for this load
 
 
-def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.device, config: OffloadConfig,
-                          progress: bool = True) -> LoadedModel:
-    """The transformers model (hf_config from check_supported) with its routed experts served by
-    OffloadedExperts."""
+def model_facts(checkpoint: Checkpoint, hf_config, device: torch.device, config: OffloadConfig):
+    """(meta model, expert sites, expert locations, budget.ModelFacts): the model built on the meta device and
+    checked against the checkpoint, and what its device bytes depend on, counted on it. Nothing is allocated."""
     dtype = resolve_dtype(config, checkpoint, device)
     model = _build_meta_model(hf_config, dtype)
     sites = find_expert_sites(model, hf_config.model_type)
     # Checked before anything is allocated, so a bad checkpoint fails at once with one line.
     check_experts_match(checkpoint, sites, model)
     locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter) for s in sites}
+    routed = {id(t) for s in sites for t in (s.module.gate_up_proj, s.module.down_proj)}
+    fp32 = _fp32_patterns(model, dtype)
+    tensors = {id(t): (name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if id(t) not in routed}
+    weights = sum(t.numel() * (4 if t.is_floating_point() and any(p in name for p in fp32) else t.element_size())
+                  for name, t in tensors.values())
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    text = hf_config.get_text_config()
+    itemsize = dtype.itemsize
+    kv, attention, position = budget.attention_facts(text, itemsize)
+    top_k = max(_top_k(s) for s in sites)
+    facts = budget.ModelFacts(
+        weight_bytes=weights, embedding_bytes=table.numel() * table.element_size() if table is not None else 0,
+        embedding_reason=why_not_hostable(model), experts=tuple(s.num_experts for s in sites),
+        row_bytes=engine_format(locations, dtype).row_bytes, top_k=top_k, kv_bytes_per_position=kv,
+        token_bytes=budget.token_bytes(text, itemsize, attention, sites[0].inter, top_k,
+                                       max(s.num_experts for s in sites), len(sites) < text.num_hidden_layers),
+        position_bytes=position, itemsize=itemsize, max_positions=getattr(text, "max_position_embeddings", None))
+    return model, sites, locations, facts
+
+
+def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.device, config: OffloadConfig,
+                          progress: bool = True) -> LoadedModel:
+    """The transformers model (hf_config from check_supported) with its routed experts served by
+    OffloadedExperts. A memory budget (MOE_DEVICE_MEMORY, MOE_OFFLOAD_RATIO=AUTO) is turned into a ratio first
+    (budget.py), before anything is allocated; the LoadedModel's config holds the ratio decided."""
+    dtype = resolve_dtype(config, checkpoint, device)
+    model, sites, locations, facts = model_facts(checkpoint, hf_config, device, config)
+    config, plan, ratio_choice = budget.resolve(config, facts, device)
     embeddings_on_host, embeddings = defaults.host_embeddings(config.moe_host_embeddings, device,
-                                                              config.moe_offload_ratio, why_not_hostable(model))
+                                                              config.moe_offload_ratio, facts.embedding_reason)
     for site in sites:  # never allocated anywhere: the experts live in cache slots and tiers instead
         del site.module.gate_up_proj
         del site.module.down_proj
@@ -291,7 +324,8 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
         if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
             runtime.enable_direct(device, lru=config.moe_zero_copy in ("auto", "lru"))
     _load_generation_config(model, checkpoint.root)
-    return LoadedModel(model, runtimes, sites, [host_cache, embeddings])
+    choices = ([ratio_choice] if ratio_choice else []) + [host_cache, embeddings]
+    return LoadedModel(model, runtimes, sites, choices, config, plan)
 
 
 def check_experts_match(checkpoint: Checkpoint, sites: list[ExpertsSite], model) -> None:
@@ -340,7 +374,22 @@ def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[
         runtimes = [_attach_layer(site, locations[site.layer], fetcher, scratch, budget // len(sites), fmt, device,
                                   config, bar) for site in sites]
     fetcher.stats.reset()
-    return runtimes, choice
+    return runtimes, _say_tiers(runtimes, choice)
+
+
+def _say_tiers(runtimes: list[OffloadedExperts], choice: defaults.Choice) -> defaults.Choice:
+    """MOE_HOST_CACHE's choice with where the offloaded experts went: how many the host tier holds and how many are
+    read from the checkpoint file on a miss, with a warning where any are (a miss from disk is far slower)."""
+    offloaded = sum(rt.num_experts - rt.table.capacity for rt in runtimes)
+    if not offloaded:
+        return choice
+    on_disk = sum(sum(1 for e in range(rt.num_experts) if rt.table.lookup(e) is None
+                      and (rt.host is None or e not in rt.host)) for rt in runtimes)
+    where = f"{offloaded - on_disk} of the {offloaded} offloaded experts in the host tier, {on_disk} on disk"
+    if on_disk:
+        log.warning("%d of the %d offloaded experts do not fit the host tier (MOE_HOST_CACHE=%s) and are read from the "
+                    "checkpoint file on every miss, much slower than from RAM", on_disk, offloaded, choice.value)
+    return dataclasses.replace(choice, why=f"{choice.why}; {where}")
 
 
 def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: ExpertFetcher, scratch: ScratchPool,

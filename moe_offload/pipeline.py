@@ -85,6 +85,8 @@ class LLMPipeline:
             raise MoeOffloadError(f"no tokenizer in {self.models_path}: generating text needs one")
         loaded = build_offloaded_model(self.checkpoint, hf_config, self.device, self.config, progress)
         self.model, self.layers = loaded.model, loaded.runtimes
+        #: the ratio decided at load (a memory budget's, MOE_OFFLOAD_RATIO=AUTO's), and the load's device plan
+        self.config, self.memory_plan = loaded.config, loaded.plan
         tuned = hybrid.enable(self.layers, loaded.sites, self.config, self.device,
                               file_digest(os.path.join(self.models_path, "config.json")), retune)
         self.host_embedding_bytes = host_table_bytes(self.model)  # MOE_HOST_EMBEDDINGS: placed at load
@@ -153,6 +155,7 @@ class LLMPipeline:
         """
         if self._closed:  # the host tier is unpinned: kernels must no longer read it in place
             raise MoeOffloadError("this pipeline is closed")
+        self._check_context(input_ids.shape[1], kwargs.get("max_new_tokens"))
         mask = kwargs.pop("attention_mask", None)
         static = (self.decoder is not None and input_ids.shape[0] == 1 and (mask is None or bool(mask.all()))
                   and unsupported_reason(self.model, kwargs) is None)
@@ -172,6 +175,15 @@ class LLMPipeline:
         hybrid.raise_errors(self.layers)
         new = output[0, input_ids.shape[1]:].cpu()
         return new[:streamer.kept] if streamer is not None and streamer.stopped else new
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: Any) -> None:
+        """A generation stays within MOE_CONTEXT tokens: the KV cache and workspace the device memory was planned
+        for (budget.py), so a budget that loaded is not overrun by a long prompt."""
+        context = self.memory_plan.context
+        if isinstance(max_new_tokens, int) and prompt_tokens + max_new_tokens > context:
+            raise MoeOffloadError(f"{prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} exceed "
+                                  f"MOE_CONTEXT={context}, the context the device memory was planned for; set "
+                                  "MOE_CONTEXT higher (up to the model's max_position_embeddings)")
 
     # -- the text API: OpenVINO GenAI's generate(inputs, generation_config=None, streamer=None, **kwargs) --------
 

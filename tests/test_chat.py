@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from moe_offload import LLMPipeline
+from moe_offload import LLMPipeline, chat
+from moe_offload.errors import MoeOffloadError
 from moe_offload.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +54,22 @@ def test_chat_from_a_pipe_keeps_resets_and_exits(replies, monkeypatch, capsys):
     assert "(conversation cleared)" in captured.err
 
 
+class _RefusingPipe:
+    """A pipeline whose every turn is refused, as one grown past MOE_CONTEXT is."""
+
+    def stream(self, messages, generation_config):
+        raise MoeOffloadError(f"{len(messages)} messages exceed MOE_CONTEXT")
+
+
+def test_a_refused_turn_is_reported_at_a_terminal_and_ends_a_piped_chat():
+    lines = iter(["hello", "/exit"])
+    out, note = io.StringIO(), io.StringIO()
+    assert chat.run(_RefusingPipe(), None, lambda: next(lines), out, note, interactive=True) == 0
+    assert note.getvalue() == "error: 1 messages exceed MOE_CONTEXT (/reset starts over)\n" and out.getvalue() == ""
+    with pytest.raises(MoeOffloadError, match="exceed MOE_CONTEXT"):
+        chat.run(_RefusingPipe(), None, iter(["hello"]).__next__, out, note)
+
+
 def _read_until(fd: int, marker: bytes, seen: bytearray, count: int = 1, timeout: float = 120) -> None:
     """Read the terminal into `seen` until `marker` has appeared `count` times."""
     deadline = time.monotonic() + timeout
@@ -80,7 +97,7 @@ def test_chat_in_a_terminal(replies):
     shown = replies["hello"].replace("\n", "\r\n").encode()  # the first tokens of the long reply below
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TERM="dumb")
-    process = subprocess.Popen([sys.executable, "-m", "moe_offload.cli", "chat", "-d", "cpu", "-n", "4000"],
+    process = subprocess.Popen([sys.executable, "-m", "moe_offload.cli", "chat", "-d", "cpu", "-n", "1500"],
                                stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env, close_fds=True,
                                preexec_fn=_controlling_terminal)
     os.close(slave)
@@ -89,7 +106,7 @@ def test_chat_in_a_terminal(replies):
         _read_until(master, PROMPT, seen)
         assert b"/exit or Ctrl-D" in seen
         os.write(master, b"hello\r")
-        _read_until(master, shown, seen)  # streaming: these tokens show long before the 4000th is made
+        _read_until(master, shown, seen)  # streaming: these tokens show long before the 1500th is made
         os.write(master, b"\x03")  # Ctrl-C: stops this reply, not the chat
         _read_until(master, b"(reply stopped)", seen)
         _read_until(master, PROMPT, seen, count=2)

@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..config import OffloadConfig
+from ..config import OffloadConfig, make_config
 from ..validation import check_config_experts, check_top_k, require_routed_experts, text_config
 
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
@@ -46,6 +46,41 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "staging_bytes": 2 * top_k * max(l["expert_bytes"] for l in layers),
         "device_bytes_by_ratio": per_ratio,
     }
+
+
+def describe_budget(checkpoint: Checkpoint, properties: dict[str, Any]) -> dict[str, Any]:
+    """The memory plan (budget.py) on a CUDA device at each of RATIOS, and, with MOE_DEVICE_MEMORY among
+    `properties` (also MOE_CONTEXT, MOE_DTYPE, MOE_HOST_EMBEDDINGS), the ratio that budget gives. Builds the model
+    on the meta device (transformers), so unlike `describe` it reads config.json through transformers; nothing is
+    allocated and no GPU is needed."""
+    import torch
+
+    from .. import budget
+    from ..integration import check_supported, model_facts
+
+    device = torch.device("cuda")
+    config = make_config(properties, environ={})
+    _, _, _, facts = model_facts(checkpoint, check_supported(checkpoint), device, config)
+    resolved, chosen, choice = budget.resolve(config, facts, device)
+    options = dict(host_embeddings=config.moe_host_embeddings)
+    by_ratio = {ratio: budget.plan(facts, ratio, chosen.context, device, **options) for ratio in RATIOS}
+    return {
+        "device": "cuda",
+        "context": chosen.context,
+        "by_ratio": {ratio: {"total": p.total, **p.terms} for ratio, p in by_ratio.items()},
+        "device_memory": config.moe_device_memory,
+        "ratio": resolved.moe_offload_ratio if config.moe_device_memory is not None else None,
+        "why": choice.why if choice is not None else None,
+        "summaries": {ratio: p.summary() for ratio, p in by_ratio.items()},
+    }
+
+
+def format_budget(plan: dict[str, Any]) -> str:
+    lines = [f"device memory plan on a CUDA device (budget.py), {plan['context']} tokens of context (MOE_CONTEXT):"]
+    lines += [f"  ratio {ratio:>3}  {summary}" for ratio, summary in plan["summaries"].items()]
+    if plan["ratio"] is not None:
+        lines.append(f"MOE_DEVICE_MEMORY gives MOE_OFFLOAD_RATIO={plan['ratio']}: {plan['why']}")
+    return "\n".join(lines)
 
 
 def human_bytes(count: float) -> str:
