@@ -1,4 +1,4 @@
-"""`moe-offload` command line: generate | tune | info | trace | simulate | bench | quantize.
+"""`moe-offload` command line: generate | tune | info | trace | simulate | bench | quantize | serve.
 
 Every user mistake ends as one line on stderr and exit status 2 (MoeOffloadError, bad flags); a traceback
 means a bug in moe-offload.
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_cmd_info)
 
     from .quant.command import add_quantize_command
+    from .server.command import add_serve_command
     from .tools.benchmark import add_bench_command
     from .tools.simulate import add_simulate_command
     from .tools.trace import add_trace_command
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_command(sub)
     add_bench_command(sub)
     add_quantize_command(sub)
+    add_serve_command(sub, _properties)
     return parser
 
 
