@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import threading
 import time
@@ -47,6 +48,7 @@ def running(pipe, **options):
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     server, service = make_server(pipe, **options)
+    running.server = server  # the one running now, for a test that stops it
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -117,6 +119,16 @@ def test_completions_match_the_pipeline(pipe, url):
     assert "".join(c.choices[0].text for c in streamed) == expected
     ids = pipe.tokenizer(prompt)["input_ids"]
     assert client(url).completions.create(model=MODEL, prompt=ids, max_tokens=8).choices[0].text == expected
+
+
+def test_sampling_with_a_seed_repeats(url):
+    def sample(seed: int) -> str:
+        return client(url).completions.create(model=MODEL, prompt="def", max_tokens=8, temperature=1.5, top_p=0.95,
+                                              seed=seed).choices[0].text
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len({first, sample(8), sample(9)}) > 1  # it does sample: three seeds, not one answer
 
 
 def test_a_stop_string_ends_the_text_before_it(pipe, url):
@@ -285,6 +297,20 @@ def test_a_full_queue_answers_429(pipe):
                 client(base).completions.create(model=MODEL, prompt="x", max_tokens=1)
         queued.join(30)  # the slow stream is closed: its generation stops and the waiting one runs
         assert waiting[0].choices[0].text == pipe.generate("import os\n", max_new_tokens=4)
+
+
+def test_stopping_the_server_ends_a_running_stream_at_once(pipe):
+    with running(pipe) as base:
+        body = {"model": MODEL, "prompt": "def", "max_tokens": 1500, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body) as answer:
+            lines = answer.iter_lines()
+            assert next(lines).startswith("data: ")
+            started = time.monotonic()
+            running.server.handle_exit(signal.SIGINT, None)  # what Ctrl-C calls
+            events = [line for line in lines if line]
+        assert time.monotonic() - started < 5  # not uvicorn's graceful wait for the stream to end by itself
+        assert json.loads(events[-2].removeprefix("data: "))["error"]["message"] == "the server is shutting down"
+        assert events[-1] == "data: [DONE]"
 
 
 @pytest.mark.parametrize("argv,message", [

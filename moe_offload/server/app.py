@@ -31,7 +31,7 @@ from .errors import ApiError, error_body, validation_message
 from .metrics import Metrics
 from .prepare import Served, prepare_chat, prepare_completion
 from .schemas import ChatRequest, CompletionRequest
-from .worker import Delta, Done, Failed, GenerationWorker, Job, QueueFull
+from .worker import SHUTDOWN_MESSAGE, Delta, Done, Failed, GenerationWorker, Job, QueueFull, ShuttingDown
 
 log = logging.getLogger("moe_offload.server")
 MAX_BODY_BYTES = 16 << 20
@@ -134,6 +134,8 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(429, f"the server is busy: {service.worker.queue_size} requests are already waiting "
                                 f"(batch-1 decode runs one at a time); try again later",
                            code="rate_limit_exceeded") from None
+        except ShuttingDown:
+            raise ApiError(503, SHUTDOWN_MESSAGE) from None
         watcher = asyncio.ensure_future(wait_for_disconnect(request))
         first = await next_event(job, watcher)
         if first is None:

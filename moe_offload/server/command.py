@@ -9,6 +9,7 @@ than uvicorn's log and exit 1; tests pass a socket of their own on port 0 to `ru
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
 import sys
@@ -120,9 +121,23 @@ def make_server(pipe, **options: Any):
 
     from .app import create_app
 
+    class Server(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            """Ctrl-C: end the running generation too, or uvicorn would wait for its stream. A signal handler runs
+            between two steps of the loop (it may hold a lock): the work is handed to the loop."""
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(service.worker.shutdown)
+            super().handle_exit(sig, frame)
+
     service = build_service(pipe, **options)
     config = uvicorn.Config(create_app(service), log_level="info", timeout_graceful_shutdown=5)
-    return uvicorn.Server(config), service
+    return Server(config), service
 
 
 def run_server(pipe, sock: socket.socket, **options: Any) -> None:

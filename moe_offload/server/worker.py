@@ -73,6 +73,13 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(Exception):
+    pass
+
+
+SHUTDOWN_MESSAGE = "the server is shutting down"
+
+
 class GenerationWorker:
     """One thread, one bounded queue, one pipeline."""
 
@@ -82,6 +89,7 @@ class GenerationWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="moe-offload-generation", daemon=True)
         self._current: Job | None = None
+        self.closing = False
         tokenizer = served.tokenizer
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = pipe.model.generation_config.eos_token_id
@@ -92,7 +100,9 @@ class GenerationWorker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull."""
+        """Queue a job, or raise QueueFull (or ShuttingDown)."""
+        if self.closing:
+            raise ShuttingDown
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -101,10 +111,13 @@ class GenerationWorker:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Cancel the running and the waiting jobs and stop the thread."""
-        if self._current is not None:
-            self._current.cancel()
+    def shutdown(self) -> None:
+        """Refuse new jobs; end the running one after its current token and the waiting ones now, each with a 503
+        (so that a server asked to stop closes its streams at once instead of waiting them out)."""
+        self.closing = True
+        current = self._current
+        if current is not None:
+            current.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -112,6 +125,11 @@ class GenerationWorker:
                 break
             if job is not None:
                 job.cancel()
+                job.emit(Failed(503, SHUTDOWN_MESSAGE))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """shutdown(), then stop the thread."""
+        self.shutdown()
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -149,6 +167,9 @@ class GenerationWorker:
         tail = stream.finish()
         if tail:
             job.emit(Delta(tail))
+        if self.closing:
+            job.emit(Failed(503, SHUTDOWN_MESSAGE))
+            return
         count = streamer.count
         ended = stream.stopped or (count and stream.ids[-1] in self._eos) or count < job.max_new_tokens
         self.metrics.finished(job.input_ids.shape[1], count, streamer.last - streamer.first if count else 0.0)
