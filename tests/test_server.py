@@ -159,6 +159,22 @@ def test_text_stream_holds_back_split_characters_and_stop_prefixes():
     assert held.push([5]) == "" and held.finish() == "XY"
 
 
+def test_text_stream_token_by_token_is_the_whole_decode(pipe):
+    """Multi-byte characters split over byte-level tokens, through the shipped tokenizer."""
+    tokenizer = pipe.tokenizer
+    ids = tokenizer("naïve café — 東京 🙂 def f(x):\n    return x")["input_ids"]
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+
+    def stream_out(stop=()):
+        stream = TextStream(lambda window: tokenizer.decode(window, skip_special_tokens=True), stop)
+        pieces = [stream.push([i]) for i in ids] + [stream.finish()]
+        assert "\ufffd" not in "".join(pieces)
+        return "".join(pieces)
+
+    assert stream_out() == whole
+    assert stream_out(["東京", "🙂"]) == whole[:whole.index("東京")]
+
+
 BAD_BODIES = [  # (body, status, param)
     (b'{"messages": [', 400, None),
     (b'[1, 2]', 400, None),
@@ -255,10 +271,9 @@ def test_metrics_are_prometheus_text_with_offload_counters_per_tier(url):
     answer = httpx.get(f"{url}/metrics")
     assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = answer.text
-    for name in ("moe_offload_requests_total", "moe_offload_prompt_tokens_total", "moe_offload_decode_tokens_per_second",
-                 "moe_offload_time_to_first_token_seconds_bucket", "moe_offload_expert_hits_total",
-                 "moe_offload_experts_resident"):
-        assert f"# TYPE {name.removesuffix('_bucket')} " in text, name
+    for name in ("requests_total", "prompt_tokens_total", "decode_tokens_per_second", "expert_hits_total",
+                 "time_to_first_token_seconds", "experts_resident", "experts_computed_on_cpu_total"):
+        assert f"# TYPE moe_offload_{name} " in text, name
     assert 'moe_offload_experts_streamed_total{tier="host"} ' in text
     assert 'moe_offload_bytes_streamed_total{tier="disk"} ' in text
     assert metric(text, "moe_offload_completion_tokens_total") >= 3

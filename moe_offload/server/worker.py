@@ -134,6 +134,8 @@ class GenerationWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        if self.pipe.device.type == "cuda":  # the current device is per thread: this one's is the model's
+            torch.cuda.set_device(self.pipe.device)
         while True:
             job = self._queue.get()
             if job is None:
