@@ -328,6 +328,30 @@ def test_stopping_the_server_ends_a_running_stream_at_once(pipe):
         assert events[-1] == "data: [DONE]"
 
 
+def test_a_client_gone_while_queued_is_skipped(pipe):
+    with running(pipe, queue_size=2) as base:
+        port = int(base.rsplit(":", 1)[1])
+        slow = {"model": MODEL, "prompt": "def", "max_tokens": 1500, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=slow) as answer:
+            lines = answer.iter_lines()
+            assert next(lines).startswith("data: ")
+            body = json.dumps({"prompt": "x", "max_tokens": 1000}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as raw:  # waits behind the slow one, then leaves
+                raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                deadline = time.monotonic() + 10
+                while httpx.get(f"{base}/health").json()["queued"] < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+            deadline = time.monotonic() + 10
+            while 'outcome="cancelled"} 1' not in httpx.get(f"{base}/metrics").text:
+                assert time.monotonic() < deadline, "the disconnect of a waiting client went unseen"
+                time.sleep(0.02)
+        text = wait_idle(base)
+        assert 'moe_offload_requests_total{endpoint="completions",outcome="cancelled"} 2' in text
+        assert metric(text, "moe_offload_prompt_tokens_total") == 1  # only the slow one ran ("def": one token)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["serve", "--port", "70000"], "not a port number"),
     (["serve", "--queue-size", "0"], "--queue-size"),

@@ -114,16 +114,21 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        body = await parse(request, ChatRequest)
-        return await respond(request, prepare_chat(served, body), body, ChatShape(served.name), "chat")
+        return await handle(request, ChatRequest, prepare_chat, ChatShape, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        authorize(request)
-        body = await parse(request, CompletionRequest)
-        return await respond(request, prepare_completion(served, body), body, CompletionShape(served.name),
-                             "completions")
+        return await handle(request, CompletionRequest, prepare_completion, CompletionShape, "completions")
+
+    async def handle(request: Request, schema, prepare, shape, endpoint: str) -> Response:
+        try:
+            authorize(request)
+            body = await parse(request, schema)
+            job = prepare(served, body)
+        except ApiError:
+            metrics.count_request(endpoint, "rejected")
+            raise
+        return await respond(request, job, body, shape(served.name), endpoint)
 
     async def respond(request: Request, job: Job, body, shape, endpoint: str) -> Response:
         job.bind()
