@@ -47,7 +47,7 @@ def running(pipe, **options):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    server, service = make_server(pipe, **options)
+    server, service = make_server(pipe, log_level="warning", **options)
     running.server = server  # the one running now, for a test that stops it
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -114,9 +114,9 @@ def build_service(pipe, api_key: str | None = None, queue_size: int = DEFAULT_QU
     return Service(served, worker, metrics, api_key, created=int(time.time()))
 
 
-def make_server(pipe, **options: Any):
+def make_server(pipe, log_level: str = "info", **options: Any):
     """(uvicorn.Server, Service) for a loaded pipeline; `server.run(sockets=[sock])` serves until
-    `server.should_exit` is set; then close the service's worker."""
+    `server.should_exit` is set; then close the service's worker. `options`: build_service's."""
     import uvicorn
 
     from .app import create_app
@@ -136,7 +136,7 @@ def make_server(pipe, **options: Any):
             super().handle_exit(sig, frame)
 
     service = build_service(pipe, **options)
-    config = uvicorn.Config(create_app(service), log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=5)
     return Server(config), service
 
 
