@@ -1,4 +1,4 @@
-"""`moe-offload` command line: generate | chat | tune | info | trace | simulate | bench | quantize.
+"""`moe-offload` command line: generate | chat | serve | tune | info | trace | simulate | bench | quantize.
 
 Every user mistake ends as one line on stderr and exit status 2 (MoeOffloadError, bad flags); a traceback
 means a bug in moe-offload. Flags are checked before a model is loaded. One meaning per short flag: -m the model,
@@ -28,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _properties(args: argparse.Namespace) -> dict[str, Any]:
     props: dict[str, Any] = {}
-    for flag, name in (("ratio", "MOE_OFFLOAD_RATIO"), ("host_cache", "MOE_HOST_CACHE"), ("dtype", "MOE_DTYPE")):
+    for flag, name in (("ratio", "MOE_OFFLOAD_RATIO"), ("host_cache", "MOE_HOST_CACHE"), ("dtype", "MOE_DTYPE"),
+                       ("device_memory", "MOE_DEVICE_MEMORY"), ("context", "MOE_CONTEXT")):
         value = getattr(args, flag, None)
         if value is not None:
             props[name] = value
@@ -169,6 +170,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, ratio_default: str | None 
     parser.add_argument("--device", "-d", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--ratio", default=ratio_default, help=ratio_help)
     parser.add_argument("--host-cache", help="MOE_HOST_CACHE: host RAM for non-resident experts, e.g. 32GiB or 0")
+    parser.add_argument("--device-memory", help="MOE_DEVICE_MEMORY: device memory to fit, e.g. 8GiB; the ratio "
+                                                "follows from it (instead of --ratio)")
+    parser.add_argument("--context", help="MOE_CONTEXT: tokens of context (prompt + reply) planned for")
     parser.add_argument("--dtype", help="MOE_DTYPE: auto, float32, bfloat16, float16")
     parser.add_argument("--load-config", "-lc", help="JSON file (or inline JSON) of properties")
 
@@ -218,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_cmd_info, model_positional="path")
 
     from .quant.command import add_quantize_command
+    from .server.command import add_serve_command
     from .tools.benchmark import add_bench_command
     from .tools.simulate import add_simulate_command
     from .tools.trace import add_trace_command
@@ -226,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_command(sub)
     add_bench_command(sub)
     add_quantize_command(sub)
+    add_serve_command(sub, _add_model_flags, _properties)
     return parser
 
 

@@ -19,7 +19,8 @@ import moe_offload
 
 PACKAGE = moe_offload.__name__
 ROOT = Path(moe_offload.__file__).resolve().parent
-OPTIONAL = {"triton", "numba", "llvmlite"}  # the only imports a module may lack on some machines
+# the only imports a module may lack on some machines (fastapi, uvicorn: the [serve] extra, moe_offload/server)
+OPTIONAL = {"triton", "numba", "llvmlite", "fastapi", "uvicorn", "starlette"}
 
 
 def module_name(path: Path) -> str:
