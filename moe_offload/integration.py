@@ -310,7 +310,8 @@ def _top_k(site: ExpertsSite) -> int:
 
 def engine_format(locations: dict[int, list[ExpertLocation]], dtype: torch.dtype) -> ExpertFormat:
     """How the engine holds every layer's experts (slots, host tier, scratch): dense checkpoints in the compute
-    dtype, quantized ones exactly as stored, so what moves is the quantized bytes."""
+    dtype, quantized ones exactly as stored (a GPTQ layout as its compressed-tensors planes: the same bytes), so
+    what moves is the quantized bytes."""
     formats = {loc.format for layer in locations.values() for loc in layer}
     quantized = {fmt for fmt in formats if fmt.quantized}
     if not quantized:
@@ -319,7 +320,7 @@ def engine_format(locations: dict[int, list[ExpertLocation]], dtype: torch.dtype
     if len(formats) > 1:
         raise MoeOffloadError("MoE layers with different expert formats are not supported: "
                               + ", ".join(sorted(fmt.describe() for fmt in formats)))
-    return quantized.pop()
+    return quantized.pop().held()
 
 
 def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[ExpertLocation]],

@@ -119,6 +119,15 @@ def _gptq_tensors(root):
     _edit_header(root, edit)
 
 
+def _awq_tensors(root):
+    """AWQ's names without its config: `qweight` and `qzeros` but no `g_idx` (what tells it from GPTQ)."""
+    def edit(header):
+        for key in [k for k in header if ".experts." in k and k.endswith(".weight")]:
+            header[key.removesuffix(".weight") + ".qweight"] = dict(header.pop(key), dtype="I32")
+        header["model.layers.0.mlp.experts.0.gate_proj.qzeros"] = dict(header.pop("model.norm.weight"), dtype="I32")
+    _edit_header(root, edit)
+
+
 def _fp8_block(root):
     """Qwen3-FP8's layout: F8_E4M3 expert weights with F32 weight_scale_inv blocks, quant_method fp8."""
     def edit(tensors):
@@ -177,9 +186,11 @@ CASES = {
     "bitsandbytes_without_quant_method": (_quant_config(load_in_8bit=True), ["bitsandbytes quantization"], "headers"),
     "awq": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemm"),
             ["AWQ quantization", "not supported"], "headers"),
+    "awq_tensors": (_awq_tensors, ["AWQ quantization", "qweight", "not supported"], "headers"),
+    # GPTQ is read (tests/test_gptq.py), but not a GPTQ config over unquantized experts nor GPTQ tensors without one
     "gptq_config": (_quant_config(quant_method="gptq", bits=4, group_size=128, desc_act=False),
-                    ["GPTQ quantization", "not supported"], "headers"),
-    "gptq_qweight_tensors": (_gptq_tensors, ["GPTQ quantization", "qweight", "not supported"], "headers"),
+                    ["quantization_config is GPTQ", "routed experts are not quantized"], "headers"),
+    "gptq_qweight_tensors": (_gptq_tensors, ["qweight is a quantized tensor", "no quantization_config"], "headers"),
     "bitsandbytes_tensors": (_add_tensor("model.layers.0.mlp.experts.0.gate_proj.weight.absmax", (4,)),
                              ["bitsandbytes quantization", "weight.absmax", "not supported"], "headers"),
     "nvfp4_compressed_tensors": (

@@ -35,9 +35,10 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "path": checkpoint.root,
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
-        # the routed experts' weight quantization (compressed-tensors pack-quantized), None where they are dense
+        # the routed experts' weight quantization (compressed-tensors pack-quantized or GPTQ; group_size None:
+        # channel-wise), None where they are dense
         "quantization": None if spec is None else {"bits": spec.bits, "group_size": spec.group_size,
-                                                   "symmetric": spec.symmetric},
+                                                   "symmetric": spec.symmetric, "format": _format(checkpoint)},
         "moe_layers": len(layers),
         "layers": layers,
         "experts_per_token": top_k,
@@ -78,4 +79,15 @@ def _weights(quantization: dict | None) -> str:
     if quantization is None:
         return "unquantized"
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
-    return f"int{quantization['bits']}, group size {quantization['group_size']}, {kind} (compressed-tensors)"
+    size = quantization["group_size"]
+    grouping = "channel-wise" if size is None else f"group size {size}"
+    if quantization["format"].startswith("GPTQ"):  # zero points stored either way: held as asymmetric
+        return f"int{quantization['bits']}, {grouping}, with zero points ({quantization['format']})"
+    return f"int{quantization['bits']}, {grouping}, {kind} ({quantization['format']})"
+
+
+def _format(checkpoint: Checkpoint) -> str:
+    """The experts' quantized format as stored: 'compressed-tensors', or 'GPTQ v1' / 'GPTQ v2' (the zero-point
+    convention, quant/gptq.py)."""
+    scheme = checkpoint.gptq
+    return "compressed-tensors" if scheme is None else f"GPTQ v{scheme.version}"

@@ -1,0 +1,134 @@
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel / optimum, `quant_method: gptq`): their scheme, their tensors, and the
+repack into the compressed-tensors planes the engine's kernels read.
+
+Why a repack rather than GPTQ kernels: a GPTQ matrix holds the very integers and scales of a compressed-tensors
+pack-quantized asymmetric one, only transposed. For a Linear of W [N, K] (out, in), b bits, G groups:
+
+  qweight  int32 [K*b/32, N]   value k of column n at bits (k % (32/b)) * b of word [k / (32/b), n]
+  qzeros   int32 [G, N*b/32]   zero point of (group g, column n) at bits (n % (32/b)) * b of word [g, n / (32/b)]
+  scales   float [G, N]
+  g_idx    int32 [K]           group of input k: k // group_size unless act-order (desc_act) permuted it
+
+and W[n, k] = scales[g, n] * (q[k, n] - z[g, n]) with g = g_idx[k], q and z unsigned b-bit values. So
+compressed-tensors' `weight_packed` [N, K*b/32] is qweight transposed word for word (both pack along K, low bits
+first), `weight_scale` [N, G] is scales transposed, and `weight_zero_point` [N*b/32, G] (zero points packed down
+the rows, unsigned: z_signed + 2^(b-1)) is qzeros transposed: the same bytes per expert, moved. Zero points:
+`checkpoint_format` (or `format`) "gptq" (v1, AutoGPTQ's and the default) stores z - 1 in each field, "gptq_v2"
+(GPTQModel's) stores z (GPTQModel's gptq v1 -> v2 conversion adds 1 to every field; AutoGPTQ's torch kernel adds
+1 after unpacking). A v1 field of 2^b - 1 would mean z = 2^b, which no b-bit field holds (and GPTQModel's packed
+addition carries it into the next field): refused in one line when the expert is read.
+
+The repack runs where a checkpoint row becomes an engine row (expert_format.ExpertFormat.copy_row): when the host
+tier is filled and on each disk read, by this one function on integers, so every tier holds the same bits.
+Act-order with a permuted g_idx is refused (the kernels take groups of consecutive inputs); with desc_act False
+the g_idx values are not read, as vLLM's and ExLlama's GPTQ kernels do not read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from ..errors import MoeOffloadError
+from .format import QuantSpec
+
+QWEIGHT, QZEROS, SCALES, G_IDX = "qweight", "qzeros", "scales", "g_idx"
+TENSORS = (QWEIGHT, QZEROS, SCALES)  # what an expert's row holds, per projection; g_idx is checked, not held
+VERSIONS = {"gptq": 1, "gptq_v2": 2}
+
+
+@dataclass(frozen=True)
+class GptqScheme:
+    """A GPTQ checkpoint's scheme: the integers' spec (held asymmetric: every GPTQ matrix stores zero points),
+    the zero-point convention (1: stored z - 1, 2: z) and whether act-order may have permuted g_idx."""
+
+    spec: QuantSpec
+    version: int
+    desc_act: bool
+
+    @property
+    def source(self) -> str:
+        """The storage layout's name in expert_format.ExpertFormat.source."""
+        return f"gptq_v{self.version}"
+
+
+def gptq_scheme(quant: Mapping) -> GptqScheme:
+    """config.json's quantization_config for quant_method gptq, or one line naming what is not supported."""
+    bits, group_size = quant.get("bits"), quant.get("group_size", 128)
+    if bits not in (4, 8):
+        raise MoeOffloadError(f"{bits}-bit GPTQ weights are not supported (4 or 8 bits)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise MoeOffloadError(f"GPTQ group_size {group_size!r} is not supported (a positive integer, or -1)")
+    layout = str(quant.get("checkpoint_format") or quant.get("format") or "gptq").lower()
+    if layout not in VERSIONS:
+        raise MoeOffloadError(f"GPTQ checkpoint format {layout!r} is not supported (gptq or gptq_v2)")
+    if quant.get("dynamic"):
+        raise MoeOffloadError("GPTQ per-module overrides (quantization_config.dynamic) are not supported")
+    desc_act = quant.get("desc_act") or False
+    if not isinstance(desc_act, bool):
+        raise MoeOffloadError(f"GPTQ desc_act {desc_act!r} is not true or false")
+    spec = QuantSpec(bits, None if group_size == -1 else group_size, False)
+    return GptqScheme(spec, VERSIONS[layout], desc_act)
+
+
+def tensor_shapes(rows: int, cols: int, spec: QuantSpec) -> dict[str, tuple[int, ...]] | None:
+    """name -> shape of one projection's GPTQ tensors for W [rows, cols] (out, in); None where GPTQ cannot pack
+    it (cols and rows must fill whole int32 words)."""
+    per_word = 32 // spec.bits
+    if rows % per_word or cols % per_word:
+        return None
+    groups = 1 if spec.group_size is None else -(-cols // spec.group_size)
+    return {QWEIGHT: (cols // per_word, rows), QZEROS: (groups, rows // per_word), SCALES: (groups, rows),
+            G_IDX: (cols,)}
+
+
+def plane_specs(inter: int, hidden: int, spec: QuantSpec, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+    """The planes of one expert's row as a GPTQ checkpoint stores it: per matrix (gate_up: gate's then up's
+    tensors, stacked on a leading parts dim; down: one), qweight, scales, qzeros. (ExpertFormat._plane_specs.)"""
+    specs = []
+    for matrix, parts, rows, cols in (("gate_up", 2, inter, hidden), ("down", 1, hidden, inter)):
+        shapes = tensor_shapes(rows, cols, spec)
+        assert shapes is not None, "checked at load (checkpoint._gptq_location)"
+        specs += [(f"{matrix}.{QWEIGHT}", (parts, *shapes[QWEIGHT]), torch.int32),
+                  (f"{matrix}.{SCALES}", (parts, *shapes[SCALES]), dtype),
+                  (f"{matrix}.{QZEROS}", (parts, *shapes[QZEROS]), torch.int32)]
+    return specs
+
+
+def repack(src: Mapping[str, torch.Tensor], source: str, bits: int) -> dict[str, torch.Tensor]:
+    """The compressed-tensors planes of one expert (expert_format's `<m>.packed`, `<m>.scale`, `<m>.zero`) from
+    its GPTQ planes (plane_specs' views of one row, `source` GptqScheme.source): transposes, and for v1 zero
+    points one added to each field."""
+    version = {f"gptq_v{v}": v for v in VERSIONS.values()}[source]
+    out = {}
+    for matrix in ("gate_up", "down"):
+        qweight, scales, qzeros = (src[f"{matrix}.{name}"] for name in (QWEIGHT, SCALES, QZEROS))
+        parts, words, rows = qweight.shape  # [P, K*b/32, N]
+        out[f"{matrix}.packed"] = qweight.transpose(1, 2).reshape(parts * rows, words)  # [P*N, K*b/32]
+        out[f"{matrix}.scale"] = scales.transpose(1, 2).reshape(parts * rows, -1)  # [P*N, G]
+        zero = qzeros.transpose(1, 2).reshape(-1, qzeros.shape[1])  # [P*N*b/32, G]
+        out[f"{matrix}.zero"] = zero if version == 2 else _add_one(zero, bits, matrix)
+    return out
+
+
+def _add_one(words: torch.Tensor, bits: int, matrix: str) -> torch.Tensor:
+    """int32 words of b-bit fields -> the same with each field plus one (GPTQ v1's stored z - 1 -> z)."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(per_word, dtype=torch.int64, device=words.device) * bits  # [per_word]
+    fields = (words.to(torch.int64).unsqueeze(-1) >> shifts) & mask  # [R, G, per_word]
+    if bool((fields == mask).any()):
+        raise MoeOffloadError(f"a GPTQ v1 zero point of {mask + 1} (stored {mask}) in {matrix}: it fits no "
+                              f"{bits}-bit field; this checkpoint needs checkpoint_format gptq_v2")
+    word = ((fields + 1) << shifts).sum(dim=-1)  # [R, G] in [0, 2^32)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def check_g_idx(values: torch.Tensor, spec: QuantSpec, name: str) -> None:
+    """An act-order (desc_act) g_idx must still be k // group_size: the kernels read groups of consecutive
+    inputs, and a permuted one would need the input permuted too."""
+    cols = values.numel()
+    trivial = torch.arange(cols, dtype=torch.int64) // spec.group_of(cols)
+    if not torch.equal(values.to(torch.int64), trivial):
+        raise MoeOffloadError(f"{name}: GPTQ act-order (desc_act) with a permuted g_idx is not supported")
