@@ -295,8 +295,10 @@ class Checkpoint:
     def quantization(self) -> QuantSpec | None:
         """The routed experts' weight quantization (config.json's quantization_config), None where there is none.
         Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors."""
-        outside = next((name for name in sorted(self.dense_names) if name.endswith((f".{PACKED}", f".{gptq.QWEIGHT}"))),
-                       None)
+        is_gptq = isinstance(self.config.get("quantization_config"), dict) and \
+            self.config["quantization_config"].get("quant_method") == "gptq"  # its Linears are dequantized at load
+        marks = (f".{PACKED}",) if is_gptq else (f".{PACKED}", f".{gptq.QWEIGHT}")
+        outside = next((name for name in sorted(self.dense_names) if name.endswith(marks)), None)
         if outside is not None:
             raise MoeOffloadError(f"{outside}: quantized weights outside the routed experts are not supported "
                                   "(attention, routers and shared experts must stay unquantized)")
@@ -349,6 +351,17 @@ class Checkpoint:
         """The GPTQ scheme where config.json's quant_method is gptq (quantization_scheme has checked it)."""
         quant = self.config.get("quantization_config")
         return gptq.gptq_scheme(quant) if self.quantization and quant.get("quant_method") == "gptq" else None
+
+    @functools.cached_property
+    def gptq_linears(self) -> dict[str, dict[str, str]]:
+        """"X.weight" -> {kind: tensor name} of the GPTQ Linears outside the routed experts (attention, shared
+        experts), which the loader dequantizes (gptq_linear_weight); {} unless the checkpoint is GPTQ."""
+        return gptq.dense_linears(self.dense_names) if self.gptq is not None else {}
+
+    def gptq_linear_weight(self, weight: str, shape: tuple[int, int]) -> torch.Tensor:
+        """The dequantized [N, K] weight `weight` (a key of gptq_linears), checked against the model's shape."""
+        entries = {kind: self.tensors[name] for kind, name in self.gptq_linears[weight].items()}
+        return gptq.dense_weight(entries, _read_tensor, shape, self.gptq, weight)
 
     @staticmethod
     def _per_expert_location(per_expert, layer: int, expert: int, hidden: int, inter: int) -> ExpertLocation:
@@ -489,7 +502,7 @@ def _gptq_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
 
 
 def _read_tensor(entry: TensorEntry) -> torch.Tensor:
-    """One small tensor's values, read from its file (a g_idx [K] int32)."""
+    """One tensor's values, read from its file (a g_idx [K] int32, a GPTQ Linear's tensors)."""
     try:
         with open(entry.path, "rb") as handle:
             handle.seek(entry.start)

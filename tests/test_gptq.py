@@ -32,6 +32,7 @@ SCHEMES = {  # name -> (bits, group_size (-1: per channel), checkpoint_format, s
     "int4-g16-v1-sym": (4, 16, "gptq", True),
     "int8-channel-v2-asym": (8, -1, "gptq_v2", False),
 }
+ATTENTION = {"int4-g16-v1-sym"}  # schemes whose attention projections are GPTQ too (dequantized at load)
 
 
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -73,13 +74,14 @@ def gptq_tensors(weight: torch.Tensor, bits: int, group_size: int, version: int,
 
 
 def write_gptq(src: str, dst: str, dequantized: str | None, bits: int, group_size: int, layout: str, sym: bool,
-               desc_act: bool = False, edit=None) -> str:
-    """Copy the tiny checkpoint `src` with its routed experts in GPTQ's layout (and, with `dequantized`, the same
-    model with those experts as GPTQ dequantizes them). edit(name, tensors): a hook to spoil one projection."""
+               desc_act: bool = False, edit=None, attention: bool = False) -> str:
+    """Copy the tiny checkpoint `src` with its routed experts (and, with `attention`, the attention projections,
+    as GPTQ quantizes every Linear of a block) in GPTQ's layout, and with `dequantized` the same model with those
+    weights as GPTQ dequantizes them. edit(name, tensors): a hook to spoil one projection."""
     state = load_file(os.path.join(src, "model.safetensors"))
     quantized, plain = {}, {}
     for name, tensor in state.items():
-        if ".experts." not in name:
+        if ".experts." not in name and not (attention and ".self_attn." in name and name.endswith("_proj.weight")):
             quantized[name] = plain[name] = tensor
             continue
         module = name.removesuffix(".weight")
@@ -115,7 +117,7 @@ def gptq_model(checkpoint_factory, tmp_path_factory):
             root = tmp_path_factory.mktemp(scheme)
             bits, group_size, layout, sym = SCHEMES[scheme]
             made[scheme] = (write_gptq(checkpoint_factory(ARCH), str(root / "q"), str(root / "dq"), bits, group_size,
-                                       layout, sym), str(root / "dq"))
+                                       layout, sym, attention=scheme in ATTENTION), str(root / "dq"))
         return made[scheme]
 
     return get
@@ -146,7 +148,8 @@ def _reference(dequantized: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_int4_v1_matches_transformers_with_the_same_bits_at_every_ratio_and_tier(gptq_model):
-    """GPTQ v1, symmetric int4, group 16: transformers' logits within ATOL and its greedy tokens; ratios 0 (every
+    """GPTQ v1, symmetric int4, group 16, attention quantized too (dequantized at load, as GPTQ computes it):
+    transformers' logits within ATOL and its greedy tokens; ratios 0 (every
     expert from host RAM), 37 from disk (host cache 0) and 100 (all resident) give the same bits, and each miss
     streams the format's bytes (the same as the GPTQ tensors: packed values, scales, zero points)."""
     path, dequantized = gptq_model("int4-g16-v1-sym")
@@ -199,10 +202,31 @@ def test_repack_gives_what_gptq_dequantizes(bits, group_size, version):
 
 
 def test_info_names_gptq_and_its_bytes(gptq_model):
-    info = describe(Checkpoint(gptq_model("int4-g16-v1-sym")[0]))
+    path, dequantized = gptq_model("int4-g16-v1-sym")
+    info = describe(Checkpoint(path))
     assert info["quantization"] == {"bits": 4, "group_size": 16, "symmetric": False, "format": "GPTQ v1"}
     assert {layer["expert_bytes"] for layer in info["layers"]} == {1008}  # g_idx is checked, not streamed
     assert "expert weights   int4, group size 16, with zero points (GPTQ v1)" in format_info(info)
+    # the GPTQ attention is held dequantized (float16 here, the scales' dtype): counted so on the device
+    plain = describe(Checkpoint(dequantized))["non_expert_bytes"]
+    attention = 2 * (32 * 32 * 2 + 16 * 32 * 2) * 2  # per layer q, o [32, 32] and k, v [16, 32]: float32 -> float16
+    assert info["non_expert_bytes"] == plain - attention
+
+
+def test_a_dense_gptq_linear_follows_a_permuted_g_idx():
+    """Outside the experts a GPTQ Linear is dequantized whole, so act-order's permuted g_idx is followed: the
+    weight GPTQ's kernel computes, bit for bit (v1 and v2)."""
+    from moe_offload.checkpoint import TensorEntry
+
+    torch.manual_seed(0)
+    weight = torch.randn(24, 64)
+    g_idx = (torch.arange(64) // 16)[torch.randperm(64)].to(torch.int32)
+    for version, layout in ((1, "gptq"), (2, "gptq_v2")):
+        tensors, want = gptq_tensors(weight, 4, 16, version, sym=False, g_idx=g_idx)
+        entries = {k: TensorEntry(f"x.{k}", "", v.dtype, tuple(v.shape), 0, 0) for k, v in tensors.items()}
+        scheme = gptq.gptq_scheme({"bits": 4, "group_size": 16, "desc_act": True, "checkpoint_format": layout})
+        got = gptq.dense_weight(entries, lambda entry: tensors[entry.name[2:]], (24, 64), scheme, "x.weight")
+        assert got.dtype == torch.float16 and torch.equal(got.float(), want)
 
 
 # -- refused by name, in one line ------------------------------------------------------------------------------

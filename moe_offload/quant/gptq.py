@@ -132,3 +132,64 @@ def check_g_idx(values: torch.Tensor, spec: QuantSpec, name: str) -> None:
     trivial = torch.arange(cols, dtype=torch.int64) // spec.group_of(cols)
     if not torch.equal(values.to(torch.int64), trivial):
         raise MoeOffloadError(f"{name}: GPTQ act-order (desc_act) with a permuted g_idx is not supported")
+
+
+# -- GPTQ Linears outside the routed experts (attention, shared experts): dequantized once, at load ---------------
+
+def dense_linears(names) -> dict[str, dict[str, str]]:
+    """"X.weight" -> {qweight/qzeros/scales/g_idx: tensor name} for every GPTQ Linear X among `names` (the
+    checkpoint's tensors outside the routed experts)."""
+    linears: dict[str, dict[str, str]] = {}
+    for name in names:
+        module, _, kind = name.rpartition(".")
+        if kind in TENSORS + (G_IDX,):
+            linears.setdefault(f"{module}.weight", {})[kind] = name
+    return {weight: kinds for weight, kinds in linears.items() if QWEIGHT in kinds}
+
+
+def dense_weight(entries: Mapping, read, shape: tuple[int, int], scheme: GptqScheme, name: str) -> torch.Tensor:
+    """W [N, K] of one GPTQ Linear outside the experts, in its scales' dtype, as GPTQ's torch kernel computes it:
+    scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]), the product rounded once (exact in float32). These are
+    held dequantized (attention and shared experts are a small part of a MoE model), so act-order's permuted
+    g_idx is simply followed here. entries: kind -> TensorEntry (dtype, shape checked first); read(entry): its
+    values."""
+    spec, (rows, cols) = scheme.spec, shape
+    expected = tensor_shapes(rows, cols, spec)
+    if expected is None:
+        raise MoeOffloadError(f"{name}: GPTQ at {spec.bits} bits needs [{rows}, {cols}] in multiples of "
+                              f"{32 // spec.bits}")
+    for kind, want in expected.items():
+        entry = entries.get(kind)
+        if entry is None:
+            raise MoeOffloadError(f"{name}: checkpoint lacks its GPTQ {kind}")
+        integer = kind != SCALES
+        if (entry.dtype == torch.int32) != integer or tuple(entry.shape) != want:
+            raise MoeOffloadError(f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, "
+                                  f"expected {'int32' if integer else 'floating point'} {list(want)} for a "
+                                  f"[{rows}, {cols}] weight at {spec.bits} bits, {spec.grouping}")
+    qweight, qzeros, scales, g_idx = (read(entries[kind]) for kind in (QWEIGHT, QZEROS, SCALES, G_IDX))
+    groups = scales.shape[0]
+    g = g_idx.to(torch.int64)  # [K]
+    if bool(((g < 0) | (g >= groups)).any()):
+        raise MoeOffloadError(f"{entries[G_IDX].name}: group numbers outside 0..{groups - 1}")
+    q = _fields(qweight, spec.bits, dim=0)  # [K, N]
+    zeros = _fields(qzeros, spec.bits, dim=1)  # [G, N]
+    if scheme.version == 1:
+        if bool((zeros == (1 << spec.bits) - 1).any()):
+            raise MoeOffloadError(f"{entries[QZEROS].name}: a GPTQ v1 zero point of {1 << spec.bits} (stored "
+                                  f"{(1 << spec.bits) - 1}) fits no {spec.bits}-bit field; this checkpoint needs "
+                                  "checkpoint_format gptq_v2")
+        zeros = zeros + 1
+    weight = (q - zeros[g]).float() * scales.float()[g]  # [K, N], exact
+    return weight.to(scales.dtype).t()  # [N, K]
+
+
+def _fields(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words packed along `dim` (first value lowest) -> their unsigned b-bit values, int64, that dim
+    32/b times longer."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits  # [per_word]
+    values = (words.to(torch.int64).unsqueeze(dim + 1) >> shifts.view(-1, *([1] * (words.dim() - dim - 1)))) & mask
+    shape = list(words.shape)
+    shape[dim] *= per_word
+    return values.reshape(shape)

@@ -24,6 +24,10 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
               for layer, tensors in sorted(checkpoint.experts_by_layer.items())]
     spec = checkpoint.quantization
     dense_bytes = sum(checkpoint.tensors[name].nbytes for name in checkpoint.dense_names)
+    for kinds in checkpoint.gptq_linears.values():  # GPTQ Linears outside the experts are held dequantized
+        packed, scales = checkpoint.tensors[kinds["qweight"]], checkpoint.tensors.get(kinds.get("scales"))
+        dense_bytes -= sum(checkpoint.tensors[name].nbytes for name in kinds.values())
+        dense_bytes += packed.shape[0] * (32 // spec.bits) * packed.shape[1] * (scales.dtype.itemsize if scales else 2)
     top_k = check_top_k(text_config(config).get("num_experts_per_tok"), min(l["experts"] for l in layers))
     per_ratio = {}
     for ratio in RATIOS:
