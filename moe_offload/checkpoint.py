@@ -255,6 +255,8 @@ class Checkpoint:
             refuse_unsupported_format(quantization_format({}, folder))
         self.root = root
         self.config: dict = read_config_json(root)
+        if "quantization_config" not in self.config and os.path.isfile(os.path.join(root, "quantize_config.json")):
+            self.config["quantization_config"] = gptq.legacy_config(os.path.join(root, "quantize_config.json"))
         refuse_unsupported_format(quantization_format(self.config, folder))  # before a shard's header is read
         self.files = _safetensors_files(root)
         self.tensors: dict[str, TensorEntry] = {}

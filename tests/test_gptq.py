@@ -284,3 +284,20 @@ def test_a_v1_zero_point_no_field_holds_is_one_line(checkpoint_factory, tmp_path
     path = write_gptq(checkpoint_factory(ARCH), str(tmp_path / "o"), None, 4, 16, "gptq", False, edit=overflow)
     with pytest.raises(MoeOffloadError, match=r"^a GPTQ v1 zero point of 16 \(stored 15\) in gate_up: .* gptq_v2$"):
         LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=0)
+
+
+def test_autogptqs_quantize_config_json_is_read(gptq_model, tmp_path):
+    """Older AutoGPTQ exports keep the scheme in quantize_config.json beside a config.json without one."""
+    import shutil
+
+    path = shutil.copytree(gptq_model("int4-g16-v1-sym")[0], str(tmp_path / "legacy"))
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    quant = config.pop("quantization_config")
+    quant.pop("quant_method")
+    for name, content in (("config.json", config), ("quantize_config.json", quant)):
+        with open(os.path.join(path, name), "w", encoding="utf-8") as handle:
+            json.dump(content, handle)
+    checkpoint = Checkpoint(path)
+    assert checkpoint.gptq == gptq.GptqScheme(QuantSpec(4, 16, False), 1, False)
+    assert checkpoint.expert_locations(0, 8, 32, 16)[0].format.source == "gptq_v1"

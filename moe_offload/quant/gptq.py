@@ -73,6 +73,22 @@ def gptq_scheme(quant: Mapping) -> GptqScheme:
     return GptqScheme(spec, VERSIONS[layout], desc_act)
 
 
+def legacy_config(path: str) -> dict:
+    """AutoGPTQ's quantize_config.json (older exports keep the scheme there, not in config.json) as a
+    quantization_config; quant_method gptq where it does not say."""
+    import json
+
+    from ..errors import read_user_text
+
+    try:
+        quant = json.loads(read_user_text(path, "quantize_config.json"))
+    except json.JSONDecodeError as err:
+        raise MoeOffloadError(f"quantize_config.json is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(quant, dict):
+        raise MoeOffloadError("quantize_config.json is not a JSON object")
+    return {"quant_method": "gptq", **quant}
+
+
 def tensor_shapes(rows: int, cols: int, spec: QuantSpec) -> dict[str, tuple[int, ...]] | None:
     """name -> shape of one projection's GPTQ tensors for W [rows, cols] (out, in); None where GPTQ cannot pack
     it (cols and rows must fill whole int32 words)."""
