@@ -298,7 +298,7 @@ class Checkpoint:
         """The routed experts' weight quantization (config.json's quantization_config), None where there is none.
         Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors."""
         is_gptq = isinstance(self.config.get("quantization_config"), dict) and \
-            self.config["quantization_config"].get("quant_method") == "gptq"  # its Linears are dequantized at load
+            self.config["quantization_config"].get("quant_method") in ("gptq", "awq")  # dequantized at load
         marks = (f".{PACKED}",) if is_gptq else (f".{PACKED}", f".{gptq.QWEIGHT}")
         outside = next((name for name in sorted(self.dense_names) if name.endswith(marks)), None)
         if outside is not None:
@@ -312,11 +312,12 @@ class Checkpoint:
             if quantized is not None:
                 raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
             return None
-        said = "GPTQ" if self.config["quantization_config"].get("quant_method") == "gptq" else "compressed-tensors"
-        found = "GPTQ" if quantized and quantized.rpartition(".")[2] in gptq.TENSORS + (gptq.G_IDX,) else \
-            "compressed-tensors"
-        if quantized is None and said == "GPTQ" and self.experts_by_layer:
-            raise MoeOffloadError(f"config.json's quantization_config is GPTQ, but the routed experts are not "
+        method = self.config["quantization_config"].get("quant_method")
+        said = {"gptq": "GPTQ", "awq": "AWQ"}.get(method, "compressed-tensors")
+        found = "compressed-tensors" if quantized is None or quantized.rpartition(".")[2] not in \
+            gptq.TENSORS + (gptq.G_IDX,) else said if said != "compressed-tensors" else "GPTQ"
+        if quantized is None and said != "compressed-tensors" and self.experts_by_layer:
+            raise MoeOffloadError(f"config.json's quantization_config is {said}, but the routed experts are not "
                                   f"quantized ({self.experts_by_layer[min(self.experts_by_layer)].any_name})")
         if quantized is not None and found != said:
             raise MoeOffloadError(f"{quantized} is a {found} tensor, but config.json's quantization_config is {said}")
@@ -350,9 +351,11 @@ class Checkpoint:
 
     @functools.cached_property
     def gptq(self) -> gptq.GptqScheme | None:
-        """The GPTQ scheme where config.json's quant_method is gptq (quantization_scheme has checked it)."""
+        """The GPTQ (or AWQ) scheme where config.json's quant_method is gptq or awq (quantization_scheme has
+        checked it)."""
         quant = self.config.get("quantization_config")
-        return gptq.gptq_scheme(quant) if self.quantization and quant.get("quant_method") == "gptq" else None
+        method = quant.get("quant_method") if self.quantization else None
+        return gptq.gptq_scheme(quant) if method == "gptq" else gptq.awq_scheme(quant) if method == "awq" else None
 
     @functools.cached_property
     def gptq_linears(self) -> dict[str, dict[str, str]]:
@@ -472,10 +475,10 @@ def _gptq_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
         if role in roles:
             raise MoeOffloadError(f"{roles[role].name}: expert {expert} of layer {layer} mixes quantized and "
                                   "unquantized projections")
-        shapes = gptq.tensor_shapes(rows, cols, spec)
+        shapes = gptq.tensor_shapes(rows, cols, spec, scheme.awq)
         if shapes is None:
-            raise MoeOffloadError(f"GPTQ at {spec.bits} bits needs the experts' dimensions ({rows} x {cols}) to be "
-                                  f"multiples of {32 // spec.bits}")
+            raise MoeOffloadError(f"{scheme.name} at {spec.bits} bits needs the experts' dimensions ({rows} x {cols}) "
+                                  f"to be multiples of {32 // spec.bits}")
         for key, shape in shapes.items():
             entry = roles.get(f"{role}.{key}")
             if entry is None:
@@ -528,6 +531,8 @@ def quantization_scheme(config: dict) -> QuantSpec | None:
     method = config.get("quant_method")
     if method == "gptq":
         return gptq.gptq_scheme(config).spec
+    if method == "awq":
+        return gptq.awq_scheme(config).spec
     if method != "compressed-tensors":
         raise MoeOffloadError(f"quantization method {method!r} is not supported: moe-offload reads compressed-tensors "
                               "pack-quantized checkpoints (int4/int8 weight-only)")

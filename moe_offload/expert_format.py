@@ -96,7 +96,7 @@ class ExpertFormat:
     """The planes of one routed expert of I x H (intermediate x hidden) in a byte row.
 
     dtype: the dense weights' dtype, or a quantized format's scale dtype. quant: None for dense weights.
-    source: "" for the engine's planes; "gptq_v1"/"gptq_v2" for a GPTQ checkpoint's (a storage format only:
+    source: "" for the engine's planes; "gptq_v1"/"gptq_v2"/"awq" for a GPTQ or AWQ checkpoint's (storage only:
     copy_row repacks it into `held()`, what tiers, slots and kernels hold)."""
 
     inter: int
@@ -118,7 +118,7 @@ class ExpertFormat:
         if self.quant is None:
             return [("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)]
         if self.source:
-            return gptq.plane_specs(inter, hidden, self.quant, self.dtype)
+            return gptq.plane_specs(inter, hidden, self.quant, self.dtype, self.source)
         specs = []
         for matrix, parts, rows, cols in (("gate_up", 2, inter, hidden), ("down", 1, hidden, inter)):
             groups = -(-cols // self.group_span)
@@ -192,7 +192,7 @@ class ExpertFormat:
         if src_format == self:
             dst.copy_(src[:self.row_bytes], non_blocking=non_blocking)
             return
-        if src_format.source and src_format.held() == self:  # GPTQ: transposed where src lies, then copied
+        if src_format.source and src_format.held() == self:  # GPTQ, AWQ: repacked where src lies, then copied
             planes = gptq.repack(src_format.plane_views(src[:src_format.row_bytes]), src_format.source,
                                  self.quant.bits)
             for name, view in self.plane_views(dst).items():
@@ -210,7 +210,7 @@ class ExpertFormat:
         if self.quant is None:
             return dtype
         kind = "symmetric" if self.quant.symmetric else "asymmetric"
-        stored = f", {self.source.replace('_', ' ')} layout" if self.source else ""
+        stored = f", {self.source.replace('_', ' ').upper().replace(' V', ' v')} layout" if self.source else ""
         return f"int{self.quant.bits}, {self.quant.grouping}, {kind}, {dtype} scales{stored}"
 
 

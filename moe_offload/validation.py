@@ -84,7 +84,7 @@ def config_expert_count(config: Mapping) -> tuple[str, int] | None:
 
 # Formats the loader reads. A new reader (GPTQ, FP8, ...) adds its name here and its tensors' dtypes to
 # QUANTIZED_TENSOR_DTYPES; quantization_format() below keeps recognising every format either way.
-SUPPORTED_FORMATS = {"compressed-tensors", "GPTQ"}
+SUPPORTED_FORMATS = {"compressed-tensors", "GPTQ", "AWQ"}
 _METHODS = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "fbgemm_fp8": "FP8",
             "mxfp4": "MXFP4", "gguf": "GGUF", "hqq": "HQQ", "eetq": "EETQ", "quanto": "quanto", "aqlm": "AQLM",
             "torchao": "torchao", "vptq": "VPTQ", "higgs": "HIGGS", "bitnet": "BitNet", "auto-round": "AutoRound",
@@ -168,7 +168,8 @@ def refuse_unsupported_format(found: tuple[str, str] | None) -> None:
     fmt, where = found
     what = fmt if fmt.startswith("quant_method") else f"{fmt} quantization"
     raise MoeOffloadError(f"{what} ({where}) is not supported: moe-offload reads unquantized BF16/F16/F32 "
-                          "checkpoints and int4/int8 experts in compressed-tensors pack-quantized or GPTQ format")
+                          "checkpoints and int4/int8 experts in compressed-tensors pack-quantized, GPTQ or AWQ "
+                          "format")
 
 
 # -- dtypes -----------------------------------------------------------------------------------------------------

@@ -31,8 +31,9 @@ ATOL = 1e-4
 SCHEMES = {  # name -> (bits, group_size (-1: per channel), checkpoint_format, sym)
     "int4-g16-v1-sym": (4, 16, "gptq", True),
     "int8-channel-v2-asym": (8, -1, "gptq_v2", False),
+    "awq-int4-g16": (4, 16, "awq", False),
 }
-ATTENTION = {"int4-g16-v1-sym"}  # schemes whose attention projections are GPTQ too (dequantized at load)
+ATTENTION = {"int4-g16-v1-sym", "awq-int4-g16"}  # schemes whose attention projections are GPTQ too (dequantized at load)
 
 
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -73,6 +74,27 @@ def gptq_tensors(weight: torch.Tensor, bits: int, group_size: int, version: int,
     return tensors, ((q - z).float() * s).half().float().t().contiguous()  # [N, K]
 
 
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's packer: nibble i of a word holds column 8c + AWQ_ORDER[i]
+
+
+def _pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit values [R, C] -> int32 [R, C / 8], packed along dim 1 in AWQ's interleaved order."""
+    words = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for i, column in enumerate(AWQ_ORDER):
+        words |= values[:, column::8].to(torch.int64) << (4 * i)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def awq_tensors(weight: torch.Tensor, group_size: int) -> tuple[dict, torch.Tensor]:
+    """AWQ GEMM's tensors of W [N, K] (the same integers as gptq_tensors' v2, packed along N) and W as AWQ's
+    kernel dequantizes them."""
+    tensors, dequantized = gptq_tensors(weight, 4, group_size, 2, sym=False)
+    q = torch.stack([(tensors["qweight"].to(torch.int64) >> (4 * j)) & 15 for j in range(8)], 1)  # [K/8, 8, N]
+    z = torch.stack([(tensors["qzeros"].to(torch.int64) >> (4 * j)) & 15 for j in range(8)], 2)  # [G, N/8, 8]
+    return {"qweight": _pack_awq(q.reshape(-1, q.shape[-1])), "qzeros": _pack_awq(z.reshape(z.shape[0], -1)),
+            "scales": tensors["scales"]}, dequantized
+
+
 def write_gptq(src: str, dst: str, dequantized: str | None, bits: int, group_size: int, layout: str, sym: bool,
                desc_act: bool = False, edit=None, attention: bool = False) -> str:
     """Copy the tiny checkpoint `src` with its routed experts (and, with `attention`, the attention projections,
@@ -85,7 +107,10 @@ def write_gptq(src: str, dst: str, dequantized: str | None, bits: int, group_siz
             quantized[name] = plain[name] = tensor
             continue
         module = name.removesuffix(".weight")
-        tensors, weight = gptq_tensors(tensor, bits, group_size, gptq.VERSIONS[layout], sym)
+        if layout == "awq":
+            tensors, weight = awq_tensors(tensor, group_size)
+        else:
+            tensors, weight = gptq_tensors(tensor, bits, group_size, gptq.VERSIONS[layout], sym)
         if edit is not None:
             edit(module, tensors)
         quantized.update({f"{module}.{key}": value for key, value in tensors.items()})
@@ -98,7 +123,10 @@ def write_gptq(src: str, dst: str, dequantized: str | None, bits: int, group_siz
         os.makedirs(folder, exist_ok=True)
         save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         written = dict(config)
-        if folder == dst:  # the keys GPTQModel / optimum write
+        if folder == dst and layout == "awq":  # the keys AutoAWQ writes
+            written["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size,
+                                              "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+        elif folder == dst:  # the keys GPTQModel / optimum write
             written["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                               "desc_act": desc_act, "sym": sym, "checkpoint_format": layout,
                                               "damp_percent": 0.01, "true_sequential": True, "static_groups": False}
@@ -178,16 +206,29 @@ def test_int8_v2_per_channel_with_zero_points_matches_transformers(gptq_model):
     assert stats["expert_format"] == "int8, channel-wise, asymmetric, float16 scales"
 
 
-@pytest.mark.parametrize("bits, group_size, version", [(4, 8, 1), (4, -1, 2), (8, 16, 1), (8, 8, 2)])
+def test_awq_gemm_matches_transformers(gptq_model):
+    """AWQ (GEMM, int4, group 16, zero points), experts and attention: from disk at ratio 37, transformers'
+    logits within ATOL on what AWQ computes, and its greedy tokens; the bytes per expert are GPTQ's."""
+    path, dequantized = gptq_model("awq-int4-g16")
+    ref_logits, ref_tokens = _reference(dequantized)
+    logits, tokens, stats = _run(path, MOE_OFFLOAD_RATIO=37, MOE_HOST_CACHE=0)
+    assert (logits - ref_logits).abs().max().item() <= ATOL
+    assert torch.equal(tokens, ref_tokens)
+    assert stats["expert_bytes"] == 1008 and stats["expert_format"] == "int4, group 16, asymmetric, float16 scales"
+    assert describe(Checkpoint(path))["quantization"]["format"] == "AWQ"
+
+
+@pytest.mark.parametrize("bits, group_size, version", [(4, 8, 1), (4, -1, 2), (8, 16, 1), (8, 8, 2), (4, 8, "awq")])
 def test_repack_gives_what_gptq_dequantizes(bits, group_size, version):
-    """One expert's GPTQ row, repacked (ExpertFormat.copy_row) into the engine's planes, dequantizes
+    """One expert's GPTQ (or AWQ) row, repacked (ExpertFormat.copy_row) into the engine's planes, dequantizes
     (reference.dequantize, then rounded to the scales' float16) to exactly what GPTQ's kernel computes."""
     torch.manual_seed(bits + group_size)
     inter, hidden = 16, 40
     weights = {"gate": torch.randn(inter, hidden), "up": torch.randn(inter, hidden), "down": torch.randn(hidden, inter)}
-    made = {role: gptq_tensors(w, bits, group_size, version, sym=False) for role, w in weights.items()}
+    made = {role: awq_tensors(w, group_size) if version == "awq" else gptq_tensors(w, bits, group_size, version, False)
+            for role, w in weights.items()}
     spec = QuantSpec(bits, None if group_size == -1 else group_size, False)
-    stored = ExpertFormat(inter, hidden, torch.float16, spec, f"gptq_v{version}")
+    stored = ExpertFormat(inter, hidden, torch.float16, spec, "awq" if version == "awq" else f"gptq_v{version}")
     row = torch.zeros(stored.row_bytes, dtype=torch.uint8)
     for name, view in stored.plane_views(row).items():
         matrix, kind = name.split(".")

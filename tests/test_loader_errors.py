@@ -184,10 +184,13 @@ CASES = {
     "bitsandbytes": (_quant_config(quant_method="bitsandbytes", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
                      ["bitsandbytes quantization", "not supported"], "headers"),
     "bitsandbytes_without_quant_method": (_quant_config(load_in_8bit=True), ["bitsandbytes quantization"], "headers"),
-    "awq": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemm"),
-            ["AWQ quantization", "not supported"], "headers"),
-    "awq_tensors": (_awq_tensors, ["AWQ quantization", "qweight", "not supported"], "headers"),
-    # GPTQ is read (tests/test_gptq.py), but not a GPTQ config over unquantized experts nor GPTQ tensors without one
+    "awq_gemv": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemv"),
+                 ["AWQ version 'gemv' is not supported"], "headers"),
+    # GPTQ and AWQ are read (tests/test_gptq.py), but not their config over unquantized experts nor their
+    # tensors without one
+    "awq_config": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemm"),
+                   ["quantization_config is AWQ", "routed experts are not quantized"], "headers"),
+    "awq_tensors": (_awq_tensors, ["qweight is a quantized tensor", "no quantization_config"], "headers"),
     "gptq_config": (_quant_config(quant_method="gptq", bits=4, group_size=128, desc_act=False),
                     ["quantization_config is GPTQ", "routed experts are not quantized"], "headers"),
     "gptq_qweight_tensors": (_gptq_tensors, ["qweight is a quantized tensor", "no quantization_config"], "headers"),

@@ -1,5 +1,6 @@
-"""GPTQ checkpoints (AutoGPTQ / GPTQModel / optimum, `quant_method: gptq`): their scheme, their tensors, and the
-repack into the compressed-tensors planes the engine's kernels read.
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel / optimum, `quant_method: gptq`) and AWQ's GEMM layout (AutoAWQ,
+`quant_method: awq`, the same tensor names packed the other way): their scheme, their tensors, and the repack
+into the compressed-tensors planes the engine's kernels read.
 
 Why a repack rather than GPTQ kernels: a GPTQ matrix holds the very integers and scales of a compressed-tensors
 pack-quantized asymmetric one, only transposed. For a Linear of W [N, K] (out, in), b bits, G groups:
@@ -22,6 +23,14 @@ The repack runs where a checkpoint row becomes an engine row (expert_format.Expe
 tier is filled and on each disk read, by this one function on integers, so every tier holds the same bits.
 Act-order with a permuted g_idx is refused (the kernels take groups of consecutive inputs); with desc_act False
 the g_idx values are not read, as vLLM's and ExLlama's GPTQ kernels do not read them.
+
+AWQ (version "gemm", int4 with zero points) stores the same integers packed along N instead of K:
+  qweight  int32 [K, N/8]   q[k, n] in word [k, n / 8] at nibble AWQ_ORDER.index(n % 8)
+  qzeros   int32 [G, N/8]   z[g, n] likewise
+  scales   float [G, N]
+(AutoAWQ's packer puts column 8c + [0, 2, 4, 6, 1, 3, 5, 7][i] in nibble i; its readers undo it with [0, 4, 1, 5,
+2, 6, 3, 7]), W[n, k] = scales[k // g, n] * (q[k, n] - z[k // g, n]), no offset and no g_idx. Its repack
+unpacks the nibbles and packs them along K: integers again, the same bytes.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from .format import QuantSpec
 QWEIGHT, QZEROS, SCALES, G_IDX = "qweight", "qzeros", "scales", "g_idx"
 TENSORS = (QWEIGHT, QZEROS, SCALES)  # what an expert's row holds, per projection; g_idx is checked, not held
 VERSIONS = {"gptq": 1, "gptq_v2": 2}
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c + AWQ_ORDER[i]
 
 
 @dataclass(frozen=True)
@@ -47,11 +57,17 @@ class GptqScheme:
     spec: QuantSpec
     version: int
     desc_act: bool
+    awq: bool = False  # AWQ's GEMM layout (zero points as they are: version 2's convention)
 
     @property
     def source(self) -> str:
         """The storage layout's name in expert_format.ExpertFormat.source."""
-        return f"gptq_v{self.version}"
+        return "awq" if self.awq else f"gptq_v{self.version}"
+
+    @property
+    def name(self) -> str:
+        """'GPTQ v1', 'GPTQ v2' or 'AWQ', for info and messages."""
+        return "AWQ" if self.awq else f"GPTQ v{self.version}"
 
 
 def gptq_scheme(quant: Mapping) -> GptqScheme:
@@ -73,6 +89,22 @@ def gptq_scheme(quant: Mapping) -> GptqScheme:
     return GptqScheme(spec, VERSIONS[layout], desc_act)
 
 
+def awq_scheme(quant: Mapping) -> GptqScheme:
+    """config.json's quantization_config for quant_method awq (AutoAWQ's GEMM checkpoints), or one line naming
+    what is not supported."""
+    bits, group_size = quant.get("bits", quant.get("w_bit")), quant.get("group_size", quant.get("q_group_size", 128))
+    if bits != 4:
+        raise MoeOffloadError(f"{bits}-bit AWQ weights are not supported (4 bits)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise MoeOffloadError(f"AWQ group_size {group_size!r} is not supported (a positive integer, or -1)")
+    layout = str(quant.get("version") or quant.get("format") or "gemm").lower()
+    if layout != "gemm":
+        raise MoeOffloadError(f"AWQ version {layout!r} is not supported (gemm only)")
+    if quant.get("zero_point", True) is not True:
+        raise MoeOffloadError("AWQ without zero points (zero_point false) is not supported")
+    return GptqScheme(QuantSpec(4, None if group_size == -1 else group_size, False), 2, False, awq=True)
+
+
 def legacy_config(path: str) -> dict:
     """AutoGPTQ's quantize_config.json (older exports keep the scheme there, not in config.json) as a
     quantization_config; quant_method gptq where it does not say."""
@@ -89,23 +121,26 @@ def legacy_config(path: str) -> dict:
     return {"quant_method": "gptq", **quant}
 
 
-def tensor_shapes(rows: int, cols: int, spec: QuantSpec) -> dict[str, tuple[int, ...]] | None:
-    """name -> shape of one projection's GPTQ tensors for W [rows, cols] (out, in); None where GPTQ cannot pack
-    it (cols and rows must fill whole int32 words)."""
+def tensor_shapes(rows: int, cols: int, spec: QuantSpec, awq: bool = False) -> dict[str, tuple[int, ...]] | None:
+    """name -> shape of one projection's GPTQ (or AWQ) tensors for W [rows, cols] (out, in); None where the
+    layout cannot pack it (what it packs must fill whole int32 words)."""
     per_word = 32 // spec.bits
-    if rows % per_word or cols % per_word:
+    if rows % per_word or (cols % per_word and not awq):
         return None
     groups = 1 if spec.group_size is None else -(-cols // spec.group_size)
+    if awq:
+        return {QWEIGHT: (cols, rows // per_word), QZEROS: (groups, rows // per_word), SCALES: (groups, rows)}
     return {QWEIGHT: (cols // per_word, rows), QZEROS: (groups, rows // per_word), SCALES: (groups, rows),
             G_IDX: (cols,)}
 
 
-def plane_specs(inter: int, hidden: int, spec: QuantSpec, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
-    """The planes of one expert's row as a GPTQ checkpoint stores it: per matrix (gate_up: gate's then up's
-    tensors, stacked on a leading parts dim; down: one), qweight, scales, qzeros. (ExpertFormat._plane_specs.)"""
+def plane_specs(inter: int, hidden: int, spec: QuantSpec, dtype: torch.dtype,
+                source: str) -> list[tuple[str, tuple, torch.dtype]]:
+    """The planes of one expert's row as a GPTQ (or AWQ) checkpoint stores it: per matrix (gate_up: gate's then
+    up's tensors, stacked on a leading parts dim; down: one), qweight, scales, qzeros. (ExpertFormat.)"""
     specs = []
     for matrix, parts, rows, cols in (("gate_up", 2, inter, hidden), ("down", 1, hidden, inter)):
-        shapes = tensor_shapes(rows, cols, spec)
+        shapes = tensor_shapes(rows, cols, spec, source == "awq")
         assert shapes is not None, "checked at load (checkpoint._gptq_location)"
         specs += [(f"{matrix}.{QWEIGHT}", (parts, *shapes[QWEIGHT]), torch.int32),
                   (f"{matrix}.{SCALES}", (parts, *shapes[SCALES]), dtype),
@@ -117,6 +152,8 @@ def repack(src: Mapping[str, torch.Tensor], source: str, bits: int) -> dict[str,
     """The compressed-tensors planes of one expert (expert_format's `<m>.packed`, `<m>.scale`, `<m>.zero`) from
     its GPTQ planes (plane_specs' views of one row, `source` GptqScheme.source): transposes, and for v1 zero
     points one added to each field."""
+    if source == "awq":
+        return _repack_awq(src, bits)
     version = {f"gptq_v{v}": v for v in VERSIONS.values()}[source]
     out = {}
     for matrix in ("gate_up", "down"):
@@ -127,6 +164,38 @@ def repack(src: Mapping[str, torch.Tensor], source: str, bits: int) -> dict[str,
         zero = qzeros.transpose(1, 2).reshape(-1, qzeros.shape[1])  # [P*N*b/32, G]
         out[f"{matrix}.zero"] = zero if version == 2 else _add_one(zero, bits, matrix)
     return out
+
+
+def _repack_awq(src: Mapping[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """repack() for AWQ's GEMM planes: the nibbles put back in column order, then packed along K (values) and
+    down the rows (zero points), as compressed-tensors packs them."""
+    out = {}
+    for matrix in ("gate_up", "down"):
+        qweight, scales, qzeros = (src[f"{matrix}.{name}"] for name in (QWEIGHT, SCALES, QZEROS))
+        parts, cols, _ = qweight.shape  # [P, K, N/8]
+        q = torch.cat([_awq_columns(part) for part in qweight])  # [P*N, K] (qweight's [K, N] per part, transposed)
+        zero = torch.cat([_awq_columns(part) for part in qzeros])  # [P*N, G]
+        out[f"{matrix}.packed"] = _pack_rows(q, bits)  # [P*N, ceil(K*b/32)]
+        out[f"{matrix}.scale"] = scales.transpose(1, 2).reshape(-1, scales.shape[1])  # [P*N, G]
+        out[f"{matrix}.zero"] = torch.cat([_pack_rows(part.t(), bits).t() for part in zero.chunk(parts)])
+    return out
+
+
+def _awq_columns(words: torch.Tensor) -> torch.Tensor:
+    """AWQ words [R, N/8] -> their values in column order, transposed: int64 [N, R]."""
+    values = _fields(words, 4, dim=1).view(words.shape[0], -1, 8)  # [R, N/8, nibble]
+    return values[:, :, torch.tensor([AWQ_ORDER.index(j) for j in range(8)])].reshape(words.shape[0], -1).t()
+
+
+def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned b-bit values [R, C] (int64) -> int32 [R, ceil(C*b/32)], packed along dim 1, first value lowest,
+    the last word padded with zero bits (compressed-tensors' order)."""
+    per_word = 32 // bits
+    words = -(-values.shape[1] // per_word)
+    padded = torch.nn.functional.pad(values, (0, words * per_word - values.shape[1]))
+    shifts = torch.arange(per_word, dtype=torch.int64, device=values.device) * bits
+    word = (padded.view(values.shape[0], words, per_word) << shifts).sum(dim=-1)  # [R, words] in [0, 2^32)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 def _add_one(words: torch.Tensor, bits: int, matrix: str) -> torch.Tensor:
@@ -164,13 +233,14 @@ def dense_linears(names) -> dict[str, dict[str, str]]:
 
 
 def dense_weight(entries: Mapping, read, shape: tuple[int, int], scheme: GptqScheme, name: str) -> torch.Tensor:
-    """W [N, K] of one GPTQ Linear outside the experts, in its scales' dtype, as GPTQ's torch kernel computes it:
+    """W [N, K] of one GPTQ (or AWQ) Linear outside the experts, in its scales' dtype, as GPTQ's torch kernel
+    computes it:
     scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]), the product rounded once (exact in float32). These are
     held dequantized (attention and shared experts are a small part of a MoE model), so act-order's permuted
     g_idx is simply followed here. entries: kind -> TensorEntry (dtype, shape checked first); read(entry): its
     values."""
     spec, (rows, cols) = scheme.spec, shape
-    expected = tensor_shapes(rows, cols, spec)
+    expected = tensor_shapes(rows, cols, spec, scheme.awq)
     if expected is None:
         raise MoeOffloadError(f"{name}: GPTQ at {spec.bits} bits needs [{rows}, {cols}] in multiples of "
                               f"{32 // spec.bits}")
@@ -183,13 +253,17 @@ def dense_weight(entries: Mapping, read, shape: tuple[int, int], scheme: GptqSch
             raise MoeOffloadError(f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, "
                                   f"expected {'int32' if integer else 'floating point'} {list(want)} for a "
                                   f"[{rows}, {cols}] weight at {spec.bits} bits, {spec.grouping}")
-    qweight, qzeros, scales, g_idx = (read(entries[kind]) for kind in (QWEIGHT, QZEROS, SCALES, G_IDX))
+    qweight, qzeros, scales = (read(entries[kind]) for kind in (QWEIGHT, QZEROS, SCALES))
     groups = scales.shape[0]
-    g = g_idx.to(torch.int64)  # [K]
-    if bool(((g < 0) | (g >= groups)).any()):
-        raise MoeOffloadError(f"{entries[G_IDX].name}: group numbers outside 0..{groups - 1}")
-    q = _fields(qweight, spec.bits, dim=0)  # [K, N]
-    zeros = _fields(qzeros, spec.bits, dim=1)  # [G, N]
+    if scheme.awq:
+        g = torch.arange(cols) // spec.group_of(cols)  # [K]
+        q, zeros = _awq_columns(qweight).t(), _awq_columns(qzeros).t()  # [K, N], [G, N]
+    else:
+        g = read(entries[G_IDX]).to(torch.int64)  # [K]
+        if bool(((g < 0) | (g >= groups)).any()):
+            raise MoeOffloadError(f"{entries[G_IDX].name}: group numbers outside 0..{groups - 1}")
+        q = _fields(qweight, spec.bits, dim=0)  # [K, N]
+        zeros = _fields(qzeros, spec.bits, dim=1)  # [G, N]
     if scheme.version == 1:
         if bool((zeros == (1 << spec.bits) - 1).any()):
             raise MoeOffloadError(f"{entries[QZEROS].name}: a GPTQ v1 zero point of {1 << spec.bits} (stored "

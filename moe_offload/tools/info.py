@@ -85,7 +85,7 @@ def _weights(quantization: dict | None) -> str:
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
     size = quantization["group_size"]
     grouping = "channel-wise" if size is None else f"group size {size}"
-    if quantization["format"].startswith("GPTQ"):  # zero points stored either way: held as asymmetric
+    if quantization["format"] != "compressed-tensors":  # GPTQ, AWQ: zero points stored either way
         return f"int{quantization['bits']}, {grouping}, with zero points ({quantization['format']})"
     return f"int{quantization['bits']}, {grouping}, {kind} ({quantization['format']})"
 
@@ -94,4 +94,4 @@ def _format(checkpoint: Checkpoint) -> str:
     """The experts' quantized format as stored: 'compressed-tensors', or 'GPTQ v1' / 'GPTQ v2' (the zero-point
     convention, quant/gptq.py)."""
     scheme = checkpoint.gptq
-    return "compressed-tensors" if scheme is None else f"GPTQ v{scheme.version}"
+    return "compressed-tensors" if scheme is None else scheme.name
