@@ -11,9 +11,9 @@ Expert layouts understood:
   quantized per-expert (compressed-tensors pack-quantized, int4/int8 group-wise, weight only):
       `...experts.E.<proj>.{weight_packed, weight_scale[, weight_zero_point], weight_shape}`, with config.json's
       `quantization_config` saying so (quantization_scheme); channel-wise schemes are one group per row.
-  quantized per-expert (GPTQ, int4/int8): `...experts.E.<proj>.{qweight, qzeros, scales, g_idx}` with
-      `quant_method: gptq`: located in GPTQ's own layout and repacked into compressed-tensors' planes as each
-      expert is read (quant/gptq.py); other quantization methods are refused by name.
+  quantized per-expert (GPTQ int4/int8, AWQ int4): `...experts.E.<proj>.{qweight, qzeros, scales[, g_idx]}`
+      with `quant_method: gptq` or `awq`: located in their own layout and repacked into compressed-tensors'
+      planes as each expert is read (quant/gptq.py); other quantization methods are refused by name.
 Either way an expert becomes an ExpertLocation: its format (expert_format.py) and, per plane of that format, the
 byte ranges that fill it back to back (gate before up), so a disk read never needs to know the format.
 """

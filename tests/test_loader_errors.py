@@ -201,6 +201,8 @@ CASES = {
                       config_groups={"group_0": {"format": "nvfp4-pack-quantized", "targets": ["Linear"],
                                                  "weights": {"num_bits": 4, "type": "float", "group_size": 16}}}),
         ["NVFP4 quantization", "not supported"], "headers"),
+    "nvfp4_tensors": (_add_tensor("model.layers.0.mlp.experts.0.gate_proj.weight_global_scale", (1,)),
+                      ["NVFP4 quantization", "weight_global_scale", "not supported"], "headers"),
     "nvfp4_modelopt": (_quant_config(quant_method="modelopt", quant_algo="NVFP4"), ["NVFP4 quantization"],
                        "headers"),
     "mxfp4": (_quant_config(quant_method="mxfp4"), ["MXFP4 quantization", "not supported"], "headers"),
@@ -253,6 +255,15 @@ def test_info_refuses(name, broken, capsys):
 def test_generate_refuses(name, broken, capsys):
     path = broken(name)
     _one_line(capsys, ["generate", "hello", "--device", "cpu", "-n", "2", "--model", path], CASES[name][1], path)
+
+
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_a_gguf_file_given_as_the_model_is_named(command, tmp_path, capsys):
+    """A .gguf file itself (not a folder) as the model: its format, in one line, before anything is opened."""
+    path = tmp_path / "model-Q4_K_M.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    argv = ["info", str(path)] if command == "info" else ["generate", "hi", "--device", "cpu", "--model", str(path)]
+    _one_line(capsys, argv, ["GGUF quantization", "model-Q4_K_M.gguf", "not supported"], str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["config_with_fewer_layers", "expert_bias_the_model_has_no_place_for",
