@@ -312,14 +312,15 @@ class Checkpoint:
             if quantized is not None:
                 raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
             return None
-        method = self.config["quantization_config"].get("quant_method")
-        said = {"gptq": "GPTQ", "awq": "AWQ"}.get(method, "compressed-tensors")
-        found = "compressed-tensors" if quantized is None or quantized.rpartition(".")[2] not in \
-            gptq.TENSORS + (gptq.G_IDX,) else said if said != "compressed-tensors" else "GPTQ"
-        if quantized is None and said != "compressed-tensors" and self.experts_by_layer:
-            raise MoeOffloadError(f"config.json's quantization_config is {said}, but the routed experts are not "
-                                  f"quantized ({self.experts_by_layer[min(self.experts_by_layer)].any_name})")
-        if quantized is not None and found != said:
+        said = {"gptq": "GPTQ", "awq": "AWQ"}.get(self.config["quantization_config"].get("quant_method"),
+                                                   "compressed-tensors")
+        if quantized is None:
+            if said != "compressed-tensors" and self.experts_by_layer:  # compressed-tensors may `ignore` experts
+                raise MoeOffloadError(f"config.json's quantization_config is {said}, but the routed experts are not "
+                                      f"quantized ({self.experts_by_layer[min(self.experts_by_layer)].any_name})")
+            return spec
+        found = "GPTQ/AWQ" if quantized.rpartition(".")[2] in gptq.TENSORS + (gptq.G_IDX,) else "compressed-tensors"
+        if (found == "compressed-tensors") != (said == "compressed-tensors"):
             raise MoeOffloadError(f"{quantized} is a {found} tensor, but config.json's quantization_config is {said}")
         return spec
 
@@ -569,6 +570,7 @@ def quantization_scheme(config: dict) -> QuantSpec | None:
                                   "a positive group size)")
         schemes.add((bits, group_size, bool(weights.get("symmetric", True))))
     if len(schemes) > 1:
-        raise MoeOffloadError(f"several weight quantization schemes {sorted(schemes, key=str)} are not supported (one only)")
+        raise MoeOffloadError(f"several weight quantization schemes {sorted(schemes, key=str)} are not supported "
+                              "(one only)")
     bits, group_size, symmetric = schemes.pop()
     return QuantSpec(bits, group_size, symmetric)

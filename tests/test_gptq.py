@@ -33,7 +33,7 @@ SCHEMES = {  # name -> (bits, group_size (-1: per channel), checkpoint_format, s
     "int8-channel-v2-asym": (8, -1, "gptq_v2", False),
     "awq-int4-g16": (4, 16, "awq", False),
 }
-ATTENTION = {"int4-g16-v1-sym", "awq-int4-g16"}  # schemes whose attention projections are GPTQ too (dequantized at load)
+ATTENTION = {"int4-g16-v1-sym", "awq-int4-g16"}  # attention projections quantized too (dequantized at load)
 
 
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -232,7 +232,8 @@ def test_repack_gives_what_gptq_dequantizes(bits, group_size, version):
     row = torch.zeros(stored.row_bytes, dtype=torch.uint8)
     for name, view in stored.plane_views(row).items():
         matrix, kind = name.split(".")
-        view.copy_(torch.stack([made[role][0][kind] for role in (("gate", "up") if matrix == "gate_up" else ("down",))]))
+        roles = ("gate", "up") if matrix == "gate_up" else ("down",)
+        view.copy_(torch.stack([made[role][0][kind] for role in roles]))
     held = stored.held()
     assert held.nbytes == stored.nbytes and held.source == ""
     engine_row = torch.zeros(held.row_bytes, dtype=torch.uint8)

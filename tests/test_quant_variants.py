@@ -107,7 +107,8 @@ def test_experts_read_from_disk_are_the_librarys_decompress(tmp_path, spec):
     torch.manual_seed(spec.bits)
     tensors, want = {}, {}
     for e in range(experts):
-        for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+        for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                            ("down_proj", (hidden, inter))):
             made, weight = compress(torch.randn(shape) * 0.05, spec)
             module = f"model.layers.0.mlp.experts.{e}.{proj}"
             tensors.update({f"{module}.{key}": value for key, value in made.items()})

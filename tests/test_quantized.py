@@ -248,8 +248,8 @@ def _weights(config: dict) -> dict:
 
 @pytest.mark.parametrize("edit,words", [
     (lambda c: c.update(quant_method="gptq"), "None-bit GPTQ weights are not supported"),
-    (lambda c: c.update(quant_method="gptq", bits=4, group_size=16, format="gptq"), "weight_\\w+ is a compressed-tensors tensor, but config.json's "
-                                              "quantization_config is GPTQ"),
+    (lambda c: c.update(quant_method="gptq", bits=4, group_size=16, format="gptq"),
+     "weight_\\w+ is a compressed-tensors tensor, but config.json's quantization_config is GPTQ"),
     (lambda c: c.update(format="float-quantized") or c["config_groups"]["group_0"].update(format=None),
      "FP8 quantization .*format 'float-quantized'. is not supported"),
     (lambda c: _weights(c).update(actorder="group"), "act-order"),
