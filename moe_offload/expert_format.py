@@ -192,9 +192,9 @@ class ExpertFormat:
         if src_format == self:
             dst.copy_(src[:self.row_bytes], non_blocking=non_blocking)
             return
-        if src_format.source and src_format.held() == self:  # GPTQ, AWQ: repacked where src lies, then copied
-            planes = gptq.repack(src_format.plane_views(src[:src_format.row_bytes]), src_format.source,
-                                 self.quant.bits)
+        if src_format.source and src_format.held() == self:  # GPTQ, AWQ: repacked on dst's device
+            raw = src[:src_format.row_bytes].to(dst.device, non_blocking=non_blocking)  # a disk read's staging row
+            planes = gptq.repack(src_format.plane_views(raw), src_format.source, self.quant.bits)
             for name, view in self.plane_views(dst).items():
                 view.copy_(planes[name], non_blocking=non_blocking)
             return
