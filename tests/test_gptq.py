@@ -208,12 +208,15 @@ def test_int8_v2_per_channel_with_zero_points_matches_transformers(gptq_model):
 
 def test_awq_gemm_matches_transformers(gptq_model):
     """AWQ (GEMM, int4, group 16, zero points), experts and attention: from disk at ratio 37, transformers'
-    logits within ATOL on what AWQ computes, and its greedy tokens; the bytes per expert are GPTQ's."""
+    logits within ATOL on what AWQ computes, and its greedy tokens; from host RAM at ratio 0 the same bits; the
+    bytes per expert are GPTQ's."""
     path, dequantized = gptq_model("awq-int4-g16")
     ref_logits, ref_tokens = _reference(dequantized)
     logits, tokens, stats = _run(path, MOE_OFFLOAD_RATIO=37, MOE_HOST_CACHE=0)
     assert (logits - ref_logits).abs().max().item() <= ATOL
     assert torch.equal(tokens, ref_tokens)
+    from_host = _run(path, MOE_OFFLOAD_RATIO=0)
+    assert torch.equal(from_host[0], logits) and torch.equal(from_host[1], tokens)
     assert stats["expert_bytes"] == 1008 and stats["expert_format"] == "int4, group 16, asymmetric, float16 scales"
     assert describe(Checkpoint(path))["quantization"]["format"] == "AWQ"
 

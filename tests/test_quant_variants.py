@@ -71,7 +71,8 @@ def write_compressed(src: str, dst: str, dequantized: str | None, spec: QuantSpe
 
 def test_w8a16_channel_wise_matches_transformers(checkpoint_factory, tmp_path):
     """llm-compressor's W8A16 preset (int8, symmetric, one scale per output row) through the engine from disk at
-    ratio 37: transformers' logits within ATOL on the library's decompressed weights, and its greedy tokens."""
+    ratio 37: transformers' logits within ATOL on the library's decompressed weights, and its greedy tokens; from
+    host RAM at ratio 0 the same bits."""
     from transformers import AutoModelForCausalLM
 
     spec = QuantSpec(8, None, True)
@@ -86,12 +87,20 @@ def test_w8a16_channel_wise_matches_transformers(checkpoint_factory, tmp_path):
         with torch.no_grad():
             assert (pipe.model(ids).logits - model(ids).logits).abs().max().item() <= ATOL
             ref_tokens = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            logits = pipe.model(ids).logits
         tokens = pipe.generate_tokens(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert torch.equal(tokens, ref_tokens[0, ids.shape[1]:])
         stats = pipe.get_offload_stats()
         assert stats["expert_format"] == "int8, channel-wise, symmetric, bfloat16 scales"
         # per projection: packed [N, K/4] int32 and one bf16 scale per row
         assert stats["expert_bytes"] == 2 * (16 * 32 + 16 * 2) + (32 * 16 + 32 * 2)
+    finally:
+        pipe.close()
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=0)
+    try:
+        with torch.no_grad():
+            assert torch.equal(pipe.model(ids).logits, logits)
+        assert torch.equal(pipe.generate_tokens(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), tokens)
     finally:
         pipe.close()
 
