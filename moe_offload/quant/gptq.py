@@ -35,12 +35,13 @@ unpacks the nibbles and packs them along K: integers again, the same bytes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
-from ..errors import MoeOffloadError
+from ..errors import MoeOffloadError, read_user_text
 from .format import QuantSpec
 
 QWEIGHT, QZEROS, SCALES, G_IDX = "qweight", "qzeros", "scales", "g_idx"
@@ -51,8 +52,9 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column 8c 
 
 @dataclass(frozen=True)
 class GptqScheme:
-    """A GPTQ checkpoint's scheme: the integers' spec (held asymmetric: every GPTQ matrix stores zero points),
-    the zero-point convention (1: stored z - 1, 2: z) and whether act-order may have permuted g_idx."""
+    """A GPTQ (or AWQ) checkpoint's scheme: the integers' spec (held asymmetric: every GPTQ and AWQ matrix stores
+    zero points), the zero-point convention (1: stored z - 1, 2: z) and whether act-order may have permuted
+    g_idx."""
 
     spec: QuantSpec
     version: int
@@ -108,10 +110,6 @@ def awq_scheme(quant: Mapping) -> GptqScheme:
 def legacy_config(path: str) -> dict:
     """AutoGPTQ's quantize_config.json (older exports keep the scheme there, not in config.json) as a
     quantization_config; quant_method gptq where it does not say."""
-    import json
-
-    from ..errors import read_user_text
-
     try:
         quant = json.loads(read_user_text(path, "quantize_config.json"))
     except json.JSONDecodeError as err:
