@@ -10,7 +10,10 @@ Expert layouts understood:
   fused 3-D (transformers' in-memory layout): `...layers.L.<mlp>.experts.{gate_up_proj [E, 2I, H], down_proj [E, H, I]}`
   quantized per-expert (compressed-tensors pack-quantized, int4/int8 group-wise, weight only):
       `...experts.E.<proj>.{weight_packed, weight_scale[, weight_zero_point], weight_shape}`, with config.json's
-      `quantization_config` saying so (quantization_scheme); other quantization methods are refused by name.
+      `quantization_config` saying so (quantization_scheme); channel-wise schemes are one group per row.
+  quantized per-expert (GPTQ int4/int8, AWQ int4): `...experts.E.<proj>.{qweight, qzeros, scales[, g_idx]}`
+      with `quant_method: gptq` or `awq`: located in their own layout and repacked into compressed-tensors'
+      planes as each expert is read (quant/gptq.py); other quantization methods are refused by name.
 Either way an expert becomes an ExpertLocation: its format (expert_format.py) and, per plane of that format, the
 byte ranges that fill it back to back (gate before up), so a disk read never needs to know the format.
 """
@@ -29,6 +32,7 @@ import torch
 
 from .errors import MoeOffloadError
 from .expert_format import ExpertFormat
+from .quant import gptq
 from .quant.format import QuantSpec
 from .validation import (check_weight_dtypes, quantization_format, read_config_json, refuse_unsupported_format,
                          require_regular_file)
@@ -46,7 +50,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _PER_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<expert>\d+)\."
     r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<tensor>weight|weight_packed|weight_scale|weight_zero_point|"
-    r"weight_shape|weight_g_idx)$"
+    r"weight_shape|weight_g_idx|qweight|qzeros|scales|g_idx)$"
 )
 _FUSED_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<proj>gate_up_proj|down_proj)$"
@@ -123,7 +127,8 @@ class ExpertTensors:
     def bytes_per_expert(self) -> int:
         """Bytes of one expert's weights as stored (quantized: packed values, scales and zero points)."""
         entries = list(self.fused.values()) or [entry for roles in self.per_expert.values()
-                                                for role, entry in roles.items() if not role.endswith(SHAPE)]
+                                                for role, entry in roles.items()
+                                                if not role.endswith((SHAPE, f".{gptq.G_IDX}"))]
         return sum(entry.nbytes for entry in entries) // self.count
 
 
@@ -250,6 +255,8 @@ class Checkpoint:
             refuse_unsupported_format(quantization_format({}, folder))
         self.root = root
         self.config: dict = read_config_json(root)
+        if "quantization_config" not in self.config and os.path.isfile(os.path.join(root, "quantize_config.json")):
+            self.config["quantization_config"] = gptq.legacy_config(os.path.join(root, "quantize_config.json"))
         refuse_unsupported_format(quantization_format(self.config, folder))  # before a shard's header is read
         self.files = _safetensors_files(root)
         self.tensors: dict[str, TensorEntry] = {}
@@ -290,11 +297,32 @@ class Checkpoint:
     def quantization(self) -> QuantSpec | None:
         """The routed experts' weight quantization (config.json's quantization_config), None where there is none.
         Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors."""
-        outside = next((name for name in sorted(self.dense_names) if name.endswith(f".{PACKED}")), None)
+        is_gptq = isinstance(self.config.get("quantization_config"), dict) and \
+            self.config["quantization_config"].get("quant_method") in ("gptq", "awq")  # dequantized at load
+        marks = (f".{PACKED}",) if is_gptq else (f".{PACKED}", f".{gptq.QWEIGHT}")
+        outside = next((name for name in sorted(self.dense_names) if name.endswith(marks)), None)
         if outside is not None:
             raise MoeOffloadError(f"{outside}: quantized weights outside the routed experts are not supported "
                                   "(attention, routers and shared experts must stay unquantized)")
-        return quantization_scheme(self.config)
+        spec = quantization_scheme(self.config)
+        quantized = next((entry.name for tensors in self.experts_by_layer.values()
+                          for roles in tensors.per_expert.values() for role, entry in roles.items() if "." in role),
+                         None)
+        if spec is None:
+            if quantized is not None:
+                raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
+            return None
+        said = {"gptq": "GPTQ", "awq": "AWQ"}.get(self.config["quantization_config"].get("quant_method"),
+                                                   "compressed-tensors")
+        if quantized is None:
+            if said != "compressed-tensors" and self.experts_by_layer:  # compressed-tensors may `ignore` experts
+                raise MoeOffloadError(f"config.json's quantization_config is {said}, but the routed experts are not "
+                                      f"quantized ({self.experts_by_layer[min(self.experts_by_layer)].any_name})")
+            return spec
+        found = "GPTQ/AWQ" if quantized.rpartition(".")[2] in gptq.TENSORS + (gptq.G_IDX,) else "compressed-tensors"
+        if (found == "compressed-tensors") != (said == "compressed-tensors"):
+            raise MoeOffloadError(f"{quantized} is a {found} tensor, but config.json's quantization_config is {said}")
+        return spec
 
     def expert_locations(self, layer: int, num_experts: int, hidden: int, inter: int) -> list[ExpertLocation]:
         """Locations of experts 0..num_experts-1 of `layer`, checked against the model's shapes (and, quantized,
@@ -311,14 +339,35 @@ class Checkpoint:
         if quantized is None:
             return [self._per_expert_location(tensors.per_expert, layer, e, hidden, inter)
                     for e in range(num_experts)]
-        if spec is None:
-            raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
-        locations = [_quantized_location(tensors.per_expert, layer, e, hidden, inter, spec)
-                     for e in range(num_experts)]
+        if self.gptq is not None:  # self.quantization checked that the tensors are GPTQ's
+            locations = [_gptq_location(tensors.per_expert, layer, e, hidden, inter, self.gptq)
+                         for e in range(num_experts)]
+        else:
+            locations = [_quantized_location(tensors.per_expert, layer, e, hidden, inter, spec)
+                         for e in range(num_experts)]
         scales = sorted({str(loc.format.dtype) for loc in locations})
         if len(scales) > 1:
             raise MoeOffloadError(f"experts of layer {layer} mix scale dtypes {scales}")
         return locations
+
+    @functools.cached_property
+    def gptq(self) -> gptq.GptqScheme | None:
+        """The GPTQ (or AWQ) scheme where config.json's quant_method is gptq or awq (quantization_scheme has
+        checked it)."""
+        quant = self.config.get("quantization_config")
+        method = quant.get("quant_method") if self.quantization else None
+        return gptq.gptq_scheme(quant) if method == "gptq" else gptq.awq_scheme(quant) if method == "awq" else None
+
+    @functools.cached_property
+    def gptq_linears(self) -> dict[str, dict[str, str]]:
+        """"X.weight" -> {kind: tensor name} of the GPTQ Linears outside the routed experts (attention, shared
+        experts), which the loader dequantizes (gptq_linear_weight); {} unless the checkpoint is GPTQ."""
+        return gptq.dense_linears(self.dense_names) if self.gptq is not None else {}
+
+    def gptq_linear_weight(self, weight: str, shape: tuple[int, int]) -> torch.Tensor:
+        """The dequantized [N, K] weight `weight` (a key of gptq_linears), checked against the model's shape."""
+        entries = {kind: self.tensors[name] for kind, name in self.gptq_linears[weight].items()}
+        return gptq.dense_weight(entries, _read_tensor, shape, self.gptq, weight)
 
     @staticmethod
     def _per_expert_location(per_expert, layer: int, expert: int, hidden: int, inter: int) -> ExpertLocation:
@@ -383,7 +432,7 @@ def _quantized_location(per_expert, layer: int, expert: int, hidden: int, inter:
                                   "unquantized projections")
         if f"{role}.{G_IDX}" in roles:
             raise MoeOffloadError(f"{roles[f'{role}.{G_IDX}'].name}: act-order quantization (g_idx) is not supported")
-        groups = -(-cols // spec.group_size)
+        groups = 1 if spec.group_size is None else -(-cols // spec.group_size)
         words = -(-cols * spec.bits // 32)
         expected = {PACKED: ("int32", (rows, words)), SCALE: ("floating point", (rows, groups)),
                     SHAPE: ("int64", (2,))}
@@ -401,8 +450,7 @@ def _quantized_location(per_expert, layer: int, expert: int, hidden: int, inter:
             if not dtype_ok or entry.shape != shape:
                 raise MoeOffloadError(
                     f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, expected "
-                    f"{dtype} {list(shape)} for a [{rows}, {cols}] weight at {spec.bits} bits, group "
-                    f"{spec.group_size}")
+                    f"{dtype} {list(shape)} for a [{rows}, {cols}] weight at {spec.bits} bits, {spec.grouping}")
         scale_dtypes.add(roles[f"{role}.{SCALE}"].dtype)
     if len(scale_dtypes) != 1:
         raise MoeOffloadError(f"expert {expert} of layer {layer} mixes scale dtypes "
@@ -417,6 +465,61 @@ def _quantized_location(per_expert, layer: int, expert: int, hidden: int, inter:
     return ExpertLocation(fmt, tuple(planes))
 
 
+def _gptq_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
+                   scheme: gptq.GptqScheme) -> ExpertLocation:
+    """An expert's GPTQ tensors, each checked (dtype, shape) against the model's shapes and the scheme, as the
+    planes of its GPTQ storage format (quant/gptq.py), which copy_row repacks. g_idx is checked by its header, and
+    with desc_act by its values (k // group_size: act-order that permuted it is refused)."""
+    roles = per_expert.get(expert, {})
+    spec, scale_dtypes = scheme.spec, set()
+    for role, (rows, cols) in {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}.items():
+        if role in roles:
+            raise MoeOffloadError(f"{roles[role].name}: expert {expert} of layer {layer} mixes quantized and "
+                                  "unquantized projections")
+        shapes = gptq.tensor_shapes(rows, cols, spec, scheme.awq)
+        if shapes is None:
+            raise MoeOffloadError(f"{scheme.name} at {spec.bits} bits needs the experts' dimensions ({rows} x {cols}) "
+                                  f"to be multiples of {32 // spec.bits}")
+        for key, shape in shapes.items():
+            entry = roles.get(f"{role}.{key}")
+            if entry is None:
+                raise MoeOffloadError(f"checkpoint lacks {key} of the {role} projection of expert {expert} in layer "
+                                      f"{layer}")
+            integer = key != gptq.SCALES
+            if (entry.dtype == torch.int32) != integer or entry.shape != shape:
+                raise MoeOffloadError(
+                    f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, expected "
+                    f"{'int32' if integer else 'floating point'} {list(shape)} for a [{rows}, {cols}] weight at "
+                    f"{spec.bits} bits, {spec.grouping}")
+        if scheme.desc_act:
+            entry = roles[f"{role}.{gptq.G_IDX}"]
+            gptq.check_g_idx(_read_tensor(entry), spec, entry.name)
+        scale_dtypes.add(roles[f"{role}.{gptq.SCALES}"].dtype)
+    if len(scale_dtypes) != 1:
+        raise MoeOffloadError(f"expert {expert} of layer {layer} mixes scale dtypes "
+                              f"{sorted(str(d) for d in scale_dtypes)}")
+    fmt = ExpertFormat(inter, hidden, scale_dtypes.pop(), spec, scheme.source)
+    planes = []
+    for plane in fmt.planes:
+        matrix, kind = plane.name.split(".")
+        projections = ("gate", "up") if matrix == "gate_up" else ("down",)
+        planes.append(tuple(_whole(roles[f"{role}.{kind}"]) for role in projections))
+    return ExpertLocation(fmt, tuple(planes))
+
+
+def _read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """One tensor's values, read from its file (a g_idx [K] int32, a GPTQ Linear's tensors)."""
+    try:
+        with open(entry.path, "rb") as handle:
+            handle.seek(entry.start)
+            data = handle.read(entry.nbytes)
+    except OSError as err:
+        raise MoeOffloadError(f"cannot read {entry.path}: {err.strerror}") from None
+    if len(data) != entry.nbytes:
+        raise MoeOffloadError(f"short read of {entry.name} in {os.path.basename(entry.path)}")
+    return torch.frombuffer(bytearray(data), dtype=entry.dtype).view(entry.shape)
+
+
 def quantization_scheme(config: dict) -> QuantSpec | None:
     """The weight-only scheme of config.json's quantization_config (None where there is none): compressed-tensors
     `pack-quantized`, integer weights of 4 or 8 bits, group-wise, symmetric or with zero points, one scheme for
@@ -427,6 +530,10 @@ def quantization_scheme(config: dict) -> QuantSpec | None:
     if not isinstance(config, dict):
         raise MoeOffloadError("config.json's quantization_config is not a JSON object")
     method = config.get("quant_method")
+    if method == "gptq":
+        return gptq.gptq_scheme(config).spec
+    if method == "awq":
+        return gptq.awq_scheme(config).spec
     if method != "compressed-tensors":
         raise MoeOffloadError(f"quantization method {method!r} is not supported: moe-offload reads compressed-tensors "
                               "pack-quantized checkpoints (int4/int8 weight-only)")
@@ -449,19 +556,21 @@ def quantization_scheme(config: dict) -> QuantSpec | None:
         weights = group["weights"]
         if weights.get("type", "int") != "int":
             raise MoeOffloadError(f"{weights.get('type')!r} weights are not supported (integer weights only)")
-        if weights.get("strategy") != "group":
-            raise MoeOffloadError(f"{weights.get('strategy')!r}-wise weight quantization is not supported "
-                                  "(group-wise only)")
+        strategy = weights.get("strategy")
+        if strategy not in ("group", "channel"):
+            raise MoeOffloadError(f"{strategy!r}-wise weight quantization is not supported (group-wise or "
+                                  "channel-wise only)")
         if weights.get("actorder"):
             raise MoeOffloadError(f"act-order quantization ({weights['actorder']!r}) is not supported")
         if weights.get("dynamic"):
             raise MoeOffloadError("dynamic weight quantization is not supported")
-        bits, group_size = weights.get("num_bits"), weights.get("group_size")
-        if bits not in (4, 8) or not isinstance(group_size, int) or group_size < 1:
+        bits, group_size = weights.get("num_bits"), weights.get("group_size") if strategy == "group" else None
+        if bits not in (4, 8) or strategy == "group" and (not isinstance(group_size, int) or group_size < 1):
             raise MoeOffloadError(f"{bits}-bit weights in groups of {group_size!r} are not supported (4 or 8 bits, "
                                   "a positive group size)")
         schemes.add((bits, group_size, bool(weights.get("symmetric", True))))
     if len(schemes) > 1:
-        raise MoeOffloadError(f"several weight quantization schemes {sorted(schemes)} are not supported (one only)")
+        raise MoeOffloadError(f"several weight quantization schemes {sorted(schemes, key=str)} are not supported "
+                              "(one only)")
     bits, group_size, symmetric = schemes.pop()
     return QuantSpec(bits, group_size, symmetric)

@@ -15,7 +15,9 @@ aligned to ALIGN bytes (a dtype view needs its element's alignment, vector loads
                                                  projection (gate's, then up's): asymmetric schemes only
 
 so what comes off the disk and crosses PCIe is the quantized bytes, and a quantized expert is dequantized only
-where it is computed (kernels/).
+where it is computed (kernels/). Channel-wise schemes (one scale per row) are one group spanning the whole row
+(G = 1; the kernels get a group size of at least K, `group_span`). A checkpoint stored in another layout of the
+same integers (GPTQ: `source`, quant/gptq.py) is described by its own planes and repacked by copy_row into these.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from .quant import gptq
 from .quant.format import QuantSpec
 
 ALIGN = 16  # bytes: every plane's offset in a row, and the row's length, are multiples of it
@@ -92,12 +95,15 @@ class ExpertWeights(NamedTuple):
 class ExpertFormat:
     """The planes of one routed expert of I x H (intermediate x hidden) in a byte row.
 
-    dtype: the dense weights' dtype, or a quantized format's scale dtype. quant: None for dense weights."""
+    dtype: the dense weights' dtype, or a quantized format's scale dtype. quant: None for dense weights.
+    source: "" for the engine's planes; "gptq_v1"/"gptq_v2"/"awq" for a GPTQ or AWQ checkpoint's (storage only:
+    copy_row repacks it into `held()`, what tiers, slots and kernels hold)."""
 
     inter: int
     hidden: int
     dtype: torch.dtype
     quant: QuantSpec | None = None
+    source: str = ""
     planes: tuple[Plane, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -111,9 +117,11 @@ class ExpertFormat:
         inter, hidden = self.inter, self.hidden
         if self.quant is None:
             return [("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)]
+        if self.source:
+            return gptq.plane_specs(inter, hidden, self.quant, self.dtype, self.source)
         specs = []
         for matrix, parts, rows, cols in (("gate_up", 2, inter, hidden), ("down", 1, hidden, inter)):
-            groups = -(-cols // self.quant.group_size)
+            groups = -(-cols // self.group_span)
             specs += [(f"{matrix}.packed", (parts * rows, _words(cols, self.quant.bits)), torch.int32),
                       (f"{matrix}.scale", (parts * rows, groups), self.dtype)]
             if not self.quant.symmetric:
@@ -123,6 +131,20 @@ class ExpertFormat:
     @property
     def quantized(self) -> bool:
         return self.quant is not None
+
+    @property
+    def group_span(self) -> int:
+        """Values per scale along K as the kernels take it, one for both matrices: the group size, or for a
+        channel-wise scheme a power of two >= max(H, I), so that each row of either matrix is one group (a power
+        of two: the Triton kernels divide by it, the CPU kernel takes int4 pairs of an even group)."""
+        if self.quant.group_size is not None:
+            return self.quant.group_size
+        return 1 << (max(self.inter, self.hidden) - 1).bit_length()
+
+    def held(self) -> "ExpertFormat":
+        """The format the engine holds experts of this (storage) format in: itself, or a GPTQ layout's
+        compressed-tensors planes (same integers, same bytes)."""
+        return ExpertFormat(self.inter, self.hidden, self.dtype, self.quant) if self.source else self
 
     @property
     def row_bytes(self) -> int:
@@ -157,9 +179,10 @@ class ExpertFormat:
         views = self.plane_views(rows)
         if self.quant is None:
             return ExpertWeights(views["gate_up"], views["down"])
+        assert not self.source, "a GPTQ row is repacked (copy_row) before the kernels see it"
         spec = self.quant
         return ExpertWeights(*(QuantMatrix(views[f"{m}.packed"], views[f"{m}.scale"], views.get(f"{m}.zero"),
-                                           spec.bits, spec.group_size, in_features, parts)
+                                           spec.bits, self.group_span, in_features, parts)
                                for m, in_features, parts in (("gate_up", self.hidden, 2), ("down", self.inter, 1))))
 
     def copy_row(self, dst: torch.Tensor, src: torch.Tensor, src_format: "ExpertFormat",
@@ -168,6 +191,12 @@ class ExpertFormat:
         same, else plane by plane, converting the dtype (a dense checkpoint in another dtype than the compute's)."""
         if src_format == self:
             dst.copy_(src[:self.row_bytes], non_blocking=non_blocking)
+            return
+        if src_format.source and src_format.held() == self:  # GPTQ, AWQ: repacked on dst's device
+            raw = src[:src_format.row_bytes].to(dst.device, non_blocking=non_blocking)  # a disk read's staging row
+            planes = gptq.repack(src_format.plane_views(raw), src_format.source, self.quant.bits)
+            for name, view in self.plane_views(dst).items():
+                view.copy_(planes[name], non_blocking=non_blocking)
             return
         if [(p.name, p.shape) for p in src_format.planes] != [(p.name, p.shape) for p in self.planes]:
             raise ValueError(f"cannot convert {src_format.describe()} experts to {self.describe()}")
@@ -181,7 +210,8 @@ class ExpertFormat:
         if self.quant is None:
             return dtype
         kind = "symmetric" if self.quant.symmetric else "asymmetric"
-        return f"int{self.quant.bits}, group {self.quant.group_size}, {kind}, {dtype} scales"
+        stored = f", {self.source.replace('_', ' ').upper().replace(' V', ' v')} layout" if self.source else ""
+        return f"int{self.quant.bits}, {self.quant.grouping}, {kind}, {dtype} scales{stored}"
 
 
 def _aligned(offset: int) -> int:

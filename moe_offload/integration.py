@@ -179,12 +179,17 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
     filled: set[str] = set()
     files: dict[str, list[tuple[str, str]]] = {}
     unexpected: list[str] = []
-    for key in checkpoint.dense_names:
+    # GPTQ Linears outside the routed experts: their tensors make one weight, dequantized below
+    gptq_owned = {name for kinds in checkpoint.gptq_linears.values() for name in kinds.values()}
+    gptq_targets: dict[str, str] = {}
+    for key in [name for name in checkpoint.dense_names if name not in gptq_owned] + list(checkpoint.gptq_linears):
         target = key
         for old, new in _KEY_RENAMES:
             if target not in targets:
                 target = target.replace(old, new)
-        if target in targets:
+        if target in targets and key in checkpoint.gptq_linears:
+            gptq_targets[key] = target
+        elif target in targets:
             files.setdefault(checkpoint.tensors[key].path, []).append((key, target))
         else:
             unexpected.append(key)
@@ -205,6 +210,9 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
                         bar.update(1)
             except SafetensorError as err:  # whatever our header checks did not anticipate
                 raise MoeOffloadError(f"corrupt safetensors file {os.path.basename(path)}: {err}") from None
+        for key, target in gptq_targets.items():
+            targets[target].copy_(checkpoint.gptq_linear_weight(key, tuple(targets[target].shape)))
+            filled.add(target)
     _initialise_buffers(model, filled)
     if "lm_head.weight" in targets and "lm_head.weight" not in filled:
         model.tie_weights()
@@ -344,7 +352,8 @@ def _top_k(site: ExpertsSite) -> int:
 
 def engine_format(locations: dict[int, list[ExpertLocation]], dtype: torch.dtype) -> ExpertFormat:
     """How the engine holds every layer's experts (slots, host tier, scratch): dense checkpoints in the compute
-    dtype, quantized ones exactly as stored, so what moves is the quantized bytes."""
+    dtype, quantized ones exactly as stored (a GPTQ layout as its compressed-tensors planes: the same bytes), so
+    what moves is the quantized bytes."""
     formats = {loc.format for layer in locations.values() for loc in layer}
     quantized = {fmt for fmt in formats if fmt.quantized}
     if not quantized:
@@ -353,7 +362,7 @@ def engine_format(locations: dict[int, list[ExpertLocation]], dtype: torch.dtype
     if len(formats) > 1:
         raise MoeOffloadError("MoE layers with different expert formats are not supported: "
                               + ", ".join(sorted(fmt.describe() for fmt in formats)))
-    return quantized.pop()
+    return quantized.pop().held()
 
 
 def _attach_expert_runtimes(sites: list[ExpertsSite], locations: dict[int, list[ExpertLocation]],

@@ -84,7 +84,7 @@ def config_expert_count(config: Mapping) -> tuple[str, int] | None:
 
 # Formats the loader reads. A new reader (GPTQ, FP8, ...) adds its name here and its tensors' dtypes to
 # QUANTIZED_TENSOR_DTYPES; quantization_format() below keeps recognising every format either way.
-SUPPORTED_FORMATS = {"compressed-tensors"}
+SUPPORTED_FORMATS = {"compressed-tensors", "GPTQ", "AWQ"}
 _METHODS = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "fbgemm_fp8": "FP8",
             "mxfp4": "MXFP4", "gguf": "GGUF", "hqq": "HQQ", "eetq": "EETQ", "quanto": "quanto", "aqlm": "AQLM",
             "torchao": "torchao", "vptq": "VPTQ", "higgs": "HIGGS", "bitnet": "BitNet", "auto-round": "AutoRound",
@@ -159,15 +159,6 @@ def _format_of_config(quant: Mapping) -> tuple[str, str]:
             four_bit_float = weights.get("type") == "float" and weights.get("num_bits") == 4
             return "NVFP4" if four_bit_float else "FP8", where
     return name, said
-    groups = quant.get("config_groups")
-    for group in groups.values() if isinstance(groups, Mapping) else ():
-        layout = str((group.get("format") if isinstance(group, Mapping) else None) or quant.get("format") or "")
-        weights = group.get("weights") if isinstance(group, Mapping) else None
-        if "nvfp4" in layout or "mxfp4" in layout:
-            return layout.split("-")[0].upper()
-        if layout == "float-quantized" or (isinstance(weights, Mapping) and weights.get("type") == "float"):
-            return "NVFP4" if isinstance(weights, Mapping) and weights.get("num_bits") == 4 else "FP8"
-    return name
 
 
 def refuse_unsupported_format(found: tuple[str, str] | None) -> None:
@@ -177,16 +168,20 @@ def refuse_unsupported_format(found: tuple[str, str] | None) -> None:
     fmt, where = found
     what = fmt if fmt.startswith("quant_method") else f"{fmt} quantization"
     raise MoeOffloadError(f"{what} ({where}) is not supported: moe-offload reads unquantized BF16/F16/F32 "
-                          "checkpoints and compressed-tensors pack-quantized int4/int8 experts")
+                          "checkpoints and int4/int8 experts in compressed-tensors pack-quantized, GPTQ or AWQ "
+                          "format")
 
 
 # -- dtypes -----------------------------------------------------------------------------------------------------
 
 PLAIN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# compressed-tensors pack-quantized (checkpoint.py, quant/format.py): the only tensors that may be integers
+# compressed-tensors pack-quantized (checkpoint.py, quant/format.py) and GPTQ (quant/gptq.py): the only tensors
+# that may be integers
 QUANTIZED_TENSOR_DTYPES = {
     "weight_packed": (torch.int32,), "weight_zero_point": (torch.int32,), "weight_g_idx": (torch.int32,),
     "weight_shape": (torch.int32, torch.int64), "weight_scale": PLAIN_DTYPES,
+    # GPTQ (quant/gptq.py)
+    "qweight": (torch.int32,), "qzeros": (torch.int32,), "g_idx": (torch.int32,), "scales": PLAIN_DTYPES,
 }
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)$")
 

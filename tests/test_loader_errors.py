@@ -119,6 +119,15 @@ def _gptq_tensors(root):
     _edit_header(root, edit)
 
 
+def _awq_tensors(root):
+    """AWQ's names without its config: `qweight` and `qzeros` but no `g_idx` (what tells it from GPTQ)."""
+    def edit(header):
+        for key in [k for k in header if ".experts." in k and k.endswith(".weight")]:
+            header[key.removesuffix(".weight") + ".qweight"] = dict(header.pop(key), dtype="I32")
+        header["model.layers.0.mlp.experts.0.gate_proj.qzeros"] = dict(header.pop("model.norm.weight"), dtype="I32")
+    _edit_header(root, edit)
+
+
 def _fp8_block(root):
     """Qwen3-FP8's layout: F8_E4M3 expert weights with F32 weight_scale_inv blocks, quant_method fp8."""
     def edit(tensors):
@@ -175,11 +184,16 @@ CASES = {
     "bitsandbytes": (_quant_config(quant_method="bitsandbytes", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
                      ["bitsandbytes quantization", "not supported"], "headers"),
     "bitsandbytes_without_quant_method": (_quant_config(load_in_8bit=True), ["bitsandbytes quantization"], "headers"),
-    "awq": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemm"),
-            ["AWQ quantization", "not supported"], "headers"),
+    "awq_gemv": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemv"),
+                 ["AWQ version 'gemv' is not supported"], "headers"),
+    # GPTQ and AWQ are read (tests/test_gptq.py), but not their config over unquantized experts nor their
+    # tensors without one
+    "awq_config": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemm"),
+                   ["quantization_config is AWQ", "routed experts are not quantized"], "headers"),
+    "awq_tensors": (_awq_tensors, ["qweight is a quantized tensor", "no quantization_config"], "headers"),
     "gptq_config": (_quant_config(quant_method="gptq", bits=4, group_size=128, desc_act=False),
-                    ["GPTQ quantization", "not supported"], "headers"),
-    "gptq_qweight_tensors": (_gptq_tensors, ["GPTQ quantization", "qweight", "not supported"], "headers"),
+                    ["quantization_config is GPTQ", "routed experts are not quantized"], "headers"),
+    "gptq_qweight_tensors": (_gptq_tensors, ["qweight is a quantized tensor", "no quantization_config"], "headers"),
     "bitsandbytes_tensors": (_add_tensor("model.layers.0.mlp.experts.0.gate_proj.weight.absmax", (4,)),
                              ["bitsandbytes quantization", "weight.absmax", "not supported"], "headers"),
     "nvfp4_compressed_tensors": (
@@ -187,6 +201,8 @@ CASES = {
                       config_groups={"group_0": {"format": "nvfp4-pack-quantized", "targets": ["Linear"],
                                                  "weights": {"num_bits": 4, "type": "float", "group_size": 16}}}),
         ["NVFP4 quantization", "not supported"], "headers"),
+    "nvfp4_tensors": (_add_tensor("model.layers.0.mlp.experts.0.gate_proj.weight_global_scale", (1,)),
+                      ["NVFP4 quantization", "weight_global_scale", "not supported"], "headers"),
     "nvfp4_modelopt": (_quant_config(quant_method="modelopt", quant_algo="NVFP4"), ["NVFP4 quantization"],
                        "headers"),
     "mxfp4": (_quant_config(quant_method="mxfp4"), ["MXFP4 quantization", "not supported"], "headers"),
@@ -239,6 +255,15 @@ def test_info_refuses(name, broken, capsys):
 def test_generate_refuses(name, broken, capsys):
     path = broken(name)
     _one_line(capsys, ["generate", "hello", "--device", "cpu", "-n", "2", "--model", path], CASES[name][1], path)
+
+
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_a_gguf_file_given_as_the_model_is_named(command, tmp_path, capsys):
+    """A .gguf file itself (not a folder) as the model: its format, in one line, before anything is opened."""
+    path = tmp_path / "model-Q4_K_M.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    argv = ["info", str(path)] if command == "info" else ["generate", "hi", "--device", "cpu", "--model", str(path)]
+    _one_line(capsys, argv, ["GGUF quantization", "model-Q4_K_M.gguf", "not supported"], str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["config_with_fewer_layers", "expert_bias_the_model_has_no_place_for",

@@ -73,7 +73,7 @@ def test_checkpoint_locates_each_expert_plane_by_plane(quantized):
 
 def test_info_shows_the_scheme_and_the_quantized_bytes(quantized, checkpoint_factory):
     info = describe(Checkpoint(quantized("int4-g16-sym")[0]))
-    assert info["quantization"] == {"bits": 4, "group_size": 16, "symmetric": True}
+    assert info["quantization"] == {"bits": 4, "group_size": 16, "symmetric": True, "format": "compressed-tensors"}
     # per projection: packed [N, K/8] int32 + scales [N, K/16] bf16
     expected = 2 * (16 * 32 // 8 * 4 + 16 * 2 * 2) + 32 * 16 // 8 * 4 + 32 * 1 * 2
     assert {layer["expert_bytes"] for layer in info["layers"]} == {expected}
@@ -247,11 +247,16 @@ def _weights(config: dict) -> dict:
 
 
 @pytest.mark.parametrize("edit,words", [
-    (lambda c: c.update(quant_method="gptq"), "GPTQ quantization .* is not supported"),
+    (lambda c: c.update(quant_method="gptq"), "None-bit GPTQ weights are not supported"),
+    (lambda c: c.update(quant_method="gptq", bits=4, group_size=16, format="gptq"),
+     "weight_\\w+ is a compressed-tensors tensor, but config.json's quantization_config is GPTQ"),
     (lambda c: c.update(format="float-quantized") or c["config_groups"]["group_0"].update(format=None),
      "FP8 quantization .*format 'float-quantized'. is not supported"),
     (lambda c: _weights(c).update(actorder="group"), "act-order"),
-    (lambda c: _weights(c).update(strategy="channel", group_size=None), "'channel'-wise weight quantization"),
+    (lambda c: _weights(c).update(strategy="tensor", group_size=None), "'tensor'-wise weight quantization"),
+    (lambda c: _weights(c).update(strategy="channel", group_size=None),
+     "weight_scale is bfloat16 [16, 2], expected floating point [16, 1] for a [16, 32] weight at 4 bits, "
+     "channel-wise"),
     (lambda c: _weights(c).update(num_bits=3), "3-bit weights"),
     (lambda c: c["config_groups"]["group_0"].update(input_activations={"num_bits": 8}), "quantizes activations"),
     (lambda c: _weights(c).update(group_size=8), "weight_scale is bfloat16 [16, 2], expected floating point [16, 4]"),

@@ -51,7 +51,7 @@ def make_rows(fmt: ExpertFormat, count: int, generator: torch.Generator) -> torc
     rows = torch.zeros((count, fmt.row_bytes), dtype=torch.uint8)
     planes = fmt.plane_views(rows)
     for matrix, parts, per_part, cols in (("gate_up", 2, fmt.inter, fmt.hidden), ("down", 1, fmt.hidden, fmt.inter)):
-        groups = -(-cols // spec.group_size)
+        groups = -(-cols // fmt.group_span)  # channel-wise: 1
         for expert in range(count):
             q = torch.randint(spec.qmin, spec.qmax + 1, (parts * per_part, cols), generator=generator)  # [N, K]
             planes[f"{matrix}.packed"][expert] = pack(q.to(torch.int8), spec.bits)

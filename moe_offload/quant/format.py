@@ -13,6 +13,8 @@ dependency beyond torch. Conventions (read from compressed-tensors 0.20.1; docs/
 - `weight_zero_point` (asymmetric only) int32 [ceil(N * b / 32), G]: the zero points, signed like q, packed the
   same way but along dim 0 (down the rows), one column per group.
 - `weight_shape` int64 [2] = [N, K].
+- Channel-wise (`strategy: "channel"`, group_size None here): one group spanning the whole row, G = 1, so
+  `weight_scale` [N, 1] and `weight_zero_point` [ceil(N * b / 32), 1]; K need not be a multiple of anything.
 Readers (compressed-tensors, hence transformers and vLLM) require group_size to divide K.
 """
 
@@ -31,16 +33,17 @@ PACKED, SCALE, ZERO, SHAPE = "weight_packed", "weight_scale", "weight_zero_point
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one weight is quantized: bits per value, values per scale along K, and whether zero points exist."""
+    """How one weight is quantized: bits per value, values per scale along K (None: channel-wise, one scale per
+    output row, compressed-tensors' `strategy: "channel"`), and whether zero points exist."""
 
     bits: int
-    group_size: int
+    group_size: int | None
     symmetric: bool
 
     def __post_init__(self):
         if self.bits not in BITS:
             raise MoeOffloadError(f"bits must be one of {', '.join(map(str, BITS))}, not {self.bits}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise MoeOffloadError(f"group size must be a positive integer, not {self.group_size!r}")
 
     @property
@@ -51,7 +54,18 @@ class QuantSpec:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
+    @property
+    def grouping(self) -> str:
+        """'group 128' or 'channel-wise', for messages."""
+        return "channel-wise" if self.group_size is None else f"group {self.group_size}"
+
+    def group_of(self, in_features: int) -> int:
+        """Values per scale in a row of in_features values: the group size, or the whole row (channel-wise)."""
+        return in_features if self.group_size is None else self.group_size
+
     def groups(self, in_features: int) -> int:
+        if self.group_size is None:
+            return 1
         if in_features % self.group_size:
             raise MoeOffloadError(f"group size {self.group_size} does not divide in_features {in_features}")
         return in_features // self.group_size
@@ -97,7 +111,7 @@ def encode(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     [N, G] (int8, None when symmetric). Float32 math; round half to even (torch.round)."""
     out_features, in_features = weight.shape
     groups = spec.groups(in_features)
-    grouped = weight.float().view(out_features, groups, spec.group_size)  # [N, G, g]
+    grouped = weight.float().view(out_features, groups, spec.group_of(in_features))  # [N, G, g]
     q = torch.round(grouped / scale.float().unsqueeze(-1))  # [N, G, g]
     if zero is not None:
         q = q + zero.float().unsqueeze(-1)
@@ -118,7 +132,7 @@ def check(tensors: dict, spec: QuantSpec, name: str = "weight") -> tuple[int, in
     if shape.dtype != torch.int64 or tuple(shape.shape) != (2,) or bool((shape < 1).any()):
         raise MoeOffloadError(f"{name}: {SHAPE} is not two positive int64 values")
     out_features, in_features = (int(v) for v in shape)
-    if in_features % spec.group_size:
+    if spec.group_size is not None and in_features % spec.group_size:
         raise MoeOffloadError(f"{name}: group size {spec.group_size} does not divide in_features {in_features}")
     scale_dtype = tensors[SCALE].dtype
     if not scale_dtype.is_floating_point:
@@ -127,8 +141,8 @@ def check(tensors: dict, spec: QuantSpec, name: str = "weight") -> tuple[int, in
         got = tensors[key]
         if got.dtype != dtype or tuple(got.shape) != want:
             raise MoeOffloadError(f"{name}: {key} is {got.dtype} {list(got.shape)}, expected {dtype} {list(want)} "
-                                  f"for a [{out_features}, {in_features}] weight at {spec.bits} bits, group "
-                                  f"{spec.group_size}")
+                                  f"for a [{out_features}, {in_features}] weight at {spec.bits} bits, "
+                                  f"{spec.grouping}")
     return out_features, in_features
 
 
@@ -136,8 +150,8 @@ def dequantize(tensors: dict, spec: QuantSpec, name: str = "weight") -> torch.Te
     """W [N, K] float32 = (q - zero) * scale, exact: an integer below 2^9 times a bf16/fp16 scale fits float32's
     24-bit significand, so rounding the result to the scale's dtype gives what compressed-tensors computes."""
     out_features, in_features = check(tensors, spec, name)
-    groups = in_features // spec.group_size
-    q = unpack(tensors[PACKED], spec.bits, in_features).float().view(out_features, groups, spec.group_size)
+    shape = (out_features, spec.groups(in_features), spec.group_of(in_features))  # [N, G, g]
+    q = unpack(tensors[PACKED], spec.bits, in_features).float().view(shape)
     if not spec.symmetric:
         zero = unpack(tensors[ZERO].t(), spec.bits, out_features).t()  # [N, G]
         q = q - zero.float().unsqueeze(-1)
@@ -150,7 +164,7 @@ def quantization_config(spec: QuantSpec, ignore: list[str]) -> dict:
     are those compressed-tensors itself writes for a W4A16/W8A16 group scheme; "Linear" rather than a regular
     expression because some readers look the experts' scheme up under that target."""
     weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "group_size": spec.group_size,
-               "strategy": "group", "dynamic": False}
+               "strategy": "group" if spec.group_size else "channel", "dynamic": False}
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
              "format": "pack-quantized"}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",

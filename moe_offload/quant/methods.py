@@ -36,7 +36,7 @@ def _qparams(low: torch.Tensor, high: torch.Tensor, spec: QuantSpec, dtype: torc
 
 def _group_ranges(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out_features, in_features = weight.shape
-    grouped = weight.float().view(out_features, spec.groups(in_features), spec.group_size)  # [N, G, g]
+    grouped = weight.float().view(out_features, spec.groups(in_features), spec.group_of(in_features))  # [N, G, g]
     low = grouped.amin(dim=-1).clamp(max=0)  # [N, G]: 0 must stay representable
     high = grouped.amax(dim=-1).clamp(min=0)
     return grouped, low, high

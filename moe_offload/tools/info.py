@@ -24,6 +24,10 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
               for layer, tensors in sorted(checkpoint.experts_by_layer.items())]
     spec = checkpoint.quantization
     dense_bytes = sum(checkpoint.tensors[name].nbytes for name in checkpoint.dense_names)
+    for kinds in checkpoint.gptq_linears.values():  # GPTQ Linears outside the experts are held dequantized
+        packed, scales = checkpoint.tensors[kinds["qweight"]], checkpoint.tensors.get(kinds.get("scales"))
+        dense_bytes -= sum(checkpoint.tensors[name].nbytes for name in kinds.values())
+        dense_bytes += packed.shape[0] * (32 // spec.bits) * packed.shape[1] * (scales.dtype.itemsize if scales else 2)
     top_k = check_top_k(text_config(config).get("num_experts_per_tok"), min(l["experts"] for l in layers))
     per_ratio = {}
     for ratio in RATIOS:
@@ -35,9 +39,10 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "path": checkpoint.root,
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
-        # the routed experts' weight quantization (compressed-tensors pack-quantized), None where they are dense
+        # the routed experts' weight quantization (compressed-tensors pack-quantized or GPTQ; group_size None:
+        # channel-wise), None where they are dense
         "quantization": None if spec is None else {"bits": spec.bits, "group_size": spec.group_size,
-                                                   "symmetric": spec.symmetric},
+                                                   "symmetric": spec.symmetric, "format": _format(checkpoint)},
         "moe_layers": len(layers),
         "layers": layers,
         "experts_per_token": top_k,
@@ -113,4 +118,15 @@ def _weights(quantization: dict | None) -> str:
     if quantization is None:
         return "unquantized"
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
-    return f"int{quantization['bits']}, group size {quantization['group_size']}, {kind} (compressed-tensors)"
+    size = quantization["group_size"]
+    grouping = "channel-wise" if size is None else f"group size {size}"
+    if quantization["format"] != "compressed-tensors":  # GPTQ, AWQ: zero points stored either way
+        return f"int{quantization['bits']}, {grouping}, with zero points ({quantization['format']})"
+    return f"int{quantization['bits']}, {grouping}, {kind} ({quantization['format']})"
+
+
+def _format(checkpoint: Checkpoint) -> str:
+    """The experts' quantized format as stored: 'compressed-tensors', or 'GPTQ v1' / 'GPTQ v2' (the zero-point
+    convention, quant/gptq.py)."""
+    scheme = checkpoint.gptq
+    return "compressed-tensors" if scheme is None else scheme.name
