@@ -452,16 +452,27 @@ def _quantized_location(per_expert, layer: int, expert: int, hidden: int, inter:
                     f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, expected "
                     f"{dtype} {list(shape)} for a [{rows}, {cols}] weight at {spec.bits} bits, {spec.grouping}")
         scale_dtypes.add(roles[f"{role}.{SCALE}"].dtype)
+    fmt = ExpertFormat(inter, hidden, _one_scale_dtype(scale_dtypes, layer, expert), spec)
+    tensor = {"packed": PACKED, "scale": SCALE, "zero": ZERO}
+    return _planes_location(fmt, roles, lambda kind: tensor[kind])
+
+
+def _one_scale_dtype(scale_dtypes: set, layer: int, expert: int) -> torch.dtype:
+    """The scale dtype of an expert's projections, which must agree: one format holds the expert."""
     if len(scale_dtypes) != 1:
         raise MoeOffloadError(f"expert {expert} of layer {layer} mixes scale dtypes "
                               f"{sorted(str(d) for d in scale_dtypes)}")
-    fmt = ExpertFormat(inter, hidden, scale_dtypes.pop(), spec)
-    tensor = {"packed": PACKED, "scale": SCALE, "zero": ZERO}
+    return next(iter(scale_dtypes))
+
+
+def _planes_location(fmt: ExpertFormat, roles: dict, tensor_of) -> ExpertLocation:
+    """The expert's byte ranges in `fmt`'s plane order: a plane "gate_up.KIND" is the gate then the up projection's
+    tensor `tensor_of(KIND)`, "down.KIND" the down projection's."""
     planes = []
     for plane in fmt.planes:
         matrix, kind = plane.name.split(".")
         projections = ("gate", "up") if matrix == "gate_up" else ("down",)
-        planes.append(tuple(_whole(roles[f"{role}.{tensor[kind]}"]) for role in projections))
+        planes.append(tuple(_whole(roles[f"{role}.{tensor_of(kind)}"]) for role in projections))
     return ExpertLocation(fmt, tuple(planes))
 
 
@@ -495,16 +506,8 @@ def _gptq_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
             entry = roles[f"{role}.{gptq.G_IDX}"]
             gptq.check_g_idx(_read_tensor(entry), spec, entry.name)
         scale_dtypes.add(roles[f"{role}.{gptq.SCALES}"].dtype)
-    if len(scale_dtypes) != 1:
-        raise MoeOffloadError(f"expert {expert} of layer {layer} mixes scale dtypes "
-                              f"{sorted(str(d) for d in scale_dtypes)}")
-    fmt = ExpertFormat(inter, hidden, scale_dtypes.pop(), spec, scheme.source)
-    planes = []
-    for plane in fmt.planes:
-        matrix, kind = plane.name.split(".")
-        projections = ("gate", "up") if matrix == "gate_up" else ("down",)
-        planes.append(tuple(_whole(roles[f"{role}.{kind}"]) for role in projections))
-    return ExpertLocation(fmt, tuple(planes))
+    fmt = ExpertFormat(inter, hidden, _one_scale_dtype(scale_dtypes, layer, expert), spec, scheme.source)
+    return _planes_location(fmt, roles, lambda kind: kind)
 
 
 def _read_tensor(entry: TensorEntry) -> torch.Tensor:
