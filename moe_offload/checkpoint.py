@@ -11,6 +11,9 @@ Expert layouts understood:
   quantized per-expert (compressed-tensors pack-quantized, int4/int8 group-wise, weight only):
       `...experts.E.<proj>.{weight_packed, weight_scale[, weight_zero_point], weight_shape}`, with config.json's
       `quantization_config` saying so (quantization_scheme); other quantization methods are refused by name.
+  FP8 block-quantized per-expert (DeepSeek-V3, Qwen3-FP8; quant/fp8.py): `...experts.E.<proj>.weight` F8_E4M3 with
+      `...experts.E.<proj>.weight_scale_inv` F32 blocks and `quant_method: fp8`; the checkpoint's other FP8
+      projections (attention, dense MLPs, shared experts) are listed in fp8_dense and dequantized at load.
 Either way an expert becomes an ExpertLocation: its format (expert_format.py) and, per plane of that format, the
 byte ranges that fill it back to back (gate before up), so a disk read never needs to know the format.
 """
@@ -29,6 +32,8 @@ import torch
 
 from .errors import MoeOffloadError
 from .expert_format import ExpertFormat
+from .quant import fp8
+from .quant.fp8 import BlockFP8Spec
 from .quant.format import QuantSpec
 from .validation import (check_weight_dtypes, quantization_format, read_config_json, refuse_unsupported_format,
                          require_regular_file)
@@ -46,7 +51,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _PER_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<expert>\d+)\."
     r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<tensor>weight|weight_packed|weight_scale|weight_zero_point|"
-    r"weight_shape|weight_g_idx)$"
+    r"weight_shape|weight_g_idx|weight_scale_inv)$"
 )
 _FUSED_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<proj>gate_up_proj|down_proj)$"
@@ -259,7 +264,8 @@ class Checkpoint:
                     raise MoeOffloadError(f"tensor {entry.name!r} appears in two shards of {root}")
                 self.tensors[entry.name] = entry
         refuse_unsupported_format(quantization_format(self.config, folder, self.tensors))  # by tensor names
-        check_weight_dtypes(self.tensors.values())
+        self.fp8_scales = _fp8_scales(self.config, self.tensors)
+        check_weight_dtypes(self.tensors.values(), self.fp8_scales)
         self.experts_by_layer, self.dense_names = self._split_experts()
 
     def index_note(self) -> str:
@@ -287,14 +293,26 @@ class Checkpoint:
         return by_layer, dense
 
     @functools.cached_property
-    def quantization(self) -> QuantSpec | None:
+    def quantization(self) -> QuantSpec | BlockFP8Spec | None:
         """The routed experts' weight quantization (config.json's quantization_config), None where there is none.
-        Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors."""
+        Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors
+        (FP8 ones excepted: fp8_dense, dequantized at load)."""
         outside = next((name for name in sorted(self.dense_names) if name.endswith(f".{PACKED}")), None)
         if outside is not None:
             raise MoeOffloadError(f"{outside}: quantized weights outside the routed experts are not supported "
                                   "(attention, routers and shared experts must stay unquantized)")
-        return quantization_scheme(self.config)
+        spec = quantization_scheme(self.config)
+        if isinstance(spec, BlockFP8Spec):
+            for weight, scale in self.fp8_dense.items():
+                fp8.check_dense(weight, self.tensors[weight], self.tensors[scale], spec)
+        return spec
+
+    @property
+    def fp8_dense(self) -> dict[str, str]:
+        """FP8 weights outside the routed experts (attention, dense MLPs, shared experts) -> their
+        weight_scale_inv: dequantized to the compute dtype as they are loaded (integration.py)."""
+        dense = set(self.dense_names)
+        return {weight: scale for weight, scale in self.fp8_scales.items() if weight in dense}
 
     def expert_locations(self, layer: int, num_experts: int, hidden: int, inter: int) -> list[ExpertLocation]:
         """Locations of experts 0..num_experts-1 of `layer`, checked against the model's shapes (and, quantized,
@@ -313,6 +331,8 @@ class Checkpoint:
                     for e in range(num_experts)]
         if spec is None:
             raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
+        if isinstance(spec, BlockFP8Spec):
+            return [_fp8_location(tensors.per_expert, layer, e, hidden, inter, spec) for e in range(num_experts)]
         locations = [_quantized_location(tensors.per_expert, layer, e, hidden, inter, spec)
                      for e in range(num_experts)]
         scales = sorted({str(loc.format.dtype) for loc in locations})
@@ -361,7 +381,8 @@ class Checkpoint:
         """The dtype most of the checkpoint's floating-point bytes are stored in."""
         totals: dict[torch.dtype, int] = {}
         for entry in self.tensors.values():
-            if entry.dtype.is_floating_point:
+            fp8_part = entry.dtype.itemsize == 1 or entry.name.endswith(fp8.SCALE_INV)  # dequantized: not a dtype
+            if entry.dtype.is_floating_point and not fp8_part:  # to compute in
                 totals[entry.dtype] = totals.get(entry.dtype, 0) + entry.nbytes
         return max(totals, key=totals.get) if totals else torch.float32
 
@@ -417,7 +438,46 @@ def _quantized_location(per_expert, layer: int, expert: int, hidden: int, inter:
     return ExpertLocation(fmt, tuple(planes))
 
 
-def quantization_scheme(config: dict) -> QuantSpec | None:
+def _fp8_scales(config: dict, tensors: dict[str, TensorEntry]) -> dict[str, str]:
+    """Every `X.weight` -> `X.weight_scale_inv` of an FP8 block-quantized checkpoint (quant_method fp8 in
+    config.json), {} for any other: the weights that may be F8_E4M3 (validation.check_weight_dtypes)."""
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+        return {}
+    suffix = f".{fp8.SCALE_INV}"
+    return {f"{name.removesuffix(suffix)}.weight": name for name in tensors
+            if name.endswith(suffix) and f"{name.removesuffix(suffix)}.weight" in tensors}
+
+
+def _fp8_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
+                  spec: BlockFP8Spec) -> ExpertLocation:
+    """An expert's FP8 weights and scale blocks, each checked (dtype, shape) against the model's shapes and the
+    block size, as the planes of its FP8 ExpertFormat: gate's and up's weights (and their scale blocks) back to
+    back, so the up scales start at row ceil(I / block_n) of gate_up.scale."""
+    roles = per_expert.get(expert, {})
+    for role, (rows, cols) in {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}.items():
+        for key, dtype, shape in (("", fp8.WEIGHT_DTYPE, (rows, cols)),
+                                  (f".{fp8.SCALE_INV}", fp8.SCALE_DTYPE, spec.scale_shape(rows, cols))):
+            entry = roles.get(f"{role}{key}")
+            if entry is None:
+                raise MoeOffloadError(f"checkpoint lacks {key.lstrip('.') or 'weight'} of the {role} projection of "
+                                      f"expert {expert} in layer {layer}")
+            if entry.dtype != dtype or entry.shape != shape:
+                raise MoeOffloadError(
+                    f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, expected "
+                    f"{str(dtype).replace('torch.', '')} {list(shape)} for a [{rows}, {cols}] weight in FP8 blocks "
+                    f"of {spec.block_n}x{spec.block_k}")
+    fmt = ExpertFormat(inter, hidden, fp8.SCALE_DTYPE, spec)
+    keys = {"weight": "", "scale": f".{fp8.SCALE_INV}"}
+    planes = []
+    for plane in fmt.planes:
+        matrix, kind = plane.name.split(".")
+        projections = ("gate", "up") if matrix == "gate_up" else ("down",)
+        planes.append(tuple(_whole(roles[f"{role}{keys[kind]}"]) for role in projections))
+    return ExpertLocation(fmt, tuple(planes))
+
+
+def quantization_scheme(config: dict) -> QuantSpec | BlockFP8Spec | None:
     """The weight-only scheme of config.json's quantization_config (None where there is none): compressed-tensors
     `pack-quantized`, integer weights of 4 or 8 bits, group-wise, symmetric or with zero points, one scheme for
     every config group. Everything else is refused by name, in one line."""
@@ -427,6 +487,8 @@ def quantization_scheme(config: dict) -> QuantSpec | None:
     if not isinstance(config, dict):
         raise MoeOffloadError("config.json's quantization_config is not a JSON object")
     method = config.get("quant_method")
+    if method == "fp8":
+        return fp8.scheme(config)
     if method != "compressed-tensors":
         raise MoeOffloadError(f"quantization method {method!r} is not supported: moe-offload reads compressed-tensors "
                               "pack-quantized checkpoints (int4/int8 weight-only)")

@@ -13,6 +13,9 @@ aligned to ALIGN bytes (a dtype view needs its element's alignment, vector loads
       <m>.scale   scale dtype [N, G]             G = ceil(K/g), one scale per row and group of g values
       <m>.zero    int32 [parts * ceil(N/parts*b/32), G]  zero points packed down the rows, one block per
                                                  projection (gate's, then up's): asymmetric schemes only
+  FP8 block-quantized (DeepSeek-V3 / Qwen3-FP8, quant/fp8.py), for gate_up and down as above:
+      <m>.weight  float8_e4m3fn [N, K]           the checkpoint's bytes, gate rows then up rows
+      <m>.scale   float32 [parts * ceil(N/parts/bn), ceil(K/bk)]  weight_scale_inv, gate's blocks then up's
 
 so what comes off the disk and crosses PCIe is the quantized bytes, and a quantized expert is dequantized only
 where it is computed (kernels/).
@@ -26,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from .quant.fp8 import BlockFP8Spec
 from .quant.format import QuantSpec
 
 ALIGN = 16  # bytes: every plane's offset in a row, and the row's length, are multiples of it
@@ -78,7 +82,28 @@ class QuantMatrix:
                            self.in_features, self.parts)
 
 
-Matrix = torch.Tensor | QuantMatrix
+@dataclass(frozen=True)
+class FP8Matrix:
+    """FP8 block-quantized [N, K] weight matrices of a stack of experts ([n, ...] tensors) or of one, as views
+    into byte rows: W[r, k] = float(weight[r, k]) * scale[fp8.scale_row(r), k // block_k] (quant/fp8.py)."""
+
+    weight: torch.Tensor  # [n, N, K] float8_e4m3fn
+    scale: torch.Tensor  # [n, parts * ceil(N/parts/block_n), ceil(K/block_k)] float32
+    spec: BlockFP8Spec
+    parts: int  # projections stacked along N, each with its own scale blocks (gate_up: 2, down: 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def __getitem__(self, index) -> "FP8Matrix":
+        return FP8Matrix(self.weight[index], self.scale[index], self.spec, self.parts)
+
+    def to(self, device: torch.device) -> "FP8Matrix":
+        return FP8Matrix(self.weight.to(device), self.scale.to(device), self.spec, self.parts)
+
+
+Matrix = torch.Tensor | QuantMatrix | FP8Matrix
 
 
 class ExpertWeights(NamedTuple):
@@ -97,7 +122,7 @@ class ExpertFormat:
     inter: int
     hidden: int
     dtype: torch.dtype
-    quant: QuantSpec | None = None
+    quant: QuantSpec | BlockFP8Spec | None = None
     planes: tuple[Plane, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -111,6 +136,12 @@ class ExpertFormat:
         inter, hidden = self.inter, self.hidden
         if self.quant is None:
             return [("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)]
+        if isinstance(self.quant, BlockFP8Spec):
+            specs = []
+            for matrix, parts, rows, cols in (("gate_up", 2, 2 * inter, hidden), ("down", 1, hidden, inter)):
+                specs += [(f"{matrix}.weight", (rows, cols), torch.float8_e4m3fn),
+                          (f"{matrix}.scale", self.quant.scale_shape(rows, cols, parts), self.dtype)]
+            return specs
         specs = []
         for matrix, parts, rows, cols in (("gate_up", 2, inter, hidden), ("down", 1, hidden, inter)):
             groups = -(-cols // self.quant.group_size)
@@ -158,6 +189,9 @@ class ExpertFormat:
         if self.quant is None:
             return ExpertWeights(views["gate_up"], views["down"])
         spec = self.quant
+        if isinstance(spec, BlockFP8Spec):
+            return ExpertWeights(*(FP8Matrix(views[f"{m}.weight"], views[f"{m}.scale"], spec, parts)
+                                   for m, parts in (("gate_up", 2), ("down", 1))))
         return ExpertWeights(*(QuantMatrix(views[f"{m}.packed"], views[f"{m}.scale"], views.get(f"{m}.zero"),
                                            spec.bits, spec.group_size, in_features, parts)
                                for m, in_features, parts in (("gate_up", self.hidden, 2), ("down", self.inter, 1))))
@@ -180,6 +214,8 @@ class ExpertFormat:
         dtype = str(self.dtype).replace("torch.", "")
         if self.quant is None:
             return dtype
+        if isinstance(self.quant, BlockFP8Spec):
+            return f"{self.quant.describe()}, {dtype} scales"
         kind = "symmetric" if self.quant.symmetric else "asymmetric"
         return f"int{self.quant.bits}, group {self.quant.group_size}, {kind}, {dtype} scales"
 

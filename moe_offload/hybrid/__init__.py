@@ -112,7 +112,14 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
 def unsupported(runtimes: list) -> str | None:
     """Why the CPU path cannot take these layers' experts (None: it can). It takes every format the engine holds:
     dense experts, and int4/int8 quantized ones computed from their packed rows (cpu_experts.py); kept as the one
-    place a format it cannot compute would be refused (MOE_CPU_EXPERTS=all: an error; auto: off, with why)."""
+    place a format it cannot compute would be refused (MOE_CPU_EXPERTS=all: an error; auto: off, with why).
+    FP8 block-quantized experts are refused: neither CPU kernel dequantizes FP8 yet (the numba GEMVs read int
+    words, the float32 path's row dequantization is int4/int8's), so their misses stay on the GPU."""
+    from ..quant.fp8 import BlockFP8Spec
+
+    fmt = runtimes[0].format if runtimes else None
+    if fmt is not None and isinstance(fmt.quant, BlockFP8Spec):
+        return "FP8 block-quantized experts are not computed by the CPU expert path yet"
     return None
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..config import OffloadConfig
+from ..quant.fp8 import BlockFP8Spec
 from ..validation import check_config_experts, check_top_k, require_routed_experts, text_config
 
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
@@ -23,7 +24,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     layers = [{"layer": layer, "experts": tensors.count, "expert_bytes": tensors.bytes_per_expert}
               for layer, tensors in sorted(checkpoint.experts_by_layer.items())]
     spec = checkpoint.quantization
-    dense_bytes = sum(checkpoint.tensors[name].nbytes for name in checkpoint.dense_names)
+    dense_bytes = _dense_device_bytes(checkpoint)
     top_k = check_top_k(text_config(config).get("num_experts_per_tok"), min(l["experts"] for l in layers))
     per_ratio = {}
     for ratio in RATIOS:
@@ -36,8 +37,8 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
         # the routed experts' weight quantization (compressed-tensors pack-quantized), None where they are dense
-        "quantization": None if spec is None else {"bits": spec.bits, "group_size": spec.group_size,
-                                                   "symmetric": spec.symmetric},
+        "quantization": None if spec is None else _fp8_info(spec) if isinstance(spec, BlockFP8Spec) else
+        {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric},
         "moe_layers": len(layers),
         "layers": layers,
         "experts_per_token": top_k,
@@ -74,8 +75,30 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fp8_info(spec: BlockFP8Spec) -> dict[str, Any]:
+    return {"format": "fp8", "weight_dtype": "float8_e4m3fn", "block": [spec.block_n, spec.block_k],
+            "scale_dtype": "float32"}
+
+
+def _dense_device_bytes(checkpoint: Checkpoint) -> int:
+    """Bytes of the non-expert weights on the device: FP8 ones are dequantized at load to the checkpoint's other
+    weights' dtype, and their block scales are not kept."""
+    fp8 = checkpoint.fp8_dense
+    total = 0
+    for name in checkpoint.dense_names:
+        entry = checkpoint.tensors[name]
+        if name in fp8:
+            total += math.prod(entry.shape) * checkpoint.dtype.itemsize
+        elif name not in fp8.values():
+            total += entry.nbytes
+    return total
+
+
 def _weights(quantization: dict | None) -> str:
     if quantization is None:
         return "unquantized"
+    if quantization.get("format") == "fp8":
+        block = "x".join(map(str, quantization["block"]))
+        return f"fp8 e4m3, blocks {block}, float32 scales (FP8 block-quantized; other FP8 weights dequantized at load)"
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
     return f"int{quantization['bits']}, group size {quantization['group_size']}, {kind} (compressed-tensors)"

@@ -1,0 +1,246 @@
+"""FP8 block-quantized checkpoints (Qwen3-...-FP8, DeepSeek-V3 layout) end to end on the CPU: parsed and checked,
+held and moved as FP8 bytes plus block scales in every tier, computed by the torch reference path, the other FP8
+projections dequantized at load.
+
+Two tiny Qwen3-MoE checkpoints written in the exact layout (fp8_models.py), blocks of 8x8:
+- "odd": experts of I = 20, which no block divides, so gate's and up's scale blocks do not continue each other
+  in gate_up (the up rows' blocks start at scale row ceil(20/8) = 3, not 20 // 8 = 2) and every last block is
+  short. transformers' own FP8 dequantize cannot load it (it needs blocks to divide the shapes), so the reference
+  is transformers' model class on the test's own dequantization of the same tensors.
+- "even": I = 16, every block whole: transformers loads the FP8 checkpoint itself on the CPU (its FineGrainedFP8
+  quantizer dequantizes there) and is the reference.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from fp8_models import dequantize_block, make_source, quantize_fp8
+from safetensors.torch import load_file, save_file
+from tiny_models import VOCAB
+
+from moe_offload import LLMPipeline
+from moe_offload.checkpoint import Checkpoint
+from moe_offload.cli import main
+from moe_offload.errors import MoeOffloadError
+from moe_offload.expert_format import ExpertFormat, FP8Matrix
+from moe_offload.kernels.reference import dense, dequantize
+from moe_offload.quant.fp8 import BlockFP8Spec
+from moe_offload.tools.info import describe
+
+BLOCK = (8, 8)
+HIDDEN = 32
+INTER = {"odd": 20, "even": 16}
+RATIOS = [0, 37, 100]
+TIERS = {"host": "auto", "disk": 0}  # MOE_HOST_CACHE
+# float32 compute on both sides over the same dequantized weights: only the summation order of the experts'
+# outputs differs (as in test_quantized.py); measured 3e-8 / 4.5e-8 against logits of ~0.4
+ATOL = 1e-4
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(2, VOCAB, (1, 13), generator=torch.Generator().manual_seed(0))  # [1, T]
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory):
+    """kind -> (FP8 checkpoint, the same weights dequantized, unquantized), made once each."""
+    made = {}
+
+    def get(kind: str) -> tuple[str, str]:
+        if kind not in made:
+            root = tmp_path_factory.mktemp(f"fp8-{kind}")
+            source = make_source(str(root / "src"), INTER[kind])
+            made[kind] = quantize_fp8(source, str(root / "q"), BLOCK, str(root / "dq"))
+        return made[kind]
+
+    return get
+
+
+def test_checkpoint_locates_each_expert_plane_by_plane(fp8):
+    path, _ = fp8("odd")
+    checkpoint = Checkpoint(path)
+    assert checkpoint.quantization == BlockFP8Spec(8, 8)
+    locations = checkpoint.expert_locations(0, 8, HIDDEN, 20)
+    fmt = locations[0].format
+    assert fmt == ExpertFormat(20, HIDDEN, torch.float32, BlockFP8Spec(8, 8))
+    assert [(p.name, p.shape, p.dtype) for p in fmt.planes] == [
+        ("gate_up.weight", (40, 32), torch.float8_e4m3fn), ("gate_up.scale", (6, 4), torch.float32),  # 3 + 3 rows
+        ("down.weight", (32, 20), torch.float8_e4m3fn), ("down.scale", (4, 3), torch.float32)]
+    assert all(p.offset % 16 == 0 for p in fmt.planes)
+    names = {(e.path, e.start): e.name for e in checkpoint.tensors.values()}
+    assert [names[(r.path, r.start)] for r in locations[3].planes[1]] == [
+        "model.layers.0.mlp.experts.3.gate_proj.weight_scale_inv", "model.layers.0.mlp.experts.3.up_proj.weight_scale_inv"]
+    assert locations[3].nbytes == fmt.nbytes == 3 * 20 * 32 + 4 * (2 * 3 * 4 + 4 * 3)  # 1 byte a weight + scales
+    assert fmt.describe() == "fp8 e4m3, blocks 8x8, float32 scales"
+    # the attention projections are FP8 too, read with their scales and dequantized at load
+    assert checkpoint.fp8_dense["model.layers.1.self_attn.o_proj.weight"] == \
+        "model.layers.1.self_attn.o_proj.weight_scale_inv"
+    assert not any(".experts." in name or "mlp.gate." in name for name in checkpoint.fp8_dense)
+
+
+def test_the_engine_dequantizes_what_the_test_dequantizes(fp8):
+    """reference.dequantize over an expert's slot (gate and up stacked, each with its own short blocks) and the
+    attention weights the load dequantized equal the test's own float(fp8) * scale, bit for bit."""
+    path, _ = fp8("odd")
+    state = load_file(os.path.join(path, "model.safetensors"))
+
+    def want(module: str) -> torch.Tensor:
+        return dequantize_block(state[f"{module}.weight"], state[f"{module}.weight_scale_inv"], BLOCK)
+
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=100)
+    try:
+        layer = pipe.layers[1]
+        weights = layer.format.weights(layer.slots[layer.table.lookup(5)])
+        assert isinstance(weights.gate_up, FP8Matrix)
+        expert = "model.layers.1.mlp.experts.5"
+        assert torch.equal(dequantize(weights.gate_up), torch.cat([want(f"{expert}.gate_proj"),
+                                                                  want(f"{expert}.up_proj")]))
+        assert torch.equal(dequantize(weights.down), want(f"{expert}.down_proj"))
+        assert torch.equal(dense(weights.down, torch.bfloat16), want(f"{expert}.down_proj").to(torch.bfloat16))
+        assert torch.equal(pipe.model.model.layers[0].self_attn.k_proj.weight, want("model.layers.0.self_attn.k_proj"))
+    finally:
+        pipe.close()
+
+
+@pytest.mark.parametrize("kind", ["odd", "even"])
+def test_matches_transformers(fp8, kind):
+    """odd: transformers' model on the test's dequantized weights; even: transformers loading the FP8 checkpoint
+    itself (its CPU dequantize). Logits within ATOL, the same greedy tokens; our backend runs the experts."""
+    from transformers import AutoModelForCausalLM
+
+    path, dequantized = fp8(kind)
+    ids = _prompt()
+    model = AutoModelForCausalLM.from_pretrained(dequantized if kind == "odd" else path, dtype=torch.float32).eval()
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37)
+    try:
+        with torch.no_grad():
+            ref_logits, logits = model(ids).logits, pipe.model(ids).logits
+            ref_tokens = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert (logits - ref_logits).abs().max().item() <= ATOL
+        tokens = pipe.generate_tokens(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert torch.equal(tokens, ref_tokens[0, ids.shape[1]:])
+        assert pipe.get_offload_stats()["misses"] > 0  # the offloaded experts were computed here
+    finally:
+        pipe.close()
+
+
+@pytest.fixture(scope="module")
+def resident(fp8):
+    """Logits and greedy tokens of the odd checkpoint fully resident."""
+    pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=100)
+    with torch.no_grad():
+        logits = pipe.model(_prompt()).logits
+    tokens = pipe.generate_tokens(_prompt(), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    pipe.close()
+    return logits, tokens
+
+
+@pytest.mark.parametrize("tier", list(TIERS))
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_every_ratio_and_tier_gives_the_resident_bits(fp8, resident, ratio, tier):
+    """Offloaded FP8 experts give the very bits of the fully resident model, and what moves is the FP8 bytes:
+    each miss streams one expert's weights (1 byte each) and block scales."""
+    logits, tokens = resident
+    pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=TIERS[tier])
+    try:
+        with torch.no_grad():
+            assert torch.equal(pipe.model(_prompt()).logits, logits)
+        assert torch.equal(pipe.generate_tokens(_prompt(), max_new_tokens=8, min_new_tokens=8, do_sample=False),
+                           tokens)
+        stats = pipe.get_offload_stats()
+        assert stats["expert_bytes"] == 3 * 20 * 32 + 4 * 36  # FP8 weights + float32 scales
+        assert stats["expert_format"] == "fp8 e4m3, blocks 8x8, float32 scales"
+        streamed = stats["bytes_streamed"][tier]
+        assert streamed == sum(stats["experts_streamed"].values()) * stats["expert_bytes"]
+        assert (streamed > 0) == (ratio < 100)
+    finally:
+        pipe.close()
+
+
+def test_info_shows_the_format_and_the_fp8_bytes(fp8, capsys):
+    path, _ = fp8("odd")
+    info = describe(Checkpoint(path))
+    assert info["quantization"] == {"format": "fp8", "weight_dtype": "float8_e4m3fn", "block": [8, 8],
+                                    "scale_dtype": "float32"}
+    assert {layer["expert_bytes"] for layer in info["layers"]} == {3 * 20 * 32 + 4 * 36}
+    # attention dequantized at load: counted in the compute dtype, scales not kept
+    plain = describe(Checkpoint(fp8("odd")[1]))
+    assert info["non_expert_bytes"] == plain["non_expert_bytes"]
+    capsys.readouterr()
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    assert "expert weights   fp8 e4m3, blocks 8x8, float32 scales" in out
+    assert "bytes/expert     2064 (2.02 KiB)" in out
+
+
+def test_generate_runs_from_the_command_line(fp8, capsys):
+    path, _ = fp8("odd")
+    capsys.readouterr()
+    assert main(["generate", "def f", "--device", "cpu", "-n", "3", "--ratio", "25", "--model", path]) == 0
+    assert capsys.readouterr().out.startswith("def f")
+
+
+def test_the_cpu_expert_path_refuses_fp8_experts_by_name(fp8):
+    with pytest.raises(MoeOffloadError, match="MOE_CPU_EXPERTS=all is not possible here: FP8 block-quantized"):
+        LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=25, MOE_CPU_EXPERTS="all")
+
+
+# -- bad input: one line, at load ----------------------------------------------------------------------------------
+
+def _copy(fp8, tmp_path) -> str:
+    return shutil.copytree(fp8("odd")[0], str(tmp_path / "bad"))
+
+
+def _edit_tensors(path: str, edit) -> None:
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _edit_quant(path: str, **changes) -> None:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["quantization_config"].update(changes)
+    if config["quantization_config"]["quant_method"] is None:
+        del config["quantization_config"]
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+
+
+EXPERT = "model.layers.1.mlp.experts.6.up_proj"
+ATTENTION = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{EXPERT}.weight_scale_inv": torch.ones(3, 3)})),
+     rf"^{EXPERT}.weight_scale_inv is float32 \[3, 3\], expected float32 \[3, 4\] for a \[20, 32\] weight in FP8 "
+     r"blocks of 8x8$"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{ATTENTION}.weight_scale_inv": torch.ones(4, 3)})),
+     rf"^{ATTENTION}.weight_scale_inv is float32 \[4, 3\], expected float32 \[4, 4\]"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{EXPERT}.weight_scale_inv": torch.ones(3, 4).half()})),
+     rf"^{EXPERT}.weight_scale_inv has dtype F16, which this tensor cannot have \(expected F32\)$"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{EXPERT}.weight": t[f"{EXPERT}.weight"].float()})),
+     rf"^{EXPERT}.weight has dtype F32, which this tensor cannot have \(expected F8_E4M3\)$"),
+    (lambda p: _edit_tensors(p, lambda t: t.pop(f"{EXPERT}.weight_scale_inv")),
+     rf"^{EXPERT}.weight has dtype F8_E4M3, which this tensor cannot have"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({"model.layers.0.extra_proj.weight_scale_inv": torch.ones(1)})),
+     r"^model.layers.0.extra_proj.weight_scale_inv is an FP8 block scale, but there is no FP8 weight beside it"),
+    (lambda p: _edit_quant(p, weight_block_size=[8]), r"weight_block_size must be two positive integers"),
+    (lambda p: _edit_quant(p, weight_block_size=[16, 8]),
+     r"k_proj.weight_scale_inv is float32 \[2, 4\], expected float32 \[1, 4\] for a \[16, 32\] weight in FP8 "
+     r"blocks of 16x8$"),
+    (lambda p: _edit_quant(p, activation_scheme="static"), r"FP8 activation_scheme 'static' is not supported"),
+    (lambda p: _edit_quant(p, quant_method="fbgemm_fp8"), r"^FBGEMM FP8 quantization .* is not supported"),
+    (lambda p: _edit_quant(p, quant_method=None),
+     r"^FP8 quantization \(tensor .*\) cannot be read: config.json has no quantization_config"),
+])
+def test_bad_fp8_checkpoints_are_one_line(fp8, tmp_path, damage, words):
+    path = _copy(fp8, tmp_path)
+    damage(path)
+    with pytest.raises(MoeOffloadError, match=words) as caught:
+        LLMPipeline(path, "cpu")
+    assert "\n" not in str(caught.value)
