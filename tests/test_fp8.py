@@ -160,6 +160,36 @@ def test_every_ratio_and_tier_gives_the_resident_bits(fp8, resident, ratio, tier
         pipe.close()
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels on CPU tensors need Triton's interpreter")
+def test_the_triton_kernels_run_the_engine_with_read_through_admission(fp8, resident):
+    """Zero-copy with device LRU (Triton's interpreter on the CPU): FP8 misses read in place from the host tier's
+    rows and admitted into slots as read give the tokens of the resident model; each slot then holds its
+    expert's bytes and scales bit for bit."""
+    pytest.importorskip("triton")
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=25)
+    try:
+        for layer in pipe.layers:
+            layer.fused_moe = fused_moe
+            assert layer.enable_direct(pipe.device, lru=True) and layer.lru_admission
+        assert torch.equal(pipe.generate_tokens(_prompt(), max_new_tokens=4, min_new_tokens=4, do_sample=False),
+                           resident[1][:4])  # a prefill (grouped GEMMs) and 3 decode steps (GEMVs, admission)
+        stats = pipe.get_offload_stats()
+        assert stats["experts_read_in_place"] == stats["misses"] > 0
+        assert stats["bytes_read_in_place"] == stats["misses"] * pipe.layers[0].format.nbytes
+        for layer in pipe.layers:
+            for expert, slot in enumerate(layer._direct_slots.tolist()):
+                if slot < layer.table.capacity:
+                    held = layer.format.plane_views(layer.slots[slot])
+                    stored = layer.format.plane_views(layer.host.row(expert))
+                    assert all(torch.equal(held[name].view(torch.uint8), stored[name].view(torch.uint8))
+                               for name in held)
+    finally:
+        pipe.close()
+
+
 def test_info_shows_the_format_and_the_fp8_bytes(fp8, capsys):
     path, _ = fp8("odd")
     info = describe(Checkpoint(path))
