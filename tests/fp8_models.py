@@ -21,7 +21,7 @@ from tiny_models import save_tokenizer, tiny_config
 
 E4M3_MAX = 448.0
 # the decoder layers' projection weights that FP8 checkpoints quantize (not the router `mlp.gate`)
-_QUANTIZED = re.compile(r"\.layers\.\d+\..*_proj\.weight$")
+_QUANTIZED = re.compile(r"\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
 
 
 def quantize_block(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
