@@ -71,8 +71,9 @@ def test_checkpoint_locates_each_expert_plane_by_plane(fp8):
         ("down.weight", (32, 20), torch.float8_e4m3fn), ("down.scale", (4, 3), torch.float32)]
     assert all(p.offset % 16 == 0 for p in fmt.planes)
     names = {(e.path, e.start): e.name for e in checkpoint.tensors.values()}
+    expert = "model.layers.0.mlp.experts.3"
     assert [names[(r.path, r.start)] for r in locations[3].planes[1]] == [
-        "model.layers.0.mlp.experts.3.gate_proj.weight_scale_inv", "model.layers.0.mlp.experts.3.up_proj.weight_scale_inv"]
+        f"{expert}.gate_proj.weight_scale_inv", f"{expert}.up_proj.weight_scale_inv"]
     assert locations[3].nbytes == fmt.nbytes == 3 * 20 * 32 + 4 * (2 * 3 * 4 + 4 * 3)  # 1 byte a weight + scales
     assert fmt.describe() == "fp8 e4m3, blocks 8x8, float32 scales"
     # the attention projections are FP8 too, read with their scales and dequantized at load
@@ -222,9 +223,60 @@ def test_generate_runs_from_the_command_line(fp8, capsys):
     assert capsys.readouterr().out.startswith("def f")
 
 
-def test_the_cpu_expert_path_refuses_fp8_experts_by_name(fp8):
-    with pytest.raises(MoeOffloadError, match="MOE_CPU_EXPERTS=all is not possible here: FP8 block-quantized"):
-        LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=25, MOE_CPU_EXPERTS="all")
+@pytest.mark.parametrize("compute", ["float32", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_cpu_expert_kernels_take_fp8_experts(fp8, compute, dtype):
+    """CpuExperts on a host tier's FP8 rows against the reference: "native" is its own ops (the same bits),
+    "float32" dequantizes block by block of rows (accumulation order only: 1e-5 in float32, 4 bf16 ulps)."""
+    from moe_offload.hybrid import CpuExperts
+    from moe_offload.hybrid.tuning import cpu_expert_kernels
+    from moe_offload.kernels.reference import weighted_expert_output
+
+    assert cpu_expert_kernels(torch.float32, torch.nn.functional.silu, True, fp8=True) == ["float32"]
+    pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS="off")
+    try:
+        host = pipe.layers[0].host  # every expert of the layer, FP8 rows
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(4, HIDDEN, generator=gen).to(dtype)  # [P, H]: pairs grouped by expert
+        w = torch.rand(4, generator=gen).to(dtype)  # [P]
+        slots, counts = [host.row_of[5], host.row_of[2], host.row_of[7]], [2, 1, 1]
+        out = CpuExperts(threads=1, compute=compute, block_bytes=512)(x, w, host.gate_up, host.down, slots, counts)
+        starts = [0, 2, 3, 4]
+        want = torch.cat([weighted_expert_output(x[a:b], w[a:b], host.gate_up[slot], host.down[slot],
+                                                 torch.nn.functional.silu)
+                          for slot, a, b in zip(slots, starts, starts[1:])])  # [P, H], expert by expert
+        if compute == "native":
+            assert torch.equal(out, want)
+        else:
+            tolerance = 1e-5 if dtype == torch.float32 else 2.0 ** -6
+            assert (out - want).abs().max().item() <= tolerance * want.abs().max().item()
+    finally:
+        pipe.close()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU-device pipelines with the Triton kernels interpreted")
+def test_moe_cpu_experts_all_computes_fp8_misses_on_the_cpu(fp8, monkeypatch):
+    """MOE_CPU_EXPERTS=all: every zero-copy miss computed on the CPU from the host tier's FP8 rows, with the
+    resident model's greedy tokens, counted in FP8 bytes."""
+    from moe_offload import integration
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path = fp8("odd")[0]
+    prompt = _prompt()[:, :5]
+    resident = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=100)
+    want = resident.generate_tokens(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    resident.close()
+    monkeypatch.setattr(integration, "select_kernel", lambda config, device, hf_config: fused_moe)
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25, MOE_CPU_EXPERTS="all", MOE_CPU_THREADS=1)
+    try:
+        assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False), want)
+        stats = pipe.get_offload_stats()
+        assert stats["cpu_expert_layers"] == len(pipe.layers) and stats["cpu_expert_kernel"] == "float32"
+        assert stats["experts_computed_on_cpu"] > 0
+        assert stats["bytes_computed_on_cpu"] == stats["experts_computed_on_cpu"] * pipe.layers[0].format.nbytes
+    finally:
+        pipe.close()
 
 
 # -- bad input: one line, at load ----------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def test_the_scale_blocks_restart_at_up():
     pools = fmt.weights(rows)
     assert isinstance(pools.gate_up, FP8Matrix) and pools.gate_up.scale.shape[1:] == (4, 3)  # 2 + 2, not 3
     weight, scale = pools.gate_up.weight[0].float(), pools.gate_up.scale[0]
-    assert torch.equal(dequantize(pools.gate_up[0])[INTER + 16], weight[INTER + 16] * scale[3].repeat_interleave(32)[:HIDDEN])
+    up_row = INTER + 16  # up's row 16: its second block, scale row 2 + 1
+    assert torch.equal(dequantize(pools.gate_up[0])[up_row], weight[up_row] * scale[3].repeat_interleave(32)[:HIDDEN])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
