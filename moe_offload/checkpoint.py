@@ -12,8 +12,8 @@ Expert layouts understood:
       `...experts.E.<proj>.{weight_packed, weight_scale[, weight_zero_point], weight_shape}`, with config.json's
       `quantization_config` saying so (quantization_scheme); other quantization methods are refused by name.
   FP8 block-quantized per-expert (DeepSeek-V3, Qwen3-FP8; quant/fp8.py): `...experts.E.<proj>.weight` F8_E4M3 with
-      `...experts.E.<proj>.weight_scale_inv` F32 blocks and `quant_method: fp8`; the checkpoint's other FP8
-      projections (attention, dense MLPs, shared experts) are listed in fp8_dense and dequantized at load.
+      `...experts.E.<proj>.weight_scale_inv` F32 (or BF16/F16) blocks and `quant_method: fp8`; the checkpoint's
+      other FP8 projections (attention, dense MLPs, shared experts) are listed in fp8_dense and dequantized at load.
 Either way an expert becomes an ExpertLocation: its format (expert_format.py) and, per plane of that format, the
 byte ranges that fill it back to back (gate before up), so a disk read never needs to know the format.
 """
@@ -455,19 +455,24 @@ def _fp8_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
     block size, as the planes of its FP8 ExpertFormat: gate's and up's weights (and their scale blocks) back to
     back, so the up scales start at row ceil(I / block_n) of gate_up.scale."""
     roles = per_expert.get(expert, {})
+    scale_dtypes = set()
     for role, (rows, cols) in {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}.items():
-        for key, dtype, shape in (("", fp8.WEIGHT_DTYPE, (rows, cols)),
-                                  (f".{fp8.SCALE_INV}", fp8.SCALE_DTYPE, spec.scale_shape(rows, cols))):
+        for key, dtypes, shape in (("", (fp8.WEIGHT_DTYPE,), (rows, cols)),
+                                   (f".{fp8.SCALE_INV}", fp8.SCALE_DTYPES, spec.scale_shape(rows, cols))):
             entry = roles.get(f"{role}{key}")
             if entry is None:
                 raise MoeOffloadError(f"checkpoint lacks {key.lstrip('.') or 'weight'} of the {role} projection of "
                                       f"expert {expert} in layer {layer}")
-            if entry.dtype != dtype or entry.shape != shape:
+            if entry.dtype not in dtypes or entry.shape != shape:
                 raise MoeOffloadError(
                     f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, expected "
-                    f"{str(dtype).replace('torch.', '')} {list(shape)} for a [{rows}, {cols}] weight in FP8 blocks "
-                    f"of {spec.block_n}x{spec.block_k}")
-    fmt = ExpertFormat(inter, hidden, fp8.SCALE_DTYPE, spec)
+                    f"{'float8_e4m3fn' if key == '' else 'floating point'} {list(shape)} for a [{rows}, {cols}] "
+                    f"weight in FP8 blocks of {spec.block_n}x{spec.block_k}")
+        scale_dtypes.add(roles[f"{role}.{fp8.SCALE_INV}"].dtype)
+    if len(scale_dtypes) != 1:
+        raise MoeOffloadError(f"expert {expert} of layer {layer} mixes scale dtypes "
+                              f"{sorted(str(d) for d in scale_dtypes)}")
+    fmt = ExpertFormat(inter, hidden, scale_dtypes.pop(), spec)
     keys = {"weight": "", "scale": f".{fp8.SCALE_INV}"}
     planes = []
     for plane in fmt.planes:

@@ -199,14 +199,14 @@ QUANTIZED_TENSOR_DTYPES = {
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)$")
 
 
-FP8_WEIGHT_DTYPES, FP8_SCALE_DTYPES = (torch.float8_e4m3fn,), (torch.float32,)  # quant/fp8.py
+FP8_WEIGHT_DTYPES, FP8_SCALE_DTYPES = (torch.float8_e4m3fn,), PLAIN_DTYPES  # quant/fp8.py
 
 
 def allowed_dtypes(name: str, fp8_scales: Mapping[str, str] = {}) -> tuple[torch.dtype, ...] | None:
     """The dtypes tensor `name` may have in a format we read; None for tensors that are not weights (buffers:
     their dtype is checked against the model's, at load). A plain weight is a float the model computes in; an
     integer or FP8 relabelled weight would load as garbage numbers without any error. fp8_scales: an FP8
-    checkpoint's weight -> weight_scale_inv (checkpoint._fp8_scales): those weights are F8_E4M3, their scales F32,
+    checkpoint's weight -> weight_scale_inv (checkpoint._fp8_scales): those weights are F8_E4M3, their scales floats,
     and an FP8 scale anywhere else has no weight to scale."""
     suffix = name.rpartition(".")[2]
     if name in fp8_scales:

@@ -24,23 +24,25 @@ E4M3_MAX = 448.0
 _QUANTIZED = re.compile(r"\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
 
 
-def quantize_block(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 [N, K], scale_inv float32 [ceil(N/bn), ceil(K/bk)]) of weight [N, K]; the last blocks may be short."""
+def quantize_block(weight: torch.Tensor, block: tuple[int, int],
+                   scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 [N, K], scale_inv [ceil(N/bn), ceil(K/bk)] in scale_dtype) of weight [N, K]; the last blocks may be
+    short. The scales are rounded to scale_dtype before the weights are divided by them."""
     rows, cols = weight.shape
     bn, bk = block
     grid = (-(-rows // bn), -(-cols // bk))
     padded = torch.zeros(grid[0] * bn, grid[1] * bk)
     padded[:rows, :cols] = weight.float()
     amax = padded.view(grid[0], bn, grid[1], bk).abs().amax(dim=(1, 3))  # [gn, gk]
-    scale = (amax / E4M3_MAX).clamp(min=1e-12)  # [gn, gk]
-    expanded = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:rows, :cols]  # [N, K]
+    scale = (amax / E4M3_MAX).clamp(min=1e-12).to(scale_dtype)  # [gn, gk]
+    expanded = scale.float().repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:rows, :cols]  # [N, K]
     return (weight.float() / expanded).to(torch.float8_e4m3fn), scale
 
 
 def dequantize_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """float(q) * scale of its block, in float32: the test's own dequantization, written apart from the engine's."""
     rows, cols = q.shape
-    expanded = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+    expanded = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
     return q.float() * expanded
 
 
@@ -56,16 +58,17 @@ def make_source(path: str, moe_intermediate_size: int, seed: int = 0) -> str:
     return path
 
 
-def quantize_fp8(src: str, dst: str, block: tuple[int, int], dequantized: str) -> tuple[str, str]:
-    """Write `src` as an FP8 block-quantized checkpoint to `dst`, and the same weights dequantized to
-    `dequantized` (an unquantized float32 checkpoint). Returns (dst, dequantized)."""
+def quantize_fp8(src: str, dst: str, block: tuple[int, int], dequantized: str,
+                 scale_dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """Write `src` as an FP8 block-quantized checkpoint to `dst` (scales in scale_dtype), and the same weights
+    dequantized to `dequantized` (an unquantized float32 checkpoint). Returns (dst, dequantized)."""
     state = load_file(os.path.join(src, "model.safetensors"))
     quantized, plain = {}, {}
     for name, tensor in state.items():
         if not _QUANTIZED.search(name):
             quantized[name] = plain[name] = tensor
             continue
-        q, scale = quantize_block(tensor, block)
+        q, scale = quantize_block(tensor, block, scale_dtype)
         quantized[name], quantized[f"{name}_scale_inv"] = q, scale
         plain[name] = dequantize_block(q, scale, block)
     with open(os.path.join(src, "config.json"), encoding="utf-8") as handle:

@@ -7,8 +7,9 @@ Two tiny Qwen3-MoE checkpoints written in the exact layout (fp8_models.py), bloc
   in gate_up (the up rows' blocks start at scale row ceil(20/8) = 3, not 20 // 8 = 2) and every last block is
   short. transformers' own FP8 dequantize cannot load it (it needs blocks to divide the shapes), so the reference
   is transformers' model class on the test's own dequantization of the same tensors.
-- "even": I = 16, every block whole: transformers loads the FP8 checkpoint itself on the CPU (its FineGrainedFP8
-  quantizer dequantizes there) and is the reference.
+- "even": I = 16, every block whole, bf16 scales (as some Qwen3 FP8 exports store them): transformers loads the
+  FP8 checkpoint itself on the CPU (its FineGrainedFP8 quantizer dequantizes there) and is the reference, so the
+  product is rounded once, to the compute dtype, not first to the scales' bf16.
 In float32 compute the logits agree within ATOL (summation order only); in bf16 compute (the dequantized weights
 rounded to bf16, as transformers' dequantizing load holds them) they are the same bits.
 """
@@ -55,7 +56,8 @@ def fp8(tmp_path_factory):
         if kind not in made:
             root = tmp_path_factory.mktemp(f"fp8-{kind}")
             source = make_source(str(root / "src"), INTER[kind])
-            made[kind] = quantize_fp8(source, str(root / "q"), BLOCK, str(root / "dq"))
+            scales = torch.bfloat16 if kind == "even" else torch.float32
+            made[kind] = quantize_fp8(source, str(root / "q"), BLOCK, str(root / "dq"), scales)
         return made[kind]
 
     return get
@@ -126,6 +128,14 @@ def test_matches_transformers(fp8, kind, dtype):
             ref_tokens = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         if dtype == "bfloat16":
             assert torch.equal(logits, ref_logits)
+        if kind == "even":  # transformers' own FP8 load holds the very weights we compute with (bf16 scales)
+            layer, theirs = pipe.layers[1], model.model.layers[1]
+            for expert in range(8):
+                row = layer.host.row_of[expert]
+                gate_up, down = layer.host.gate_up[row], layer.host.down[row]
+                assert torch.equal(dense(gate_up, torch.float32), theirs.mlp.experts.gate_up_proj[expert])
+                assert torch.equal(dense(down, torch.float32), theirs.mlp.experts.down_proj[expert])
+            assert torch.equal(pipe.model.model.layers[1].self_attn.o_proj.weight, theirs.self_attn.o_proj.weight)
         assert (logits - ref_logits).abs().max().item() <= ATOL
         tokens = pipe.generate_tokens(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert torch.equal(tokens, ref_tokens[0, ids.shape[1]:])
@@ -314,21 +324,23 @@ ATTENTION = "model.layers.0.self_attn.q_proj"
 
 @pytest.mark.parametrize("damage,words", [
     (lambda p: _edit_tensors(p, lambda t: t.update({f"{EXPERT}.weight_scale_inv": torch.ones(3, 3)})),
-     rf"^{EXPERT}.weight_scale_inv is float32 \[3, 3\], expected float32 \[3, 4\] for a \[20, 32\] weight in FP8 "
-     r"blocks of 8x8$"),
+     rf"^{EXPERT}.weight_scale_inv is float32 \[3, 3\], expected floating point \[3, 4\] for a \[20, 32\] weight "
+     r"in FP8 blocks of 8x8$"),
     (lambda p: _edit_tensors(p, lambda t: t.update({f"{ATTENTION}.weight_scale_inv": torch.ones(4, 3)})),
-     rf"^{ATTENTION}.weight_scale_inv is float32 \[4, 3\], expected float32 \[4, 4\]"),
+     rf"^{ATTENTION}.weight_scale_inv is float32 \[4, 3\], expected floating point \[4, 4\]"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({f"{EXPERT}.weight_scale_inv": torch.ones(3, 4).int()})),
+     rf"^{EXPERT}.weight_scale_inv has dtype I32, which this tensor cannot have \(expected BF16, F16 or F32\)$"),
     (lambda p: _edit_tensors(p, lambda t: t.update({f"{EXPERT}.weight_scale_inv": torch.ones(3, 4).half()})),
-     rf"^{EXPERT}.weight_scale_inv has dtype F16, which this tensor cannot have \(expected F32\)$"),
+     r"^expert 6 of layer 1 mixes scale dtypes"),
     (lambda p: _edit_tensors(p, lambda t: t.update({f"{EXPERT}.weight": t[f"{EXPERT}.weight"].float()})),
      rf"^{EXPERT}.weight has dtype F32, which this tensor cannot have \(expected F8_E4M3\)$"),
     (lambda p: _edit_tensors(p, lambda t: t.pop(f"{EXPERT}.weight_scale_inv")),
      rf"^{EXPERT}.weight has dtype F8_E4M3, which this tensor cannot have"),
-    (lambda p: _edit_tensors(p, lambda t: t.update({"model.layers.0.extra_proj.weight_scale_inv": torch.ones(1)})),
-     r"^model.layers.0.extra_proj.weight_scale_inv is an FP8 block scale, but there is no FP8 weight beside it"),
+    (lambda p: _edit_tensors(p, lambda t: t.update({"model.layers.0.x_proj.weight_scale_inv": torch.ones(1)})),
+     r"^model.layers.0.x_proj.weight_scale_inv is an FP8 block scale, but there is no FP8 weight beside it"),
     (lambda p: _edit_quant(p, weight_block_size=[8]), r"weight_block_size must be two positive integers"),
     (lambda p: _edit_quant(p, weight_block_size=[16, 8]),
-     r"k_proj.weight_scale_inv is float32 \[2, 4\], expected float32 \[1, 4\] for a \[16, 32\] weight in FP8 "
+     r"k_proj.weight_scale_inv is float32 \[2, 4\], expected floating point \[1, 4\] for a \[16, 32\] weight in FP8 "
      r"blocks of 16x8$"),
     (lambda p: _edit_quant(p, activation_scheme="static"), r"FP8 activation_scheme 'static' is not supported"),
     (lambda p: _edit_quant(p, quant_method="fbgemm_fp8"), r"^FBGEMM FP8 quantization .* is not supported"),

@@ -59,14 +59,15 @@ def make_rows(fmt: ExpertFormat, count: int, generator: torch.Generator) -> torc
         codes = torch.where((codes & 0x7F) == 0x7F, 0x38, codes)  # no NaN (S.1111.111): 1.0 instead
         planes[f"{matrix}.weight"].view(torch.uint8).copy_(codes.to(torch.uint8))
         scale = torch.rand(planes[f"{matrix}.scale"].shape, generator=generator) + 0.5
-        planes[f"{matrix}.scale"].copy_(scale / (60 * cols ** 0.5))
+        planes[f"{matrix}.scale"].copy_((scale / (60 * cols ** 0.5)).to(fmt.dtype))
     return rows.to(DEVICE)
 
 
-def make_inputs(tokens: int, dtype: torch.dtype, experts: int = 8, top_k: int = 2, spare: int = 3, seed: int = 0):
+def make_inputs(tokens: int, dtype: torch.dtype, experts: int = 8, top_k: int = 2, spare: int = 3, seed: int = 0,
+                scale_dtype: torch.dtype = torch.float32):
     """(x, ids, weights, rows, fmt, slot_of_expert): experts in a random permutation of experts + spare slots."""
     generator = torch.Generator().manual_seed(seed)
-    fmt = ExpertFormat(INTER, HIDDEN, torch.float32, SPEC)
+    fmt = ExpertFormat(INTER, HIDDEN, scale_dtype, SPEC)
     rows = make_rows(fmt, experts + spare, generator)
     x = torch.randn(tokens, HIDDEN, generator=generator).to(dtype).to(DEVICE)  # [T, H]
     ids = torch.rand(tokens, experts, generator=generator).topk(top_k, dim=-1).indices.to(DEVICE)  # [T, K]
@@ -106,11 +107,13 @@ def test_the_scale_blocks_restart_at_up():
     assert torch.equal(dequantize(pools.gate_up[0])[up_row], weight[up_row] * scale[3].repeat_interleave(32)[:HIDDEN])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                               (torch.float32, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("path", ["decode", "prefill"])
-def test_matches_the_dequantizing_reference(monkeypatch, dtype, path):
+def test_matches_the_dequantizing_reference(monkeypatch, dtype, scale_dtype, path):
+    """float32 scales (DeepSeek-V3) and bf16 ones (some Qwen3 exports: widened, the product rounded once)."""
     _force_path(monkeypatch, path)
-    x, ids, weights, rows, fmt, slots = make_inputs(1 if path == "decode" else 9, dtype)
+    x, ids, weights, rows, fmt, slots = make_inputs(1 if path == "decode" else 9, dtype, scale_dtype=scale_dtype)
     pools = fmt.weights(rows)
     expected = triton_moe.fused_moe_reference(x, ids, weights, pools.gate_up, pools.down, slots)
     actual = triton_moe.fused_moe(x, ids, weights, pools.gate_up, pools.down, slots)

@@ -74,7 +74,10 @@ def dequantize_rows(matrix: QuantMatrix | FP8Matrix, start: int, stop: int, dtyp
     reference.dense(matrix, dtype) holds there: (u - z) * scale in float32, rounded to the scale's dtype, then to
     `dtype`. Why rows: the float32 path dequantizes an L2-sized block at a time, never a whole expert. out: an
     optional float32 [stop - start, K] destination."""
-    weight = dequantize(matrix, start, stop).to(matrix.scale.dtype).to(dtype)  # [r, K], as dense() rounds
+    weight = dequantize(matrix, start, stop)  # [r, K] float32
+    if isinstance(matrix, QuantMatrix):
+        weight = weight.to(matrix.scale.dtype)  # as dense() rounds (FP8: once, to dtype)
+    weight = weight.to(dtype)
     return weight.float() if out is None else out.copy_(weight)
 
 

@@ -45,9 +45,11 @@ def dequantize(matrix: QuantMatrix | FP8Matrix, start: int = 0, stop: int | None
 
 def dense(matrix: Matrix, dtype: torch.dtype) -> torch.Tensor:
     """A dense tensor as it is; a quantized matrix dequantized, rounded to its scale's dtype, in `dtype` (FP8:
-    the scales are float32, so the float32 product is rounded once, to `dtype`)."""
+    the float32 product rounded once, to `dtype`, as transformers' dequantize does)."""
     if isinstance(matrix, torch.Tensor):
         return matrix
+    if isinstance(matrix, FP8Matrix):  # rounded once, whatever the scales' dtype (quant/fp8.py)
+        return dequantize(matrix).to(dtype)
     return dequantize(matrix).to(matrix.scale.dtype).to(dtype)
 
 

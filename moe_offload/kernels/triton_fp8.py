@@ -49,9 +49,9 @@ def _dequant_tile(weight, scale, rows, cols, mask, stride_wn, stride_sn, rows_pe
     _admit_tile(pool_weight, admit, stride_ws, weight_at, byte, mask, ADMIT)
     part = rows // rows_per_part
     scale_at = (part * blocks_per_part + (rows - part * rows_per_part) // BN) * stride_sn + cols // BK
-    s = tl.load(scale + scale_at, mask=mask, other=0.0)  # float32
+    s = tl.load(scale + scale_at, mask=mask, other=0.0)  # float32, bf16 or fp16
     _admit_tile(pool_scale, admit, stride_ss, scale_at, s, mask, ADMIT)
-    w = _e4m3_to_float32(byte.to(tl.int32)) * s  # one float32 rounding, as torch's float(fp8) * scale
+    w = _e4m3_to_float32(byte.to(tl.int32)) * s.to(tl.float32)  # one float32 rounding, as float(fp8) * scale
     w = w.to(dtype).to(tl.float32)
     return tl.where(mask, w, 0.0)
 

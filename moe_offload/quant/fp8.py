@@ -3,14 +3,16 @@
 Why a module of its own: the checkpoint parser, the expert format, the reference and the kernels all need the
 same three facts, kept here once:
 
-- A weight W [N, K] (out, in) is stored as `weight` float8_e4m3fn [N, K] plus `weight_scale_inv` float32
-  [ceil(N / bn), ceil(K / bk)] for config.json's `weight_block_size` [bn, bk] (128 x 128 in every released
-  checkpoint): W[r, k] = float(weight[r, k]) * weight_scale_inv[r // bn, k // bk]. The last block of a row or
-  column may be short (blocks are counted with ceil), as the CUDA kernels of transformers and vLLM index them.
-- The product is taken in float32 and rounded once to the compute dtype, as transformers' Fp8Dequantize does
-  when it loads such a checkpoint dequantized (on a machine without FP8 matmuls): our results are those of
-  transformers' model on the dequantized weights. Activations stay in the compute dtype (weight-only, W8A16):
-  the `activation_scheme: dynamic` W8A8 GEMMs of FP8 GPUs are not emulated.
+- A weight W [N, K] (out, in) is stored as `weight` float8_e4m3fn [N, K] plus `weight_scale_inv` [ceil(N / bn),
+  ceil(K / bk)], float32 (DeepSeek-V3) or bf16 / fp16 (some Qwen3 FP8 exports), for config.json's
+  `weight_block_size` [bn, bk] (128 x 128 in every released checkpoint):
+  W[r, k] = float(weight[r, k]) * weight_scale_inv[r // bn, k // bk]. The last block of a row or column may be
+  short (blocks are counted with ceil), as the CUDA kernels of transformers and vLLM index them.
+- The product is taken in float32 (the scale widened exactly, whatever its dtype) and rounded once to the
+  compute dtype (never to the scale's dtype first), as transformers' Fp8Dequantize does when it loads such a
+  checkpoint dequantized (on a machine without FP8 matmuls): our results are those of transformers' model on
+  the dequantized weights. Activations stay in the compute dtype (weight-only, W8A16): the
+  `activation_scheme: dynamic` W8A8 GEMMs of FP8 GPUs are not emulated.
 - gate and up are stored as two matrices, each with its own ceil(I / bn) scale rows; stacked as gate_up [2I, K]
   the up rows' blocks start at scale row ceil(I / bn), not at row I // bn, when I % bn != 0 (`parts`:
   projections stacked along N whose blocks restart at each one; scale_row below).
@@ -26,7 +28,7 @@ import torch
 from ..errors import MoeOffloadError
 
 WEIGHT_DTYPE = torch.float8_e4m3fn
-SCALE_DTYPE = torch.float32
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_INV = "weight_scale_inv"
 
 
@@ -66,7 +68,7 @@ def scheme(quant: Mapping) -> BlockFP8Spec:
     if str(quant.get("fmt", "e4m3")).lower() != "e4m3":
         raise MoeOffloadError(f"FP8 fmt {quant.get('fmt')!r} is not supported (e4m3 only)")
     if quant.get("scale_fmt") not in (None, "ue8m0", "float32"):
-        raise MoeOffloadError(f"FP8 scale_fmt {quant.get('scale_fmt')!r} is not supported (float32 scales)")
+        raise MoeOffloadError(f"FP8 scale_fmt {quant.get('scale_fmt')!r} is not supported (float scales)")
     return BlockFP8Spec(block[0], block[1])
 
 
@@ -79,8 +81,8 @@ def scale_row(rows: torch.Tensor, rows_per_part: int, spec: BlockFP8Spec) -> tor
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, spec: BlockFP8Spec, parts: int = 1,
                start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Rows [start, stop) of W float32 = float(weight) * scale_inv of its block: weight [N, K] float8_e4m3fn,
-    scale_inv [spec.scale_shape(N, K, parts)] float32, `parts` matrices stacked along N. The product is rounded
-    to float32 once (IEEE), as transformers and our kernels compute it."""
+    scale_inv [spec.scale_shape(N, K, parts)] (any of SCALE_DTYPES, widened), `parts` matrices stacked along N.
+    The product is rounded to float32 once (IEEE), as transformers and our kernels compute it."""
     rows, cols = weight.shape
     stop = rows if stop is None else stop
     index = torch.arange(start, stop, device=weight.device)  # [r]
@@ -96,8 +98,8 @@ def check_dense(name: str, weight, scale, spec: BlockFP8Spec) -> None:
         raise MoeOffloadError(f"{name}: an FP8 weight must be F8_E4M3 [out, in], not "
                               f"{str(weight.dtype).replace('torch.', '')} {list(weight.shape)}")
     want = spec.scale_shape(*weight.shape)
-    if scale.dtype != SCALE_DTYPE or tuple(scale.shape) != want:
+    if scale.dtype not in SCALE_DTYPES or tuple(scale.shape) != want:
         raise MoeOffloadError(f"{name.removesuffix('.weight')}.{SCALE_INV} is "
-                              f"{str(scale.dtype).replace('torch.', '')} {list(scale.shape)}, expected float32 "
-                              f"{list(want)} for a {list(weight.shape)} weight in FP8 blocks of "
+                              f"{str(scale.dtype).replace('torch.', '')} {list(scale.shape)}, expected floating "
+                              f"point {list(want)} for a {list(weight.shape)} weight in FP8 blocks of "
                               f"{spec.block_n}x{spec.block_k}")

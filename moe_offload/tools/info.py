@@ -37,7 +37,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
         # the routed experts' weight quantization (compressed-tensors pack-quantized), None where they are dense
-        "quantization": None if spec is None else _fp8_info(spec) if isinstance(spec, BlockFP8Spec) else
+        "quantization": None if spec is None else _fp8_info(spec, checkpoint) if isinstance(spec, BlockFP8Spec) else
         {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric},
         "moe_layers": len(layers),
         "layers": layers,
@@ -75,9 +75,11 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fp8_info(spec: BlockFP8Spec) -> dict[str, Any]:
+def _fp8_info(spec: BlockFP8Spec, checkpoint: Checkpoint) -> dict[str, Any]:
+    scales = {str(roles[role].dtype).replace("torch.", "") for tensors in checkpoint.experts_by_layer.values()
+              for roles in tensors.per_expert.values() for role in roles if role.endswith(".weight_scale_inv")}
     return {"format": "fp8", "weight_dtype": "float8_e4m3fn", "block": [spec.block_n, spec.block_k],
-            "scale_dtype": "float32"}
+            "scale_dtype": ", ".join(sorted(scales))}
 
 
 def _dense_device_bytes(checkpoint: Checkpoint) -> int:
@@ -99,6 +101,7 @@ def _weights(quantization: dict | None) -> str:
         return "unquantized"
     if quantization.get("format") == "fp8":
         block = "x".join(map(str, quantization["block"]))
-        return f"fp8 e4m3, blocks {block}, float32 scales (FP8 block-quantized; other FP8 weights dequantized at load)"
+        return (f"fp8 e4m3, blocks {block}, {quantization['scale_dtype']} scales (FP8 block-quantized; other FP8 "
+                "weights dequantized at load)")
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
     return f"int{quantization['bits']}, group size {quantization['group_size']}, {kind} (compressed-tensors)"
