@@ -485,7 +485,8 @@ def _fp8_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
 def quantization_scheme(config: dict) -> QuantSpec | BlockFP8Spec | None:
     """The weight-only scheme of config.json's quantization_config (None where there is none): compressed-tensors
     `pack-quantized`, integer weights of 4 or 8 bits, group-wise, symmetric or with zero points, one scheme for
-    every config group. Everything else is refused by name, in one line."""
+    every config group; or FP8 block-quantized (`quant_method: fp8`, quant/fp8.py's BlockFP8Spec). Everything else
+    is refused by name, in one line."""
     config = config.get("quantization_config")
     if config is None:
         return None
