@@ -13,7 +13,11 @@ Expert layouts understood:
       `quantization_config` saying so (quantization_scheme); channel-wise schemes are one group per row.
   quantized per-expert (GPTQ int4/int8, AWQ int4): `...experts.E.<proj>.{qweight, qzeros, scales[, g_idx]}`
       with `quant_method: gptq` or `awq`: located in their own layout and repacked into compressed-tensors'
-      planes as each expert is read (quant/gptq.py); other quantization methods are refused by name.
+      planes as each expert is read (quant/gptq.py).
+  FP8 block-quantized per-expert (DeepSeek-V3, Qwen3-FP8; quant/fp8.py): `...experts.E.<proj>.weight` F8_E4M3 with
+      `...experts.E.<proj>.weight_scale_inv` F32 (or BF16/F16) blocks and `quant_method: fp8`; the checkpoint's
+      other FP8 projections (attention, dense MLPs, shared experts) are listed in fp8_dense and dequantized at load.
+  Other quantization methods are refused by name.
 Either way an expert becomes an ExpertLocation: its format (expert_format.py) and, per plane of that format, the
 byte ranges that fill it back to back (gate before up), so a disk read never needs to know the format.
 """
@@ -33,6 +37,8 @@ import torch
 from .errors import MoeOffloadError
 from .expert_format import ExpertFormat
 from .quant import gptq
+from .quant import fp8
+from .quant.fp8 import BlockFP8Spec
 from .quant.format import QuantSpec
 from .validation import (check_weight_dtypes, quantization_format, read_config_json, refuse_unsupported_format,
                          require_regular_file)
@@ -50,11 +56,12 @@ INDEX_FILE = "model.safetensors.index.json"
 _PER_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<expert>\d+)\."
     r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.(?P<tensor>weight|weight_packed|weight_scale|weight_zero_point|"
-    r"weight_shape|weight_g_idx|qweight|qzeros|scales|g_idx)$"
+    r"weight_shape|weight_g_idx|weight_scale_inv|qweight|qzeros|scales|g_idx)$"
 )
 _FUSED_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<proj>gate_up_proj|down_proj)$"
 )
+_METHOD_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8"}  # quant_method -> name in errors
 _PROJ_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 # compressed-tensors' tensors of one quantized Linear (quant/format.py has their layout)
 PACKED, SCALE, ZERO, SHAPE, G_IDX = "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"
@@ -266,7 +273,8 @@ class Checkpoint:
                     raise MoeOffloadError(f"tensor {entry.name!r} appears in two shards of {root}")
                 self.tensors[entry.name] = entry
         refuse_unsupported_format(quantization_format(self.config, folder, self.tensors))  # by tensor names
-        check_weight_dtypes(self.tensors.values())
+        self.fp8_scales = _fp8_scales(self.config, self.tensors)
+        check_weight_dtypes(self.tensors.values(), self.fp8_scales)
         self.experts_by_layer, self.dense_names = self._split_experts()
 
     def index_note(self) -> str:
@@ -294,9 +302,10 @@ class Checkpoint:
         return by_layer, dense
 
     @functools.cached_property
-    def quantization(self) -> QuantSpec | None:
+    def quantization(self) -> QuantSpec | BlockFP8Spec | None:
         """The routed experts' weight quantization (config.json's quantization_config), None where there is none.
-        Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors."""
+        Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors
+        (FP8 ones excepted: fp8_dense, dequantized at load)."""
         is_gptq = isinstance(self.config.get("quantization_config"), dict) and \
             self.config["quantization_config"].get("quant_method") in ("gptq", "awq")  # dequantized at load
         marks = (f".{PACKED}",) if is_gptq else (f".{PACKED}", f".{gptq.QWEIGHT}")
@@ -312,17 +321,29 @@ class Checkpoint:
             if quantized is not None:
                 raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
             return None
-        said = {"gptq": "GPTQ", "awq": "AWQ"}.get(self.config["quantization_config"].get("quant_method"),
-                                                   "compressed-tensors")
+        said = _METHOD_NAMES.get(self.config["quantization_config"].get("quant_method"), "compressed-tensors")
         if quantized is None:
             if said != "compressed-tensors" and self.experts_by_layer:  # compressed-tensors may `ignore` experts
                 raise MoeOffloadError(f"config.json's quantization_config is {said}, but the routed experts are not "
                                       f"quantized ({self.experts_by_layer[min(self.experts_by_layer)].any_name})")
-            return spec
-        found = "GPTQ/AWQ" if quantized.rpartition(".")[2] in gptq.TENSORS + (gptq.G_IDX,) else "compressed-tensors"
-        if (found == "compressed-tensors") != (said == "compressed-tensors"):
-            raise MoeOffloadError(f"{quantized} is a {found} tensor, but config.json's quantization_config is {said}")
+        else:
+            tail = quantized.rpartition(".")[2]
+            found = ("GPTQ/AWQ" if tail in gptq.TENSORS + (gptq.G_IDX,) else "FP8" if tail == fp8.SCALE_INV
+                     else "compressed-tensors")
+            if found != {"GPTQ": "GPTQ/AWQ", "AWQ": "GPTQ/AWQ"}.get(said, said):
+                raise MoeOffloadError(f"{quantized} is a {found} tensor, but config.json's quantization_config is "
+                                      f"{said}")
+        if isinstance(spec, BlockFP8Spec):
+            for weight, scale in self.fp8_dense.items():
+                fp8.check_dense(weight, self.tensors[weight], self.tensors[scale], spec)
         return spec
+
+    @property
+    def fp8_dense(self) -> dict[str, str]:
+        """FP8 weights outside the routed experts (attention, dense MLPs, shared experts) -> their
+        weight_scale_inv: dequantized to the compute dtype as they are loaded (integration.py)."""
+        dense = set(self.dense_names)
+        return {weight: scale for weight, scale in self.fp8_scales.items() if weight in dense}
 
     def expert_locations(self, layer: int, num_experts: int, hidden: int, inter: int) -> list[ExpertLocation]:
         """Locations of experts 0..num_experts-1 of `layer`, checked against the model's shapes (and, quantized,
@@ -339,7 +360,10 @@ class Checkpoint:
         if quantized is None:
             return [self._per_expert_location(tensors.per_expert, layer, e, hidden, inter)
                     for e in range(num_experts)]
-        if self.gptq is not None:  # self.quantization checked that the tensors are GPTQ's
+        if isinstance(spec, BlockFP8Spec):
+            locations = [_fp8_location(tensors.per_expert, layer, e, hidden, inter, spec)
+                         for e in range(num_experts)]
+        elif self.gptq is not None:  # self.quantization checked that the tensors are GPTQ's
             locations = [_gptq_location(tensors.per_expert, layer, e, hidden, inter, self.gptq)
                          for e in range(num_experts)]
         else:
@@ -410,7 +434,8 @@ class Checkpoint:
         """The dtype most of the checkpoint's floating-point bytes are stored in."""
         totals: dict[torch.dtype, int] = {}
         for entry in self.tensors.values():
-            if entry.dtype.is_floating_point:
+            fp8_part = entry.dtype.itemsize == 1 or entry.name.endswith(fp8.SCALE_INV)  # dequantized: not a dtype
+            if entry.dtype.is_floating_point and not fp8_part:  # to compute in
                 totals[entry.dtype] = totals.get(entry.dtype, 0) + entry.nbytes
         return max(totals, key=totals.get) if totals else torch.float32
 
@@ -454,7 +479,7 @@ def _quantized_location(per_expert, layer: int, expert: int, hidden: int, inter:
         scale_dtypes.add(roles[f"{role}.{SCALE}"].dtype)
     fmt = ExpertFormat(inter, hidden, _one_scale_dtype(scale_dtypes, layer, expert), spec)
     tensor = {"packed": PACKED, "scale": SCALE, "zero": ZERO}
-    return _planes_location(fmt, roles, lambda kind: tensor[kind])
+    return _planes_location(fmt, roles, lambda kind: f".{tensor[kind]}")
 
 
 def _one_scale_dtype(scale_dtypes: set, layer: int, expert: int) -> torch.dtype:
@@ -465,14 +490,15 @@ def _one_scale_dtype(scale_dtypes: set, layer: int, expert: int) -> torch.dtype:
     return next(iter(scale_dtypes))
 
 
-def _planes_location(fmt: ExpertFormat, roles: dict, tensor_of) -> ExpertLocation:
+def _planes_location(fmt: ExpertFormat, roles: dict, suffix_of) -> ExpertLocation:
     """The expert's byte ranges in `fmt`'s plane order: a plane "gate_up.KIND" is the gate then the up projection's
-    tensor `tensor_of(KIND)`, "down.KIND" the down projection's."""
+    tensor, the role `<projection><suffix_of(KIND)>` ("gate.weight_packed"; FP8's weight is the role "gate" itself),
+    "down.KIND" the down projection's."""
     planes = []
     for plane in fmt.planes:
         matrix, kind = plane.name.split(".")
         projections = ("gate", "up") if matrix == "gate_up" else ("down",)
-        planes.append(tuple(_whole(roles[f"{role}.{tensor_of(kind)}"]) for role in projections))
+        planes.append(tuple(_whole(roles[f"{role}{suffix_of(kind)}"]) for role in projections))
     return ExpertLocation(fmt, tuple(planes))
 
 
@@ -507,7 +533,7 @@ def _gptq_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
             gptq.check_g_idx(_read_tensor(entry), spec, entry.name)
         scale_dtypes.add(roles[f"{role}.{gptq.SCALES}"].dtype)
     fmt = ExpertFormat(inter, hidden, _one_scale_dtype(scale_dtypes, layer, expert), spec, scheme.source)
-    return _planes_location(fmt, roles, lambda kind: kind)
+    return _planes_location(fmt, roles, lambda kind: f".{kind}")
 
 
 def _read_tensor(entry: TensorEntry) -> torch.Tensor:
@@ -523,10 +549,46 @@ def _read_tensor(entry: TensorEntry) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=entry.dtype).view(entry.shape)
 
 
-def quantization_scheme(config: dict) -> QuantSpec | None:
+def _fp8_scales(config: dict, tensors: dict[str, TensorEntry]) -> dict[str, str]:
+    """Every `X.weight` -> `X.weight_scale_inv` of an FP8 block-quantized checkpoint (quant_method fp8 in
+    config.json), {} for any other: the weights that may be F8_E4M3 (validation.check_weight_dtypes)."""
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+        return {}
+    suffix = f".{fp8.SCALE_INV}"
+    return {f"{name.removesuffix(suffix)}.weight": name for name in tensors
+            if name.endswith(suffix) and f"{name.removesuffix(suffix)}.weight" in tensors}
+
+
+def _fp8_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
+                  spec: BlockFP8Spec) -> ExpertLocation:
+    """An expert's FP8 weights and scale blocks, each checked (dtype, shape) against the model's shapes and the
+    block size, as the planes of its FP8 ExpertFormat: gate's and up's weights (and their scale blocks) back to
+    back, so the up scales start at row ceil(I / block_n) of gate_up.scale."""
+    roles = per_expert.get(expert, {})
+    scale_dtypes = set()
+    for role, (rows, cols) in {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}.items():
+        for key, dtypes, shape in (("", (fp8.WEIGHT_DTYPE,), (rows, cols)),
+                                   (f".{fp8.SCALE_INV}", fp8.SCALE_DTYPES, spec.scale_shape(rows, cols))):
+            entry = roles.get(f"{role}{key}")
+            if entry is None:
+                raise MoeOffloadError(f"checkpoint lacks {key.lstrip('.') or 'weight'} of the {role} projection of "
+                                      f"expert {expert} in layer {layer}")
+            if entry.dtype not in dtypes or entry.shape != shape:
+                raise MoeOffloadError(
+                    f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, expected "
+                    f"{'float8_e4m3fn' if key == '' else 'floating point'} {list(shape)} for a [{rows}, {cols}] "
+                    f"weight in FP8 blocks of {spec.block_n}x{spec.block_k}")
+        scale_dtypes.add(roles[f"{role}.{fp8.SCALE_INV}"].dtype)
+    fmt = ExpertFormat(inter, hidden, _one_scale_dtype(scale_dtypes, layer, expert), spec)
+    return _planes_location(fmt, roles, {"weight": "", "scale": f".{fp8.SCALE_INV}"}.get)
+
+
+def quantization_scheme(config: dict) -> QuantSpec | BlockFP8Spec | None:
     """The weight-only scheme of config.json's quantization_config (None where there is none): compressed-tensors
     `pack-quantized`, integer weights of 4 or 8 bits, group-wise, symmetric or with zero points, one scheme for
-    every config group. Everything else is refused by name, in one line."""
+    every config group; or FP8 block-quantized (`quant_method: fp8`, quant/fp8.py's BlockFP8Spec). Everything else
+    is refused by name, in one line."""
     config = config.get("quantization_config")
     if config is None:
         return None
@@ -537,6 +599,8 @@ def quantization_scheme(config: dict) -> QuantSpec | None:
         return gptq.gptq_scheme(config).spec
     if method == "awq":
         return gptq.awq_scheme(config).spec
+    if method == "fp8":
+        return fp8.scheme(config)
     if method != "compressed-tensors":
         raise MoeOffloadError(f"quantization method {method!r} is not supported: moe-offload reads compressed-tensors "
                               "pack-quantized checkpoints (int4/int8 weight-only)")

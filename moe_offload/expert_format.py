@@ -13,6 +13,9 @@ aligned to ALIGN bytes (a dtype view needs its element's alignment, vector loads
       <m>.scale   scale dtype [N, G]             G = ceil(K/g), one scale per row and group of g values
       <m>.zero    int32 [parts * ceil(N/parts*b/32), G]  zero points packed down the rows, one block per
                                                  projection (gate's, then up's): asymmetric schemes only
+  FP8 block-quantized (DeepSeek-V3 / Qwen3-FP8, quant/fp8.py), for gate_up and down as above:
+      <m>.weight  float8_e4m3fn [N, K]           the checkpoint's bytes, gate rows then up rows
+      <m>.scale   float32 [parts * ceil(N/parts/bn), ceil(K/bk)]  weight_scale_inv, gate's blocks then up's
 
 so what comes off the disk and crosses PCIe is the quantized bytes, and a quantized expert is dequantized only
 where it is computed (kernels/). Channel-wise schemes (one scale per row) are one group spanning the whole row
@@ -29,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .quant import gptq
+from .quant.fp8 import BlockFP8Spec
 from .quant.format import QuantSpec
 
 ALIGN = 16  # bytes: every plane's offset in a row, and the row's length, are multiples of it
@@ -81,7 +85,28 @@ class QuantMatrix:
                            self.in_features, self.parts)
 
 
-Matrix = torch.Tensor | QuantMatrix
+@dataclass(frozen=True)
+class FP8Matrix:
+    """FP8 block-quantized [N, K] weight matrices of a stack of experts ([n, ...] tensors) or of one, as views
+    into byte rows: W[r, k] = float(weight[r, k]) * scale[fp8.scale_row(r), k // block_k] (quant/fp8.py)."""
+
+    weight: torch.Tensor  # [n, N, K] float8_e4m3fn
+    scale: torch.Tensor  # [n, parts * ceil(N/parts/block_n), ceil(K/block_k)] float32
+    spec: BlockFP8Spec
+    parts: int  # projections stacked along N, each with its own scale blocks (gate_up: 2, down: 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def __getitem__(self, index) -> "FP8Matrix":
+        return FP8Matrix(self.weight[index], self.scale[index], self.spec, self.parts)
+
+    def to(self, device: torch.device) -> "FP8Matrix":
+        return FP8Matrix(self.weight.to(device), self.scale.to(device), self.spec, self.parts)
+
+
+Matrix = torch.Tensor | QuantMatrix | FP8Matrix
 
 
 class ExpertWeights(NamedTuple):
@@ -102,7 +127,7 @@ class ExpertFormat:
     inter: int
     hidden: int
     dtype: torch.dtype
-    quant: QuantSpec | None = None
+    quant: QuantSpec | BlockFP8Spec | None = None
     source: str = ""
     planes: tuple[Plane, ...] = field(init=False, repr=False, compare=False)
 
@@ -119,6 +144,12 @@ class ExpertFormat:
             return [("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)]
         if self.source:
             return gptq.plane_specs(inter, hidden, self.quant, self.dtype, self.source)
+        if isinstance(self.quant, BlockFP8Spec):
+            specs = []
+            for matrix, parts, rows, cols in (("gate_up", 2, 2 * inter, hidden), ("down", 1, hidden, inter)):
+                specs += [(f"{matrix}.weight", (rows, cols), torch.float8_e4m3fn),
+                          (f"{matrix}.scale", self.quant.scale_shape(rows, cols, parts), self.dtype)]
+            return specs
         specs = []
         for matrix, parts, rows, cols in (("gate_up", 2, inter, hidden), ("down", 1, hidden, inter)):
             groups = -(-cols // self.group_span)
@@ -181,6 +212,9 @@ class ExpertFormat:
             return ExpertWeights(views["gate_up"], views["down"])
         assert not self.source, "a GPTQ row is repacked (copy_row) before the kernels see it"
         spec = self.quant
+        if isinstance(spec, BlockFP8Spec):
+            return ExpertWeights(*(FP8Matrix(views[f"{m}.weight"], views[f"{m}.scale"], spec, parts)
+                                   for m, parts in (("gate_up", 2), ("down", 1))))
         return ExpertWeights(*(QuantMatrix(views[f"{m}.packed"], views[f"{m}.scale"], views.get(f"{m}.zero"),
                                            spec.bits, self.group_span, in_features, parts)
                                for m, in_features, parts in (("gate_up", self.hidden, 2), ("down", self.inter, 1))))
@@ -209,6 +243,8 @@ class ExpertFormat:
         dtype = str(self.dtype).replace("torch.", "")
         if self.quant is None:
             return dtype
+        if isinstance(self.quant, BlockFP8Spec):
+            return f"{self.quant.describe()}, {dtype} scales"
         kind = "symmetric" if self.quant.symmetric else "asymmetric"
         stored = f", {self.source.replace('_', ' ').upper().replace(' V', ' v')} layout" if self.source else ""
         return f"int{self.quant.bits}, {self.quant.grouping}, {kind}, {dtype} scales{stored}"

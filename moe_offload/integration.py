@@ -34,6 +34,7 @@ from .errors import MoeOffloadError
 from .expert_format import ExpertFormat
 from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host, why_not_hostable
 from .policy import make_policy
+from .quant import fp8
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
 from .validation import (check_buffer_dtype, check_routed_experts, check_top_k, ignore_on_load,
@@ -179,10 +180,12 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
     filled: set[str] = set()
     files: dict[str, list[tuple[str, str]]] = {}
     unexpected: list[str] = []
-    # GPTQ Linears outside the routed experts: their tensors make one weight, dequantized below
-    gptq_owned = {name for kinds in checkpoint.gptq_linears.values() for name in kinds.values()}
+    # GPTQ Linears outside the routed experts: their tensors make one weight, dequantized below; FP8 weights'
+    # block scales are read with their weight (fp8_dense: weight -> scales, checked by .quantization)
+    fp8_dense = checkpoint.fp8_dense
+    skipped = {name for kinds in checkpoint.gptq_linears.values() for name in kinds.values()} | set(fp8_dense.values())
     gptq_targets: dict[str, str] = {}
-    for key in [name for name in checkpoint.dense_names if name not in gptq_owned] + list(checkpoint.gptq_linears):
+    for key in [name for name in checkpoint.dense_names if name not in skipped] + list(checkpoint.gptq_linears):
         target = key
         for old, new in _KEY_RENAMES:
             if target not in targets:
@@ -198,14 +201,19 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
         shape = checkpoint.tensors[key].shape
         if tuple(shape) != tuple(targets[target].shape):  # checked before a byte is read or a bar is drawn
             raise MoeOffloadError(f"{key} has shape {list(shape)}, the model expects {list(targets[target].shape)}")
-        check_buffer_dtype(key, checkpoint.tensors[key].dtype, targets[target])
+        if key not in fp8_dense:
+            check_buffer_dtype(key, checkpoint.tensors[key].dtype, targets[target])
     with torch.no_grad(), tqdm(total=sum(len(v) for v in files.values()), desc="dense weights", unit="tensor",
                                disable=not progress, leave=False) as bar:
         for path, pairs in files.items():
             try:
                 with safe_open(path, framework="pt", device="cpu") as handle:
                     for key, target in pairs:
-                        targets[target].copy_(handle.get_tensor(key))
+                        tensor = handle.get_tensor(key)
+                        if key in fp8_dense:  # float32 products, rounded once by copy_ as transformers' dequantize
+                            tensor = fp8.dequantize(tensor, _read_tensor(checkpoint, fp8_dense[key]),
+                                                    checkpoint.quantization)
+                        targets[target].copy_(tensor)
                         filled.add(target)
                         bar.update(1)
             except SafetensorError as err:  # whatever our header checks did not anticipate
@@ -225,6 +233,12 @@ def _materialise_dense(model, checkpoint: Checkpoint, device: torch.device, dtyp
                               f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
     if on_host is not None:
         move_input_embeddings_to_host(model, device)
+
+
+def _read_tensor(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+    """One tensor of the checkpoint, from whichever shard holds it."""
+    with safe_open(checkpoint.tensors[name].path, framework="pt", device="cpu") as handle:
+        return handle.get_tensor(name)
 
 
 @contextlib.contextmanager

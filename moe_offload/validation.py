@@ -84,8 +84,10 @@ def config_expert_count(config: Mapping) -> tuple[str, int] | None:
 
 # Formats the loader reads. A new reader (GPTQ, FP8, ...) adds its name here and its tensors' dtypes to
 # QUANTIZED_TENSOR_DTYPES; quantization_format() below keeps recognising every format either way.
-SUPPORTED_FORMATS = {"compressed-tensors", "GPTQ", "AWQ"}
-_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "fbgemm_fp8": "FP8",
+# FP8 is transformers' FineGrainedFP8 (quant_method fp8, block scales: quant/fp8.py); the other FP8 layouts are
+# named apart (FBGEMM FP8, compressed-tensors FP8, ModelOpt FP8) so that they are still refused by name.
+SUPPORTED_FORMATS = {"compressed-tensors", "GPTQ", "AWQ", "FP8"}
+_METHODS = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "fbgemm_fp8": "FBGEMM FP8",
             "mxfp4": "MXFP4", "gguf": "GGUF", "hqq": "HQQ", "eetq": "EETQ", "quanto": "quanto", "aqlm": "AQLM",
             "torchao": "torchao", "vptq": "VPTQ", "higgs": "HIGGS", "bitnet": "BitNet", "auto-round": "AutoRound",
             "autoround": "AutoRound", "quark": "Quark", "spqr": "SpQR", "fp_quant": "FP-Quant", "nvfp4": "NVFP4",
@@ -143,7 +145,7 @@ def _format_of_config(quant: Mapping) -> tuple[str, str]:
     if name == "ModelOpt":
         nested = quant.get("quantization")
         algo = str(quant.get("quant_algo") or (nested.get("quant_algo") if isinstance(nested, Mapping) else ""))
-        return ("NVFP4" if "NVFP4" in algo.upper() else "FP8" if "FP8" in algo.upper() else name,
+        return ("NVFP4" if "NVFP4" in algo.upper() else "ModelOpt FP8" if "FP8" in algo.upper() else name,
                 f"{said}, quant_algo {algo!r}")
     if name != "compressed-tensors":
         return name, said
@@ -157,19 +159,25 @@ def _format_of_config(quant: Mapping) -> tuple[str, str]:
             return layout.split("-")[0].upper(), where
         if layout == "float-quantized" or weights.get("type") == "float":
             four_bit_float = weights.get("type") == "float" and weights.get("num_bits") == 4
-            return "NVFP4" if four_bit_float else "FP8", where
+            return "NVFP4" if four_bit_float else "compressed-tensors FP8", where
     return name, said
 
 
 def refuse_unsupported_format(found: tuple[str, str] | None) -> None:
-    """One line naming a quantization format the loader does not read, and where it was found."""
-    if found is None or found[0] in SUPPORTED_FORMATS:
+    """One line naming a quantization format the loader does not read, and where it was found. A format we read
+    is read from its quantization_config (or AutoGPTQ's quantize_config.json): found only by its tensors (a stripped
+    config.json), it is refused too."""
+    if found is None:
         return
     fmt, where = found
     what = fmt if fmt.startswith("quant_method") else f"{fmt} quantization"
+    if fmt in SUPPORTED_FORMATS:
+        if where.startswith("config.json") or where == "quantize_config.json":  # AutoGPTQ's: quant/gptq.py
+            return
+        raise MoeOffloadError(f"{what} ({where}) cannot be read: config.json has no quantization_config saying how")
     raise MoeOffloadError(f"{what} ({where}) is not supported: moe-offload reads unquantized BF16/F16/F32 "
-                          "checkpoints and int4/int8 experts in compressed-tensors pack-quantized, GPTQ or AWQ "
-                          "format")
+                          "checkpoints, int4/int8 experts in compressed-tensors pack-quantized, GPTQ or AWQ format, "
+                          "and FP8 block-quantized (quant_method fp8) checkpoints")
 
 
 # -- dtypes -----------------------------------------------------------------------------------------------------
@@ -186,11 +194,20 @@ QUANTIZED_TENSOR_DTYPES = {
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)$")
 
 
-def allowed_dtypes(name: str) -> tuple[torch.dtype, ...] | None:
+FP8_WEIGHT_DTYPES, FP8_SCALE_DTYPES = (torch.float8_e4m3fn,), PLAIN_DTYPES  # quant/fp8.py
+
+
+def allowed_dtypes(name: str, fp8_scales: Mapping[str, str] = {}) -> tuple[torch.dtype, ...] | None:
     """The dtypes tensor `name` may have in a format we read; None for tensors that are not weights (buffers:
     their dtype is checked against the model's, at load). A plain weight is a float the model computes in; an
-    integer or FP8 relabelled weight would load as garbage numbers without any error."""
+    integer or FP8 relabelled weight would load as garbage numbers without any error. fp8_scales: an FP8
+    checkpoint's weight -> weight_scale_inv (checkpoint._fp8_scales): those weights are F8_E4M3, their scales floats,
+    and an FP8 scale anywhere else has no weight to scale."""
     suffix = name.rpartition(".")[2]
+    if name in fp8_scales:
+        return FP8_WEIGHT_DTYPES
+    if suffix == "weight_scale_inv":
+        return FP8_SCALE_DTYPES if name in fp8_scales.values() else ()
     if suffix in QUANTIZED_TENSOR_DTYPES:
         return QUANTIZED_TENSOR_DTYPES[suffix]
     if suffix in ("weight", "bias") or _FUSED_EXPERTS.search(name):
@@ -205,10 +222,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next((key for key, value in SAFETENSORS_DTYPES.items() if value == dtype), str(dtype))
 
 
-def check_weight_dtypes(entries: Iterable) -> None:
-    """Refuse any weight stored in a dtype it cannot have (entries: TensorEntry)."""
+def check_weight_dtypes(entries: Iterable, fp8_scales: Mapping[str, str] = {}) -> None:
+    """Refuse any weight stored in a dtype it cannot have (entries: TensorEntry; fp8_scales: allowed_dtypes')."""
     for entry in entries:
-        allowed = allowed_dtypes(entry.name)
+        allowed = allowed_dtypes(entry.name, fp8_scales)
+        if allowed == ():
+            raise MoeOffloadError(f"{entry.name} is an FP8 block scale, but there is no FP8 weight beside it in a "
+                                  "checkpoint whose config.json says quant_method 'fp8'")
         if allowed is not None and entry.dtype not in allowed:
             raise MoeOffloadError(f"{entry.name} has dtype {dtype_name(entry.dtype)}, which this tensor cannot have "
                                   f"(expected {_alternatives([dtype_name(d) for d in allowed])})")

@@ -128,15 +128,15 @@ def _awq_tensors(root):
     _edit_header(root, edit)
 
 
-def _fp8_block(root):
-    """Qwen3-FP8's layout: F8_E4M3 expert weights with F32 weight_scale_inv blocks, quant_method fp8."""
+def _fp8_per_tensor(root):
+    """FP8 with one scale per tensor (quant_method fp8 without weight_block_size): only block scales are read
+    (tests/test_fp8.py loads those)."""
     def edit(tensors):
         for key in [k for k in tensors if ".experts." in k]:
-            weight = tensors[key]
-            tensors[key] = weight.to(torch.float8_e4m3fn)
-            tensors[key + "_scale_inv"] = torch.ones(-(-weight.shape[0] // 128), -(-weight.shape[1] // 128))
+            tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+            tensors[key + "_scale_inv"] = torch.ones(())
     _edit_tensors(root, edit)
-    _edit_config(root, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    _edit_config(root, quantization_config={"quant_method": "fp8", "weight_block_size": None})
 
 
 def _gguf_only(root):
@@ -190,10 +190,12 @@ CASES = {
     # tensors without one
     "awq_config": (_quant_config(quant_method="awq", bits=4, group_size=128, version="gemm"),
                    ["quantization_config is AWQ", "routed experts are not quantized"], "headers"),
-    "awq_tensors": (_awq_tensors, ["qweight is a quantized tensor", "no quantization_config"], "headers"),
+    "awq_tensors": (_awq_tensors, ["AWQ quantization", "qweight", "cannot be read", "no quantization_config"],
+                    "headers"),
     "gptq_config": (_quant_config(quant_method="gptq", bits=4, group_size=128, desc_act=False),
                     ["quantization_config is GPTQ", "routed experts are not quantized"], "headers"),
-    "gptq_qweight_tensors": (_gptq_tensors, ["qweight is a quantized tensor", "no quantization_config"], "headers"),
+    "gptq_qweight_tensors": (_gptq_tensors, ["GPTQ quantization", "qweight", "cannot be read",
+                                             "no quantization_config"], "headers"),
     "bitsandbytes_tensors": (_add_tensor("model.layers.0.mlp.experts.0.gate_proj.weight.absmax", (4,)),
                              ["bitsandbytes quantization", "weight.absmax", "not supported"], "headers"),
     "nvfp4_compressed_tensors": (
@@ -206,7 +208,7 @@ CASES = {
     "nvfp4_modelopt": (_quant_config(quant_method="modelopt", quant_algo="NVFP4"), ["NVFP4 quantization"],
                        "headers"),
     "mxfp4": (_quant_config(quant_method="mxfp4"), ["MXFP4 quantization", "not supported"], "headers"),
-    "fp8_block": (_fp8_block, ["FP8 quantization", "not supported"], "headers"),
+    "fp8_per_tensor": (_fp8_per_tensor, ["per-tensor FP8 quantization", "not supported"], "headers"),
     "unknown_quant_method": (_quant_config(quant_method="hqq_v9"), ["quant_method 'hqq_v9'", "not supported"],
                              "headers"),
     "gguf_file_alone": (_gguf_only, ["GGUF quantization", "model-Q4_K_M.gguf", "not supported"], "headers"),

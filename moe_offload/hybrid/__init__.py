@@ -26,6 +26,7 @@ import torch
 
 from ..errors import MoeOffloadError
 from ..profile import Profile, code_version, machine_key
+from ..quant.fp8 import BlockFP8Spec
 from . import driver
 from .cpu_experts import CpuExperts
 from .share import CpuShare
@@ -68,7 +69,8 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
     # pace: taking those last two cores too made a layer's CPU share slower, not faster.
     threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
     fmt = runtimes[0].format  # one format for every layer (integration.engine_format)
-    kernels = cpu_expert_kernels(fmt.dtype, sites[0].module.act_fn, fmt.quantized)
+    kernels = cpu_expert_kernels(fmt.dtype, sites[0].module.act_fn, fmt.quantized,
+                                 fp8=isinstance(fmt.quant, BlockFP8Spec))
     top_k = runtimes[0].top_k
     profile = stored = None
     if mode == "auto":
@@ -112,7 +114,8 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
 def unsupported(runtimes: list) -> str | None:
     """Why the CPU path cannot take these layers' experts (None: it can). It takes every format the engine holds:
     dense experts, and int4/int8 quantized ones computed from their packed rows (cpu_experts.py); kept as the one
-    place a format it cannot compute would be refused (MOE_CPU_EXPERTS=all: an error; auto: off, with why)."""
+    place a format it cannot compute would be refused (MOE_CPU_EXPERTS=all: an error; auto: off, with why).
+    FP8 block-quantized experts run in torch's float32 path (cpu_experts.py)."""
     return None
 
 

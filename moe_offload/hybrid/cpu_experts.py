@@ -17,7 +17,9 @@ float32 scales and hidden states; a float16 compute it cannot round to goes to "
 dequantizes block by block of rows into the same L2-sized float32 buffer it widens bf16 into, so a whole
 dequantized expert never exists; "native" is the reference's own ops (reference.dense dequantizes the whole
 expert each call: the oracle, not a fast path). Every mode dequantizes as reference.dense does: (u - z) * scale
-exact in float32, rounded to the scale's dtype, then to the compute dtype.
+exact in float32, rounded to the scale's dtype, then to the compute dtype. FP8 block-quantized experts
+(expert_format.FP8Matrix) run in "float32" and "native" only (numba has no FP8 decoding): float(fp8) * block
+scale, rounded once to the compute dtype, block by block of rows as above.
 
 Threads: a pool of workers, each a fixed small team, overlaps Python dispatch where torch releases the GIL. How
 libgomp's idle threads wait decides the rest: a spinning team steals the cores the pool's workers need, and with
@@ -45,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoeOffloadError
-from ..expert_format import Matrix, QuantMatrix
+from ..expert_format import FP8Matrix, Matrix, QuantMatrix
 from ..kernels.reference import dense, dequantize
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
@@ -66,13 +68,16 @@ def _expert_native(x: torch.Tensor, weights: torch.Tensor, gate_up: Matrix, down
     out.copy_(F.linear(act_fn(gate) * up, dense(down, x.dtype)) * weights[:, None])
 
 
-def dequantize_rows(matrix: QuantMatrix, start: int, stop: int, dtype: torch.dtype,
+def dequantize_rows(matrix: QuantMatrix | FP8Matrix, start: int, stop: int, dtype: torch.dtype,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [start, stop) of one quantized matrix [N, K] as float32 [stop - start, K] holding exactly what
     reference.dense(matrix, dtype) holds there: (u - z) * scale in float32, rounded to the scale's dtype, then to
     `dtype`. Why rows: the float32 path dequantizes an L2-sized block at a time, never a whole expert. out: an
     optional float32 [stop - start, K] destination."""
-    weight = dequantize(matrix, start, stop).to(matrix.scale.dtype).to(dtype)  # [r, K], as dense() rounds
+    weight = dequantize(matrix, start, stop)  # [r, K] float32
+    if isinstance(matrix, QuantMatrix):
+        weight = weight.to(matrix.scale.dtype)  # as dense() rounds (FP8: once, to dtype)
+    weight = weight.to(dtype)
     return weight.float() if out is None else out.copy_(weight)
 
 
@@ -87,7 +92,7 @@ def _block_scratch(numel: int) -> torch.Tensor:
 def _widen_rows(weight: Matrix, start: int, stop: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
     """out float32 [stop - start, K] = rows [start, stop) of weight as the compute sees them: a dense weight
     widened exactly, a quantized one dequantized (dequantize_rows)."""
-    if isinstance(weight, QuantMatrix):
+    if isinstance(weight, (QuantMatrix, FP8Matrix)):
         return dequantize_rows(weight, start, stop, dtype, out)
     return out.copy_(weight[start:stop])
 
@@ -235,6 +240,8 @@ class CpuExperts:
         dtype it does not round to (float16 scales or hidden states). Dense pools it cannot take are an error."""
         from .kernels import cpu_numba
 
+        if isinstance(gate_up, FP8Matrix):  # no FP8 decoding in the numba kernel
+            return False
         quantized = isinstance(gate_up, QuantMatrix)
         if not is_silu(act_fn) or (not quantized and cpu_numba.why_not(hidden.dtype, gate_up, down)):
             raise MoeOffloadError("compute='numba' runs SiLU experts on bf16 weights and hidden states only"
@@ -281,14 +288,16 @@ def _check(hidden, weights, gate_up, down, slots, counts, out) -> int:
         raise MoeOffloadError("pair counts must be >= 0")
     n_pairs = int(sum(counts))
     for name, tensor in (("hidden", hidden), ("weights", weights), ("gate_up", gate_up), ("down", down)):
-        device = (tensor.packed if isinstance(tensor, QuantMatrix) else tensor).device
+        device = (tensor.packed if isinstance(tensor, QuantMatrix) else
+                  tensor.weight if isinstance(tensor, FP8Matrix) else tensor).device
         if device.type != "cpu":
             raise MoeOffloadError(f"CPU experts need CPU tensors; {name} is on {device}")
     if hidden.dim() != 2 or hidden.shape[0] != n_pairs or weights.shape != (n_pairs,):
         raise MoeOffloadError(f"hidden must be [{n_pairs}, H] and weights [{n_pairs}]; got "
                               f"{tuple(hidden.shape)} and {tuple(weights.shape)}")
     h = hidden.shape[1]
-    if isinstance(gate_up, QuantMatrix) != isinstance(down, QuantMatrix):
+    if type(gate_up) is not type(down) and (isinstance(gate_up, (QuantMatrix, FP8Matrix))
+                                            or isinstance(down, (QuantMatrix, FP8Matrix))):
         raise MoeOffloadError("gate_up and down must be both dense or both quantized")
     if len(gate_up.shape) != 3 or len(down.shape) != 3 or gate_up.shape[2] != h or down.shape[1] != h \
             or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[0] != down.shape[0]:
@@ -308,6 +317,8 @@ def _stacked(matrix: Matrix) -> Matrix:
         return QuantMatrix(matrix.packed.unsqueeze(0), matrix.scale.unsqueeze(0),
                            None if matrix.zero is None else matrix.zero.unsqueeze(0), matrix.bits,
                            matrix.group_size, matrix.in_features, matrix.parts)
+    if isinstance(matrix, FP8Matrix):
+        return FP8Matrix(matrix.weight.unsqueeze(0), matrix.scale.unsqueeze(0), matrix.spec, matrix.parts)
     return matrix.unsqueeze(0)
 
 

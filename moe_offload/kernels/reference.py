@@ -6,7 +6,9 @@ checkpoint; contributions are summed in float32, as transformers' grouped_mm pat
 
 A quantized expert (expert_format.QuantMatrix) is first dequantized to what compressed-tensors decompresses it to,
 (q - zero) * scale computed exactly in float32 and rounded to the scale's dtype, then taken in the compute dtype
-(as transformers would hold the decompressed weight): the same expert math then runs on it.
+(as transformers would hold the decompressed weight): the same expert math then runs on it. An FP8
+block-quantized expert (expert_format.FP8Matrix) is float(fp8) * its block's float32 scale, rounded once to the
+compute dtype, as transformers dequantizes such a checkpoint (quant/fp8.py).
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..expert_format import Matrix, QuantMatrix
+from ..expert_format import FP8Matrix, Matrix, QuantMatrix
+from ..quant import fp8
 from ..quant.format import unpack
 
 
-def dequantize(matrix: QuantMatrix, start: int = 0, stop: int | None = None) -> torch.Tensor:
+def dequantize(matrix: QuantMatrix | FP8Matrix, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Rows [start, stop) of W [N, K] float32 = (u - z) * scale of one quantized matrix, exact (u - z needs 9 bits,
     a bf16/fp16 scale 11, float32 holds 24). quant.format.unpack reads the words; the groups here may end short of
     K (G = ceil(K/g)), which the kernels must handle too, and gate_up's zero points are packed per projection
     (QuantMatrix.parts). A row range serves the CPU path, which dequantizes an L2-sized block at a time."""
+    if isinstance(matrix, FP8Matrix):
+        return fp8.dequantize(matrix.weight, matrix.scale, matrix.spec, matrix.parts, start, stop)  # [r, K]
     rows, cols, bits = matrix.packed.shape[0], matrix.in_features, matrix.bits
     stop = rows if stop is None else stop
     signed = unpack(matrix.packed[start:stop], bits, cols).float()  # [r, K] u - 2^(b-1)
@@ -39,9 +44,12 @@ def dequantize(matrix: QuantMatrix, start: int = 0, stop: int | None = None) -> 
 
 
 def dense(matrix: Matrix, dtype: torch.dtype) -> torch.Tensor:
-    """A dense tensor as it is; a quantized matrix dequantized, rounded to its scale's dtype, in `dtype`."""
+    """A dense tensor as it is; a quantized matrix dequantized, rounded to its scale's dtype, in `dtype` (FP8:
+    the float32 product rounded once, to `dtype`, as transformers' dequantize does)."""
     if isinstance(matrix, torch.Tensor):
         return matrix
+    if isinstance(matrix, FP8Matrix):  # rounded once, whatever the scales' dtype (quant/fp8.py)
+        return dequantize(matrix).to(dtype)
     return dequantize(matrix).to(matrix.scale.dtype).to(dtype)
 
 

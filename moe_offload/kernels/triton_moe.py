@@ -21,7 +21,8 @@ float32 row [T*K, H] and summed over K in a fixed order, so results are determin
   no host sync), then grouped GEMMs on the tensor cores; each expert's weights are read once per M-block.
 Only SiLU is supported: the caller checks `config.hidden_act == "silu"`. The pools are dense tensors here;
 int4/int8 experts (expert_format.QuantMatrix views of the same byte rows) take triton_quant.py's kernels, which
-dequantize in their inner loop, through the same fused_moe.
+dequantize in their inner loop, through the same fused_moe; FP8 block-quantized experts (FP8Matrix) take
+triton_fp8.py's.
 
 Rounding: GEMMs accumulate in float32, but in half precision the kernels round the same intermediates that
 transformers' experts (and reference.accumulate_expert) materialise in the hidden dtype: the gate and up GEMM
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..expert_format import Matrix, QuantMatrix
+from ..expert_format import FP8Matrix, Matrix, QuantMatrix
 from .reference import accumulate_expert
 
 # T*K at or below which the GEMV path runs: up to here pairs rarely share an expert (so per-pair streaming reads
@@ -282,6 +283,8 @@ def align_by_slot(pair_slots: torch.Tensor, num_slots: int, block_m: int) -> tup
 
 def _layout(matrix: Matrix) -> tuple:
     """What the kernels assume alike of a device pool and its host pool: they take one set of strides."""
+    if isinstance(matrix, FP8Matrix):
+        return (matrix.spec, matrix.parts) + tuple((t.dtype, t.stride()) for t in (matrix.weight, matrix.scale))
     if isinstance(matrix, QuantMatrix):
         planes = (matrix.packed, matrix.scale) + (() if matrix.zero is None else (matrix.zero,))
         return (matrix.bits, matrix.group_size, matrix.parts) + tuple((t.dtype, t.stride()) for t in planes)
@@ -294,7 +297,7 @@ def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_
     if (host_w13 is None) != (host_w2 is None):
         raise ValueError("host_w13 and host_w2 go together")
     pools = [w13, w2] + ([host_w13, host_w2] if host_w13 is not None else [])
-    if len({isinstance(pool, QuantMatrix) for pool in pools}) > 1:
+    if len({(isinstance(pool, QuantMatrix), isinstance(pool, FP8Matrix)) for pool in pools}) > 1:
         raise ValueError("pools must be all dense tensors or all quantized")
     if host_w13 is not None and (host_w13.shape[1:] != w13.shape[1:] or host_w2.shape[1:] != w2.shape[1:]
                                  or host_w13.shape[0] != host_w2.shape[0] or _layout(host_w13) != _layout(w13)
@@ -308,7 +311,7 @@ def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_
     if top_k_ids.dim() != 2 or top_k_ids.shape[0] != hidden.shape[0] or top_k_weights.shape != top_k_ids.shape:
         raise ValueError(f"top_k_ids {tuple(top_k_ids.shape)} / weights {tuple(top_k_weights.shape)} "
                          f"do not match hidden {tuple(hidden.shape)}")
-    if not isinstance(w13, QuantMatrix) and not hidden.dtype == w13.dtype == w2.dtype:
+    if not isinstance(w13, (QuantMatrix, FP8Matrix)) and not hidden.dtype == w13.dtype == w2.dtype:
         raise ValueError(f"dtypes differ: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype}")
     if slot_of_expert.dtype != torch.int32 or slot_of_expert.dim() != 1:
         raise ValueError(f"slot_of_expert must be 1-D int32, got {slot_of_expert.dtype} {tuple(slot_of_expert.shape)}")
@@ -339,7 +342,7 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     With admit_slot_of_expert [E] int32 (decode path only): an expert with a value d >= 0 is also written into
     device slot d as it is read (read-through caching); d must not hold an expert this call reads.
     Quantized pools (expert_format.QuantMatrix views standing for w13 / w2 and their host pools) run the same
-    contract with triton_quant.py's kernels.
+    contract with triton_quant.py's kernels, FP8 ones (FP8Matrix) with triton_fp8.py's.
     """
     # T = tokens, K = top-k, E = experts, S = slots, H = hidden, I = intermediate, P = T*K (token, k) pairs
     _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_w13, host_w2)
@@ -371,6 +374,9 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     if isinstance(w13, QuantMatrix):
         from . import triton_quant  # the int4/int8 kernels; imported here since they import this module's helpers
         decode, prefill = triton_quant.decode, triton_quant.prefill
+    elif isinstance(w13, FP8Matrix):
+        from . import triton_fp8  # the FP8 block-quantized kernels, likewise
+        decode, prefill = triton_fp8.decode, triton_fp8.prefill
     else:
         decode, prefill = _decode, _prefill
     if num_pairs <= DECODE_MAX_PAIRS:

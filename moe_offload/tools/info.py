@@ -11,6 +11,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..config import OffloadConfig, make_config
+from ..quant.fp8 import BlockFP8Spec
 from ..validation import check_config_experts, check_top_k, require_routed_experts, text_config
 
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
@@ -23,11 +24,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     layers = [{"layer": layer, "experts": tensors.count, "expert_bytes": tensors.bytes_per_expert}
               for layer, tensors in sorted(checkpoint.experts_by_layer.items())]
     spec = checkpoint.quantization
-    dense_bytes = sum(checkpoint.tensors[name].nbytes for name in checkpoint.dense_names)
-    for kinds in checkpoint.gptq_linears.values():  # GPTQ Linears outside the experts are held dequantized
-        packed, scales = checkpoint.tensors[kinds["qweight"]], checkpoint.tensors.get(kinds.get("scales"))
-        dense_bytes -= sum(checkpoint.tensors[name].nbytes for name in kinds.values())
-        dense_bytes += packed.shape[0] * (32 // spec.bits) * packed.shape[1] * (scales.dtype.itemsize if scales else 2)
+    dense_bytes = _dense_device_bytes(checkpoint)
     top_k = check_top_k(text_config(config).get("num_experts_per_tok"), min(l["experts"] for l in layers))
     per_ratio = {}
     for ratio in RATIOS:
@@ -39,10 +36,10 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "path": checkpoint.root,
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
-        # the routed experts' weight quantization (compressed-tensors pack-quantized or GPTQ; group_size None:
-        # channel-wise), None where they are dense
-        "quantization": None if spec is None else {"bits": spec.bits, "group_size": spec.group_size,
-                                                   "symmetric": spec.symmetric, "format": _format(checkpoint)},
+        # the routed experts' weight quantization (compressed-tensors pack-quantized, GPTQ, AWQ: group_size None is
+        # channel-wise; or FP8 blocks), None where they are dense
+        "quantization": None if spec is None else _fp8_info(spec, checkpoint) if isinstance(spec, BlockFP8Spec) else
+        {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, "format": _format(checkpoint)},
         "moe_layers": len(layers),
         "layers": layers,
         "experts_per_token": top_k,
@@ -114,9 +111,39 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fp8_info(spec: BlockFP8Spec, checkpoint: Checkpoint) -> dict[str, Any]:
+    scales = {str(roles[role].dtype).replace("torch.", "") for tensors in checkpoint.experts_by_layer.values()
+              for roles in tensors.per_expert.values() for role in roles if role.endswith(".weight_scale_inv")}
+    return {"format": "fp8", "weight_dtype": "float8_e4m3fn", "block": [spec.block_n, spec.block_k],
+            "scale_dtype": ", ".join(sorted(scales))}
+
+
+def _dense_device_bytes(checkpoint: Checkpoint) -> int:
+    """Bytes of the non-expert weights on the device: FP8 and GPTQ ones are dequantized at load to the checkpoint's
+    other weights' dtype (GPTQ's to its scales' dtype), and their scales and zero points are not kept."""
+    fp8 = checkpoint.fp8_dense
+    total = 0
+    for name in checkpoint.dense_names:
+        entry = checkpoint.tensors[name]
+        if name in fp8:
+            total += math.prod(entry.shape) * checkpoint.dtype.itemsize
+        elif name not in fp8.values():
+            total += entry.nbytes
+    for kinds in checkpoint.gptq_linears.values():
+        packed, scales = checkpoint.tensors[kinds["qweight"]], checkpoint.tensors.get(kinds.get("scales"))
+        total -= sum(checkpoint.tensors[name].nbytes for name in kinds.values())
+        total += packed.shape[0] * (32 // checkpoint.quantization.bits) * packed.shape[1] * \
+            (scales.dtype.itemsize if scales else 2)
+    return total
+
+
 def _weights(quantization: dict | None) -> str:
     if quantization is None:
         return "unquantized"
+    if quantization.get("format") == "fp8":
+        block = "x".join(map(str, quantization["block"]))
+        return (f"fp8 e4m3, blocks {block}, {quantization['scale_dtype']} scales (FP8 block-quantized; other FP8 "
+                "weights dequantized at load)")
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
     size = quantization["group_size"]
     grouping = "channel-wise" if size is None else f"group size {size}"
