@@ -84,7 +84,7 @@ def config_expert_count(config: Mapping) -> tuple[str, int] | None:
 
 # Formats the loader reads. A new reader (GPTQ, FP8, ...) adds its name here and its tensors' dtypes to
 # QUANTIZED_TENSOR_DTYPES; quantization_format() below keeps recognising every format either way.
-SUPPORTED_FORMATS = {"compressed-tensors"}
+SUPPORTED_FORMATS = {"compressed-tensors", "MXFP4"}  # MXFP4: GPT-OSS's native experts (checkpoint.py)
 _METHODS = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "fbgemm_fp8": "FP8",
             "mxfp4": "MXFP4", "gguf": "GGUF", "hqq": "HQQ", "eetq": "EETQ", "quanto": "quanto", "aqlm": "AQLM",
             "torchao": "torchao", "vptq": "VPTQ", "higgs": "HIGGS", "bitnet": "BitNet", "auto-round": "AutoRound",
@@ -177,7 +177,8 @@ def refuse_unsupported_format(found: tuple[str, str] | None) -> None:
     fmt, where = found
     what = fmt if fmt.startswith("quant_method") else f"{fmt} quantization"
     raise MoeOffloadError(f"{what} ({where}) is not supported: moe-offload reads unquantized BF16/F16/F32 "
-                          "checkpoints and compressed-tensors pack-quantized int4/int8 experts")
+                          "checkpoints, compressed-tensors pack-quantized int4/int8 experts and GPT-OSS's MXFP4 "
+                          "experts")
 
 
 # -- dtypes -----------------------------------------------------------------------------------------------------
@@ -189,6 +190,8 @@ QUANTIZED_TENSOR_DTYPES = {
     "weight_shape": (torch.int32, torch.int64), "weight_scale": PLAIN_DTYPES,
 }
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)$")
+# GPT-OSS: expert biases are floats, MXFP4 blocks and E8M0 scales bytes
+_GPT_OSS_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up|down)_proj_(?P<kind>bias|blocks|scales)$")
 
 
 def allowed_dtypes(name: str) -> tuple[torch.dtype, ...] | None:
@@ -196,6 +199,8 @@ def allowed_dtypes(name: str) -> tuple[torch.dtype, ...] | None:
     their dtype is checked against the model's, at load). A plain weight is a float the model computes in; an
     integer or FP8 relabelled weight would load as garbage numbers without any error."""
     suffix = name.rpartition(".")[2]
+    if match := _GPT_OSS_EXPERTS.search(name):
+        return PLAIN_DTYPES if match["kind"] == "bias" else (torch.uint8,)
     if suffix in QUANTIZED_TENSOR_DTYPES:
         return QUANTIZED_TENSOR_DTYPES[suffix]
     if suffix in ("weight", "bias") or _FUSED_EXPERTS.search(name):

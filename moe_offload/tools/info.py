@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from ..checkpoint import Checkpoint
+from ..quant.mxfp4 import Mxfp4Spec
 from ..config import OffloadConfig
 from ..validation import check_config_experts, check_top_k, require_routed_experts, text_config
 
@@ -36,8 +37,10 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
         # the routed experts' weight quantization (compressed-tensors pack-quantized), None where they are dense
-        "quantization": None if spec is None else {"bits": spec.bits, "group_size": spec.group_size,
-                                                   "symmetric": spec.symmetric},
+        "quantization": None if spec is None else _quantization(spec),
+        # GPT-OSS's experts (biases, transposed and interleaved gate/up, clamped SwiGLU), by their tensors
+        "expert_layout": "gpt_oss" if any(name.endswith("_proj_bias") for tensors in
+                                          checkpoint.experts_by_layer.values() for name in tensors.fused) else "swiglu",
         "moe_layers": len(layers),
         "layers": layers,
         "experts_per_token": top_k,
@@ -46,6 +49,12 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "staging_bytes": 2 * top_k * max(l["expert_bytes"] for l in layers),
         "device_bytes_by_ratio": per_ratio,
     }
+
+
+def _quantization(spec) -> dict[str, Any]:
+    if isinstance(spec, Mxfp4Spec):  # GPT-OSS's native experts
+        return {"format": "mxfp4", "block_size": spec.block, "bits_per_weight": spec.bits_per_weight}
+    return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
 
 
 def human_bytes(count: float) -> str:
@@ -63,7 +72,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"architecture     {info['model_type']} ({info['dtype']})",
         f"MoE layers       {info['moe_layers']} (layers {', '.join(str(l['layer']) for l in info['layers'])})",
         f"experts/layer    {', '.join(map(str, experts))} routed, top-{info['experts_per_token']}",
-        f"expert weights   {_weights(info['quantization'])}",
+        f"expert weights   {_weights(info['quantization'])}" + (
+            ", GPT-OSS experts (biases, clamped SwiGLU)" if info.get("expert_layout") == "gpt_oss" else ""),
         f"bytes/expert     {', '.join(f'{s} ({human_bytes(s)})' for s in sizes)}",
         f"non-expert bytes {info['non_expert_bytes']} ({human_bytes(info['non_expert_bytes'])})",
         f"expert bytes     {info['expert_bytes_total']} ({human_bytes(info['expert_bytes_total'])})",
@@ -77,5 +87,8 @@ def format_info(info: dict[str, Any]) -> str:
 def _weights(quantization: dict | None) -> str:
     if quantization is None:
         return "unquantized"
+    if quantization.get("format") == "mxfp4":
+        return (f"mxfp4 (e2m1, E8M0 scale per {quantization['block_size']}: {quantization['bits_per_weight']} "
+                "bits/weight)")
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
     return f"int{quantization['bits']}, group size {quantization['group_size']}, {kind} (compressed-tensors)"
