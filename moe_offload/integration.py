@@ -154,15 +154,14 @@ def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
 
 
 def select_kernel(config: OffloadConfig, device: torch.device, hf_config, fmt: ExpertFormat | None = None):
-    """The fused Triton expert kernel, or None for the eager torch loop (see OffloadConfig.moe_kernel)."""
+    """The fused Triton expert kernel, or None for the eager torch loop (see OffloadConfig.moe_kernel). GPT-OSS's
+    experts (fmt.glu: their clamped SwiGLU, not hidden_act) take kernels/triton_gpt_oss.py through it."""
     if config.moe_kernel == "torch":
         return None
     why_not = None
     if device.type != "cuda":
         why_not = "it needs a CUDA device"
-    elif fmt is not None and fmt.glu is not None:
-        why_not = "GPT-OSS's experts (biases, clamped SwiGLU) are not in the Triton kernels yet"
-    elif getattr(hf_config, "hidden_act", None) != "silu":
+    elif getattr(hf_config, "hidden_act", None) != "silu" and (fmt is None or fmt.glu is None):
         why_not = f"it supports SiLU experts only, not {getattr(hf_config, 'hidden_act', None)!r}"
     else:
         try:

@@ -170,3 +170,28 @@ def test_cli_info_and_generate(checkpoints, capsys):
                  "def f"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "error" not in err
+
+
+def test_triton_path_in_the_engine(checkpoints):
+    """The engine with the Triton kernels (CPU: Triton's interpreter, so MXFP4 only and a short prompt; the
+    kernels' own tests cover bf16 pools, the grouped GEMMs and the host pool's bits) at ratio 37 on its direct
+    path: misses read in place from the host tier and admitted read-through by the device LRU, within ATOL of
+    transformers over a prompt and a decode step."""
+    pytest.importorskip("triton")
+    from moe_offload.kernels.triton_moe import fused_moe
+
+    path, ids = checkpoints["mxfp4"], _prompt()[:, :5]
+    reference = _transformers(path, torch.float32)
+    generate = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True)
+    with torch.no_grad():
+        ref_logits = torch.stack(reference.generate(ids, **generate).logits)
+    pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37)
+    for layer in pipe.layers:
+        layer.fused_moe = fused_moe
+        assert layer.enable_direct(pipe.device, lru=True) and layer.lru_admission
+    with torch.no_grad():
+        logits = torch.stack(pipe.model.generate(ids, **generate).logits)
+    stats = pipe.get_offload_stats()
+    assert stats["kernel"] == "triton" and stats["experts_read_in_place"] > 0 and stats["hits"] > 0
+    assert (logits - ref_logits).abs().max().item() <= ATOL

@@ -39,13 +39,14 @@ MXFP4 = Mxfp4Spec()
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rows [start, stop) of W [N, K] float32 from blocks uint8 [N, K/32, 16] and scales uint8 [N, K/32], exact."""
+    """Rows [start, stop) of W [N, K] float32 from blocks uint8 [N, K/32, 16] and scales uint8 [N, K/32], exact
+    (a stack [n, N, ...] of them: [n, N, K], rows taken along the first dimension)."""
     blocks, scales = blocks[start:stop], scales[start:stop]
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)  # [16]
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()  # [r, K/32, 16, 2]: low nibble first
-    values = lut[codes].reshape(*scales.shape, BLOCK)  # [r, K/32, 32]
-    exponent = scales.to(torch.int32) - SCALE_BIAS  # [r, K/32]
-    return torch.ldexp(values, exponent.unsqueeze(-1).float()).reshape(scales.shape[0], -1)  # [r, K]
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()  # [..., r, K/32, 16, 2]: low nibble first
+    values = lut[codes].reshape(*scales.shape, BLOCK)  # [..., r, K/32, 32]
+    exponent = scales.to(torch.int32) - SCALE_BIAS  # [..., r, K/32]
+    return torch.ldexp(values, exponent.unsqueeze(-1).float()).flatten(-2)  # [..., r, K]
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
