@@ -69,6 +69,7 @@ def test_matches_transformers_at_every_ratio_and_tier(checkpoints, kind):
         else:
             assert stats["misses"] == 0
         if ratio == 37:  # sliding-window layers: the pipeline's generate goes through transformers' generate
+            assert pipe.decoder is None
             tokens = pipe.generate_tokens(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                           do_sample=False)
             assert torch.equal(tokens, ref_tokens[0, ids.shape[1]:]), f"{kind}: greedy tokens differ"

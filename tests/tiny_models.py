@@ -141,20 +141,22 @@ def quantize_experts(src: str, dst: str, spec, scale_dtype: torch.dtype = torch.
     return dst
 
 
-def gpt_oss_config():
+def gpt_oss_config(**overrides):
     """A tiny GptOssConfig: two layers (one sliding-window, one full attention), 8 experts top-2, hidden 64 and
-    intermediate 32 (MXFP4 needs both divisible by 32), a window shorter than the tests' prompts."""
+    intermediate 32 (MXFP4 needs both divisible by 32), a window shorter than the tests' prompts; `overrides`
+    replace any of these (bench/gpu_correctness.py widens it)."""
     import transformers as tf
 
     rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 2.0, "original_max_position_embeddings": 128,
             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
-    return tf.GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                           num_local_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, sliding_window=8, max_position_embeddings=256, rope_parameters=rope,
-                           tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                  num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                  max_position_embeddings=256, rope_parameters=rope, tie_word_embeddings=False, bos_token_id=0,
+                  eos_token_id=1)
+    return tf.GptOssConfig(**{**fields, **overrides})
 
 
-def make_gpt_oss_checkpoint(path: str, mxfp4: bool = False, seed: int = 0) -> str:
+def make_gpt_oss_checkpoint(path: str, mxfp4: bool = False, seed: int = 0, **overrides) -> str:
     """A tiny random GPT-OSS checkpoint written by transformers' save_pretrained (experts.gate_up_proj [E, H, 2I]
     with biases, float32). Experts, biases, sinks and the router bias are drawn large enough (std 0.5) that the
     clamped SwiGLU's limits are reached. mxfp4: the experts' weights replaced by their MXFP4 quantization in
@@ -167,7 +169,7 @@ def make_gpt_oss_checkpoint(path: str, mxfp4: bool = False, seed: int = 0) -> st
     from moe_offload.quant import mxfp4 as fp4
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(gpt_oss_config(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(gpt_oss_config(**overrides), dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".experts." in name or name.endswith("sinks"):
