@@ -9,8 +9,8 @@ bench/common.py's N(0, 0.02)), other tensors N(0, 0.02), norms ones. Routing is 
 
 Per ratio, in a process of its own (its device memory polled by NVML from outside, as bench/sides.py does): load,
 one warm-up generation, then --repeats generations of a fresh random --prompt-len prompt and --decode-tokens
-greedy tokens (GPT-OSS's sliding-window layers send generation through transformers' generate: the pipeline's
-static-cache decoder and its CUDA graphs do not take them yet, so decode is eager here). Reported: prefill and
+greedy tokens on the pipeline's static-cache decoder (its sliding-window layers masked, decoding.py; decode steps
+replayed as CUDA graphs where every MoE layer is sync-free). Reported: prefill and
 decode tok/s (median, min, max), expert bytes moved per decoded token (host copies + in-place reads + disk),
 allocator and NVML peak device bytes, load seconds, the choices the load made.
 
