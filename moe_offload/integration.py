@@ -153,15 +153,15 @@ def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
     return sites
 
 
-def select_kernel(config: OffloadConfig, device: torch.device, hf_config, fmt: ExpertFormat | None = None):
+def select_kernel(config: OffloadConfig, device: torch.device, hf_config):
     """The fused Triton expert kernel, or None for the eager torch loop (see OffloadConfig.moe_kernel). GPT-OSS's
-    experts (fmt.glu: their clamped SwiGLU, not hidden_act) take kernels/triton_gpt_oss.py through it."""
+    experts (config hidden_act "silu", their clamped SwiGLU in the format) take kernels/triton_gpt_oss.py."""
     if config.moe_kernel == "torch":
         return None
     why_not = None
     if device.type != "cuda":
         why_not = "it needs a CUDA device"
-    elif getattr(hf_config, "hidden_act", None) != "silu" and (fmt is None or fmt.glu is None):
+    elif getattr(hf_config, "hidden_act", None) != "silu":
         why_not = f"it supports SiLU experts only, not {getattr(hf_config, 'hidden_act', None)!r}"
     else:
         try:
@@ -311,7 +311,7 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
     _materialise_dense(model, checkpoint, device, dtype, progress, embeddings_on_host)
     model.eval()
     runtimes, host_cache = _attach_expert_runtimes(sites, locations, device, dtype, config, progress)
-    kernel = select_kernel(config, device, hf_config, runtimes[0].format)
+    kernel = select_kernel(config, device, hf_config)
     for runtime in runtimes:
         runtime.fused_moe = kernel
         if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
