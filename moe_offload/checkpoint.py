@@ -61,6 +61,7 @@ _GPT_OSS_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\."
     r"(?P<proj>(?:gate_up|down)_proj_(?:bias|blocks|scales))$"
 )
+_GPT_OSS_SUFFIXES = ("_bias", "_blocks", "_scales")
 _PROJ_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 # compressed-tensors' tensors of one quantized Linear (quant/format.py has their layout)
 PACKED, SCALE, ZERO, SHAPE, G_IDX = "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"
@@ -320,7 +321,7 @@ class Checkpoint:
         tensors = self.experts_by_layer.get(layer)
         if tensors is None:
             raise MoeOffloadError(f"checkpoint has no routed expert weights for MoE layer {layer}{self.index_note()}")
-        gpt_oss = sorted(key for key in tensors.fused if _GPT_OSS_EXPERT_KEY.match(f"layers.0.experts.{key}"))
+        gpt_oss = any(key.endswith(_GPT_OSS_SUFFIXES) for key in tensors.fused)  # biases, MXFP4 blocks, scales
         if glu is not None or gpt_oss or isinstance(spec, Mxfp4Spec):
             return _gpt_oss_locations(tensors, layer, num_experts, hidden, inter, glu, spec)
         if tensors.fused:

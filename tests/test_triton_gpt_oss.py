@@ -61,8 +61,9 @@ def _force_path(monkeypatch, path: str) -> None:
 
 
 # each pool kind on each path, each dtype twice (the interpreter runs every program in Python: kept to four)
-@pytest.mark.parametrize("kind, path, dtype", [("dense", "decode", torch.float32), ("dense", "prefill", torch.bfloat16),
-                                               ("mxfp4", "decode", torch.bfloat16), ("mxfp4", "prefill", torch.float32)])
+@pytest.mark.parametrize("kind, path, dtype", [
+    ("dense", "decode", torch.float32), ("dense", "prefill", torch.bfloat16),
+    ("mxfp4", "decode", torch.bfloat16), ("mxfp4", "prefill", torch.float32)])
 def test_matches_reference(monkeypatch, kind, path, dtype):
     _force_path(monkeypatch, path)
     experts, top_k, tokens = 6, 2, 1 if path == "decode" else 9

@@ -23,7 +23,8 @@ import triton.language as tl
 from ..expert_format import BiasedMatrix, Mxfp4Matrix
 from .triton_moe import _GEMV_DOWN, _GEMV_GATE_UP, _admit_tile, _expert_base, _round, _weighted
 
-_TINY_SCALE = tl.constexpr(2.0 ** -127)  # E8M0 code 0: below float32's normal range, so not built from its exponent bits
+# E8M0 code 0 is 2^-127, below float32's normal range: not built from the exponent bits like the others
+_TINY_SCALE = tl.constexpr(2.0 ** -127)
 
 
 @triton.jit
