@@ -200,3 +200,9 @@ def test_triton_path_in_the_engine(checkpoints):
     stats = pipe.get_offload_stats()
     assert stats["kernel"] == "triton" and stats["experts_read_in_place"] > 0 and stats["hits"] > 0
     assert (logits - ref_logits).abs().max().item() <= ATOL
+
+
+def test_cpu_expert_path_refuses_gpt_oss_by_reason(checkpoints):
+    """The hybrid CPU kernels compute SiLU experts without bias: GPT-OSS's are refused by name (auto: off)."""
+    with pytest.raises(MoeOffloadError, match="MOE_CPU_EXPERTS=all is not possible here: GPT-OSS's experts"):
+        LLMPipeline(checkpoints["mxfp4"], "cpu", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS="all")
