@@ -22,6 +22,8 @@ llama-bench -ngl 99 -ncmoe N runs at the N that matches each ratio (bench/derive
 Usage (repository root, GPU machine; nothing of it runs on a CPU in useful time):
   python -m bench.gpt_oss --out bench/results/<date>-gpt-oss.json [--ratios 0,25,50,100] [--model-dir DIR]
       [--gguf G --llama-bench B]
+  (an existing --out is extended: ratios measured again replace their rows, so --ratios 0,25 in one device call
+  and --ratios 50,100 in the next build one report; the model is written once into --model-dir)
   python -m bench.gpt_oss --tiny --device cpu --out /tmp/gpt-oss-tiny.json   # the whole flow on a tiny model
 """
 
@@ -209,11 +211,17 @@ def main(argv=None) -> int:
         parser.error("--out is required")
     mode = "tiny" if args.tiny else "full"
     model_dir = args.model_dir or os.path.join(MODEL_ROOT, f"gpt-oss-{mode}")
+    ratios = [int(r) for r in args.ratios.split(",")]
     report: dict = {"model_dir": model_dir, "spec": SPECS[mode], "runs": [], "llamacpp": []}
+    if os.path.isfile(args.out):  # a device call's 10 minutes hold about two ratios: later calls add the others
+        with open(args.out) as handle:
+            report = json.load(handle)
+        for key in ("runs", "llamacpp"):
+            report[key] = [row for row in report.get(key, []) if row.get("ratio") not in ratios]
     report["gen"] = generate_model(model_dir, SPECS[mode], torch.device(args.device))
     prompt = args.prompt_len or (16 if args.tiny else 128)
     decode = args.decode_tokens or (4 if args.tiny else 32)
-    for ratio in (int(r) for r in args.ratios.split(",")):
+    for ratio in ratios:
         spec = dict(model_dir=model_dir, device=args.device, ratio=ratio, prompt_len=prompt, decode_tokens=decode,
                     repeats=args.repeats, seconds=args.seconds, out=f"{args.out}.worker.json")
         log(f"ours at ratio {ratio}")
