@@ -10,8 +10,8 @@ import math
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..quant.mxfp4 import Mxfp4Spec
 from ..config import OffloadConfig
+from ..quant.mxfp4 import Mxfp4Spec
 from ..validation import check_config_experts, check_top_k, require_routed_experts, text_config
 
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
