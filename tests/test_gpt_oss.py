@@ -5,7 +5,8 @@ one full, attention sinks, 8 experts top-2 with biases, weights large enough to 
 - float32: max |logits difference| <= 1e-4 against transformers loading the same folder (the MXFP4 one with
   Mxfp4Config(dequantize=True), its own dequantization), 20 greedy tokens identical, and the logits bit-identical
   across ratios 0/37/100 with the experts in host RAM or read from the file.
-- bfloat16: the logits bit-identical to transformers' (same rounding points, same matmul orientation).
+- bfloat16: the logits bit-identical to transformers' at every placement (same rounding points, same matmul
+  orientation).
 """
 
 import json
@@ -80,12 +81,16 @@ def test_matches_transformers_at_every_ratio_and_tier(checkpoints, kind):
         pipe.close()
 
 
-def test_bfloat16_is_bit_identical_to_transformers(checkpoints):
-    path, ids = checkpoints["bf16"], _prompt()
+@pytest.mark.parametrize("kind", ["bf16", "mxfp4"])
+def test_bfloat16_is_bit_identical_to_transformers(checkpoints, kind):
+    """In bf16 the logits equal transformers' (its MXFP4 dequantized at load) bit for bit, at every placement."""
+    path, ids = checkpoints[kind], _prompt()
     with torch.no_grad():
         ref_logits = _transformers(path, torch.bfloat16)(ids).logits
-        pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37, MOE_DTYPE="bfloat16")
-        assert torch.equal(pipe.model(ids).logits, ref_logits)
+        for ratio, host_cache in PLACEMENTS:
+            pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=host_cache, MOE_DTYPE="bfloat16")
+            assert torch.equal(pipe.model(ids).logits, ref_logits), f"ratio {ratio}, host cache {host_cache}"
+            pipe.close()
 
 
 def test_mxfp4_experts_stay_mxfp4_in_every_tier(checkpoints):
