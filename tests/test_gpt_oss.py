@@ -3,7 +3,7 @@
 Tiny checkpoints (tests/tiny_models.py): two layers, one sliding-window (window 8, shorter than the prompt) and
 one full, attention sinks, 8 experts top-2 with biases, weights large enough to reach the SwiGLU clamps.
 - float32: max |logits difference| <= 1e-4 against transformers loading the same folder (the MXFP4 one with
-  Mxfp4Config(dequantize=True), its own dequantization), 20 greedy tokens identical, and the logits bit-identical
+  Mxfp4Config(dequantize=True), its own dequantization), 12 greedy tokens identical, and the logits bit-identical
   across ratios 0/37/100 with the experts in host RAM or read from the file.
 - bfloat16: the logits bit-identical to transformers' at every placement (same rounding points, same matmul
   orientation).
@@ -24,7 +24,7 @@ from moe_offload.quant import mxfp4
 from moe_offload.tools.info import describe, format_info
 
 ATOL = 1e-4
-NEW_TOKENS = 20
+NEW_TOKENS = 12
 PLACEMENTS = [(0, "auto"), (0, 0), (37, "auto"), (37, 0), (100, 0)]  # (ratio, MOE_HOST_CACHE): host or disk tier
 
 
