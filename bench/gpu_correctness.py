@@ -5,7 +5,8 @@ own two experts backends (eager loop and grouped_mm) are compared on the same in
 within TOLERANCE_FACTOR times that spread (with a floor of 2 bf16 ulps of the logit scale). Greedy tokens are
 compared too; where they differ, the report says whether transformers' two backends also differ there.
 
-The models are the CPU tests' tiny architectures (tests/tiny_models.py), widened and with random weights.
+The models are the CPU tests' tiny architectures (tests/tiny_models.py), widened and with random weights, and
+GPT-OSS in bf16 and in native MXFP4 (transformers dequantizes the MXFP4 one at load: Mxfp4Config(dequantize=True)).
 
 Usage, from the repository root (CUDA):
   python -m bench.gpu_correctness --out bench/results/<date>-h200-bf16-correctness.json [--kernel triton]
@@ -38,7 +39,8 @@ _tiny = _tiny_models()
 ARCHITECTURES, VOCAB, save_tokenizer, tiny_config = (_tiny.ARCHITECTURES, _tiny.VOCAB, _tiny.save_tokenizer,
                                                      _tiny.tiny_config)
 
-ARCHS = ARCHITECTURES
+GPT_OSS = ("gpt_oss", "gpt_oss_mxfp4")  # tiny_models.make_gpt_oss_checkpoint, widened
+ARCHS = ARCHITECTURES + GPT_OSS
 RATIOS = (0, 37, 100)
 TIERS = {"host": "auto", "disk": 0}
 TOLERANCE_FACTOR = 2.0
@@ -63,6 +65,9 @@ def build(arch: str, root: str) -> str:
     from transformers import AutoModelForCausalLM
 
     path = os.path.join(root, arch)
+    if arch in GPT_OSS:  # hidden and intermediate multiples of 32 (MXFP4)
+        return _tiny.make_gpt_oss_checkpoint(path, mxfp4=arch.endswith("mxfp4"), hidden_size=256,
+                                             intermediate_size=128, num_local_experts=16, head_dim=64)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(widen(tiny_config(arch)), dtype=torch.bfloat16)
     for name, buffer in model.named_buffers():
@@ -76,7 +81,13 @@ def build(arch: str, root: str) -> str:
 def reference(path: str, ids: torch.Tensor, backend: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation=backend).cuda()
+    extra = {}
+    if os.path.basename(path) == "gpt_oss_mxfp4":  # dequantized by transformers, not its hub kernels
+        from transformers import Mxfp4Config
+
+        extra["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation=backend,
+                                                 **extra).cuda()
     with torch.no_grad(), prompt_attention("cuda"):  # the attention backends the pipeline's generation uses
         logits = model(ids).logits.float()
         tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)

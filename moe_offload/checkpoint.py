@@ -17,6 +17,10 @@ Expert layouts understood:
   FP8 block-quantized per-expert (DeepSeek-V3, Qwen3-FP8; quant/fp8.py): `...experts.E.<proj>.weight` F8_E4M3 with
       `...experts.E.<proj>.weight_scale_inv` F32 (or BF16/F16) blocks and `quant_method: fp8`; the checkpoint's
       other FP8 projections (attention, dense MLPs, shared experts) are listed in fp8_dense and dequantized at load.
+  GPT-OSS (fused, transposed, with biases): `...experts.{gate_up_proj [E, H, 2I], gate_up_proj_bias [E, 2I],
+      down_proj [E, I, H], down_proj_bias [E, H]}`, or MXFP4 (quant_method "mxfp4") with `{gate_up,down}_proj_blocks`
+      uint8 [E, N, K/32, 16] and `_scales` uint8 [E, N, K/32] in place of the weights: read as stored, each
+      expert's slice of every tensor one byte range (expert_format.py).
   Other quantization methods are refused by name.
 Either way an expert becomes an ExpertLocation: its format (expert_format.py) and, per plane of that format, the
 byte ranges that fill it back to back (gate before up), so a disk read never needs to know the format.
@@ -35,11 +39,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MoeOffloadError
-from .expert_format import ExpertFormat
-from .quant import gptq
-from .quant import fp8
+from .expert_format import ClampedSwiGLU, ExpertFormat
+from .quant import fp8, gptq
 from .quant.fp8 import BlockFP8Spec
 from .quant.format import QuantSpec
+from .quant.mxfp4 import BLOCK as MXFP4_BLOCK, MXFP4, Mxfp4Spec
 from .validation import (check_weight_dtypes, quantization_format, read_config_json, refuse_unsupported_format,
                          require_regular_file)
 
@@ -61,7 +65,13 @@ _PER_EXPERT_KEY = re.compile(
 _FUSED_EXPERT_KEY = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\.(?P<proj>gate_up_proj|down_proj)$"
 )
-_METHOD_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8"}  # quant_method -> name in errors
+_METHOD_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "mxfp4": "MXFP4"}  # quant_method -> name in errors
+# GPT-OSS's tensors beside (or, MXFP4, instead of) the fused weights: biases, MXFP4 blocks and scales
+_GPT_OSS_EXPERT_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?)experts\."
+    r"(?P<proj>(?:gate_up|down)_proj_(?:bias|blocks|scales))$"
+)
+_GPT_OSS_SUFFIXES = ("_bias", "_blocks", "_scales")
 _PROJ_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 # compressed-tensors' tensors of one quantized Linear (quant/format.py has their layout)
 PACKED, SCALE, ZERO, SHAPE, G_IDX = "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"
@@ -295,7 +305,7 @@ class Checkpoint:
                 role, tensor = _PROJ_ROLE[match["proj"]], match["tensor"]
                 key = role if tensor == "weight" else f"{role}.{tensor}"
                 layer.per_expert.setdefault(int(match["expert"]), {})[key] = entry
-            elif match := _FUSED_EXPERT_KEY.match(name):
+            elif match := _FUSED_EXPERT_KEY.match(name) or _GPT_OSS_EXPERT_KEY.match(name):
                 by_layer.setdefault(int(match["layer"]), ExpertTensors()).fused[match["proj"]] = entry
             else:
                 dense.append(name)
@@ -321,6 +331,12 @@ class Checkpoint:
             if quantized is not None:
                 raise MoeOffloadError(f"{quantized} is a quantized tensor, but config.json has no quantization_config")
             return None
+        if isinstance(spec, Mxfp4Spec):  # GPT-OSS's fused experts, checked in _gpt_oss_locations
+            if not any(key.endswith("_blocks") for tensors in self.experts_by_layer.values() for key in tensors.fused):
+                raise MoeOffloadError("MXFP4 quantization (config.json: quant_method 'mxfp4') is not supported for "
+                                      "these experts: moe-offload reads MXFP4 in GPT-OSS's layout only "
+                                      "(experts.gate_up_proj_blocks and _scales)")
+            return spec
         said = _METHOD_NAMES.get(self.config["quantization_config"].get("quant_method"), "compressed-tensors")
         if quantized is None:
             if said != "compressed-tensors" and self.experts_by_layer:  # compressed-tensors may `ignore` experts
@@ -345,13 +361,17 @@ class Checkpoint:
         dense = set(self.dense_names)
         return {weight: scale for weight, scale in self.fp8_scales.items() if weight in dense}
 
-    def expert_locations(self, layer: int, num_experts: int, hidden: int, inter: int) -> list[ExpertLocation]:
+    def expert_locations(self, layer: int, num_experts: int, hidden: int, inter: int,
+                         glu: ClampedSwiGLU | None = None) -> list[ExpertLocation]:
         """Locations of experts 0..num_experts-1 of `layer`, checked against the model's shapes (and, quantized,
-        against the quantization scheme)."""
+        against the quantization scheme). glu: the model's experts are GPT-OSS's (biases, transposed)."""
         spec = self.quantization  # refuses unsupported schemes by name before any tensor is looked at
         tensors = self.experts_by_layer.get(layer)
         if tensors is None:
             raise MoeOffloadError(f"checkpoint has no routed expert weights for MoE layer {layer}{self.index_note()}")
+        gpt_oss = any(key.endswith(_GPT_OSS_SUFFIXES) for key in tensors.fused)  # biases, MXFP4 blocks, scales
+        if glu is not None or gpt_oss or isinstance(spec, Mxfp4Spec):
+            return _gpt_oss_locations(tensors, layer, num_experts, hidden, inter, glu, spec)
         if tensors.fused:
             return [self._fused_location(tensors.fused, layer, e, num_experts, hidden, inter)
                     for e in range(num_experts)]
@@ -584,7 +604,58 @@ def _fp8_location(per_expert, layer: int, expert: int, hidden: int, inter: int,
     return _planes_location(fmt, roles, {"weight": "", "scale": f".{fp8.SCALE_INV}"}.get)
 
 
-def quantization_scheme(config: dict) -> QuantSpec | BlockFP8Spec | None:
+def _gpt_oss_locations(tensors: "ExpertTensors", layer: int, num_experts: int, hidden: int, inter: int,
+                       glu: ClampedSwiGLU | None, spec) -> list[ExpertLocation]:
+    """GPT-OSS's fused experts, bf16 or MXFP4, checked (names, dtypes, shapes) against the model and config.json;
+    each expert's planes are its rows of the [E, ...] tensors, read as stored."""
+    if glu is None:
+        name = next((e.name for key, e in tensors.fused.items() if not key.endswith("proj")), tensors.any_name)
+        raise MoeOffloadError(f"{name}: GPT-OSS expert tensors (biases, MXFP4 blocks), but the model's experts "
+                              "are not GPT-OSS's; the config and the weights do not match")
+    if spec is not None and not isinstance(spec, Mxfp4Spec):
+        raise MoeOffloadError("GPT-OSS experts are read unquantized or in MXFP4 (quant_method 'mxfp4') only")
+    quantized = isinstance(spec, Mxfp4Spec)
+    if quantized and (hidden % MXFP4_BLOCK or inter % MXFP4_BLOCK):
+        raise MoeOffloadError(f"MXFP4 experts need hidden and intermediate sizes divisible by {MXFP4_BLOCK}, not "
+                              f"{hidden} and {inter}")
+    want: dict[str, tuple[tuple[int, ...], str]] = {}
+    for proj, rows, cols in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
+        if quantized:
+            want[f"{proj}_blocks"] = ((num_experts, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2), "uint8")
+            want[f"{proj}_scales"] = ((num_experts, rows, cols // MXFP4_BLOCK), "uint8")
+        else:
+            want[proj] = ((num_experts, cols, rows), "float")  # transposed: [E, K, N]
+        want[f"{proj}_bias"] = ((num_experts, rows), "float")
+    for key, entry in tensors.fused.items():
+        if key not in want:
+            reason = ("config.json's quantization_config says mxfp4" if quantized else
+                      "config.json has no quantization_config mxfp4")
+            raise MoeOffloadError(f"{entry.name}: unexpected in layer {layer}'s experts ({reason})")
+    for key, (shape, kind) in want.items():
+        entry = tensors.fused.get(key)
+        if entry is None:
+            raise MoeOffloadError(f"checkpoint lacks experts.{key} in layer {layer}")
+        dtype_ok = entry.dtype == torch.uint8 if kind == "uint8" else entry.dtype.is_floating_point
+        if not dtype_ok or entry.shape != shape:
+            raise MoeOffloadError(f"{entry.name} is {str(entry.dtype).replace('torch.', '')} {list(entry.shape)}, "
+                                  f"expected {kind} {list(shape)}")
+    dtypes = {tensors.fused[key].dtype for key, (_, kind) in want.items() if kind == "float"}
+    if len(dtypes) != 1:
+        raise MoeOffloadError(f"experts of layer {layer} mix dtypes {sorted(str(d) for d in dtypes)}")
+    fmt = ExpertFormat(inter, hidden, dtypes.pop(), MXFP4 if quantized else None, glu=glu)
+    plane_keys = {"gate_up": "gate_up_proj", "down": "down_proj", "gate_up.blocks": "gate_up_proj_blocks",
+                  "gate_up.scales": "gate_up_proj_scales", "down.blocks": "down_proj_blocks",
+                  "down.scales": "down_proj_scales", "gate_up_bias": "gate_up_proj_bias", "down_bias": "down_proj_bias"}
+
+    def row(entry: TensorEntry, expert: int) -> ByteRange:
+        stride = entry.nbytes // num_experts  # one expert's slice is contiguous in [E, ...]
+        return ByteRange(entry.path, entry.start + expert * stride, stride)
+
+    return [ExpertLocation(fmt, tuple((row(tensors.fused[plane_keys[plane.name]], e),) for plane in fmt.planes))
+            for e in range(num_experts)]
+
+
+def quantization_scheme(config: dict) -> QuantSpec | BlockFP8Spec | Mxfp4Spec | None:
     """The weight-only scheme of config.json's quantization_config (None where there is none): compressed-tensors
     `pack-quantized`, integer weights of 4 or 8 bits, group-wise, symmetric or with zero points, one scheme for
     every config group; or FP8 block-quantized (`quant_method: fp8`, quant/fp8.py's BlockFP8Spec). Everything else
@@ -601,6 +672,8 @@ def quantization_scheme(config: dict) -> QuantSpec | BlockFP8Spec | None:
         return gptq.awq_scheme(config).spec
     if method == "fp8":
         return fp8.scheme(config)
+    if method == "mxfp4":  # GPT-OSS's native experts; the rest of the model is unquantized
+        return MXFP4
     if method != "compressed-tensors":
         raise MoeOffloadError(f"quantization method {method!r} is not supported: moe-offload reads compressed-tensors "
                               "pack-quantized checkpoints (int4/int8 weight-only)")

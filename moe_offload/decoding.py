@@ -16,10 +16,16 @@ position, EOS bias) updated in place; its outputs are the next token and its log
 EOS bias of -inf until min_new_tokens is what transformers' greedy search with MinNewTokensLogitsProcessor does,
 so the tokens are the same as `model.generate`'s.
 
-Used for greedy generation of one sequence when the model's attention is plain causal (no sliding-window
-layers) and its generation config asks for no other logits processing; the graph additionally needs CUDA and
-every MoE layer on the no-sync path. Otherwise (`unsupported_reason`) the pipeline uses `model.generate`;
-without a graph the same loop runs eagerly.
+Used for greedy generation of one sequence when the model's attention is causal over a mask (plain causal, or
+with sliding-window layers, GPT-OSS's: see `attention_supported`) and its generation config asks for no other
+logits processing; the graph additionally needs CUDA and every MoE layer on the no-sync path. Otherwise
+(`unsupported_reason`) the pipeline uses `model.generate`; without a graph the same loop runs eagerly.
+
+Sliding-window layers get a full-length static layer like the others (transformers' StaticSlidingWindowLayer
+rolls its buffer, so where a key lies would depend on the position) and their own mask, causal and within the
+window (`kv > q - window`, transformers' sliding_window_overlay), passed with the full layers' one as the dict
+by layer type that the model's forward takes. Masked keys get weight exactly 0, so the attention is the
+window's; the cost is those layers' KV cache at full length instead of the window's.
 """
 
 from __future__ import annotations
@@ -113,6 +119,7 @@ class StaticDecoder:
 
         self.max_len = -(-length // _CACHE_BUCKET) * _CACHE_BUCKET
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        self._full_length_layers()
         self.graph = None  # graphs are bound to the old cache's tensors
         self.prefill_graphs.clear()
         device = self.device
@@ -123,19 +130,51 @@ class StaticDecoder:
                                      device=device)  # [V] -inf at EOS ids while min_new_tokens is not reached
         self._logits = None
 
-    def plain_causal(self) -> bool:
-        """Every cache layer is a full-length static layer (sliding windows would need their own mask)."""
+    def attention_supported(self) -> bool:
+        """Every cache layer is a full-length static layer, or a sliding-window one (then replaced by a full-length
+        layer and given a windowed mask, see the module docstring) in a model whose attention reads the mask
+        (eager or SDPA; flash attention would take the window from its own argument) and whose forward takes
+        masks by layer type (config.layer_types)."""
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
         probe = StaticCache(config=self.model.config, max_cache_len=1)
-        return all(type(layer) is StaticLayer for layer in probe.layers)
+        kinds = {type(layer) for layer in probe.layers}
+        if kinds == {StaticLayer}:
+            return True
+        config = self.model.config.get_text_config()
+        return (kinds <= {StaticLayer, StaticSlidingWindowLayer} and self._window is not None
+                and getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+                and set(getattr(config, "layer_types", None) or ()) <= {"full_attention", "sliding_attention"})
 
-    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """[1, 1, Q, L] additive causal mask for query positions [Q] over the whole cache."""
+    @property
+    def _window(self) -> int | None:
+        """The sliding-window layers' window, None for a model without them."""
+        config = self.model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        return window if sliding and isinstance(window, int) and window > 0 else None
+
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """[1, 1, Q, L] additive causal mask for query positions [Q] over the whole cache; with sliding-window
+        layers, {layer type: mask}, theirs also hiding keys `window` or more positions back."""
         visible = self._kv_positions[None, :] <= positions[:, None]  # [Q, L]
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.where(visible, zero, torch.finfo(self.dtype).min)[None, None]  # [1, 1, Q, L]
+        causal = torch.where(visible, zero, torch.finfo(self.dtype).min)[None, None]  # [1, 1, Q, L]
+        window = self._window
+        if window is None:
+            return causal
+        recent = self._kv_positions[None, :] > positions[:, None] - window  # [Q, L]
+        sliding = torch.where(visible & recent, zero, torch.finfo(self.dtype).min)[None, None]  # [1, 1, Q, L]
+        return {"full_attention": causal, "sliding_attention": sliding}
+
+    def _full_length_layers(self) -> None:
+        """Sliding-window cache layers replaced by full-length ones (their mask keeps the window: _mask)."""
+        from transformers.cache_utils import StaticLayer
+
+        for index, layer in enumerate(self.cache.layers):
+            if type(layer) is not StaticLayer:
+                self.cache.layers[index] = StaticLayer(max_cache_len=self.max_len)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] of the last of `ids` [1, Q] at `positions` [Q], appending to the cache."""

@@ -17,6 +17,13 @@ aligned to ALIGN bytes (a dtype view needs its element's alignment, vector loads
       <m>.weight  float8_e4m3fn [N, K]           the checkpoint's bytes, gate rows then up rows
       <m>.scale   float32 [parts * ceil(N/parts/bn), ceil(K/bk)]  weight_scale_inv, gate's blocks then up's
 
+  GPT-OSS (ExpertFormat.glu set: biases, gate/up interleaved, clamped SwiGLU), exactly the checkpoint's slices of
+  its fused [E, ...] tensors, so the disk tier reads an expert as four (or six) byte ranges:
+      bf16/fp16/fp32:  gate_up [H, 2I] (transposed; column 2j is gate j, 2j + 1 up j), gate_up_bias [2I],
+                       down [I, H], down_bias [H], in the compute dtype
+      MXFP4:           gate_up.blocks uint8 [2I, H/32, 16], gate_up.scales uint8 [2I, H/32], gate_up_bias [2I],
+                       down.blocks uint8 [H, I/32, 16], down.scales uint8 [H, I/32], down_bias [H] (biases as stored)
+
 so what comes off the disk and crosses PCIe is the quantized bytes, and a quantized expert is dequantized only
 where it is computed (kernels/). Channel-wise schemes (one scale per row) are one group spanning the whole row
 (G = 1; the kernels get a group size of at least K, `group_span`). A checkpoint stored in another layout of the
@@ -34,6 +41,7 @@ import torch
 from .quant import gptq
 from .quant.fp8 import BlockFP8Spec
 from .quant.format import QuantSpec
+from .quant.mxfp4 import BLOCK as MXFP4_BLOCK, Mxfp4Spec
 
 ALIGN = 16  # bytes: every plane's offset in a row, and the row's length, are multiples of it
 MATRICES = ("gate_up", "down")
@@ -106,7 +114,59 @@ class FP8Matrix:
         return FP8Matrix(self.weight.to(device), self.scale.to(device), self.spec, self.parts)
 
 
-Matrix = torch.Tensor | QuantMatrix | FP8Matrix
+@dataclass(frozen=True)
+class Mxfp4Matrix:
+    """MXFP4 [N, K] weight matrices of a stack of experts ([n, ...]) or of one, as views into byte rows (GPT-OSS's
+    native layout): W[r, k] = e2m1(nibble k of blocks[r, k // 32]) * 2^(scales[r, k // 32] - 127), the low nibble
+    of a byte first (quant/mxfp4.py)."""
+
+    blocks: torch.Tensor  # [n, N, K/32, 16] uint8: two e2m1 values per byte
+    scales: torch.Tensor  # [n, N, K/32] uint8: E8M0 exponents, bias 127
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.blocks.shape[:-2], self.blocks.shape[-2] * MXFP4_BLOCK)
+
+    def __getitem__(self, index) -> "Mxfp4Matrix":
+        return Mxfp4Matrix(self.blocks[index], self.scales[index])
+
+    def to(self, device: torch.device) -> "Mxfp4Matrix":
+        return Mxfp4Matrix(self.blocks.to(device), self.scales.to(device))
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's experts: a bias per output row of both matrices, gate and up interleaved along 2I (gate j is row
+    2j of gate_up, up j row 2j + 1), and act = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with
+    g = clamp(gate, max=limit) (transformers' GptOssExperts._apply_gate)."""
+
+    alpha: float
+    limit: float
+
+
+@dataclass(frozen=True)
+class BiasedMatrix:
+    """A matrix stack with a bias per output row: what the kernels take for GPT-OSS's experts.
+
+    weight: [n, N, K] as a dense (possibly transposed, strided) view or an Mxfp4Matrix; bias [n, N]. glu: set on
+    gate_up only (its rows are interleaved and ClampedSwiGLU is its activation), None on down."""
+
+    weight: "Matrix"
+    bias: torch.Tensor
+    glu: ClampedSwiGLU | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def __getitem__(self, index) -> "BiasedMatrix":
+        return BiasedMatrix(self.weight[index], self.bias[index], self.glu)
+
+    def to(self, device: torch.device) -> "BiasedMatrix":
+        return BiasedMatrix(self.weight.to(device), self.bias.to(device), self.glu)
+
+
+Matrix = torch.Tensor | QuantMatrix | FP8Matrix | Mxfp4Matrix | BiasedMatrix
 
 
 class ExpertWeights(NamedTuple):
@@ -120,15 +180,17 @@ class ExpertWeights(NamedTuple):
 class ExpertFormat:
     """The planes of one routed expert of I x H (intermediate x hidden) in a byte row.
 
-    dtype: the dense weights' dtype, or a quantized format's scale dtype. quant: None for dense weights.
-    source: "" for the engine's planes; "gptq_v1"/"gptq_v2"/"awq" for a GPTQ or AWQ checkpoint's (storage only:
-    copy_row repacks it into `held()`, what tiers, slots and kernels hold)."""
+    dtype: the dense weights' dtype, or a quantized format's scale dtype (MXFP4: its biases' dtype). quant: None for
+    dense weights. source: "" for the engine's planes; "gptq_v1"/"gptq_v2"/"awq" for a GPTQ or AWQ checkpoint's
+    (storage only: copy_row repacks it into `held()`, what tiers, slots and kernels hold). glu: GPT-OSS's experts
+    (biases, interleaved gate/up, clamped SwiGLU), None for the usual ones."""
 
     inter: int
     hidden: int
     dtype: torch.dtype
-    quant: QuantSpec | BlockFP8Spec | None = None
+    quant: QuantSpec | BlockFP8Spec | Mxfp4Spec | None = None
     source: str = ""
+    glu: ClampedSwiGLU | None = None
     planes: tuple[Plane, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -140,6 +202,10 @@ class ExpertFormat:
 
     def _plane_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         inter, hidden = self.inter, self.hidden
+        if self.glu is not None:
+            return self._gpt_oss_plane_specs()
+        if isinstance(self.quant, Mxfp4Spec):
+            raise ValueError("MXFP4 experts are read in GPT-OSS's layout only")
         if self.quant is None:
             return [("gate_up", (2 * inter, hidden), self.dtype), ("down", (hidden, inter), self.dtype)]
         if self.source:
@@ -157,6 +223,21 @@ class ExpertFormat:
                       (f"{matrix}.scale", (parts * rows, groups), self.dtype)]
             if not self.quant.symmetric:
                 specs.append((f"{matrix}.zero", (parts * _words(rows, self.quant.bits), groups), torch.int32))
+        return specs
+
+    def _gpt_oss_plane_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """GPT-OSS's per-expert slices, in the checkpoint's order: the bytes of [E, ...] tensors' row e."""
+        inter, hidden = self.inter, self.hidden
+        if self.quant is None:
+            return [("gate_up", (hidden, 2 * inter), self.dtype), ("gate_up_bias", (2 * inter,), self.dtype),
+                    ("down", (inter, hidden), self.dtype), ("down_bias", (hidden,), self.dtype)]
+        if not isinstance(self.quant, Mxfp4Spec):
+            raise ValueError("GPT-OSS experts are read unquantized or in MXFP4 only")
+        specs = []
+        for matrix, rows, cols in (("gate_up", 2 * inter, hidden), ("down", hidden, inter)):
+            blocks = cols // MXFP4_BLOCK
+            specs += [(f"{matrix}.blocks", (rows, blocks, MXFP4_BLOCK // 2), torch.uint8),
+                      (f"{matrix}.scales", (rows, blocks), torch.uint8), (f"{matrix}_bias", (rows,), self.dtype)]
         return specs
 
     @property
@@ -208,6 +289,13 @@ class ExpertFormat:
     def weights(self, rows: torch.Tensor) -> ExpertWeights:
         """The experts of rows uint8 [n, B] (or of one row [B]) as the kernels read them."""
         views = self.plane_views(rows)
+        if self.glu is not None:  # GPT-OSS: [n, 2I, H] / [n, H, I] like the others, biased, gate_up interleaved
+            if self.quant is None:  # the checkpoint's [H, 2I] / [I, H], transposed as views (no copy)
+                gate_up, down = views["gate_up"].transpose(-1, -2), views["down"].transpose(-1, -2)
+            else:
+                gate_up, down = (Mxfp4Matrix(views[f"{m}.blocks"], views[f"{m}.scales"]) for m in MATRICES)
+            return ExpertWeights(BiasedMatrix(gate_up, views["gate_up_bias"], self.glu),
+                                 BiasedMatrix(down, views["down_bias"]))
         if self.quant is None:
             return ExpertWeights(views["gate_up"], views["down"])
         assert not self.source, "a GPTQ row is repacked (copy_row) before the kernels see it"
@@ -241,6 +329,10 @@ class ExpertFormat:
     def describe(self) -> str:
         """'bfloat16', or e.g. 'int4, group 128, symmetric, bfloat16 scales'."""
         dtype = str(self.dtype).replace("torch.", "")
+        if self.glu is not None:
+            if self.quant is None:
+                return f"{dtype}, GPT-OSS (biases, clamped SwiGLU)"
+            return f"mxfp4 (e2m1, E8M0 scale per 32), {dtype} biases, GPT-OSS (clamped SwiGLU)"
         if self.quant is None:
             return dtype
         if isinstance(self.quant, BlockFP8Spec):

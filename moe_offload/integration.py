@@ -31,7 +31,7 @@ from .cache import OffloadedExperts, ScratchPool
 from .checkpoint import Checkpoint, ExpertLocation
 from .config import OffloadConfig
 from .errors import MoeOffloadError
-from .expert_format import ExpertFormat
+from .expert_format import ClampedSwiGLU, ExpertFormat
 from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host, why_not_hostable
 from .policy import make_policy
 from .quant import fp8
@@ -54,8 +54,13 @@ def offloaded_experts_forward(module, hidden_states, top_k_index, top_k_weights)
         raise RuntimeError("experts module was not prepared by moe_offload (load it with LLMPipeline)")
     recording = piecewise.active()
     if recording is not None and not runtime.sync_free(top_k_index.numel()):  # a graph segment ends here
-        return recording.moe_call(runtime, hidden_states, top_k_index, top_k_weights, module.act_fn)
-    return runtime.forward(hidden_states, top_k_index, top_k_weights, module.act_fn)
+        return recording.moe_call(runtime, hidden_states, top_k_index, top_k_weights, _act_fn(module))
+    return runtime.forward(hidden_states, top_k_index, top_k_weights, _act_fn(module))
+
+
+def _act_fn(module):
+    """The experts' activation; None for GPT-OSS's, whose clamped SwiGLU the expert format carries (ClampedSwiGLU)."""
+    return getattr(module, "act_fn", None)
 
 
 def register_backend() -> None:
@@ -113,6 +118,17 @@ class ExpertsSite:
     num_experts: int
     inter: int
     hidden: int
+    glu: ClampedSwiGLU | None = None  # GPT-OSS's experts (biases, transposed, interleaved gate/up)
+
+
+def gpt_oss_glu(module) -> ClampedSwiGLU | None:
+    """GPT-OSS's experts module's activation (its _apply_gate's alpha and limit), None for any other module. By
+    class name: another transposed, biased experts class may gate differently, and must not pass for this one."""
+    if type(module).__name__ != "GptOssExperts" or not (getattr(module, "has_bias", False)
+                                                      and getattr(module, "is_transposed", False)
+                                                      and not getattr(module, "is_concatenated", True)):
+        return None
+    return ClampedSwiGLU(float(module.alpha), float(module.limit))
 
 
 def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
@@ -120,15 +136,20 @@ def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
     for name, module in model.named_modules():
         if not (hasattr(module, "has_gate") and hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")):
             continue
-        if not module.has_gate or getattr(module, "has_bias", False) or getattr(module, "is_transposed", False) \
-                or not getattr(module, "is_concatenated", True) or getattr(module, "has_post_expert_norm", False):
+        glu = gpt_oss_glu(module)
+        if glu is None and (not module.has_gate or getattr(module, "has_bias", False)
+                            or getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True)
+                            or getattr(module, "has_post_expert_norm", False)):
             raise MoeOffloadError(f"unsupported architecture {model_type!r}: its experts are not gated SwiGLU "
-                                  "[E, 2I, H] / [E, H, I] matrices without bias")
+                                  "[E, 2I, H] / [E, H, I] matrices without bias (nor GPT-OSS's)")
         match = _LAYER_INDEX.search(name)
         if match is None:
             raise MoeOffloadError(f"unsupported architecture {model_type!r}: experts module {name} is not in a layer")
-        num_experts, two_inter, hidden = module.gate_up_proj.shape
-        sites.append(ExpertsSite(name, module, int(match.group(1)), num_experts, two_inter // 2, hidden))
+        if glu is None:
+            num_experts, two_inter, hidden = module.gate_up_proj.shape
+        else:  # transposed: [E, H, 2I]
+            num_experts, hidden, two_inter = module.gate_up_proj.shape
+        sites.append(ExpertsSite(name, module, int(match.group(1)), num_experts, two_inter // 2, hidden, glu))
     if not sites:
         raise MoeOffloadError(f"{model_type!r} is a dense model: it has no routed experts to offload")
     if len({(s.inter, s.hidden) for s in sites}) > 1:
@@ -137,7 +158,8 @@ def find_expert_sites(model, model_type: str) -> list[ExpertsSite]:
 
 
 def select_kernel(config: OffloadConfig, device: torch.device, hf_config):
-    """The fused Triton expert kernel, or None for the eager torch loop (see OffloadConfig.moe_kernel)."""
+    """The fused Triton expert kernel, or None for the eager torch loop (see OffloadConfig.moe_kernel). GPT-OSS's
+    experts (config hidden_act "silu", their clamped SwiGLU in the format) take kernels/triton_gpt_oss.py."""
     if config.moe_kernel == "torch":
         return None
     why_not = None
@@ -302,7 +324,8 @@ def model_facts(checkpoint: Checkpoint, hf_config, device: torch.device, config:
     sites = find_expert_sites(model, hf_config.model_type)
     # Checked before anything is allocated, so a bad checkpoint fails at once with one line.
     check_experts_match(checkpoint, sites, model)
-    locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter) for s in sites}
+    locations = {s.layer: checkpoint.expert_locations(s.layer, s.num_experts, s.hidden, s.inter, s.glu)
+                 for s in sites}
     routed = {id(t) for s in sites for t in (s.module.gate_up_proj, s.module.down_proj)}
     fp32 = _fp32_patterns(model, dtype)
     tensors = {id(t): (name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -337,6 +360,9 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
     for site in sites:  # never allocated anywhere: the experts live in cache slots and tiers instead
         del site.module.gate_up_proj
         del site.module.down_proj
+        if site.glu is not None:  # GPT-OSS: the biases are planes of the expert rows too
+            del site.module.gate_up_proj_bias
+            del site.module.down_proj_bias
     _materialise_dense(model, checkpoint, device, dtype, progress, embeddings_on_host)
     model.eval()
     runtimes, host_cache = _attach_expert_runtimes(sites, locations, device, dtype, config, progress)
@@ -372,7 +398,7 @@ def engine_format(locations: dict[int, list[ExpertLocation]], dtype: torch.dtype
     quantized = {fmt for fmt in formats if fmt.quantized}
     if not quantized:
         first = next(iter(formats))
-        return ExpertFormat(first.inter, first.hidden, dtype)
+        return ExpertFormat(first.inter, first.hidden, dtype, glu=first.glu)
     if len(formats) > 1:
         raise MoeOffloadError("MoE layers with different expert formats are not supported: "
                               + ", ".join(sorted(fmt.describe() for fmt in formats)))

@@ -96,7 +96,7 @@ class LLMPipeline:
         self._closed = False
         self.decoder = StaticDecoder(self.model, self.device, use_graph=self.config.moe_cuda_graph != "off",
                                      graph_ready=self._graph_ready, piecewise_ready=self._piecewise_ready)
-        if not self.decoder.plain_causal():  # sliding-window layers: transformers' generate builds their masks
+        if not self.decoder.attention_supported():  # masks it cannot build: transformers' generate builds them
             self.decoder = None
         # MOE_CPU_EXPERTS=auto: a measured CPU path kept only if whole decodes are faster with it
         self.cpu_expert_check = hybrid.check_decodes(self.decoder, self.layers, tuned, self.device,
@@ -146,8 +146,8 @@ class LLMPipeline:
         """New token ids [N] for `input_ids` [1, T]; kwargs as for transformers' generate (max_new_tokens, ...).
 
         Greedy generation runs on the static-cache decoder (decoding.py: one CUDA graph per step where every MoE
-        layer is sync-free); anything it does not reproduce (sampling, other logits processing, sliding-window
-        attention, an attention mask with padding) goes to transformers' generate. Both give transformers' greedy
+        layer is sync-free); anything it does not reproduce (sampling, other logits processing, attention it cannot
+        mask, an attention mask with padding) goes to transformers' generate. Both give transformers' greedy
         tokens (tests/test_decoding.py checks it on the CPU, bench/gpu_correctness.py on a GPU). `streamer`: transformers'
         streamer protocol (put, end); on both paths a put of new tokens that returns True stops generation after
         them. `feed` [>= N]: decode

@@ -85,8 +85,9 @@ def config_expert_count(config: Mapping) -> tuple[str, int] | None:
 # Formats the loader reads. A new reader (GPTQ, FP8, ...) adds its name here and its tensors' dtypes to
 # QUANTIZED_TENSOR_DTYPES; quantization_format() below keeps recognising every format either way.
 # FP8 is transformers' FineGrainedFP8 (quant_method fp8, block scales: quant/fp8.py); the other FP8 layouts are
-# named apart (FBGEMM FP8, compressed-tensors FP8, ModelOpt FP8) so that they are still refused by name.
-SUPPORTED_FORMATS = {"compressed-tensors", "GPTQ", "AWQ", "FP8"}
+# named apart (FBGEMM FP8, compressed-tensors FP8, ModelOpt FP8) so that they are still refused by name. MXFP4:
+# GPT-OSS's native experts (checkpoint.py).
+SUPPORTED_FORMATS = {"compressed-tensors", "GPTQ", "AWQ", "FP8", "MXFP4"}
 _METHODS = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "fp8": "FP8", "fbgemm_fp8": "FBGEMM FP8",
             "mxfp4": "MXFP4", "gguf": "GGUF", "hqq": "HQQ", "eetq": "EETQ", "quanto": "quanto", "aqlm": "AQLM",
             "torchao": "torchao", "vptq": "VPTQ", "higgs": "HIGGS", "bitnet": "BitNet", "auto-round": "AutoRound",
@@ -177,7 +178,7 @@ def refuse_unsupported_format(found: tuple[str, str] | None) -> None:
         raise MoeOffloadError(f"{what} ({where}) cannot be read: config.json has no quantization_config saying how")
     raise MoeOffloadError(f"{what} ({where}) is not supported: moe-offload reads unquantized BF16/F16/F32 "
                           "checkpoints, int4/int8 experts in compressed-tensors pack-quantized, GPTQ or AWQ format, "
-                          "and FP8 block-quantized (quant_method fp8) checkpoints")
+                          "FP8 block-quantized (quant_method fp8) checkpoints and GPT-OSS's MXFP4 experts")
 
 
 # -- dtypes -----------------------------------------------------------------------------------------------------
@@ -192,6 +193,8 @@ QUANTIZED_TENSOR_DTYPES = {
     "qweight": (torch.int32,), "qzeros": (torch.int32,), "g_idx": (torch.int32,), "scales": PLAIN_DTYPES,
 }
 _FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)$")
+# GPT-OSS: expert biases are floats, MXFP4 blocks and E8M0 scales bytes
+_GPT_OSS_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up|down)_proj_(?P<kind>bias|blocks|scales)$")
 
 
 FP8_WEIGHT_DTYPES, FP8_SCALE_DTYPES = (torch.float8_e4m3fn,), PLAIN_DTYPES  # quant/fp8.py
@@ -208,6 +211,8 @@ def allowed_dtypes(name: str, fp8_scales: Mapping[str, str] = {}) -> tuple[torch
         return FP8_WEIGHT_DTYPES
     if suffix == "weight_scale_inv":
         return FP8_SCALE_DTYPES if name in fp8_scales.values() else ()
+    if match := _GPT_OSS_EXPERTS.search(name):
+        return PLAIN_DTYPES if match["kind"] == "bias" else (torch.uint8,)
     if suffix in QUANTIZED_TENSOR_DTYPES:
         return QUANTIZED_TENSOR_DTYPES[suffix]
     if suffix in ("weight", "bias") or _FUSED_EXPERTS.search(name):

@@ -193,7 +193,7 @@ def _dense_llama(root, with_tokenizer: bool):
 
 
 def _gpt_oss(root):
-    """A real transformers MoE whose experts carry biases and a transposed layout: not offloadable."""
+    """GPT-OSS (experts with biases, transposed) whose down_proj biases are missing from the file."""
     import transformers
     from tiny_models import save_tokenizer
 
@@ -204,6 +204,11 @@ def _gpt_oss(root):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root)
     save_tokenizer(root)
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(root, "model.safetensors")
+    state = {name: tensor for name, tensor in load_file(path).items() if not name.endswith("down_proj_bias")}
+    save_file(state, path, metadata={"format": "pt"})
 
 
 # name -> (damage(root) or None where the fixture makes the path, words the error must contain, where it is
@@ -227,7 +232,7 @@ CHECKPOINT_CASES = {
                            "load"),
     "dense_tensor_wrong_shape": (_dense_tensor_wrong_shape, ["has shape [320, 32]", "expects [321, 32]"], "load"),
     "unsupported_architecture": (_not_a_model, ["unsupported architecture", "not_a_model"], "load"),
-    "unsupported_moe_gpt_oss": (_gpt_oss, ["unsupported architecture", "gpt_oss"], "load"),
+    "gpt_oss_without_expert_biases": (_gpt_oss, ["lacks experts.down_proj_bias", "layer 0"], "load"),
     "dense_model": (lambda root: _dense_llama(root, with_tokenizer=True), ["'llama' is a dense model"], "headers"),
     # Corruption that an earlier checkpoint.py let through (the library's own loader then raised).
     "overlap_behind_empty_tensor": (_overlap_behind_empty_tensor, ["overlap", "lm_head.weight", "extra.inner"],

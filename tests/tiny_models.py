@@ -139,3 +139,61 @@ def quantize_experts(src: str, dst: str, spec, scale_dtype: torch.dtype = torch.
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle)
     return dst
+
+
+def gpt_oss_config(**overrides):
+    """A tiny GptOssConfig: two layers (one sliding-window, one full attention), 8 experts top-2, hidden 64 and
+    intermediate 32 (MXFP4 needs both divisible by 32), a window shorter than the tests' prompts; `overrides`
+    replace any of these (bench/gpu_correctness.py widens it)."""
+    import transformers as tf
+
+    rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 2.0, "original_max_position_embeddings": 128,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                  num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                  max_position_embeddings=256, rope_parameters=rope, tie_word_embeddings=False, bos_token_id=0,
+                  eos_token_id=1)
+    return tf.GptOssConfig(**{**fields, **overrides})
+
+
+def make_gpt_oss_checkpoint(path: str, mxfp4: bool = False, seed: int = 0, **overrides) -> str:
+    """A tiny random GPT-OSS checkpoint written by transformers' save_pretrained (experts.gate_up_proj [E, H, 2I]
+    with biases, float32). Experts, biases, sinks and the router bias are drawn large enough (std 0.5) that the
+    clamped SwiGLU's limits are reached. mxfp4: the experts' weights replaced by their MXFP4 quantization in
+    GPT-OSS's native layout (`*_blocks` uint8 [E, N, K/32, 16], `*_scales` uint8 [E, N, K/32]), biases and the
+    rest in bfloat16 as the released checkpoints have them, and quantization_config quant_method "mxfp4". The
+    router's weights are drawn so that most experts get tokens (its default init would route by the bias alone)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from moe_offload.quant import mxfp4 as fp4
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(gpt_oss_config(**overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name or name.endswith("sinks"):
+                param.normal_(0, 0.5)
+            elif ".router." in name:
+                param.normal_(0, 0.3 if name.endswith("weight") else 0.1)
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    if not mxfp4:
+        return path
+    file = os.path.join(path, "model.safetensors")
+    state = load_file(file)
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = fp4.quantize(tensor.transpose(1, 2))  # [E, K, N] -> [E, N, K] -> MXFP4
+            out[f"{name}_blocks"], out[f"{name}_scales"] = blocks, scales
+        else:
+            out[name] = tensor.to(torch.bfloat16)
+    save_file(out, file, metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    return path

@@ -116,6 +116,10 @@ def unsupported(runtimes: list) -> str | None:
     dense experts, and int4/int8 quantized ones computed from their packed rows (cpu_experts.py); kept as the one
     place a format it cannot compute would be refused (MOE_CPU_EXPERTS=all: an error; auto: off, with why).
     FP8 block-quantized experts run in torch's float32 path (cpu_experts.py)."""
+    fmt = runtimes[0].format if runtimes else None
+    if fmt is not None and fmt.glu is not None:  # kernels/cpu_numba.py and cpu_experts.py compute SiLU(gate) * up
+        return ("GPT-OSS's experts (biases, interleaved gate/up, clamped SwiGLU) are not in the CPU expert kernels; "
+                "the GPU computes every expert")
     return None
 
 

@@ -9,6 +9,10 @@ A quantized expert (expert_format.QuantMatrix) is first dequantized to what comp
 (as transformers would hold the decompressed weight): the same expert math then runs on it. An FP8
 block-quantized expert (expert_format.FP8Matrix) is float(fp8) * its block's float32 scale, rounded once to the
 compute dtype, as transformers dequantizes such a checkpoint (quant/fp8.py).
+
+GPT-OSS's experts (expert_format.BiasedMatrix) mirror GptOssExperts: x @ W (W stored [K, N], read through a
+transposed view), then the bias added to the rounded product, as transformers adds it; the interleaved gate/up
+through the clamped SwiGLU; MXFP4 weights dequantized exactly first (quant/mxfp4.py), as transformers does on load.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..expert_format import FP8Matrix, Matrix, QuantMatrix
-from ..quant import fp8
+from ..expert_format import BiasedMatrix, ClampedSwiGLU, FP8Matrix, Matrix, Mxfp4Matrix, QuantMatrix
+from ..quant import fp8, mxfp4
 from ..quant.format import unpack
 
 
@@ -50,12 +54,32 @@ def dense(matrix: Matrix, dtype: torch.dtype) -> torch.Tensor:
         return matrix
     if isinstance(matrix, FP8Matrix):  # rounded once, whatever the scales' dtype (quant/fp8.py)
         return dequantize(matrix).to(dtype)
+    if isinstance(matrix, Mxfp4Matrix):  # exact in any float dtype (quant/mxfp4.py)
+        return mxfp4.dequantize(matrix.blocks, matrix.scales).to(dtype)
     return dequantize(matrix).to(matrix.scale.dtype).to(dtype)
+
+
+def clamped_swiglu(gate_up_out: torch.Tensor, glu: ClampedSwiGLU) -> torch.Tensor:
+    """GPT-OSS's activation of the interleaved [n, 2I] projection -> [n, I], op for op as GptOssExperts._apply_gate
+    (so in half precision it rounds where transformers rounds)."""
+    gate, up = gate_up_out[..., ::2], gate_up_out[..., 1::2]  # [n, I] each
+    gate = gate.clamp(min=None, max=glu.limit)
+    up = up.clamp(min=-glu.limit, max=glu.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * glu.alpha))
+
+
+def _biased_linear(x: torch.Tensor, matrix: BiasedMatrix) -> torch.Tensor:
+    """x [n, K] @ W + b -> [n, N]: the product rounded, then the bias added (transformers' `@` then `+ bias`)."""
+    weight = dense(matrix.weight, x.dtype)  # [N, K]
+    return x @ weight.mT + matrix.bias.to(x.dtype)  # weight.mT: [K, N], the checkpoint's own orientation
 
 
 def expert_ffn(x: torch.Tensor, gate_up: Matrix, down: Matrix,
                act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """SwiGLU-style expert: x [n, H], gate_up [2I, H] (gate rows first), down [H, I] -> [n, H]."""
+    """SwiGLU-style expert: x [n, H], gate_up [2I, H] (gate rows first), down [H, I] -> [n, H]. GPT-OSS's
+    (BiasedMatrix): biases, gate_up's rows interleaved, its clamped SwiGLU in place of act_fn."""
+    if isinstance(gate_up, BiasedMatrix):
+        return _biased_linear(clamped_swiglu(_biased_linear(x, gate_up), gate_up.glu), down)  # [n, H]
     gate, up = F.linear(x, dense(gate_up, x.dtype)).chunk(2, dim=-1)  # [n, I] each
     return F.linear(act_fn(gate) * up, dense(down, x.dtype))  # [n, H]
 

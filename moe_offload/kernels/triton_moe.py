@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..expert_format import FP8Matrix, Matrix, QuantMatrix
+from ..expert_format import BiasedMatrix, FP8Matrix, Matrix, Mxfp4Matrix, QuantMatrix
 from .reference import accumulate_expert
 
 # T*K at or below which the GEMV path runs: up to here pairs rarely share an expert (so per-pair streaming reads
@@ -288,6 +288,10 @@ def _layout(matrix: Matrix) -> tuple:
     if isinstance(matrix, QuantMatrix):
         planes = (matrix.packed, matrix.scale) + (() if matrix.zero is None else (matrix.zero,))
         return (matrix.bits, matrix.group_size, matrix.parts) + tuple((t.dtype, t.stride()) for t in planes)
+    if isinstance(matrix, BiasedMatrix):  # GPT-OSS (triton_gpt_oss.py)
+        return matrix.glu, _layout(matrix.weight), matrix.bias.dtype, matrix.bias.stride()
+    if isinstance(matrix, Mxfp4Matrix):
+        return matrix.blocks.stride(), matrix.scales.stride()
     return matrix.dtype, matrix.stride()
 
 
@@ -297,7 +301,7 @@ def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_
     if (host_w13 is None) != (host_w2 is None):
         raise ValueError("host_w13 and host_w2 go together")
     pools = [w13, w2] + ([host_w13, host_w2] if host_w13 is not None else [])
-    if len({(isinstance(pool, QuantMatrix), isinstance(pool, FP8Matrix)) for pool in pools}) > 1:
+    if len({type(pool) for pool in pools}) > 1:
         raise ValueError("pools must be all dense tensors or all quantized")
     if host_w13 is not None and (host_w13.shape[1:] != w13.shape[1:] or host_w2.shape[1:] != w2.shape[1:]
                                  or host_w13.shape[0] != host_w2.shape[0] or _layout(host_w13) != _layout(w13)
@@ -311,7 +315,7 @@ def _check(hidden, top_k_ids, top_k_weights, w13, w2, slot_of_expert, out, host_
     if top_k_ids.dim() != 2 or top_k_ids.shape[0] != hidden.shape[0] or top_k_weights.shape != top_k_ids.shape:
         raise ValueError(f"top_k_ids {tuple(top_k_ids.shape)} / weights {tuple(top_k_weights.shape)} "
                          f"do not match hidden {tuple(hidden.shape)}")
-    if not isinstance(w13, (QuantMatrix, FP8Matrix)) and not hidden.dtype == w13.dtype == w2.dtype:
+    if isinstance(w13, torch.Tensor) and not hidden.dtype == w13.dtype == w2.dtype:
         raise ValueError(f"dtypes differ: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype}")
     if slot_of_expert.dtype != torch.int32 or slot_of_expert.dim() != 1:
         raise ValueError(f"slot_of_expert must be 1-D int32, got {slot_of_expert.dtype} {tuple(slot_of_expert.shape)}")
@@ -377,6 +381,9 @@ def fused_moe(hidden: torch.Tensor, top_k_ids: torch.Tensor, top_k_weights: torc
     elif isinstance(w13, FP8Matrix):
         from . import triton_fp8  # the FP8 block-quantized kernels, likewise
         decode, prefill = triton_fp8.decode, triton_fp8.prefill
+    elif isinstance(w13, BiasedMatrix):
+        from . import triton_gpt_oss  # GPT-OSS's biased, interleaved, clamped-SwiGLU experts, dense or MXFP4
+        decode, prefill = triton_gpt_oss.decode, triton_gpt_oss.prefill
     else:
         decode, prefill = _decode, _prefill
     if num_pairs <= DECODE_MAX_PAIRS:

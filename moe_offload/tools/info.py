@@ -12,6 +12,7 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..config import OffloadConfig, make_config
 from ..quant.fp8 import BlockFP8Spec
+from ..quant.mxfp4 import Mxfp4Spec
 from ..validation import check_config_experts, check_top_k, require_routed_experts, text_config
 
 RATIOS = (0, 10, 25, 37, 50, 75, 100)
@@ -37,9 +38,11 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "model_type": config.get("model_type"),
         "dtype": str(checkpoint.dtype).replace("torch.", ""),
         # the routed experts' weight quantization (compressed-tensors pack-quantized, GPTQ, AWQ: group_size None is
-        # channel-wise; or FP8 blocks), None where they are dense
-        "quantization": None if spec is None else _fp8_info(spec, checkpoint) if isinstance(spec, BlockFP8Spec) else
-        {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, "format": _format(checkpoint)},
+        # channel-wise; FP8 blocks; GPT-OSS's MXFP4), None where they are dense
+        "quantization": None if spec is None else _quantization(spec, checkpoint),
+        # GPT-OSS's experts (biases, transposed and interleaved gate/up, clamped SwiGLU), by their tensors
+        "expert_layout": "gpt_oss" if any(name.endswith("_proj_bias") for tensors in
+                                          checkpoint.experts_by_layer.values() for name in tensors.fused) else "swiglu",
         "moe_layers": len(layers),
         "layers": layers,
         "experts_per_token": top_k,
@@ -85,6 +88,14 @@ def format_budget(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _quantization(spec, checkpoint: Checkpoint) -> dict[str, Any]:
+    if isinstance(spec, Mxfp4Spec):  # GPT-OSS's native experts
+        return {"format": "mxfp4", "block_size": spec.block, "bits_per_weight": spec.bits_per_weight}
+    if isinstance(spec, BlockFP8Spec):
+        return _fp8_info(spec, checkpoint)
+    return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, "format": _format(checkpoint)}
+
+
 def human_bytes(count: float) -> str:
     if count < 1024:
         return f"{int(count)} B"
@@ -100,7 +111,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"architecture     {info['model_type']} ({info['dtype']})",
         f"MoE layers       {info['moe_layers']} (layers {', '.join(str(l['layer']) for l in info['layers'])})",
         f"experts/layer    {', '.join(map(str, experts))} routed, top-{info['experts_per_token']}",
-        f"expert weights   {_weights(info['quantization'])}",
+        f"expert weights   {_weights(info['quantization'])}" + (
+            ", GPT-OSS experts (biases, clamped SwiGLU)" if info.get("expert_layout") == "gpt_oss" else ""),
         f"bytes/expert     {', '.join(f'{s} ({human_bytes(s)})' for s in sizes)}",
         f"non-expert bytes {info['non_expert_bytes']} ({human_bytes(info['non_expert_bytes'])})",
         f"expert bytes     {info['expert_bytes_total']} ({human_bytes(info['expert_bytes_total'])})",
@@ -144,6 +156,9 @@ def _weights(quantization: dict | None) -> str:
         block = "x".join(map(str, quantization["block"]))
         return (f"fp8 e4m3, blocks {block}, {quantization['scale_dtype']} scales (FP8 block-quantized; other FP8 "
                 "weights dequantized at load)")
+    if quantization.get("format") == "mxfp4":
+        return (f"mxfp4 (e2m1, E8M0 scale per {quantization['block_size']}: {quantization['bits_per_weight']} "
+                "bits/weight)")
     kind = "symmetric" if quantization["symmetric"] else "asymmetric"
     size = quantization["group_size"]
     grouping = "channel-wise" if size is None else f"group size {size}"
