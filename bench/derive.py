@@ -45,8 +45,9 @@ def ncmoe_for(ratio: int, layers: int) -> int:
 
 def with_weights(report: dict) -> dict:
     """`report` with every run and llama.cpp entry saying its weights: those of reports written before issue 17
-    say none and measured bf16 (BF16 GGUF). In place; returns it."""
+    say none and measured bf16 (BF16 GGUF). The baselines run bf16 alone, in every report. In place; returns it."""
     report.setdefault("weights", ["bf16"])
+    report["baselines_weights"] = "bf16"  # transformers' and accelerate's own loaders, as issue 4 set them
     for entry in report.get("runs", []) + report.get("llamacpp", []):
         entry.setdefault("weights", "bf16")
     return report

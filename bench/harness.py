@@ -222,13 +222,14 @@ def new_report(args, call: dict) -> dict:
               "llamacpp": [], "baselines": {}}
     if args.merge:
         with open(args.merge) as handle:
-            old = with_weights(json.load(handle))
+            old = json.load(handle)
         for key in ("schema", "mode", "workload"):
             if old.get(key) != report[key]:
                 sys.exit(f"--merge {args.merge}: its {key} {old.get(key)} differs from this call's {report[key]}")
         if old.setdefault("quantization", report["quantization"]) != report["quantization"]:
             sys.exit(f"--merge {args.merge}: quantized with {old['quantization']}, not {report['quantization']}")
         report = old
+    with_weights(report)
     report["weights"] = [w for w in WEIGHTS if w in set(report["weights"]) | set(args.weights)]
     for name, properties in args.variants.items():
         if report["variants"].setdefault(name, properties) != properties:
@@ -413,7 +414,7 @@ class Harness:
             for w, ratio in ((w, r) for w in weights for r in self.args.offload_ratios):
                 if self.wanted(find(runs, weights=w, variant="default", ratio=ratio)):
                     self.ours(w, "default", ratio)
-        if "baselines" in self.args.phases and "bf16" in weights:  # transformers' and accelerate's own loaders
+        if "baselines" in self.args.phases and self.report["baselines_weights"] in weights:
             kinds = ("transformers", "accelerate") if self.args.device == "cuda" else ("transformers",)  # CPU: no
             self.phase("baselines", lambda: [self.baseline(kind) for kind in kinds])  # device memory to fill
         disk = [(w, r) for w in weights for r in self.args.disk_ratios

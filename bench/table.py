@@ -178,9 +178,9 @@ def offload(report: dict) -> list[str]:
                          f"O_DIRECT disk reads {fig(bw.get('disk_odirect_gb_s'), 'gb_s')} GB/s on one thread, "
                          f"{fig(bw.get('disk_odirect_parallel_gb_s'), 'gb_s')} on "
                          f"{fig(bw.get('disk_parallel_threads'), 'int')}.")
-    if report["baseline_rows"] and report["weights"] != ["bf16"]:
-        lines.append("Baselines ran the bf16 checkpoint only (transformers' and accelerate's own loaders, as issue 4 "
-                     "set them).")
+    if report["baseline_rows"] and report["weights"] != [report["baselines_weights"]]:
+        lines.append(f"Baselines ran the {report['baselines_weights']} checkpoint only (transformers' and accelerate's "
+                     "own loaders, as issue 4 set them).")
     for kind, label in (("transformers", "transformers all on the device"),
                         ("accelerate", "accelerate device_map=\"auto\"")):
         row = report["baseline_rows"].get(kind)
