@@ -24,8 +24,10 @@
 #   and our int8 with Q8_0 (bf16 with BF16) at the same -ncmoe, at issue 17's ratios (RATIOS 0,10,25,50 side by
 #   side, OFFLOAD_RATIOS 100,50,25,10,0, the disk tier at 25), and sweeps llama.cpp's flags on the Q4_0 GGUF (where
 #   int4 is measured). Every configuration of ours runs once per weights (~45-75 s each), so the whole set takes
-#   prepare and about three measure calls, back to back; LLAMACPP_FLAGS (e.g. the BF16 sweep's "-t 16 -fa 1 -lm
-#   mmap") saves the sweep's 2-4 min. Disk: ~62 GB in /tmp (safetensors 16.2 + 9.1 + 5.4, GGUFs 16.2 + 8.6 + 4.6).
+#   prepare and about three measure calls, back to back (estimated, not yet timed: ~38 min of device time); within
+#   a 30-minute session, RATIOS=0,25,50 OFFLOAD_RATIOS=100,50,25,0 and LLAMACPP_FLAGS (e.g. the BF16 sweep's
+#   "-t 16 -fa 1 -lm mmap", which saves the sweep's 2-4 min) leave prepare and two measure calls. Disk: ~62 GB in
+#   /tmp (safetensors 16.2 + 9.1 + 5.4 GB, GGUFs 16.2 + 8.6 + 4.6 GB; prepare prints what is left).
 #
 # Usage: OUT=... [CHECKS="python -m pytest -q tests/test_hybrid.py"] [WEIGHTS=bf16,int4,int8] bash bench/h200_run.sh prepare
 #        OUT=... [VARIANTS='{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'] [LLAMACPP_FLAGS="-t 16"] [WEIGHTS=...] bash bench/h200_run.sh measure

@@ -119,6 +119,12 @@ def gguf_for(gguf: str, weights: str) -> str:
     return gguf if weights == "bf16" else f"{gguf.removesuffix('.gguf')}-{GGUF_TYPES[weights]}.gguf"
 
 
+def _swept_model(sweep: dict) -> str:
+    """The GGUF a run_llama_bench sweep ran on (its rows' -m), by file name: the flags it found serve every GGUF."""
+    words = shlex.split(((sweep.get("sweep") or [{}])[0]).get("command") or "")
+    return os.path.basename(words[words.index("-m") + 1]) if "-m" in words[:-1] else "a GGUF it does not name"
+
+
 def _read_json(path: str, flag: str):
     try:
         with open(path, encoding="utf-8") as handle:
@@ -251,7 +257,8 @@ def new_report(args, call: dict) -> dict:
             args.llamacpp_flags = shlex.split(sweep["llamacpp_flags"])
             flags = {"flags": args.llamacpp_flags, "swept": True, "sweep": sweep.get("sweep"),
                      "how": "the best median decode of run_llama_bench's sweep (threads x flash attention x load "
-                            "mode at one -ncmoe), in its own processes before this call"}
+                            f"mode at one -ncmoe, on {_swept_model(sweep)}), in its own processes before this call; "
+                            "used for every GGUF"}
         if report["llamacpp"] and report["llamacpp_flags"] not in (None, flags):
             sys.exit(f"--merge {args.merge}: llama.cpp ran with {report['llamacpp_flags']['flags']}, not "
                      f"{args.llamacpp_flags}")

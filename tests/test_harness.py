@@ -343,6 +343,8 @@ def test_each_weights_has_its_gguf():
     harness = bench_module("harness")
     assert [harness.gguf_for("/m/full.gguf", w) for w in ("bf16", "int4", "int8")] == [
         "/m/full.gguf", "/m/full-Q4_0.gguf", "/m/full-Q8_0.gguf"]
+    swept = {"sweep": [{"command": "llama-bench -m /m/full-Q4_0.gguf -ngl 99 -t 4"}]}  # its flags serve every GGUF
+    assert harness._swept_model(swept) == "full-Q4_0.gguf" and "not name" in harness._swept_model({})
 
 
 @pytest.mark.parametrize("args, message", [
