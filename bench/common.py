@@ -10,6 +10,10 @@ keys, an index), one shard in memory at a time. Every tensor is its own N(0, 0.0
 (no block reused); norm weights are ones, as transformers initialises them. The draws depend on the generator's
 device: a model written on a GPU and one written on a CPU follow the same rule and seed, not the same values.
 Its routing is random-weight routing, not a trained model's (see bench/RESULTS.md).
+
+Its quantized copies (issue 17): quantize_model runs the project's own `moe-offload quantize` on it into a sibling
+folder (MODEL-int4, MODEL-int8: quantized_dir), in a process of its own, so that what is timed and what the
+process's peak RSS shows is the command a user runs, which streams one expert matrix at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import gc
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no network; never wait on the hub
@@ -170,6 +176,53 @@ def generate_model(path: str, spec: dict, device: torch.device) -> dict:
     return {"generated": True, "seconds": seconds, "bytes": total, "write_gb_s": total / seconds / GB}
 
 
+def quantized_dir(path: str, weights: str) -> str:
+    """The folder holding the random model at `path` in `weights`: the model itself for bf16, else the sibling
+    quantize_model writes (PATH-int4, PATH-int8)."""
+    return path if weights == "bf16" else f"{path.rstrip(os.sep)}-{weights}"
+
+
+def _run_measured(command: list[str]) -> tuple[int, str, int]:
+    """(exit status, output, peak RSS in bytes) of `command` run from the repository root: os.wait4 gives that one
+    child's own peak, which getrusage(RUSAGE_CHILDREN) would mix with every earlier child's."""
+    with tempfile.TemporaryFile("w+") as output:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        return child.returncode, output.read(), usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def quantize_model(source: str, out: str, bits: int, group_size: int, method: str) -> dict:
+    """`moe-offload quantize SOURCE -o OUT --bits B --group-size G --method M` in a process of its own, timed with
+    its peak RSS; skipped when OUT already holds that quantization of that model (bench_quant.json, written last).
+    A stale OUT is removed only if it is a copy of a random model (quantize copies bench_model.json along): any
+    other folder there is refused."""
+    marker = os.path.join(out, "bench_quant.json")
+    with open(os.path.join(source, "bench_model.json")) as handle:
+        wanted = {"source": json.load(handle)["identity"], "bits": bits, "group_size": group_size, "method": method}
+    if os.path.isfile(marker):
+        with open(marker) as handle:
+            if json.load(handle).get("identity") == wanted:
+                return {"quantized": False, "seconds": 0.0}
+    if os.path.exists(out):
+        if not os.path.isfile(os.path.join(out, "bench_model.json")):
+            raise RuntimeError(f"{out} exists and is not a quantized random model: move it away")
+        shutil.rmtree(out)
+    command = [sys.executable, "-m", "moe_offload.cli", "quantize", source, "-o", out, "--bits", str(bits),
+               "--group-size", str(group_size), "--method", method]
+    started = time.perf_counter()
+    status, output, peak_rss = _run_measured(command)
+    seconds = time.perf_counter() - started
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    if status != 0:
+        raise RuntimeError(f"moe-offload quantize exit {status}: {lines[-1] if lines else 'no output'}")
+    with open(marker, "w") as handle:
+        json.dump({"identity": wanted}, handle)
+    return {"quantized": True, "seconds": seconds, "peak_rss_bytes": peak_rss, "summary": lines[-1],
+            "command": "python " + " ".join(command[1:])}
+
+
 def shard_files(path: str) -> list[str]:
     return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
 
@@ -189,6 +242,7 @@ def model_facts(path: str) -> dict:
         "experts_per_token": info["experts_per_token"], "staging_bytes": info["staging_bytes"],
         "kv_bytes_per_token": 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * 2,
         "weights": f"every tensor its own N(0, {INIT_STD}) bf16 draw (seed {SEED}); norm weights ones",
+        "quantization": info["quantization"],  # the routed experts' (bits, group size, format); None at bf16
     }
 
 

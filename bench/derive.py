@@ -12,6 +12,14 @@ moved over the link that bounds it, per second, over that link's measured rate (
   rate when the hybrid path computed experts on the CPU (the two read different experts at once);
 - disk tier: bytes read from the checkpoint / time per token, against cold O_DIRECT reads.
 Each generation gives one value; the row has their median, min and max, and says which bound it used.
+The bytes are those the engine counted (get_offload_stats: bytes streamed and read in place, experts computed on
+the CPU times the run's expert_bytes), which for an int4/int8 checkpoint are its quantized bytes (packed values and
+scales), so a quantized run's bound is that of the quantized bytes it moved.
+
+Quantized experts (issue 17): every run and row has its weights (bf16, int4, int8; reports from before say none
+and measured bf16). quant_rows sets each weights' figures beside bf16's at the same ratio and tier (bytes per
+decoded token: PCIe + CPU + disk, and decode speed) and beside llama.cpp's GGUF of the same width (Q4_0, Q8_0) at
+the same -ncmoe, and marks issue 17's targets (QUANT_TARGETS, and the side-by-side ones at every ratio).
 """
 
 from __future__ import annotations
@@ -19,15 +27,30 @@ from __future__ import annotations
 from bench.sides import summary
 
 GB = 1e9
+WEIGHTS = ("bf16", "int4", "int8")
+GGUF_TYPES = {"bf16": "BF16", "int4": "Q4_0", "int8": "Q8_0"}  # llama.cpp's peer of each of our weights
 SIDE_BY_SIDE_TARGETS = {"decode_vs_llamacpp": 1.2, "prefill_vs_llamacpp": 3.0}  # and memory <= llama.cpp's
 TARGET_RATIOS = (0, 25, 50, 75)
 OFFLOAD_TARGETS = {"ratio100_decode_tok_s": 550, "ratio100_prefill_first_tok_s": 10000, "efficiency": 0.8,
                    "ratio25_prefill_first_tok_s": 380, "ratio25_decode_vs_accelerate": 50}
+# issue 17, host tier: (weights, ratio, figure, "max" (value <= threshold) or "min" (value >= threshold), threshold)
+QUANT_TARGETS = (("int4", 0, "bytes_vs_bf16", "max", 0.30), ("int8", 0, "bytes_vs_bf16", "max", 0.55),
+                 ("int4", 0, "decode_vs_bf16", "min", 2.5), ("int4", 100, "decode_vs_bf16", "min", 1.0))
 
 
 def ncmoe_for(ratio: int, layers: int) -> int:
     """llama.cpp's -ncmoe (experts of N whole layers on the CPU) that keeps the share `ratio` on the GPU."""
     return round(layers * (100 - ratio) / 100)
+
+
+def with_weights(report: dict) -> dict:
+    """`report` with every run and llama.cpp entry saying its weights: those of reports written before issue 17
+    say none and measured bf16 (BF16 GGUF). The baselines run bf16 alone, in every report. In place; returns it."""
+    report.setdefault("weights", ["bf16"])
+    report["baselines_weights"] = "bf16"  # transformers' and accelerate's own loaders, as issue 4 set them
+    for entry in report.get("runs", []) + report.get("llamacpp", []):
+        entry.setdefault("weights", "bf16")
+    return report
 
 
 def spread(name: str, stats: dict | None) -> dict:
@@ -38,6 +61,13 @@ def spread(name: str, stats: dict | None) -> dict:
 
 def quotient(value, other):
     return value / other if value is not None and other else None
+
+
+def meets(value, direction: str, threshold) -> bool | None:
+    """Whether `value` meets a target: at least ("min") or at most ("max") `threshold`; None without a value."""
+    if value is None:
+        return None
+    return value >= threshold if direction == "min" else value <= threshold
 
 
 def _bounds(bandwidth: dict) -> dict:
@@ -113,52 +143,56 @@ def _bandwidth(report: dict, entry: dict | None) -> dict:
 
 
 def side_by_side_rows(report: dict) -> list[dict]:
+    with_weights(report)
     plan, layers = report.get("side_by_side") or {}, report["model"]["moe_layers"]
-    rows = []
-    for variant in plan.get("variants", []):
-        for ratio in plan.get("ratios", []):
-            run, ncmoe = find(report["runs"], variant=variant, ratio=ratio), ncmoe_for(ratio, layers)
-            theirs = find(report["llamacpp"], ncmoe=ncmoe) or {"error": "not measured"}
-            ours = run_figures(run, _bandwidth(report, run)) if run else {"error": "not measured"}
-            row = {"ratio": ratio, "ncmoe": ncmoe, "variant": variant,
-                   **{f"ours_{k}": ours.get(k) for k in ("decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")},
-                   **spread("llamacpp_decode_tok_s", theirs.get("decode_tok_s")),
-                   **{f"ours_{k}": ours.get(k) for k in ("prefill_first_tok_s", "prefill_first_tok_s_min",
-                                                         "prefill_first_tok_s_max", "prefill_tok_s",
-                                                         "prefill_tok_s_min", "prefill_tok_s_max")},
-                   **spread("llamacpp_prefill_tok_s", theirs.get("prefill_tok_s")),
-                   "ours_peak_device_bytes": ours.get("peak_device_bytes"),
-                   "llamacpp_peak_device_bytes": theirs.get("peak_device_bytes"),
-                   "ours_allocator_peak_device_bytes": ours.get("allocator_peak_device_bytes"),
-                   "hit_rate": ours.get("hit_rate"), "routing": report.get("routing"),
-                   "ours_error": ours.get("error"), "llamacpp_error": theirs.get("error")}
-            row["decode_vs_llamacpp"] = quotient(row["ours_decode_tok_s"], row["llamacpp_decode_tok_s"])
-            # the prefill target is judged on the first-seen figure: what a new prompt length costs a user
-            row["prefill_vs_llamacpp"] = quotient(row["ours_prefill_first_tok_s"], row["llamacpp_prefill_tok_s"])
-            row["prefill_replayed_vs_llamacpp"] = quotient(row["ours_prefill_tok_s"], row["llamacpp_prefill_tok_s"])
-            same_call = run and theirs.get("call") is not None and run.get("call") == theirs["call"]
-            row["first"] = (None if not same_call else "ours" if run["sequence"] < theirs["sequence"] else "llamacpp")
-            memory = (row["ours_peak_device_bytes"], row["llamacpp_peak_device_bytes"])
-            row["targets_met"] = {
-                "decode": None if row["decode_vs_llamacpp"] is None
-                else row["decode_vs_llamacpp"] >= SIDE_BY_SIDE_TARGETS["decode_vs_llamacpp"],
-                "prefill": None if row["prefill_vs_llamacpp"] is None
-                else row["prefill_vs_llamacpp"] >= SIDE_BY_SIDE_TARGETS["prefill_vs_llamacpp"],
-                "memory": None if None in memory else memory[0] <= memory[1]}
-            rows.append(row)
-    return rows
+    return [_side_by_side_row(report, weights, variant, ratio, ncmoe_for(ratio, layers))
+            for weights in report["weights"] for variant in plan.get("variants", [])
+            for ratio in plan.get("ratios", [])]
+
+
+def _side_by_side_row(report: dict, weights: str, variant: str, ratio: int, ncmoe: int) -> dict:
+    """Ours at `ratio` beside llama.cpp's GGUF of the same width at `ncmoe`."""
+    run = find(report["runs"], weights=weights, variant=variant, ratio=ratio)
+    theirs = find(report["llamacpp"], weights=weights, ncmoe=ncmoe) or {"error": "not measured"}
+    ours = run_figures(run, _bandwidth(report, run)) if run else {"error": "not measured"}
+    row = {"weights": weights, "gguf_type": GGUF_TYPES[weights], "ratio": ratio, "ncmoe": ncmoe, "variant": variant,
+           **{f"ours_{k}": ours.get(k) for k in ("decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")},
+           **spread("llamacpp_decode_tok_s", theirs.get("decode_tok_s")),
+           **{f"ours_{k}": ours.get(k) for k in ("prefill_first_tok_s", "prefill_first_tok_s_min",
+                                                 "prefill_first_tok_s_max", "prefill_tok_s",
+                                                 "prefill_tok_s_min", "prefill_tok_s_max")},
+           **spread("llamacpp_prefill_tok_s", theirs.get("prefill_tok_s")),
+           "ours_peak_device_bytes": ours.get("peak_device_bytes"),
+           "llamacpp_peak_device_bytes": theirs.get("peak_device_bytes"),
+           "ours_allocator_peak_device_bytes": ours.get("allocator_peak_device_bytes"),
+           "hit_rate": ours.get("hit_rate"), "routing": report.get("routing"),
+           "ours_error": ours.get("error"), "llamacpp_error": theirs.get("error")}
+    row["decode_vs_llamacpp"] = quotient(row["ours_decode_tok_s"], row["llamacpp_decode_tok_s"])
+    # the prefill target is judged on the first-seen figure: what a new prompt length costs a user
+    row["prefill_vs_llamacpp"] = quotient(row["ours_prefill_first_tok_s"], row["llamacpp_prefill_tok_s"])
+    row["prefill_replayed_vs_llamacpp"] = quotient(row["ours_prefill_tok_s"], row["llamacpp_prefill_tok_s"])
+    same_call = run and theirs.get("call") is not None and run.get("call") == theirs["call"]
+    row["first"] = (None if not same_call else "ours" if run["sequence"] < theirs["sequence"] else "llamacpp")
+    memory = (row["ours_peak_device_bytes"], row["llamacpp_peak_device_bytes"])
+    row["targets_met"] = {
+        "decode": meets(row["decode_vs_llamacpp"], "min", SIDE_BY_SIDE_TARGETS["decode_vs_llamacpp"]),
+        "prefill": meets(row["prefill_vs_llamacpp"], "min", SIDE_BY_SIDE_TARGETS["prefill_vs_llamacpp"]),
+        "memory": None if None in memory else memory[0] <= memory[1]}
+    return row
 
 
 def offload_rows(report: dict) -> list[dict]:
+    with_weights(report)
     plan = report.get("offload") or {}
     rows = []
-    for variant, tier, ratios in (("default", "host", plan.get("ratios", [])),
-                                  ("disk", "disk", plan.get("disk_ratios", []))):
-        for ratio in ratios:
-            run = find(report["runs"], variant=variant, ratio=ratio)
-            figures = run_figures(run, _bandwidth(report, run)) if run else {"error": "not measured"}
-            rows.append({"ratio": ratio, "tier": tier, "variant": variant, "routing": report.get("routing"),
-                         **figures})
+    for weights in report["weights"]:
+        for variant, tier, ratios in (("default", "host", plan.get("ratios", [])),
+                                      ("disk", "disk", plan.get("disk_ratios", []))):
+            for ratio in ratios:
+                run = find(report["runs"], weights=weights, variant=variant, ratio=ratio)
+                figures = run_figures(run, _bandwidth(report, run)) if run else {"error": "not measured"}
+                rows.append({"weights": weights, "ratio": ratio, "tier": tier, "variant": variant,
+                             "routing": report.get("routing"), **figures})
     return rows
 
 
@@ -176,22 +210,80 @@ def baseline_rows(report: dict) -> dict:
     return rows
 
 
+def _figures(report: dict, weights: str, tier: str, ratio: int) -> dict:
+    """run_figures of one of our default (host) or disk runs, with its bytes per decoded token over every link."""
+    run = find(report["runs"], weights=weights, variant="default" if tier == "host" else "disk", ratio=ratio)
+    if not run:
+        return {"error": "not measured"}
+    figures = run_figures(run, _bandwidth(report, run))
+    parts = [figures[f"{link}_bytes_per_token"] for link in ("pcie", "cpu", "disk")]
+    return {**figures, "expert_bytes": run.get("expert_bytes"),
+            "bytes_per_token": None if None in parts else sum(parts)}
+
+
+def _quant_targets(row: dict, peer: dict | None) -> list[dict]:
+    """Issue 17's targets that apply to `row`: QUANT_TARGETS, and for int4/int8 beside their GGUF the side-by-side
+    ones (decode, first-seen prefill, peak device memory) at every ratio."""
+    found = [{"name": figure, "value": row[figure], "direction": direction, "threshold": threshold,
+              "met": meets(row[figure], direction, threshold)}
+             for weights, ratio, figure, direction, threshold in QUANT_TARGETS
+             if (weights, "host", ratio) == (row["weights"], row["tier"], row["ratio"])]
+    if peer and row["weights"] != "bf16":
+        found += [{"name": key, "value": row[key], "direction": "min", "threshold": threshold,
+                   "met": meets(row[key], "min", threshold)} for key, threshold in SIDE_BY_SIDE_TARGETS.items()]
+        found.append({"name": "peak_vs_llamacpp", "value": row["peak_vs_llamacpp"], "direction": "max",
+                      "threshold": 1.0, "met": peer["targets_met"]["memory"]})
+    return found
+
+
+def _quant_row(weights: str, tier: str, ratio: int, figures: dict, peer: dict | None) -> dict:
+    mine, bf16 = figures[weights, tier, ratio], figures.get(("bf16", tier, ratio)) or {}
+    keys = ("decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "prefill_first_tok_s", "prefill_first_tok_s_min",
+            "prefill_first_tok_s_max", "bytes_per_token", "expert_bytes", "efficiency", "efficiency_min",
+            "efficiency_max", "bound", "bound_gb_s", "peak_device_bytes", "error")
+    row = {"weights": weights, "tier": tier, "ratio": ratio, **{k: mine.get(k) for k in keys},
+           "bytes_vs_bf16": quotient(mine.get("bytes_per_token"), bf16.get("bytes_per_token")),
+           "decode_vs_bf16": quotient(mine.get("decode_tok_s"), bf16.get("decode_tok_s")),
+           "gguf_type": peer["gguf_type"] if peer else None, "ncmoe": peer["ncmoe"] if peer else None,
+           "llamacpp_peak_device_bytes": peer["llamacpp_peak_device_bytes"] if peer else None,
+           **{k: peer[k] if peer else None for k in ("decode_vs_llamacpp", "prefill_vs_llamacpp")}}
+    row["peak_vs_llamacpp"] = quotient(row["peak_device_bytes"], row["llamacpp_peak_device_bytes"])
+    row["targets"] = _quant_targets(row, peer)
+    return row
+
+
+def quant_rows(report: dict) -> list[dict]:
+    """Per weights, tier and ratio (every ratio either table measured), our figures beside bf16's at the same
+    ratio and tier and beside llama.cpp's GGUF of the same width at the same -ncmoe; none for bf16 alone."""
+    if all(w == "bf16" for w in report["weights"]):
+        return []
+    plan, pairs = report.get("offload") or {}, report.get("side_by_side") or {}
+    host = sorted(set(plan.get("ratios", [])) | set(pairs.get("ratios", [])), reverse=True)
+    places = [("host", r) for r in host] + [("disk", r) for r in sorted(plan.get("disk_ratios", []))]
+    figures = {(w, tier, r): _figures(report, w, tier, r) for w in report["weights"] for tier, r in places}
+    peers = {(r["weights"], r["ratio"]): r for r in report["rows"] if r["variant"] == "default"}
+    return [_quant_row(w, tier, r, figures, peers.get((w, r)) if tier == "host" else None)
+            for w in report["weights"] for tier, r in places]
+
+
 def targets(report: dict) -> list[dict]:
     found = []
 
-    def add(table: str, name: str, value, threshold, met=None):
-        if met is None and value is not None:
-            met = value >= threshold
-        found.append({"table": table, "target": name, "value": value, "threshold": threshold, "met": met})
+    def add(table: str, name: str, value, threshold, met=None, direction="min"):
+        if met is None:
+            met = meets(value, direction, threshold)
+        found.append({"table": table, "target": name, "value": value, "threshold": threshold, "met": met,
+                      "direction": direction})
 
     for row in report["rows"]:
-        if row["variant"] == "default" and row["ratio"] in TARGET_RATIOS:
+        if row["weights"] == "bf16" and row["variant"] == "default" and row["ratio"] in TARGET_RATIOS:
             for key, threshold in SIDE_BY_SIDE_TARGETS.items():
                 add("side_by_side", f"ratio{row['ratio']}_{key}", row[key], threshold)
             add("side_by_side", f"ratio{row['ratio']}_peak_device_bytes_vs_llamacpp",
                 quotient(row["ours_peak_device_bytes"], row["llamacpp_peak_device_bytes"]), 1.0,
-                row["targets_met"]["memory"])
-    offload = {(r["tier"], r["ratio"]): r for r in report["offload_rows"]}
+                row["targets_met"]["memory"], "max")
+    bf16 = [r for r in report["offload_rows"] if r["weights"] == "bf16"]  # issue 4's targets are bf16's
+    offload = {(r["tier"], r["ratio"]): r for r in bf16}
     r100, r25 = offload.get(("host", 100), {}), offload.get(("host", 25), {})
     accelerate = report["baseline_rows"].get("accelerate", {}).get("decode_tok_s")
     if offload:
@@ -202,20 +294,28 @@ def targets(report: dict) -> list[dict]:
             OFFLOAD_TARGETS["ratio25_prefill_first_tok_s"])
         add("offload", "ratio25_decode_vs_accelerate", quotient(r25.get("decode_tok_s"), accelerate),
             OFFLOAD_TARGETS["ratio25_decode_vs_accelerate"])
-    for row in report["offload_rows"]:
+    for row in bf16:
         if row.get("bound_gb_s") is not None:
             add("offload", f"efficiency_ratio{row['ratio']}_{row['tier']}", row.get("efficiency"),
                 OFFLOAD_TARGETS["efficiency"])
+    for row in report["quant_rows"]:
+        for target in row["targets"]:
+            add("quantized", f"{row['weights']}_ratio{row['ratio']}_{target['name']}", target["value"],
+                target["threshold"], target["met"], target["direction"])
     return found
 
 
 def derive(report: dict) -> dict:
-    """Recompute rows, offload_rows, baseline_rows and targets from the raw entries of `report`, in place."""
+    """Recompute rows, offload_rows, baseline_rows, quant_rows and targets from the raw entries of `report`, in
+    place."""
+    with_weights(report)
     report["rows"] = side_by_side_rows(report) if report.get("model") else []
     report["offload_rows"] = offload_rows(report)
     report["baseline_rows"] = baseline_rows(report)
+    report["quant_rows"] = quant_rows(report)
     report["targets"] = targets(report)
-    report["targets_rule"] = ("value >= threshold; side by side: decode and first-seen prefill against llama.cpp "
-                              "at its flags, whole-process NVML peaks ours <= llama.cpp's; offload: issue 4's "
-                              "thresholds, prefill judged first-seen, efficiency the roofline")
+    report["targets_rule"] = ("value >= threshold (<= where marked); side by side: decode and first-seen prefill "
+                              "against llama.cpp at its flags, whole-process NVML peaks ours <= llama.cpp's; offload: "
+                              "issue 4's thresholds (bf16), prefill judged first-seen, efficiency the roofline; "
+                              "quantized: issue 17's, host tier")
     return report

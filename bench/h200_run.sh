@@ -17,10 +17,23 @@
 #   cp <returned harness.json> bench/results/<date>-h200-harness.json
 #   python -m bench.table bench/results/<date>-h200-harness.json --write bench/RESULTS.md
 #
-# Usage: OUT=... [CHECKS="python -m pytest -q tests/test_hybrid.py"] bash bench/h200_run.sh prepare
-#        OUT=... [VARIANTS='{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'] [LLAMACPP_FLAGS="-t 16"] bash bench/h200_run.sh measure
+# Quantized experts (issue 17): WEIGHTS=bf16,int4,int8 on every call (the same value each time). prepare then also
+#   quantizes the model with `moe-offload quantize` (rtn, group 128) into $MODEL-int4 and $MODEL-int8 (the harness's
+#   quant phase, timed into the report; while the build runs, so an upper bound) and, once the build is done, makes
+#   $MODEL-Q4_0.gguf and $MODEL-Q8_0.gguf from the BF16 GGUF with llama-quantize; measure pairs our int4 with Q4_0
+#   and our int8 with Q8_0 (bf16 with BF16) at the same -ncmoe, at issue 17's ratios (RATIOS 0,10,25,50 side by
+#   side, OFFLOAD_RATIOS 100,50,25,10,0, the disk tier at 25), and sweeps llama.cpp's flags on the Q4_0 GGUF (where
+#   int4 is measured). Every configuration of ours runs once per weights (~45-75 s each), so the whole set takes
+#   prepare and about three measure calls, back to back (estimated, not yet timed: ~38 min of device time); within
+#   a 30-minute session, RATIOS=0,25,50 OFFLOAD_RATIOS=100,50,25,0 and LLAMACPP_FLAGS (e.g. the BF16 sweep's
+#   "-t 16 -fa 1 -lm mmap", which saves the sweep's 2-4 min) leave prepare and two measure calls. Disk: ~62 GB in
+#   /tmp (safetensors 16.2 + 9.1 + 5.4 GB, GGUFs 16.2 + 8.6 + 4.6 GB; prepare prints what is left).
+#
+# Usage: OUT=... [CHECKS="python -m pytest -q tests/test_hybrid.py"] [WEIGHTS=bf16,int4,int8] bash bench/h200_run.sh prepare
+#        OUT=... [VARIANTS='{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'] [LLAMACPP_FLAGS="-t 16"] [WEIGHTS=...] bash bench/h200_run.sh measure
 # env: WORK (/tmp/llamacpp), MODEL (/tmp/moe-offload-bench/full), STATE (/tmp/moe-offload-bench/harness.json: the
-#      report both calls build), LIMIT (570: the seconds a call may take, under the device's 600)
+#      report both calls build), LIMIT (570: the seconds a call may take, under the device's 600), WEIGHTS (bf16),
+#      RATIOS / OFFLOAD_RATIOS (the harness's --ratios / --offload-ratios; issue 17's where WEIGHTS has int4/int8)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/tmp/llamacpp}
@@ -29,6 +42,13 @@ STATE=${STATE:-/tmp/moe-offload-bench/harness.json}
 LIMIT=${LIMIT:-570}
 OUT=${OUT:-$REPO/bench/results}
 BENCH=$WORK/build-cuda/bin/llama-bench
+QUANTIZE=$WORK/build-cuda/bin/llama-quantize
+WEIGHTS=${WEIGHTS:-bf16}
+PLAN=(--weights "$WEIGHTS")  # every harness call of a report names the same weights and ratios
+if [ "$WEIGHTS" != bf16 ]; then RATIOS=${RATIOS:-0,10,25,50}; OFFLOAD_RATIOS=${OFFLOAD_RATIOS:-100,50,25,10,0}; fi
+PLAN+=(${RATIOS:+--ratios "$RATIOS"} ${OFFLOAD_RATIOS:+--offload-ratios "$OFFLOAD_RATIOS"})
+declare -A GGUF_TYPE=([int4]=Q4_0 [int8]=Q8_0)  # bench/harness.py gguf_for: MODEL.gguf -> MODEL-Q4_0.gguf
+QUANTIZED=(); for w in ${WEIGHTS//,/ }; do [ -n "${GGUF_TYPE[$w]:-}" ] && QUANTIZED+=("$w"); done
 cd "$REPO"
 T0=$(date +%s)
 step() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
@@ -61,24 +81,34 @@ prepare)
     done
     step "convert"
     [ -f "$MODEL.gguf" ] || python -m bench.llamacpp.convert_qwen3moe_gguf "$MODEL" "$MODEL.gguf" --llama-cpp "$WORK/llama.cpp" | tail -1
+    if [ ${#QUANTIZED[@]} -gt 0 ]; then harness "${PLAN[@]}" --phases quant; df -h "$(dirname "$MODEL")" | tail -1; fi
     if [ -n "${CHECKS:-}" ]; then step "checks: $CHECKS"; bash -c "$CHECKS" > "$OUT/checks.log" 2>&1; echo "checks rc $?"; tail -5 "$OUT/checks.log"; fi
     step "waiting for the build"
     wait $BUILD; echo "build rc $?"; tail -3 "$OUT/llamacpp-build.log"
     [ -x "$BENCH" ] || { echo "no $BENCH"; exit 1; }
-    harness --tables offload --offload-ratios 100
+    for w in "${QUANTIZED[@]}"; do  # llama.cpp's peer of our int4 / int8, from the BF16 GGUF
+        target=$MODEL-${GGUF_TYPE[$w]}.gguf
+        [ -f "$target" ] && continue
+        step "llama-quantize ${GGUF_TYPE[$w]}"
+        "$QUANTIZE" "$MODEL.gguf" "$target.partial" "${GGUF_TYPE[$w]}" "$(nproc)" > "$OUT/llama-quantize-$w.log" 2>&1 \
+            && mv "$target.partial" "$target" || { echo "llama-quantize failed:"; tail -5 "$OUT/llama-quantize-$w.log"; }
+    done
+    harness "${PLAN[@]}" --tables offload --offload-ratios 100
     ;;
 measure)
     [ -x "$BENCH" ] && [ -f "$MODEL.gguf" ] || { echo "no $BENCH or $MODEL.gguf: run prepare first (within 30 s)"; exit 1; }
-    SWEEP=$(dirname "$STATE")/llamacpp-sweep.json
+    SWEPT=$MODEL.gguf  # the sweep runs on the narrowest GGUF measured: Q4_0 where int4 is, the issue's headline
+    for w in int8 int4; do [[ ",$WEIGHTS," == *",$w,"* ]] && SWEPT=$MODEL-${GGUF_TYPE[$w]}.gguf; done
+    SWEEP=$(dirname "$STATE")/llamacpp-sweep-$(basename "$SWEPT" .gguf).json
     if [ -z "${LLAMACPP_FLAGS:-}" ] && [ ! -f "$SWEEP" ]; then  # llama.cpp at its best: threads x -fa x -lm at -ncmoe 12
-        step "llama.cpp flag sweep (~2-4 min)"
-        timeout 300 python -m bench.llamacpp.run_llama_bench --llama-bench "$BENCH" -m "$MODEL.gguf" --ncmoe 12 \
+        step "llama.cpp flag sweep on $(basename "$SWEPT") (~2-4 min)"
+        timeout 300 python -m bench.llamacpp.run_llama_bench --llama-bench "$BENCH" -m "$SWEPT" --ncmoe 12 \
             --sweep-ncmoe 12 --log-dir "$OUT/llamacpp-logs" --out "$SWEEP" | tail -3
         cp "$SWEEP" "$OUT/" 2>/dev/null
     fi
     PEER=(); if [ -n "${LLAMACPP_FLAGS:-}" ]; then PEER=(--llamacpp-flags "$LLAMACPP_FLAGS")
     elif [ -f "$SWEEP" ]; then PEER=(--llamacpp-sweep "$SWEEP"); fi
-    harness --gguf "$MODEL.gguf" --llama-bench "$BENCH" ${VARIANTS:+--variants "$VARIANTS"} "${PEER[@]}"
+    harness "${PLAN[@]}" --gguf "$MODEL.gguf" --llama-bench "$BENCH" ${VARIANTS:+--variants "$VARIANTS"} "${PEER[@]}"
     ;;
 *) echo "usage: $0 prepare|measure" >&2; exit 2 ;;
 esac

@@ -7,6 +7,9 @@ peaks beside NVML peaks, unwarmed baselines) and recorded no commit.
 
 What it runs, in this order (--tables and --phases pick; results written after every configuration):
   gen        the random benchmark model (bench/common.py; 16.2 GB, written on the device), unless already there;
+  quant      for each --weights int4/int8: that model quantized by the project's own `moe-offload quantize` (rtn,
+             group 128; tiny: group 32, which divides its widths) into MODEL-int4 / MODEL-int8, in a process of its
+             own, timed with its peak RSS (it streams: far below the model's size), unless already there;
   bw         pinned host->device and the CPU's DRAM read rate (bench/bandwidth.py), each call: the roofline's bounds;
   side_by_side  per --ratios, our configurations (the variant "default": MOE_OFFLOAD_RATIO and nothing else, what a
              user gets; then each --variants entry) and llama-bench -ngl 99 -ncmoe N back to back, alternating which
@@ -14,6 +17,10 @@ What it runs, in this order (--tables and --phases pick; results written after e
   offload    the default configuration at each --offload-ratios not measured above; the baselines (transformers
              all on the device, accelerate device_map="auto"); then cold O_DIRECT disk reads and the disk tier at
              --disk-ratios (variant "disk": MOE_HOST_CACHE=0, the disk tier by definition).
+Every configuration of ours runs once per --weights (bf16, int4, int8: one report holds them side by side, each run
+and row says its weights); the baselines run the bf16 checkpoint only. llama.cpp's side pairs each weights with the
+GGUF of the same width: --gguf is the BF16 one, and int4 / int8 take Q4_0 / Q8_0 GGUFs beside it (gguf_for's names,
+made from it by llama-quantize: bench/h200_run.sh does), at the same -ncmoe.
 Every configuration is a process of its own (bench/worker.py, bench/sides.py), its device memory polled from outside
 by NVML as llama.cpp's are. Ours measures first-seen and replayed prefill and decodes fresh random tokens every
 repeat (bench/worker.py says how); every figure is a median with min and max over --repeats (>= 3).
@@ -27,7 +34,9 @@ Usage, from the repository root:
   python -m bench.harness --tables offload --offload-ratios 100 --out R.json --budget-s 200
   python -m bench.harness --merge R.json --out R.json ...                  # finish what a cut-short call left
   python -m bench.harness --phases gen --model-dir DIR --out /tmp/gen.json # the model only
+  python -m bench.harness --weights bf16,int4,int8 --gguf G --llama-bench B --out R.json   # issue 17's comparison
   python -m bench.harness --tiny --out /tmp/tiny.json                      # the whole flow on the CPU, < 1 min
+  python -m bench.harness --tiny --weights bf16,int4,int8 --out /tmp/x.json   # int4/int8 too, ~2 min
 """
 
 from __future__ import annotations
@@ -43,14 +52,18 @@ import traceback
 import torch
 
 from bench import bandwidth, provenance, sides
-from bench.common import MODEL_ROOT, RESULTS, SPECS, generate_model, log, model_facts, shard_files, utc_now
-from bench.derive import derive, find, ncmoe_for
+from bench.common import (MODEL_ROOT, RESULTS, SPECS, generate_model, log, model_facts, quantize_model, quantized_dir,
+                          shard_files, utc_now)
+from bench.derive import GGUF_TYPES, WEIGHTS, derive, find, ncmoe_for, with_weights
 from bench.worker import WORKLOADS
 from moe_offload.tools.environment import write_report
 
 SCHEMA = "moe-offload/harness/1"
 TABLES = ("side_by_side", "offload")
-PHASES = ("gen", "bw", "runs", "baselines")
+PHASES = ("gen", "quant", "bw", "runs", "baselines")
+BITS = {"int4": 4, "int8": 8}
+QUANTIZE = {"full": {"method": "rtn", "group_size": 128},
+            "tiny": {"method": "rtn", "group_size": 32}}  # the tiny model's widths (64, 32) hold no group of 128
 RESERVED = {"default": {}, "disk": {"MOE_HOST_CACHE": 0}}  # variants the harness defines
 MIN_S = {"ours": 45, "disk": 60, "llamacpp": 30, "transformers": 45, "accelerate": 90, "disk_bw": 10}
 CAP_S = {"ours": 200, "disk": 200, "llamacpp": 200, "transformers": 150, "accelerate": 240, "disk_bw": 20}
@@ -100,6 +113,18 @@ def _variants(text: str, parser) -> dict[str, dict]:
     return {"default": {}, **{k: v for k, v in extra.items() if k not in RESERVED}}
 
 
+def gguf_for(gguf: str, weights: str) -> str:
+    """llama.cpp's model for `weights`, from the BF16 GGUF given: itself for bf16, else its Q4_0 / Q8_0 sibling
+    (MODEL.gguf -> MODEL-Q4_0.gguf), the names bench/h200_run.sh gives llama-quantize's outputs."""
+    return gguf if weights == "bf16" else f"{gguf.removesuffix('.gguf')}-{GGUF_TYPES[weights]}.gguf"
+
+
+def _swept_model(sweep: dict) -> str:
+    """The GGUF a run_llama_bench sweep ran on (its rows' -m), by file name: the flags it found serve every GGUF."""
+    words = shlex.split(((sweep.get("sweep") or [{}])[0]).get("command") or "")
+    return os.path.basename(words[words.index("-m") + 1]) if "-m" in words[:-1] else "a GGUF it does not name"
+
+
 def _read_json(path: str, flag: str):
     try:
         with open(path, encoding="utf-8") as handle:
@@ -115,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--merge", default=None, help="an earlier report to finish: what it measured is kept")
     parser.add_argument("--model-dir", default=None, help="the random model (default /tmp/moe-offload-bench/<full|"
                                                           "tiny>)")
+    parser.add_argument("--weights", default="bf16", help=f"our checkpoints, a subset of {','.join(WEIGHTS)}: "
+                        "int4/int8 are the model quantized by `moe-offload quantize` (the quant phase)")
     parser.add_argument("--tables", default=",".join(TABLES), help=f"subset of {','.join(TABLES)}")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     parser.add_argument("--ratios", help="side-by-side ratios (llama.cpp: the -ncmoe that keeps the same share on "
@@ -149,6 +176,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     args.tables = _names(args.tables, TABLES, "tables", parser)
     args.phases = _names(args.phases, PHASES, "phases", parser)
+    args.weights = list(dict.fromkeys(_names(args.weights, WEIGHTS, "weights", parser)))
+    if not args.weights:
+        parser.error(f"--weights names none of {','.join(WEIGHTS)}")
     args.ratios = _ints(args.ratios, "--ratios", parser)
     args.offload_ratios = _ints(args.offload_ratios, "--offload-ratios", parser)
     args.disk_ratios = _ints(args.disk_ratios, "--disk-ratios", parser)
@@ -163,6 +193,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for path in (args.gguf, args.llama_bench, args.merge):
         if path and not os.path.exists(path):
             parser.error(f"no such file: {path}")
+    for weights in args.weights if args.gguf else ():
+        if not os.path.exists(gguf_for(args.gguf, weights)):
+            parser.error(f"no such file: {gguf_for(args.gguf, weights)} (llama.cpp's {GGUF_TYPES[weights]} peer of "
+                         f"--weights {weights}: llama-quantize makes it from --gguf, as bench/h200_run.sh does)")
     args.mode, args.device = mode, "cpu" if args.tiny else "cuda"
     args.model_dir = args.model_dir or os.path.join(MODEL_ROOT, mode)
     args.out = args.out or os.path.join(RESULTS, f"{utc_now()[:10]}-{'cpu-tiny' if args.tiny else 'h200'}-harness.json")
@@ -190,14 +224,19 @@ def new_report(args, call: dict) -> dict:
     report = {"schema": SCHEMA, "mode": args.mode, "device": args.device, "workload": _workload(args),
               "routing": ROUTING[args.mode], "variants": {"default": {}, "disk": RESERVED["disk"]}, "calls": [],
               "side_by_side": {"ratios": [], "variants": []}, "offload": {"ratios": [], "disk_ratios": []},
-              "llamacpp_flags": None, "runs": [], "llamacpp": [], "baselines": {}}
+              "weights": [], "quantization": QUANTIZE[args.mode], "llamacpp_flags": None, "runs": [],
+              "llamacpp": [], "baselines": {}}
     if args.merge:
         with open(args.merge) as handle:
             old = json.load(handle)
         for key in ("schema", "mode", "workload"):
             if old.get(key) != report[key]:
                 sys.exit(f"--merge {args.merge}: its {key} {old.get(key)} differs from this call's {report[key]}")
+        if old.setdefault("quantization", report["quantization"]) != report["quantization"]:
+            sys.exit(f"--merge {args.merge}: quantized with {old['quantization']}, not {report['quantization']}")
         report = old
+    with_weights(report)
+    report["weights"] = [w for w in WEIGHTS if w in set(report["weights"]) | set(args.weights)]
     for name, properties in args.variants.items():
         if report["variants"].setdefault(name, properties) != properties:
             sys.exit(f"--merge {args.merge}: variant {name!r} was {report['variants'][name]}, not {properties}")
@@ -218,7 +257,8 @@ def new_report(args, call: dict) -> dict:
             args.llamacpp_flags = shlex.split(sweep["llamacpp_flags"])
             flags = {"flags": args.llamacpp_flags, "swept": True, "sweep": sweep.get("sweep"),
                      "how": "the best median decode of run_llama_bench's sweep (threads x flash attention x load "
-                            "mode at one -ncmoe), in its own processes before this call"}
+                            f"mode at one -ncmoe, on {_swept_model(sweep)}), in its own processes before this call; "
+                            "used for every GGUF"}
         if report["llamacpp"] and report["llamacpp_flags"] not in (None, flags):
             sys.exit(f"--merge {args.merge}: llama.cpp ran with {report['llamacpp_flags']['flags']}, not "
                      f"{args.llamacpp_flags}")
@@ -246,8 +286,10 @@ class Harness:
     def __init__(self, args):
         self.args = args
         self.end = time.perf_counter() + args.budget_s
-        self.call = {**provenance.record(), "args": dict(vars(args)), "bandwidth": {}, "phases": {}}
+        self.call = {**provenance.record(), "args": dict(vars(args)), "bandwidth": {}, "phases": {},
+                     "quantization": {}}
         self.report = new_report(args, self.call)
+        self.model_dirs = {w: quantized_dir(args.model_dir, w) for w in WEIGHTS}
         self.index = len(self.report["calls"]) - 1
         self.sequence = 0
         self.skipped = self.failed = 0
@@ -271,16 +313,16 @@ class Harness:
             self.failed += 1
         return entry
 
-    def spec(self, kind: str, seconds: float, **extra) -> dict:
+    def spec(self, kind: str, seconds: float, weights: str = "bf16", **extra) -> dict:
         a = self.args
-        return {"kind": kind, "out": f"{a.out}.worker.json", "model_dir": a.model_dir, "device": a.device,
+        return {"kind": kind, "out": f"{a.out}.worker.json", "model_dir": self.model_dirs[weights], "device": a.device,
                 "seconds": max(seconds - 10, 5), "workload": a.workload, "seed": a.seed, "prompt_tokens": a.prompt_len,
                 "decode_tokens": a.decode_tokens, "repeats": a.repeats, **extra}
 
-    def ours(self, variant: str, ratio: int) -> None:
+    def ours(self, weights: str, variant: str, ratio: int) -> None:
         tier = "disk" if variant == "disk" else "host"
         properties = self.report["variants"][variant]
-        key = {"variant": variant, "ratio": ratio, "tier": tier,
+        key = {"weights": weights, "variant": variant, "ratio": ratio, "tier": tier,
                "properties": {"MOE_OFFLOAD_RATIO": ratio, **properties}}
         seconds = self.budget("disk" if tier == "disk" else "ours")
         if seconds is None:
@@ -288,23 +330,25 @@ class Harness:
             entry = {**key, "error": "skipped: time budget"}
         else:
             tokens = self.args.disk_decode_tokens if tier == "disk" else self.args.decode_tokens
-            spec = self.spec("ours", seconds, ratio=ratio, properties=properties, tier=tier, decode_tokens=tokens)
+            spec = self.spec("ours", seconds, weights, ratio=ratio, properties=properties, tier=tier,
+                             decode_tokens=tokens)
             entry = {**key, **sides.in_own_process(spec, seconds)}
-        _replace(self.report["runs"], self.stamp(entry), variant=variant, ratio=ratio)
+        _replace(self.report["runs"], self.stamp(entry), weights=weights, variant=variant, ratio=ratio)
         self.write()
-        log(f"ours {variant} ratio {ratio}: " + (entry.get("error") or f"{entry['seconds']:.0f} s"))
+        log(f"ours {weights} {variant} ratio {ratio}: " + (entry.get("error") or f"{entry['seconds']:.0f} s"))
 
-    def llamacpp(self, ncmoe: int) -> None:
+    def llamacpp(self, weights: str, ncmoe: int) -> None:
         a, seconds = self.args, self.budget("llamacpp")
+        key = {"weights": weights, "gguf_type": GGUF_TYPES[weights]}
         if seconds is None:
             self.skipped += 1
-            entry = {"ncmoe": ncmoe, "error": "skipped: time budget"}
+            entry = {**key, "ncmoe": ncmoe, "error": "skipped: time budget"}
         else:
-            entry = sides.llamacpp(a.llama_bench, a.gguf, ncmoe, a.llamacpp_flags, a.prompt_len, a.decode_tokens,
-                                   a.repeats, seconds)
-        _replace(self.report["llamacpp"], self.stamp(entry), ncmoe=ncmoe)
+            entry = {**key, **sides.llamacpp(a.llama_bench, gguf_for(a.gguf, weights), ncmoe, a.llamacpp_flags,
+                                             a.prompt_len, a.decode_tokens, a.repeats, seconds)}
+        _replace(self.report["llamacpp"], self.stamp(entry), weights=weights, ncmoe=ncmoe)
         self.write()
-        log(f"llama.cpp -ncmoe {ncmoe}: " + (entry.get("error") or f"{entry['seconds']:.0f} s"))
+        log(f"llama.cpp {key['gguf_type']} -ncmoe {ncmoe}: " + (entry.get("error") or f"{entry['seconds']:.0f} s"))
 
     def baseline(self, kind: str) -> None:
         if not self.wanted(self.report["baselines"].get(kind)):
@@ -325,7 +369,7 @@ class Harness:
     def accelerate_bytes(self) -> int:
         """accelerate's device memory: what our default ratio-25 run's allocator held at its peak, else the bytes
         ratio 25 is expected to need (non-expert + resident experts + staging + KV cache)."""
-        run = find(self.report["runs"], variant="default", ratio=25)
+        run = find(self.report["runs"], weights="bf16", variant="default", ratio=25)
         if run and run.get("allocator_peak_device_bytes"):
             return run["allocator_peak_device_bytes"]
         from moe_offload.config import OffloadConfig
@@ -350,19 +394,20 @@ class Harness:
         log(f"phase {name}: {status}")
 
     def side_by_side(self) -> None:
-        """Per ratio, ours then llama.cpp or the other way round, alternating; a ratio already measured on both
-        sides (--merge) is kept."""
+        """Per ratio and weights, ours then llama.cpp (the GGUF of the same width) or the other way round,
+        alternating; a pair already measured on both sides (--merge) is kept."""
         runs, variants = self.report["runs"], self.args.variants
         layers = self.report["model"]["moe_layers"]
-        for index, ratio in enumerate(self.args.ratios):
+        pairs = [(ratio, weights) for ratio in self.args.ratios for weights in self.args.weights]
+        for index, (ratio, weights) in enumerate(pairs):
             ncmoe = ncmoe_for(ratio, layers)
-            done = all(ok(find(runs, variant=v, ratio=ratio)) for v in variants) and (
-                not self.args.llama_bench or ok(find(self.report["llamacpp"], ncmoe=ncmoe)))
+            done = all(ok(find(runs, weights=weights, variant=v, ratio=ratio)) for v in variants) and (
+                not self.args.llama_bench or ok(find(self.report["llamacpp"], weights=weights, ncmoe=ncmoe)))
             if done:
                 continue
-            steps = [lambda v=v: self.ours(v, ratio) for v in variants]
+            steps = [lambda v=v: self.ours(weights, v, ratio) for v in variants]
             if self.args.llama_bench:
-                steps.append(lambda: self.llamacpp(ncmoe))
+                steps.append(lambda: self.llamacpp(weights, ncmoe))
             for step in steps if index % 2 == 0 else steps[::-1]:
                 step()
 
@@ -371,20 +416,32 @@ class Harness:
         return not ok(entry) and (entry is None or entry.get("call") != self.index)
 
     def offload(self) -> None:
+        runs, weights = self.report["runs"], self.args.weights
         if "runs" in self.args.phases:
-            for ratio in self.args.offload_ratios:
-                if self.wanted(find(self.report["runs"], variant="default", ratio=ratio)):
-                    self.ours("default", ratio)
-        if "baselines" in self.args.phases:
+            for w, ratio in ((w, r) for w in weights for r in self.args.offload_ratios):
+                if self.wanted(find(runs, weights=w, variant="default", ratio=ratio)):
+                    self.ours(w, "default", ratio)
+        if "baselines" in self.args.phases and self.report["baselines_weights"] in weights:
             kinds = ("transformers", "accelerate") if self.args.device == "cuda" else ("transformers",)  # CPU: no
             self.phase("baselines", lambda: [self.baseline(kind) for kind in kinds])  # device memory to fill
-        disk = [r for r in self.args.disk_ratios if self.wanted(find(self.report["runs"], variant="disk", ratio=r))]
+        disk = [(w, r) for w in weights for r in self.args.disk_ratios
+                if self.wanted(find(runs, weights=w, variant="disk", ratio=r))]
         if disk and "runs" in self.args.phases:
             if "bw" in self.args.phases and self.budget("disk_bw") is not None:
                 self.phase("bw_disk", lambda: self.call["bandwidth"].update(
                     bandwidth.disk(shard_files(self.args.model_dir), 4.0)))
-            for ratio in disk:
-                self.ours("disk", ratio)
+            for w, ratio in disk:
+                self.ours(w, "disk", ratio)
+
+    def quantize(self) -> None:
+        """Each quantized --weights written by `moe-offload quantize` (bench/common.py quantize_model), timed."""
+        for weights in (w for w in self.args.weights if w in BITS):
+            done = quantize_model(self.args.model_dir, self.model_dirs[weights], BITS[weights],
+                                  **self.report["quantization"])
+            self.call["quantization"][weights] = done
+            self.write()
+            log(f"quant {weights}: " + (f"{done['seconds']:.1f} s, peak RSS {done['peak_rss_bytes'] / 1e9:.2f} GB"
+                                        if done["quantized"] else "already there"))
 
     def run(self) -> int:
         a = self.args
@@ -396,13 +453,22 @@ class Harness:
             log(f"no model in {a.model_dir}: run the gen phase first")
             return 1
         self.report["model"] = model_facts(a.model_dir)
+        if "quant" in a.phases and set(a.weights) & set(BITS):
+            self.phase("quant", self.quantize)
+        missing = [w for w in a.weights if w in BITS
+                   and not os.path.isfile(os.path.join(self.model_dirs[w], "bench_quant.json"))]
+        if missing:
+            log(f"no {','.join(missing)} model beside {a.model_dir}: run the quant phase first")
+            return 1
+        self.report.setdefault("models", {}).update({w: model_facts(self.model_dirs[w]) for w in a.weights})
         if "bw" in a.phases:
             size = (256 << 20) if a.tiny else (1 << 30)
             self.phase("bw_memory", lambda: self.call["bandwidth"].update(
                 bandwidth.dram_read(size), **(bandwidth.host_to_device(torch.device(a.device))
                                               if a.device == "cuda" else {})))
         if {"runs", "baselines"} & set(a.phases):
-            files = shard_files(a.model_dir) + ([a.gguf] if a.gguf else [])
+            files = [f for w in a.weights for f in shard_files(self.model_dirs[w])] + [
+                gguf_for(a.gguf, w) for w in a.weights if a.gguf]
             self.phase("warm_page_cache", lambda: self.call.update(page_cache=bandwidth.warm_page_cache(files)))
         if "side_by_side" in a.tables and "runs" in a.phases:
             self.phase("side_by_side", self.side_by_side)

@@ -2,7 +2,13 @@
 
 Why: a table typed by hand drifts from its file. Every figure here is a field of the report (bench/derive.py
 stored it there), printed through one of FORMATS, so tests can check that no number is invented; --write
-replaces what lies between the two markers in FILE (bench/RESULTS.md) and nothing else.
+replaces what lies between the two markers in FILE (bench/RESULTS.md) and nothing else. The report is derived
+again before it is rendered (derive is a pure function of its raw entries), so one written before a field existed
+renders too.
+
+A report with int4/int8 weights (issue 17) gets one more table, "Quantized experts": per weights and ratio our
+speeds, bytes per token and their ratio to bf16's at the same ratio, efficiency against the PCIe bound of the bytes
+moved, peak memory, and the side by side with llama.cpp's GGUF of the same width, each row's issue-17 targets marked.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import json
 import os
 import shlex
 import sys
+
+from bench.derive import derive
 
 BEGIN, END = "<!-- harness-table:begin -->", "<!-- harness-table:end -->"
 FORMATS = {  # every number printed goes through one of these
@@ -24,6 +32,7 @@ FORMATS = {  # every number printed goes through one of these
     "gb_s": lambda v: f"{v:.2f}",
     "s": lambda v: f"{v:.1f}",
     "int": lambda v: f"{v}",
+    "bytes": lambda v: f"{v:,}",
 }
 
 
@@ -40,6 +49,11 @@ def ranged(row: dict, name: str, kind: str) -> str:
 
 def met(flag) -> str:
     return {True: "yes", False: "**no**", None: "-"}[flag]
+
+
+def at_most(target: dict) -> str:
+    """How a target reads its threshold: '<=' for a ceiling, '>=' for a floor."""
+    return "<=" if target.get("direction") == "max" else ">="
 
 
 def calls(report: dict) -> list[str]:
@@ -69,15 +83,16 @@ def side_by_side(report: dict) -> list[str]:
              else "llama.cpp: not run in this report.",
              "Prefill vs llama.cpp is our first-seen prefill (a prompt length the pipeline had not run) over "
              "llama.cpp's; peaks are whole processes by NVML. \"first\": the side that ran first at that ratio.", "",
-             "| ratio / ncmoe | variant | first | decode tok/s: ours / llama.cpp | decode vs llama.cpp | prefill tok/s: "
-             "ours first-seen / ours replayed / llama.cpp | prefill vs llama.cpp | peak GB: ours / llama.cpp | "
-             "decode hit rate | targets met: decode / prefill / memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| weights / GGUF | ratio / ncmoe | variant | first | decode tok/s: ours / llama.cpp | decode vs "
+             "llama.cpp | prefill tok/s: ours first-seen / ours replayed / llama.cpp | prefill vs llama.cpp | peak "
+             "GB: ours / llama.cpp | decode hit rate | targets met: decode / prefill / memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         error = row.get("ours_error") or row.get("llamacpp_error")
         target = row["targets_met"]
         lines.append(
-            f"| {fig(row['ratio'], 'int')} / {fig(row['ncmoe'], 'int')} | {row['variant']} | {row['first'] or '-'} | "
+            f"| {row['weights']} / {row['gguf_type']} | {fig(row['ratio'], 'int')} / {fig(row['ncmoe'], 'int')} | "
+            f"{row['variant']} | {row['first'] or '-'} | "
             f"{ranged(row, 'ours_decode_tok_s', 'tok_s')} / {ranged(row, 'llamacpp_decode_tok_s', 'tok_s')} | "
             f"{fig(row['decode_vs_llamacpp'], 'x')} | {ranged(row, 'ours_prefill_first_tok_s', 'tok_s')} / "
             f"{ranged(row, 'ours_prefill_tok_s', 'tok_s')} / {ranged(row, 'llamacpp_prefill_tok_s', 'tok_s')} | "
@@ -88,16 +103,62 @@ def side_by_side(report: dict) -> list[str]:
     return lines
 
 
+def _quant_targets(row: dict) -> str:
+    marks = [f"{t['name']} {at_most(t)} {fig(t['threshold'], 'frac')}: {met(t['met'])}" for t in row["targets"]]
+    return "; ".join(marks) or "-"
+
+
+def quantizations(report: dict) -> list[str]:
+    """How each quantized checkpoint was written, from the call that wrote it."""
+    rule = report["quantization"]
+    lines = []
+    for call in report["calls"]:
+        for weights, done in (call.get("quantization") or {}).items():
+            if done.get("quantized"):
+                lines.append(f"- {weights}: `{_short(done['command'])}` ({rule['method']}, group "
+                             f"{fig(rule['group_size'], 'int')}) on {call['date_utc']}: {fig(done['seconds'], 's')} s, "
+                             f"peak RSS {fig(done['peak_rss_bytes'], 'gb')} GB; {done['summary'].split(': ', 1)[-1]}")
+    return lines
+
+
+def quantized(report: dict) -> list[str]:
+    models = report.get("models") or {}
+    held = {row["weights"]: row["expert_bytes"] for row in report["quant_rows"] if row.get("expert_bytes")}
+    sizes = ", ".join(f"{w} {fig(m['expert_bytes'], 'bytes')} / {fig(held.get(w), 'bytes')}"
+                      for w, m in models.items())
+    lines = ["### Quantized experts", "",
+             "Our int4/int8 checkpoints written by `moe-offload quantize` from the bf16 model; bytes per expert in the "
+             f"checkpoint / as the engine held them (bf16 in its compute dtype on that device): {sizes}. "
+             "MB per token: bytes a decoded token moved (PCIe, CPU, disk), as the engine counted them (quantized "
+             "bytes for int4/int8); efficiency: against the bound of those bytes (the offload table's rule); llama.cpp "
+             "ran the GGUF of the same width at the same -ncmoe.", *quantizations(report), "",
+             "| weights | ratio, tier | decode tok/s | prefill tok/s first-seen | MB per token | bytes vs bf16 | "
+             "decode vs bf16 | efficiency | peak GB: ours / llama.cpp | llama.cpp GGUF / ncmoe | decode / prefill vs "
+             "llama.cpp | issue 17 targets |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["quant_rows"]:
+        lines.append(
+            f"| {row['weights']} | {fig(row['ratio'], 'int')}, {row['tier']} | "
+            f"{ranged(row, 'decode_tok_s', 'tok_s')} | {ranged(row, 'prefill_first_tok_s', 'tok_s')} | "
+            f"{fig(row['bytes_per_token'], 'mb')} | {fig(row['bytes_vs_bf16'], 'x')} | "
+            f"{fig(row['decode_vs_bf16'], 'x')} | {ranged(row, 'efficiency', 'frac')} | "
+            f"{fig(row['peak_device_bytes'], 'gb')} / {fig(row['llamacpp_peak_device_bytes'], 'gb')} | "
+            f"{row['gguf_type'] or '-'} / {fig(row['ncmoe'], 'int')} | {fig(row['decode_vs_llamacpp'], 'x')} / "
+            f"{fig(row['prefill_vs_llamacpp'], 'x')} | {_quant_targets(row)} |"
+            + (f" {row['error']}" if row.get("error") else ""))
+    return lines
+
+
 def offload(report: dict) -> list[str]:
     lines = ["### Offload table", "",
              "Efficiency: the bytes a decoded token moved over its bounding link per second, over that link's "
              "measured rate (the bound column); peaks: whole process by NVML / the caching allocator's.", "",
-             "| ratio, tier | decode tok/s | prefill tok/s: first-seen / replayed | TTFT ms | decode hit rate | MB per "
-             "token: PCIe / CPU / disk | GB/s: achieved / bound | bound | efficiency | peak GB: NVML / allocator | "
-             "load s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| weights | ratio, tier | decode tok/s | prefill tok/s: first-seen / replayed | TTFT ms | decode hit "
+             "rate | MB per token: PCIe / CPU / disk | GB/s: achieved / bound | bound | efficiency | peak GB: NVML / "
+             "allocator | load s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["offload_rows"]:
         lines.append(
-            f"| {fig(row['ratio'], 'int')}, {row['tier']} | {ranged(row, 'decode_tok_s', 'tok_s')} | "
+            f"| {row['weights']} | {fig(row['ratio'], 'int')}, {row['tier']} | "
+            f"{ranged(row, 'decode_tok_s', 'tok_s')} | "
             f"{ranged(row, 'prefill_first_tok_s', 'tok_s')} / {ranged(row, 'prefill_tok_s', 'tok_s')} | "
             f"{fig(row.get('ttft_s'), 'ms')} | {fig(row.get('hit_rate'), 'frac')} | "
             f"{fig(row.get('pcie_bytes_per_token'), 'mb')} / {fig(row.get('cpu_bytes_per_token'), 'mb')} / "
@@ -117,6 +178,9 @@ def offload(report: dict) -> list[str]:
                          f"O_DIRECT disk reads {fig(bw.get('disk_odirect_gb_s'), 'gb_s')} GB/s on one thread, "
                          f"{fig(bw.get('disk_odirect_parallel_gb_s'), 'gb_s')} on "
                          f"{fig(bw.get('disk_parallel_threads'), 'int')}.")
+    if report["baseline_rows"] and report["weights"] != [report["baselines_weights"]]:
+        lines.append(f"Baselines ran the {report['baselines_weights']} checkpoint only (transformers' and accelerate's "
+                     "own loaders, as issue 4 set them).")
     for kind, label in (("transformers", "transformers all on the device"),
                         ("accelerate", "accelerate device_map=\"auto\"")):
         row = report["baseline_rows"].get(kind)
@@ -132,10 +196,10 @@ def offload(report: dict) -> list[str]:
 
 def choices(report: dict) -> list[str]:
     lines = ["What the engine chose at load, per configuration:"]
-    for run in sorted(report["runs"], key=lambda r: (r["variant"], r["ratio"])):
+    for run in sorted(report["runs"], key=lambda r: (r["weights"], r["variant"], r["ratio"])):
         if run.get("choices"):
             said = "; ".join(f"{c['name']}={c['value']} ({c['why']})" for c in run["choices"])
-            lines.append(f"- {run['variant']} ratio {fig(run['ratio'], 'int')}: {said}")
+            lines.append(f"- {run['weights']} {run['variant']} ratio {fig(run['ratio'], 'int')}: {said}")
     return lines if len(lines) > 1 else []
 
 
@@ -143,8 +207,8 @@ def targets(report: dict) -> list[str]:
     missed = [t for t in report["targets"] if t["met"] is False]
     lines = [f"Targets ({report['targets_rule']}): "
              + ("missed:" if missed else "none missed among those the file could judge.")]
-    lines += [f"- {t['table']} {t['target']} = {fig(t['value'], 'frac')} (threshold {fig(t['threshold'], 'frac')})"
-              for t in missed]
+    lines += [f"- {t['table']} {t['target']} = {fig(t['value'], 'frac')} (threshold {at_most(t)} "
+              f"{fig(t['threshold'], 'frac')})" for t in missed]
     return lines
 
 
@@ -160,6 +224,8 @@ def render(report: dict, source: str) -> str:
              f"{report['routing']}.", ""]
     if report["rows"]:
         lines += side_by_side(report) + [""]
+    if report["quant_rows"]:
+        lines += quantized(report) + [""]
     if report["offload_rows"]:
         lines += offload(report) + [""]
     lines += choices(report) + [""] + targets(report)
@@ -185,7 +251,7 @@ def main(argv=None) -> int:
         parser.error(f"cannot read {args.report}: {err}")
     if not str(report.get("schema", "")).startswith("moe-offload/harness/"):
         parser.error(f"{args.report} is not a bench.harness report (schema {report.get('schema')!r})")
-    body = render(report, args.report)
+    body = render(derive(report), args.report)
     if args.write is None:
         sys.stdout.write(body)
         return 0

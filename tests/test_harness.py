@@ -1,7 +1,8 @@
 """bench/harness.py, the one harness behind every GPU table: its whole flow on the CPU (--tiny), llama.cpp's side
 through a stand-in llama-bench that prints output recorded on the H200, the row builders and the roofline on
-numbers worked by hand, resuming a cut-short report, and the table rendered from the report with no number of its
-own.
+numbers worked by hand, resuming a cut-short report, the table rendered from the report with no number of its
+own, and the quantized weights (issue 17): the model quantized by `moe-offload quantize` once, and the combined
+table's ratios to bf16 and targets on runs scaled by hand.
 
 The GPU run is expensive and unattended, so everything but the CUDA-only measurements (pinned copies, NVML peaks,
 graphs) is exercised here; llama-bench itself needs a build (bench/llamacpp/build.sh), which CI does not have.
@@ -9,6 +10,7 @@ graphs) is exercised here; llama-bench itself needs a build (bench/llamacpp/buil
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -271,7 +273,84 @@ def test_results_md_has_the_markers_once():
     assert "python -m bench.table" in text
 
 
+def test_quant_phase_writes_each_checkpoint_once(tiny, tmp_path):
+    """The tiny flow's quant step for real: `moe-offload quantize` in its own process, timed with its peak RSS, into
+    MODEL-int4; a second call finds it there. A folder in its place that the harness did not write is refused."""
+    _, root = tiny
+    out = tmp_path / "quant.json"
+    args = ["--model-dir", str(root / "model"), "--weights", "int4", "--phases", "quant", "--out", str(out)]
+    assert _harness_here(*args) == 0
+    report = json.loads(out.read_text())
+    done = report["calls"][0]["quantization"]["int4"]
+    assert done["quantized"] and done["seconds"] > 0 and done["peak_rss_bytes"] > 0 and "4 bits" in done["summary"]
+    assert report["quantization"] == {"method": "rtn", "group_size": 32} and report["weights"] == ["int4"]
+    config = json.loads((root / "model-int4" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert report["models"]["int4"]["expert_bytes"] < json.loads(
+        (root / "report.json").read_text())["model"]["expert_bytes"] / 3
+    assert _harness_here(*args, "--merge", str(out)) == 0
+    assert json.loads(out.read_text())["calls"][1]["quantization"]["int4"] == {"quantized": False, "seconds": 0.0}
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    with pytest.raises(RuntimeError, match="not a quantized random model"):
+        bench_module("common").quantize_model(str(root / "model"), str(foreign), 4, 32, "rtn")
+
+
+def _as_int4(run: dict, byte_share: float, speedup: float) -> dict:
+    """A copy of a bf16 run as if int4: expert bytes and every decode byte counter times byte_share, decode
+    speed times speedup."""
+    run = copy.deepcopy(run)
+    run.update(weights="int4", expert_bytes=run["expert_bytes"] * byte_share)
+    for generation in run["replayed"]:
+        generation["decode_tok_s"] *= speedup
+        for key in ("host_bytes", "disk_bytes", "in_place_bytes"):
+            generation["decode"][key] *= byte_share
+    return run
+
+
+def test_quantized_table_sets_each_weights_beside_bf16(tiny):
+    derive, table = bench_module("derive"), bench_module("table")
+    report = copy.deepcopy(tiny[0])
+    report["weights"] = ["bf16", "int4"]
+    report["runs"] += [_as_int4(r, 0.25, 3.0) for r in report["runs"]]
+    rows = {(r["weights"], r["tier"], r["ratio"]): r for r in derive.derive(report)["quant_rows"]}
+    assert set(rows) == {(w, t, r) for w in ("bf16", "int4") for t, r in (("host", 50), ("host", 0), ("disk", 50))}
+    int4 = rows["int4", "host", 0]
+    assert int4["bytes_vs_bf16"] == pytest.approx(0.25) and int4["decode_vs_bf16"] == pytest.approx(3.0)
+    assert (int4["gguf_type"], int4["ncmoe"]) == ("Q4_0", 2)  # no Q4_0 run in this report: no ratio to llama.cpp
+    marks = {t["name"]: t["met"] for t in int4["targets"]}
+    assert marks == {"bytes_vs_bf16": True, "decode_vs_bf16": True, "decode_vs_llamacpp": None,
+                     "prefill_vs_llamacpp": None, "peak_vs_llamacpp": None}
+    assert not rows["bf16", "host", 0]["targets"] and not rows["int4", "disk", 50]["targets"]  # host tier only
+    judged = {t["target"]: t for t in report["targets"] if t["table"] == "quantized"}
+    assert judged["int4_ratio0_bytes_vs_bf16"]["direction"] == "max" and judged["int4_ratio0_bytes_vs_bf16"]["met"]
+    text = table.render(report, "REPORT")
+    assert "### Quantized experts" in text and "| int4 | 0, host |" in text and "bytes_vs_bf16 <= 0.30: yes" in text
+    prose = re.sub(r"`[^`]*`", "", text)
+    assert not set(NUMBER.findall(prose)) - _allowed_numbers(report, table.FORMATS)
+
+
+def test_reports_from_before_the_weights_render_as_bf16():
+    table = bench_module("table")
+    canonical = os.path.join(ROOT, "bench", "results", "2026-12-05-h100-harness.json")
+    report = bench_module("derive").derive(json.load(open(canonical)))
+    assert {r["weights"] for r in report["runs"] + report["llamacpp"]} == {"bf16"} and not report["quant_rows"]
+    text = table.render(report, canonical)
+    assert "| bf16 / BF16 | 0 / 12 |" in text and "### Quantized experts" not in text
+
+
+def test_each_weights_has_its_gguf():
+    harness = bench_module("harness")
+    assert [harness.gguf_for("/m/full.gguf", w) for w in ("bf16", "int4", "int8")] == [
+        "/m/full.gguf", "/m/full-Q4_0.gguf", "/m/full-Q8_0.gguf"]
+    swept = {"sweep": [{"command": "llama-bench -m /m/full-Q4_0.gguf -ngl 99 -t 4"}]}  # its flags serve every GGUF
+    assert harness._swept_model(swept) == "full-Q4_0.gguf" and "not name" in harness._swept_model({})
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--weights", "bf16,int3"], "unknown weights ['int3']"),
+    (["--weights", "int4", "--gguf", os.path.join(ROOT, "README.md"), "--llama-bench", os.path.join(ROOT, "README.md")],
+     "Q4_0 peer of --weights int4"),
     (["--repeats", "2"], "at least 3"),
     (["--variants", '{"default": {"MOE_CPU_EXPERTS": "off"}}'], "harness's own"),
     (["--variants", "[1]"], "JSON object"),
