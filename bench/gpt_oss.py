@@ -37,9 +37,9 @@ import time
 
 import torch
 
-from bench.common import MODEL_ROOT, STARTED, load_pipeline, log, run_module, sync, timed_generate, write_report
+from bench.common import MODEL_ROOT, STARTED, load_pipeline, log, sync, timed_generate, write_report
 from bench.derive import ncmoe_for
-from bench.sides import llamacpp, polled, summary
+from bench.sides import in_own_process, llamacpp, summary
 
 SEED = 0
 INIT_STD = 0.02
@@ -172,22 +172,6 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def _in_own_process(spec: dict, timeout: float) -> dict:
-    """measure(spec) in a child process (python -m bench.gpt_oss --worker SPEC), its device memory polled."""
-    def command() -> dict:
-        done = run_module("bench.gpt_oss", ["--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout)
-        return {"returncode": done.returncode, "stderr": done.stderr[-3000:]}
-
-    outcome = polled(command)
-    result = {}
-    if os.path.exists(spec["out"]):
-        with open(spec["out"]) as handle:
-            result = json.load(handle)
-        os.remove(spec["out"])
-    return {**result, **outcome}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=False)
@@ -225,7 +209,7 @@ def main(argv=None) -> int:
         spec = dict(model_dir=model_dir, device=args.device, ratio=ratio, prompt_len=prompt, decode_tokens=decode,
                     repeats=args.repeats, seconds=args.seconds, out=f"{args.out}.worker.json")
         log(f"ours at ratio {ratio}")
-        report["runs"].append(_in_own_process(spec, timeout=args.seconds + 120))
+        report["runs"].append(in_own_process(spec, args.seconds + 120, "bench.gpt_oss", "--worker"))
         if args.gguf and args.llama_bench:
             ncmoe = ncmoe_for(ratio, SPECS[mode]["num_hidden_layers"])
             log(f"llama-bench -ncmoe {ncmoe}")

@@ -45,15 +45,16 @@ def polled(command) -> dict:
             "memory_samples": poller.samples if poller else 0}
 
 
-def in_own_process(spec: dict, timeout: float) -> dict:
-    """bench.worker on `spec` in a child process, polled; its results file, plus returncode, the NVML peak and,
-    on failure, `error` and the end of its stderr."""
+def in_own_process(spec: dict, timeout: float, module: str = "bench.worker", flag: str | None = None) -> dict:
+    """`module` on `spec` (`python -m MODULE [FLAG] SPEC-JSON`) in a child process, polled; the results file it
+    writes to spec["out"], plus returncode, the NVML peak and, on failure, `error` and the end of its stderr."""
     if os.path.exists(spec["out"]):
         os.remove(spec["out"])
+    argv = ([flag] if flag else []) + [json.dumps(spec)]
 
     def command() -> dict:
         try:
-            done = run_module("bench.worker", [json.dumps(spec)], capture_output=True, text=True, timeout=timeout)
+            done = run_module(module, argv, capture_output=True, text=True, timeout=timeout)
             return {"returncode": done.returncode, "stderr": done.stderr}
         except subprocess.TimeoutExpired as err:
             stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
