@@ -107,3 +107,13 @@ def test_real_process_exit_status(tmp_path):
                              str(tmp_path / "q"), "--bits", "3"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith(PREFIX)
     assert os.listdir(tmp_path) == []
+
+
+def test_gpt_oss_is_refused_not_split_as_if_it_were_qwen(tmp_path_factory, tmp_path, capsys):
+    """GPT-OSS's fused experts are transposed, interleaved and biased: splitting them as [E, 2I, H] would write
+    a wrong checkpoint, so quantize names the model instead."""
+    from tiny_models import make_gpt_oss_checkpoint
+
+    source = make_gpt_oss_checkpoint(str(tmp_path_factory.mktemp("gpt-oss")))
+    err = _quantize(capsys, tmp_path, source, "-o", str(tmp_path / "q"), "--bits", "4", "--group-size", "8")
+    assert "GPT-OSS experts" in err and "not quantized by `quantize`" in err and "MXFP4" in err

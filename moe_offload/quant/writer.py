@@ -123,6 +123,12 @@ def _plan(checkpoint: Checkpoint, config: dict, spec: QuantSpec) -> list[_Job]:
     if not checkpoint.experts_by_layer:
         raise MoeOffloadError(f"no routed expert weights in {checkpoint.root}: not a MoE checkpoint (quantize "
                               "quantizes the routed experts of Mixtral, Qwen-MoE, OLMoE and DeepSeek layouts)")
+    biased = next((entry.name for layer in checkpoint.experts_by_layer.values() for key, entry in layer.fused.items()
+                   if not key.endswith("proj")), None)  # GPT-OSS's biases (or MXFP4 blocks) beside the weights
+    if biased is not None or config.get("model_type") == "gpt_oss":
+        raise MoeOffloadError(f"{biased or 'model_type gpt_oss'}: GPT-OSS experts (biases, gate/up interleaved, "
+                              "clamped SwiGLU) are not quantized by `quantize`; moe-offload runs GPT-OSS's released "
+                              "MXFP4 checkpoints as they are")
     experts = {}
     for layer in checkpoint.experts_by_layer.values():
         for entry in [*layer.fused.values(), *(e for roles in layer.per_expert.values() for e in roles.values())]:
