@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 
 import pytest
@@ -62,3 +63,21 @@ def test_a_missing_prompt_file_is_one_line(tmp_path, capsys):
     assert main(["generate", "-d", "cpu", "-f", str(tmp_path / "nope.txt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "prompt file not found" in err and "nope.txt" in err
+
+
+def test_commands_run_without_the_serve_extra(tmp_path):
+    """Only `serve` needs pydantic, fastapi and uvicorn (the [serve] extra): with them unimportable, the parser is
+    built, `info --help` runs and `serve` says what to install, in one line."""
+    script = ("import sys\n"
+              "for name in ('pydantic', 'fastapi', 'uvicorn', 'starlette'):\n"
+              "    sys.modules[name] = None  # import raises ImportError\n"
+              "from moe_offload.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    run = lambda *argv: subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                                       cwd=tmp_path, timeout=120)
+    assert run("--version").returncode == 0
+    helped = run("info", "--help")
+    assert helped.returncode == 0 and "usage:" in helped.stdout, helped.stderr
+    served = run("serve", "-m", str(tmp_path))
+    assert served.returncode == 2 and served.stderr.count("\n") == 1, served.stderr
+    assert "pip install 'moe-offload[serve]'" in served.stderr

@@ -34,7 +34,8 @@ def _e4m3_to_float32(byte):
     normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)  # rebias 7 -> 127
     magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)  # 2^-9
     magnitude = tl.where((exponent == 15) & (mantissa == 7), float("nan"), magnitude)
-    return tl.where((byte & 128) != 0, -magnitude, magnitude)
+    # the sign as a bit, not a negation: a GPU compiles -x as 0 - x, which turns code 0x80 (-0.0) into +0.0
+    return (magnitude.to(tl.int32, bitcast=True) | ((byte & 128) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

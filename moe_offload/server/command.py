@@ -20,14 +20,16 @@ from ..errors import MoeOffloadError
 
 API_KEY_ENV = "MOE_OFFLOAD_API_KEY"
 DEFAULT_QUEUE_SIZE = 16
+# when a request sets none: the static KV cache is sized by prompt + max_tokens. Here, not in prepare.py, so that
+# building the CLI's parser imports nothing of the [serve] extra (pydantic, fastapi): every other command runs
+# without it
+DEFAULT_MAX_TOKENS = 512
 
 
 def add_serve_command(subparsers, add_model_flags: Callable[[argparse.ArgumentParser], None],
                       properties: Callable[[argparse.Namespace], dict[str, Any]]):
     """Register `serve` with the model flags every loading command has (`add_model_flags`); `properties(args)`
     turns them into LLMPipeline keywords."""
-    from .prepare import DEFAULT_MAX_TOKENS
-
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat page at /)")
     add_model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
@@ -101,7 +103,7 @@ def build_service(pipe, api_key: str | None = None, queue_size: int = DEFAULT_QU
     """The app's parts for a loaded pipeline; the worker is started and must be closed by the caller."""
     from .app import Service
     from .metrics import Metrics
-    from .prepare import DEFAULT_MAX_TOKENS, Served
+    from .prepare import Served
     from .worker import GenerationWorker
 
     served = Served.from_pipeline(pipe, name, default_max_tokens or DEFAULT_MAX_TOKENS)

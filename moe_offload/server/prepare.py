@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from .command import DEFAULT_MAX_TOKENS
 from .errors import ApiError
 from .schemas import ChatRequest, CompletionRequest
 from .worker import Job
 
-DEFAULT_MAX_TOKENS = 512  # when a request sets none: the static KV cache is sized by prompt + max_tokens
 
 
 @dataclass
