@@ -1,5 +1,6 @@
 import os
 import sys
+import threading
 
 import pytest
 
@@ -42,8 +43,13 @@ def _patch_lang_once_per_launch() -> None:
     if original is None or helper is None or not hasattr(interpreter, "_LangPatchScope") \
             or getattr(original, "once_per_launch", False):
         return
-    launches: list[set[int]] = []  # per running launch: ids of the language modules it patched
-    helpers = [0]  # depth of @triton.jit helper calls running
+    state = threading.local()  # per thread (the language modules are shared; Triton's launches are not)
+
+    def running() -> tuple[list, list]:
+        """This thread's running launches (the language modules each patched: ids) and helper-call depth [n]."""
+        if not hasattr(state, "launches"):
+            state.launches, state.helpers = [], [0]
+        return state.launches, state.helpers
 
     def languages(fn) -> set[int]:
         return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
@@ -51,22 +57,25 @@ def _patch_lang_once_per_launch() -> None:
     class LaunchScope:
         def __init__(self, scope, patched: set[int]):
             self.scope, self.patched = scope, patched
-            launches.append(patched)
+            running()[0].append(self)
 
         def restore(self) -> None:
             try:
                 self.scope.restore()
             finally:
-                launches.remove(self.patched)
+                launches = running()[0]
+                launches.pop(next(i for i, s in enumerate(launches) if s is self))
 
     def patch_lang(fn):
+        launches, helpers = running()
         if not helpers[0]:  # a launch: patched here, restored when it ends
             return LaunchScope(original(fn), languages(fn))
-        if launches and languages(fn) <= launches[-1]:  # already patched by the running launch
+        if launches and languages(fn) <= launches[-1].patched:  # already patched by the running launch
             return interpreter._LangPatchScope()
         return original(fn)
 
     def call_helper(self, *args, **kwargs):
+        helpers = running()[1]
         helpers[0] += 1
         try:
             return helper(self, *args, **kwargs)
