@@ -8,7 +8,11 @@ import os
 from repo_scripts import run_bench
 
 
-def test_each_variant_runs_in_its_own_process_and_pinning_pins(tmp_path):
+def test_each_variant_runs_in_its_own_process_and_pinning_pins(tmp_path, monkeypatch):
+    # Each trial process compiles the numba kernel afresh, which was most of this test's time. What is checked
+    # here is the process per trial, the pinning and the report, not the kernel's speed or its results (those
+    # are test_cpu_experts'), so the children compile it without LLVM's optimisation passes.
+    monkeypatch.setenv("NUMBA_OPT", "0")
     out = tmp_path / "spread.json"
     done = run_bench("cpu_expert_spread", "--trials", "1", "--experts", "9", "--hidden", "64", "--inter", "32",
                      "--threads", "2", "--repeats", "3", "--out", str(out), timeout=600)

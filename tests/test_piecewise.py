@@ -215,12 +215,14 @@ def test_layers_with_every_expert_cached_replay_their_own_graph(checkpoint_facto
                 monkeypatch.setattr(OffloadedExperts, "forward_routed", lambda self, *args: (
                     served.__setitem__("eager", served["eager"] + 1), routed(self, *args))[1])
             logits = []
-            generations.append((pipe.decoder.generate(prompt, 12, 12, on_logits=logits.append), logits))
+            # 8 new tokens (12 before): the second generation's 7 steps still replay both kinds of layer step
+            # (2 hits graphs and 14 eager layer steps on this checkpoint), which is what is counted below
+            generations.append((pipe.decoder.generate(prompt, 8, 8, on_logits=logits.append), logits))
         runs.append((generations, pipe))
     (want, _), (got, pipe) = runs
     for (want_tokens, want_logits), (got_tokens, got_logits) in zip(want, got):
         assert got_tokens == want_tokens and all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
-    assert isinstance(pipe.decoder.graph, PiecewiseStep) and pipe.decoder.steps_replayed >= 16
+    assert isinstance(pipe.decoder.graph, PiecewiseStep) and pipe.decoder.steps_replayed >= 12  # of 2 x 7 steps
     prefill_layers = len(pipe.layers)  # the second generation's prompt goes through forward_routed eagerly
     assert served["graph"] > 0 and served["eager"] > prefill_layers  # both kinds of layer step were replayed
     assert pipe.get_offload_stats()["piecewise_hits_graphs"] == {"layers": len(pipe.layers), "failure": None}
