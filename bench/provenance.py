@@ -32,16 +32,18 @@ def _git(*args: str) -> str | None:
 
 
 def commit() -> dict:
-    """{"commit", "dirty", "commit_source"}: HEAD and whether tracked files differ from it (git status), else the
-    environment's MOE_BENCH_COMMIT / MOE_BENCH_DIRTY, else nulls."""
-    head = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if head else None
-    if head and status is not None:
-        return {"commit": head.strip(), "dirty": bool(status.strip()), "commit_source": "git"}
+    """{"commit", "dirty", "commit_source"}: the environment's MOE_BENCH_COMMIT / MOE_BENCH_DIRTY where set (whoever
+    started the run knows what it copied: a device machine's tree can carry a stale .git, which named the session's
+    first commit, dirty, for a later tree), else HEAD and whether tracked files differ from it (git status), else
+    nulls."""
     given = os.environ.get("MOE_BENCH_COMMIT", "").strip()
     if given:
         dirty = os.environ.get("MOE_BENCH_DIRTY", "").strip().lower()
         return {"commit": given, "dirty": {"true": True, "false": False}.get(dirty), "commit_source": "environment"}
+    head = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if head else None
+    if head and status is not None:
+        return {"commit": head.strip(), "dirty": bool(status.strip()), "commit_source": "git"}
     return {"commit": None, "dirty": None, "commit_source": None}
 
 

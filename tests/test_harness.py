@@ -370,9 +370,11 @@ def test_commit_from_git_or_the_environment(monkeypatch):
     provenance = bench_module("provenance")
     found = provenance.commit()
     assert found["commit_source"] == "git" and re.fullmatch(r"[0-9a-f]{40}", found["commit"])
-    monkeypatch.setattr(provenance, "_git", lambda *args: None)  # a tree copied without its .git
     monkeypatch.setenv("MOE_BENCH_COMMIT", "abc123")
     monkeypatch.setenv("MOE_BENCH_DIRTY", "false")
+    # said by whoever started the run, it wins over a .git that may be stale (a device machine's copy)
+    assert provenance.commit() == {"commit": "abc123", "dirty": False, "commit_source": "environment"}
+    monkeypatch.setattr(provenance, "_git", lambda *args: None)  # a tree copied without its .git
     assert provenance.commit() == {"commit": "abc123", "dirty": False, "commit_source": "environment"}
     monkeypatch.delenv("MOE_BENCH_COMMIT")
     assert provenance.commit()["commit"] is None
