@@ -13,8 +13,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny_models import VOCAB
+from safetensors.torch import load_file
+from tiny_models import VOCAB, save_quantized_pair
 
 from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
@@ -115,24 +115,14 @@ def write_gptq(src: str, dst: str, dequantized: str | None, bits: int, group_siz
             edit(module, tensors)
         quantized.update({f"{module}.{key}": value for key, value in tensors.items()})
         plain[name] = weight
-    with open(os.path.join(src, "config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    for folder, tensors in ((dst, quantized), (dequantized, plain)):
-        if folder is None:
-            continue
-        os.makedirs(folder, exist_ok=True)
-        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        written = dict(config)
-        if folder == dst and layout == "awq":  # the keys AutoAWQ writes
-            written["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size,
-                                              "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
-        elif folder == dst:  # the keys GPTQModel / optimum write
-            written["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
-                                              "desc_act": desc_act, "sym": sym, "checkpoint_format": layout,
-                                              "damp_percent": 0.01, "true_sequential": True, "static_groups": False}
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(written, handle)
-    return dst
+    if layout == "awq":  # the keys AutoAWQ writes
+        config = {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
+                  "version": "gemm", "modules_to_not_convert": None}
+    else:  # the keys GPTQModel / optimum write
+        config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+                  "checkpoint_format": layout, "damp_percent": 0.01, "true_sequential": True,
+                  "static_groups": False}
+    return save_quantized_pair(src, dst, dequantized, quantized, plain, config)
 
 
 @pytest.fixture(scope="module")

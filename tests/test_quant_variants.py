@@ -15,7 +15,7 @@ import torch
 from compressed_tensors.compressors import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors.torch import load_file, save_file
-from tiny_models import VOCAB
+from tiny_models import VOCAB, save_quantized_pair
 
 from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
@@ -56,17 +56,7 @@ def write_compressed(src: str, dst: str, dequantized: str | None, spec: QuantSpe
         tensors, weight = compress(tensor, spec)
         quantized.update({f"{name.removesuffix('.weight')}.{key}": value for key, value in tensors.items()})
         plain[name] = weight.float()
-    with open(os.path.join(src, "config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    for folder, tensors in ((dst, quantized), (dequantized, plain)):
-        if folder is None:
-            continue
-        os.makedirs(folder, exist_ok=True)
-        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        written = dict(config, quantization_config=quantization_config(spec, ["lm_head"])) if folder == dst else config
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(written, handle)
-    return dst
+    return save_quantized_pair(src, dst, dequantized, quantized, plain, quantization_config(spec, ["lm_head"]))
 
 
 def test_w8a16_channel_wise_matches_transformers(checkpoint_factory, tmp_path):

@@ -197,3 +197,21 @@ def make_gpt_oss_checkpoint(path: str, mxfp4: bool = False, seed: int = 0, **ove
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle)
     return path
+
+
+def save_quantized_pair(src: str, dst: str, dequantized: str | None, quantized: dict, plain: dict,
+                        quantization_config: dict) -> str:
+    """Write `quantized` (tensors in a quantized layout) to `dst` with src's config.json plus quantization_config,
+    and, where `dequantized` is given, `plain` (the same weights as the format dequantizes them) there with src's
+    config unchanged: the checkpoint under test and its reference. Returns dst."""
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    for folder, tensors in ((dst, quantized), (dequantized, plain)):
+        if folder is None:
+            continue
+        os.makedirs(folder, exist_ok=True)
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        written = dict(config, quantization_config=quantization_config) if folder == dst else config
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(written, handle)
+    return dst
