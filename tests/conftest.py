@@ -9,6 +9,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import make_checkpoint  # noqa: E402
 
 
+@pytest.fixture
+def ieee_fp32():
+    """fp32 comparisons without TF32 on either side (monkeypatch cannot restore cuBLASModule attributes)."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """make(arch, layout="per_expert", max_shard_size=None) -> path, cached per argument set."""

@@ -141,12 +141,12 @@ def test_triton_kernels_on_channel_wise_pools(monkeypatch, spec, path):
     the dequantizing reference, test_triton_quant's tolerances."""
     pytest.importorskip("triton")
     import test_triton_quant as tq
-    from triton_interp import BF16_PATCHES, CUDA, gpu_like_bf16
+    from triton_interp import BF16_PATCHES, CUDA, force_path, gpu_like_bf16
 
     if not CUDA and BF16_PATCHES is None:
         pytest.skip("the interpreter cannot round to bf16 as a GPU does (triton_interp.py)")
     gpu_like_bf16(monkeypatch)
-    tq._force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     x, ids, weights, rows, fmt, slots = tq.make_inputs(spec, 1 if path == "decode" else 5, torch.bfloat16)
     assert fmt.group_span >= max(tq.HIDDEN, tq.INTER) and fmt.plane("down.scale").shape == (tq.HIDDEN, 1)
     pools = fmt.weights(rows)

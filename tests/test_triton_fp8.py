@@ -12,7 +12,7 @@ a GPU (triton_interp.py); the interpreter reads float8 tensors, but the kernels 
 
 import pytest
 import torch
-from triton_interp import BF16_PATCHES, CUDA, gpu_like_bf16  # first: sets TRITON_INTERPRET before triton loads
+from triton_interp import BF16_PATCHES, CUDA, force_path, gpu_like_bf16  # first: sets TRITON_INTERPRET (triton)
 
 import triton  # noqa: E402  (after triton_interp)
 import triton.language as tl  # noqa: E402
@@ -22,6 +22,7 @@ from moe_offload.kernels import triton_fp8, triton_moe
 from moe_offload.kernels.reference import dequantize
 from moe_offload.quant.fp8 import BlockFP8Spec
 
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 DEVICE = "cuda" if CUDA else "cpu"
 HIDDEN, INTER = 75, 21
 SPEC = BlockFP8Spec(16, 32)
@@ -38,16 +39,6 @@ def _gpu_like_bf16(monkeypatch):
     gpu_like_bf16(monkeypatch)
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _force_path(monkeypatch, path: str) -> None:
-    monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 1 << 30 if path == "decode" else 0)
 
 
 def make_rows(fmt: ExpertFormat, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -112,7 +103,7 @@ def test_the_scale_blocks_restart_at_up():
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_matches_the_dequantizing_reference(monkeypatch, dtype, scale_dtype, path):
     """float32 scales (DeepSeek-V3) and bf16 ones (some Qwen3 exports: widened, the product rounded once)."""
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     x, ids, weights, rows, fmt, slots = make_inputs(1 if path == "decode" else 9, dtype, scale_dtype=scale_dtype)
     pools = fmt.weights(rows)
     expected = triton_moe.fused_moe_reference(x, ids, weights, pools.gate_up, pools.down, slots)
@@ -124,7 +115,7 @@ def test_matches_the_dequantizing_reference(monkeypatch, dtype, scale_dtype, pat
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_host_rows_are_read_in_place_with_the_same_bits(monkeypatch, path):
     """Slots past the device pool address host rows (pinned, on CUDA): the bits of one device pool."""
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     x, ids, weights, rows, fmt, slots = make_inputs(1 if path == "decode" else 9, torch.bfloat16, seed=1)
     split = 5  # rows 0..4 on the device, 5..10 in host memory: at least 3 of the 8 experts are on the host
     host_rows = rows[split:].cpu()

@@ -10,13 +10,14 @@ pool read in place and read-through admission are checked bit for bit.
 
 import pytest
 import torch
-from triton_interp import CUDA, gpu_like_bf16  # first: sets TRITON_INTERPRET before triton loads
+from triton_interp import CUDA, force_path, gpu_like_bf16  # first: sets TRITON_INTERPRET before triton loads
 
 from moe_offload.expert_format import ClampedSwiGLU, ExpertFormat
 from moe_offload.kernels import triton_moe
 from moe_offload.kernels.reference import dense
 from moe_offload.quant.mxfp4 import MXFP4
 
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 DEVICE = "cuda" if CUDA else "cpu"
 GLU = ClampedSwiGLU(alpha=1.702, limit=7.0)
 SHAPES = {"dense": (75, 37), "mxfp4": (96, 32)}  # (H, I)
@@ -26,10 +27,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}
 @pytest.fixture(autouse=True)
 def _gpu_like(monkeypatch):
     gpu_like_bf16(monkeypatch)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _pool(kind: str, dtype: torch.dtype, slots: int, seed: int = 0):
@@ -56,16 +53,13 @@ def _routing(tokens: int, experts: int, top_k: int, hidden: int, dtype: torch.dt
     return x, ids, weights
 
 
-def _force_path(monkeypatch, path: str) -> None:
-    monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 1 << 30 if path == "decode" else 0)
-
 
 # each pool kind on each path, each dtype twice (the interpreter runs every program in Python: kept to four)
 @pytest.mark.parametrize("kind, path, dtype", [
     ("dense", "decode", torch.float32), ("dense", "prefill", torch.bfloat16),
     ("mxfp4", "decode", torch.bfloat16), ("mxfp4", "prefill", torch.float32)])
 def test_matches_reference(monkeypatch, kind, path, dtype):
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     experts, top_k, tokens = 6, 2, 1 if path == "decode" else 9
     fmt, rows = _pool(kind, dtype, experts + 2)
     pool = fmt.weights(rows)

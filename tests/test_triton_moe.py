@@ -7,10 +7,11 @@ interpreter's internals have moved, bf16 runs the prefill path on the GPU only, 
 
 import pytest
 import torch
-from triton_interp import BF16_PATCHES, CUDA, gpu_like_bf16  # first: sets TRITON_INTERPRET before triton loads
+from triton_interp import BF16_PATCHES, CUDA, force_path, gpu_like_bf16  # first: sets TRITON_INTERPRET (triton)
 
 from moe_offload.kernels import triton_moe
 
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 DEVICE = "cuda" if CUDA else "cpu"
 NUM_EXPERTS = [8, 64, 128]
 TOP_KS = [2, 8]
@@ -34,20 +35,6 @@ def _gpu_like_bf16(monkeypatch):
     gpu_like_bf16(monkeypatch)
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """fp32 comparisons without TF32 on either side (monkeypatch cannot restore cuBLASModule attributes)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _force_path(monkeypatch, path: str) -> None:
-    if path == "decode":
-        monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 1 << 30)
-    elif path == "prefill":
-        monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 0)
 
 
 def _skip_unsupported(dtype: torch.dtype, path: str, tokens: int, top_k: int) -> None:
@@ -83,7 +70,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_moe_matches_reference(monkeypatch, num_experts, top_k, tokens, hidden, inter, dtype, path):
     _skip_unsupported(dtype, path, tokens, top_k)
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     torch.manual_seed(tokens * 1000 + num_experts * 10 + top_k)
     args = make_inputs(tokens, num_experts, top_k, hidden, inter, dtype)
     expected = triton_moe.fused_moe_reference(*args)
@@ -118,7 +105,7 @@ def test_rounds_like_torch(monkeypatch, dtype, weight_dtype, path):
     """
     if not CUDA and dtype == torch.bfloat16 and BF16_PATCHES is None:
         pytest.skip("Triton's interpreter has no GPU-like bfloat16 (triton-lang/triton#11584)")
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     torch.manual_seed(11)
     tokens = 33 if path == "prefill" else 8  # the interpreter runs GEMV programs one by one
     x, ids, _, w13, w2, slot_of_expert = make_inputs(tokens, 8, 2, 64, 32, dtype)
@@ -141,7 +128,7 @@ def test_rounds_like_torch(monkeypatch, dtype, weight_dtype, path):
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_split_pools_accumulate_into_out(monkeypatch, dtype, path):
     """Experts spread over two pools (cache + scratch), -1 elsewhere: two calls into one out = the full layer."""
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     torch.manual_seed(7)
     x, ids, weights, w13, w2, slot_of_expert = make_inputs(33, 8, 2, 64, 32, dtype)
     in_scratch = torch.rand(8, device=DEVICE) < 0.5  # [E]
@@ -161,7 +148,7 @@ def test_split_pools_accumulate_into_out(monkeypatch, dtype, path):
 def test_host_pool_is_read_in_place_with_the_same_bits(monkeypatch, dtype, path):
     """Slots past the device pool address a (pinned, on CUDA) host pool: same results as one device pool."""
     _skip_unsupported(dtype, path, 33, 2)
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     torch.manual_seed(13)
     x, ids, weights, w13, w2, slot_of_expert = make_inputs(33, 8, 2, 64, 32, dtype)  # 11 slots
     split = 5  # slots 0..4 on the device, 5..10 in host memory: at least 3 of the 8 experts are on the host
@@ -209,7 +196,7 @@ def test_admitted_misses_are_written_into_their_slots_as_read(dtype):
 
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_deterministic(monkeypatch, path):
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     torch.manual_seed(3)
     args = make_inputs(33, 8, 2, 64, 32, torch.float16)
     assert torch.equal(triton_moe.fused_moe(*args), triton_moe.fused_moe(*args))

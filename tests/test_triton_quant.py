@@ -10,12 +10,13 @@ kernels run in Triton's interpreter, bf16 made to round as on a GPU (triton_inte
 
 import pytest
 import torch
-from triton_interp import BF16_PATCHES, CUDA, gpu_like_bf16  # first: sets TRITON_INTERPRET before triton loads
+from triton_interp import BF16_PATCHES, CUDA, force_path, gpu_like_bf16  # first: sets TRITON_INTERPRET (triton)
 
 from moe_offload.expert_format import ExpertFormat, QuantMatrix
 from moe_offload.kernels import triton_moe
 from moe_offload.quant.format import QuantSpec, pack
 
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 DEVICE = "cuda" if CUDA else "cpu"
 HIDDEN, INTER, GROUP = 75, 21, 32
 SCHEMES = [QuantSpec(4, GROUP, True), QuantSpec(4, GROUP, False), QuantSpec(8, GROUP, True),
@@ -32,16 +33,6 @@ def _gpu_like_bf16(monkeypatch):
     gpu_like_bf16(monkeypatch)
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _force_path(monkeypatch, path: str) -> None:
-    monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 1 << 30 if path == "decode" else 0)
 
 
 def make_rows(fmt: ExpertFormat, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -88,7 +79,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_matches_the_dequantizing_reference(monkeypatch, spec, dtype, path):
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     x, ids, weights, rows, fmt, slots = make_inputs(spec, 1 if path == "decode" else 9, dtype)
     pools = fmt.weights(rows)
     assert isinstance(pools.gate_up, QuantMatrix)
@@ -102,7 +93,7 @@ def test_matches_the_dequantizing_reference(monkeypatch, spec, dtype, path):
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_host_rows_are_read_in_place_with_the_same_bits(monkeypatch, spec, path):
     """Slots past the device pool address host rows (pinned, on CUDA): the bits of one device pool."""
-    _force_path(monkeypatch, path)
+    force_path(monkeypatch, path)
     x, ids, weights, rows, fmt, slots = make_inputs(spec, 1 if path == "decode" else 9, torch.bfloat16, seed=1)
     split = 5  # rows 0..4 on the device, 5..10 in host memory: at least 3 of the 8 experts are on the host
     host_rows = rows[split:].cpu()

@@ -60,3 +60,12 @@ def gpu_like_bf16(monkeypatch) -> None:
         builder, patches = BF16_PATCHES
         for name, replacement in patches.items():
             monkeypatch.setattr(builder, name, replacement)
+
+
+def force_path(monkeypatch, path: str) -> None:
+    """Make fused_moe take its GEMV ("decode") or grouped-GEMM ("prefill") path whatever the pair count; "auto"
+    leaves its threshold as it is."""
+    from moe_offload.kernels import triton_moe  # after TRITON_INTERPRET is set, above
+
+    if path in ("decode", "prefill"):
+        monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 1 << 30 if path == "decode" else 0)
