@@ -458,7 +458,7 @@ def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: E
             fetcher.fetch(site.layer, None, [Transfer(e, locations[e], host.row(e)) for e in batch], fmt)
             bar.update(len(batch))
     runtime = OffloadedExperts(site.layer, site.num_experts, _top_k(site), fmt, capacity, locations, host, fetcher,
-                               scratch, make_policy("lru"), device)
+                               scratch, make_policy(), device)
     runtime.preload(resident)
     bar.update(site.num_experts - (len(host.row_of) if host else 0))
     site.module._moe_offload = runtime

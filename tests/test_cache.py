@@ -17,6 +17,7 @@ from tiny_models import VOCAB
 
 from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
+from moe_offload import policy as policy_module
 from moe_offload.policy import LRUPolicy, SlotTable, make_policy
 from moe_offload.tools.info import describe
 
@@ -211,12 +212,16 @@ def _simulate_lru_hits(calls: list[dict], capacity: int, num_experts: int, fifo:
 
 @pytest.fixture(scope="module")
 def runs(checkpoint_path):
-    """(ratio, tier) -> (pipe, recorded calls); one load and one recording each."""
+    """(ratio, tier) -> (pipe, recorded calls); one load and one recording each. The engine runs LRU here (the
+    mechanism against a policy written out by hand); its default policy is checked against the replay in
+    test_trace_simulate.py."""
     made = {}
 
     def get(ratio: int, tier: str):
         if (ratio, tier) not in made:
-            pipe = LLMPipeline(checkpoint_path, "cpu", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=TIERS[tier])
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(policy_module, "DEFAULT_POLICY", "lru")
+                pipe = LLMPipeline(checkpoint_path, "cpu", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=TIERS[tier])
             made[(ratio, tier)] = (pipe, _run_recording(pipe))
         return made[(ratio, tier)]
 

@@ -9,6 +9,7 @@ import torch
 from tiny_models import ARCHITECTURES, VOCAB
 
 from moe_offload import LLMPipeline
+from moe_offload import policy as policy_module
 
 ATOL = 1e-4
 RATIOS = [0, 37, 100]
@@ -155,10 +156,11 @@ def test_every_ratio_gives_the_same_bits(tmp_path, kernel):
 
 
 @pytest.mark.parametrize("ratio", [100, 37, 0])
-def test_direct_triton_path_matches_general_path(tmp_path, ratio):
+def test_direct_triton_path_matches_general_path(tmp_path, ratio, monkeypatch):
     """With the Triton kernel, a layer whose experts are all resident or in the host tier runs as one launch set
     with no host sync, reading misses in place (zero-copy): the same bits, hits and misses as the general path,
-    with no expert copied."""
+    with no expert copied. Both run LRU: the direct path's admission is the device LRU (policy/device_lru.py),
+    which has no form of the host's default LFRU yet."""
     pytest.importorskip("triton")
     from tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
@@ -171,6 +173,7 @@ def test_direct_triton_path_matches_general_path(tmp_path, ratio):
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
     ids = _prompt(seed=2, length=5)
     results = {}
+    monkeypatch.setattr(policy_module, "DEFAULT_POLICY", "lru")
     for direct in (True, False):
         pipe = LLMPipeline(str(tmp_path), "cpu", MOE_OFFLOAD_RATIO=ratio)  # host tier: every non-resident expert
         for layer in pipe.layers:

@@ -281,7 +281,7 @@ def test_recorded_trace_shape(recorded):
 
 def test_replay_matches_engine_counters(recorded):
     pipe, _, trace_path = recorded
-    result = simulate(load_trace(trace_path), None, 37, "lru")
+    result = simulate(load_trace(trace_path), None, 37, "default")  # the engine's own policy
     for runtime in pipe.layers:
         row = result["layers"][runtime.layer]
         assert row["capacity"] == runtime.table.capacity == 3
@@ -298,7 +298,7 @@ def test_replay_matches_engine_with_dense_first_layer(checkpoint_factory, tmp_pa
     pipe = LLMPipeline(checkpoint_factory("deepseek_v3"), "cpu", MOE_OFFLOAD_RATIO=25)
     trace = record_trace(pipe, ["x = 1", "def f():"], 4, str(tmp_path / "t.jsonl"))
     assert trace.meta["moe_layers"] == [1, 2] and {r["layer"] for r in trace.records} == {1, 2}
-    result = simulate(load_trace(str(tmp_path / "t.jsonl")), None, 25, "lru")
+    result = simulate(load_trace(str(tmp_path / "t.jsonl")), None, 25, "default")
     for runtime in pipe.layers:
         row = result["layers"][runtime.layer]
         assert (row["capacity"], row["hits"], row["misses"]) == (
@@ -329,7 +329,7 @@ def test_trace_command_writes_file(checkpoint_factory, tmp_path, capsys):
     assert simulate(trace, None, 100, "lru")["total"]["misses"] == 0
     assert main(["simulate", str(out), "--ratio", "25", "--json"]) == 0
     printed = capsys.readouterr().out
-    assert '"policy": "lru"' in printed and '"policy": "min"' in printed
+    assert '"policy": "lru"' in printed and '"policy": "min"' in printed and '"policy": "default"' in printed
 
 
 def test_trace_command_bad_input(checkpoint_factory, tmp_path):

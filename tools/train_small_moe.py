@@ -48,6 +48,23 @@ defaults, and never more than --time-budget-s)::
 
     python tools/train_small_moe.py --out moe_offload/assets/small-moe --device cuda
 
+The 128-expert top-8 model (Qwen3-30B-A3B's routing) with the shipped tokenizer, so both models see the same
+token ids and the same held-out files; written to the git-ignored ``.models/small-moe-128`` (with it in git the
+tree would pass what a GPU machine's call carries).  On one GPU (a few minutes)::
+
+    python tools/train_small_moe.py --preset small-moe-128 --tokenizer moe_offload/assets/small-moe --device cuda
+
+On the 2-core CPU machine (as shipped: one thread, since two threads that the scheduler does not give
+both cores wait on each other; ~1k tokens/s, about 40 minutes)::
+
+    OMP_NUM_THREADS=1 nice -n 19 python tools/train_small_moe.py --preset small-moe-128 \
+        --tokenizer moe_offload/assets/small-moe --no-tests --device cpu --batch-size 8 --seq-len 256 \
+        --lr 2e-3 --warmup-steps 50 --eval-every 400 --eval-batch-size 16 --log-every 25 \
+        --time-budget-s 2500 --reserve-s 300 --gen-tokens 32
+
+``--hidden-size``, ``--num-layers``, ``--num-experts``, ``--top-k``, ``--moe-intermediate-size`` (and heads)
+override a preset's size.
+
 Smoke run (tiny model, a handful of files, CPU, < 1 minute)::
 
     python tools/train_small_moe.py --smoke
@@ -72,7 +89,7 @@ import random
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +134,19 @@ REAL_SIZE = ModelSize(
     moe_intermediate_size=192,
 )
 
+# Fine-grained routing as Qwen3-30B-A3B's (128 routed experts, top-8), small enough for the repo (~36 MB bf16) and
+# for a CPU: narrow experts (moe_intermediate 32) keep the 128 x 8 layers of experts at ~16M parameters.
+FINE_SIZE = replace(REAL_SIZE, hidden_size=160, num_layers=8, num_experts=128, top_k=8, moe_intermediate_size=32)
+
+# --preset NAME: the model size, its default output folder and its router_aux_loss_coef (small-moe: 0.01;
+# small-moe-128: 0.001, Qwen3-MoE's own value).
+PRESETS = {
+    "small-moe": (REAL_SIZE, 0.01),
+    "small-moe-128": (FINE_SIZE, 0.001),
+}
+SIZE_FLAGS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "num_experts", "top_k",
+              "moe_intermediate_size")
+
 SMOKE_SIZE = ModelSize(
     vocab_size=512,
     hidden_size=64,
@@ -136,6 +166,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default: moe_offload/assets/small-moe, or /tmp/small-moe-smoke with --smoke)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny model, few files, few steps (CPU, < 60 s)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small-moe",
+                   help="model size, output folder and aux-loss coefficient (default small-moe: 16 experts top-2; "
+                        "small-moe-128: 128 experts top-8, Qwen3-30B-A3B's routing)")
+    for name in SIZE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"override the preset's {name}")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="reuse this folder's tokenizer (e.g. moe_offload/assets/small-moe) instead of training one, "
+                        "so two models share token ids and are traced on the same tokens")
     p.add_argument("--seed", type=int, default=1234)
     # data / tokenizer
     p.add_argument("--no-tests", action="store_true", help="skip test/tests/idle_test folders of the stdlib")
@@ -154,8 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--aux-coef", type=float, default=0.01,
-                   help="router load-balancing loss coefficient (also saved as config.router_aux_loss_coef)")
+    p.add_argument("--aux-coef", type=float, default=None,
+                   help="router load-balancing loss coefficient (also saved as config.router_aux_loss_coef; "
+                        "default: the preset's)")
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--epochs", type=float, default=7.0,
                    help="passes over the train tokens; the corpus is small (a few M tokens) and an H200 does ~0.5M "
@@ -183,9 +223,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for k, v in smoke_defaults.items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
+    if args.aux_coef is None:
+        args.aux_coef = PRESETS[args.preset][1]
     if args.out is None:
-        args.out = Path("/tmp/small-moe-smoke") if args.smoke else REPO_ROOT / "moe_offload/assets/small-moe"
+        # the shipped 16-expert model lives in the package; others (small-moe-128) in the git-ignored .models/
+        shipped = args.preset == "small-moe"
+        args.out = (Path("/tmp/small-moe-smoke") if args.smoke else
+                    REPO_ROOT / ("moe_offload/assets" if shipped else ".models") / args.preset)
     return args
+
+
+def model_size(args: argparse.Namespace) -> ModelSize:
+    """The preset's size (SMOKE_SIZE with --smoke) with the --hidden-size etc. overrides applied."""
+    base = SMOKE_SIZE if args.smoke else PRESETS[args.preset][0]
+    overrides = {name: getattr(args, name) for name in SIZE_FLAGS if getattr(args, name) is not None}
+    return ModelSize(**{**asdict(base), **overrides})
 
 
 def seed_everything(seed: int) -> None:
@@ -617,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     seed_everything(args.seed)
     device = torch.device(args.device)
-    size = SMOKE_SIZE if args.smoke else REAL_SIZE
+    size = model_size(args)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
 
@@ -639,12 +691,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- tokenizer
     t = time.time()
-    tok = train_tokenizer(corpus.train_texts, size.vocab_size, args.tokenizer_chars, args.seed)
-    hf_tok = wrap_tokenizer(tok, size.max_position_embeddings)
+    if args.tokenizer is not None:
+        hf_tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok = hf_tok.backend_tokenizer
+        hf_tok.model_max_length = size.max_position_embeddings
+    else:
+        tok = train_tokenizer(corpus.train_texts, size.vocab_size, args.tokenizer_chars, args.seed)
+        hf_tok = wrap_tokenizer(tok, size.max_position_embeddings)
     eos_id = tok.token_to_id(EOS)
     size.vocab_size = tok.get_vocab_size()  # == requested unless the corpus is tiny
     bad = check_roundtrip(hf_tok, corpus.heldout_texts[:50])
-    print(f"tokenizer: byte-level BPE vocab {size.vocab_size}, eos id {eos_id}, trained in {time.time() - t:.1f}s; "
+    print(f"tokenizer: byte-level BPE vocab {size.vocab_size}, eos id {eos_id}, "
+          f"{'from ' + str(args.tokenizer) if args.tokenizer else 'trained'} in {time.time() - t:.1f}s; "
           f"round-trip failures on held-out files: {bad}", flush=True)
 
     t = time.time()

@@ -4,15 +4,17 @@ The one home of cache policy. This module sees expert ids and slot numbers, neve
 imports no torch), so it can be unit-tested on the CPU and replayed over a routing trace
 (moe_offload/tools/simulate.py) with exactly the engine's bookkeeping. Its one neighbour, device_lru.py, is
 LRUPolicy's tensor form, for decode steps that decide on the device without a host sync (the same decisions:
-tests/test_device_lru.py). The mechanism (cache.py) keeps one SlotTable per MoE layer and moves
+tests/test_device_lru.py). allocation.py splits slots among layers and prefetch.py picks experts to fetch
+ahead; both are replayed by simulate.py only. The mechanism (cache.py) keeps one SlotTable per MoE layer and moves
 the weights; the table asks its eviction policy for a victim and tells it what was used, inserted and evicted.
 
-LRUPolicy is the engine's policy. MinPolicy is the offline optimum, Belady's MIN generalised to cache.py's
-mechanism: it knows the layer's whole future, so only a replay can run it, as the bound every online policy is
-measured against. A step is one forward call of the layer. Per step i, with K the experts cached at its start and
-S the experts it needs, the experts needed AND cached (K & S) must stay (cache.py never evicts an expert the step
-in flight needs); the other C - |K & S| slots go to the experts of (K | S) - (K & S), i.e. the cached experts the
-step does not need plus the step's misses, whose future-use sequences are lexicographically earliest. The
+LRUPolicy and LFRUPolicy (lfru.py) are the online policies; DEFAULT_POLICY names the engine's. MinPolicy is the
+offline optimum, Belady's MIN generalised to cache.py's mechanism: it knows the layer's whole future, so only a
+replay can run it, as the bound every online policy is measured against. A step is one forward call of the
+layer. Per step i, with K the experts cached at its start and S the experts it needs, the experts needed AND
+cached (K & S) must stay (cache.py never evicts an expert the step in flight needs); the other C - |K & S| slots
+go to the experts of (K | S) - (K & S), i.e. the cached experts the step does not need plus the step's misses,
+whose future-use sequences are lexicographically earliest. The
 future-use sequence of an expert is the ascending list of later steps of this layer that need it (never again =
 +inf, latest of all). Misses not chosen are streamed (bypass), cached experts not chosen are the victims. For
 steps that need one expert this is exactly Belady's rule with bypass: among the cached experts and the incoming
@@ -61,6 +63,8 @@ class EvictionPolicy(Protocol):
     def on_evict(self, expert: int) -> None: ...
     def victim(self, protected: Collection[int]) -> int | None:
         """A cached expert to evict, never one in `protected` (needed by the step in flight); None if none."""
+    # Optional: admits(expert, victim) -> bool, asked before `victim` is evicted for `expert`; False streams the
+    # expert without caching it (an admission filter: a rarely used expert must not push out a busy one).
 
 
 class SlotTable:
@@ -78,13 +82,17 @@ class SlotTable:
     def hit(self, expert: int) -> None:
         self.policy.on_hit(expert)
 
-    def admit(self, expert: int, protected: Collection[int]) -> int | None:
-        """A slot for `expert`, evicting the policy's victim if full; None if nothing may be evicted."""
+    def admit(self, expert: int, protected: Collection[int], force: bool = False) -> int | None:
+        """A slot for `expert`, evicting the policy's victim if full; None if nothing may be evicted or the policy's
+        admission filter streams it. force=True skips the filter (a prefetch: the prediction is the evidence)."""
         if self._free:
             slot = self._free.pop()
         else:
             victim = self.policy.victim(protected)
             if victim is None:
+                return None
+            admits = getattr(self.policy, "admits", None)
+            if admits is not None and not force and not admits(expert, victim):
                 return None
             self.policy.on_evict(victim)
             slot = self.slot_of.pop(victim)
@@ -209,8 +217,21 @@ class MinPolicy:
         return (a > b) - (a < b)
 
 
-POLICIES = {"lru": LRUPolicy}
+from .lfru import LFRUPolicy  # noqa: E402  (after SlotTable/LRUPolicy: lfru.py imports nothing from here)
+
+# The online eviction policies the engine can run (MinPolicy needs the future: replay only).
+POLICIES = {"lru": LRUPolicy, "lfru": LFRUPolicy}
+# The engine's policy (integration.py builds every layer's SlotTable with it). LFRU beat LRU at ratios 10/25/50 on
+# held-out traces of both shipped models (bench/RESULTS.md, "Cache policy on learned routing"), but as the default
+# its admission filter (misses streamed, not cached) made tests/test_chat.py::test_chat_in_a_terminal fail: Ctrl-C
+# no longer stopped a reply (it passes with LRU, and with LFRU without the filter). LRU stays until that is found.
+DEFAULT_POLICY = "lru"
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    return POLICIES[name]()
+def make_policy(name: str | None = None, **options) -> EvictionPolicy:
+    """A fresh policy by name (None: DEFAULT_POLICY, read at the call), options to its constructor (LFRU:
+    half_life); a one-line error lists the names if unknown."""
+    name = DEFAULT_POLICY if name is None else name
+    if name not in POLICIES:
+        raise ValueError(f"unknown cache policy {name!r} (known: {', '.join(POLICIES)})")
+    return POLICIES[name](**options)

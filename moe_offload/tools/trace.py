@@ -3,8 +3,9 @@
 A trace is the input of the replay simulator (simulate.py): cache policies can then be compared offline, on
 the CPU, on exactly the routing a model produced.
 
-File format (JSONL): the first line is `{"meta": {...}}` (model, number of routed experts per layer, top_k,
-MoE layer ids, per-request prompt / generated token counts), then one record per token per MoE layer:
+File format (JSONL, gzip-compressed if the name ends in .gz): the first line is `{"meta": {...}}` (model, number
+of routed experts per layer, top_k, MoE layer ids, per-request prompt / generated token counts), then one record
+per token per MoE layer:
 
     {"request": 0, "token": 7, "layer": 3, "step": 12, "experts": [5, 1]}
 
@@ -16,6 +17,9 @@ MoE layer ids, per-request prompt / generated token counts), then one record per
   each decode token is its own step). Steps are numbered in execution order across requests, which is the
   granularity at which the engine's cache acts (cache.py counts each needed expert once per forward).
 - experts: the router's top-k expert ids, in router order.
+- predicted (only with `trace --predict`): the layer's router applied, through the layer's post-attention
+  norm, to the residual stream ENTERING the decoder layer (before its attention runs, i.e. the previous layer's
+  output): top-k ids, best first. What a prefetch could know one attention ahead (policy/prefetch.py).
 
 Records come in execution order: step by step, layer by layer, token by token.
 """
@@ -23,6 +27,7 @@ Records come in execution order: step by step, layer by layer, token by token.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -65,9 +70,12 @@ class RoutingRecorder:
     hands the observer [T, K] ids of a single sequence.
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, predict: bool = False):
         if not getattr(pipe, "layers", None):
             raise MoeOffloadError("the pipeline has no MoE layers to record")
+        self.predict = predict
+        self._predicted: dict[int, list[list[int]]] = {}  # MoE layer -> [T][K] of the forward in flight
+        self._hooks: list[Any] = []
         self.pipe = pipe
         self.records: list[dict[str, Any]] = []
         self.request: int = 0
@@ -86,9 +94,36 @@ class RoutingRecorder:
         self._saved = [layer.route_observer for layer in self.pipe.layers]
         for layer in self.pipe.layers:
             layer.route_observer = self._observe
+        if self.predict:
+            self._attach_predictors()
         return self
 
+    def _attach_predictors(self) -> None:
+        """A pre-hook per MoE decoder layer: its router on its post-attention norm of the incoming residual."""
+        decoder = getattr(getattr(self.pipe.model, "model", None), "layers", None)
+        for runtime in self.pipe.layers:
+            block = decoder[runtime.layer] if decoder is not None and runtime.layer < len(decoder) else None
+            gate = getattr(getattr(block, "mlp", None), "gate", None)
+            if block is None or not hasattr(block, "post_attention_layernorm") or not hasattr(gate, "weight"):
+                raise MoeOffloadError("--predict needs decoder layers with post_attention_layernorm and mlp.gate "
+                                      "(Qwen3-MoE style)")
+            self._hooks.append(block.register_forward_pre_hook(self._predictor(runtime.layer, block, runtime.top_k),
+                                                               with_kwargs=True))
+
+    def _predictor(self, layer: int, block, top_k: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                normed = block.post_attention_layernorm(hidden.reshape(-1, hidden.shape[-1]))
+                logits = torch.nn.functional.linear(normed, block.mlp.gate.weight)
+                ranked = torch.softmax(logits, dim=-1, dtype=torch.float).topk(top_k, dim=-1).indices
+            self._predicted[layer] = ranked.to("cpu").tolist()
+        return hook
+
     def __exit__(self, *exc) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         for layer, previous in zip(self.pipe.layers, self._saved):
             layer.route_observer = previous
         self._saved = []
@@ -112,9 +147,15 @@ class RoutingRecorder:
             raise RuntimeError(f"MoE layer {layer} saw {num_tokens} tokens in a forward whose first MoE layer saw "
                                f"{self._step_tokens} (batched or padded generation cannot be traced)")
         rows = top_k_index.detach().to("cpu").tolist()  # [T][K]
+        guesses = self._predicted.pop(layer, None) if self.predict else None
+        if self.predict and (guesses is None or len(guesses) != len(rows)):
+            raise RuntimeError(f"MoE layer {layer}: no prediction for this forward (was the decoder layer bypassed?)")
         for offset, experts in enumerate(rows):
-            self.records.append({"request": self.request, "token": self._step_base + offset, "layer": int(layer),
-                                 "step": self.step, "experts": [int(e) for e in experts]})
+            record = {"request": self.request, "token": self._step_base + offset, "layer": int(layer),
+                      "step": self.step, "experts": [int(e) for e in experts]}
+            if guesses is not None:
+                record["predicted"] = guesses[offset]
+            self.records.append(record)
 
 
 def pipeline_meta(pipe) -> dict[str, Any]:
@@ -134,7 +175,8 @@ def pipeline_meta(pipe) -> dict[str, Any]:
     }
 
 
-def trace_generation(pipe, prompts: list[str], max_new_tokens: int, stop_at_eos: bool = False) -> Trace:
+def trace_generation(pipe, prompts: list[str], max_new_tokens: int, stop_at_eos: bool = False,
+                     predict: bool = False) -> Trace:
     """Greedy generation of each prompt (request id = index) while recording; returns the trace in memory.
 
     By default exactly `max_new_tokens` tokens are generated per prompt (EOS does not stop it), so a trace's
@@ -147,7 +189,7 @@ def trace_generation(pipe, prompts: list[str], max_new_tokens: int, stop_at_eos:
         raise MoeOffloadError("no prompts to trace")
     requests = []
     extra = {} if stop_at_eos else {"min_new_tokens": max_new_tokens}
-    with RoutingRecorder(pipe) as recorder:
+    with RoutingRecorder(pipe, predict=predict) as recorder:
         for request, prompt in enumerate(prompts):
             recorder.begin_request(request)
             text = pipe.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, **extra)
@@ -155,15 +197,22 @@ def trace_generation(pipe, prompts: list[str], max_new_tokens: int, stop_at_eos:
                              "traced_tokens": recorder.tokens_seen.get(request, 0),
                              "forwards": recorder.steps_of.get(request, 0), "generated_chars": len(text)})
     meta = pipeline_meta(pipe)
-    meta.update(max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, requests=requests)
+    meta.update(max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, predicted=predict, requests=requests)
     return Trace(recorder.records, meta)
+
+
+def _open(path: str, mode: str):
+    """Text file, gzip-compressed when the name ends in .gz (traces kept in the repository are)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
 
 
 def save_trace(trace: Trace, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
+        with _open(path, "w") as handle:
             handle.write(json.dumps({"meta": trace.meta}) + "\n")
             for record in trace.records:
                 handle.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -171,9 +220,10 @@ def save_trace(trace: Trace, path: str) -> None:
         raise MoeOffloadError(f"cannot write trace {path}: {err.strerror or err}") from None
 
 
-def record_trace(pipe, prompts: list[str], max_new_tokens: int, path: str, stop_at_eos: bool = False) -> Trace:
+def record_trace(pipe, prompts: list[str], max_new_tokens: int, path: str, stop_at_eos: bool = False,
+                 predict: bool = False) -> Trace:
     """Greedy-generate each prompt with routing recorded, write the JSONL trace to `path`, return it."""
-    trace = trace_generation(pipe, prompts, max_new_tokens, stop_at_eos)
+    trace = trace_generation(pipe, prompts, max_new_tokens, stop_at_eos, predict)
     save_trace(trace, path)
     return trace
 
@@ -183,7 +233,7 @@ def load_trace(path: str) -> Trace:
     if not os.path.isfile(path):
         raise MoeOffloadError(f"trace file not found: {path}")
     records, meta = [], {}
-    with open(path, encoding="utf-8") as handle:
+    with _open(path, "r") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -234,7 +284,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         raise MoeOffloadError(f"--output {args.output} is a folder; give a file name like trace.jsonl")
     pipe = LLMPipeline(args.model, args.device, require_tokenizer=True, MOE_OFFLOAD_RATIO=args.ratio)
     try:
-        trace = record_trace(pipe, prompts, args.max_new_tokens, args.output)
+        trace = record_trace(pipe, prompts, args.max_new_tokens, args.output, predict=args.predict)
     finally:
         pipe.close()
     steps = len({r["step"] for r in trace.records})
@@ -256,5 +306,8 @@ def add_trace_command(subparsers) -> argparse.ArgumentParser:
     trace.add_argument("--ratio", default=100,
                        help="MOE_OFFLOAD_RATIO while recording (default 100; routing does not depend on it, up to "
                             "float rounding)")
+    trace.add_argument("--predict", action="store_true",
+                       help="also record each layer's router on the residual entering the layer (for simulate "
+                            "--policy prefetch)")
     trace.set_defaults(run=_cmd_trace)
     return trace
