@@ -222,9 +222,9 @@ from .lfru import LFRUPolicy  # noqa: E402  (after SlotTable/LRUPolicy: lfru.py 
 # The online eviction policies the engine can run (MinPolicy needs the future: replay only).
 POLICIES = {"lru": LRUPolicy, "lfru": LFRUPolicy}
 # The engine's policy (integration.py builds every layer's SlotTable with it). LFRU beat LRU at ratios 10/25/50 on
-# held-out traces of both shipped models (bench/RESULTS.md, "Cache policy on learned routing"), but as the default
-# its admission filter (misses streamed, not cached) made tests/test_chat.py::test_chat_in_a_terminal fail: Ctrl-C
-# no longer stopped a reply (it passes with LRU, and with LFRU without the filter). LRU stays until that is found.
+# held-out traces of both trained models (bench/RESULTS.md, "Cache policy on learned routing"), but a GPU decode
+# step decides on the device with LRU's tensor form (device_lru.py, kernels/triton_lru.py), and the default must
+# make the same decisions in both forms: LRU stays until LFRU has its device form (lfru.py says what it needs).
 DEFAULT_POLICY = "lru"
 
 
