@@ -11,6 +11,7 @@ import io
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -87,9 +88,12 @@ def _read_until(fd: int, marker: bytes, seen: bytearray, count: int = 1, timeout
 
 
 def _controlling_terminal() -> None:
-    """In the child: a session of its own with the pty as its terminal, so Ctrl-C there sends it SIGINT."""
+    """In the child: a session of its own with the pty as its terminal, so Ctrl-C there sends it SIGINT, and
+    SIGINT's default action as a person's shell gives it: a suite started in the background (`pytest &`) runs
+    with SIGINT ignored, which every child inherits, and Python then leaves Ctrl-C ignored."""
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_chat_in_a_terminal(replies):
