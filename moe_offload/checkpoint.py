@@ -312,7 +312,7 @@ class Checkpoint:
         return by_layer, dense
 
     @functools.cached_property
-    def quantization(self) -> QuantSpec | BlockFP8Spec | None:
+    def quantization(self) -> QuantSpec | BlockFP8Spec | Mxfp4Spec | None:
         """The routed experts' weight quantization (config.json's quantization_config), None where there is none.
         Quantized weights outside the routed experts are refused: the dense parts are loaded as plain tensors
         (FP8 ones excepted: fp8_dense, dequantized at load)."""
