@@ -93,7 +93,8 @@ def _quantization(spec, checkpoint: Checkpoint) -> dict[str, Any]:
         return {"format": "mxfp4", "block_size": spec.block, "bits_per_weight": spec.bits_per_weight}
     if isinstance(spec, BlockFP8Spec):
         return _fp8_info(spec, checkpoint)
-    return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric, "format": _format(checkpoint)}
+    return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+            "format": _format(checkpoint)}
 
 
 def human_bytes(count: float) -> str:
