@@ -1,8 +1,8 @@
 """The cache policies beyond LRU (policy/lfru.py, allocation.py, prefetch.py) and their replay (tools/simulate.py).
 
 LFRU (the policy that won the replay, bench/RESULTS.md) is checked against a straightforward reference that
-recomputes every score from the whole use history (sum of 2^(-age / half_life)) at every decision; the engine's own counters against the replay
-of "default" are checked in test_trace_simulate.py.
+recomputes every score from the whole use history (sum of 2^(-age / half_life)) at every decision; the engine's
+own counters against the replay of "default" are checked in test_trace_simulate.py.
 """
 
 import random
