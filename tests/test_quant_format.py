@@ -121,6 +121,23 @@ def test_mse_never_loses_to_rtn_per_group(spec):
         assert errors["mse"].sum() < 0.98 * errors["rtn"].sum()
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, False), QuantSpec(8, None, True)], ids=str)
+def test_mse_searches_blocks_of_rows_with_the_same_result(spec, monkeypatch):
+    """choose_qparams searches SEARCH_ROWS rows at a time (for speed); each row's groups are chosen on their own,
+    so the scales and zero points are those of one search over the whole matrix, a short last block included."""
+    from moe_offload.quant import methods
+
+    torch.manual_seed(4)
+    weight = torch.randn(21, 64, dtype=torch.bfloat16) * 0.02
+    weight[::5, ::7] *= 8
+    whole = choose_qparams(weight, spec, "mse")  # 21 rows: one search at the default SEARCH_ROWS
+    monkeypatch.setattr(methods, "SEARCH_ROWS", 8)  # 8 + 8 + 5 rows
+    blocks = choose_qparams(weight, spec, "mse")
+    assert torch.equal(blocks[0], whole[0])
+    assert (blocks[1] is None) == (whole[1] is None) == spec.symmetric
+    assert spec.symmetric or torch.equal(blocks[1], whole[1])
+
+
 def test_check_rejects_tensors_that_do_not_match():
     spec = QuantSpec(4, 8, True)
     good = quantize_weight(torch.randn(6, 16), spec)
