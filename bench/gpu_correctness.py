@@ -5,11 +5,18 @@ own two experts backends (eager loop and grouped_mm) are compared on the same in
 within TOLERANCE_FACTOR times that spread (with a floor of 2 bf16 ulps of the logit scale). Greedy tokens are
 compared too; where they differ, the report says whether transformers' two backends also differ there.
 
+Where transformers' two backends agree (GPT-OSS's do: spread 0), that spread says nothing about how far a
+correct bf16 implementation may drift, so every row also has the arbiter: transformers' eager model in float32
+on the same weights, and how far ours and transformers' bf16 logits each are from it (`ours_vs_float32`,
+`transformers_vs_float32`): an implementation no further from float32 than transformers' own bf16 is rounding
+apart, not wrong.
+
 The models are the CPU tests' tiny architectures (tests/tiny_models.py), widened and with random weights, and
 GPT-OSS in bf16 and in native MXFP4 (transformers dequantizes the MXFP4 one at load: Mxfp4Config(dequantize=True)).
 
 Usage, from the repository root (CUDA):
   python -m bench.gpu_correctness --out bench/results/<date>-h200-bf16-correctness.json [--kernel triton]
+      [--archs gpt_oss,qwen3_moe]
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ def build(arch: str, root: str) -> str:
     return path
 
 
-def reference(path: str, ids: torch.Tensor, backend: str):
+def reference(path: str, ids: torch.Tensor, backend: str, dtype: torch.dtype = torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
     extra = {}
@@ -86,7 +93,7 @@ def reference(path: str, ids: torch.Tensor, backend: str):
         from transformers import Mxfp4Config
 
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation=backend,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=backend,
                                                  **extra).cuda()
     with torch.no_grad(), prompt_attention("cuda"):  # the attention backends the pipeline's generation uses
         logits = model(ids).logits.float()
@@ -107,16 +114,22 @@ def main() -> int:
     parser.add_argument("--kernel", default="torch", choices=["torch", "triton"], help="MOE_KERNEL under test")
     parser.add_argument("--properties", default="{}", help='more pipeline properties as JSON, e.g. '
                         '\'{"MOE_CPU_EXPERTS": "all"}\' (misses computed on the CPU)')
+    parser.add_argument("--archs", default=",".join(ARCHS), help=f"a subset of {','.join(ARCHS)}")
     args = parser.parse_args()
+    archs = args.archs.split(",")
+    unknown = sorted(set(archs) - set(ARCHS))
+    if unknown:
+        parser.error(f"unknown --archs {unknown}; choose from {','.join(ARCHS)}")
     # the GPU path unless told otherwise: the CPU share (on by default where it is faster) sums in another order
     properties = {"MOE_CPU_EXPERTS": "off", **json.loads(args.properties)}
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for arch in ARCHS:
+        for arch in archs:
             path = build(arch, root)
             ids = torch.randint(2, VOCAB, (1, 33), generator=torch.Generator().manual_seed(1)).cuda()
             ref_logits, ref_tokens = reference(path, ids, "grouped_mm")
             eager_logits, eager_tokens = reference(path, ids, "eager")
+            float32_logits, _ = reference(path, ids, "eager", torch.float32)  # the arbiter (docstring)
             spread = (eager_logits - ref_logits).abs().max().item()
             scale = ref_logits.abs().max().item()
             tolerance = max(TOLERANCE_FACTOR * spread, 2 * scale * 2**-8)
@@ -142,6 +155,8 @@ def main() -> int:
                         "arch": arch, "ratio": ratio, "tier": tier,
                         "max_abs_logit_diff": diff, "logit_scale": scale,
                         "transformers_eager_vs_grouped_mm": spread, "tolerance": tolerance,
+                        "ours_vs_float32": (logits - float32_logits).abs().max().item(),
+                        "transformers_vs_float32": (ref_logits - float32_logits).abs().max().item(),
                         "within_tolerance": diff <= tolerance,
                         "greedy_identical": bool(torch.equal(tokens, ref_tokens)),
                         "first_token_difference": first_difference(tokens, ref_tokens),
@@ -160,7 +175,8 @@ def main() -> int:
                           f"(eager-vs-grouped {spread:.4f}) greedy {'same' if row['greedy_identical'] else 'DIFF'}"
                           f" hits {stats['hits']} misses {stats['misses']} | pipeline greedy "
                           f"{'same' if row['pipeline_greedy_identical'] else 'DIFF'} graph steps "
-                          f"{row['pipeline_cuda_graph_steps']}", flush=True)
+                          f"{row['pipeline_cuda_graph_steps']} | vs float32: ours {row['ours_vs_float32']:.4f}, "
+                          f"transformers {row['transformers_vs_float32']:.4f}", flush=True)
                     pipe.close()
                     del pipe
                     torch.cuda.empty_cache()
