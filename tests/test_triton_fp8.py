@@ -12,7 +12,8 @@ a GPU (triton_interp.py); the interpreter reads float8 tensors, but the kernels 
 
 import pytest
 import torch
-from triton_interp import BF16_PATCHES, CUDA, force_path, gpu_like_bf16  # first: sets TRITON_INTERPRET (triton)
+from triton_interp import (BF16_PATCHES, CUDA, check_read_through_admission, force_path,  # first: sets
+                           gpu_like_bf16)  # TRITON_INTERPRET before triton loads
 
 import triton  # noqa: E402  (after triton_interp)
 import triton.language as tl  # noqa: E402
@@ -132,32 +133,7 @@ def test_admitted_misses_are_written_into_their_slots_as_read():
     """Read-through caching: the FP8 bytes and block scales of an expert read in place with an admit slot land in
     that device slot bit for bit; the outputs are those of the call without admission."""
     x, ids, weights, rows, fmt, slots = make_inputs(1, torch.bfloat16, top_k=4, spare=0, seed=2)
-    capacity = 4
-    host_rows = rows.cpu()  # every expert on the host, as the tier holds them all
-    if CUDA:
-        host_rows = host_rows.pin_memory()
-    device_rows = rows[:capacity].clone()  # slots 0..3 hold the experts whose row is there
-    mapped = torch.where(slots < capacity, slots, capacity + slots).to(torch.int32)
-    needed = ids[0].tolist()
-    misses = [e for e in needed if mapped[e] >= capacity]
-    free = [s for s in range(capacity) if int((slots == s).nonzero()[0]) not in needed][:len(misses)]
-    assert misses and len(free) == len(misses)
-    admit = torch.full_like(mapped, -1)
-    for expert, slot in zip(misses, free):
-        admit[expert] = slot
-    host = fmt.weights(host_rows)
-    plain_pool = fmt.weights(device_rows.clone())
-    plain = triton_moe.fused_moe(x, ids, weights, plain_pool.gate_up, plain_pool.down, mapped,
-                                 host_w13=host.gate_up, host_w2=host.down)
-    pool = fmt.weights(device_rows)
-    admitted = triton_moe.fused_moe(x, ids, weights, pool.gate_up, pool.down, mapped, host_w13=host.gate_up,
-                                    host_w2=host.down, admit_slot_of_expert=admit)
-    assert torch.equal(admitted, plain)
-    for expert, slot in zip(misses, free):
-        resident = fmt.plane_views(device_rows[slot].cpu())
-        stored = fmt.plane_views(host_rows[int(slots[expert])])
-        for name in resident:
-            assert torch.equal(resident[name].view(torch.uint8), stored[name].view(torch.uint8)), name
+    check_read_through_admission(x, ids, weights, rows, fmt, slots)
 
 
 def test_rejects_mixed_pools():

@@ -69,3 +69,39 @@ def force_path(monkeypatch, path: str) -> None:
 
     if path in ("decode", "prefill"):
         monkeypatch.setattr(triton_moe, "DECODE_MAX_PAIRS", 1 << 30 if path == "decode" else 0)
+
+
+def check_read_through_admission(x, ids, weights, rows, fmt, slots, capacity: int = 4) -> None:
+    """fused_moe's read-through caching on byte-row pools of any format (`fmt`, expert_format.ExpertFormat): with
+    slots 0..capacity-1 on the device and every expert in pinned host rows, the misses of token 0 given an admit
+    slot land in it byte for byte in every plane, and the outputs equal those of the call without admission.
+    rows uint8 [E, B]: the experts; slots int32 [E]: each expert's row."""
+    import torch
+
+    from moe_offload.kernels import triton_moe
+
+    host_rows = rows.cpu()  # every expert on the host, as the tier holds them all
+    if CUDA:
+        host_rows = host_rows.pin_memory()
+    device_rows = rows[:capacity].clone()  # slots 0..capacity-1 hold the experts whose row is there
+    mapped = torch.where(slots < capacity, slots, capacity + slots).to(torch.int32)
+    needed = ids[0].tolist()
+    misses = [e for e in needed if mapped[e] >= capacity]
+    free = [s for s in range(capacity) if int((slots == s).nonzero()[0]) not in needed][:len(misses)]
+    assert misses and len(free) == len(misses)
+    admit = torch.full_like(mapped, -1)
+    for expert, slot in zip(misses, free):
+        admit[expert] = slot
+    host = fmt.weights(host_rows)
+    plain_pool = fmt.weights(device_rows.clone())
+    plain = triton_moe.fused_moe(x, ids, weights, plain_pool.gate_up, plain_pool.down, mapped,
+                                 host_w13=host.gate_up, host_w2=host.down)
+    pool = fmt.weights(device_rows)
+    admitted = triton_moe.fused_moe(x, ids, weights, pool.gate_up, pool.down, mapped, host_w13=host.gate_up,
+                                    host_w2=host.down, admit_slot_of_expert=admit)
+    assert torch.equal(admitted, plain)
+    for expert, slot in zip(misses, free):
+        resident = fmt.plane_views(device_rows[slot].cpu())
+        stored = fmt.plane_views(host_rows[int(slots[expert])])
+        for name in resident:  # as bytes: FP8 planes compare bit for bit, -0.0 and NaN codes included
+            assert torch.equal(resident[name].view(torch.uint8), stored[name].view(torch.uint8)), name
