@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from tiny_models import TIERS, VOCAB
 
 from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
@@ -25,7 +25,6 @@ ARCH = "qwen3_moe"  # 2 MoE layers, 8 routed experts each, top-2, I=16, H=32, fl
 PREFILL = 16
 DECODE_STEPS = 10
 RATIOS = [0, 25, 50, 100]
-TIERS = {"host": "auto", "disk": 0}  # MOE_HOST_CACHE
 
 
 # -- LRUPolicy ---------------------------------------------------------------------------------------------------

@@ -6,14 +6,13 @@ and 20 greedy tokens identical.
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, VOCAB
+from tiny_models import ARCHITECTURES, TIERS, VOCAB
 
 from moe_offload import LLMPipeline
 from moe_offload import policy as policy_module
 
 ATOL = 1e-4
 RATIOS = [0, 37, 100]
-TIERS = {"host": "auto", "disk": 0}  # MOE_HOST_CACHE: all non-resident experts in RAM, or none (read the file)
 NEW_TOKENS = 20
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from fp8_models import dequantize_block, make_source, quantize_fp8
 from safetensors.torch import load_file, save_file
-from tiny_models import VOCAB
+from tiny_models import TIERS, prompt_ids
 
 from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
@@ -37,14 +37,10 @@ BLOCK = (8, 8)
 HIDDEN = 32
 INTER = {"odd": 20, "even": 16}
 RATIOS = [0, 37, 100]
-TIERS = {"host": "auto", "disk": 0}  # MOE_HOST_CACHE
 # float32 compute on both sides over the same dequantized weights: only the summation order of the experts'
 # outputs differs (as in test_quantized.py); measured 3e-8 / 4.5e-8 against logits of ~0.4
 ATOL = 1e-4
 
-
-def _prompt() -> torch.Tensor:
-    return torch.randint(2, VOCAB, (1, 13), generator=torch.Generator().manual_seed(0))  # [1, T]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +114,7 @@ def test_matches_transformers(fp8, kind, dtype):
     from transformers import AutoModelForCausalLM
 
     path, dequantized = fp8(kind)
-    ids = _prompt()
+    ids = prompt_ids()
     model = AutoModelForCausalLM.from_pretrained(dequantized if kind == "odd" else path, dtype=getattr(torch, dtype),
                                                  experts_implementation="eager").eval()
     pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37, MOE_DTYPE=dtype)
@@ -155,8 +151,8 @@ def resident(fp8):
     """Logits and greedy tokens of the odd checkpoint fully resident."""
     pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=100)
     with torch.no_grad():
-        logits = pipe.model(_prompt()).logits
-    tokens = pipe.generate_tokens(_prompt(), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        logits = pipe.model(prompt_ids()).logits
+    tokens = pipe.generate_tokens(prompt_ids(), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     pipe.close()
     return logits, tokens
 
@@ -170,8 +166,8 @@ def test_every_ratio_and_tier_gives_the_resident_bits(fp8, resident, ratio, tier
     pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=TIERS[tier])
     try:
         with torch.no_grad():
-            assert torch.equal(pipe.model(_prompt()).logits, logits)
-        assert torch.equal(pipe.generate_tokens(_prompt(), max_new_tokens=8, min_new_tokens=8, do_sample=False),
+            assert torch.equal(pipe.model(prompt_ids()).logits, logits)
+        assert torch.equal(pipe.generate_tokens(prompt_ids(), max_new_tokens=8, min_new_tokens=8, do_sample=False),
                            tokens)
         stats = pipe.get_offload_stats()
         assert stats["expert_bytes"] == 3 * 20 * 32 + 4 * 36  # FP8 weights + float32 scales
@@ -192,7 +188,7 @@ def test_the_triton_kernels_run_the_engine_with_read_through_admission(fp8):
     pytest.importorskip("triton")
     from moe_offload.kernels.triton_moe import fused_moe
 
-    prompt = _prompt()[:, :9]  # 18 (token, expert) pairs: the prefill takes the grouped GEMMs, decode the GEMVs
+    prompt = prompt_ids()[:, :9]  # 18 (token, expert) pairs: the prefill takes the grouped GEMMs, decode the GEMVs
     resident = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=100)
     tokens = resident.generate_tokens(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     resident.close()
@@ -279,7 +275,7 @@ def test_moe_cpu_experts_all_computes_fp8_misses_on_the_cpu(fp8, monkeypatch):
     from moe_offload.kernels.triton_moe import fused_moe
 
     path = fp8("odd")[0]
-    prompt = _prompt()[:, :5]
+    prompt = prompt_ids()[:, :5]
     resident = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=100)
     want = resident.generate_tokens(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     resident.close()

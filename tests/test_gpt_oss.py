@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from tiny_models import VOCAB, make_gpt_oss_checkpoint
+from tiny_models import make_gpt_oss_checkpoint, prompt_ids
 
 from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
@@ -34,9 +34,6 @@ def checkpoints(tmp_path_factory):
             for kind in ("bf16", "mxfp4")}
 
 
-def _prompt() -> torch.Tensor:
-    return torch.randint(2, VOCAB, (1, 13), generator=torch.Generator().manual_seed(0))  # [1, T]
-
 
 def _transformers(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, Mxfp4Config
@@ -49,7 +46,7 @@ def _transformers(path: str, dtype: torch.dtype):
 
 @pytest.mark.parametrize("kind", ["bf16", "mxfp4"])
 def test_matches_transformers_at_every_ratio_and_tier(checkpoints, kind):
-    path, ids = checkpoints[kind], _prompt()
+    path, ids = checkpoints[kind], prompt_ids()
     reference = _transformers(path, torch.float32)
     with torch.no_grad():
         ref_logits = reference(ids).logits
@@ -84,7 +81,7 @@ def test_matches_transformers_at_every_ratio_and_tier(checkpoints, kind):
 @pytest.mark.parametrize("kind", ["bf16", "mxfp4"])
 def test_bfloat16_is_bit_identical_to_transformers(checkpoints, kind):
     """In bf16 the logits equal transformers' (its MXFP4 dequantized at load) bit for bit, at every placement."""
-    path, ids = checkpoints[kind], _prompt()
+    path, ids = checkpoints[kind], prompt_ids()
     with torch.no_grad():
         ref_logits = _transformers(path, torch.bfloat16)(ids).logits
         for ratio, host_cache in PLACEMENTS:
@@ -191,7 +188,7 @@ def test_triton_path_in_the_engine(checkpoints):
     pytest.importorskip("triton")
     from moe_offload.kernels.triton_moe import fused_moe
 
-    path, ids = checkpoints["mxfp4"], _prompt()[:, :5]
+    path, ids = checkpoints["mxfp4"], prompt_ids()[:, :5]
     reference = _transformers(path, torch.float32)
     generate = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, output_logits=True,
                     return_dict_in_generate=True)

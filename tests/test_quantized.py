@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import VOCAB, quantize_experts
+from tiny_models import TIERS, prompt_ids, quantize_experts
 
 from moe_offload import LLMPipeline
 from moe_offload.checkpoint import Checkpoint
@@ -28,14 +28,10 @@ ARCH = "qwen3_moe"  # 2 MoE layers of 8 experts, top-2, I = 16, H = 32
 SCHEMES = {"int4-g16-sym": QuantSpec(4, 16, True), "int4-g8-asym": QuantSpec(4, 8, False),
            "int8-g16-asym": QuantSpec(8, 16, False)}
 RATIOS = [0, 37, 100]
-TIERS = {"host": "auto", "disk": 0}  # MOE_HOST_CACHE
 # float32 compute on both sides and the same dequantized weights: only the summation order of expert outputs
 # differs (as in test_correctness.py)
 ATOL = 1e-4
 
-
-def _prompt() -> torch.Tensor:
-    return torch.randint(2, VOCAB, (1, 13), generator=torch.Generator().manual_seed(0))  # [1, T]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +115,7 @@ def test_matches_transformers_on_the_dequantized_weights(quantized, scheme):
     path, dequantized = quantized(scheme)
     from transformers import AutoModelForCausalLM
 
-    ids = _prompt()
+    ids = prompt_ids()
     model = AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
     pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37)
     try:
@@ -142,8 +138,8 @@ def resident_logits(quantized):
         if scheme not in made:
             pipe = LLMPipeline(quantized(scheme)[0], "cpu", MOE_OFFLOAD_RATIO=100)
             with torch.no_grad():
-                logits = pipe.model(_prompt()).logits
-            made[scheme] = (logits, pipe.generate_tokens(_prompt(), max_new_tokens=8, min_new_tokens=8,
+                logits = pipe.model(prompt_ids()).logits
+            made[scheme] = (logits, pipe.generate_tokens(prompt_ids(), max_new_tokens=8, min_new_tokens=8,
                                                          do_sample=False))
             pipe.close()
         return made[scheme]
@@ -161,8 +157,8 @@ def test_every_ratio_and_tier_gives_the_resident_bits(quantized, resident_logits
     pipe = LLMPipeline(quantized(scheme)[0], "cpu", MOE_OFFLOAD_RATIO=ratio, MOE_HOST_CACHE=TIERS[tier])
     try:
         with torch.no_grad():
-            assert torch.equal(pipe.model(_prompt()).logits, logits)
-        assert torch.equal(pipe.generate_tokens(_prompt(), max_new_tokens=8, min_new_tokens=8, do_sample=False),
+            assert torch.equal(pipe.model(prompt_ids()).logits, logits)
+        assert torch.equal(pipe.generate_tokens(prompt_ids(), max_new_tokens=8, min_new_tokens=8, do_sample=False),
                            tokens)
         stats = pipe.get_offload_stats()
         expert_bytes = pipe.layers[0].format.nbytes
@@ -198,7 +194,7 @@ def test_the_triton_kernels_run_the_engine_with_read_through_admission(quantized
         for layer in pipe.layers:
             layer.fused_moe = fused_moe
             assert layer.enable_direct(pipe.device, lru=True) and layer.lru_admission
-        assert torch.equal(pipe.generate_tokens(_prompt(), max_new_tokens=8, min_new_tokens=8, do_sample=False),
+        assert torch.equal(pipe.generate_tokens(prompt_ids(), max_new_tokens=8, min_new_tokens=8, do_sample=False),
                            tokens)
         stats = pipe.get_offload_stats()
         assert stats["experts_read_in_place"] == stats["misses"] > 0
@@ -221,7 +217,7 @@ def test_the_quantizer_writes_what_the_engine_reads(checkpoint_factory, tmp_path
     pipe = LLMPipeline(out, "cpu", MOE_OFFLOAD_RATIO=0)
     try:
         assert pipe.layers[0].format.quant == QuantSpec(4, 16, True)
-        assert pipe.generate_tokens(_prompt(), max_new_tokens=4, min_new_tokens=4).numel() == 4
+        assert pipe.generate_tokens(prompt_ids(), max_new_tokens=4, min_new_tokens=4).numel() == 4
     finally:
         pipe.close()
 

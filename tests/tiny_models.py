@@ -199,6 +199,14 @@ def make_gpt_oss_checkpoint(path: str, mxfp4: bool = False, seed: int = 0, **ove
     return path
 
 
+TIERS = {"host": "auto", "disk": 0}  # MOE_HOST_CACHE that puts the offloaded experts in each tier
+
+
+def prompt_ids() -> torch.Tensor:
+    """The correctness tests' prompt: 13 random token ids [1, T], the same every call."""
+    return torch.randint(2, VOCAB, (1, 13), generator=torch.Generator().manual_seed(0))
+
+
 def save_quantized_pair(src: str, dst: str, dequantized: str | None, quantized: dict, plain: dict,
                         quantization_config: dict) -> str:
     """Write `quantized` (tensors in a quantized layout) to `dst` with src's config.json plus quantization_config,
