@@ -93,8 +93,9 @@ def reference(path: str, ids: torch.Tensor, backend: str, dtype: torch.dtype = t
         from transformers import Mxfp4Config
 
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
+    # .to(dtype): some transformers releases dequantize MXFP4 to bf16 whatever dtype was asked for
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=backend,
-                                                 **extra).cuda()
+                                                 **extra).to("cuda", dtype)
     with torch.no_grad(), prompt_attention("cuda"):  # the attention backends the pipeline's generation uses
         logits = model(ids).logits.float()
         tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)

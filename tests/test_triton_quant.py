@@ -90,6 +90,20 @@ def test_matches_the_dequantizing_reference(monkeypatch, spec, dtype, path):
     assert_close(actual, expected, dtype)
 
 
+@pytest.mark.parametrize("group", [48, None], ids=["group48", "channel"])
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_groups_that_do_not_tile_or_span_the_tile(monkeypatch, group, path):
+    """A group of 48 divides neither tile width (each element finds its scale); channel-wise scales are one group
+    wider than the prefill tile (one scale per row for the tile)."""
+    force_path(monkeypatch, path)
+    x, ids, weights, rows, fmt, slots = make_inputs(QuantSpec(4, group, False), 1 if path == "decode" else 9,
+                                                    torch.bfloat16, seed=3)
+    pools = fmt.weights(rows)
+    expected = triton_moe.fused_moe_reference(x, ids, weights, pools.gate_up, pools.down, slots)
+    actual = triton_moe.fused_moe(x, ids, weights, pools.gate_up, pools.down, slots)
+    assert_close(actual, expected, torch.bfloat16)
+
+
 @pytest.mark.parametrize("spec", [SCHEMES[1], SCHEMES[2]], ids=["int4-zero", "int8-sym"])
 @pytest.mark.parametrize("path", ["decode", "prefill"])
 def test_host_rows_are_read_in_place_with_the_same_bits(monkeypatch, spec, path):

@@ -11,8 +11,12 @@ A weight is W[r, k] = (u - z) * scale[r, k // g]: u the unsigned b-bit value at 
 k // (32/b) of row r, z the row's zero point for that group (2^(b-1) when symmetric, i.e. subtract 8 at int4),
 computed exactly in float32, rounded to the scale's dtype (what compressed-tensors decompresses to) and then to
 the hidden dtype (what the compute sees, as in reference.dense). Groups may end short of K, and K need not fill
-the last word or the last tile: every load is masked. Each element loads its own word (the 32/b elements of a
-word load it together, one memory transaction), which keeps the tile code the dense kernels' shape.
+the last word or the last tile: every load is masked.
+
+Why whole words: a kernel that loads one word per element issues 32/b loads (and 64-bit address sums) per word
+and one scale load per element, so it is bound by instructions, not bytes, and int4 ran no faster than bf16. Here
+a tile loads its [BN, BK/(32/b)] words once and expands them with shifts, and, where groups tile BLOCK_K (the
+usual 32/64/128 and channel-wise), one scale and zero point per row and group.
 """
 
 from __future__ import annotations
@@ -23,36 +27,68 @@ import triton.language as tl
 from ..expert_format import QuantMatrix
 from .triton_moe import _GEMV_DOWN, _GEMV_GATE_UP, _admit_tile, _expert_base, _silu_mul, _weighted
 
+# decode (GEMV) tiles: BLOCK_K values of a row are BLOCK_K / (32 / b) words; bench/quant_kernels.py sweeps these
+GEMV_GATE_UP = dict(_GEMV_GATE_UP)
+GEMV_DOWN = dict(_GEMV_DOWN)
+
 
 @triton.jit
-def _dequant_tile(packed, scale, zero, rows, cols, mask, stride_pn, stride_sn, stride_zn, rows_per_part,
+def _dequant_rows(packed, scale, zero, rows, mask_rows, k0, K, stride_pn, stride_sn, stride_zn, rows_per_part,
                   zero_rows_per_part, dtype: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  HAS_ZERO: tl.constexpr, pool_packed, pool_scale, pool_zero, admit, stride_ps, stride_ss, stride_zs,
-                  ADMIT: tl.constexpr):
-    """W[rows, cols] of one expert (packed / scale / zero: its planes' bases) as float32 holding `dtype` values,
-    0 where ~mask; rows and cols broadcast to the tile's shape. ADMIT: the words, scales and zero points read
-    are also written to device slot `admit` of the pools (read-through caching; elements sharing a word write
-    the same value)."""
+                  HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, pool_packed, pool_scale,
+                  pool_zero, admit, stride_ps, stride_ss, stride_zs, ADMIT: tl.constexpr):
+    """W[rows, k0 : k0 + BLOCK_K] of one expert (packed / scale / zero: its planes' bases) as a float32 [BN, BK]
+    tile holding `dtype` values, 0 outside mask_rows and K. rows: [BN]; k0 a multiple of BLOCK_K (itself a
+    multiple of a word's values). ADMIT: the words, scales and zero points read are also written to device slot
+    `admit` of the pools (read-through caching; rows sharing a zero-point word write the same value)."""
     PER_WORD: tl.constexpr = 32 // BITS
     LOW: tl.constexpr = (1 << BITS) - 1
-    word_at = rows * stride_pn + cols // PER_WORD
-    words = tl.load(packed + word_at, mask=mask, other=0)  # int32
-    _admit_tile(pool_packed, admit, stride_ps, word_at, words, mask, ADMIT)
-    u = (words >> ((cols % PER_WORD) * BITS)) & LOW  # the mask drops an arithmetic shift's sign bits
-    scale_at = rows * stride_sn + cols // GROUP
-    s = tl.load(scale + scale_at, mask=mask, other=0.0)
-    _admit_tile(pool_scale, admit, stride_ss, scale_at, s, mask, ADMIT)
-    if HAS_ZERO:  # zero points packed down the rows, each projection (part) apart
-        part = rows // rows_per_part
-        local = rows - part * rows_per_part
-        zero_at = (part * zero_rows_per_part + (local * BITS) // 32) * stride_zn + cols // GROUP
-        zero_words = tl.load(zero + zero_at, mask=mask, other=0)
-        _admit_tile(pool_zero, admit, stride_zs, zero_at, zero_words, mask, ADMIT)
-        z = (zero_words >> ((local * BITS) % 32)) & LOW
-    else:
-        z = 1 << (BITS - 1)
-    w = (u - z).to(tl.float32) * s.to(tl.float32)  # exact: 9 bits times a scale's significand
-    w = w.to(s.dtype).to(tl.float32).to(dtype).to(tl.float32)
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    word_cols = k0 // PER_WORD + tl.arange(0, WORDS)  # [W]
+    word_mask = mask_rows[:, None] & (word_cols * PER_WORD < K)[None, :]  # [BN, W]
+    word_at = rows[:, None] * stride_pn + word_cols[None, :]  # [BN, W]
+    words = tl.load(packed + word_at, mask=word_mask, other=0)  # [BN, W] int32, one load per word
+    _admit_tile(pool_packed, admit, stride_ps, word_at, words, word_mask, ADMIT)
+    shifts = tl.arange(0, PER_WORD) * BITS  # [PW]
+    # value i of word j is column j * PER_WORD + i; the mask drops an arithmetic shift's sign bits
+    u = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & LOW, (BLOCK_N, BLOCK_K))  # [BN, BK]
+    cols = k0 + tl.arange(0, BLOCK_K)  # [BK]
+    mask = mask_rows[:, None] & (cols < K)[None, :]  # [BN, BK]
+    part = rows // rows_per_part  # [BN] zero points are packed down the rows, each projection (part) apart
+    local = rows - part * rows_per_part
+    if BLOCK_K % GROUP == 0 or GROUP % BLOCK_K == 0:  # the tile holds whole groups, or lies inside one
+        GROUPS: tl.constexpr = (BLOCK_K + GROUP - 1) // GROUP
+        group_cols = k0 // GROUP + tl.arange(0, GROUPS)  # [G]
+        group_mask = mask_rows[:, None] & (group_cols * GROUP < K)[None, :]  # [BN, G]
+        scale_at = rows[:, None] * stride_sn + group_cols[None, :]  # [BN, G]
+        s = tl.load(scale + scale_at, mask=group_mask, other=0.0)  # one scale per row and group
+        _admit_tile(pool_scale, admit, stride_ss, scale_at, s, group_mask, ADMIT)
+        if HAS_ZERO:
+            zero_at = (part * zero_rows_per_part + (local * BITS) // 32)[:, None] * stride_zn + group_cols[None, :]
+            zero_words = tl.load(zero + zero_at, mask=group_mask, other=0)  # [BN, G]
+            _admit_tile(pool_zero, admit, stride_zs, zero_at, zero_words, group_mask, ADMIT)
+            z = (zero_words >> ((local * BITS) % 32)[:, None]) & LOW
+        else:
+            z = tl.full((BLOCK_N, GROUPS), 1 << (BITS - 1), tl.int32)
+        u = tl.reshape(u, (BLOCK_N, GROUPS, BLOCK_K // GROUPS))  # [BN, G, BK / G]
+        w = (u - z[:, :, None]).to(tl.float32) * s[:, :, None].to(tl.float32)  # exact: 9 bits times a scale
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # [BN, BK]
+    else:  # a group size that does not tile: each element finds its group's scale
+        scale_at = rows[:, None] * stride_sn + cols[None, :] // GROUP  # [BN, BK]
+        s = tl.load(scale + scale_at, mask=mask, other=0.0)
+        _admit_tile(pool_scale, admit, stride_ss, scale_at, s, mask, ADMIT)
+        if HAS_ZERO:
+            zero_at = (part * zero_rows_per_part + (local * BITS) // 32)[:, None] * stride_zn + cols[None, :] // GROUP
+            zero_words = tl.load(zero + zero_at, mask=mask, other=0)
+            _admit_tile(pool_zero, admit, stride_zs, zero_at, zero_words, mask, ADMIT)
+            z = (zero_words >> ((local * BITS) % 32)[:, None]) & LOW
+        else:
+            z = 1 << (BITS - 1)
+        w = (u - z).to(tl.float32) * s.to(tl.float32)
+    # rounded to the scale's dtype (what compressed-tensors decompresses to), then to the compute dtype
+    w = w.to(s.dtype).to(tl.float32)
+    if s.dtype != dtype:
+        w = w.to(dtype).to(tl.float32)
     return tl.where(mask, w, 0.0)
 
 
@@ -83,13 +119,12 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, p_ptr, s_ptr, z_ptr, host_p_p
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask_k = offs_k < H
         x = tl.load(x_ptr + token * stride_xt + offs_k * stride_xh, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-        mask = mask_n[:, None] & mask_k[None, :]
-        gate = _dequant_tile(packed, scale, zero, offs_n[:, None], offs_k[None, :], mask, stride_pn, stride_sn,
-                             stride_zn, I, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, p_ptr, s_ptr, z_ptr,
-                             admit, stride_ps, stride_ss, stride_zs, ADMIT)  # [BN, BK]
-        up = _dequant_tile(packed, scale, zero, I + offs_n[:, None], offs_k[None, :], mask, stride_pn, stride_sn,
-                           stride_zn, I, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, p_ptr, s_ptr, z_ptr,
-                           admit, stride_ps, stride_ss, stride_zs, ADMIT)  # [BN, BK]
+        gate = _dequant_rows(packed, scale, zero, offs_n, mask_n, k0, H, stride_pn, stride_sn, stride_zn, I,
+                             zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K, p_ptr, s_ptr,
+                             z_ptr, admit, stride_ps, stride_ss, stride_zs, ADMIT)  # [BN, BK]
+        up = _dequant_rows(packed, scale, zero, I + offs_n, mask_n, k0, H, stride_pn, stride_sn, stride_zn, I,
+                           zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K, p_ptr, s_ptr,
+                           z_ptr, admit, stride_ps, stride_ss, stride_zs, ADMIT)  # [BN, BK]
         acc_gate += tl.sum(gate * x[None, :], axis=1)
         acc_up += tl.sum(up * x[None, :], axis=1)
     act = _silu_mul(acc_gate, acc_up, dtype, ROUND)  # [BN]
@@ -124,9 +159,9 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, p_ptr, s_ptr, z_ptr, host_p_pt
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask_k = offs_k < I
         a = tl.load(act_ptr + pair * stride_ap + offs_k * stride_ai, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-        w = _dequant_tile(packed, scale, zero, offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :],
-                          stride_pn, stride_sn, stride_zn, H, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO,
-                          p_ptr, s_ptr, z_ptr, admit, stride_ps, stride_ss, stride_zs, ADMIT)  # [BN, BK]
+        w = _dequant_rows(packed, scale, zero, offs_n, mask_n, k0, I, stride_pn, stride_sn, stride_zn, H,
+                          zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K, p_ptr, s_ptr, z_ptr,
+                          admit, stride_ps, stride_ss, stride_zs, ADMIT)  # [BN, BK]
         acc += tl.sum(w * a[None, :], axis=1)
     acc = _weighted(acc, tl.load(weight_ptr + pair).to(tl.float32), dtype, ROUND, ROUND_PRODUCT)
     tl.store(out_ptrs, acc, mask=mask_n)
@@ -160,13 +195,12 @@ def _gate_up_grouped_kernel(x_ptr, pairs_ptr, block_slot_ptr, p_ptr, s_ptr, z_pt
         mask_k = offs_k < H
         x = tl.load(x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xh,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        mask_w = mask_k[:, None] & mask_n[None, :]
-        gate = _dequant_tile(packed, scale, zero, offs_n[None, :], offs_k[:, None], mask_w, stride_pn, stride_sn,
-                             stride_zn, I, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, p_ptr, s_ptr, z_ptr,
-                             -1, stride_ps, stride_ss, stride_zs, False)  # [BK, BN]
-        up = _dequant_tile(packed, scale, zero, I + offs_n[None, :], offs_k[:, None], mask_w, stride_pn, stride_sn,
-                           stride_zn, I, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, p_ptr, s_ptr, z_ptr,
-                           -1, stride_ps, stride_ss, stride_zs, False)  # [BK, BN]
+        gate = tl.trans(_dequant_rows(packed, scale, zero, offs_n, mask_n, k0, H, stride_pn, stride_sn, stride_zn,
+                                      I, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K, p_ptr,
+                                      s_ptr, z_ptr, -1, stride_ps, stride_ss, stride_zs, False))  # [BK, BN]
+        up = tl.trans(_dequant_rows(packed, scale, zero, I + offs_n, mask_n, k0, H, stride_pn, stride_sn, stride_zn,
+                                    I, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K, p_ptr,
+                                    s_ptr, z_ptr, -1, stride_ps, stride_ss, stride_zs, False))  # [BK, BN]
         acc_gate = tl.dot(x, gate.to(dtype), acc_gate, input_precision=INPUT_PRECISION)
         acc_up = tl.dot(x, up.to(dtype), acc_up, input_precision=INPUT_PRECISION)
     act = _silu_mul(acc_gate, acc_up, dtype, ROUND)  # [BM, BN]
@@ -205,9 +239,9 @@ def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, p_ptr, s_ptr, z_ptr
         mask_k = offs_k < I
         a = tl.load(act_ptr + pairs[:, None] * stride_ap + offs_k[None, :] * stride_ai,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        w = _dequant_tile(packed, scale, zero, offs_n[None, :], offs_k[:, None], mask_k[:, None] & mask_n[None, :],
-                          stride_pn, stride_sn, stride_zn, H, zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO,
-                          p_ptr, s_ptr, z_ptr, -1, stride_ps, stride_ss, stride_zs, False)  # [BK, BN]
+        w = tl.trans(_dequant_rows(packed, scale, zero, offs_n, mask_n, k0, I, stride_pn, stride_sn, stride_zn, H,
+                                   zero_rows_per_part, dtype, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K, p_ptr, s_ptr,
+                                   z_ptr, -1, stride_ps, stride_ss, stride_zs, False))  # [BK, BN]
         acc = tl.dot(a, w.to(dtype), acc, input_precision=INPUT_PRECISION)
     weight = tl.load(weight_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]  # [BM, 1]
     acc = _weighted(acc, weight, dtype, ROUND, ROUND_PRODUCT)
@@ -239,15 +273,15 @@ def decode(hidden, ids, weights, slot_of_expert, admit_slots, w13: QuantMatrix, 
     inter = two_inter // 2
     num_pairs = ids.numel()
     pointers, strides = _planes(w13, host_w13)
-    _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV_GATE_UP["BLOCK_N"]))](
+    _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, GEMV_GATE_UP["BLOCK_N"]))](
         hidden, ids, slot_of_expert, *pointers, num_device_slots, admit_slots, act, hidden_size, inter, top_k,
         _zero_rows_per_part(w13), *hidden.stride(), *strides, *act.stride(),
-        ROUND=rounding["ROUND"], ADMIT=admit, **_constants(w13), **_GEMV_GATE_UP)
+        ROUND=rounding["ROUND"], ADMIT=admit, **_constants(w13), **GEMV_GATE_UP)
     pointers, strides = _planes(w2, host_w2)
-    _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV_DOWN["BLOCK_N"]))](
+    _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, GEMV_DOWN["BLOCK_N"]))](
         act, ids, slot_of_expert, *pointers, num_device_slots, admit_slots, weights, contrib, hidden_size, inter,
         _zero_rows_per_part(w2), *act.stride(), *strides, *contrib.stride(), **rounding, ZERO_ABSENT=own_rows,
-        ADMIT=admit, **_constants(w2), **_GEMV_DOWN)
+        ADMIT=admit, **_constants(w2), **GEMV_DOWN)
 
 
 def prefill(hidden, sorted_pairs, block_slot, weights, w13: QuantMatrix, w2: QuantMatrix, host_w13: QuantMatrix,
