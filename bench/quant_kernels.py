@@ -10,7 +10,7 @@ after the other (a kernel's first run may pay for clocks ramping up: compare the
 To compare two versions of the kernels side by side, run this script from a copy of the other tree (its
 moe_offload is imported from the working directory): `cd OLD && python ../bench/quant_kernels.py OUT.json`.
 
-Usage (CUDA): python bench/quant_kernels.py OUT.json [--tiles 8x256,16x256,...] [--label NAME]"""
+Usage (CUDA): python bench/quant_kernels.py OUT.json [--tiles 8x256+16x256,16x512,...] [--label NAME]"""
 import argparse
 import json
 import os
@@ -48,22 +48,17 @@ def timeit(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300) * 1000  # us
 
 
-def parse_tiles(text: str) -> list[tuple[int, int]]:
-    tiles = []
-    for item in text.split(","):
+def set_tiles(tile: str) -> None:
+    """The decode kernels of triton_quant take tile "NxK" (both) or "NxK+NxK" (gate/up, then down) as BLOCK_N x
+    BLOCK_K; a tree without the knobs keeps its own."""
+    gate_up, _, down = tile.partition("+")
+    for name, item in (("GEMV_GATE_UP", gate_up), ("GEMV_DOWN", down or gate_up)):
         n, k = item.split("x")
-        tiles.append((int(n), int(k)))
-    return tiles
+        if hasattr(triton_quant, name):
+            getattr(triton_quant, name).update(BLOCK_N=int(n), BLOCK_K=int(k))
 
 
-def set_tiles(tile: tuple[int, int]) -> None:
-    """Both decode kernels of triton_quant take BLOCK_N x BLOCK_K = tile (a tree without the knob keeps its own)."""
-    for config in (getattr(triton_quant, "GEMV_GATE_UP", None), getattr(triton_quant, "GEMV_DOWN", None)):
-        if config is not None:
-            config.update(BLOCK_N=tile[0], BLOCK_K=tile[1])
-
-
-def one_trial(dev: torch.device, tiles: list[tuple[int, int]]) -> dict:
+def one_trial(dev: torch.device, tiles: list[str]) -> dict:
     results = {}
     x = torch.randn(1, H, device=dev, dtype=torch.bfloat16)  # [1, H]
     w = torch.full((1, K), 1 / K, device=dev, dtype=torch.bfloat16)  # [1, K]
@@ -86,7 +81,7 @@ def one_trial(dev: torch.device, tiles: list[tuple[int, int]]) -> dict:
                 if tile is not None:
                     set_tiles(tile)
                 us = timeit(fn)
-                key = f"{name} decode {where}" + ("" if tile is None else f" tile {tile[0]}x{tile[1]}")
+                key = f"{name} decode {where}" + ("" if tile is None else f" tile {tile}")
                 results[key] = {"us": us, "bytes_per_expert": fmt.nbytes, "GB_s": K * fmt.nbytes / us / 1e3}
         us = timeit(lambda: fused_moe(xp, idsp, wp, resident.gate_up, resident.down, slots))
         results[f"{name} prefill device"] = {"us": us, "tok_s": PREFILL_TOKENS / us * 1e6}
@@ -110,14 +105,15 @@ def best_tiles(trials: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--tiles", default="8x256", help="decode BLOCK_NxBLOCK_K tiles for int4/int8, comma-separated")
+    parser.add_argument("--tiles", default="8x256+16x256", help="decode tiles for int4/int8, comma-separated: NxK "
+                        "(BLOCK_N x BLOCK_K of both kernels) or NxK+NxK (gate/up, then down)")
     parser.add_argument("--label", default="", help="which kernels these are (recorded)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs CUDA")
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    tiles = parse_tiles(args.tiles)
+    tiles = args.tiles.split(",")
     trials = []
     for trial in range(2):
         results = one_trial(dev, tiles)
