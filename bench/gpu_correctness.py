@@ -73,8 +73,11 @@ def build(arch: str, root: str) -> str:
 
     path = os.path.join(root, arch)
     if arch in GPT_OSS:  # hidden and intermediate multiples of 32 (MXFP4)
-        return _tiny.make_gpt_oss_checkpoint(path, mxfp4=arch.endswith("mxfp4"), hidden_size=256,
-                                             intermediate_size=128, num_local_experts=16, head_dim=64)
+        _tiny.make_gpt_oss_checkpoint(path, mxfp4=arch.endswith("mxfp4"), hidden_size=256, intermediate_size=128,
+                                      num_local_experts=16, head_dim=64)
+        if arch == "gpt_oss":  # the fixture is float32: rewritten in bf16, as the other architectures are
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(path)
+        return path
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(widen(tiny_config(arch)), dtype=torch.bfloat16)
     for name, buffer in model.named_buffers():
@@ -93,9 +96,10 @@ def reference(path: str, ids: torch.Tensor, backend: str, dtype: torch.dtype = t
         from transformers import Mxfp4Config
 
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
-    # .to(dtype): some transformers releases dequantize MXFP4 to bf16 whatever dtype was asked for
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=backend,
-                                                 **extra).to("cuda", dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=backend, **extra)
+    if dtype == torch.float32:  # some transformers releases dequantize MXFP4 to bf16 whatever dtype was asked for
+        model = model.float()
+    model = model.cuda()
     with torch.no_grad(), prompt_attention("cuda"):  # the attention backends the pipeline's generation uses
         logits = model(ids).logits.float()
         tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
