@@ -105,8 +105,10 @@ def best_tiles(trials: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--tiles", default="8x256+16x256", help="decode tiles for int4/int8, comma-separated: NxK "
-                        "(BLOCK_N x BLOCK_K of both kernels) or NxK+NxK (gate/up, then down)")
+    default = "+".join(f"{t['BLOCK_N']}x{t['BLOCK_K']}" for t in (triton_quant.GEMV_GATE_UP, triton_quant.GEMV_DOWN))
+    parser.add_argument("--tiles", default=default, help="decode tiles for int4/int8, comma-separated: NxK "
+                        "(BLOCK_N x BLOCK_K of both kernels) or NxK+NxK (gate/up, then down); default the tree's "
+                        f"own ({default})")
     parser.add_argument("--label", default="", help="which kernels these are (recorded)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
