@@ -20,14 +20,14 @@
 # Quantized experts (issue 17): WEIGHTS=bf16,int4,int8 on every call (the same value each time). prepare then also
 #   quantizes the model with `moe-offload quantize` (rtn, group 128) into $MODEL-int4 and $MODEL-int8 (the harness's
 #   quant phase, timed into the report; while the build runs, so an upper bound) and, once the build is done, makes
-#   $MODEL-Q4_0.gguf and $MODEL-Q8_0.gguf from the BF16 GGUF with llama-quantize; measure pairs our int4 with Q4_0
-#   and our int8 with Q8_0 (bf16 with BF16) at the same -ncmoe, at issue 17's ratios (RATIOS 0,10,25,50 side by
-#   side, OFFLOAD_RATIOS 100,50,25,10,0, the disk tier at 25), and sweeps llama.cpp's flags on the Q4_0 GGUF (where
-#   int4 is measured). Every configuration of ours runs once per weights (~45-75 s each), so the whole set takes
-#   prepare and about three measure calls, back to back (estimated, not yet timed: ~38 min of device time); within
-#   a 30-minute session, RATIOS=0,25,50 OFFLOAD_RATIOS=100,50,25,0 and LLAMACPP_FLAGS (e.g. the BF16 sweep's
-#   "-t 16 -fa 1 -lm mmap", which saves the sweep's 2-4 min) leave prepare and two measure calls. Disk: ~62 GB in
-#   /tmp (safetensors 16.2 + 9.1 + 5.4 GB, GGUFs 16.2 + 8.6 + 4.6 GB; prepare prints what is left).
+#   $MODEL-Q4_0.gguf and $MODEL-Q8_0.gguf from the BF16 GGUF with llama-quantize (experts only, see EXPERTS_ONLY);
+#   measure pairs our int4 with Q4_0 and our int8 with Q8_0 (bf16 with BF16) at the same -ncmoe, at issue 17's
+#   ratios (RATIOS 0,10,25,50 side by side, OFFLOAD_RATIOS 100,50,25,10,0, the disk tier at 25), and sweeps
+#   llama.cpp's flags on the Q4_0 GGUF (where int4 is measured). Every configuration of ours runs once per weights
+#   (~35-65 s each). Timed on the H200 (2026-12-06): RATIOS=0,25 OFFLOAD_RATIOS=100,25,0 with LLAMACPP_FLAGS="-t 16
+#   -fa 1 -lm mmap" (the BF16 sweep's best; saves the sweep's 2-4 min) took prepare (556 s) and two measure calls
+#   (560 s, 188 s): 22.5 minutes of a session's 30 with the machine's start. The whole set needs about two sessions.
+#   Disk: ~62 GB in /tmp (safetensors 16.2 + 9.1 + 5.4 GB, GGUFs 16.2 + up to 8.6 + 4.6 GB).
 #
 # Usage: OUT=... [CHECKS="python -m pytest -q tests/test_hybrid.py"] [WEIGHTS=bf16,int4,int8] bash bench/h200_run.sh prepare
 #        OUT=... [VARIANTS='{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'] [LLAMACPP_FLAGS="-t 16"] [WEIGHTS=...] bash bench/h200_run.sh measure
@@ -48,6 +48,9 @@ PLAN=(--weights "$WEIGHTS")  # every harness call of a report names the same wei
 if [ "$WEIGHTS" != bf16 ]; then RATIOS=${RATIOS:-0,10,25,50}; OFFLOAD_RATIOS=${OFFLOAD_RATIOS:-100,50,25,10,0}; fi
 PLAN+=(${RATIOS:+--ratios "$RATIOS"} ${OFFLOAD_RATIOS:+--offload-ratios "$OFFLOAD_RATIOS"})
 declare -A GGUF_TYPE=([int4]=Q4_0 [int8]=Q8_0)  # bench/harness.py gguf_for: MODEL.gguf -> MODEL-Q4_0.gguf
+# Like our checkpoints, only the routed experts quantized: llama-quantize's plain Q4_0 would also take the attention
+# and the embedding to Q4_0 and the head to Q6_K, shrinking what sits on the GPU beside the experts.
+EXPERTS_ONLY=(--pure --output-tensor-type bf16 --token-embedding-type bf16 --tensor-type attn_=bf16)
 QUANTIZED=(); for w in ${WEIGHTS//,/ }; do [ -n "${GGUF_TYPE[$w]:-}" ] && QUANTIZED+=("$w"); done
 cd "$REPO"
 T0=$(date +%s)
@@ -90,7 +93,7 @@ prepare)
         target=$MODEL-${GGUF_TYPE[$w]}.gguf
         [ -f "$target" ] && continue
         step "llama-quantize ${GGUF_TYPE[$w]}"
-        "$QUANTIZE" "$MODEL.gguf" "$target.partial" "${GGUF_TYPE[$w]}" "$(nproc)" > "$OUT/llama-quantize-$w.log" 2>&1 \
+        "$QUANTIZE" "${EXPERTS_ONLY[@]}" "$MODEL.gguf" "$target.partial" "${GGUF_TYPE[$w]}" "$(nproc)" > "$OUT/llama-quantize-$w.log" 2>&1 \
             && mv "$target.partial" "$target" || { echo "llama-quantize failed:"; tail -5 "$OUT/llama-quantize-$w.log"; }
     done
     harness "${PLAN[@]}" --tables offload --offload-ratios 100

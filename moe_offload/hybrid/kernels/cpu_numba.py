@@ -114,68 +114,69 @@ def _functions():
     @njit(fastmath=True)
     def dot_quant(row, scales, zeros, zero_shift, x, x_even, x_odd, bits, group, has_zero, round_weight, w, low,
                   high):
-        """One quantized row . x [K] float32, dequantized group by group and accumulated in float32 along the
-        whole row. row: the row's packed bytes (uint8 [4 * ceil(K*b/32)]: little-endian words, values low bits
-        first, so int8 value j is byte j and int4 values 2i, 2i+1 the low and high nibbles of byte i); scales:
-        float32 [G]; zeros: int32 [G] words holding this row's zero points at zero_shift, read only if has_zero
-        (else z = 2^(b-1)); x_even / x_odd: x's even and odd elements (int4). w, low, high: float32 [g + 1]
-        scratch (separate arrays: rows of one 2-D array vectorized worse).
+        """One quantized row . x [K] float32. row: the row's packed bytes (uint8 [4 * ceil(K*b/32)]: little-endian
+        words, values low bits first, so int8 value j is byte j and int4 values 2i, 2i+1 the low and high nibbles
+        of byte i); scales: float32 [G]; zeros: int32 [G] words holding this row's zero points at zero_shift, read
+        only if has_zero (else z = 2^(b-1)); x_even / x_odd: x's even and odd elements (int4). w [K], low and
+        high [ceil(K/2)]: float32 scratch (separate arrays: rows of one 2-D array vectorized worse).
 
-        Each group's weights w = (u - z) * scale (exact in float32: |u - z| < 2^8 times a scale's significand)
-        go to the scratch, rounded to bf16 in place where round_weight (what reference.dense and the Triton kernels
-        compute), then are dotted: three simple loops over contiguous memory that the compiler vectorizes. An
-        int4 group of even size is taken as byte pairs (low nibbles against x_even, high ones against x_odd);
-        odd group sizes (allowed, though rare) value by value."""
+        The whole row is dequantized first, group by group, w = (u - z) * scale (exact in float32: |u - z| < 2^8
+        times a scale's significand), then rounded to bf16 in one pass where round_weight (what reference.dense
+        and the Triton kernels compute), then dotted in one pass: long loops over contiguous memory that the
+        compiler vectorizes (a group at a time, every loop was a short one with a remainder, and the step ran at
+        half the speed). An int4 row of even group size is taken as byte pairs (low nibbles against x_even, high
+        ones against x_odd); odd group sizes (allowed, though rare) value by value."""
         k = x.size
         mask = (1 << bits) - 1
+        groups = (k + group - 1) // group
         acc = np.float32(0.0)
-        for g in range((k + group - 1) // group):
-            start = g * group
-            n = min(group, k - start)
-            # u - z in float32 (exact: small integers), so the hot loops convert 32-bit integers only
-            z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else (1 << (bits - 1)))
-            s = scales[g]
-            # Unsigned indices in the hot loops: numba wraps negative signed indices around, and that check on
-            # an offset index kept the loops from vectorizing (4x slower).
-            if bits == 8:
-                base, count = np.uint64(start), np.uint64(n)
-                for j in range(count):
-                    w[j] = (np.float32(np.int32(row[base + j])) - z) * s
-                if round_weight:
-                    round_some(w, count)
-                for j in range(count):
-                    acc += w[j] * x[base + j]
-            elif group % 2 == 0:  # int4 from byte pairs: start is even
-                pairs, first = np.uint64(n // 2), np.uint64(start // 2)
-                for i in range(pairs):
-                    b = np.int32(row[first + i])
+        # Unsigned indices in the hot loops: numba wraps negative signed indices around, and that check on an
+        # offset index kept the loops from vectorizing.
+        if bits == 4 and group % 2 == 0:  # byte pairs; every group starts at an even value
+            pairs = k // 2
+            for g in range(groups):
+                z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else 8)
+                s = scales[g]
+                for i in range(np.uint64(g * (group // 2)), np.uint64(min((g + 1) * (group // 2), pairs))):
+                    b = np.int32(row[i])
                     low[i] = (np.float32(b & np.int32(15)) - z) * s
                     high[i] = (np.float32(b >> np.int32(4)) - z) * s
+            if round_weight:
+                round_some(low, pairs)
+                round_some(high, pairs)
+            for i in range(np.uint64(pairs)):
+                acc += low[i] * x_even[i] + high[i] * x_odd[i]
+            if k % 2:  # K odd: the last value, a low nibble of the last group
+                g = (k - 1) // group
+                z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else 8)
+                w[0] = (np.float32(np.int32(row[pairs]) & 15) - z) * scales[g]
                 if round_weight:
-                    round_some(low, pairs)
-                    round_some(high, pairs)
-                for i in range(pairs):
-                    acc += low[i] * x_even[first + i] + high[i] * x_odd[first + i]
-                if n % 2:  # K odd: the last value, a low nibble
-                    w[0] = (np.float32(np.int32(row[(start + n - 1) // 2]) & 15) - z) * s
-                    if round_weight:
-                        round_some(w, 1)
-                    acc += w[0] * x[start + n - 1]
+                    round_some(w, 1)
+                acc += w[0] * x[k - 1]
+            return acc
+        for g in range(groups):
+            z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else (1 << (bits - 1)))
+            s = scales[g]
+            start, stop = np.uint64(g * group), np.uint64(min((g + 1) * group, k))
+            if bits == 8:
+                for j in range(start, stop):
+                    w[j] = (np.float32(np.int32(row[j])) - z) * s
             else:  # int4, odd group size: value by value
-                for j in range(n):
-                    c = start + j
-                    w[j] = (np.float32((np.int32(row[c >> 1]) >> ((c & 1) * 4)) & 15) - z) * s
-                if round_weight:
-                    round_some(w, n)
-                for j in range(n):
-                    acc += w[j] * x[start + j]
+                for j in range(start, stop):
+                    w[j] = (np.float32((np.int32(row[j >> np.uint64(1)]) >> np.int32((j & np.uint64(1)) * np.uint64(4)))
+                                       & 15) - z) * s
+        if round_weight:
+            round_some(w, k)
+        for j in range(np.uint64(k)):
+            acc += w[j] * x[j]
         return acc
 
     @njit(fastmath=True)
-    def quant_dot(job, planes, expert, row, rows_per_part, x, x_even, x_odd, w, low, high, scale_bits):
+    def quant_dot(job, planes, expert, row, rows_per_part, x, scratch):
         """Row `row` of an expert's quantized matrix [N, K] (planes: the job field of its packed plane, _GATE_UP
-        or _DOWN) . x [K]. rows_per_part: rows per projection (zero points are packed per projection);
-        scale_bits: uint32 [G] scratch for the row's scales widened to float32; the rest: dot_quant's."""
+        or _DOWN) . x [K]. rows_per_part: rows per projection (zero points are packed per projection); scratch:
+        quant_scratch's for this x."""
+        w, low, high, scale_bits, x_even, x_odd = scratch
         k, bits, group = x.size, job[_BITS], job[_GROUP]
         groups = (k + group - 1) // group
         width = (k * bits + 31) // 32  # int32 words per row
@@ -201,22 +202,25 @@ def _functions():
                          job[_HAS_ZERO] != 0, job[_ROUND_WEIGHT] != 0, w, low, high)
 
     @njit(fastmath=True)
-    def quant_rows(job, planes, expert, first, count, offset, rows_per_part, x, out):
-        """out[r] = row offset + first + r of an expert's quantized matrix . x [K], for r < count (the scratch
-        buffers made once for all of them)."""
+    def quant_scratch(job, x):
+        """The scratch of quant_dot's rows against x [K], made once per work item: w [K], low / high
+        [ceil(K/2)], the row's scales [G] as float32 bits, and (int4) x deinterleaved into its even and odd
+        elements."""
         k, bits, group = x.size, job[_BITS], job[_GROUP]
-        w = np.empty(min(group, k) + 1, np.float32)
-        low = np.empty(min(group, k) + 1, np.float32)
-        high = np.empty(min(group, k) + 1, np.float32)
-        scale_bits = np.empty((k + group - 1) // group, np.uint32)  # [G]
-        x_even = np.empty((k + 1) // 2 if bits == 4 else 0, np.float32)  # int4: x deinterleaved once
-        x_odd = np.empty(k // 2 if bits == 4 else 0, np.float32)
-        for i in range(x_odd.size):
+        half = (k + 1) // 2
+        x_even = np.empty(half if bits == 4 else 0, np.float32)
+        x_odd = np.empty(half if bits == 4 else 0, np.float32)
+        for i in range(k // 2 if bits == 4 else 0):
             x_even[i] = x[2 * i]
             x_odd[i] = x[2 * i + 1]
+        return (np.empty(k + 1, np.float32), np.empty(half + 1, np.float32), np.empty(half + 1, np.float32),
+                np.empty((k + group - 1) // group, np.uint32), x_even, x_odd)
+
+    @njit(fastmath=True)
+    def quant_rows(job, planes, expert, first, count, offset, rows_per_part, x, out, scratch):
+        """out[r] = row offset + first + r of an expert's quantized matrix . x [K], for r < count."""
         for r in range(count):
-            out[r] = quant_dot(job, planes, expert, offset + first + r, rows_per_part, x, x_even, x_odd, w, low,
-                               high, scale_bits)
+            out[r] = quant_dot(job, planes, expert, offset + first + r, rows_per_part, x, scratch)
 
     @njit(nogil=True, fastmath=True)
     def run_item(job_address, phase, index):
@@ -241,8 +245,9 @@ def _functions():
                     gate[r] = dot_bf16(gate_up[first + r], x, wide)
                     up[r] = dot_bf16(gate_up[inter + first + r], x, wide)
             else:
-                quant_rows(job, _GATE_UP, expert, first, n, 0, inter, x, gate)
-                quant_rows(job, _GATE_UP, expert, first, n, inter, inter, x, up)
+                scratch = quant_scratch(job, x)
+                quant_rows(job, _GATE_UP, expert, first, n, 0, inter, x, gate, scratch)
+                quant_rows(job, _GATE_UP, expert, first, n, inter, inter, x, up, scratch)
             if rounds:
                 round_bf16(gate)
                 round_bf16(up)
@@ -270,7 +275,7 @@ def _functions():
                 for r in range(n):
                     result[r] = dot_bf16(down[first + r], act, wide)
             else:
-                quant_rows(job, _DOWN, expert, first, n, 0, hidden, act, result)
+                quant_rows(job, _DOWN, expert, first, n, 0, hidden, act, result, quant_scratch(job, act))
             if rounds:
                 round_bf16(result)
             for r in range(n):
