@@ -21,9 +21,10 @@ what reference.dense and triton_quant._dequant_tile compute), and dotted into a 
 along the whole row, so the bytes read are the packed words, scales and zero points only. The compute dtype
 is bf16 (every intermediate rounded where torch rounds, as for bf16 weights) or float32 (nothing rounded).
 The packed words are read as bytes (little-endian: int8 value j is byte j, int4 values 2i and 2i + 1 the
-nibbles of byte i, against x's even and odd elements), so every loop is a plain stream the compiler vectorizes;
-on a 2-core AMD EPYC that ran int8 experts faster than bf16 ones and int4 close to them (bench/cpu_quant_experts.py),
-compute-bound where bf16 is bandwidth-bound.
+nibbles of byte i, against x's even and odd elements), so every loop is a plain stream the compiler vectorizes.
+Unpacking is the cost: a quantized expert is compute-bound where a bf16 one is bandwidth-bound, and on a 2-core AMD
+EPYC one thread computed int4 and int8 experts at about half bf16's rate per expert (bench/cpu_quant_experts.py),
+so on the CPU fewer bytes do not mean a faster expert.
 """
 
 from __future__ import annotations
