@@ -13,10 +13,11 @@ counters count each needed expert once: a hit if it was on the device, a miss ot
 Zero-copy (the Triton kernel on CUDA, every non-resident expert of the layer in the pinned host tier): the kernel
 reads misses in place from host memory over PCIe, as fast as copying them, so the layer runs as one launch set
 with no host sync and no slot traffic, and the decode step can be captured in a CUDA graph. The resident set
-then stays as loaded (MOE_ZERO_COPY=static), or (lru, auto) decode misses are written into LRU victim slots as the
-kernels read them, LRU decided on the device (policy/device_lru.py). Prefill chunks with many tokens per expert (whose
-weights the grouped GEMM would read over PCIe once per M-block) take the copy path, streaming through the
-scratch pool without admitting (with device LRU, after the host table is brought in line with the device's).
+then stays as loaded (MOE_ZERO_COPY=static), or (lru, auto) decode misses are written into victim slots as the
+kernels read them, the cache policy decided on the device (its tensor form: policy/device_lru.py,
+device_lfru.py). Prefill chunks with many tokens per expert (whose weights the grouped GEMM would read over PCIe
+once per M-block) take the copy path, streaming through the scratch pool without admitting (after the host table
+is brought in line with the device's).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import torch
 
 from .checkpoint import ExpertLocation
 from .expert_format import ExpertFormat, ExpertWeights, Matrix
+from .policy.device_lfru import DeviceLFRU
 from .policy.device_lru import DeviceLRU
+from .policy.lfru import LFRUPolicy
 from .hybrid import CpuExperts, CpuShare
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy, SlotTable
@@ -117,8 +120,9 @@ class OffloadedExperts:
         self._direct_from_host: torch.Tensor | None = None  # [E] int64: 1 where that is a host row
         self._step_used: torch.Tensor | None = None  # [E] int64 scratch: 1 = needed by this step
         self._use_counts: torch.Tensor | None = None  # [E] int64: steps that needed each expert (device tally)
-        self._lru: DeviceLRU | None = None  # zero-copy misses also admitted, LRU decided on the device
-        self._tally: torch.Tensor | None = None  # [2] int64 (needed, read in place), per step, with _lru
+        # zero-copy misses also admitted, the cache policy decided on the device by its tensor form
+        self._device_policy: DeviceLRU | DeviceLFRU | None = None
+        self._tally: torch.Tensor | None = None  # [2] int64 (needed, read in place), per step, with _device_policy
         self.slots = torch.empty((capacity, fmt.row_bytes), dtype=torch.uint8, device=device)  # [C, B]
         self.weights = fmt.weights(self.slots)  # the kernels' views of the slots
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
@@ -186,8 +190,8 @@ class OffloadedExperts:
 
     @property
     def lru_admission(self) -> bool:
-        """Decode misses are admitted into the slots, LRU decided on the device (device_lru.py)."""
-        return self._lru is not None
+        """Decode misses are admitted into the slots, decided on the device (MOE_ZERO_COPY=lru or auto)."""
+        return self._device_policy is not None
 
     @property
     def zero_copy(self) -> bool:
@@ -198,8 +202,9 @@ class OffloadedExperts:
         in place (see the module docstring). Possible with the Triton kernel when every expert is resident or in
         the pinned host tier; returns whether it is on. Call after preload.
 
-        lru: decode steps also admit their misses into the slots, LRU decided on the device (device_lru.py), when
-        the host tier holds every expert of the layer; the resident set then follows the routing."""
+        lru: decode steps also admit their misses into the slots, decided on the device by the tensor form of the
+        table's policy (device_lru.py, device_lfru.py), when the host tier holds every expert of the layer; the
+        resident set then follows the routing."""
         if self.fused_moe is None:
             return False
         readable = self.host is not None and (self.host.pinned or device.type == "cpu")  # CPU: Triton's interpreter
@@ -217,9 +222,14 @@ class OffloadedExperts:
         self._use_counts = torch.zeros(self.num_experts, dtype=torch.long, device=device)  # [E]
         if (lru and 0 < capacity < self.num_experts and readable and len(self.host.row_of) == self.num_experts
                 and self.top_k <= _DECODE_MAX_PAIRS):  # admission happens on the decode (GEMV) path
-            oldest_first = [(self.table.lookup(e), e) for e in self.table.policy.cached()]
-            self._lru = DeviceLRU(slot_map, from_host, [self.host.row_of[e] for e in range(self.num_experts)],
-                                  oldest_first)
+            policy = self.table.policy
+            evictable_first = [(self.table.lookup(e), e) for e in policy.cached()]
+            host_rows = [self.host.row_of[e] for e in range(self.num_experts)]
+            if isinstance(policy, LFRUPolicy):
+                self._device_policy = DeviceLFRU(slot_map, from_host, host_rows, evictable_first, policy.state(),
+                                                 policy.half_life)
+            else:
+                self._device_policy = DeviceLRU(slot_map, from_host, host_rows, evictable_first)
             self._tally = torch.zeros(2, dtype=torch.long, device=device)
         return True
 
@@ -244,11 +254,11 @@ class OffloadedExperts:
         ids = top_k_index.clone()  # [1, K] the graph's input
 
         def forward() -> None:
-            lru, self._lru = self._lru, None  # timed without admitting: the maps stay as they are
+            policy, self._device_policy = self._device_policy, None  # timed without admitting: the maps stay
             try:
                 self._forward_direct(hidden, ids, top_k_weights, act_fn)
             finally:
-                self._lru = lru
+                self._device_policy = policy
 
         on_cuda = hidden.device.type == "cuda"
         if on_cuda:
@@ -300,8 +310,8 @@ class OffloadedExperts:
             self.route_observer(self.layer, top_k_index)
         if self.sync_free(num_tokens * top_k):
             return self._forward_direct(hidden_states, top_k_index, top_k_weights, act_fn)
-        if self._lru is not None:  # the copy path syncs with the host anyway: read where the device put what
-            self.table.mirror(self._lru.occupants())
+        if self._device_policy is not None:  # the copy path syncs with the host anyway: read where the device put what
+            self.table.mirror(self._device_policy.occupants(), self._device_policy.state())
         return self.forward_routed(hidden_states, top_k_index, top_k_weights, act_fn, self.route(top_k_index))
 
     def route(self, top_k_index: torch.Tensor) -> Routing:
@@ -313,6 +323,7 @@ class OffloadedExperts:
         misses = [e for e in needed if self.table.lookup(e) is None]
         self._counters.hits += len(hits)
         self._counters.misses += len(misses)
+        self.table.begin_step()
         for expert in hits:
             self.table.hit(expert)
         return Routing(counts, hits, misses)
@@ -376,12 +387,12 @@ class OffloadedExperts:
             self._use_counts.add_(self._step_used)
         if self.cpu_share is not None and num_tokens == 1 and self.cpu_share.active:
             return self._forward_hybrid(hidden_states, top_k_index, top_k_weights, act_fn, contrib)
-        admit = self._lru.plan(top_k_index) if self._lru is not None and num_tokens == 1 else None
+        admit = self._device_policy.plan(top_k_index) if self._device_policy is not None and num_tokens == 1 else None
         self.fused_moe(hidden_states, top_k_index, top_k_weights, self.gate_up, self.down, self._direct_slots,
                        contrib=contrib, host_w13=host.gate_up if host else None, host_w2=host.down if host else None,
                        admit_slot_of_expert=admit)
         if admit is not None:
-            self._lru.commit()
+            self._device_policy.commit()
         return contrib.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)  # [T, H]
 
     def _forward_hybrid(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -389,14 +400,14 @@ class OffloadedExperts:
         """A one-token step with some misses computed on the CPU (hybrid/share.py); with device LRU, only the misses the
         GPU reads are admitted (the cache holds what the GPU will read again, not what the CPU serves)."""
         slots = torch.cat([self._direct_slots, self._skip])  # [E + 1]: the maps as of now (LRU changes them)
-        lru = self._lru
+        policy = self._device_policy
         admitted = False
 
         def gpu_share(ids: torch.Tensor) -> torch.Tensor:  # ids [1, K], E where the CPU computes
             nonlocal admitted
             admit = None
-            if lru is not None:
-                admit = torch.cat([lru.plan(top_k_index, admissible=ids < self.num_experts), self._skip])  # [E + 1]
+            if policy is not None:
+                admit = torch.cat([policy.plan(top_k_index, admissible=ids < self.num_experts), self._skip])  # [E + 1]
                 admitted = True
             return self.fused_moe(hidden_states, ids, top_k_weights, self.gate_up, self.down, slots, contrib=contrib,
                                   host_w13=self.host.gate_up, host_w2=self.host.down, admit_slot_of_expert=admit)
@@ -404,7 +415,7 @@ class OffloadedExperts:
         merged = self.cpu_share.forward(hidden_states, top_k_index, top_k_weights,
                                         self._direct_from_host[top_k_index], gpu_share, act_fn)  # [K, H]
         if admitted:
-            lru.commit()
+            policy.commit()
         return merged.sum(dim=0, keepdim=True).to(hidden_states.dtype)  # [1, H]
 
     @staticmethod

@@ -23,6 +23,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "triton", "torch")
 SWITCHES = ("auto", "off")
 ZERO_COPY_MODES = ("auto", "lru", "static", "off")
+CACHE_POLICIES = ("default", "lru", "lfru")
 CPU_EXPERT_MODES = ("auto", "off", "all")
 HOST_EMBEDDING_MODES = ("auto", "on", "off")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
@@ -78,6 +79,9 @@ class OffloadConfig:
     # expert of the layer; "static": the resident set stays as loaded; "auto": lru where it can, else static;
     # "off": misses are copied in.
     moe_zero_copy: str = "auto"
+    # The cache's eviction policy (policy/): "default" = policy.DEFAULT_POLICY; "lru", "lfru" pin one. The device
+    # form of the decode admissions follows it (device_lru.py, device_lfru.py).
+    moe_cache_policy: str = "default"
     # Greedy decode steps replayed from CUDA graphs (decoding.py; graph segments around layers that sync,
     # piecewise.py). "off": eager decoding.
     moe_cuda_graph: str = "auto"
@@ -200,6 +204,8 @@ DIAGNOSTICS = {
     "MOE_KERNEL": ("moe_kernel", _choice("MOE_KERNEL", KERNELS), "`auto` (default), `triton`, `torch`"),
     "MOE_ZERO_COPY": ("moe_zero_copy", _choice("MOE_ZERO_COPY", ZERO_COPY_MODES),
                       "`auto` (default), `lru`, `static`, `off`"),
+    "MOE_CACHE_POLICY": ("moe_cache_policy", _choice("MOE_CACHE_POLICY", CACHE_POLICIES),
+                         "`default` (default), `lru`, `lfru`"),
     "MOE_CUDA_GRAPH": ("moe_cuda_graph", _choice("MOE_CUDA_GRAPH", SWITCHES), "`auto` (default), `off`"),
     "MOE_FUSE_DENSE": ("moe_fuse_dense", _choice("MOE_FUSE_DENSE", SWITCHES), "`auto` (default), `off`"),
     "MOE_IO": ("moe_io", _choice("MOE_IO", IO_STRATEGIES), "`odirect` (default), `pread`"),

@@ -457,8 +457,9 @@ def _attach_layer(site: ExpertsSite, locations: list[ExpertLocation], fetcher: E
             batch = in_host[start:start + DISK_THREADS]
             fetcher.fetch(site.layer, None, [Transfer(e, locations[e], host.row(e)) for e in batch], fmt)
             bar.update(len(batch))
+    policy = make_policy(None if config.moe_cache_policy == "default" else config.moe_cache_policy)
     runtime = OffloadedExperts(site.layer, site.num_experts, _top_k(site), fmt, capacity, locations, host, fetcher,
-                               scratch, make_policy(), device)
+                               scratch, policy, device)
     runtime.preload(resident)
     bar.update(site.num_experts - (len(host.row_of) if host else 0))
     site.module._moe_offload = runtime

@@ -96,7 +96,7 @@ def test_engine_admits_misses_as_it_reads_them(checkpoint_factory):
         routes = {layer.layer: [] for layer in pipe.layers}
         for layer in pipe.layers:
             layer.fused_moe = fused_moe
-            assert layer.enable_direct(pipe.device, lru=lru) and (layer._lru is not None) == lru
+            assert layer.enable_direct(pipe.device, lru=lru) and (layer._device_policy is not None) == lru
             layer.route_observer = lambda index, top_k: routes[index].append(top_k.reshape(-1).tolist())
         tokens = pipe.generate_tokens(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
         return pipe, tokens, routes
@@ -141,7 +141,7 @@ def test_long_forwards_copy_from_the_slots_the_device_chose(checkpoint_factory):
     copied = []
     for layer in pipe.layers:
         layer.fused_moe = fused_moe
-        assert layer.enable_direct(pipe.device, lru=True) and layer._lru is not None
+        assert layer.enable_direct(pipe.device, lru=True) and layer._device_policy is not None
         layer.zero_copy_max_pairs = layer.top_k  # decode steps direct, any prompt of 2+ tokens copied
 
         def checked(*args, layer=layer, forward_routed=layer.forward_routed):

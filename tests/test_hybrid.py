@@ -476,7 +476,7 @@ def test_hybrid_with_device_lru_admits_only_what_the_gpu_reads(tmp_path):
     pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=37)
     for layer in pipe.layers:
         layer.fused_moe = fused_moe
-        assert layer.enable_direct(pipe.device, lru=True) and layer._lru is not None
+        assert layer.enable_direct(pipe.device, lru=True) and layer._device_policy is not None
         assert layer.enable_cpu_share([m // 2 for m in range(layer.top_k + 1)], CpuExperts(threads=1))
     got = pipe.generate_tokens(ids, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(got, want)

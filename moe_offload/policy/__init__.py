@@ -2,9 +2,9 @@
 
 The one home of cache policy. This module sees expert ids and slot numbers, never tensors, streams or devices (it
 imports no torch), so it can be unit-tested on the CPU and replayed over a routing trace
-(moe_offload/tools/simulate.py) with exactly the engine's bookkeeping. Its one neighbour, device_lru.py, is
-LRUPolicy's tensor form, for decode steps that decide on the device without a host sync (the same decisions:
-tests/test_device_lru.py). allocation.py splits slots among layers and prefetch.py picks experts to fetch
+(moe_offload/tools/simulate.py) with exactly the engine's bookkeeping. Its neighbours device_lru.py and
+device_lfru.py are LRUPolicy's and LFRUPolicy's tensor forms, for decode steps that decide on the device without a
+host sync (the same decisions: tests/test_device_lru.py, tests/test_device_lfru.py). allocation.py splits slots among layers and prefetch.py picks experts to fetch
 ahead; both are replayed by simulate.py only. The mechanism (cache.py) keeps one SlotTable per MoE layer and moves
 the weights; the table asks its eviction policy for a victim and tells it what was used, inserted and evicted.
 
@@ -79,6 +79,12 @@ class SlotTable:
     def lookup(self, expert: int) -> int | None:
         return self.slot_of.get(expert)
 
+    def begin_step(self) -> None:
+        """A step of the layer begins, before its hits (LFRU rebases its keys here)."""
+        on_step = getattr(self.policy, "on_step", None)
+        if on_step is not None:
+            on_step()
+
     def hit(self, expert: int) -> None:
         self.policy.on_hit(expert)
 
@@ -100,14 +106,20 @@ class SlotTable:
         self.policy.on_insert(expert)
         return slot
 
-    def mirror(self, slot_expert_oldest_first: list[tuple[int, int]]) -> None:
-        """Hold exactly these (slot, expert) pairs, least recently used first (where another party, the device
-        LRU, decided the placement)."""
-        for expert in list(self.slot_of):
-            self.policy.on_evict(expert)
+    def mirror(self, slot_expert_oldest_first: list[tuple[int, int]], state: dict | None = None) -> None:
+        """Hold exactly these (slot, expert) pairs, most evictable first (where another party, the device form of
+        the policy, decided the placement); state: that form's policy state, for a policy that restores one
+        (LFRU), else the pairs are inserted in order (LRU)."""
+        restore = getattr(self.policy, "restore", None)
+        if restore is None:
+            for expert in list(self.slot_of):
+                self.policy.on_evict(expert)
         self.slot_of = {expert: slot for slot, expert in slot_expert_oldest_first}
         taken = set(self.slot_of.values())
         self._free = [slot for slot in range(self.capacity - 1, -1, -1) if slot not in taken]
+        if restore is not None:
+            restore(state, [expert for _slot, expert in slot_expert_oldest_first])
+            return
         for _slot, expert in slot_expert_oldest_first:
             self.policy.on_insert(expert)
 
@@ -222,9 +234,10 @@ from .lfru import LFRUPolicy  # noqa: E402  (after SlotTable/LRUPolicy: lfru.py 
 # The online eviction policies the engine can run (MinPolicy needs the future: replay only).
 POLICIES = {"lru": LRUPolicy, "lfru": LFRUPolicy}
 # The engine's policy (integration.py builds every layer's SlotTable with it). LFRU beat LRU at ratios 10/25/50 on
-# held-out traces of both trained models (bench/RESULTS.md, "Cache policy on learned routing"), but a GPU decode
-# step decides on the device with LRU's tensor form (device_lru.py, kernels/triton_lru.py), and the default must
-# make the same decisions in both forms: LRU stays until LFRU has its device form (lfru.py says what it needs).
+# held-out traces of both trained models (bench/RESULTS.md, "Cache policy on learned routing"), and its tensor form
+# (device_lfru.py) makes the same decisions, but as torch ops, a loop of K small steps per layer and decode step,
+# where LRU's is one Triton kernel (kernels/triton_lru.py): LRU stays the default until LFRU's device form is as
+# cheap and the two are measured on the GPU with learned routing (MOE_CACHE_POLICY pins either meanwhile).
 DEFAULT_POLICY = "lru"
 
 

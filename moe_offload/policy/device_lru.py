@@ -61,6 +61,10 @@ class DeviceLRU:
         experts = self.slot_expert[:self.capacity].tolist()
         return sorted(((slot, expert) for slot, expert in enumerate(experts)), key=lambda pair: stamps[pair[0]])
 
+    def state(self) -> None:
+        """LRUPolicy keeps nothing beyond the order occupants() gives (SlotTable.mirror's state)."""
+        return None
+
     def plan(self, ids: torch.Tensor, admissible: torch.Tensor | None = None) -> torch.Tensor:
         """admit [E] int32 for a step needing `ids` [K] (distinct): the slot each admitted miss is written into.
 
@@ -103,15 +107,25 @@ class DeviceLRU:
             self._plan = None
             return
         needed, admitted, victim, stamps = planned
-        capacity, experts = self.capacity, self.num_experts
-        into = torch.where(admitted, victim, capacity)  # [K] slot, or the scratch entry C
-        evicted = torch.where(admitted, self.slot_expert[into], experts)  # [K] expert, or the scratch entry E
-        self.slot_of.scatter_(0, evicted, (capacity + self.host_row[evicted]).int())
-        self.from_host.scatter_(0, evicted, torch.ones_like(evicted))
-        came_in = torch.where(admitted, needed, experts)  # [K]
-        self.slot_of.scatter_(0, came_in, victim.int())
-        self.from_host.scatter_(0, came_in, torch.zeros_like(came_in))
-        self.slot_expert.scatter_(0, into, needed)
+        into = move_admitted(needed, admitted, victim, self.slot_of, self.from_host, self.host_row, self.slot_expert)
         self.stamp.scatter_(0, into, stamps)
         self.step.add_(1)
         self._plan = None
+
+
+def move_admitted(needed: torch.Tensor, admitted: torch.Tensor, victim: torch.Tensor, slot_of: torch.Tensor,
+                  from_host: torch.Tensor, host_row: torch.Tensor, slot_expert: torch.Tensor) -> torch.Tensor:
+    """A step's admissions in the maps (shared by the device policies): each admitted miss (needed [K] where
+    admitted [K]) takes its victim slot (victim [K]), the expert there goes back to its host row. slot_of and
+    from_host [E + 1], host_row [E + 1], slot_expert [C + 1]: entries E and C are scratch targets. Returns into [K]:
+    the slot each pair took, or C."""
+    capacity, experts = slot_expert.numel() - 1, slot_of.numel() - 1
+    into = torch.where(admitted, victim, capacity)  # [K] slot, or the scratch entry C
+    evicted = torch.where(admitted, slot_expert[into], experts)  # [K] expert, or the scratch entry E
+    slot_of.scatter_(0, evicted, (capacity + host_row[evicted]).int())
+    from_host.scatter_(0, evicted, torch.ones_like(evicted))
+    came_in = torch.where(admitted, needed, experts)  # [K]
+    slot_of.scatter_(0, came_in, into.int())
+    from_host.scatter_(0, came_in, torch.zeros_like(came_in))
+    slot_expert.scatter_(0, into, needed)
+    return into

@@ -13,11 +13,13 @@ Admission: a miss is admitted only if its score, this use counted, is at least t
 its slot. Belady's MIN streams such misses too; without this, at C = k (every slot needed by the step before)
 every demand-paging policy makes LRU's decisions.
 
-Device form (not built; policy/device_lru.py is LRU): every score decays by the same factor per tick, so the key
-log2(score) + clock_of_last_use / half_life orders experts exactly as their scores do and changes only when the
-expert is used, like LRU's stamps. The device LRU's plan could take these float keys in place of its stamps
-(smallest key = victim) plus one comparison per miss for admission, and keep the keys of all E experts, not only of
-the C cached ones.
+Exact form (what both the host policy here and its tensor form, device_lfru.py, compute, so that they make the same
+decisions bit for bit): the clock counts uses (ticks) from a base, and an expert's key is the sum over its uses of
+2^((t - base) / half_life), i.e. its score times 2^((clock - base) / half_life), the same factor for every expert, so
+keys order experts as scores do and change only when the expert is used. With an integer half-life h, a use's
+weight is 2^q * 2^(r/h) for t - base = q*h + r: a power of two times one of h fixed fractions (use_weights), so both
+forms add the same float64 numbers in the same order. Every REBASE half-lives, at a step's start (on_step), the
+base moves on and every key is scaled by 2^-REBASE: exact in binary floating point, and it keeps the keys in range.
 
 Ties (equal scores, e.g. the preloaded experts) go to the least recently used. The policy knows expert ids only;
 SlotTable (policy/__init__.py) holds the slots. The default half-life was tuned on the tuning traces of
@@ -26,9 +28,16 @@ bench/cache_policy_learned.py (bench/RESULTS.md says which traces tuned it and w
 
 from __future__ import annotations
 
+import math
 from typing import Collection, Hashable, Iterable
 
-DEFAULT_HALF_LIFE = 32.0  # uses of the layer, tuned (bench/cache_policy_learned.py); see the module docstring
+DEFAULT_HALF_LIFE = 32  # uses of the layer, tuned (bench/cache_policy_learned.py); see the module docstring
+REBASE = 256  # half-lives between rescalings of the keys (2^256: far inside float64's range)
+
+
+def use_weights(half_life: int) -> list[float]:
+    """2^(r / half_life) for r < half_life: the fractions every use's weight is a power of two times."""
+    return [2.0 ** (r / half_life) for r in range(half_life)]
 
 
 class LFRUPolicy:
@@ -36,26 +45,49 @@ class LFRUPolicy:
 
     name = "lfru"
 
-    def __init__(self, half_life: float = DEFAULT_HALF_LIFE) -> None:
-        if not half_life > 0:
-            raise ValueError(f"half_life must be positive, got {half_life!r}")
-        self.half_life = float(half_life)
-        self._clock = 0
-        self._score: dict[Hashable, float] = {}  # every expert ever used: decayed count at its last use
+    def __init__(self, half_life: int = DEFAULT_HALF_LIFE) -> None:
+        if not (half_life >= 1 and float(half_life).is_integer()):
+            raise ValueError(f"half_life must be a positive whole number of uses, got {half_life!r}")
+        self.half_life = int(half_life)
+        self._fractions = use_weights(self.half_life)
+        self._clock = 0  # uses so far
+        self._base = 0  # the clock the keys are relative to (a multiple of the half-life)
+        self._key: dict[Hashable, float] = {}  # every expert ever used: sum of 2^((t - base) / half_life)
         self._last: dict[Hashable, int] = {}  # clock of its last use
         self._cached: dict[Hashable, None] = {}  # insertion order; order does not matter for decisions
         self._counted: Hashable | None = None  # the expert admits() just counted a use of
 
+    def _rebase(self) -> None:
+        self._base += REBASE * self.half_life
+        self._key = {expert: math.ldexp(key, -REBASE) for expert, key in self._key.items()}
+
     def _use(self, expert: Hashable) -> None:
         self._clock += 1
-        self._score[expert] = self.score(expert) + 1.0
+        if self._clock - self._base >= 3 * REBASE * self.half_life:  # driven without on_step: stay in range
+            self._rebase()
+        q, r = divmod(self._clock - self._base, self.half_life)
+        self._key[expert] = self._key.get(expert, 0.0) + math.ldexp(self._fractions[r], q)
         self._last[expert] = self._clock
+
+    def on_step(self) -> None:
+        """A step of the layer begins (before its hits): where the keys are rebased."""
+        if self._clock - self._base >= REBASE * self.half_life:
+            self._rebase()
 
     def score(self, expert: Hashable) -> float:
         """The expert's decayed use count now (0.0 if never used)."""
-        if expert not in self._score:
-            return 0.0
-        return self._score[expert] * 2.0 ** (-(self._clock - self._last[expert]) / self.half_life)
+        return self._key.get(expert, 0.0) * 2.0 ** (-(self._clock - self._base) / self.half_life)
+
+    def state(self) -> dict:
+        """Everything the decisions depend on, for the tensor form to start from (device_lfru.py)."""
+        return {"clock": self._clock, "base": self._base, "key": dict(self._key), "last": dict(self._last)}
+
+    def restore(self, state: dict, cached_most_evictable_first: Iterable[Hashable]) -> None:
+        """Take over a state (the tensor form's, after its steps) and these cached experts."""
+        self._clock, self._base = state["clock"], state["base"]
+        self._key, self._last = dict(state["key"]), dict(state["last"])
+        self._cached = dict.fromkeys(cached_most_evictable_first)
+        self._counted = None
 
     def on_insert(self, expert: Hashable) -> None:
         self._cached[expert] = None
@@ -67,7 +99,7 @@ class LFRUPolicy:
     def admits(self, expert: Hashable, victim: Hashable) -> bool:
         """Count this miss as a use of `expert`; admit it over `victim` if its score is at least the victim's."""
         self._use(expert)
-        admitted = self.score(expert) >= self.score(victim)
+        admitted = self._key[expert] >= self._key.get(victim, 0.0)
         self._counted = expert if admitted else None
         return admitted
 
@@ -77,16 +109,13 @@ class LFRUPolicy:
     def on_evict(self, expert: Hashable) -> None:
         del self._cached[expert]
 
+    def _order(self, expert: Hashable) -> tuple[float, int]:
+        return self._key.get(expert, 0.0), self._last.get(expert, 0)
+
     def victim(self, protected: Collection[Hashable]) -> Hashable | None:
-        best, best_key = None, None
-        for expert in self._cached:
-            if expert in protected:
-                continue
-            key = (self.score(expert), self._last[expert])
-            if best_key is None or key < best_key:
-                best, best_key = expert, key
-        return best
+        candidates = [expert for expert in self._cached if expert not in protected]
+        return min(candidates, key=self._order) if candidates else None
 
     def cached(self) -> Iterable[Hashable]:
         """Cached experts, most evictable first (the order a device mirror's oldest-first list expects)."""
-        return iter(sorted(self._cached, key=lambda e: (self.score(e), self._last[e])))
+        return iter(sorted(self._cached, key=self._order))

@@ -204,6 +204,7 @@ def _check_ids(needed: list[int], num_experts: int, layer: int) -> None:
 def _replay_step(table: SlotTable, keys: list, counts: dict[str, list[int]], phase: str, chooser=None,
                  index: int = 0) -> None:
     """One step of one layer against `table`: count hits and misses, then admit the misses (cache.py's order)."""
+    table.begin_step()
     hits = [k for k in keys if table.lookup(k) is not None]
     misses = [k for k in keys if table.lookup(k) is None]
     counts[phase][0] += len(hits)
