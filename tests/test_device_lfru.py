@@ -25,7 +25,7 @@ def host_step(table, needed):
         table.admit(e, set(needed))
 
 
-def make_pair(num_experts, capacity, half_life, warm_steps, rng):
+def make_pair(num_experts, capacity, half_life, warm_steps, rng, fused=False):
     """A host table preloaded like OffloadedExperts.preload and warmed on a few steps, and its device twin."""
     table = SlotTable(capacity, LFRUPolicy(half_life))
     for e in range(capacity):
@@ -39,7 +39,7 @@ def make_pair(num_experts, capacity, half_life, warm_steps, rng):
         slot_of[e] = slot if slot is not None else capacity + host_row[e]
     from_host = (slot_of >= capacity).long()
     pairs = [(table.lookup(e), e) for e in table.policy.cached()]
-    device = DeviceLFRU(slot_of, from_host, host_row, pairs, table.policy.state(), half_life)
+    device = DeviceLFRU(slot_of, from_host, host_row, pairs, table.policy.state(), half_life, fused=fused)
     return table, device
 
 
@@ -53,9 +53,23 @@ def assert_same(table, device, num_experts, capacity):
     assert device.state() == state  # keys bit for bit (float equality), last uses, clock, base
 
 
+def _fused_available() -> bool:
+    try:
+        from moe_offload.kernels import triton_lfru
+    except ImportError:
+        return False
+    return triton_lfru.runs_on(torch.empty(0))
+
+
+FUSED = pytest.mark.skipif(not _fused_available(), reason="Triton does not run on CPU tensors here (TRITON_INTERPRET "
+                                                           "unset)")
+
+
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("rebase", [8, 256])  # 8: every 16-32 uses, a rebase every few steps
-def test_device_lfru_makes_the_host_policys_decisions(seed, rebase, monkeypatch):
+@pytest.mark.parametrize("rebase,fused", [(2, False), (256, False), pytest.param(2, True, marks=FUSED)])
+def test_device_lfru_makes_the_host_policys_decisions(seed, rebase, fused, monkeypatch):
+    """rebase 2: every 32 or 64 uses, a rebase every few steps. fused: the plan as kernels/triton_lfru.py's Triton
+    kernel (the interpreter without CUDA, where fewer steps take as long), else torch ops."""
     monkeypatch.setattr(lfru, "REBASE", rebase)
     monkeypatch.setattr(device_lfru, "REBASE", rebase)
     rng = random.Random(seed)
@@ -67,8 +81,9 @@ def test_device_lfru_makes_the_host_policys_decisions(seed, rebase, monkeypatch)
 
     streamed = admitted_total = 0
     for capacity in (top_k, num_experts // 2, num_experts - 1):
-        table, device = make_pair(num_experts, capacity, half_life, [routing() for _ in range(5)], rng)
-        for step in range(60):
+        table, device = make_pair(num_experts, capacity, half_life, [routing() for _ in range(5)], rng, fused)
+        assert (device._kernels is not None) == fused
+        for step in range(24 if fused else 60):  # the interpreter is slow
             needed = routing()
             misses = [e for e in needed if table.lookup(e) is None]
             ids = torch.tensor(rng.sample(needed, len(needed)))  # the router's order, not sorted
@@ -97,9 +112,10 @@ def test_mirror_hands_the_device_state_to_the_host():
     assert list(table.policy.cached()) == list(twin.policy.cached())
 
 
-def test_admissible_misses_only():
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=FUSED)])
+def test_admissible_misses_only(fused):
     # E = 6, C = 2, slots hold 0, 1. A step needing 2 and 3 where only 3 may be cached: 2 is no use of the cache.
-    table, device = make_pair(6, 2, 8, [], random.Random(0))
+    table, device = make_pair(6, 2, 8, [], random.Random(0), fused)
     clock = device.state()["clock"]
     admit = device.plan(torch.tensor([2, 3]), torch.tensor([False, True]))
     device.commit()

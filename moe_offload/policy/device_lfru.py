@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import triton_kernels
 from .device_lru import move_admitted
 from .lfru import REBASE, use_weights
 
@@ -37,7 +38,8 @@ class DeviceLFRU:
     slots; state: LFRUPolicy.state() of the host policy that placed them; half_life: its half-life."""
 
     def __init__(self, slot_of: torch.Tensor, from_host: torch.Tensor, host_row: list[int],
-                 slot_expert_most_evictable_first: list[tuple[int, int]], state: dict, half_life: int):
+                 slot_expert_most_evictable_first: list[tuple[int, int]], state: dict, half_life: int,
+                 fused: bool | None = None):
         device = slot_of.device
         self.num_experts = experts = slot_of.numel() - 1
         self.capacity = len(slot_expert_most_evictable_first)
@@ -56,6 +58,11 @@ class DeviceLFRU:
         self.fractions = torch.tensor(use_weights(half_life), dtype=torch.float64, device=device)  # [h]
         self.admit = torch.full((experts,), -1, dtype=torch.int32, device=device)  # [E] for the kernels
         self._plan: tuple | None = None
+        # the plan as one Triton kernel (kernels/triton_lfru.py) where Triton runs; fused=False: torch ops
+        self._kernels = triton_kernels("moe_offload.kernels.triton_lfru", device) if fused is None or fused else None
+        if fused and self._kernels is None:
+            raise ValueError("the fused device LFRU needs a device Triton runs on")
+        self._plan_buffers: tuple | None = None  # (victim, admitted) [K] int64 for the fused kernel
 
     def _weight(self, tick: torch.Tensor) -> torch.Tensor:
         """[n] float64 weights of uses at clock values `tick` [n] int64 (lfru.LFRUPolicy._use's)."""
@@ -80,6 +87,17 @@ class DeviceLFRU:
         admissible [K] bool (aligned with ids): misses the cache may take (the GPU reads them; the CPU computes
         the others where they lie, and those are no use of the cache); None = all."""
         # K = experts of the step, C = slots, E = experts
+        if self._kernels is not None and self._kernels.fused_supported(ids, ids.numel()):
+            flat = ids.reshape(-1)  # [K]
+            if self._plan_buffers is None or self._plan_buffers[0].numel() != flat.numel():
+                self._plan_buffers = tuple(torch.zeros(flat.numel(), dtype=torch.long, device=flat.device)
+                                           for _ in range(2))
+            allowed = None if admissible is None else admissible.reshape(-1).contiguous().view(torch.uint8)
+            self._kernels.plan(flat, allowed, self.slot_of, self.key, self.last, self.clock, self.base,
+                               self.fractions, self.slot_expert, self.admit, self._plan_buffers, REBASE)
+            victim, admitted = self._plan_buffers
+            self._plan = (flat, admitted.bool(), victim)
+            return self.admit
         capacity, h = self.capacity, self.half_life
         due = (self.clock - self.base) >= REBASE * h  # [1] on_step's rebase
         self.key.mul_(torch.where(due, power_of_two(torch.full_like(self.base, -REBASE)), 1.0))
