@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .triton_dense import runs_on
+from .triton_lru import step_pairs
 
 __all__ = ["fused_supported", "plan", "runs_on"]
 
@@ -54,19 +55,8 @@ def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, key_ptr, last_ptr, clock_
     base = base + due.to(tl.int64) * (REBASE * H)
     tl.store(base_ptr, base)
     tl.debug_barrier()  # the rebased keys, before any thread reads or rewrites one
-    # the step's pairs; ranks in ascending expert id (the ids of a decode step are distinct)
-    k = tl.arange(0, BLOCK_K)  # [BK] pair
-    live = k < K
-    ids = tl.load(ids_ptr + k, mask=live, other=0)  # [BK]
-    slots = tl.load(slot_of_ptr + ids, mask=live, other=0).to(tl.int64)  # [BK]
-    resident = (slots < capacity) & live
-    missing = (slots >= capacity) & live
-    if HAS_ADMISSIBLE:
-        missing = missing & (tl.load(admissible_ptr + k, mask=live, other=0) != 0)
-    before = (ids[None, :] < ids[:, None]) & live[None, :]  # [BK, BK]: pair j comes before pair i
-    hit_rank = tl.sum((before & resident[None, :]).to(tl.int64), axis=1)  # [BK]
-    miss_rank = tl.sum((before & missing[None, :]).to(tl.int64), axis=1)  # [BK]
-    hits = tl.sum(resident.to(tl.int64), axis=0)
+    k, live, ids, slots, resident, missing, hit_rank, miss_rank, hits = step_pairs(
+        ids_ptr, admissible_ptr, slot_of_ptr, capacity, K, BLOCK_K, HAS_ADMISSIBLE)
     # hits: one use each, in ascending id
     own_key = tl.load(key_ptr + ids, mask=live, other=0.0)  # [BK] float64
     hit_tick = clock + hit_rank + 1  # [BK]

@@ -21,11 +21,11 @@ _STAMP_MAX = 2**62  # above any stamp: (step + 1) * 2^16 + rank
 
 
 @triton.jit
-def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, stamp_ptr, step_ptr, admit_ptr,
-                 plan_victim_ptr, plan_admitted_ptr, plan_stamp_ptr, capacity, num_experts,
-                 STRIDE: tl.constexpr, STAMP_MAX: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_ADMISSIBLE: tl.constexpr):
-    """One program: stamps for the step's hits, victims for its admissible misses, admit [E]."""
+def step_pairs(ids_ptr, admissible_ptr, slot_of_ptr, capacity, K: tl.constexpr, BLOCK_K: tl.constexpr,
+               HAS_ADMISSIBLE: tl.constexpr):
+    """A decode step's pairs as both device policies' plans take them: (k, live, ids, slots, resident, missing
+    [BK]; hit_rank, miss_rank [BK]: ranks in ascending expert id among the hits and the admissible misses, from K x K
+    comparisons (the ids of a decode step are distinct); hits: their count)."""
     k = tl.arange(0, BLOCK_K)  # [BK] pair
     live = k < K
     ids = tl.load(ids_ptr + k, mask=live, other=0)  # [BK]
@@ -34,11 +34,21 @@ def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, stamp_ptr, step_ptr, admi
     missing = (slots >= capacity) & live
     if HAS_ADMISSIBLE:
         missing = missing & (tl.load(admissible_ptr + k, mask=live, other=0) != 0)
-    # ranks in ascending expert id (the ids of a decode step are distinct): K x K comparisons
     before = (ids[None, :] < ids[:, None]) & live[None, :]  # [BK, BK]: pair j comes before pair i
     hit_rank = tl.sum((before & resident[None, :]).to(tl.int64), axis=1)  # [BK]
     miss_rank = tl.sum((before & missing[None, :]).to(tl.int64), axis=1)  # [BK]
     hits = tl.sum(resident.to(tl.int64), axis=0)
+    return k, live, ids, slots, resident, missing, hit_rank, miss_rank, hits
+
+
+@triton.jit
+def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, stamp_ptr, step_ptr, admit_ptr,
+                 plan_victim_ptr, plan_admitted_ptr, plan_stamp_ptr, capacity, num_experts,
+                 STRIDE: tl.constexpr, STAMP_MAX: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_ADMISSIBLE: tl.constexpr):
+    """One program: stamps for the step's hits, victims for its admissible misses, admit [E]."""
+    k, live, ids, slots, resident, missing, hit_rank, miss_rank, hits = step_pairs(
+        ids_ptr, admissible_ptr, slot_of_ptr, capacity, K, BLOCK_K, HAS_ADMISSIBLE)
     step = tl.load(step_ptr)
     stamps = (step + 1) * STRIDE + tl.where(resident, hit_rank, hits + miss_rank)  # [BK] hits the newest
     # the slots' stamps with this step's hits renewed, written back
