@@ -79,6 +79,10 @@ ROUTING = {
             "(bench/RESULTS.md, 'Cache policy on the benchmark workload'); fresh random tokens each repeat",
     "tiny": "random-weight routing of the tiny random model; fresh random tokens each repeat",
 }
+TRACE_ROUTING = ("learned routing: every MoE layer's experts replaced by those the trained 128-expert top-8 model "
+                 "chose on held-out text, replayed from its report traces (bench/routing_replay.py; layer l takes "
+                 "trained layer l mod 8, ids mod the layer's experts), fresh stream positions each generation; the "
+                 "baselines and llama.cpp route with the model's own random routers")
 
 
 def _ints(text: str, name: str, parser) -> list[int]:
@@ -149,9 +153,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--offload-ratios", help="offload table, host tier; default 100,50,25,0 (tiny 100,50,0)")
     parser.add_argument("--disk-ratios", help="offload table, disk tier ('' for none); default 25 (tiny 50)")
     parser.add_argument("--variants", default="{}", help="JSON {name: properties}: more of our configurations for "
-                                                         "the side by side, beside 'default'")
+                                                         "the side by side, beside 'default' (diagnostic switches "
+                                                         "such as MOE_CACHE_POLICY too: set in the worker's "
+                                                         "environment)")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="random",
-                        help="what drives prompts and decode steps (bench/worker.py; a routing trace comes later)")
+                        help="what drives prompts and decode steps (bench/worker.py): random tokens and the model's own "
+                             "routing, or (trace) the trained 128-expert model's recorded routing replayed")
     parser.add_argument("--prompt-len", type=int, help="as llama-bench -p; default 128 (tiny 32)")
     parser.add_argument("--decode-tokens", type=int, help="as llama-bench -n; default 32 (tiny 8)")
     parser.add_argument("--disk-decode-tokens", type=int, help="default 64 (tiny 8): the disk tier's misses come in "
@@ -211,7 +218,8 @@ def _workload(args) -> dict:
             "decode_tokens": args.decode_tokens, "disk_decode_tokens": args.disk_decode_tokens,
             "accelerate_tokens": args.accelerate_tokens,
             "repeats": args.repeats, "rule": "fresh random prompt ids and fed decode tokens every generation "
-                                             "(bench/worker.py RandomWorkload); llama-bench draws its own"}
+                                             "(bench/worker.py RandomWorkload; trace: routed by TraceWorkload's "
+                                             "replay); llama-bench draws its own"}
 
 
 def _union(old: list, new: list) -> list:
@@ -222,7 +230,7 @@ def new_report(args, call: dict) -> dict:
     """This call's report: the --merge report with this call added, or a fresh one. Refuses (one line) to merge
     measurements of another workload, mode, variant definition or llama.cpp flags."""
     report = {"schema": SCHEMA, "mode": args.mode, "device": args.device, "workload": _workload(args),
-              "routing": ROUTING[args.mode], "variants": {"default": {}, "disk": RESERVED["disk"]}, "calls": [],
+              "routing": TRACE_ROUTING if args.workload == "trace" else ROUTING[args.mode], "variants": {"default": {}, "disk": RESERVED["disk"]}, "calls": [],
               "side_by_side": {"ratios": [], "variants": []}, "offload": {"ratios": [], "disk_ratios": []},
               "weights": [], "quantization": QUANTIZE[args.mode], "llamacpp_flags": None, "runs": [],
               "llamacpp": [], "baselines": {}}

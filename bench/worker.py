@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -34,6 +35,7 @@ import torch
 
 from bench.bandwidth import drop_page_cache
 from bench.common import STARTED, load_pipeline, shard_files, sync, timed_generate, write_report
+from moe_offload.config import DIAGNOSTICS
 
 FIRST_SEEN_TOKENS = 2  # new tokens after a first- or second-seen prefill: only the prefill is measured there
 
@@ -60,9 +62,25 @@ class RandomWorkload:
         return self._draw(count)  # [count]
 
 
-# What drives prompts and decode steps. A recorded routing trace will be a second entry: a class with the same
-# prompt()/feed(), replaying the trace's tokens so that a real model's routing drives the cache.
-WORKLOADS = {"random": RandomWorkload}
+class TraceWorkload(RandomWorkload):
+    """RandomWorkload's tokens, with our pipeline's routing replaced by the trained 128-expert model's recorded
+    routing (bench/routing_replay.py): attach() once the pipeline is loaded, start() before each generation."""
+
+    def __init__(self, vocab: int, avoid: list[int], seed: int):
+        super().__init__(vocab, avoid, seed)
+        self.seed, self.replay = seed, None
+
+    def attach(self, pipe) -> None:
+        from bench.routing_replay import RoutingReplay, learned_stream
+
+        self.replay = RoutingReplay(pipe, learned_stream(), self.seed)
+
+    def start(self, tokens: int) -> None:
+        self.replay.reset(tokens)
+
+
+# What drives prompts and decode steps: prompt()/feed() tokens; attach(pipe)/start(tokens) where it also routes.
+WORKLOADS = {"random": RandomWorkload, "trace": TraceWorkload}
 
 
 def _eos(model) -> list[int]:
@@ -87,8 +105,11 @@ def measure_ours(spec: dict, result: dict, save, deadline: float) -> None:
     disk = spec["tier"] == "disk"
     if disk:  # the disk tier's misses must come from the disk, not the page cache
         drop_page_cache(files)
+    # a variant's diagnostic switches (config.DIAGNOSTICS, e.g. MOE_CACHE_POLICY) go to this process's environment
+    properties = {k: v for k, v in spec["properties"].items() if k not in DIAGNOSTICS}
+    os.environ.update({k: str(v) for k, v in spec["properties"].items() if k in DIAGNOSTICS})
     started = time.perf_counter()
-    pipe = load_pipeline(spec["model_dir"], spec["device"], MOE_OFFLOAD_RATIO=spec["ratio"], **spec["properties"])
+    pipe = load_pipeline(spec["model_dir"], spec["device"], MOE_OFFLOAD_RATIO=spec["ratio"], **properties)
     try:
         result.update(load_s=time.perf_counter() - started, config=dataclasses.asdict(pipe.config),
                       choices=[dataclasses.asdict(c) for c in pipe.choices],
@@ -96,12 +117,16 @@ def measure_ours(spec: dict, result: dict, save, deadline: float) -> None:
         save()
         vocab = pipe.model.config.get_text_config().vocab_size
         workload = WORKLOADS[spec["workload"]](vocab, _eos(pipe.model), spec["seed"])
+        if hasattr(workload, "attach"):
+            workload.attach(pipe)
         P, R = spec["prompt_tokens"], spec["repeats"]
 
         def generate(length: int, new_tokens: int, read_prefill: bool) -> dict:
             if disk:
                 drop_page_cache(files)
             ids, feed = workload.prompt(length).to(device), workload.feed(new_tokens)
+            if hasattr(workload, "start"):
+                workload.start(length + new_tokens)
             prefill: dict = {}
 
             def after_prefill():

@@ -126,6 +126,9 @@ class OffloadedExperts:
         self.slots = torch.empty((capacity, fmt.row_bytes), dtype=torch.uint8, device=device)  # [C, B]
         self.weights = fmt.weights(self.slots)  # the kernels' views of the slots
         self.route_observer: Callable[[int, torch.Tensor], None] | None = None
+        # replaces the router's choice [T, K] by another, with device ops only (graph-safe): a benchmark replaying a
+        # trained model's recorded routing on a random one (bench/routing_replay.py); None: the router's
+        self.route_source: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.fused_moe: Callable | None = None  # kernels.triton_moe.fused_moe when the Triton path is on
         self.cpu_share: CpuShare | None = None  # decode misses partly computed on the CPU (hybrid/)
         # zero-copy layers: forwards of more (token, k) pairs copy their misses
@@ -306,6 +309,8 @@ class OffloadedExperts:
                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         # T = tokens, K = experts per token, H = hidden, I = expert intermediate, E = routed experts
         num_tokens, top_k = top_k_index.shape  # [T, K]
+        if self.route_source is not None:
+            top_k_index = self.route_source(top_k_index)
         if self.route_observer is not None:
             self.route_observer(self.layer, top_k_index)
         if self.sync_free(num_tokens * top_k):
