@@ -157,8 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                          "such as MOE_CACHE_POLICY too: set in the worker's "
                                                          "environment)")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="random",
-                        help="what drives prompts and decode steps (bench/worker.py): random tokens and the model's own "
-                             "routing, or (trace) the trained 128-expert model's recorded routing replayed")
+                        help="what drives prompts and decode steps (bench/worker.py): random tokens and the model's "
+                             "own routing, or (trace) the trained 128-expert model's recorded routing replayed")
     parser.add_argument("--prompt-len", type=int, help="as llama-bench -p; default 128 (tiny 32)")
     parser.add_argument("--decode-tokens", type=int, help="as llama-bench -n; default 32 (tiny 8)")
     parser.add_argument("--disk-decode-tokens", type=int, help="default 64 (tiny 8): the disk tier's misses come in "
@@ -230,7 +230,8 @@ def new_report(args, call: dict) -> dict:
     """This call's report: the --merge report with this call added, or a fresh one. Refuses (one line) to merge
     measurements of another workload, mode, variant definition or llama.cpp flags."""
     report = {"schema": SCHEMA, "mode": args.mode, "device": args.device, "workload": _workload(args),
-              "routing": TRACE_ROUTING if args.workload == "trace" else ROUTING[args.mode], "variants": {"default": {}, "disk": RESERVED["disk"]}, "calls": [],
+              "routing": TRACE_ROUTING if args.workload == "trace" else ROUTING[args.mode],
+              "variants": {"default": {}, "disk": RESERVED["disk"]}, "calls": [],
               "side_by_side": {"ratios": [], "variants": []}, "offload": {"ratios": [], "disk_ratios": []},
               "weights": [], "quantization": QUANTIZE[args.mode], "llamacpp_flags": None, "runs": [],
               "llamacpp": [], "baselines": {}}

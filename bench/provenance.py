@@ -39,7 +39,8 @@ def commit() -> dict:
     given = os.environ.get("MOE_BENCH_COMMIT", "").strip()
     if given:
         dirty = os.environ.get("MOE_BENCH_DIRTY", "").strip().lower()
-        return {"commit": given, "dirty": {"true": True, "1": True, "false": False, "0": False}.get(dirty), "commit_source": "environment"}
+        flag = {"true": True, "1": True, "false": False, "0": False}.get(dirty)
+        return {"commit": given, "dirty": flag, "commit_source": "environment"}
     head = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if head else None
     if head and status is not None:

@@ -4,9 +4,10 @@ The one home of cache policy. This module sees expert ids and slot numbers, neve
 imports no torch), so it can be unit-tested on the CPU and replayed over a routing trace
 (moe_offload/tools/simulate.py) with exactly the engine's bookkeeping. Its neighbours device_lru.py and
 device_lfru.py are LRUPolicy's and LFRUPolicy's tensor forms, for decode steps that decide on the device without a
-host sync (the same decisions: tests/test_device_lru.py, tests/test_device_lfru.py). allocation.py splits slots among layers and prefetch.py picks experts to fetch
-ahead; both are replayed by simulate.py only. The mechanism (cache.py) keeps one SlotTable per MoE layer and moves
-the weights; the table asks its eviction policy for a victim and tells it what was used, inserted and evicted.
+host sync (the same decisions: tests/test_device_lru.py, tests/test_device_lfru.py). allocation.py splits slots
+among layers and prefetch.py picks experts to fetch ahead; both are replayed by simulate.py only. The mechanism
+(cache.py) keeps one SlotTable per MoE layer and moves the weights; the table asks its eviction policy for a
+victim and tells it what was used, inserted and evicted.
 
 LRUPolicy and LFRUPolicy (lfru.py) are the online policies; DEFAULT_POLICY names the engine's. MinPolicy is the
 offline optimum, Belady's MIN generalised to cache.py's mechanism: it knows the layer's whole future, so only a

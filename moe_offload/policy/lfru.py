@@ -19,9 +19,10 @@ decisions bit for bit): the clock counts uses (ticks) from a base, and an expert
 keys order experts as scores do and change only when the expert is used. With an integer half-life h, a use's
 weight is 2^q * 2^(r/h) for t - base = q*h + r: a power of two times one of h fixed fractions (use_weights), so both
 forms add the same float64 numbers in the same order. Every REBASE half-lives, at a step's start (on_step), the
-base moves on and every key is scaled by 2^-REBASE: exact in binary floating point, and it keeps the keys in range.
+base moves on and every key is scaled by 2^-REBASE (a power of two: exact, and the same operation in both forms),
+which keeps the keys in range.
 
-Ties (equal scores, e.g. the preloaded experts) go to the least recently used. The policy knows expert ids only;
+Ties (equal keys) go to the least recently used. The policy knows expert ids only;
 SlotTable (policy/__init__.py) holds the slots. The default half-life was tuned on the tuning traces of
 bench/cache_policy_learned.py (bench/RESULTS.md says which traces tuned it and which report it).
 """

@@ -124,9 +124,9 @@ def _functions():
         The whole row is dequantized first, group by group, w = (u - z) * scale (exact in float32: |u - z| < 2^8
         times a scale's significand), then rounded to bf16 in one pass where round_weight (what reference.dense
         and the Triton kernels compute), then dotted in one pass: long loops over contiguous memory that the
-        compiler vectorizes (a group at a time, every loop was a short one with a remainder, and the step ran at
-        half the speed). An int4 row of even group size is taken as byte pairs (low nibbles against x_even, high
-        ones against x_odd); odd group sizes (allowed, though rare) value by value."""
+        compiler vectorizes (a group at a time, every loop was a short one with a remainder: int4 experts ran
+        0.90-0.94x as fast, bench/RESULTS.md). An int4 row of even group size is taken as byte pairs (low nibbles
+        against x_even, high ones against x_odd); odd group sizes (allowed, though rare) value by value."""
         k = x.size
         mask = (1 << bits) - 1
         groups = (k + group - 1) // group
@@ -164,8 +164,8 @@ def _functions():
                     w[j] = (np.float32(np.int32(row[j])) - z) * s
             else:  # int4, odd group size: value by value
                 for j in range(start, stop):
-                    w[j] = (np.float32((np.int32(row[j >> np.uint64(1)]) >> np.int32((j & np.uint64(1)) * np.uint64(4)))
-                                       & 15) - z) * s
+                    nibble = np.int32(row[j >> np.uint64(1)]) >> np.int32((j & np.uint64(1)) * np.uint64(4))
+                    w[j] = (np.float32(nibble & 15) - z) * s
         if round_weight:
             round_some(w, k)
         for j in range(np.uint64(k)):
