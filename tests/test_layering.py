@@ -84,13 +84,15 @@ def test_tools_do_not_import_cli(name):
 
 def test_policy_sees_expert_ids_only():
     """policy/ (slot table, LRU, LFRU, MIN, allocation, prefetch) is replayed offline on the CPU: no torch, nothing
-    of the mechanism, only its own modules; only its tensor form (policy/device_lru.py) imports torch."""
+    of the mechanism, only its own modules; only the tensor forms (policy/device_lru.py, device_lfru.py) import
+    torch."""
+    tensor_forms = ("device_lru.py", "device_lfru.py")
     for path in sorted((ROOT / "policy").glob("*.py")):
-        if path.name == "device_lru.py":
+        if path.name in tensor_forms:
             continue
         found = {name for name in imports_of(path) if not name.startswith(f"{PACKAGE}.policy.")}
         assert not forbidden(found, ("torch", "numpy", PACKAGE)), (path.name, sorted(found))
-    assert "torch" in imports_of(ROOT / "policy" / "device_lru.py")
+    assert all("torch" in imports_of(ROOT / "policy" / name) for name in tensor_forms)
 
 
 def test_the_check_sees_real_imports():
