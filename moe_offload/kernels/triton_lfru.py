@@ -6,7 +6,7 @@ in ascending expert id from K x K comparisons, the victims' order from K rounds 
 slots, then the misses in ascending id as K scalar steps. The arithmetic is the host policy's (lfru.py): a use's
 weight is one of h fractions times a power of two made from its exponent bits, added to the key once, in float64,
 so the keys hold the same bits (a fused multiply-add changes nothing: the product is exact). The commit is
-device_lru.move_admitted (a few scatters).
+triton_lru's commit kernel without LRU's stamps.
 
 Same state as the torch form after every step (tests/test_device_lfru.py holds both to the host policy).
 """
@@ -18,9 +18,10 @@ import triton
 import triton.language as tl
 
 from .triton_dense import runs_on
+from . import triton_lru
 from .triton_lru import step_pairs
 
-__all__ = ["fused_supported", "plan", "runs_on"]
+__all__ = ["commit", "fused_supported", "plan", "runs_on"]
 
 _LAST_MAX = 2**62  # above any clock value
 
@@ -127,3 +128,11 @@ def plan(ids: torch.Tensor, admissible: torch.Tensor | None, slot_of: torch.Tens
                        H=fractions.numel(), REBASE=rebase, K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
                        BLOCK_C=triton.next_power_of_2(max(capacity, 1)),
                        BLOCK_E=1024 * triton.cdiv(num_experts, 1024), HAS_ADMISSIBLE=admissible is not None)
+
+
+def commit(ids: torch.Tensor, plan_state: tuple, slot_of: torch.Tensor, from_host: torch.Tensor,
+           host_row: torch.Tensor, slot_expert: torch.Tensor) -> None:
+    """DeviceLFRU.commit's effects in one launch, from plan()'s plan_state: the maps of the admitted and evicted
+    experts (device_lru.move_admitted's), by triton_lru's commit kernel without stamps."""
+    victim, admitted = plan_state
+    triton_lru.commit(ids, (victim, admitted, victim), slot_of, from_host, host_row, slot_expert, None, None)

@@ -82,8 +82,9 @@ def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, stamp_ptr, step_ptr, admi
 @triton.jit
 def _commit_kernel(ids_ptr, plan_victim_ptr, plan_admitted_ptr, plan_stamp_ptr, slot_of_ptr, from_host_ptr,
                    host_row_ptr, slot_expert_ptr, stamp_ptr, step_ptr, capacity,
-                   K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: each admitted miss takes its victim slot; the expert there goes back to the host tier."""
+                   K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_STAMP: tl.constexpr):
+    """One program: each admitted miss takes its victim slot; the expert there goes back to the host tier; with
+    HAS_STAMP (LRU), the slot takes the planned stamp and the step count moves on."""
     k = tl.arange(0, BLOCK_K)
     admitted = (tl.load(plan_admitted_ptr + k, mask=k < K, other=0) != 0) & (k < K)  # [BK]
     ids = tl.load(ids_ptr + k, mask=admitted, other=0)
@@ -95,8 +96,9 @@ def _commit_kernel(ids_ptr, plan_victim_ptr, plan_admitted_ptr, plan_stamp_ptr, 
     tl.store(slot_of_ptr + ids, victim.to(tl.int32), mask=admitted)
     tl.store(from_host_ptr + ids, tl.zeros([BLOCK_K], tl.int64), mask=admitted)
     tl.store(slot_expert_ptr + victim, ids, mask=admitted)
-    tl.store(stamp_ptr + victim, tl.load(plan_stamp_ptr + k, mask=admitted, other=0), mask=admitted)
-    tl.store(step_ptr, tl.load(step_ptr) + 1)
+    if HAS_STAMP:
+        tl.store(stamp_ptr + victim, tl.load(plan_stamp_ptr + k, mask=admitted, other=0), mask=admitted)
+        tl.store(step_ptr, tl.load(step_ptr) + 1)
 
 
 def fused_supported(tensor: torch.Tensor, top_k: int) -> bool:
@@ -121,11 +123,15 @@ def plan(ids: torch.Tensor, admissible: torch.Tensor | None, slot_of: torch.Tens
 
 
 def commit(ids: torch.Tensor, plan_state: tuple, slot_of: torch.Tensor, from_host: torch.Tensor,
-           host_row: torch.Tensor, slot_expert: torch.Tensor, stamp: torch.Tensor, step: torch.Tensor) -> None:
+           host_row: torch.Tensor, slot_expert: torch.Tensor, stamp: torch.Tensor | None,
+           step: torch.Tensor | None) -> None:
     """DeviceLRU.commit's effects, in one launch, from plan()'s pair-wise plan: slot_of [E + 1] and from_host
     [E + 1] of the admitted and evicted experts, slot_expert [C + 1] and stamp [C + 1] of their slots, step + 1.
-    host_row [E + 1] int64: every expert's row in the host tier."""
-    top_k, capacity = ids.numel(), stamp.numel() - 1
+    host_row [E + 1] int64: every expert's row in the host tier. stamp and step None: the maps only (the device
+    LFRU's commit: triton_lfru.commit)."""
+    top_k, capacity = ids.numel(), slot_expert.numel() - 1
     victim, admitted, planned_stamp = plan_state
-    _commit_kernel[(1,)](ids, victim, admitted, planned_stamp, slot_of, from_host, host_row, slot_expert, stamp,
-                         step, capacity, K=top_k, BLOCK_K=triton.next_power_of_2(top_k))
+    has_stamp = stamp is not None
+    _commit_kernel[(1,)](ids, victim, admitted, planned_stamp, slot_of, from_host, host_row, slot_expert,
+                         stamp if has_stamp else slot_expert, step if has_stamp else slot_expert, capacity,
+                         K=top_k, BLOCK_K=triton.next_power_of_2(top_k), HAS_STAMP=has_stamp)

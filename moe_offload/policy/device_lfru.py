@@ -95,8 +95,7 @@ class DeviceLFRU:
             allowed = None if admissible is None else admissible.reshape(-1).contiguous().view(torch.uint8)
             self._kernels.plan(flat, allowed, self.slot_of, self.key, self.last, self.clock, self.base,
                                self.fractions, self.slot_expert, self.admit, self._plan_buffers, REBASE)
-            victim, admitted = self._plan_buffers
-            self._plan = (flat, admitted.bool(), victim)
+            self._plan = ("fused", flat)
             return self.admit
         capacity, h = self.capacity, self.half_life
         due = (self.clock - self.base) >= REBASE * h  # [1] on_step's rebase
@@ -136,11 +135,15 @@ class DeviceLFRU:
         self.clock.copy_(tick)
         admitted = victim_of < capacity  # [K]
         self.admit.fill_(-1).scatter_(0, needed, torch.where(admitted, victim_of, -1).int())
-        self._plan = (needed, admitted, victim_of)
+        self._plan = ("torch", (needed, admitted, victim_of))
         return self.admit
 
     def commit(self) -> None:
         """The admitted misses now live in their slots, the experts they replaced in the host tier."""
-        needed, admitted, victim = self._plan
-        move_admitted(needed, admitted, victim, self.slot_of, self.from_host, self.host_row, self.slot_expert)
+        if self._plan[0] == "fused":
+            self._kernels.commit(self._plan[1], self._plan_buffers, self.slot_of, self.from_host, self.host_row,
+                                 self.slot_expert)
+        else:
+            needed, admitted, victim = self._plan[1]
+            move_admitted(needed, admitted, victim, self.slot_of, self.from_host, self.host_row, self.slot_expert)
         self._plan = None
