@@ -23,7 +23,7 @@ from .triton_lru import step_pairs
 
 __all__ = ["commit", "fused_supported", "plan", "runs_on"]
 
-_LAST_MAX = 2**62  # above any clock value
+_LAST_MAX = tl.constexpr(2**62)  # above any clock value
 
 
 @triton.jit
