@@ -98,3 +98,30 @@ def test_host_pool_in_place_and_admission_bit_for_bit(kind):
     admitted, source = fmt.plane_views(device_rows[1]), fmt.plane_views(everything[int(ids[0, 0])])
     for name in admitted:
         assert torch.equal(admitted[name], source[name]), name
+
+
+def test_mxfp4_words_give_the_per_element_bits(monkeypatch):
+    """The decode kernels read MXFP4 a 32-bit word (8 values) at a time where rows and slots are 4-byte aligned
+    (the engine's byte rows are): the same tiles, so the same bits, as reading element by element."""
+    from moe_offload.kernels import triton_gpt_oss
+
+    force_path(monkeypatch, "decode")
+    dtype, experts, top_k = torch.bfloat16, 6, 2
+    fmt, rows = _pool("mxfp4", dtype, experts + 2)
+    pool = fmt.weights(rows)
+    x, ids, weights = _routing(1, experts, top_k, fmt.hidden, dtype)
+    slot_of_expert = torch.randperm(experts + 2, device=DEVICE)[:experts].to(torch.int32)  # [E]
+    chosen = []
+    planes = triton_gpt_oss._planes
+
+    def recording(device, host, gemv_block_k=None, words=True):
+        pointers, strides, constants = planes(device, host, gemv_block_k)
+        chosen.append(constants.get("WORDS"))
+        return pointers, strides, {**constants, "WORDS": constants["WORDS"] and words}
+
+    monkeypatch.setattr(triton_gpt_oss, "_planes", recording)
+    by_words = triton_moe.fused_moe(x, ids, weights, pool.gate_up, pool.down, slot_of_expert)
+    monkeypatch.setattr(triton_gpt_oss, "_planes", lambda d, h, k=None: recording(d, h, k, words=False))
+    by_elements = triton_moe.fused_moe(x, ids, weights, pool.gate_up, pool.down, slot_of_expert)
+    assert chosen == [True, True, True, True]  # gate/up and down, both calls: the engine's rows are aligned
+    assert torch.equal(by_words, by_elements)

@@ -8,8 +8,11 @@ admission (the biases admitted with the weights), align_by_slot and the rounding
 
 - Weights: a dense pool is the checkpoint's [H, 2I] / [I, H] read through transposed views (strides, no copy);
   an MXFP4 pool is its blocks and scales, W[r, k] = e2m1(nibble k % 2 of byte (k % 32) / 2 of block k / 32 of row
-  r) * 2^(scale[r, k / 32] - 127), exact in float32 and in the hidden dtype (quant/mxfp4.py), decoded per element
-  in the inner loop: what a step reads is the 4.25 bits per weight.
+  r) * 2^(scale[r, k / 32] - 127), exact in float32 and in the hidden dtype (quant/mxfp4.py), decoded in the
+  inner loop: what a step reads is the 4.25 bits per weight. The decode GEMVs load a 32-bit word (8 values) at a
+  time and expand it with shifts where rows and slots are 4-byte aligned (the engine's byte rows are), as
+  triton_quant.py does for int4: one load per element, and one scale load per element, left them bound by
+  instructions, not by the host link; the grouped (prefill) kernels still decode element by element.
 - gate j is row 2j of gate_up, up j row 2j + 1.
 - Rounding where transformers' GptOssExperts rounds in half precision: the GEMM output, + bias, gate * alpha,
   sigmoid, gate * sigmoid, up + 1, the activation; down's output, + bias, * routing weight.
@@ -28,6 +31,53 @@ _TINY_SCALE = tl.constexpr(2.0 ** -127)
 
 
 @triton.jit
+def _e2m1(code):
+    """e2m1 codes (int32, 4 bits: sign, 2 exponent bits, 1 mantissa bit) as float32: 0, 0.5 (subnormal) or
+    (1 + m/2) * 2^(e-1) = (2 + m) * 2^e / 4, negated where the sign bit is set."""
+    exponent = (code >> 1) & 3
+    mantissa = (code & 1).to(tl.float32)
+    magnitude = tl.where(exponent == 0, mantissa * 0.5, (2.0 + mantissa) * (1 << exponent).to(tl.float32) * 0.25)
+    return tl.where(code >= 8, -magnitude, magnitude)
+
+
+@triton.jit
+def _e8m0(scale):
+    """E8M0 scale bytes as float32 powers 2^(scale - 127): exact from the exponent bits for 1..254, 2^-127 for 0."""
+    power = (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return tl.where(scale == 0, _TINY_SCALE, power)
+
+
+@triton.jit
+def _mxfp4_word_tile(w, s, rows, mask_rows, k0, K, stride_wn, stride_sn, dtype: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, pool_w, pool_s, admit, stride_ws, stride_ss,
+                     ADMIT: tl.constexpr):
+    """W[rows, k0 : k0 + BLOCK_K] of one MXFP4 expert as a float32 [BN, BK] tile holding `dtype` values (0 outside
+    mask_rows and K), read a 32-bit word (8 values) at a time: a row's blocks are contiguous, so value k is nibble
+    k % 8 of word k / 8 of the row (low nibble first, as int4's packing). One scale byte per row and block of 32.
+    w / pool_w: byte pointers whose rows and slots start on 4-byte boundaries (stride_wn, stride_ws in bytes,
+    multiples of 4: decode() checks); k0 and BLOCK_K multiples of 32. ADMIT: the words and scales read are also
+    written to device slot `admit` (read-through caching)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    word_cols = k0 // 8 + tl.arange(0, WORDS)  # [W]
+    word_mask = mask_rows[:, None] & (word_cols * 8 < K)[None, :]  # [BN, W] (K is a multiple of 32)
+    word_at = rows[:, None] * (stride_wn // 4) + word_cols[None, :]  # [BN, W]
+    words = tl.load(w.to(tl.pointer_type(tl.int32)) + word_at, mask=word_mask, other=0)  # [BN, W] one load a word
+    _admit_tile(pool_w.to(tl.pointer_type(tl.int32)), admit, stride_ws // 4, word_at, words, word_mask, ADMIT)
+    shifts = tl.arange(0, 8) * 4  # [8]
+    code = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))  # [BN, BK]
+    group_cols = k0 // 32 + tl.arange(0, GROUPS)  # [G]
+    group_mask = mask_rows[:, None] & (group_cols * 32 < K)[None, :]  # [BN, G]
+    scale_at = rows[:, None] * stride_sn + group_cols[None, :]  # [BN, G]
+    scale = tl.load(s + scale_at, mask=group_mask, other=127)  # [BN, G] uint8 E8M0
+    _admit_tile(pool_s, admit, stride_ss, scale_at, scale, group_mask, ADMIT)
+    value = tl.reshape(_e2m1(code), (BLOCK_N, GROUPS, 32)) * _e8m0(scale)[:, :, None]  # [BN, G, 32] exact
+    weight = tl.reshape(value, (BLOCK_N, BLOCK_K)).to(dtype).to(tl.float32)  # [BN, BK]
+    cols = k0 + tl.arange(0, BLOCK_K)  # [BK]
+    return tl.where(mask_rows[:, None] & (cols < K)[None, :], weight, 0.0)
+
+
+@triton.jit
 def _weight_tile(w, s, rows, cols, mask, stride_wn, stride_wk, stride_sn, dtype: tl.constexpr, MXFP4: tl.constexpr,
                  pool_w, pool_s, admit, stride_ws, stride_ss, ADMIT: tl.constexpr):
     """W[rows, cols] of one expert (w, s: its weight (or blocks) and scales planes' bases) as float32 holding
@@ -42,14 +92,7 @@ def _weight_tile(w, s, rows, cols, mask, stride_wn, stride_wk, stride_sn, dtype:
         scale = tl.load(s + scale_at, mask=mask, other=127)  # uint8 E8M0
         _admit_tile(pool_s, admit, stride_ss, scale_at, scale, mask, ADMIT)
         code = (byte.to(tl.int32) >> ((cols % 2) * 4)) & 0xF  # low nibble first
-        exponent = (code >> 1) & 3
-        mantissa = (code & 1).to(tl.float32)
-        # e2m1: 0, 0.5 (subnormal) or (1 + m/2) * 2^(e-1) = (2 + m) * 2^e / 4
-        magnitude = tl.where(exponent == 0, mantissa * 0.5, (2.0 + mantissa) * (1 << exponent).to(tl.float32) * 0.25)
-        value = tl.where(code >= 8, -magnitude, magnitude)
-        power = (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(scale - 127), exact for 1..254
-        power = tl.where(scale == 0, _TINY_SCALE, power)
-        weight = (value * power).to(dtype).to(tl.float32)
+        weight = (_e2m1(code) * _e8m0(scale)).to(dtype).to(tl.float32)
     else:
         at = rows * stride_wn + cols * stride_wk
         tile = tl.load(w + at, mask=mask, other=0.0)
@@ -84,9 +127,10 @@ def _clamped_swiglu(acc_gate, acc_up, bias_gate, bias_up, alpha, limit, dtype: t
 def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, b_ptr, host_w_ptr, host_s_ptr, host_b_ptr,
                          num_device_slots, admit_ptr, act_ptr, H, I, top_k, alpha, limit,
                          stride_xt, stride_xh, stride_ws, stride_wn, stride_wk, stride_ss, stride_sn, stride_bs,
-                         stride_bn, stride_ap, stride_ai, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, ROUND: tl.constexpr, ADMIT: tl.constexpr):
-    """act[p, n] = clamped_swiglu(gate(x_t) + b, up(x_t) + b) for pair p = (t, k) over one BLOCK_N slice of I."""
+                         stride_bn, stride_ap, stride_ai, MXFP4: tl.constexpr, WORDS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr, ADMIT: tl.constexpr):
+    """act[p, n] = clamped_swiglu(gate(x_t) + b, up(x_t) + b) for pair p = (t, k) over one BLOCK_N slice of I.
+    WORDS: MXFP4 read a word at a time (_mxfp4_word_tile), else element by element."""
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair)
     slot = tl.load(slot_ptr + expert).to(tl.int64)
@@ -108,10 +152,16 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, b_ptr, host_w_p
         mask_k = offs_k < H
         x = tl.load(x_ptr + token * stride_xt + offs_k * stride_xh, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
         mask = mask_n[:, None] & mask_k[None, :]
-        gate = _weight_tile(w, s, gate_rows[:, None], offs_k[None, :], mask, stride_wn, stride_wk, stride_sn, dtype,
-                            MXFP4, w_ptr, s_ptr, admit, stride_ws, stride_ss, ADMIT)  # [BN, BK]
-        up = _weight_tile(w, s, gate_rows[:, None] + 1, offs_k[None, :], mask, stride_wn, stride_wk, stride_sn,
-                          dtype, MXFP4, w_ptr, s_ptr, admit, stride_ws, stride_ss, ADMIT)  # [BN, BK]
+        if WORDS:
+            gate = _mxfp4_word_tile(w, s, gate_rows, mask_n, k0, H, stride_wn, stride_sn, dtype, BLOCK_N, BLOCK_K,
+                                    w_ptr, s_ptr, admit, stride_ws, stride_ss, ADMIT)  # [BN, BK]
+            up = _mxfp4_word_tile(w, s, gate_rows + 1, mask_n, k0, H, stride_wn, stride_sn, dtype, BLOCK_N, BLOCK_K,
+                                  w_ptr, s_ptr, admit, stride_ws, stride_ss, ADMIT)  # [BN, BK]
+        else:
+            gate = _weight_tile(w, s, gate_rows[:, None], offs_k[None, :], mask, stride_wn, stride_wk, stride_sn,
+                                dtype, MXFP4, w_ptr, s_ptr, admit, stride_ws, stride_ss, ADMIT)  # [BN, BK]
+            up = _weight_tile(w, s, gate_rows[:, None] + 1, offs_k[None, :], mask, stride_wn, stride_wk, stride_sn,
+                              dtype, MXFP4, w_ptr, s_ptr, admit, stride_ws, stride_ss, ADMIT)  # [BN, BK]
         acc_gate += tl.sum(gate * x[None, :], axis=1)
         acc_up += tl.sum(up * x[None, :], axis=1)
     bias_gate = _bias(b, gate_rows, mask_n, stride_bn, b_ptr, admit, stride_bs, ADMIT)  # [BN]
@@ -124,9 +174,9 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, b_ptr, host_w_p
 def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, b_ptr, host_w_ptr, host_s_ptr, host_b_ptr,
                       num_device_slots, admit_ptr, weight_ptr, out_ptr, H, I,
                       stride_ap, stride_ai, stride_ws, stride_wn, stride_wk, stride_ss, stride_sn, stride_bs,
-                      stride_bn, stride_op, stride_oh, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, ROUND: tl.constexpr, ROUND_PRODUCT: tl.constexpr,
-                      ZERO_ABSENT: tl.constexpr, ADMIT: tl.constexpr):
+                      stride_bn, stride_op, stride_oh, MXFP4: tl.constexpr, WORDS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr,
+                      ROUND_PRODUCT: tl.constexpr, ZERO_ABSENT: tl.constexpr, ADMIT: tl.constexpr):
     """out[p, n] = weight[p] * (down(act[p]) + b) for pair p over one BLOCK_N slice of H, in float32."""
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair)
@@ -148,9 +198,13 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, b_ptr, host_w_pt
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask_k = offs_k < I
         a = tl.load(act_ptr + pair * stride_ap + offs_k * stride_ai, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-        tile = _weight_tile(w, s, offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], stride_wn,
-                            stride_wk, stride_sn, dtype, MXFP4, w_ptr, s_ptr, admit, stride_ws, stride_ss,
-                            ADMIT)  # [BN, BK]
+        if WORDS:
+            tile = _mxfp4_word_tile(w, s, offs_n, mask_n, k0, I, stride_wn, stride_sn, dtype, BLOCK_N, BLOCK_K,
+                                    w_ptr, s_ptr, admit, stride_ws, stride_ss, ADMIT)  # [BN, BK]
+        else:
+            tile = _weight_tile(w, s, offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :], stride_wn,
+                                stride_wk, stride_sn, dtype, MXFP4, w_ptr, s_ptr, admit, stride_ws, stride_ss,
+                                ADMIT)  # [BN, BK]
         acc += tl.sum(tile * a[None, :], axis=1)
     bias = _bias(b, offs_n, mask_n, stride_bn, b_ptr, admit, stride_bs, ADMIT)  # [BN]
     acc = _round(_round(acc, dtype, ROUND) + bias, dtype, ROUND)
@@ -242,9 +296,11 @@ def _down_grouped_kernel(act_ptr, pairs_ptr, block_slot_ptr, w_ptr, s_ptr, b_ptr
     tl.store(out_ptrs, acc, mask=mask_out)
 
 
-def _planes(device: BiasedMatrix, host: BiasedMatrix) -> tuple[tuple, tuple, dict]:
+def _planes(device: BiasedMatrix, host: BiasedMatrix, gemv_block_k: int | None = None) -> tuple[tuple, tuple, dict]:
     """(pointers, strides, constants) of a matrix's pools for the kernels: weight (or MXFP4 blocks), scales (the
-    weight stands in for a dense pool, never read) and bias, device then host, which share one set of strides."""
+    weight stands in for a dense pool, never read) and bias, device then host, which share one set of strides.
+    gemv_block_k: a GEMV's BLOCK_K, for WORDS (MXFP4 read a word at a time where the rows' blocks are contiguous
+    and rows and slots start on 4-byte boundaries); None: a grouped kernel, which takes no WORDS."""
     mxfp4 = isinstance(device.weight, Mxfp4Matrix)
     if mxfp4:
         weight, host_weight = device.weight.blocks, host.weight.blocks  # [S, N, K/32, 16]
@@ -257,7 +313,12 @@ def _planes(device: BiasedMatrix, host: BiasedMatrix) -> tuple[tuple, tuple, dic
         weight_strides = weight.stride()
         scale_strides = weight.stride()[:2]
     pointers = (weight, scales, device.bias, host_weight, host_scales, host.bias)
-    return pointers, (*weight_strides, *scale_strides, *device.bias.stride()), dict(MXFP4=mxfp4)
+    constants = dict(MXFP4=mxfp4)
+    if gemv_block_k is not None:
+        contiguous_rows = mxfp4 and weight.stride(3) == 1 and weight.stride(2) == weight.shape[3]  # [.., K/32, 16]
+        constants["WORDS"] = contiguous_rows and gemv_block_k % 32 == 0 and all(
+            value % 4 == 0 for value in (*weight_strides[:2], weight.data_ptr(), host_weight.data_ptr()))
+    return pointers, (*weight_strides, *scale_strides, *device.bias.stride()), constants
 
 
 def _glu(w13: BiasedMatrix) -> tuple[float, float]:
@@ -270,12 +331,12 @@ def decode(hidden, ids, weights, slot_of_expert, admit_slots, w13: BiasedMatrix,
     """triton_moe.fused_moe's GEMV path on GPT-OSS pools: act [P, I] then the pairs' rows of contrib [P, H]."""
     num_device_slots, two_inter, hidden_size = w13.shape
     inter, num_pairs = two_inter // 2, ids.numel()
-    pointers, strides, constants = _planes(w13, host_w13)
+    pointers, strides, constants = _planes(w13, host_w13, _GEMV_GATE_UP["BLOCK_K"])
     _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV_GATE_UP["BLOCK_N"]))](
         hidden, ids, slot_of_expert, *pointers, num_device_slots, admit_slots, act, hidden_size, inter, top_k,
         *_glu(w13), *hidden.stride(), *strides, *act.stride(), ROUND=rounding["ROUND"], ADMIT=admit, **constants,
         **_GEMV_GATE_UP)
-    pointers, strides, constants = _planes(w2, host_w2)
+    pointers, strides, constants = _planes(w2, host_w2, _GEMV_DOWN["BLOCK_K"])
     _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV_DOWN["BLOCK_N"]))](
         act, ids, slot_of_expert, *pointers, num_device_slots, admit_slots, weights, contrib, hidden_size, inter,
         *act.stride(), *strides, *contrib.stride(), **rounding, ZERO_ABSENT=own_rows, ADMIT=admit, **constants,
