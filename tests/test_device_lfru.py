@@ -12,6 +12,8 @@ import torch
 from moe_offload.policy import LFRUPolicy, SlotTable, lfru, device_lfru
 from moe_offload.policy.device_lfru import DeviceLFRU, power_of_two
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU where there is one
+
 
 def host_step(table, needed):
     """cache.py's order: begin_step, hits in ascending id, then misses in ascending id (protected: the step)."""
@@ -32,7 +34,7 @@ def make_pair(num_experts, capacity, half_life, warm_steps, rng, fused=False):
         table.admit(e, ())
     for needed in warm_steps:
         host_step(table, needed)
-    slot_of = torch.zeros(num_experts + 1, dtype=torch.int32)
+    slot_of = torch.zeros(num_experts + 1, dtype=torch.int32, device=DEVICE)
     host_row = list(range(num_experts))
     for e in range(num_experts):
         slot = table.lookup(e)
@@ -58,10 +60,10 @@ def _fused_available() -> bool:
         from moe_offload.kernels import triton_lfru
     except ImportError:
         return False
-    return triton_lfru.runs_on(torch.empty(0))
+    return triton_lfru.runs_on(torch.empty(0, device=DEVICE))
 
 
-FUSED = pytest.mark.skipif(not _fused_available(), reason="Triton does not run on CPU tensors here (TRITON_INTERPRET "
+FUSED = pytest.mark.skipif(not _fused_available(), reason="Triton does not run on this device here (TRITON_INTERPRET "
                                                            "unset)")
 
 
@@ -86,7 +88,7 @@ def test_device_lfru_makes_the_host_policys_decisions(seed, rebase, fused, monke
         for step in range(24 if fused else 60):  # the interpreter is slow
             needed = routing()
             misses = [e for e in needed if table.lookup(e) is None]
-            ids = torch.tensor(rng.sample(needed, len(needed)))  # the router's order, not sorted
+            ids = torch.tensor(rng.sample(needed, len(needed)), device=DEVICE)  # the router's order, not sorted
             admit = device.plan(ids)
             host_step(table, needed)
             device.commit()
@@ -104,7 +106,7 @@ def test_mirror_hands_the_device_state_to_the_host():
     table, device = make_pair(12, 4, 3, [[0, 5], [5, 6]], rng)
     twin, _ = make_pair(12, 4, 3, [[0, 5], [5, 6]], random.Random(7))
     for needed in ([1, 7], [7, 8], [1, 2], [7, 9]):
-        device.plan(torch.tensor(needed))
+        device.plan(torch.tensor(needed, device=DEVICE))
         device.commit()
         host_step(twin, needed)
     table.mirror(device.occupants(), device.state())
@@ -117,7 +119,7 @@ def test_admissible_misses_only(fused):
     # E = 6, C = 2, slots hold 0, 1. A step needing 2 and 3 where only 3 may be cached: 2 is no use of the cache.
     table, device = make_pair(6, 2, 8, [], random.Random(0), fused)
     clock = device.state()["clock"]
-    admit = device.plan(torch.tensor([2, 3]), torch.tensor([False, True]))
+    admit = device.plan(torch.tensor([2, 3], device=DEVICE), torch.tensor([False, True], device=DEVICE))
     device.commit()
     assert int(admit[2]) == -1 and int(admit[3]) in (0, 1)
     assert device.state()["clock"] == clock + 1 and 2 not in device.state()["last"]
