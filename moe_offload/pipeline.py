@@ -367,6 +367,10 @@ class LLMPipeline:
             "disk_io": fetcher.disk.strategy,
             "kernel": "torch" if self.layers[0].fused_moe is None else "triton",
             "zero_copy_layers": sum(layer.zero_copy for layer in self.layers),
+            # the cache's eviction policy (MOE_CACHE_POLICY; policy/), and the layers whose decode steps admit
+            # misses with its device form (MOE_ZERO_COPY=lru or auto)
+            "cache_policy": self.layers[0].table.policy.name,
+            "device_admission_layers": sum(layer.lru_admission for layer in self.layers),
             # the longest prompt whose misses zero-copy layers read in place (longer ones copy them)
             "zero_copy_prefill_max_tokens": next((layer.zero_copy_max_pairs // layer.top_k for layer in self.layers
                                                   if layer.zero_copy), None),

@@ -166,6 +166,8 @@ def test_engine_runs_lfru_on_the_device(checkpoint_factory, monkeypatch):
     for prompt, tokens in zip(prompts, want):
         assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), tokens)
     assert len(mirrored) == 2 * len(pipe.layers) and all(mirrored)
+    stats = pipe.get_offload_stats()
+    assert stats["cache_policy"] == "lfru" and stats["device_admission_layers"] == len(pipe.layers)
     moved = 0
     for layer in pipe.layers:
         for expert, slot in enumerate(layer._direct_slots.tolist()):
