@@ -11,7 +11,9 @@ hits, in ascending id, are each one use (one tick); then misses, in ascending id
 step does not need with the lowest (key, last use) as victim while one is left, count their use, and are admitted
 into its slot if their key is then at least the victim's (else streamed: read in place, no slot). Keys are kept
 for all E experts, cached or not. Victims come in ascending (key, last) order of the slots the step does not need,
-since none of those is used during the step; the misses are a loop of K small steps.
+since none of those is used during the step; the misses are a loop of K small steps. Where Triton runs, the plan
+is one Triton kernel (kernels/triton_lfru.py) and the commit triton_lru's commit kernel without stamps; the torch
+ops below are the same decisions elsewhere (tests/test_device_lfru.py holds both to the host policy).
 
 Needs what DeviceLRU needs: every expert of the layer in the host tier, every slot filled, one token per step.
 """
