@@ -34,7 +34,7 @@ from moe_offload.policy.lfru import DEFAULT_HALF_LIFE
 EXPERTS = 128
 
 
-def make_policy(name: str, capacity: int, device: torch.device):
+def device_policy(name: str, capacity: int, device: torch.device):
     """A device policy over E experts with experts 0..C-1 in the slots (as a load preloads them)."""
     table = SlotTable(capacity, LFRUPolicy(DEFAULT_HALF_LIFE) if name == "lfru" else LRUPolicy())
     for expert in range(capacity):
@@ -54,7 +54,7 @@ def make_policy(name: str, capacity: int, device: torch.device):
 def run_steps(name: str, capacity: int, rows: torch.Tensor, device: torch.device) -> tuple[float, float]:
     """(seconds per step over rows [N, K], hit rate); name "none": the ids' copy alone."""
     ids = rows[0].clone()  # [K] the graph's input
-    policy, slot_of = make_policy(name if name != "none" else "lru", capacity, device)
+    policy, slot_of = device_policy(name if name != "none" else "lru", capacity, device)
     hits = torch.zeros(1, dtype=torch.long, device=device)
 
     def step() -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import triton_kernels
-from .device_lru import move_admitted
+from .device_lru import fused_plan_inputs, move_admitted
 from .lfru import REBASE, use_weights
 
 
@@ -90,11 +90,7 @@ class DeviceLFRU:
         the others where they lie, and those are no use of the cache); None = all."""
         # K = experts of the step, C = slots, E = experts
         if self._kernels is not None and self._kernels.fused_supported(ids, ids.numel()):
-            flat = ids.reshape(-1)  # [K]
-            if self._plan_buffers is None or self._plan_buffers[0].numel() != flat.numel():
-                self._plan_buffers = tuple(torch.zeros(flat.numel(), dtype=torch.long, device=flat.device)
-                                           for _ in range(2))
-            allowed = None if admissible is None else admissible.reshape(-1).contiguous().view(torch.uint8)
+            flat, allowed, self._plan_buffers = fused_plan_inputs(ids, admissible, self._plan_buffers, 2)
             self._kernels.plan(flat, allowed, self.slot_of, self.key, self.last, self.clock, self.base,
                                self.fractions, self.slot_expert, self.admit, self._plan_buffers, REBASE)
             self._plan = ("fused", flat)

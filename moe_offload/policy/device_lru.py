@@ -72,11 +72,7 @@ class DeviceLRU:
         computes the others where they lie: hybrid/); None = all. The others take no slot and no rank."""
         # K = experts of the step, C = slots, E = experts
         if self._kernels is not None and self._kernels.fused_supported(ids, ids.numel()):
-            flat = ids.reshape(-1)  # [K]
-            if self._plan_buffers is None or self._plan_buffers[0].numel() != flat.numel():
-                self._plan_buffers = tuple(torch.zeros(flat.numel(), dtype=torch.long, device=flat.device)
-                                           for _ in range(3))
-            allowed = None if admissible is None else admissible.reshape(-1).contiguous().view(torch.uint8)
+            flat, allowed, self._plan_buffers = fused_plan_inputs(ids, admissible, self._plan_buffers, 3)
             self._kernels.plan(flat, allowed, self.slot_of, self.stamp, self.step, self.admit, self._plan_buffers,
                                _STRIDE)
             self._plan = ("fused", flat)
@@ -129,3 +125,14 @@ def move_admitted(needed: torch.Tensor, admitted: torch.Tensor, victim: torch.Te
     from_host.scatter_(0, came_in, torch.zeros_like(came_in))
     slot_expert.scatter_(0, into, needed)
     return into
+
+
+def fused_plan_inputs(ids: torch.Tensor, admissible: torch.Tensor | None, buffers: tuple | None,
+                      count: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """What a device policy's Triton plan takes (shared by both policies): ids [K] flat, admissible [K] as uint8
+    (or None), and `count` int64 [K] plan buffers, kept across steps while K stays the same."""
+    flat = ids.reshape(-1)  # [K]
+    if buffers is None or buffers[0].numel() != flat.numel():
+        buffers = tuple(torch.zeros(flat.numel(), dtype=torch.long, device=flat.device) for _ in range(count))
+    allowed = None if admissible is None else admissible.reshape(-1).contiguous().view(torch.uint8)
+    return flat, allowed, buffers
