@@ -5,8 +5,11 @@ Why: the engine's default policy is chosen here. The traces (bench/policy_traces
 report set of different held-out files; LFRU's half-life is tuned on the tuning set (best mean decode hit rate
 over the ratios and the models, one value for the engine) and every number of the table is measured on the report
 set. Prefetch is scored against its own eviction policy without prefetch: decode hits gained, and experts fetched
-that the step did not need (bytes wasted). Bytes = expert loads (misses, streamed or admitted, plus prefetches)
-x the bytes of one bf16 expert (3 x hidden x moe_intermediate x 2).
+that the step did not need (bytes wasted); also with a budget of 1, 2 or 4 experts per layer and step (the most
+probable first): an engine can hide a prefetch only in the link's idle time, a decode step's attention, which holds
+a few quantized experts' bytes or a fraction of a bf16 expert's, so what a small budget gains is what could pay.
+Bytes = expert loads (misses, streamed or admitted, plus prefetches) x the bytes of one bf16 expert (3 x hidden x
+moe_intermediate x 2, from the trace index).
 
 Usage (from the repository root, after bench/policy_traces.py for each model):
   python -m bench.cache_policy_learned --models small-moe,small-moe-128 \
@@ -31,25 +34,23 @@ from moe_offload.tools.trace import load_trace
 RATIOS = (10, 25, 50)
 HALF_LIVES = (8, 16, 32, 64, 128, 256, 512, 1024)
 REPORTED = ("lru", "lfru", "per-layer", "shared", "prefetch", "min")
+PREFETCH_LIMITS = (1, 2, 4)  # experts per layer and decode step
 
 
-def expert_bytes(model_dir: str) -> int:
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
-        config = json.load(handle)
-    return 3 * config["hidden_size"] * config["moe_intermediate_size"] * 2
-
-
-def decode_totals(traces, ratio: int, policy: str, options=None) -> dict:
+def decode_totals(traces, ratio: int, policy: str, options=None, prefetch_limit: int | None = None) -> dict:
     """Decode hits, misses, loads and prefetch counts summed over traces; hit rate and loads per decode token."""
-    hits = misses = loads = fetched = used = tokens = 0
+    hits = misses = loads = fetched = used = tokens = layer_steps = 0
     for trace in traces:
-        total = simulate(trace, None, ratio, policy, "forward", options)["total"]
+        result = simulate(trace, None, ratio, policy, "forward", options, prefetch_limit)
+        total = result["total"]
         decode = total["decode"]
         hits, misses, loads = hits + decode["hits"], misses + decode["misses"], loads + decode["loads"]
         fetched, used = fetched + decode["prefetched"], used + decode["prefetch_used"]
-        tokens += round(decode["loads"] / total["decode_loads_per_token"]) if total["decode_loads_per_token"] else 0
+        decoded = round(decode["loads"] / total["decode_loads_per_token"]) if total["decode_loads_per_token"] else 0
+        tokens, layer_steps = tokens + decoded, layer_steps + decoded * len(result["layers"])
     return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses), "loads_per_token": loads / tokens,
-            "prefetched": fetched, "prefetch_used": used, "decode_tokens": tokens}
+            "prefetched": fetched, "prefetch_used": used, "decode_tokens": tokens,
+            "decode_layer_steps": layer_steps}
 
 
 TRACES = os.path.join(ROOT, "bench", "results", "traces")
@@ -80,7 +81,7 @@ def tune(models: list[str], traces_dir: str) -> dict:
 def report(tag: str, traces_dir: str) -> dict:
     index, named = load_set(tag, "report", traces_dir)
     traces = [trace for _, trace in named]
-    size = expert_bytes(os.path.join(ROOT, index["model"]))
+    size = index["expert_bytes"]
     rows = {}
     for ratio in RATIOS:
         for policy in REPORTED + ("default",):
@@ -94,9 +95,16 @@ def report(tag: str, traces_dir: str) -> dict:
             rows[f"{policy}@{ratio}"] = totals
             log(f"{tag} ratio {ratio} {policy}: decode hit rate {totals['hit_rate']:.3f}, "
                 f"{totals['bytes_per_token'] / 1e3:.1f} kB/token")
-        base, ahead = rows[f"{DEFAULT_POLICY}@{ratio}"], rows[f"prefetch@{ratio}"]
-        ahead["hits_gained"] = ahead["hits"] - base["hits"]
-        ahead["wasted_bytes_per_token"] = (ahead["prefetched"] - ahead["prefetch_used"]) * size / ahead["decode_tokens"]
+        for limit in PREFETCH_LIMITS:
+            totals = decode_totals(traces, ratio, "prefetch", prefetch_limit=limit)
+            totals["bytes_per_token"] = totals["loads_per_token"] * size
+            rows[f"prefetch-{limit}@{ratio}"] = totals
+            log(f"{tag} ratio {ratio} prefetch at most {limit}: decode hit rate {totals['hit_rate']:.3f}")
+        base = rows[f"{DEFAULT_POLICY}@{ratio}"]
+        for ahead in [rows[f"prefetch@{ratio}"]] + [rows[f"prefetch-{limit}@{ratio}"] for limit in PREFETCH_LIMITS]:
+            ahead["hits_gained"] = ahead["hits"] - base["hits"]
+            ahead["wasted_bytes_per_token"] = ((ahead["prefetched"] - ahead["prefetch_used"]) * size
+                                               / ahead["decode_tokens"])
     return {"model": index["model"], "expert_bytes": size,
             "report_traces": [index["traces"][stem]["trace"] for stem, _ in named], "rows": rows}
 
@@ -117,6 +125,25 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def prefetch_markdown(results: dict) -> str:
+    """Per layer and decode step: demand misses (loads on the step's critical path) and prefetches, without
+    prefetch, with each budget, and unbounded; hit rate in brackets."""
+    limits = [None, *PREFETCH_LIMITS, "all"]
+    names = {None: "no prefetch", "all": "all predicted"}
+    lines = ["| model | ratio | " + " | ".join(names.get(n, f"at most {n}") for n in limits) + " |",
+             "|---|---|" + "---|" * len(limits)]
+    for tag, result in results.items():
+        for ratio in RATIOS:
+            cells = []
+            for limit in limits:
+                row = result["rows"][f"{DEFAULT_POLICY}@{ratio}" if limit is None else
+                                     f"prefetch@{ratio}" if limit == "all" else f"prefetch-{limit}@{ratio}"]
+                steps = row["decode_layer_steps"]
+                cells.append(f"{row['misses'] / steps:.2f} + {row['prefetched'] / steps:.2f} ({row['hit_rate']:.3f})")
+            lines.append(f"| {tag} | {ratio} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="small-moe,small-moe-128", help="trace tags (bench/policy_traces.py)")
@@ -128,7 +155,8 @@ def main(argv=None) -> int:
     scores = {} if args.skip_tuning else tune(models, args.traces_dir)
     results = {tag: report(tag, args.traces_dir) for tag in models}
     table = markdown(results)
-    print(table)
+    prefetch_table = prefetch_markdown(results)
+    print(table + "\n\n" + prefetch_table)
     if args.out:
         payload = {"schema": "moe-offload/cache-policy-learned/1", "provenance": record(),
                    "command": "python -m bench.cache_policy_learned " + " ".join(argv or sys.argv[1:]),
@@ -137,7 +165,7 @@ def main(argv=None) -> int:
                    "tuned_on": "the 'tune' traces of each model (bench/results/traces/*-tune-*.jsonl.gz)",
                    "reported_on": "the 'report' traces (bench/results/traces/*-report-*.jsonl.gz)",
                    "tuning_mean_decode_hit_rate_by_half_life": scores, "ratios": RATIOS, "results": results,
-                   "table": table}
+                   "table": table, "prefetch_table": prefetch_table}
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=1)
     return 0

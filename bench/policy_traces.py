@@ -94,6 +94,14 @@ def build_prompts(per_kind: int, chars: int) -> dict[str, dict[str, list[dict]]]
     return result
 
 
+def bf16_expert_bytes(model_dir: str) -> int:
+    """One routed expert's bytes in bf16 (gate, up, down: 3 x hidden x moe_intermediate x 2), kept in the index so
+    the traces can be scored in bytes without the model (the 128-expert one is not in git)."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    return 3 * config["hidden_size"] * config["moe_intermediate_size"] * 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
@@ -124,8 +132,9 @@ def main(argv=None) -> int:
                            "prompts": os.path.relpath(prompt_file, ROOT),
                            "files": [p["file"] for p in prompts[name][kind]]}
     with open(os.path.join(args.out_dir, f"{args.tag}-index.json"), "w", encoding="utf-8") as handle:
-        json.dump({"model": os.path.relpath(os.path.abspath(args.model), ROOT), "new_tokens": args.new_tokens,
-                   "chars": args.chars, "traces": index}, handle, indent=1)
+        json.dump({"model": os.path.relpath(os.path.abspath(args.model), ROOT),
+                   "expert_bytes": bf16_expert_bytes(args.model), "new_tokens": args.new_tokens, "chars": args.chars,
+                   "traces": index}, handle, indent=1)
     return 0
 
 

@@ -187,6 +187,18 @@ def test_prefetch_counts_hits_and_waste():
         simulate(records_of(steps), 4, 25, "prefetch")
 
 
+def test_prefetch_limit_takes_the_most_probable_first():
+    # E = 8, C = 4 (ratio 50), 0-3 cached. Decode s1 predicts [7, 5, 1] (best first): 7 and 5 are not cached.
+    # At most 1: only 7 (the more probable, though the larger id) is fetched; then s1 needs [5]: a miss.
+    steps = [[0], [5]]
+    predicted = [[0], [7, 5, 1]]
+    trace = records_of(steps, predicted=predicted)
+    limited = simulate(trace, 8, 50, "prefetch", prefetch_limit=1)["total"]["decode"]
+    assert (limited["prefetched"], limited["prefetch_used"], limited["misses"]) == (1, 0, 1)
+    unlimited = simulate(trace, 8, 50, "prefetch")["total"]["decode"]
+    assert (unlimited["prefetched"], unlimited["prefetch_used"], unlimited["hits"]) == (2, 1, 1)
+
+
 def test_simulate_command_policies(tmp_path, capsys):
     import json
 
@@ -198,6 +210,11 @@ def test_simulate_command_policies(tmp_path, capsys):
     assert f"policy default ({DEFAULT_POLICY})" in out and "policy min" in out and "prefetched" in out
     assert main(["simulate", str(path), "--policy", "fifo"]) != 0
     assert "invalid choice: 'fifo' (choose from 'lru', 'lfru'" in capsys.readouterr().err
+    assert main(["simulate", str(path), "--num-experts", "4", "--ratio", "50", "--policy", "prefetch",
+                 "--prefetch-limit", "1"]) == 0
+    assert "prefetched" in capsys.readouterr().out
+    assert main(["simulate", str(path), "--policy", "prefetch", "--prefetch-limit", "0"]) != 0
+    assert "--prefetch-limit: must be a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_trace_predict_records_router_guesses(checkpoint_factory, tmp_path):

@@ -13,10 +13,13 @@ Decode steps only: a prefill step needs most experts anyway and reads them all a
 
 from __future__ import annotations
 
-from typing import Collection
+from typing import Sequence
 
 
-def prefetch_plan(predicted: Collection[int], table, limit: int | None = None) -> list[int]:
-    """The predicted experts that are not cached, ascending id, at most `limit` (None: all) of them."""
-    missing = sorted(e for e in set(predicted) if table.lookup(e) is None)
-    return missing if limit is None else missing[:limit]
+def prefetch_plan(predicted: Sequence[int], table, limit: int | None = None) -> list[int]:
+    """The predicted experts that are not cached, ascending id: all of them, or (limit) the `limit` most probable.
+
+    predicted: best first (trace --predict's order). A limit models the engine's budget: a prefetch pays only
+    while the link would otherwise idle (a decode step's attention), which holds a few experts' bytes, not K."""
+    missing = [e for e in dict.fromkeys(predicted) if table.lookup(e) is None]  # best first
+    return sorted(missing if limit is None else missing[:limit])

@@ -28,7 +28,8 @@ layers are replayed interleaved in execution order (step by step, layer by layer
 
 "prefetch": the default eviction policy, plus, before each decode step of a layer, the experts the trace's
 "predicted" field names (moe-offload trace --predict) are fetched if not cached (policy/prefetch.py);
-"prefetched" counts them, "prefetch_used" those the step then needed.
+"prefetched" counts them, "prefetch_used" those the step then needed. --prefetch-limit N fetches only the N most
+probable of them per layer and step (what fits in the link's idle time; see policy/prefetch.py).
 
 "min": policy.MinPolicy, the offline optimum: Belady's MIN generalised to cache.py's mechanism; policy.py
 states the rule and proves it optimal, so "min" hits >= the hits of any policy cache.py could run on the trace
@@ -108,7 +109,7 @@ def replay_steps(records: list[dict[str, Any]], step: str = "auto", predicted: b
     order: dict[Any, Any] = {}  # step key -> sort key (execution order)
     phase_of: dict[Any, str] = {}
     needed: dict[int, dict[Any, set[int]]] = {}
-    guessed: dict[int, dict[Any, set[int]]] = {}
+    guessed: dict[int, dict[Any, dict[int, None]]] = {}  # ordered: best first
     if predicted and not all("predicted" in r for r in records):
         raise MoeOffloadError('prefetch needs a "predicted" field in every record (moe-offload trace --predict)')
     for r in records:
@@ -123,9 +124,10 @@ def replay_steps(records: list[dict[str, Any]], step: str = "auto", predicted: b
         experts = needed.setdefault(int(r["layer"]), {}).setdefault(key, set())
         experts.update(int(e) for e in r["experts"])
         if predicted:
-            guessed.setdefault(int(r["layer"]), {}).setdefault(key, set()).update(int(e) for e in r["predicted"])
+            best_first = guessed.setdefault(int(r["layer"]), {}).setdefault(key, {})
+            best_first.update(dict.fromkeys(int(e) for e in r["predicted"]))
     ordered = sorted(order, key=order.__getitem__)
-    result = {layer: [(sorted(by_key[k]), phase_of[k]) + ((sorted(guessed[layer][k]),) if predicted else ())
+    result = {layer: [(sorted(by_key[k]), phase_of[k]) + ((list(guessed[layer][k]),) if predicted else ())
                       for k in ordered if k in by_key]
               for layer, by_key in needed.items()}
     return step, result
@@ -136,13 +138,16 @@ def _rate(hits: int, misses: int) -> dict[str, Any]:
 
 
 def simulate(trace_records, num_experts: int | Mapping[Any, int] | None = None, ratio: Any = 100,
-             policy: str = "lru", step: str = "auto", options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             policy: str = "lru", step: str = "auto", options: Mapping[str, Any] | None = None,
+             prefetch_limit: int | None = None) -> dict[str, Any]:
     """Replay a trace through per-layer caches; hits, misses and hit_rate per layer and in total.
 
     trace_records: a trace.Trace (its meta supplies num_experts when not given) or a list of records.
     num_experts: routed experts per layer, an int for all layers or {layer: E}.
     ratio: MOE_OFFLOAD_RATIO (0-100). policy: one of POLICY_NAMES. step: "auto", "forward" or "token".
     options: keyword arguments for the eviction policy's constructor (e.g. {"half_life": 32} for LFRU).
+    prefetch_limit: with policy "prefetch", at most this many experts fetched per layer and step, the most
+    probable first (None: every predicted one).
     Returns {"policy", "eviction", "ratio", "step", "layers": {layer: {...}}, "total": {...}} where each {...}
     has hits, misses, hit_rate, loads, prefetched, prefetch_used and the same for "prefill" and "decode" steps;
     layers also carry num_experts, capacity and steps; total carries decode_loads_per_token.
@@ -164,7 +169,8 @@ def simulate(trace_records, num_experts: int | Mapping[Any, int] | None = None, 
         counts_by_layer = _replay_shared(steps_by_layer, experts, capacity, eviction, options or {})
     else:
         counts_by_layer = {layer: _replay_layer(steps_by_layer[layer], experts[layer], capacity[layer], eviction,
-                                                layer, prefetch=policy == "prefetch", options=options or {})
+                                                layer, prefetch=policy == "prefetch", options=options or {},
+                                                prefetch_limit=prefetch_limit)
                            for layer in layer_ids}
     layers: dict[int, dict[str, Any]] = {}
     for layer in layer_ids:
@@ -225,9 +231,10 @@ def _replay_step(table: SlotTable, keys: list, counts: dict[str, list[int]], pha
 
 
 def _replay_layer(steps: list[tuple], num_experts: int, capacity: int, policy: str,
-                  layer: int, prefetch: bool = False, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  layer: int, prefetch: bool = False, options: Mapping[str, Any] | None = None,
+                  prefetch_limit: int | None = None) -> dict[str, Any]:
     """One layer's own cache over its steps: counts[phase] = [hits, misses] (+ counts["prefetch"][phase] =
-    [prefetched, used] with prefetch, where each step is (needed, phase, predicted))."""
+    [prefetched, used] with prefetch, where each step is (needed, phase, predicted best first))."""
     chooser = _chooser(policy, steps, capacity, options or {})
     table = SlotTable(capacity, chooser)
     for expert in range(capacity):  # OffloadedExperts.preload(range(C))
@@ -239,7 +246,8 @@ def _replay_layer(steps: list[tuple], num_experts: int, capacity: int, policy: s
         _check_ids(needed, num_experts, layer)
         if prefetch and phase == "decode" and table.capacity:
             guess = set(predicted[0])
-            fetched = [e for e in prefetch_plan(guess, table) if table.admit(e, guess, force=True) is not None]
+            fetched = [e for e in prefetch_plan(predicted[0], table, prefetch_limit)
+                       if table.admit(e, guess, force=True) is not None]
             counts["prefetch"][phase][0] += len(fetched)
             counts["prefetch"][phase][1] += len(set(fetched) & set(needed))
         _replay_step(table, needed, counts, phase, chooser, index)
@@ -288,12 +296,18 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .trace import load_trace
 
     trace = load_trace(args.trace)
     for policy in args.policy:
-        result = simulate(trace, args.num_experts, args.ratio, policy, args.step)
+        result = simulate(trace, args.num_experts, args.ratio, policy, args.step, prefetch_limit=args.prefetch_limit)
         print(json.dumps(result, indent=1) if args.json else format_result(result))
     return 0
 
@@ -308,6 +322,8 @@ def add_simulate_command(subparsers) -> argparse.ArgumentParser:
     sim.add_argument("--ratio", default=100, help="MOE_OFFLOAD_RATIO to simulate (0-100)")
     sim.add_argument("--step", choices=STEP_MODES, default="auto", help="forward (engine), token, or auto")
     sim.add_argument("--num-experts", type=int, default=None, help="routed experts per layer (default: trace meta)")
+    sim.add_argument("--prefetch-limit", type=_positive_int, default=None, metavar="N",
+                     help="prefetch: at most N experts per layer and step, the most probable first (default: all)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(run=_run_simulate)
     return sim
