@@ -64,7 +64,7 @@ def test_readme_keeps_the_two_commands():
     text = README.read_text(encoding="utf-8")
     assert ('python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e ".[test]" && '
             'moe-offload generate "def fibonacci(n):"') in text
-    assert "\npython -m pytest tests -q\n" in text
+    assert "\npython -m pytest tests -q -n auto --dist loadfile\n" in text
 
 
 def test_readme_property_table_is_config_properties():
