@@ -13,7 +13,9 @@ of the step does it all.
 Where Triton runs, plan and commit are one Triton kernel each (kernels/triton_lru.py) instead of ~25 torch ops.
 
 Needs every expert of the layer in the host tier (an evicted expert is read in place from there afterwards) and
-one token per step (a decode step: its K experts are distinct).
+one token per step (a decode step: its K experts are distinct). plan_prefetch is the same plan for a prefetch
+before a step (prefetcher.py): the guessed experts that are cached are guarded, not renewed, and at most N of
+the others are admitted.
 """
 
 from __future__ import annotations
