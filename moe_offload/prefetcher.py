@@ -19,8 +19,6 @@ Decode steps only (one token): a prefill needs most experts anyway. Layers of th
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .cache import OffloadedExperts
@@ -46,7 +44,6 @@ class Prefetcher:
     def __init__(self, decoder_layers, runtimes: list[OffloadedExperts], limit: int, device: torch.device):
         self.limit = limit
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._handles: list[Any] = []
         self.layers: list[int] = []
         # layer -> the residual a side-stream prefetch reads, held until the step joins it (so its memory is not
         # reused by the main stream meanwhile)
@@ -55,9 +52,8 @@ class Prefetcher:
             block = decoder_layers[runtime.layer] if runtime.layer < len(decoder_layers) else None
             if block is None or not guessable(block) or not runtime.enable_prefetch(limit):
                 continue
-            self._handles.append(block.register_forward_pre_hook(self._before_layer(runtime, block),
-                                                                 with_kwargs=True))
-            self._handles.append(block.mlp.register_forward_pre_hook(self._before_moe(runtime.layer)))
+            block.register_forward_pre_hook(self._before_layer(runtime, block), with_kwargs=True)
+            block.mlp.register_forward_pre_hook(self._before_moe(runtime.layer))
             self.layers.append(runtime.layer)
 
     def _before_layer(self, runtime: OffloadedExperts, block):
@@ -88,8 +84,3 @@ class Prefetcher:
                 torch.cuda.current_stream(hidden.device).wait_stream(self.side)
             return None
         return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.layers = [], []
