@@ -56,12 +56,12 @@ def make_rows(fmt: ExpertFormat, count: int, generator: torch.Generator) -> torc
 
 
 def make_inputs(tokens: int, dtype: torch.dtype, experts: int = 8, top_k: int = 2, spare: int = 3, seed: int = 0,
-                scale_dtype: torch.dtype = torch.float32):
+                scale_dtype: torch.dtype = torch.float32, hidden: int = HIDDEN, inter: int = INTER):
     """(x, ids, weights, rows, fmt, slot_of_expert): experts in a random permutation of experts + spare slots."""
     generator = torch.Generator().manual_seed(seed)
-    fmt = ExpertFormat(INTER, HIDDEN, scale_dtype, SPEC)
+    fmt = ExpertFormat(inter, hidden, scale_dtype, SPEC)
     rows = make_rows(fmt, experts + spare, generator)
-    x = torch.randn(tokens, HIDDEN, generator=generator).to(dtype).to(DEVICE)  # [T, H]
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype).to(DEVICE)  # [T, H]
     ids = torch.rand(tokens, experts, generator=generator).topk(top_k, dim=-1).indices.to(DEVICE)  # [T, K]
     weights = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(dtype).to(DEVICE)
     slots = torch.randperm(experts + spare, generator=generator)[:experts].to(torch.int32).to(DEVICE)  # [E]
@@ -134,6 +134,60 @@ def test_admitted_misses_are_written_into_their_slots_as_read():
     that device slot bit for bit; the outputs are those of the call without admission."""
     x, ids, weights, rows, fmt, slots = make_inputs(1, torch.bfloat16, top_k=4, spare=0, seed=2)
     check_read_through_admission(x, ids, weights, rows, fmt, slots)
+
+
+# H = 76 and I = 20: rows of whole 32-bit words (the decode GEMVs then read words), still not multiples of the
+# tiles or of the 16 x 32 blocks
+WORD_HIDDEN, WORD_INTER = 76, 20
+
+
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=str)
+def test_words_give_the_per_byte_bits(monkeypatch, dtype, scale_dtype):
+    """Where rows are 4-byte aligned the decode kernels read a word (4 codes) and a scale per row and block at a
+    time: the same bits as a byte and a scale per element, from the device pool and from host rows in place, and
+    with read-through admission."""
+    force_path(monkeypatch, "decode")
+    x, ids, weights, rows, fmt, slots = make_inputs(1, dtype, top_k=4, seed=3, scale_dtype=scale_dtype,
+                                                    hidden=WORD_HIDDEN, inter=WORD_INTER)
+    split = 5
+    host_rows = rows[split:].cpu()
+    if CUDA:
+        host_rows = host_rows.pin_memory()
+    device, host = fmt.weights(rows[:split].clone()), fmt.weights(host_rows)
+    chosen = []
+    reads_words = triton_fp8.reads_words
+
+    def recording(device_matrix, host_matrix, block_k, words=True):
+        chosen.append(reads_words(device_matrix, host_matrix, block_k))
+        return chosen[-1] and words
+
+    def run():
+        return triton_moe.fused_moe(x, ids, weights, device.gate_up, device.down, slots, host_w13=host.gate_up,
+                                    host_w2=host.down)
+
+    monkeypatch.setattr(triton_fp8, "reads_words", recording)
+    by_words = run()
+    monkeypatch.setattr(triton_fp8, "reads_words", lambda d, h, k: recording(d, h, k, words=False))
+    by_bytes = run()
+    assert chosen == [True, True, True, True]
+    assert torch.equal(by_words, by_bytes)
+    pools = fmt.weights(rows)
+    assert_close(by_words, triton_moe.fused_moe_reference(x, ids, weights, pools.gate_up, pools.down, slots), dtype)
+    monkeypatch.setattr(triton_fp8, "reads_words", reads_words)
+    x, ids, weights, rows, fmt, slots = make_inputs(1, dtype, top_k=4, spare=0, seed=4, scale_dtype=scale_dtype,
+                                                    hidden=WORD_HIDDEN, inter=WORD_INTER)
+    check_read_through_admission(x, ids, weights, rows, fmt, slots)
+
+
+def test_odd_rows_are_read_byte_by_byte():
+    x, ids, weights, rows, fmt, slots = make_inputs(1, torch.float32)
+    pools = fmt.weights(rows)
+    assert not triton_fp8.reads_words(pools.gate_up, pools.gate_up, 256)  # H = 75: rows not 4-byte aligned
+    x, ids, weights, rows, fmt, slots = make_inputs(1, torch.float32, hidden=WORD_HIDDEN, inter=WORD_INTER)
+    pools = fmt.weights(rows)
+    assert triton_fp8.reads_words(pools.gate_up, pools.gate_up, 256)
+    assert not triton_fp8.reads_words(pools.gate_up, pools.gate_up, 48)  # a tile not made of whole 32-wide blocks
 
 
 def test_rejects_mixed_pools():

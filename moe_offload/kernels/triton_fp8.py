@@ -12,7 +12,10 @@ rounded to the hidden dtype (reference.dense). scale_row restarts at each projec
 (gate's blocks, then up's), so an I that no block divides is read right. The bytes are loaded as uint8 and
 decoded with integer operations into the exact float32 value: this runs on GPUs without FP8 conversion
 instructions (before sm_89) and in Triton's interpreter alike, and costs a few integer ops per weight of a
-memory-bound loop. Weight-only: activations stay in the hidden dtype (no W8A8 FP8 GEMM).
+memory-bound loop. The decode GEMVs read the bytes a 32-bit word (4 codes) at a time and one scale per row and
+block where rows are 4-byte aligned (reads_words), as the int4/int8 and MXFP4 kernels do: a load per byte, and a
+scale load per weight, cost more than the decoding. Weight-only: activations stay in the hidden dtype (no W8A8 FP8
+GEMM).
 """
 
 from __future__ import annotations
@@ -58,12 +61,44 @@ def _dequant_tile(weight, scale, rows, cols, mask, stride_wn, stride_sn, rows_pe
 
 
 @triton.jit
+def _dequant_word_tile(weight, scale, rows, mask_rows, k0, K, stride_wn, stride_sn, rows_per_part, blocks_per_part,
+                       dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, pool_weight, pool_scale, admit, stride_ws, stride_ss,
+                       ADMIT: tl.constexpr):
+    """_dequant_tile's W[rows, k0 : k0 + BLOCK_K] as a [BN, BK] tile, read a 32-bit word (4 codes) at a time and one
+    scale per row and block of BK columns, instead of a byte and a scale per element: the same bits. Needs rows
+    and slots on 4-byte boundaries (stride_wn, stride_ws multiples of 4, K too) and BLOCK_K a multiple of BK, k0 of
+    BLOCK_K (decode() checks)."""
+    WORDS: tl.constexpr = BLOCK_K // 4
+    GROUPS: tl.constexpr = BLOCK_K // BK
+    word_cols = k0 // 4 + tl.arange(0, WORDS)  # [W]
+    word_mask = mask_rows[:, None] & (word_cols * 4 < K)[None, :]  # [BN, W]
+    word_at = rows[:, None] * (stride_wn // 4) + word_cols[None, :]  # [BN, W]
+    words = tl.load(weight.to(tl.pointer_type(tl.int32)) + word_at, mask=word_mask, other=0)  # [BN, W]
+    _admit_tile(pool_weight.to(tl.pointer_type(tl.int32)), admit, stride_ws // 4, word_at, words, word_mask, ADMIT)
+    shifts = tl.arange(0, 4) * 8  # [4] little-endian: code j of a word is its byte j
+    byte = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xFF, (BLOCK_N, BLOCK_K))  # [BN, BK] int32
+    part = rows // rows_per_part  # [BN]
+    scale_row = part * blocks_per_part + (rows - part * rows_per_part) // BN  # [BN]
+    group_cols = k0 // BK + tl.arange(0, GROUPS)  # [G]
+    group_mask = mask_rows[:, None] & (group_cols * BK < K)[None, :]  # [BN, G]
+    scale_at = scale_row[:, None] * stride_sn + group_cols[None, :]  # [BN, G]
+    s = tl.load(scale + scale_at, mask=group_mask, other=0.0)  # [BN, G] float32, bf16 or fp16
+    _admit_tile(pool_scale, admit, stride_ss, scale_at, s, group_mask, ADMIT)
+    w = tl.reshape(_e4m3_to_float32(byte), (BLOCK_N, GROUPS, BK)) * s.to(tl.float32)[:, :, None]  # [BN, G, BK]
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype).to(tl.float32)
+    cols = k0 + tl.arange(0, BLOCK_K)  # [BK]
+    return tl.where(mask_rows[:, None] & (cols < K)[None, :], w, 0.0)
+
+
+@triton.jit
 def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, host_w_ptr, host_s_ptr, num_device_slots,
                          admit_ptr, act_ptr, H, I, top_k, blocks_per_part, stride_xt, stride_xh, stride_ws,
                          stride_wn, stride_ss, stride_sn, stride_ap, stride_ai, BN: tl.constexpr, BK: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr, ADMIT: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr, ADMIT: tl.constexpr,
+                         WORDS: tl.constexpr):
     """act[p, n] = silu(gate(x_t)) * up(x_t) for pair p = (t, k) over one BLOCK_N slice of I (the dense
-    _gate_up_gemv_kernel's contract, ADMIT included)."""
+    _gate_up_gemv_kernel's contract, ADMIT included). WORDS: weights read a word at a time (_dequant_word_tile)."""
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair)
     slot = tl.load(slot_ptr + expert).to(tl.int64)
@@ -82,13 +117,21 @@ def _gate_up_gemv_kernel(x_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, host_w_ptr, hos
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask_k = offs_k < H
         x = tl.load(x_ptr + token * stride_xt + offs_k * stride_xh, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-        mask = mask_n[:, None] & mask_k[None, :]
-        gate = _dequant_tile(weight, scale, offs_n[:, None], offs_k[None, :], mask, stride_wn, stride_sn, I,
-                             blocks_per_part, dtype, BN, BK, w_ptr, s_ptr, admit, stride_ws, stride_ss,
-                             ADMIT)  # [BN, BK]
-        up = _dequant_tile(weight, scale, I + offs_n[:, None], offs_k[None, :], mask, stride_wn, stride_sn, I,
-                           blocks_per_part, dtype, BN, BK, w_ptr, s_ptr, admit, stride_ws, stride_ss,
-                           ADMIT)  # [BN, BK]
+        if WORDS:
+            gate = _dequant_word_tile(weight, scale, offs_n, mask_n, k0, H, stride_wn, stride_sn, I, blocks_per_part,
+                                      dtype, BN, BK, BLOCK_N, BLOCK_K, w_ptr, s_ptr, admit, stride_ws, stride_ss,
+                                      ADMIT)  # [BN, BK]
+            up = _dequant_word_tile(weight, scale, I + offs_n, mask_n, k0, H, stride_wn, stride_sn, I,
+                                    blocks_per_part, dtype, BN, BK, BLOCK_N, BLOCK_K, w_ptr, s_ptr, admit, stride_ws,
+                                    stride_ss, ADMIT)  # [BN, BK]
+        else:
+            mask = mask_n[:, None] & mask_k[None, :]
+            gate = _dequant_tile(weight, scale, offs_n[:, None], offs_k[None, :], mask, stride_wn, stride_sn, I,
+                                 blocks_per_part, dtype, BN, BK, w_ptr, s_ptr, admit, stride_ws, stride_ss,
+                                 ADMIT)  # [BN, BK]
+            up = _dequant_tile(weight, scale, I + offs_n[:, None], offs_k[None, :], mask, stride_wn, stride_sn, I,
+                               blocks_per_part, dtype, BN, BK, w_ptr, s_ptr, admit, stride_ws, stride_ss,
+                               ADMIT)  # [BN, BK]
         acc_gate += tl.sum(gate * x[None, :], axis=1)
         acc_up += tl.sum(up * x[None, :], axis=1)
     act = _silu_mul(acc_gate, acc_up, dtype, ROUND)  # [BN]
@@ -100,8 +143,10 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, host_w_ptr, host
                       admit_ptr, weight_ptr, out_ptr, H, I, blocks_per_part, stride_ap, stride_ai, stride_ws,
                       stride_wn, stride_ss, stride_sn, stride_op, stride_oh, BN: tl.constexpr, BK: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROUND: tl.constexpr,
-                      ROUND_PRODUCT: tl.constexpr, ZERO_ABSENT: tl.constexpr, ADMIT: tl.constexpr):
-    """out[p, n] = weight[p] * down(act[p]) for pair p over one BLOCK_N slice of H, in float32."""
+                      ROUND_PRODUCT: tl.constexpr, ZERO_ABSENT: tl.constexpr, ADMIT: tl.constexpr,
+                      WORDS: tl.constexpr):
+    """out[p, n] = weight[p] * down(act[p]) for pair p over one BLOCK_N slice of H, in float32. WORDS: as
+    _gate_up_gemv_kernel's."""
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair)
     slot = tl.load(slot_ptr + expert).to(tl.int64)
@@ -121,9 +166,14 @@ def _down_gemv_kernel(act_ptr, ids_ptr, slot_ptr, w_ptr, s_ptr, host_w_ptr, host
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask_k = offs_k < I
         a = tl.load(act_ptr + pair * stride_ap + offs_k * stride_ai, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-        w = _dequant_tile(weight, scale, offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :],
-                          stride_wn, stride_sn, H, blocks_per_part, dtype, BN, BK, w_ptr, s_ptr, admit, stride_ws,
-                          stride_ss, ADMIT)  # [BN, BK]
+        if WORDS:
+            w = _dequant_word_tile(weight, scale, offs_n, mask_n, k0, I, stride_wn, stride_sn, H, blocks_per_part,
+                                   dtype, BN, BK, BLOCK_N, BLOCK_K, w_ptr, s_ptr, admit, stride_ws, stride_ss,
+                                   ADMIT)  # [BN, BK]
+        else:
+            w = _dequant_tile(weight, scale, offs_n[:, None], offs_k[None, :], mask_n[:, None] & mask_k[None, :],
+                              stride_wn, stride_sn, H, blocks_per_part, dtype, BN, BK, w_ptr, s_ptr, admit,
+                              stride_ws, stride_ss, ADMIT)  # [BN, BK]
         acc += tl.sum(w * a[None, :], axis=1)
     acc = _weighted(acc, tl.load(weight_ptr + pair).to(tl.float32), dtype, ROUND, ROUND_PRODUCT)
     tl.store(out_ptrs, acc, mask=mask_n)
@@ -218,6 +268,16 @@ def _constants(matrix: FP8Matrix) -> dict:
     return dict(BN=matrix.spec.block_n, BK=matrix.spec.block_k)
 
 
+def reads_words(device: FP8Matrix, host: FP8Matrix, block_k: int) -> bool:
+    """Whether a GEMV of tile width block_k may read these pools a word at a time (_dequant_word_tile): rows,
+    slots and both pools' bases on 4-byte boundaries, K a whole number of words, and tiles made of whole scale
+    blocks."""
+    weight, host_weight = device.weight.view(torch.uint8), host.weight.view(torch.uint8)  # [S, N, K]
+    return (weight.stride(2) == 1 and block_k % device.spec.block_k == 0
+            and all(v % 4 == 0 for v in (*weight.stride()[:2], weight.shape[2], weight.data_ptr(),
+                                          host_weight.data_ptr())))
+
+
 def _blocks_per_part(matrix: FP8Matrix) -> int:
     """Scale rows of each projection stacked in the matrix (gate_up: ceil(I / BN); down: ceil(H / BN))."""
     return matrix.scale.shape[1] // matrix.parts
@@ -233,12 +293,12 @@ def decode(hidden, ids, weights, slot_of_expert, admit_slots, w13: FP8Matrix, w2
     _gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, _GEMV_GATE_UP["BLOCK_N"]))](
         hidden, ids, slot_of_expert, *pointers, num_device_slots, admit_slots, act, hidden_size, inter, top_k,
         _blocks_per_part(w13), *hidden.stride(), *strides, *act.stride(), ROUND=rounding["ROUND"], ADMIT=admit,
-        **_constants(w13), **_GEMV_GATE_UP)
+        WORDS=reads_words(w13, host_w13, _GEMV_GATE_UP["BLOCK_K"]), **_constants(w13), **_GEMV_GATE_UP)
     pointers, strides = _planes(w2, host_w2)
     _down_gemv_kernel[(num_pairs, triton.cdiv(hidden_size, _GEMV_DOWN["BLOCK_N"]))](
         act, ids, slot_of_expert, *pointers, num_device_slots, admit_slots, weights, contrib, hidden_size, inter,
         _blocks_per_part(w2), *act.stride(), *strides, *contrib.stride(), **rounding, ZERO_ABSENT=own_rows,
-        ADMIT=admit, **_constants(w2), **_GEMV_DOWN)
+        ADMIT=admit, WORDS=reads_words(w2, host_w2, _GEMV_DOWN["BLOCK_K"]), **_constants(w2), **_GEMV_DOWN)
 
 
 def prefill(hidden, sorted_pairs, block_slot, weights, w13: FP8Matrix, w2: FP8Matrix, host_w13: FP8Matrix,
