@@ -4,7 +4,6 @@ for decode (1 token, GEMV) and prefill (128 tokens, grouped GEMMs) in bf16, then
 bf16 and FP8 experts, resident and read in place from pinned host rows (zero-copy). Two trials, one after the
 other (the first run of a kernel may pay for clocks ramping up: compare the best of the two).
 
-Not yet run: written on a machine without a GPU (the kernels were tested in Triton's interpreter only).
 Usage (CUDA): python bench/fp8_kernels.py OUT.json"""
 import json, sys, torch, triton
 sys.path.insert(0, ".")
