@@ -42,7 +42,6 @@ class Prefetcher:
     """The hooks that prefetch for every layer that can (OffloadedExperts.enable_prefetch), and their side stream."""
 
     def __init__(self, decoder_layers, runtimes: list[OffloadedExperts], limit: int, device: torch.device):
-        self.limit = limit
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.layers: list[int] = []
         # layer -> the residual a side-stream prefetch reads, held until the step joins it (so its memory is not
