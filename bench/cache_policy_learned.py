@@ -37,11 +37,12 @@ REPORTED = ("lru", "lfru", "per-layer", "shared", "prefetch", "min")
 PREFETCH_LIMITS = (1, 2, 4)  # experts per layer and decode step
 
 
-def decode_totals(traces, ratio: int, policy: str, options=None, prefetch_limit: int | None = None) -> dict:
+def decode_totals(traces, ratio: int, policy: str, options=None, prefetch_limit: int | None = None,
+                  eviction: str | None = None) -> dict:
     """Decode hits, misses, loads and prefetch counts summed over traces; hit rate and loads per decode token."""
     hits = misses = loads = fetched = used = tokens = layer_steps = 0
     for trace in traces:
-        result = simulate(trace, None, ratio, policy, "forward", options, prefetch_limit)
+        result = simulate(trace, None, ratio, policy, "forward", options, prefetch_limit, eviction)
         total = result["total"]
         decode = total["decode"]
         hits, misses, loads = hits + decode["hits"], misses + decode["misses"], loads + decode["loads"]
@@ -100,8 +101,12 @@ def report(tag: str, traces_dir: str) -> dict:
             totals["bytes_per_token"] = totals["loads_per_token"] * size
             rows[f"prefetch-{limit}@{ratio}"] = totals
             log(f"{tag} ratio {ratio} prefetch at most {limit}: decode hit rate {totals['hit_rate']:.3f}")
+        totals = decode_totals(traces, ratio, "prefetch", prefetch_limit=2, eviction="lfru")  # LFRU under it
+        totals["bytes_per_token"] = totals["loads_per_token"] * size
+        rows[f"prefetch-2-lfru@{ratio}"] = totals
         base = rows[f"{DEFAULT_POLICY}@{ratio}"]
-        for ahead in [rows[f"prefetch@{ratio}"]] + [rows[f"prefetch-{limit}@{ratio}"] for limit in PREFETCH_LIMITS]:
+        for ahead in [rows[f"prefetch@{ratio}"], rows[f"prefetch-2-lfru@{ratio}"]] + [
+                rows[f"prefetch-{limit}@{ratio}"] for limit in PREFETCH_LIMITS]:
             ahead["hits_gained"] = ahead["hits"] - base["hits"]
             ahead["wasted_bytes_per_token"] = ((ahead["prefetched"] - ahead["prefetch_used"]) * size
                                                / ahead["decode_tokens"])
@@ -127,9 +132,10 @@ def markdown(results: dict) -> str:
 
 def prefetch_markdown(results: dict) -> str:
     """Per layer and decode step: demand misses (loads on the step's critical path) and prefetches, without
-    prefetch, with each budget, and unbounded; hit rate in brackets."""
-    limits = [None, *PREFETCH_LIMITS, "all"]
-    names = {None: "no prefetch", "all": "all predicted"}
+    prefetch, with each budget, and unbounded (LRU evicting), then a budget of 2 with LFRU evicting; hit rate in
+    brackets."""
+    limits = [None, *PREFETCH_LIMITS, "all", "2-lfru"]
+    names = {None: "no prefetch", "all": "all predicted", "2-lfru": "at most 2, LFRU"}
     lines = ["| model | ratio | " + " | ".join(names.get(n, f"at most {n}") for n in limits) + " |",
              "|---|---|" + "---|" * len(limits)]
     for tag, result in results.items():

@@ -199,6 +199,20 @@ def test_prefetch_limit_takes_the_most_probable_first():
     assert (unlimited["prefetched"], unlimited["prefetch_used"], unlimited["hits"]) == (2, 1, 1)
 
 
+def test_prefetch_under_another_eviction_policy():
+    """eviction= picks the policy under prefetch (per-layer and shared too); a policy that is its own eviction takes
+    none."""
+    steps = [[i % 5, (i * 3) % 7] for i in range(40)]
+    predicted = [[(i * 3) % 7, i % 5] for i in range(40)]
+    trace = records_of(steps, predicted=predicted)
+    lfru = simulate(trace, 8, 50, "prefetch", eviction="lfru")
+    assert lfru["eviction"] == "lfru" and simulate(trace, 8, 50, "prefetch", eviction="lru")["eviction"] == "lru"
+    assert simulate(trace, 8, 50, "shared", eviction="lfru")["eviction"] == "lfru"
+    for policy, eviction in (("lru", "lfru"), ("prefetch", "fifo"), ("min", "lru")):
+        with pytest.raises(Exception, match="eviction"):
+            simulate(trace, 8, 50, policy, eviction=eviction)
+
+
 def test_simulate_command_policies(tmp_path, capsys):
     import json
 
@@ -213,6 +227,9 @@ def test_simulate_command_policies(tmp_path, capsys):
     assert main(["simulate", str(path), "--num-experts", "4", "--ratio", "50", "--policy", "prefetch",
                  "--prefetch-limit", "1"]) == 0
     assert "prefetched" in capsys.readouterr().out
+    assert main(["simulate", str(path), "--num-experts", "4", "--ratio", "50", "--policy", "prefetch", "--policy",
+                 "lru", "--eviction", "lfru"]) == 0
+    assert "policy prefetch (lfru)" in capsys.readouterr().out
     assert main(["simulate", str(path), "--policy", "prefetch", "--prefetch-limit", "0"]) != 0
     assert "--prefetch-limit: must be a whole number >= 1, got '0'" in capsys.readouterr().err
 

@@ -20,14 +20,14 @@ Policies
 
 "default": the engine's policy, policy.DEFAULT_POLICY (the result names it).
 
-"per-layer": the default eviction policy, but the layers' capacities re-split from the trace itself in
-proportion to each layer's churn, same total (policy/allocation.py). Sees the trace's own statistics.
+"per-layer": the default eviction policy (or --eviction's), but the layers' capacities re-split from the trace
+itself in proportion to each layer's churn, same total (policy/allocation.py). Sees the trace's own statistics.
 
-"shared": the default eviction policy over ONE pool of all layers' slots (same total), keys (layer, expert);
-layers are replayed interleaved in execution order (step by step, layer by layer).
+"shared": the default eviction policy (or --eviction's) over ONE pool of all layers' slots (same total), keys
+(layer, expert); layers are replayed interleaved in execution order (step by step, layer by layer).
 
-"prefetch": the default eviction policy, plus, before each decode step of a layer, the experts the trace's
-"predicted" field names (moe-offload trace --predict) are fetched if not cached (policy/prefetch.py);
+"prefetch": the default eviction policy (or --eviction's), plus, before each decode step of a layer, the experts
+the trace's "predicted" field names (moe-offload trace --predict) are fetched if not cached (policy/prefetch.py);
 "prefetched" counts them, "prefetch_used" those the step then needed. --prefetch-limit N fetches only the N most
 probable of them per layer and step (what fits in the link's idle time; see policy/prefetch.py).
 
@@ -139,7 +139,7 @@ def _rate(hits: int, misses: int) -> dict[str, Any]:
 
 def simulate(trace_records, num_experts: int | Mapping[Any, int] | None = None, ratio: Any = 100,
              policy: str = "lru", step: str = "auto", options: Mapping[str, Any] | None = None,
-             prefetch_limit: int | None = None) -> dict[str, Any]:
+             prefetch_limit: int | None = None, eviction: str | None = None) -> dict[str, Any]:
     """Replay a trace through per-layer caches; hits, misses and hit_rate per layer and in total.
 
     trace_records: a trace.Trace (its meta supplies num_experts when not given) or a list of records.
@@ -148,6 +148,8 @@ def simulate(trace_records, num_experts: int | Mapping[Any, int] | None = None, 
     options: keyword arguments for the eviction policy's constructor (e.g. {"half_life": 32} for LFRU).
     prefetch_limit: with policy "prefetch", at most this many experts fetched per layer and step, the most
     probable first (None: every predicted one).
+    eviction: the eviction policy (a name of POLICIES) under "per-layer", "shared" and "prefetch"; None: the
+    engine's default.
     Returns {"policy", "eviction", "ratio", "step", "layers": {layer: {...}}, "total": {...}} where each {...}
     has hits, misses, hit_rate, loads, prefetched, prefetch_used and the same for "prefill" and "decode" steps;
     layers also carry num_experts, capacity and steps; total carries decode_loads_per_token.
@@ -156,7 +158,10 @@ def simulate(trace_records, num_experts: int | Mapping[Any, int] | None = None, 
     ratio = parse_ratio(ratio)
     if policy not in POLICY_NAMES:
         raise MoeOffloadError(f"unknown policy {policy!r} (known: {', '.join(POLICY_NAMES)})")
-    eviction = "min" if policy == "min" else policy if policy in POLICIES else DEFAULT_POLICY
+    if eviction is not None and (eviction not in POLICIES or policy in (*POLICIES, "min", "default")):
+        raise MoeOffloadError(f"eviction {eviction!r}: one of {', '.join(POLICIES)}, under per-layer, shared or "
+                              f"prefetch")
+    eviction = "min" if policy == "min" else policy if policy in POLICIES else eviction or DEFAULT_POLICY
     mode, steps_by_layer = replay_steps(records, step, predicted=policy == "prefetch")
     layer_ids = sorted(steps_by_layer)
     experts = _experts_per_layer(layer_ids, num_experts, meta)
@@ -307,7 +312,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     trace = load_trace(args.trace)
     for policy in args.policy:
-        result = simulate(trace, args.num_experts, args.ratio, policy, args.step, prefetch_limit=args.prefetch_limit)
+        result = simulate(trace, args.num_experts, args.ratio, policy, args.step, prefetch_limit=args.prefetch_limit,
+                          eviction=args.eviction if policy in ("per-layer", "shared", "prefetch") else None)
         print(json.dumps(result, indent=1) if args.json else format_result(result))
     return 0
 
@@ -324,6 +330,8 @@ def add_simulate_command(subparsers) -> argparse.ArgumentParser:
     sim.add_argument("--num-experts", type=int, default=None, help="routed experts per layer (default: trace meta)")
     sim.add_argument("--prefetch-limit", type=_positive_int, default=None, metavar="N",
                      help="prefetch: at most N experts per layer and step, the most probable first (default: all)")
+    sim.add_argument("--eviction", choices=tuple(POLICIES), default=None,
+                     help="the eviction policy under per-layer, shared and prefetch (default: the engine's)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(run=_run_simulate)
     return sim
