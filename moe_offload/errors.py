@@ -6,6 +6,7 @@ never for bugs. It is a ValueError, so that code written for transformers' or Op
 catches ValueError for a bad argument, catches ours too.
 """
 
+import argparse
 import os
 
 
@@ -22,3 +23,14 @@ def read_user_text(path: str, what: str) -> str:
             return handle.read()
     except (OSError, UnicodeDecodeError) as err:
         raise MoeOffloadError(f"cannot read {what} {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse turns the error into its one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value

@@ -11,6 +11,7 @@ import torch
 
 from moe_offload.policy import LFRUPolicy, SlotTable, lfru, device_lfru
 from moe_offload.policy.device_lfru import DeviceLFRU, power_of_two
+from slot_checks import admit_on_the_device, misplaced, resident
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU where there is one
 
@@ -150,17 +151,15 @@ def test_engine_runs_lfru_on_the_device(checkpoint_factory, monkeypatch):
     monkeypatch.setenv("MOE_CACHE_POLICY", "lfru")
     pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25)
     mirrored = []
+    admit_on_the_device(pipe, fused_moe)
     for layer in pipe.layers:
-        assert isinstance(layer.table.policy, LFRUPolicy)
-        layer.fused_moe = fused_moe
-        assert layer.enable_direct(pipe.device, lru=True) and isinstance(layer._device_policy, DeviceLFRU)
+        assert isinstance(layer.table.policy, LFRUPolicy) and isinstance(layer._device_policy, DeviceLFRU)
         layer.zero_copy_max_pairs = layer.top_k  # decode steps direct, any prompt of 2+ tokens copied
 
         def checked(pairs, state, layer=layer, mirror=layer.table.mirror):
             mirror(pairs, state)
-            device_slots = {e: s for e, s in enumerate(layer._direct_slots.tolist()) if s < layer.table.capacity}
             mirrored.append(layer.table.policy.state() == layer._device_policy.state()
-                            and layer.table.slot_of == device_slots)
+                            and layer.table.slot_of == resident(layer))
 
         layer.table.mirror = checked
     for prompt, tokens in zip(prompts, want):
@@ -168,11 +167,6 @@ def test_engine_runs_lfru_on_the_device(checkpoint_factory, monkeypatch):
     assert len(mirrored) == 2 * len(pipe.layers) and all(mirrored)
     stats = pipe.get_offload_stats()
     assert stats["cache_policy"] == "lfru" and stats["device_admission_layers"] == len(pipe.layers)
-    moved = 0
-    for layer in pipe.layers:
-        for expert, slot in enumerate(layer._direct_slots.tolist()):
-            if slot < layer.table.capacity:
-                gate_up, down = layer.host.get(expert)
-                assert torch.equal(layer.gate_up[slot], gate_up) and torch.equal(layer.down[slot], down)
-                moved += expert >= layer.table.capacity  # loaded with experts 0..C-1
-    assert moved  # the decode steps did admit
+    assert all(misplaced(layer) == [] for layer in pipe.layers)
+    moved = sum(expert >= layer.table.capacity for layer in pipe.layers for expert in resident(layer))
+    assert moved  # the decode steps did admit (loaded with experts 0..C-1)

@@ -15,6 +15,7 @@ import torch
 from moe_offload import LLMPipeline
 from moe_offload.policy.device_lru import DeviceLRU
 from moe_offload.policy import LRUPolicy, SlotTable
+from slot_checks import admit_on_the_device, misplaced, resident
 
 
 def _host_step(table: SlotTable, needed: list[int], on_cpu: frozenset = frozenset()) -> tuple[int, int]:
@@ -114,10 +115,7 @@ def test_engine_admits_misses_as_it_reads_them(checkpoint_factory):
                 replayed_hits += sum(table.lookup(e) is not None for e in set(needed))
             else:
                 replayed_hits += _host_step(table, needed)[0]
-        for expert, slot in enumerate(layer._direct_slots.tolist()):
-            if slot < layer.table.capacity:
-                gate_up, down = layer.host.get(expert)
-                assert torch.equal(layer.gate_up[slot], gate_up) and torch.equal(layer.down[slot], down)
+        assert misplaced(layer) == []
     stats = pipe.get_offload_stats()
     assert stats["hits"] == replayed_hits and stats["experts_read_in_place"] == stats["misses"] > 0
 
@@ -139,14 +137,12 @@ def test_long_forwards_copy_from_the_slots_the_device_chose(checkpoint_factory):
     want = [reference.generate_tokens(p, max_new_tokens=6, min_new_tokens=6, do_sample=False) for p in prompts]
     pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25)
     copied = []
+    admit_on_the_device(pipe, fused_moe)
     for layer in pipe.layers:
-        layer.fused_moe = fused_moe
-        assert layer.enable_direct(pipe.device, lru=True) and layer._device_policy is not None
         layer.zero_copy_max_pairs = layer.top_k  # decode steps direct, any prompt of 2+ tokens copied
 
         def checked(*args, layer=layer, forward_routed=layer.forward_routed):
-            device_slots = {e: s for e, s in enumerate(layer._direct_slots.tolist()) if s < layer.table.capacity}
-            copied.append(layer.table.slot_of == device_slots)
+            copied.append(layer.table.slot_of == resident(layer))
             return forward_routed(*args)
 
         layer.forward_routed = checked
@@ -177,11 +173,7 @@ def test_device_lru_on_cuda(monkeypatch):
         assert runs[mode]["cuda_graph_steps"] > 0 and runs[mode]["cuda_graph_failure"] is None
         if mode == "auto":
             for layer in pipe.layers:
-                for expert, slot in enumerate(layer._direct_slots.tolist()):
-                    if slot < layer.table.capacity:
-                        gate_up, down = layer.host.get(expert)
-                        assert torch.equal(layer.gate_up[slot].cpu(), gate_up.cpu())
-                        assert torch.equal(layer.down[slot].cpu(), down.cpu())
+                assert misplaced(layer) == []
                 layer.zero_copy_max_pairs = layer.top_k  # any prompt of 2+ tokens copies its misses
             assert torch.equal(pipe.generate_tokens(longer, max_new_tokens=8, min_new_tokens=8), want_longer)
         pipe.close()

@@ -13,6 +13,7 @@ from moe_offload import LLMPipeline
 from moe_offload.policy import LRUPolicy, SlotTable
 from moe_offload.policy.device_lru import DeviceLRU
 from moe_offload.policy.prefetch import prefetch_plan
+from slot_checks import admit_on_the_device, misplaced
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 interpreted = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -110,20 +111,14 @@ def test_engine_prefetches_and_keeps_the_tokens(checkpoint_factory):
     want = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=100).generate_tokens(prompt, max_new_tokens=8,
                                                                            min_new_tokens=8, do_sample=False)
     pipe = LLMPipeline(path, "cpu", MOE_OFFLOAD_RATIO=25)
-    for layer in pipe.layers:
-        layer.fused_moe = fused_moe
-        assert layer.enable_direct(pipe.device, lru=True) and layer._device_policy is not None
+    admit_on_the_device(pipe, fused_moe)
     pipe.prefetcher = Prefetcher(pipe.model.model.layers, pipe.layers, 2, pipe.device)
     assert pipe.prefetcher.layers == [layer.layer for layer in pipe.layers]
     assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False), want)
     stats = pipe.get_offload_stats()
     assert stats["prefetch_layers"] == len(pipe.layers) and stats["experts_prefetched"] > 0
     assert stats["bytes_prefetched"] == stats["experts_prefetched"] * stats["expert_bytes"]
-    for layer in pipe.layers:
-        for expert, slot in enumerate(layer._direct_slots.tolist()):
-            if slot < layer.table.capacity:
-                gate_up, down = layer.host.get(expert)
-                assert torch.equal(layer.gate_up[slot], gate_up) and torch.equal(layer.down[slot], down)
+    assert all(misplaced(layer) == [] for layer in pipe.layers)
 
 
 def test_prefetch_switch_is_validated(monkeypatch, checkpoint_factory):
@@ -148,10 +143,5 @@ def test_prefetch_on_cuda(monkeypatch):
     stats = pipe.get_offload_stats()
     assert stats["prefetch_layers"] == len(pipe.layers) and stats["experts_prefetched"] > 0
     assert stats["cuda_graph_steps"] > 0 and stats["cuda_graph_failure"] is None
-    for layer in pipe.layers:
-        for expert, slot in enumerate(layer._direct_slots.tolist()):
-            if slot < layer.table.capacity:
-                gate_up, down = layer.host.get(expert)
-                assert torch.equal(layer.gate_up[slot].cpu(), gate_up.cpu())
-                assert torch.equal(layer.down[slot].cpu(), down.cpu())
+    assert all(misplaced(layer) == [] for layer in pipe.layers)
     pipe.close()

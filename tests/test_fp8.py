@@ -22,6 +22,7 @@ import pytest
 import torch
 from fp8_models import dequantize_block, make_source, quantize_fp8
 from safetensors.torch import load_file, save_file
+from slot_checks import admit_on_the_device, misplaced
 from tiny_models import TIERS, prompt_ids
 
 from moe_offload import LLMPipeline
@@ -194,20 +195,12 @@ def test_the_triton_kernels_run_the_engine_with_read_through_admission(fp8):
     resident.close()
     pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=25)
     try:
-        for layer in pipe.layers:
-            layer.fused_moe = fused_moe
-            assert layer.enable_direct(pipe.device, lru=True) and layer.lru_admission
+        admit_on_the_device(pipe, fused_moe)
         assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False), tokens)
         stats = pipe.get_offload_stats()
         assert stats["experts_read_in_place"] == stats["misses"] > 0
         assert stats["bytes_read_in_place"] == stats["misses"] * pipe.layers[0].format.nbytes
-        for layer in pipe.layers:
-            for expert, slot in enumerate(layer._direct_slots.tolist()):
-                if slot < layer.table.capacity:
-                    held = layer.format.plane_views(layer.slots[slot])
-                    stored = layer.format.plane_views(layer.host.row(expert))
-                    assert all(torch.equal(held[name].view(torch.uint8), stored[name].view(torch.uint8))
-                               for name in held)
+        assert all(misplaced(layer) == [] for layer in pipe.layers)
     finally:
         pipe.close()
 

@@ -231,7 +231,7 @@ def test_simulate_command_policies(tmp_path, capsys):
                  "lru", "--eviction", "lfru"]) == 0
     assert "policy prefetch (lfru)" in capsys.readouterr().out
     assert main(["simulate", str(path), "--policy", "prefetch", "--prefetch-limit", "0"]) != 0
-    assert "--prefetch-limit: must be a whole number >= 1, got '0'" in capsys.readouterr().err
+    assert "--prefetch-limit: must be a positive integer, not '0'" in capsys.readouterr().err
 
 
 def test_trace_predict_records_router_guesses(checkpoint_factory, tmp_path):

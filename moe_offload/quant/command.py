@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import positive_int
 from .format import BITS
 from .methods import METHODS
 
@@ -16,16 +17,6 @@ def _bits(text: str) -> int:
     if text not in tuple(map(str, BITS)):
         raise argparse.ArgumentTypeError(f"must be {' or '.join(map(str, BITS))}, not {text!r}")
     return int(text)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
-    return value
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -49,7 +40,7 @@ def add_quantize_command(subparsers) -> argparse.ArgumentParser:
     quant.add_argument("--model", "-m", default=None, help="the unquantized checkpoint folder")
     quant.add_argument("--output", "-o", required=True, help="folder to write (must not exist, or be empty)")
     quant.add_argument("--bits", type=_bits, required=True, help="4 or 8 bits per expert weight")
-    quant.add_argument("--group-size", type=_positive_int, default=DEFAULT_GROUP_SIZE,
+    quant.add_argument("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE,
                        help=f"weights per scale along the input dimension (default {DEFAULT_GROUP_SIZE}); must "
                             "divide every expert's in_features")
     quant.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,

@@ -57,7 +57,7 @@ import json
 from typing import Any, Iterable, Mapping
 
 from ..config import OffloadConfig, parse_ratio
-from ..errors import MoeOffloadError
+from ..errors import MoeOffloadError, positive_int
 from ..policy import DEFAULT_POLICY, POLICIES, MinPolicy, SlotTable, make_policy
 from ..policy.allocation import churn, layer_capacities
 from ..policy.prefetch import prefetch_plan
@@ -301,12 +301,6 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .trace import load_trace
 
@@ -328,7 +322,7 @@ def add_simulate_command(subparsers) -> argparse.ArgumentParser:
     sim.add_argument("--ratio", default=100, help="MOE_OFFLOAD_RATIO to simulate (0-100)")
     sim.add_argument("--step", choices=STEP_MODES, default="auto", help="forward (engine), token, or auto")
     sim.add_argument("--num-experts", type=int, default=None, help="routed experts per layer (default: trace meta)")
-    sim.add_argument("--prefetch-limit", type=_positive_int, default=None, metavar="N",
+    sim.add_argument("--prefetch-limit", type=positive_int, default=None, metavar="N",
                      help="prefetch: at most N experts per layer and step, the most probable first (default: all)")
     sim.add_argument("--eviction", choices=tuple(POLICIES), default=None,
                      help="the eviction policy under per-layer, shared and prefetch (default: the engine's)")
