@@ -168,6 +168,21 @@ def test_merge_resumes_only_what_is_missing(tiny, tmp_path):
         "skipped: time budget"]
 
 
+def test_a_call_without_time_keeps_what_an_earlier_call_measured(tiny, tmp_path):
+    """A side-by-side ratio with a variant missing reruns the ratio's pairs back to back; a call with no time left
+    for them skips the new variant and keeps the earlier call's measurements instead of replacing them by skips."""
+    report, root = tiny
+    out = tmp_path / "kept.json"
+    assert _harness_here("--model-dir", str(root / "model"), "--merge", str(root / "report.json"), "--tables",
+                         "side_by_side", "--ratios", "50", "--variants", '{"lfru": {"MOE_CACHE_POLICY": "lfru"}}',
+                         "--phases", "runs", "--budget-s", "0", "--out", str(out)) == 1
+    merged = json.loads(out.read_text())
+    runs = {(r["variant"], r["ratio"]): r for r in merged["runs"]}
+    earlier = next(r for r in report["runs"] if (r["variant"], r["ratio"]) == ("default", 50))
+    assert runs["default", 50] == earlier and runs["lfru", 50]["error"] == "skipped: time budget"
+    assert merged["llamacpp"] == report["llamacpp"]
+
+
 def test_roofline_by_hand():
     derive = bench_module("derive")
     bandwidth = {"h2d_pinned_9mb_gb_s": 50.0, "h2d_pinned_1gb_gb_s": 55.0, "dram_read_gb_s": 100.0,

@@ -171,7 +171,13 @@ def test_words_give_the_per_byte_bits(monkeypatch, dtype, scale_dtype):
     monkeypatch.setattr(triton_fp8, "reads_words", lambda d, h, k: recording(d, h, k, words=False))
     by_bytes = run()
     assert chosen == [True, True, True, True]
-    assert torch.equal(by_words, by_bytes)
+    if dtype == torch.float32 and CUDA:
+        # float32 activations times float32 weights are inexact products, and the GPU compiler fuses the two
+        # paths' differently shaped code into different multiply-adds: on the H100 they differed in the last bits
+        # (both paths read every expert of a call the same way, so ratios and tiers still give the same bits)
+        torch.testing.assert_close(by_words, by_bytes, rtol=1e-5, atol=1e-5)
+    else:  # bf16 products are exact in float32, and the interpreter does not fuse: the same bits
+        assert torch.equal(by_words, by_bytes)
     pools = fmt.weights(rows)
     assert_close(by_words, triton_moe.fused_moe_reference(x, ids, weights, pools.gate_up, pools.down, slots), dtype)
     monkeypatch.setattr(triton_fp8, "reads_words", reads_words)
