@@ -103,8 +103,7 @@ def roofline(per_token: dict, tok_s: float | None, bandwidth: dict) -> dict:
 
 def _per_token(generation: dict, expert_bytes: int) -> dict:
     counters, steps = generation["decode"], max(generation["decode_steps"], 1)
-    crossed = counters["host_bytes"] + counters["in_place_bytes"] + counters.get("prefetched_bytes", 0)  # MOE_PREFETCH
-    return {"pcie": crossed / steps,
+    return {"pcie": (counters["host_bytes"] + counters["in_place_bytes"]) / steps,
             "cpu": counters["cpu_experts"] * expert_bytes / steps, "disk": counters["disk_bytes"] / steps}
 
 

@@ -29,11 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE_INDEX = os.path.join(ROOT, "bench", "results", "traces", "small-moe-128-index.json")
 
 
-def learned_stream(index_path: str = TRACE_INDEX, trace_set: str = "report",
-                   field: str = "experts") -> list[torch.Tensor]:
+def learned_stream(index_path: str = TRACE_INDEX, trace_set: str = "report") -> list[torch.Tensor]:
     """Per layer of the trained model, [N, K] int64: every token's experts over the index's traces of `trace_set`,
-    requests in file order, each request's tokens in order (prompt, then generated). field "predicted": the
-    router's guess from the residual entering the layer instead (trace --predict), best first."""
+    requests in file order, each request's tokens in order (prompt, then generated)."""
     with open(index_path, encoding="utf-8") as handle:
         index = json.load(handle)
     per_layer: dict[int, list[list[int]]] = {}
@@ -43,7 +41,7 @@ def learned_stream(index_path: str = TRACE_INDEX, trace_set: str = "report",
             continue
         trace = load_trace(os.path.join(ROOT, entry["trace"]))
         for record in sorted(trace.records, key=lambda r: (r["request"], r["token"], r["layer"])):
-            per_layer.setdefault(record["layer"], []).append(record[field])
+            per_layer.setdefault(record["layer"], []).append(record["experts"])
     if not per_layer:
         raise ValueError(f"{index_path}: no traces of set {trace_set!r}")
     return [torch.tensor(per_layer[layer], dtype=torch.long) for layer in sorted(per_layer)]
@@ -66,13 +64,10 @@ def fit_rows(rows: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
 class LayerReplay:
     """One MoE layer's replacement routing: rows [N, K] of a trained layer, read from a device counter."""
 
-    def __init__(self, rows: torch.Tensor, num_experts: int, top_k: int, device: torch.device,
-                 guesses: torch.Tensor | None = None):
+    def __init__(self, rows: torch.Tensor, num_experts: int, top_k: int, device: torch.device):
         if top_k > num_experts:
             raise ValueError(f"top-{top_k} of {num_experts} experts")
         self.rows = fit_rows(rows, num_experts, top_k).to(device)  # [N, K]
-        # [N, K] the trained router's guess for each row from the residual before the layer (prefetcher.py)
-        self.guesses = fit_rows(guesses, num_experts, top_k).to(device) if guesses is not None else None
         self.counter = torch.zeros(1, dtype=torch.long, device=device)  # [1] next row
 
     def take(self, top_k_index: torch.Tensor) -> torch.Tensor:
@@ -82,23 +77,15 @@ class LayerReplay:
         self.counter.add_(tokens)
         return self.rows[position]  # [T, K]
 
-    def guess(self) -> torch.Tensor:
-        """[1, K] the guess for the row take() returns next (a decode step's), the counter left as it is."""
-        return self.guesses[self.counter % self.guesses.shape[0]]  # [1, K]
-
 
 class RoutingReplay:
     """Every MoE layer of a pipeline routed by the learned stream (install), restarted per generation (reset)."""
 
-    def __init__(self, pipe, stream: list[torch.Tensor], seed: int = 0, guesses: list[torch.Tensor] | None = None):
+    def __init__(self, pipe, stream: list[torch.Tensor], seed: int = 0):
         self.layers = []
         for layer in pipe.layers:
-            source = layer.layer % len(stream)
-            replay = LayerReplay(stream[source], layer.num_experts, layer.top_k, pipe.device,
-                                 guesses[source] if guesses is not None else None)
+            replay = LayerReplay(stream[layer.layer % len(stream)], layer.num_experts, layer.top_k, pipe.device)
             layer.route_source = replay.take
-            if guesses is not None:  # a prefetch guesses as the trained router did on the same tokens
-                layer.predict_source = replay.guess
             self.layers.append(replay)
         self.length = min(replay.rows.shape[0] for replay in self.layers)
         self.position = (seed * 7919) % self.length  # where the first generation starts

@@ -73,8 +73,7 @@ class TraceWorkload(RandomWorkload):
     def attach(self, pipe) -> None:
         from bench.routing_replay import RoutingReplay, learned_stream
 
-        # with the trained router's guesses too: MOE_PREFETCH guesses as it did on the same tokens
-        self.replay = RoutingReplay(pipe, learned_stream(), self.seed, guesses=learned_stream(field="predicted"))
+        self.replay = RoutingReplay(pipe, learned_stream(), self.seed)
 
     def start(self, tokens: int) -> None:
         self.replay.reset(tokens)
@@ -93,8 +92,7 @@ def _counters(stats: dict) -> dict:
     """The routing-dependent counters of one prefill or one decode (get_offload_stats since the last reset)."""
     return {"hits": stats["hits"], "misses": stats["misses"], "hit_rate": stats["hit_rate"],
             "host_bytes": stats["bytes_streamed"]["host"], "disk_bytes": stats["bytes_streamed"]["disk"],
-            "in_place_bytes": stats["bytes_read_in_place"], "cpu_experts": stats["experts_computed_on_cpu"],
-            "prefetched_bytes": stats["bytes_prefetched"]}
+            "in_place_bytes": stats["bytes_read_in_place"], "cpu_experts": stats["experts_computed_on_cpu"]}
 
 
 def _allocator_peak(device: torch.device) -> int | None:

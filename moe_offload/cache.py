@@ -35,7 +35,6 @@ from .policy.device_lfru import DeviceLFRU
 from .policy.device_lru import DeviceLRU
 from .policy.lfru import LFRUPolicy
 from .hybrid import CpuExperts, CpuShare
-from .kernels import triton_kernels
 from .kernels.reference import weighted_expert_output
 from .policy import EvictionPolicy, SlotTable
 from .tiers import HostTier
@@ -104,7 +103,6 @@ class LayerCounters:
     misses: int = 0
     read_in_place: int = 0  # misses the kernel read straight from pinned host memory (zero-copy)
     computed_on_cpu: int = 0  # misses computed by the CPU where they lie in the host tier (hybrid/)
-    prefetched: int = 0  # experts brought in ahead of a decode step on a prediction (prefetcher.py)
 
 
 class OffloadedExperts:
@@ -136,12 +134,6 @@ class OffloadedExperts:
         # zero-copy layers: forwards of more (token, k) pairs copy their misses
         self.zero_copy_max_pairs = ZERO_COPY_MAX_PAIRS_PER_EXPERT * num_experts
         self._skip: torch.Tensor | None = None  # [1] int32 -1: the slot the kernels see for a CPU pair's id E
-        # prefetcher.py: the replayed benchmark's prediction for the coming decode step ([1, K], best first; like
-        # route_source, device ops only), else the router's on the incoming residual
-        self.predict_source: Callable[[], torch.Tensor] | None = None
-        self._prefetch_tally: torch.Tensor | None = None  # [1] int64 experts prefetched (device tally)
-        self._copy_rows: Callable | None = None  # kernels.triton_rows.copy_admitted (enable_prefetch)
-        self.prefetch_limit = 0  # experts a decode step may take in ahead of its router; 0: no prefetch
 
     @property
     def counters(self) -> LayerCounters:
@@ -158,9 +150,6 @@ class OffloadedExperts:
             self._counters.misses += in_place
             self._counters.read_in_place += in_place
             self._use_counts.zero_()
-        if self._prefetch_tally is not None:
-            self._counters.prefetched += int(self._prefetch_tally)
-            self._prefetch_tally.zero_()
         if self.cpu_share is not None:
             on_cpu = int(self.cpu_share.tally)
             self.cpu_share.tally.zero_()
@@ -175,8 +164,8 @@ class OffloadedExperts:
 
     def _device_tallies(self) -> list[torch.Tensor]:
         """The counters kept on the device (folded into `counters` on demand)."""
-        return [t for t in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None,
-                            self._prefetch_tally) if t is not None]
+        return [t for t in (self._use_counts, self._tally, self.cpu_share.tally if self.cpu_share else None)
+                if t is not None]
 
     @property
     def gate_up(self) -> Matrix:
@@ -246,30 +235,6 @@ class OffloadedExperts:
                 self._device_policy = DeviceLRU(slot_map, from_host, host_rows, evictable_first)
             self._tally = torch.zeros(2, dtype=torch.long, device=device)
         return True
-
-    def enable_prefetch(self, limit: int) -> bool:
-        """Let decode steps take up to `limit` experts in ahead of the router (prefetcher.py calls prefetch());
-        returns whether it is on. Needs the decode admissions decided on the device by LRU (the prefetch plan is
-        DeviceLRU's) and a device Triton runs on (the admitted rows are copied by one kernel, no host sync)."""
-        if limit < 1 or not isinstance(self._device_policy, DeviceLRU):
-            return False
-        kernels = triton_kernels("moe_offload.kernels.triton_rows", self.slots.device)
-        if kernels is None:
-            return False
-        self._copy_rows, self.prefetch_limit = kernels.copy_admitted, limit
-        self._prefetch_tally = torch.zeros(1, dtype=torch.long, device=self.slots.device)  # before any capture
-        return True
-
-    def prefetch(self, predicted: torch.Tensor) -> None:
-        """Before a decode step: up to prefetch_limit of the experts predicted for it ([1, K] or [K], best first)
-        that are not cached are copied from the host tier into the least recently used slots that hold no
-        predicted expert (DeviceLRU.plan_prefetch), so the step finds them as hits. No host sync: capturable."""
-        ids = predicted.reshape(-1)  # [K]
-        policy = self._device_policy
-        admit = policy.plan_prefetch(ids, self.prefetch_limit)  # [E] int32
-        self._copy_rows(ids, admit, policy.host_row, self.host.rows, self.slots)
-        self._prefetch_tally.add_((admit[ids] >= 0).sum())
-        policy.commit()
 
     def enable_cpu_share(self, split: list[int], runner: CpuExperts) -> bool:
         """Compute some decode misses on the CPU (hybrid/share.py), n_cpu = split[misses] of them per step; returns

@@ -82,9 +82,6 @@ class OffloadConfig:
     # The cache's eviction policy (policy/): "default" = policy.DEFAULT_POLICY; "lru", "lfru" pin one. The device
     # form of the decode admissions follows it (device_lru.py, device_lfru.py).
     moe_cache_policy: str = "default"
-    # Experts a decode step may take in ahead of its router, per layer: the router's guess from the residual
-    # entering the layer, copied in beside the attention (prefetcher.py; layers with device LRU admission). 0: off.
-    moe_prefetch: int = 0
     # Greedy decode steps replayed from CUDA graphs (decoding.py; graph segments around layers that sync,
     # piecewise.py). "off": eager decoding.
     moe_cuda_graph: str = "auto"
@@ -156,14 +153,6 @@ def parse_threads(value: Any) -> int | None:
     return number
 
 
-def parse_prefetch(value: Any) -> int:
-    """MOE_PREFETCH: a whole number of experts per layer and decode step, 0 = off."""
-    text = str(value).strip()
-    if isinstance(value, bool) or not text.isdigit():
-        raise MoeOffloadError(f"MOE_PREFETCH must be a whole number of experts (0 = off), got {value!r}")
-    return int(text)
-
-
 def parse_size(value: Any, name: str) -> int | None:
     """A byte count: an int, or a string like "64GiB", "512MB", "0". "auto" gives None."""
     if isinstance(value, str) and value.strip().lower() == "auto":
@@ -217,7 +206,6 @@ DIAGNOSTICS = {
                       "`auto` (default), `lru`, `static`, `off`"),
     "MOE_CACHE_POLICY": ("moe_cache_policy", _choice("MOE_CACHE_POLICY", CACHE_POLICIES),
                          "`default` (default), `lru`, `lfru`"),
-    "MOE_PREFETCH": ("moe_prefetch", parse_prefetch, "`0` (default), experts per layer and decode step"),
     "MOE_CUDA_GRAPH": ("moe_cuda_graph", _choice("MOE_CUDA_GRAPH", SWITCHES), "`auto` (default), `off`"),
     "MOE_FUSE_DENSE": ("moe_fuse_dense", _choice("MOE_FUSE_DENSE", SWITCHES), "`auto` (default), `off`"),
     "MOE_IO": ("moe_io", _choice("MOE_IO", IO_STRATEGIES), "`odirect` (default), `pread`"),

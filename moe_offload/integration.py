@@ -34,7 +34,6 @@ from .errors import MoeOffloadError
 from .expert_format import ClampedSwiGLU, ExpertFormat
 from .host_embeddings import hostable_input_embedding, move_input_embeddings_to_host, why_not_hostable
 from .policy import make_policy
-from .prefetcher import Prefetcher
 from .quant import fp8
 from .tiers import DiskTier, HostTier
 from .transfer import DISK_THREADS, ExpertFetcher, Transfer
@@ -315,7 +314,6 @@ class LoadedModel:
     choices: list[defaults.Choice]
     config: OffloadConfig  # the user's, with MOE_OFFLOAD_RATIO decided (budget.resolve)
     plan: budget.Plan  # the device bytes planned for this load
-    prefetcher: Prefetcher | None = None  # MOE_PREFETCH's hooks, when on
 
 
 def model_facts(checkpoint: Checkpoint, hf_config, device: torch.device, config: OffloadConfig):
@@ -373,13 +371,9 @@ def build_offloaded_model(checkpoint: Checkpoint, hf_config, device: torch.devic
         runtime.fused_moe = kernel
         if config.moe_zero_copy != "off" or runtime.table.capacity == runtime.num_experts:
             runtime.enable_direct(device, lru=config.moe_zero_copy in ("auto", "lru"))
-    prefetcher = None
-    decoder_layers = getattr(getattr(model, "model", None), "layers", None)
-    if config.moe_prefetch and decoder_layers is not None:
-        prefetcher = Prefetcher(decoder_layers, runtimes, config.moe_prefetch, device)
     _load_generation_config(model, checkpoint.root)
     choices = ([ratio_choice] if ratio_choice else []) + [host_cache, embeddings]
-    return LoadedModel(model, runtimes, sites, choices, config, plan, prefetcher)
+    return LoadedModel(model, runtimes, sites, choices, config, plan)
 
 
 def check_experts_match(checkpoint: Checkpoint, sites: list[ExpertsSite], model) -> None:

@@ -87,7 +87,6 @@ class LLMPipeline:
         self.model, self.layers = loaded.model, loaded.runtimes
         #: the ratio decided at load (a memory budget's, MOE_OFFLOAD_RATIO=AUTO's), and the load's device plan
         self.config, self.memory_plan = loaded.config, loaded.plan
-        self.prefetcher = loaded.prefetcher  # MOE_PREFETCH (prefetcher.py)
         tuned = hybrid.enable(self.layers, loaded.sites, self.config, self.device,
                               file_digest(os.path.join(self.models_path, "config.json")), retune)
         self.host_embedding_bytes = host_table_bytes(self.model)  # MOE_HOST_EMBEDDINGS: placed at load
@@ -372,10 +371,6 @@ class LLMPipeline:
             # misses with its device form (MOE_ZERO_COPY=lru or auto)
             "cache_policy": self.layers[0].table.policy.name,
             "device_admission_layers": sum(layer.lru_admission for layer in self.layers),
-            # MOE_PREFETCH: layers whose decode steps take experts in ahead of the router, and what they took
-            "prefetch_layers": len(self.prefetcher.layers) if self.prefetcher else 0,
-            "experts_prefetched": sum(c.prefetched for c in counters),
-            "bytes_prefetched": sum(c.prefetched * layer.expert_bytes for c, layer in zip(counters, self.layers)),
             # the longest prompt whose misses zero-copy layers read in place (longer ones copy them)
             "zero_copy_prefill_max_tokens": next((layer.zero_copy_max_pairs // layer.top_k for layer in self.layers
                                                   if layer.zero_copy), None),

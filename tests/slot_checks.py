@@ -1,4 +1,4 @@
-"""What the tests of device-side admission (device LRU, LFRU, prefetch, hybrid, quantized pools) check alike:
+"""What the tests of device-side admission (device LRU, LFRU, hybrid, quantized pools) check alike:
 where the device put each expert, and that every slot holds its expert's bytes."""
 
 from __future__ import annotations

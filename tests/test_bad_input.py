@@ -365,8 +365,8 @@ FLAG_CASES = {
     "unknown_property_in_file": (
         lambda tmp: ["-lc", _write(tmp, "u.json", '{"MOE_OFFLOAD_RATIOO": 50}')],
         ["unknown property", "MOE_OFFLOAD_RATIOO"]),
-    "unknown_property_inline": (lambda tmp: ["-lc", '{"MOE_SPECULATE": "on"}'],
-                                ["unknown property", "MOE_SPECULATE"]),
+    "unknown_property_inline": (lambda tmp: ["-lc", '{"MOE_PREFETCH": "on"}'],
+                                ["unknown property", "MOE_PREFETCH"]),
     "config_file_missing": (lambda tmp: ["-lc", str(tmp / "nope.json")], ["config file not found", "nope.json"]),
     "config_file_invalid_json": (lambda tmp: ["-lc", _write(tmp, "bad.json", '{"MOE_OFFLOAD_RATIO": 5,')],
                                  ["not valid JSON"]),

@@ -181,9 +181,9 @@ def test_bad_diagnostics(name, value, words):
 
 def test_unknown_property_lists_the_known_ones():
     with pytest.raises(MoeOffloadError) as caught:
-        make_config({"MOE_OFFLOAD_RATIO": 50, "MOE_SPECULATE": "on"})
+        make_config({"MOE_OFFLOAD_RATIO": 50, "MOE_PREFETCH": "on"})
     message = str(caught.value)
-    assert "MOE_SPECULATE" in message
+    assert "MOE_PREFETCH" in message
     for known in PROPERTIES:
         assert known in message
 

@@ -41,18 +41,3 @@ def test_pipeline_takes_the_next_rows_of_its_layers_stream(checkpoint_factory):
         want = [rows[(start + i) % 40].tolist() for i in range(len(seen[layer.layer]))]
         assert len(seen[layer.layer]) == 5 + 4 and seen[layer.layer] == want  # 5 prompt tokens, 4 decode steps
     assert pipe.get_offload_stats()["hits"] + pipe.get_offload_stats()["misses"] > 0
-
-
-def test_guesses_are_the_next_rows_predictions(checkpoint_factory):
-    """A prefetch's guess (LayerReplay.guess) is the trained router's guess for the row take() returns next."""
-    pipe = LLMPipeline(checkpoint_factory("qwen3_moe"), "cpu", MOE_OFFLOAD_RATIO=50)
-    guesses = learned_stream(field="predicted")
-    assert [g.shape for g in guesses] == [s.shape for s in learned_stream()]
-    replay = RoutingReplay(pipe, learned_stream(), seed=3, guesses=guesses)
-    replay.reset(4)
-    layer, replayed = pipe.layers[0], replay.layers[0]
-    fitted = fit_rows(guesses[layer.layer % 8], layer.num_experts, layer.top_k)
-    for _ in range(3):
-        position = int(replayed.counter)
-        assert layer.predict_source().tolist() == [fitted[position % fitted.shape[0]].tolist()]
-        replayed.take(torch.zeros(1, layer.top_k, dtype=torch.long))

@@ -57,7 +57,7 @@ def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, key_ptr, last_ptr, clock_
     tl.store(base_ptr, base)
     tl.debug_barrier()  # the rebased keys, before any thread reads or rewrites one
     k, live, ids, slots, resident, missing, hit_rank, miss_rank, hits = step_pairs(
-        ids_ptr, admissible_ptr, slot_of_ptr, capacity, K, BLOCK_K, HAS_ADMISSIBLE, 0)
+        ids_ptr, admissible_ptr, slot_of_ptr, capacity, K, BLOCK_K, HAS_ADMISSIBLE)
     # hits: one use each, in ascending id
     own_key = tl.load(key_ptr + ids, mask=live, other=0.0)  # [BK] float64
     hit_tick = clock + hit_rank + 1  # [BK]

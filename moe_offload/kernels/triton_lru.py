@@ -22,11 +22,10 @@ _STAMP_MAX = 2**62  # above any stamp: (step + 1) * 2^16 + rank
 
 @triton.jit
 def step_pairs(ids_ptr, admissible_ptr, slot_of_ptr, capacity, K: tl.constexpr, BLOCK_K: tl.constexpr,
-               HAS_ADMISSIBLE: tl.constexpr, LIMIT: tl.constexpr):
+               HAS_ADMISSIBLE: tl.constexpr):
     """A decode step's pairs as both device policies' plans take them: (k, live, ids, slots, resident, missing
     [BK]; hit_rank, miss_rank [BK]: ranks in ascending expert id among the hits and the admissible misses, from K x K
-    comparisons (the ids of a decode step are distinct); hits: their count). LIMIT > 0 (a prefetch, ids best
-    first): only the first LIMIT misses in the order of ids are admissible."""
+    comparisons (the ids of a decode step are distinct); hits: their count)."""
     k = tl.arange(0, BLOCK_K)  # [BK] pair
     live = k < K
     ids = tl.load(ids_ptr + k, mask=live, other=0)  # [BK]
@@ -35,9 +34,6 @@ def step_pairs(ids_ptr, admissible_ptr, slot_of_ptr, capacity, K: tl.constexpr, 
     missing = (slots >= capacity) & live
     if HAS_ADMISSIBLE:
         missing = missing & (tl.load(admissible_ptr + k, mask=live, other=0) != 0)
-    if LIMIT > 0:
-        earlier = (k[None, :] < k[:, None]) & missing[None, :]  # [BK, BK]: pair j is a miss ahead of pair i
-        missing = missing & (tl.sum(earlier.to(tl.int64), axis=1) < LIMIT)
     before = (ids[None, :] < ids[:, None]) & live[None, :]  # [BK, BK]: pair j comes before pair i
     hit_rank = tl.sum((before & resident[None, :]).to(tl.int64), axis=1)  # [BK]
     miss_rank = tl.sum((before & missing[None, :]).to(tl.int64), axis=1)  # [BK]
@@ -49,12 +45,10 @@ def step_pairs(ids_ptr, admissible_ptr, slot_of_ptr, capacity, K: tl.constexpr, 
 def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, stamp_ptr, step_ptr, admit_ptr,
                  plan_victim_ptr, plan_admitted_ptr, plan_stamp_ptr, capacity, num_experts,
                  STRIDE: tl.constexpr, STAMP_MAX: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_ADMISSIBLE: tl.constexpr,
-                 PREFETCH: tl.constexpr, LIMIT: tl.constexpr):
-    """One program: stamps for the step's hits, victims for its admissible misses, admit [E]. PREFETCH: the hits
-    keep their stamps (they are only guarded from eviction), at most LIMIT misses (LIMIT > 0) in ids' order."""
+                 BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_ADMISSIBLE: tl.constexpr):
+    """One program: stamps for the step's hits, victims for its admissible misses, admit [E]."""
     k, live, ids, slots, resident, missing, hit_rank, miss_rank, hits = step_pairs(
-        ids_ptr, admissible_ptr, slot_of_ptr, capacity, K, BLOCK_K, HAS_ADMISSIBLE, LIMIT)
+        ids_ptr, admissible_ptr, slot_of_ptr, capacity, K, BLOCK_K, HAS_ADMISSIBLE)
     step = tl.load(step_ptr)
     stamps = (step + 1) * STRIDE + tl.where(resident, hit_rank, hits + miss_rank)  # [BK] hits the newest
     # the slots' stamps with this step's hits renewed, written back
@@ -63,11 +57,8 @@ def _plan_kernel(ids_ptr, admissible_ptr, slot_of_ptr, stamp_ptr, step_ptr, admi
     slot_stamp = tl.load(stamp_ptr + c, mask=in_pool, other=STAMP_MAX)  # [BC]
     renew = (slots[None, :] == c[:, None]) & resident[None, :]  # [BC, BK]
     renewed = tl.max(tl.where(renew, stamps[None, :], -1), axis=1)  # [BC] -1: not renewed
-    if PREFETCH:  # guarded for this plan only: never a victim, stamp unchanged
-        slot_stamp = tl.where(renewed >= 0, STAMP_MAX, slot_stamp)
-    else:
-        slot_stamp = tl.where(renewed >= 0, renewed, slot_stamp)
-        tl.store(stamp_ptr + c, slot_stamp, mask=in_pool)
+    slot_stamp = tl.where(renewed >= 0, renewed, slot_stamp)
+    tl.store(stamp_ptr + c, slot_stamp, mask=in_pool)
     # victims: the oldest slots in order, one per miss rank
     victims = tl.zeros([BLOCK_K], dtype=tl.int64)  # [BK] victims[r] = the r-th oldest slot
     for r in tl.static_range(K):
@@ -116,21 +107,19 @@ def fused_supported(tensor: torch.Tensor, top_k: int) -> bool:
 
 
 def plan(ids: torch.Tensor, admissible: torch.Tensor | None, slot_of: torch.Tensor, stamp: torch.Tensor,
-         step: torch.Tensor, admit: torch.Tensor, plan_state: tuple, stride: int, prefetch_limit: int = 0) -> None:
+         step: torch.Tensor, admit: torch.Tensor, plan_state: tuple, stride: int) -> None:
     """DeviceLRU.plan's effects (stamps of the step's hits, admit) and the pair-wise plan for commit, in one launch.
 
     ids [K] distinct; admissible [K] uint8 or None; slot_of [E + 1] int32 (slot, or C + host row); stamp [C + 1]
     int64; step [1] int64; admit [E] int32 (written: the slot each admitted miss goes to, else -1);
-    plan_state = (victim [K], admitted [K], stamp [K]) int64 (written); stride: the stamp stride.
-    prefetch_limit > 0: DeviceLRU.plan_prefetch's plan instead (ids best first)."""
+    plan_state = (victim [K], admitted [K], stamp [K]) int64 (written); stride: the stamp stride."""
     top_k, capacity, num_experts = ids.numel(), stamp.numel() - 1, admit.numel()
     victim, admitted, planned_stamp = plan_state
     _plan_kernel[(1,)](ids, admissible if admissible is not None else ids, slot_of, stamp, step, admit, victim,
                        admitted, planned_stamp, capacity, num_experts,
                        STRIDE=stride, STAMP_MAX=_STAMP_MAX, K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
                        BLOCK_C=triton.next_power_of_2(max(capacity, 1)),
-                       BLOCK_E=1024 * triton.cdiv(num_experts, 1024), HAS_ADMISSIBLE=admissible is not None,
-                       PREFETCH=prefetch_limit > 0, LIMIT=prefetch_limit)
+                       BLOCK_E=1024 * triton.cdiv(num_experts, 1024), HAS_ADMISSIBLE=admissible is not None)
 
 
 def commit(ids: torch.Tensor, plan_state: tuple, slot_of: torch.Tensor, from_host: torch.Tensor,

@@ -13,9 +13,7 @@ of the step does it all.
 Where Triton runs, plan and commit are one Triton kernel each (kernels/triton_lru.py) instead of ~25 torch ops.
 
 Needs every expert of the layer in the host tier (an evicted expert is read in place from there afterwards) and
-one token per step (a decode step: its K experts are distinct). plan_prefetch is the same plan for a prefetch
-before a step (prefetcher.py): the guessed experts that are cached are guarded, not renewed, and at most N of
-the others are admitted.
+one token per step (a decode step: its K experts are distinct).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import torch
 from ..kernels import triton_kernels
 
 _STRIDE = 1 << 16  # stamp = (step + 1) * _STRIDE + rank within the step (rank < K)
-_GUARDED = 2**62  # above any stamp: a slot a prefetch must not take
 
 
 class DeviceLRU:
@@ -73,31 +70,14 @@ class DeviceLRU:
 
         admissible [K] bool (aligned with ids): misses that may be admitted, i.e. that the GPU reads (the CPU
         computes the others where they lie: hybrid/); None = all. The others take no slot and no rank."""
-        return self._plan_step(ids, admissible, 0)
-
-    def plan_prefetch(self, predicted: torch.Tensor, limit: int) -> torch.Tensor:
-        """admit [E] int32 for a prefetch: of `predicted` [K] (distinct, best first), the first `limit` that are not
-        cached take the least recently used slots that hold none of `predicted`, in ascending id; the predicted
-        experts that are cached keep their place. What policy/prefetch.py's prefetch_plan + SlotTable.admit(e,
-        predicted, force=True) do on the host. commit() after the rows are copied in."""
-        if limit < 1:
-            raise ValueError(f"prefetch limit must be >= 1, got {limit}")
-        return self._plan_step(predicted, None, limit)
-
-    def _plan_step(self, ids: torch.Tensor, admissible: torch.Tensor | None, prefetch_limit: int) -> torch.Tensor:
         # K = experts of the step, C = slots, E = experts
         if self._kernels is not None and self._kernels.fused_supported(ids, ids.numel()):
             flat, allowed, self._plan_buffers = fused_plan_inputs(ids, admissible, self._plan_buffers, 3)
             self._kernels.plan(flat, allowed, self.slot_of, self.stamp, self.step, self.admit, self._plan_buffers,
-                               _STRIDE, prefetch_limit)
+                               _STRIDE)
             self._plan = ("fused", flat)
             return self.admit
         capacity = self.capacity
-        if prefetch_limit:  # the first `limit` misses in the order given (best first)
-            given = ids.reshape(-1)  # [K]
-            missing_given = self.slot_of[given] >= capacity  # [K]
-            chosen = missing_given & (missing_given.long().cumsum(0) <= prefetch_limit)  # [K]
-            admissible = chosen if admissible is None else chosen & admissible.reshape(-1)
         needed, order = torch.sort(ids.reshape(-1))  # [K] ascending, like the host loop over expert ids
         slots = self.slot_of[needed].long()  # [K]
         resident = slots < capacity  # [K]
@@ -106,11 +86,8 @@ class DeviceLRU:
         miss_rank = missing.long().cumsum(0) - 1  # [K]
         hits = resident.long().sum()  # device scalar
         stamps = (self.step + 1) * _STRIDE + torch.where(resident, hit_rank, hits + miss_rank)  # [K] hits first
-        if prefetch_limit:  # the predicted hits are guarded from eviction, their stamps unchanged
-            ages = self.stamp.clone().scatter_(0, torch.where(resident, slots, capacity), _GUARDED)  # [C + 1]
-        else:
-            ages = self.stamp.scatter_(0, torch.where(resident, slots, capacity), stamps)  # hits become the newest
-        oldest = torch.topk(ages[:capacity], min(needed.numel(), capacity), largest=False).indices  # [K']
+        self.stamp.scatter_(0, torch.where(resident, slots, capacity), stamps)  # hits become the newest
+        oldest = torch.topk(self.stamp[:capacity], min(needed.numel(), capacity), largest=False).indices  # [K']
         admitted = missing & (miss_rank < capacity - hits)  # [K]: while unneeded slots are left
         victim = oldest[miss_rank.clamp(0, oldest.numel() - 1)]  # [K]
         self.admit.fill_(-1).scatter_(0, needed, torch.where(admitted, victim, -1).int())

@@ -6,8 +6,7 @@ post-attention norm, skipping the attention that has not run yet) finds 0.79 of 
 16-expert model (bench/RESULTS.md, "Routing prediction"). Fetching those predictions while the layer's attention
 runs turns correct ones into hits; wrong ones are bytes moved for nothing and may evict an expert the step needs.
 moe-offload trace --predict records the predictions; moe-offload simulate --policy prefetch scores them (hits
-gained against the same eviction policy without prefetch, bytes wasted); the engine runs the same decisions with
-MOE_PREFETCH (prefetcher.py; DeviceLRU.plan_prefetch is this plan's device form).
+gained against the same eviction policy without prefetch, bytes wasted).
 
 Decode steps only: a prefill step needs most experts anyway and reads them all at once.
 """

@@ -37,7 +37,6 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import MoeOffloadError, read_user_text
-from ..prefetcher import guessable, router_guess
 
 TRACE_FORMAT = 1
 
@@ -104,7 +103,8 @@ class RoutingRecorder:
         decoder = getattr(getattr(self.pipe.model, "model", None), "layers", None)
         for runtime in self.pipe.layers:
             block = decoder[runtime.layer] if decoder is not None and runtime.layer < len(decoder) else None
-            if block is None or not guessable(block):
+            gate = getattr(getattr(block, "mlp", None), "gate", None)
+            if block is None or not hasattr(block, "post_attention_layernorm") or not hasattr(gate, "weight"):
                 raise MoeOffloadError("--predict needs decoder layers with post_attention_layernorm and mlp.gate "
                                       "(Qwen3-MoE style)")
             self._hooks.append(block.register_forward_pre_hook(self._predictor(runtime.layer, block, runtime.top_k),
@@ -114,7 +114,9 @@ class RoutingRecorder:
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
-                ranked = router_guess(block, hidden, top_k)  # [T, K] what the engine's prefetch guesses
+                normed = block.post_attention_layernorm(hidden.reshape(-1, hidden.shape[-1]))
+                logits = torch.nn.functional.linear(normed, block.mlp.gate.weight)
+                ranked = torch.softmax(logits, dim=-1, dtype=torch.float).topk(top_k, dim=-1).indices
             self._predicted[layer] = ranked.to("cpu").tolist()
         return hook
 
