@@ -15,16 +15,14 @@ how much that cost).
 
 Quantized experts (expert_format.QuantMatrix: compressed-tensors pack-quantized int4/int8, group-wise scales,
 optional zero points) are computed straight from their planes in the host tier's rows, never from a dequantized
-copy: per row, group by group, the group's b-bit values are unpacked and dequantized into a per-thread buffer of
-one group (w = (u - z) * scale, exact in float32, then rounded to bf16 where the scales or the compute are bf16:
-what reference.dense and triton_quant._dequant_tile compute), and dotted into a float32 accumulator that runs
-along the whole row, so the bytes read are the packed words, scales and zero points only. The compute dtype
-is bf16 (every intermediate rounded where torch rounds, as for bf16 weights) or float32 (nothing rounded).
-The packed words are read as bytes (little-endian: int8 value j is byte j, int4 values 2i and 2i + 1 the
-nibbles of byte i, against x's even and odd elements), so every loop is a plain stream the compiler vectorizes.
-Unpacking is the cost: a quantized expert is compute-bound where a bf16 one is bandwidth-bound, and on a 2-core AMD
-EPYC one thread computed int4 and int8 experts at about half bf16's rate per expert (bench/cpu_quant_experts.py),
-so on the CPU fewer bytes do not mean a faster expert.
+copy: per row, group by group, (u - z) * x is summed in float32 and the group's sum scaled once (dot_quant), so
+the bytes read are the packed words, scales and zero points only, and no weight is written anywhere. Unlike the
+GPU kernels and reference.dense, the weights are not rounded to bf16 on the way (that pass doubled a quantized
+expert's cost): like the summation order, this keeps the CPU share within rounding of the GPU path, not
+bit-identical to it. The compute dtype is bf16 (every intermediate output rounded where torch rounds, as for bf16
+weights) or float32 (nothing rounded). The packed words are read as bytes (little-endian: int8 value j is byte j,
+int4 values 2i and 2i + 1 the nibbles of byte i, against x's even and odd elements), so every loop is a plain
+stream the compiler vectorizes.
 """
 
 from __future__ import annotations
@@ -50,14 +48,14 @@ def available() -> bool:
 # scale and zero-point planes of the first expert (each with its own stride between experts: a host tier's rows
 # have one for all, separate tensors do not); group: values per scale; has_zero: zero points present (else
 # 2^(bits-1)); scale_bytes: 2 (bf16 scales) or 4 (float32); round: the compute dtype is bf16 (intermediates
-# rounded to it) rather than float32; round_weight: dequantized weights rounded to bf16 (bf16 scales or compute).
+# rounded to it) rather than float32.
 JOB_FIELDS = ("x", "x_per_pair", "gate_up", "down", "gate_up_stride", "down_stride", "pair_rows", "weights", "act",
               "out", "out_rows", "hidden", "inter", "round_product",
-              "bits", "group", "has_zero", "scale_bytes", "round", "round_weight",
+              "bits", "group", "has_zero", "scale_bytes", "round",
               "gate_up_scale", "gate_up_scale_stride", "gate_up_zero", "gate_up_zero_stride",
               "down_scale", "down_scale_stride", "down_zero", "down_zero_stride")
 (_X, _X_PER_PAIR, _GATE_UP, _DOWN, _GATE_UP_STRIDE, _DOWN_STRIDE, _PAIR_ROWS, _WEIGHTS, _ACT, _OUT, _OUT_ROWS,
- _HIDDEN, _INTER, _ROUND_PRODUCT, _BITS, _GROUP, _HAS_ZERO, _SCALE_BYTES, _ROUND, _ROUND_WEIGHT,
+ _HIDDEN, _INTER, _ROUND_PRODUCT, _BITS, _GROUP, _HAS_ZERO, _SCALE_BYTES, _ROUND,
  _GATE_UP_SCALE, _GATE_UP_SCALE_STRIDE, _GATE_UP_ZERO, _GATE_UP_ZERO_STRIDE,
  _DOWN_SCALE, _DOWN_SCALE_STRIDE, _DOWN_ZERO, _DOWN_ZERO_STRIDE) = range(len(JOB_FIELDS))
 WEIGHT_FIELDS = JOB_FIELDS[2:6] + JOB_FIELDS[13:]  # what weight_fields() fills: the pools and how to read them
@@ -106,27 +104,20 @@ def _functions():
         return carray(as_pointer(address), (count,), np.float32)
 
     @njit(fastmath=True)
-    def round_some(values, n):  # float32 [>= n]: the first n rounded to bf16 in place (finite values)
-        bits = values.view(np.uint32)
-        for j in range(n):
-            b = bits[j]
-            bits[j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-
-    @njit(fastmath=True)
-    def dot_quant(row, scales, zeros, zero_shift, x, x_even, x_odd, bits, group, has_zero, round_weight, w, low,
-                  high):
+    def dot_quant(row, scales, zeros, zero_shift, x, x_even, x_odd, bits, group, has_zero):
         """One quantized row . x [K] float32. row: the row's packed bytes (uint8 [4 * ceil(K*b/32)]: little-endian
         words, values low bits first, so int8 value j is byte j and int4 values 2i, 2i+1 the low and high nibbles
         of byte i); scales: float32 [G]; zeros: int32 [G] words holding this row's zero points at zero_shift, read
-        only if has_zero (else z = 2^(b-1)); x_even / x_odd: x's even and odd elements (int4). w [K], low and
-        high [ceil(K/2)]: float32 scratch (separate arrays: rows of one 2-D array vectorized worse).
+        only if has_zero (else z = 2^(b-1)); x_even / x_odd: x's even and odd elements (int4).
 
-        The whole row is dequantized first, group by group, w = (u - z) * scale (exact in float32: |u - z| < 2^8
-        times a scale's significand), then rounded to bf16 in one pass where round_weight (what reference.dense
-        and the Triton kernels compute), then dotted in one pass: long loops over contiguous memory that the
-        compiler vectorizes (a group at a time, every loop was a short one with a remainder: int4 experts ran
-        0.90-0.94x as fast, bench/RESULTS.md). An int4 row of even group size is taken as byte pairs (low nibbles
-        against x_even, high ones against x_odd); odd group sizes (allowed, though rare) value by value."""
+        Group by group, sum (u - z) * x in float32 and scale the group's sum once: per value a conversion and a
+        multiply-add in one loop over contiguous memory, with no dequantized weight written anywhere. The weights
+        are thus the exact (u - z) * scale, not rounded to bf16 first as reference.dense and the GPU kernels
+        round them: the outputs differ from theirs by about bf16 rounding, as the summation order already made
+        them differ (the CPU share is not bit-identical to the GPU path). Rounding every weight, in a pass of its
+        own, made a quantized expert cost twice a bf16 one (bench/RESULTS.md, "CPU expert kernels on quantized
+        experts"). An int4 row of even group size is taken as byte pairs (low nibbles against x_even, high ones
+        against x_odd); odd group sizes (allowed, though rare) value by value."""
         k = x.size
         mask = (1 << bits) - 1
         groups = (k + group - 1) // group
@@ -137,39 +128,29 @@ def _functions():
             pairs = k // 2
             for g in range(groups):
                 z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else 8)
-                s = scales[g]
+                part = np.float32(0.0)
                 for i in range(np.uint64(g * (group // 2)), np.uint64(min((g + 1) * (group // 2), pairs))):
                     b = np.int32(row[i])
-                    low[i] = (np.float32(b & np.int32(15)) - z) * s
-                    high[i] = (np.float32(b >> np.int32(4)) - z) * s
-            if round_weight:
-                round_some(low, pairs)
-                round_some(high, pairs)
-            for i in range(np.uint64(pairs)):
-                acc += low[i] * x_even[i] + high[i] * x_odd[i]
+                    part += ((np.float32(b & np.int32(15)) - z) * x_even[i]
+                             + (np.float32(b >> np.int32(4)) - z) * x_odd[i])
+                acc += part * scales[g]
             if k % 2:  # K odd: the last value, a low nibble of the last group
                 g = (k - 1) // group
                 z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else 8)
-                w[0] = (np.float32(np.int32(row[pairs]) & 15) - z) * scales[g]
-                if round_weight:
-                    round_some(w, 1)
-                acc += w[0] * x[k - 1]
+                acc += (np.float32(np.int32(row[pairs]) & 15) - z) * x[k - 1] * scales[g]
             return acc
         for g in range(groups):
             z = np.float32(((zeros[g] >> zero_shift) & mask) if has_zero else (1 << (bits - 1)))
-            s = scales[g]
+            part = np.float32(0.0)
             start, stop = np.uint64(g * group), np.uint64(min((g + 1) * group, k))
             if bits == 8:
                 for j in range(start, stop):
-                    w[j] = (np.float32(np.int32(row[j])) - z) * s
+                    part += (np.float32(np.int32(row[j])) - z) * x[j]
             else:  # int4, odd group size: value by value
                 for j in range(start, stop):
                     nibble = np.int32(row[j >> np.uint64(1)]) >> np.int32((j & np.uint64(1)) * np.uint64(4))
-                    w[j] = (np.float32(nibble & 15) - z) * s
-        if round_weight:
-            round_some(w, k)
-        for j in range(np.uint64(k)):
-            acc += w[j] * x[j]
+                    part += (np.float32(nibble & 15) - z) * x[j]
+            acc += part * scales[g]
         return acc
 
     @njit(fastmath=True)
@@ -177,7 +158,7 @@ def _functions():
         """Row `row` of an expert's quantized matrix [N, K] (planes: the job field of its packed plane, _GATE_UP
         or _DOWN) . x [K]. rows_per_part: rows per projection (zero points are packed per projection); scratch:
         quant_scratch's for this x."""
-        w, low, high, scale_bits, x_even, x_odd = scratch
+        scale_bits, x_even, x_odd = scratch
         k, bits, group = x.size, job[_BITS], job[_GROUP]
         groups = (k + group - 1) // group
         width = (k * bits + 31) // 32  # int32 words per row
@@ -200,13 +181,12 @@ def _functions():
             zero_shift, zero_count = (local * bits) % 32, groups
         zeros = carray(as_pointer(zero_row), (zero_count,), np.int32)  # [G] (empty when symmetric)
         return dot_quant(row_bytes, scale_bits.view(np.float32), zeros, zero_shift, x, x_even, x_odd, bits, group,
-                         job[_HAS_ZERO] != 0, job[_ROUND_WEIGHT] != 0, w, low, high)
+                         job[_HAS_ZERO] != 0)
 
     @njit(fastmath=True)
     def quant_scratch(job, x):
-        """The scratch of quant_dot's rows against x [K], made once per work item: w [K], low / high
-        [ceil(K/2)], the row's scales [G] as float32 bits, and (int4) x deinterleaved into its even and odd
-        elements."""
+        """The scratch of quant_dot's rows against x [K], made once per work item: the row's scales [G] as
+        float32 bits, and (int4) x deinterleaved into its even and odd elements."""
         k, bits, group = x.size, job[_BITS], job[_GROUP]
         half = (k + 1) // 2
         x_even = np.empty(half if bits == 4 else 0, np.float32)
@@ -214,8 +194,7 @@ def _functions():
         for i in range(k // 2 if bits == 4 else 0):
             x_even[i] = x[2 * i]
             x_odd[i] = x[2 * i + 1]
-        return (np.empty(k + 1, np.float32), np.empty(half + 1, np.float32), np.empty(half + 1, np.float32),
-                np.empty((k + group - 1) // group, np.uint32), x_even, x_odd)
+        return np.empty((k + group - 1) // group, np.uint32), x_even, x_odd
 
     @njit(fastmath=True)
     def quant_rows(job, planes, expert, first, count, offset, rows_per_part, x, out, scratch):
@@ -328,8 +307,9 @@ ROUNDED = (torch.bfloat16, torch.float32)  # the dtypes the kernel computes in (
 
 def why_not(dtype: torch.dtype, gate_up: Matrix, down: Matrix) -> str | None:
     """Why this kernel cannot compute experts of these pools on hidden states of `dtype` (None: it can).
-    bf16 pools need bf16 hidden states; quantized ones (int4/int8) bf16 or float32 scales and hidden states (the
-    roundings it knows: float16 has no rounding here) on a little-endian CPU (it reads the packed words as bytes)."""
+    bf16 pools need bf16 hidden states; quantized ones (int4/int8) bf16 or float32 hidden states (the roundings
+    it knows: float16 has no rounding here), with float32 scales where the hidden states are float32 (see
+    dot_quant), on a little-endian CPU (it reads the packed words as bytes)."""
     if not isinstance(gate_up, QuantMatrix):
         same = dtype == gate_up.dtype == down.dtype == torch.bfloat16
         return None if same else "bf16 weights and hidden states only"
@@ -337,6 +317,10 @@ def why_not(dtype: torch.dtype, gate_up: Matrix, down: Matrix) -> str | None:
         return f"quantized experts with bf16 or float32 scales only, not {gate_up.scale.dtype}"
     if dtype not in ROUNDED:
         return f"quantized experts on bf16 or float32 hidden states only, not {dtype}"
+    if dtype == torch.float32 and torch.bfloat16 in (gate_up.scale.dtype, down.scale.dtype):
+        # their weights are (u - z) * scale rounded to bf16, which dot_quant does not round: in float32 compute
+        # that would differ from the reference by far more than float32 rounding
+        return "quantized experts with bf16 scales on float32 hidden states"
     if sys.byteorder != "little":
         return "quantized experts on little-endian CPUs only"
     return None
@@ -358,8 +342,7 @@ def weight_fields(gate_up: Matrix, down: Matrix, dtype: torch.dtype, weight_dtyp
                 (down.bits, down.group_size, down.zero is None, down.scale.dtype):
             raise ValueError("gate_up and down must share one quantization scheme")
         fields.update(bits=gate_up.bits, group=gate_up.group_size, has_zero=int(gate_up.zero is not None),
-                      scale_bytes=gate_up.scale.element_size(),
-                      round_weight=int(rounds or gate_up.scale.dtype == torch.bfloat16))
+                      scale_bytes=gate_up.scale.element_size())
         planes = {f"{name}{suffix}": plane for name, matrix in planes.items()
                   for suffix, plane in (("", matrix.packed), ("_scale", matrix.scale), ("_zero", matrix.zero))
                   if plane is not None}
