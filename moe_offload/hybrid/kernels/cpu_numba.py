@@ -17,9 +17,8 @@ Quantized experts (expert_format.QuantMatrix: compressed-tensors pack-quantized 
 optional zero points) are computed straight from their planes in the host tier's rows, never from a dequantized
 copy: per row, group by group, (u - z) * x is summed in float32 and the group's sum scaled once (dot_quant), so
 the bytes read are the packed words, scales and zero points only, and no weight is written anywhere. Unlike the
-GPU kernels and reference.dense, the weights are not rounded to bf16 on the way (that pass doubled a quantized
-expert's cost): like the summation order, this keeps the CPU share within rounding of the GPU path, not
-bit-identical to it. The compute dtype is bf16 (every intermediate output rounded where torch rounds, as for bf16
+GPU kernels and reference.dense, the weights are not rounded to bf16 on the way (that pass cost 1.5x to 2x):
+like the summation order, this keeps the CPU share within rounding of the GPU path, not bit-identical to it. The compute dtype is bf16 (every intermediate output rounded where torch rounds, as for bf16
 weights) or float32 (nothing rounded). The packed words are read as bytes (little-endian: int8 value j is byte j,
 int4 values 2i and 2i + 1 the nibbles of byte i, against x's even and odd elements), so every loop is a plain
 stream the compiler vectorizes.
@@ -115,8 +114,9 @@ def _functions():
         are thus the exact (u - z) * scale, not rounded to bf16 first as reference.dense and the GPU kernels
         round them: the outputs differ from theirs by about bf16 rounding, as the summation order already made
         them differ (the CPU share is not bit-identical to the GPU path). Rounding every weight, in a pass of its
-        own, made a quantized expert cost twice a bf16 one (bench/RESULTS.md, "CPU expert kernels on quantized
-        experts"). An int4 row of even group size is taken as byte pairs (low nibbles against x_even, high ones
+        own, made int4 experts 1.5x and int8 ones 2x slower on one core (bench/RESULTS.md, "CPU expert kernels on
+        quantized experts"). In float32 compute the weights of bf16 scales would differ by more than float32
+        rounding: why_not sends those to the float32 path. An int4 row of even group size is taken as byte pairs (low nibbles against x_even, high ones
         against x_odd); odd group sizes (allowed, though rare) value by value."""
         k = x.size
         mask = (1 << bits) - 1
