@@ -1,10 +1,10 @@
-"""The CPU expert path's numba kernel on int4/int8 experts beside bf16: one token per expert, Qwen3-30B-A3B-shaped
-experts (H=2048, I=768), group 128, as a hybrid decode step computes its misses (CpuExperts compute="numba",
+"""The CPU expert path's numba kernel on int4/int8 and FP8 (128 x 128 blocks) experts beside bf16: one token per
+expert, Qwen3-30B-A3B-shaped experts (H=2048, I=768), group 128, as a hybrid decode step computes its misses (CpuExperts compute="numba",
 moe_offload/hybrid/kernels/cpu_numba.py), and the torch fallback that dequantizes block by block
 (compute="float32").
 
-Why: a quantized expert is 3.6x (int4) / 1.9x (int8) fewer bytes than bf16, but the CPU must unpack and
-dequantize every weight, so its cost per expert is not its bytes' share of a bf16 one's. This measures
+Why: a quantized expert is 3.6x (int4) / 1.9x (int8) / 2x (FP8) fewer bytes than bf16, but the CPU must
+unpack and decode every weight, so its cost per expert is not its bytes' share of a bf16 one's. This measures
 experts/s per format (what tune_split weighs against the GPU), and the outputs against the reference.
 
 Each call computes K distinct experts from a pool too big for the caches, in rotation; reported per format and
@@ -30,18 +30,30 @@ from moe_offload.expert_format import ExpertFormat
 from moe_offload.hybrid.cpu_experts import CpuExperts
 from moe_offload.kernels.reference import weighted_expert_output
 from moe_offload.quant.format import QuantSpec
+from moe_offload.quant.fp8 import BlockFP8Spec
 from moe_offload.tiers import HostTier
 
 HIDDEN, INTER, GROUP = 2048, 768, 128
 FORMATS = {"bf16": None, "int4-g128-sym": QuantSpec(4, GROUP, True), "int8-g128-sym": QuantSpec(8, GROUP, True),
-           "int4-g128-asym": QuantSpec(4, GROUP, False)}
+           "int4-g128-asym": QuantSpec(4, GROUP, False), "fp8-128x128": BlockFP8Spec(GROUP, GROUP)}
 
 
-def pool(spec: QuantSpec | None, experts: int, seed: int = 0) -> HostTier:
+def pool(spec: QuantSpec | BlockFP8Spec | None, experts: int, seed: int = 0) -> HostTier:
     """A host tier of `experts` random experts in the format: bf16 weights ~ N(0, 1/K), or random packed values
-    and zero points with scales of that size."""
-    tier = HostTier(list(range(experts)), ExpertFormat(INTER, HIDDEN, torch.bfloat16, spec), pin=False)
+    and zero points with scales of that size, or FP8 codes (no NaN) with float32 block scales of that size."""
+    fp8 = isinstance(spec, BlockFP8Spec)
+    dtype = torch.float32 if fp8 else torch.bfloat16  # FP8's block scales are float32
+    tier = HostTier(list(range(experts)), ExpertFormat(INTER, HIDDEN, dtype, spec), pin=False)
     gen = torch.Generator().manual_seed(seed)
+    if fp8:
+        planes = tier.format.plane_views(tier.rows)
+        for matrix, width in (("gate_up", HIDDEN), ("down", INTER)):
+            codes = torch.randint(0, 256, planes[f"{matrix}.weight"].shape, generator=gen)
+            codes = torch.where((codes & 0x7F) == 0x7F, 0x38, codes)  # NaN codes: 1.0 instead
+            planes[f"{matrix}.weight"].view(torch.uint8).copy_(codes.to(torch.uint8))
+            scale = planes[f"{matrix}.scale"]
+            scale.copy_(torch.rand(scale.shape, generator=gen) * 2 / (width ** 0.5 * 100))  # codes reach 448
+        return tier
     if spec is None:
         tier.gate_up.copy_(torch.randn(tier.gate_up.shape, generator=gen) / HIDDEN ** 0.5)
         tier.down.copy_(torch.randn(tier.down.shape, generator=gen) / INTER ** 0.5)

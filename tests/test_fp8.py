@@ -228,16 +228,22 @@ def test_generate_runs_from_the_command_line(fp8, capsys):
     assert capsys.readouterr().out.startswith("def f")
 
 
-@pytest.mark.parametrize("compute", ["float32", "native"])
+@pytest.mark.parametrize("compute", ["numba", "float32", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_cpu_expert_kernels_take_fp8_experts(fp8, compute, dtype):
     """CpuExperts on a host tier's FP8 rows against the reference: "native" is its own ops (the same bits),
-    "float32" dequantizes block by block of rows (accumulation order only: 1e-5 in float32, 4 bf16 ulps)."""
+    "float32" dequantizes block by block of rows (accumulation order only: 1e-5 in float32, 4 bf16 ulps),
+    "numba" decodes the codes in its dot products, scaling each block's sum once (float32: within 1e-5 too, its
+    weights are the reference's; bf16: the reference rounds the weights to bf16, numba does not)."""
     from moe_offload.hybrid import CpuExperts
     from moe_offload.hybrid.tuning import cpu_expert_kernels
+    from moe_offload.hybrid.kernels import cpu_numba
     from moe_offload.kernels.reference import weighted_expert_output
 
-    assert cpu_expert_kernels(torch.float32, torch.nn.functional.silu, True, fp8=True) == ["float32"]
+    if compute == "numba":
+        pytest.importorskip("numba")
+    offered = cpu_expert_kernels(torch.float32, torch.nn.functional.silu, True, fp8=True)
+    assert offered == (["numba", "float32"] if cpu_numba.available() else ["float32"])
     pipe = LLMPipeline(fp8("odd")[0], "cpu", MOE_OFFLOAD_RATIO=0, MOE_CPU_EXPERTS="off")
     try:
         host = pipe.layers[0].host  # every expert of the layer, FP8 rows
@@ -259,12 +265,42 @@ def test_the_cpu_expert_kernels_take_fp8_experts(fp8, compute, dtype):
         pipe.close()
 
 
+@pytest.mark.parametrize("codes", ["finite", "subnormal"])
+def test_the_numba_kernel_decodes_every_e4m3_code(codes):
+    """numba's FP8 experts against the float32 path's (exact dequantization), float32 compute, within float32
+    rounding: weights drawn from every finite code, or only from the subnormal ones (S.0000.mmm, 2^-9 m: the
+    decode's float32 subnormals), so a code decoded wrong shows; H 75 and I 21 cut the 16 x 32 blocks."""
+    pytest.importorskip("numba")
+    from moe_offload.hybrid import CpuExperts
+    from moe_offload.tiers import HostTier
+
+    hidden, inter = 75, 21
+    tier = HostTier(list(range(3)), ExpertFormat(inter, hidden, torch.float32, BlockFP8Spec(16, 32)), pin=False)
+    allowed = torch.tensor([c for c in range(256) if (c & 0x7F) != 0x7F and (codes == "finite" or (c & 0x78) == 0)])
+    gen = torch.Generator().manual_seed(5)
+    planes = tier.format.plane_views(tier.rows)
+    for matrix, cols in (("gate_up", hidden), ("down", inter)):
+        weight = planes[f"{matrix}.weight"].view(torch.uint8)
+        weight.copy_(allowed[torch.randint(0, len(allowed), weight.shape, generator=gen)].to(torch.uint8))
+        scale = planes[f"{matrix}.scale"]
+        scale.copy_((torch.rand(scale.shape, generator=gen) + 0.5) * (50.0 if codes == "subnormal" else 0.02))
+    x = torch.randn(3, hidden, generator=gen)  # [P, H]
+    w = torch.rand(3, generator=gen)  # [P]
+    slots, counts = [2, 0], [2, 1]
+    with CpuExperts(threads=1, compute="numba") as numba, CpuExperts(threads=1, compute="float32") as exact:
+        got, want = numba(x, w, tier.gate_up, tier.down, slots, counts), exact(x, w, tier.gate_up, tier.down, slots,
+                                                                                counts)
+    assert want.abs().max() > 0
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="CPU-device pipelines with the Triton kernels interpreted")
 def test_moe_cpu_experts_all_computes_fp8_misses_on_the_cpu(fp8, monkeypatch):
     """MOE_CPU_EXPERTS=all: every zero-copy miss computed on the CPU from the host tier's FP8 rows, with the
     resident model's greedy tokens, counted in FP8 bytes."""
     from moe_offload import integration
+    from moe_offload.hybrid.kernels import cpu_numba
     from moe_offload.kernels.triton_moe import fused_moe
 
     path = fp8("odd")[0]
@@ -277,7 +313,8 @@ def test_moe_cpu_experts_all_computes_fp8_misses_on_the_cpu(fp8, monkeypatch):
     try:
         assert torch.equal(pipe.generate_tokens(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False), want)
         stats = pipe.get_offload_stats()
-        assert stats["cpu_expert_layers"] == len(pipe.layers) and stats["cpu_expert_kernel"] == "float32"
+        kernel = "numba" if cpu_numba.available() else "float32"  # the preferred kernel (tuning.cpu_expert_kernels)
+        assert stats["cpu_expert_layers"] == len(pipe.layers) and stats["cpu_expert_kernel"] == kernel
         assert stats["experts_computed_on_cpu"] > 0
         assert stats["bytes_computed_on_cpu"] == stats["experts_computed_on_cpu"] * pipe.layers[0].format.nbytes
     finally:

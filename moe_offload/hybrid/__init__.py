@@ -115,7 +115,7 @@ def unsupported(runtimes: list) -> str | None:
     """Why the CPU path cannot take these layers' experts (None: it can). It takes every format the engine holds:
     dense experts, and int4/int8 quantized ones computed from their packed rows (cpu_experts.py); kept as the one
     place a format it cannot compute would be refused (MOE_CPU_EXPERTS=all: an error; auto: off, with why).
-    FP8 block-quantized experts run in torch's float32 path (cpu_experts.py)."""
+    FP8 block-quantized experts too (the numba kernel decodes their codes, cpu_numba.dot_fp8)."""
     fmt = runtimes[0].format if runtimes else None
     if fmt is not None and fmt.glu is not None:  # kernels/cpu_numba.py and cpu_experts.py compute SiLU(gate) * up
         return ("GPT-OSS's experts (biases, interleaved gate/up, clamped SwiGLU) are not in the CPU expert kernels; "

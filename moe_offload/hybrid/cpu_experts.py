@@ -12,14 +12,15 @@ same bytes reaches); "float32" widens bf16 to float32 in L2-sized blocks for CPU
 loop, which is why the hybrid path prefers it where it applies.
 
 Quantized experts (int4/int8, expert_format.QuantMatrix views of the host tier's rows) run in every mode:
-"numba" computes them from the packed bytes, dequantizing group by group inside its dot products (for bf16 or
-float32 scales and hidden states; a float16 compute it cannot round to goes to "float32"); "float32"
-dequantizes block by block of rows into the same L2-sized float32 buffer it widens bf16 into, so a whole
-dequantized expert never exists; "native" is the reference's own ops (reference.dense dequantizes the whole
-expert each call: the oracle, not a fast path). Every mode dequantizes as reference.dense does: (u - z) * scale
-exact in float32, rounded to the scale's dtype, then to the compute dtype. FP8 block-quantized experts
-(expert_format.FP8Matrix) run in "float32" and "native" only (numba has no FP8 decoding): float(fp8) * block
-scale, rounded once to the compute dtype, block by block of rows as above.
+"numba" computes them from the packed bytes inside its dot products, each group's sum scaled once, its weights
+not rounded as reference.dense rounds them (within rounding, not the same bits; bf16 or float32 hidden states,
+float32 ones only on float32 scales; what it cannot take goes to "float32"); "float32" dequantizes block by
+block of rows into the same L2-sized float32 buffer it widens bf16 into, so a whole dequantized expert never
+exists; "native" is the reference's own ops (reference.dense dequantizes the whole expert each call: the oracle,
+not a fast path). "float32" and "native" dequantize as reference.dense does: (u - z) * scale exact in float32,
+rounded to the scale's dtype, then to the compute dtype. FP8 block-quantized experts (expert_format.FP8Matrix)
+run in all three: "numba" decodes the e4m3 codes in its dot products (cpu_numba.dot_fp8), the others
+float(fp8) * block scale, rounded once to the compute dtype, block by block of rows as above.
 
 Threads: a pool of workers, each a fixed small team, overlaps Python dispatch where torch releases the GIL. How
 libgomp's idle threads wait decides the rest: a spinning team steals the cores the pool's workers need, and with
@@ -240,12 +241,10 @@ class CpuExperts:
         dtype it does not round to (float16 scales or hidden states). Dense pools it cannot take are an error."""
         from .kernels import cpu_numba
 
-        if isinstance(gate_up, FP8Matrix):  # no FP8 decoding in the numba kernel
-            return False
-        quantized = isinstance(gate_up, QuantMatrix)
+        quantized = isinstance(gate_up, (QuantMatrix, FP8Matrix))
         if not is_silu(act_fn) or (not quantized and cpu_numba.why_not(hidden.dtype, gate_up, down)):
             raise MoeOffloadError("compute='numba' runs SiLU experts on bf16 weights and hidden states only"
-                                  + (" (or int4/int8 quantized ones)" if quantized else ""))
+                                  + (" (or int4/int8/FP8 quantized ones)" if quantized else ""))
         if quantized and cpu_numba.why_not(hidden.dtype, gate_up, down):
             return False
         pair_rows = [int(slot) for slot, count in zip(slots, counts) for _ in range(int(count))]

@@ -32,11 +32,10 @@ def all_on_cpu(top_k: int) -> list[int]:
 def cpu_expert_kernels(dtype: torch.dtype, act_fn, quantized: bool = False, fp8: bool = False) -> list[str]:
     """CpuExperts compute modes that can run these experts, preferred first. Dense experts of `dtype`: the numba
     GEMVs (kernels/cpu_numba.py) for bf16 SiLU experts when numba is installed, and torch's own kernels.
-    Quantized (int4/int8, `dtype` the scales'): numba for bf16 or float32 scales, and the torch path that
-    dequantizes block by block ("float32"; "native" would dequantize each whole expert per call)."""
-    if fp8:  # FP8 block-quantized: dequantized block by block of rows (numba has no FP8 decoding)
-        return ["float32"]
-    if quantized:
+    Quantized (int4/int8, `dtype` the scales'; FP8, float32 block scales): numba for bf16 or float32 scales, and
+    the torch path that dequantizes block by block ("float32"; "native" would dequantize each whole expert per
+    call)."""
+    if quantized or fp8:
         numba = dtype in cpu_numba.ROUNDED and is_silu(act_fn) and cpu_numba.available()
         return ["numba", "float32"] if numba else ["float32"]
     numba = dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available()

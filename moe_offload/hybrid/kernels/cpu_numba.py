@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import torch
 
-from ...expert_format import Matrix, QuantMatrix
+from ...expert_format import FP8Matrix, Matrix, QuantMatrix
 
 
 def available() -> bool:
@@ -47,16 +47,17 @@ def available() -> bool:
 # scale and zero-point planes of the first expert (each with its own stride between experts: a host tier's rows
 # have one for all, separate tensors do not); group: values per scale; has_zero: zero points present (else
 # 2^(bits-1)); scale_bytes: 2 (bf16 scales) or 4 (float32); round: the compute dtype is bf16 (intermediates
-# rounded to it) rather than float32.
+# rounded to it) rather than float32. FP8 block-quantized pools (fp8 1: float8_e4m3fn weights, float32 scales,
+# bits 8, no zero points): group is the block's columns, block_n its rows.
 JOB_FIELDS = ("x", "x_per_pair", "gate_up", "down", "gate_up_stride", "down_stride", "pair_rows", "weights", "act",
               "out", "out_rows", "hidden", "inter", "round_product",
               "bits", "group", "has_zero", "scale_bytes", "round",
               "gate_up_scale", "gate_up_scale_stride", "gate_up_zero", "gate_up_zero_stride",
-              "down_scale", "down_scale_stride", "down_zero", "down_zero_stride")
+              "down_scale", "down_scale_stride", "down_zero", "down_zero_stride", "fp8", "block_n")
 (_X, _X_PER_PAIR, _GATE_UP, _DOWN, _GATE_UP_STRIDE, _DOWN_STRIDE, _PAIR_ROWS, _WEIGHTS, _ACT, _OUT, _OUT_ROWS,
  _HIDDEN, _INTER, _ROUND_PRODUCT, _BITS, _GROUP, _HAS_ZERO, _SCALE_BYTES, _ROUND,
  _GATE_UP_SCALE, _GATE_UP_SCALE_STRIDE, _GATE_UP_ZERO, _GATE_UP_ZERO_STRIDE,
- _DOWN_SCALE, _DOWN_SCALE_STRIDE, _DOWN_ZERO, _DOWN_ZERO_STRIDE) = range(len(JOB_FIELDS))
+ _DOWN_SCALE, _DOWN_SCALE_STRIDE, _DOWN_ZERO, _DOWN_ZERO_STRIDE, _FP8, _BLOCK_N) = range(len(JOB_FIELDS))
 WEIGHT_FIELDS = JOB_FIELDS[2:6] + JOB_FIELDS[13:]  # what weight_fields() fills: the pools and how to read them
 UP_CHUNK, DOWN_CHUNK = 8, 32  # rows per work item: gate and up rows (64 KB of H=2048 weights), down rows (48 KB)
 
@@ -76,6 +77,12 @@ def _functions():
         def codegen(context, builder, signature, args):
             return builder.inttoptr(args[0], cgutils.voidptr_t)
         return types.voidptr(types.int64), codegen
+
+    @intrinsic
+    def as_float32(typingctx, bits):  # uint32 -> float32, the same bits
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return types.float32(types.uint32), codegen
 
     @njit(inline="always")
     def round_bf16(values):  # float32 [n] in place: round to nearest even at 8 significant bits
@@ -154,13 +161,46 @@ def _functions():
         return acc
 
     @njit(fastmath=True)
+    def dot_fp8(row, scales, x_wide, block):
+        """One FP8 row . x [K]. row: float8_e4m3fn codes (uint8 [K]); scales: float32 [G], one per block of
+        `block` columns; x_wide: x * 2^60 (quant_scratch).
+
+        A code's sign, exponent and mantissa bits moved to float32's places (sign to bit 31, the other 7 bits up
+        by 20) are the code's value times 2^-120, subnormal codes included (they land on float32 subnormals of
+        the same significand), so decoding is two shifts and an or: no branch, nothing that keeps the loop from
+        vectorizing. The 2^-120 is paid back as 2^60 on x (precomputed) and 2^60 on each block's scale, so that
+        no product of the loop falls into float32's subnormal range (slow, and short of bits) and none of x's
+        overflows. Codes S.1111.111 (NaN) decode as 480; FP8 checkpoints hold none (quant/fp8.py). As for
+        dot_quant, each block's sum is scaled once and the weights are not rounded to bf16."""
+        k = x_wide.size
+        acc = np.float32(0.0)
+        for g in range((k + block - 1) // block):
+            part = np.float32(0.0)
+            for j in range(np.uint64(g * block), np.uint64(min((g + 1) * block, k))):
+                b = np.uint32(row[j])
+                part += as_float32(((b & np.uint32(128)) << np.uint32(24)) | ((b & np.uint32(127)) << np.uint32(20))
+                                   ) * x_wide[j]
+            acc += part * (scales[g] * np.float32(2.0 ** 60))
+        return acc
+
+    @njit(fastmath=True)
     def quant_dot(job, planes, expert, row, rows_per_part, x, scratch):
         """Row `row` of an expert's quantized matrix [N, K] (planes: the job field of its packed plane, _GATE_UP
         or _DOWN) . x [K]. rows_per_part: rows per projection (zero points are packed per projection); scratch:
         quant_scratch's for this x."""
-        scale_bits, x_even, x_odd = scratch
+        scale_bits, x_even, x_odd, x_wide = scratch
         k, bits, group = x.size, job[_BITS], job[_GROUP]
         groups = (k + group - 1) // group
+        if job[_FP8]:  # rows of K codes; scale row of (row's part, row's block of block_n rows)
+            stride, scale_field = (job[_GATE_UP_STRIDE], _GATE_UP_SCALE) if planes == _GATE_UP else \
+                (job[_DOWN_STRIDE], _DOWN_SCALE)
+            block_n = job[_BLOCK_N]
+            part = row // rows_per_part
+            scale_index = part * ((rows_per_part + block_n - 1) // block_n) + (row - part * rows_per_part) // block_n
+            codes = carray(as_pointer(job[planes] + expert * stride + row * k), (k,), np.uint8)
+            scales = carray(as_pointer(job[scale_field] + expert * job[scale_field + 1] + 4 * scale_index * groups),
+                            (groups,), np.float32)
+            return dot_fp8(codes, scales, x_wide, group)
         width = (k * bits + 31) // 32  # int32 words per row
         stride, scale_field = (job[_GATE_UP_STRIDE], _GATE_UP_SCALE) if planes == _GATE_UP else \
             (job[_DOWN_STRIDE], _DOWN_SCALE)
@@ -186,7 +226,7 @@ def _functions():
     @njit(fastmath=True)
     def quant_scratch(job, x):
         """The scratch of quant_dot's rows against x [K], made once per work item: the row's scales [G] as
-        float32 bits, and (int4) x deinterleaved into its even and odd elements."""
+        float32 bits, (int4) x deinterleaved into its even and odd elements, (FP8) x * 2^60 (dot_fp8)."""
         k, bits, group = x.size, job[_BITS], job[_GROUP]
         half = (k + 1) // 2
         x_even = np.empty(half if bits == 4 else 0, np.float32)
@@ -194,7 +234,10 @@ def _functions():
         for i in range(k // 2 if bits == 4 else 0):
             x_even[i] = x[2 * i]
             x_odd[i] = x[2 * i + 1]
-        return np.empty((k + group - 1) // group, np.uint32), x_even, x_odd
+        x_wide = np.empty(k if job[_FP8] else 0, np.float32)
+        for j in range(k if job[_FP8] else 0):
+            x_wide[j] = x[j] * np.float32(2.0 ** 60)
+        return np.empty((k + group - 1) // group, np.uint32), x_even, x_odd, x_wide
 
     @njit(fastmath=True)
     def quant_rows(job, planes, expert, first, count, offset, rows_per_part, x, out, scratch):
@@ -309,7 +352,14 @@ def why_not(dtype: torch.dtype, gate_up: Matrix, down: Matrix) -> str | None:
     """Why this kernel cannot compute experts of these pools on hidden states of `dtype` (None: it can).
     bf16 pools need bf16 hidden states; quantized ones (int4/int8) bf16 or float32 hidden states (the roundings
     it knows: float16 has no rounding here), with float32 scales where the hidden states are float32 (see
-    dot_quant), on a little-endian CPU (it reads the packed words as bytes)."""
+    dot_quant), on a little-endian CPU (it reads the packed words as bytes); FP8 ones (float32 block scales) bf16
+    or float32 hidden states."""
+    if isinstance(gate_up, FP8Matrix):
+        if gate_up.scale.dtype != torch.float32 or down.scale.dtype != torch.float32:
+            return "FP8 experts with float32 scales only"
+        if dtype not in ROUNDED:
+            return f"FP8 experts on bf16 or float32 hidden states only, not {dtype}"
+        return None
     if not isinstance(gate_up, QuantMatrix):
         same = dtype == gate_up.dtype == down.dtype == torch.bfloat16
         return None if same else "bf16 weights and hidden states only"
@@ -330,8 +380,8 @@ def weight_fields(gate_up: Matrix, down: Matrix, dtype: torch.dtype, weight_dtyp
                   ) -> tuple[dict[str, int], list[torch.Tensor]]:
     """The job fields (WEIGHT_FIELDS) that say where the pools lie and how to compute them, for hidden states
     of `dtype` and routing weights of `weight_dtype`; and the tensors they point into (copies where an expert's
-    plane was not contiguous), which must outlive the job. gate_up [N, 2I, H] and down [N, H, I]: bf16 tensors
-    or QuantMatrix stacks (a host tier's views: any stride between experts)."""
+    plane was not contiguous), which must outlive the job. gate_up [N, 2I, H] and down [N, H, I]: bf16 tensors,
+    QuantMatrix or FP8Matrix stacks (a host tier's views: any stride between experts)."""
     rounds = dtype == torch.bfloat16
     fields = dict.fromkeys(WEIGHT_FIELDS, 0)
     # torch: a bf16 expert output times a bf16 weight is rounded to bf16; any float32 side promotes
@@ -346,6 +396,12 @@ def weight_fields(gate_up: Matrix, down: Matrix, dtype: torch.dtype, weight_dtyp
         planes = {f"{name}{suffix}": plane for name, matrix in planes.items()
                   for suffix, plane in (("", matrix.packed), ("_scale", matrix.scale), ("_zero", matrix.zero))
                   if plane is not None}
+    elif isinstance(gate_up, FP8Matrix):
+        if gate_up.spec != down.spec:
+            raise ValueError("gate_up and down must share one FP8 block size")
+        fields.update(bits=8, fp8=1, group=gate_up.spec.block_k, block_n=gate_up.spec.block_n, scale_bytes=4)
+        planes = {"gate_up": gate_up.weight, "gate_up_scale": gate_up.scale, "down": down.weight,
+                  "down_scale": down.scale}
     kept = []
     for name, plane in planes.items():
         plane = _experts_contiguous(plane)
