@@ -1,7 +1,7 @@
 """The CPU expert path's numba kernel on int4/int8 and FP8 (128 x 128 blocks) experts beside bf16: one token per
-expert, Qwen3-30B-A3B-shaped experts (H=2048, I=768), group 128, as a hybrid decode step computes its misses (CpuExperts compute="numba",
-moe_offload/hybrid/kernels/cpu_numba.py), and the torch fallback that dequantizes block by block
-(compute="float32").
+expert, Qwen3-30B-A3B-shaped experts (H=2048, I=768), group 128, as a hybrid decode step computes its misses
+(CpuExperts compute="numba", moe_offload/hybrid/kernels/cpu_numba.py), and the torch fallback that dequantizes
+block by block (compute="float32").
 
 Why: a quantized expert is 3.6x (int4) / 1.9x (int8) / 2x (FP8) fewer bytes than bf16, but the CPU must
 unpack and decode every weight, so its cost per expert is not its bytes' share of a bf16 one's. This measures

@@ -123,8 +123,9 @@ def _functions():
         them differ (the CPU share is not bit-identical to the GPU path). Rounding every weight, in a pass of its
         own, made int4 experts 1.5x and int8 ones 2x slower on one core (bench/RESULTS.md, "CPU expert kernels on
         quantized experts"). In float32 compute the weights of bf16 scales would differ by more than float32
-        rounding: why_not sends those to the float32 path. An int4 row of even group size is taken as byte pairs (low nibbles against x_even, high ones
-        against x_odd); odd group sizes (allowed, though rare) value by value."""
+        rounding: why_not sends those to the float32 path. An int4 row of even group size is taken as byte pairs
+        (low nibbles against x_even, high ones against x_odd); odd group sizes (allowed, though rare) value by
+        value."""
         k = x.size
         mask = (1 << bits) - 1
         groups = (k + group - 1) // group
