@@ -99,6 +99,28 @@ def _allocator_peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def _judge_cpu_share_again(pipe, result: dict) -> None:
+    """Where a workload replaced the routing after the load (trace), MOE_CPU_EXPERTS=auto's whole-decode check is
+    made again under it (hybrid.check_again) and the run's MOE_CPU_EXPERTS choice says what it came to: the load
+    judged the CPU path on the random model's own routing, which repeats far more than the replayed one."""
+    from moe_offload import hybrid
+
+    if pipe.device.type != "cuda":
+        return
+    prompt = hybrid.check_prompt(pipe.model.config.get_text_config().vocab_size).to(pipe.device)
+    check = hybrid.check_again(pipe.decoder, pipe.layers, prompt)
+    if check is None:
+        return
+    pipe.reset_offload_stats()
+    rates = check["decode_tok_s"]
+    for choice in result["choices"]:
+        if choice["name"] == "MOE_CPU_EXPERTS":
+            at_load = f"{choice['value']} at load ({choice['why']})"
+            choice.update(value="on" if check["kept"] else "off",
+                          why=f"judged again on the replayed routing: decode {rates['on']:.1f} tok/s with the CPU "
+                              f"share, {rates['off']:.1f} without; {at_load}")
+
+
 def measure_ours(spec: dict, result: dict, save, deadline: float) -> None:
     device = torch.device(spec["device"])
     files = shard_files(spec["model_dir"])
@@ -119,6 +141,7 @@ def measure_ours(spec: dict, result: dict, save, deadline: float) -> None:
         workload = WORKLOADS[spec["workload"]](vocab, _eos(pipe.model), spec["seed"])
         if hasattr(workload, "attach"):
             workload.attach(pipe)
+            _judge_cpu_share_again(pipe, result)
         P, R = spec["prompt_tokens"], spec["repeats"]
 
         def generate(length: int, new_tokens: int, read_prefill: bool) -> dict:

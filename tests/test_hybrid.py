@@ -7,6 +7,7 @@ With CUDA: the real host function inside the decode graph, on the shipped model,
 """
 
 import gc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from triton_interp import CUDA  # first: sets TRITON_INTERPRET before triton loads
 
-from moe_offload import LLMPipeline
+from moe_offload import LLMPipeline, hybrid
 from moe_offload.errors import MoeOffloadError
 from moe_offload.expert_format import ExpertFormat
 from moe_offload.hybrid import CpuExperts, CpuShare
@@ -617,7 +618,6 @@ def test_auto_measures_once_then_applies_the_machines_profile(tmp_path, monkeypa
     """MOE_CPU_EXPERTS=auto (the default) measures at the first load of a model and placement, stores kernel and
     table in the machine's profile, and a later load applies them without measuring; `retune` and another
     placement measure again. The CPU pipelines stand in for CUDA ones (the door is told the device is CUDA)."""
-    from types import SimpleNamespace
 
     from moe_offload import defaults, hybrid
     from moe_offload.config import make_config
@@ -652,6 +652,12 @@ def test_auto_measures_once_then_applies_the_machines_profile(tmp_path, monkeypa
     assert len(measured) == 1 and second.from_profile and second.profile.path == first.profile.path
     assert all(layer.cpu_share.split_table == measured[0] for layer in pipe.layers)
     assert choice.value == f"on (native kernel, split {measured[0]})" and first.profile.path in choice.why
+    assert all(layer.cpu_share.tuned_table == measured[0] for layer in pipe.layers)
+    second.profile.save({**stored, "kept": False})  # judged slower on decodes: off, the table kept for check_again
+    pipe, _, choice = load()
+    assert choice.value == "off" and len(measured) == 1
+    assert all(layer.cpu_share.split_table == [0] * len(measured[0]) and layer.cpu_share.tuned_table == measured[0]
+               for layer in pipe.layers)
     load(retune=True)
     load(ratio=50)
     assert len(measured) == 3
@@ -672,3 +678,65 @@ def test_a_stored_result_this_load_cannot_apply_is_measured_again(tmp_path, resu
     assert hybrid._usable(Profile({"k": 1}, str(tmp_path)), ["native"], top_k=4) is None
     profile.save({"kernel": "native", "table": [0, 1, 1, 1, 1], "kept": False})
     assert hybrid._usable(Profile({"k": 1}, str(tmp_path)), ["native"], top_k=4)["kept"] is False
+
+
+class _Clock:
+    """A stand-in for time.perf_counter that the fake decoder below advances."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Share:
+    """What hybrid.check_again and tuning.check_on_decode use of a CpuShare."""
+
+    def __init__(self, tuned: list[int] | None, table: list[int]):
+        self.tuned_table, self.split_table = tuned, list(table)
+
+    def set_table(self, table: list[int]) -> None:
+        self.split_table = list(table)
+
+    def check(self) -> None:
+        pass
+
+
+class _Decoder:
+    """Greedy decodes whose steps take step_s[CPU path on?] seconds of the fake clock."""
+
+    def __init__(self, shares: list[_Share], clock: _Clock, step_s: dict[bool, float]):
+        self.shares, self.clock, self.step_s, self.graph, self.prompts = shares, clock, step_s, None, []
+
+    def generate(self, prompt, max_new_tokens, min_new_tokens, streamer=None):
+        self.prompts.append(prompt)
+        on = any(any(share.split_table) for share in self.shares)
+        streamer.put(prompt)
+        for _ in range(max_new_tokens):
+            self.clock.now += self.step_s[on]
+            streamer.put(None)
+        streamer.end()
+
+
+@pytest.mark.parametrize("cpu_faster", [True, False])
+def test_check_again_judges_the_measured_split_on_the_routing_of_now(monkeypatch, cpu_faster):
+    """hybrid.check_again: the measured split tables (even where the load's check turned them off) against no CPU
+    path on whole greedy decodes of the given prompt, and the faster applied; layers without a measured share are
+    left alone, and with none at all there is nothing to judge."""
+    from moe_offload.hybrid import tuning
+
+    clock = _Clock()
+    monkeypatch.setattr(tuning.time, "perf_counter", clock)
+    measured = _Share([0, 1, 1, 2], [0, 0, 0, 0])  # the load turned it off
+    unmeasured = _Share(None, [0, 0, 0, 0])
+    decoder = _Decoder([measured], clock, {True: 0.001 if cpu_faster else 0.003, False: 0.002})
+    layers = [SimpleNamespace(cpu_share=measured), SimpleNamespace(cpu_share=unmeasured),
+              SimpleNamespace(cpu_share=None)]
+    prompt = torch.zeros((1, 16), dtype=torch.long)
+    check = hybrid.check_again(decoder, layers, prompt)
+    assert check["kept"] is cpu_faster
+    assert check["decode_tok_s"] == pytest.approx({"on": 1000.0 if cpu_faster else 333.3, "off": 500.0}, rel=1e-3)
+    assert measured.split_table == ([0, 1, 1, 2] if cpu_faster else [0, 0, 0, 0])
+    assert unmeasured.split_table == [0, 0, 0, 0] and all(p is prompt for p in decoder.prompts)
+    assert hybrid.check_again(decoder, [SimpleNamespace(cpu_share=unmeasured)], prompt) is None

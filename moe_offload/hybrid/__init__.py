@@ -1,7 +1,7 @@
 """Hybrid decode (MOE_CPU_EXPERTS): a zero-copy layer's missed experts split between the CPU and the GPU, both
 working at once. The engine's one door to it: enable at load (unsupported: why it cannot take a model's
-experts), check_decodes once the decoder exists, raise_errors after each generation, summary for the stats;
-cache.OffloadedExperts holds each layer's CpuShare.
+experts), check_decodes once the decoder exists (check_again where the routing changed since), raise_errors
+after each generation, summary for the stats; cache.OffloadedExperts holds each layer's CpuShare.
 
 Why: the GPU reads experts left in pinned host memory over PCIe, and the CPU can compute one-token experts from
 that same memory with the numba kernel at a comparable rate (tens of GB/s each on a GPU server). Together they
@@ -32,7 +32,8 @@ from .cpu_experts import CpuExperts
 from .share import CpuShare
 from .tuning import all_on_cpu, check_on_decode, cpu_expert_kernels, tune_cpu_path
 
-__all__ = ["CpuExperts", "CpuShare", "Tuned", "check_decodes", "enable", "raise_errors", "summary", "unsupported"]
+__all__ = ["CpuExperts", "CpuShare", "Tuned", "check_again", "check_decodes", "check_prompt", "enable", "raise_errors",
+           "summary", "unsupported"]
 
 
 @dataclass
@@ -107,6 +108,7 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
         tuned = Tuned(profile, kernel, list(table), tunings)
     for runtime, _site in layers:
         runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[tuned.kernel], tuned.tuning
+        runtime.cpu_share.tuned_table = list(tuned.table)
         runtime.cpu_share.set_table(table)
     return tuned
 
@@ -149,13 +151,34 @@ def check_decodes(decoder, runtimes: list, tuned: Tuned | None, device: torch.de
     shares = [r.cpu_share for r in runtimes if r.cpu_share is not None and r.cpu_share.active]
     check = None
     if shares and decoder is not None and device.type == "cuda":
-        prompt = torch.randint(0, min(vocab_size, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            check = check_on_decode(decoder, shares, prompt.to(device))
+            check = check_on_decode(decoder, shares, check_prompt(vocab_size).to(device))
     kept = check["kept"] if check else any(tuned.table)
     tuned.profile.save({"kernel": tuned.kernel, "table": tuned.table, "kept": kept,
                         "decode_tok_s": check["decode_tok_s"] if check else None, "tuning": tuned.tuning})
     return check
+
+
+def check_prompt(vocab_size: int) -> torch.Tensor:
+    """[1, 16] the fixed random prompt whose greedy decodes judge the CPU path (check_decodes)."""
+    return torch.randint(0, min(vocab_size, 1000), (1, 16), generator=torch.Generator().manual_seed(0))
+
+
+def check_again(decoder, runtimes: list, prompt: torch.Tensor) -> dict | None:
+    """check_decodes' whole-decode judgment made again from the measured split tables, on whatever routes the
+    layers now, and applied (nothing stored in the profile). For a caller that changed the routing after the
+    load: bench/routing_replay.py replaces the routers by a trained model's decisions, while the load judged the
+    path on the model's own routing (a random model's repeats far more: the GPU alone then looks faster). prompt:
+    [1, T] on the decoder's device. Returns check_on_decode's result, None where no layer has a measured CPU share
+    (MOE_CPU_EXPERTS was not auto, or the CPU path never applied)."""
+    shares = [r.cpu_share for r in runtimes
+              if r.cpu_share is not None and r.cpu_share.tuned_table is not None and any(r.cpu_share.tuned_table)]
+    if not shares or decoder is None:
+        return None
+    for share in shares:
+        share.set_table(share.tuned_table)
+    with torch.inference_mode():
+        return check_on_decode(decoder, shares, prompt)
 
 
 def raise_errors(runtimes: list) -> None:

@@ -47,6 +47,9 @@ class CpuShare:
         self.host, self.top_k, self.hidden, self.runner, self.device = host, top_k, hidden, runner, device
         self.split_table = list(split)
         self.split = torch.tensor(split, dtype=torch.long, device=device)  # [K + 1]
+        # the split MOE_CPU_EXPERTS=auto measured (hybrid.enable), kept when a whole-decode check turned the path
+        # off, so that a later check (hybrid.check_again) can try it again; None: nothing measured
+        self.tuned_table: list[int] | None = None
         rows = [host.row_of.get(e, -1) for e in range(num_experts)]
         self.host_rows = torch.tensor(rows, dtype=torch.long, device=device)  # [E] host-tier row or -1
         on_cuda = device.type == "cuda"
