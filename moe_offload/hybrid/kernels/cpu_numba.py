@@ -172,8 +172,8 @@ def _functions():
         vectorizing. The 2^-120 is paid back as 2^60 on x (precomputed) and 2^60 on each block's scale, so that
         no product of the loop falls into float32's subnormal range (slow, and short of bits) and none of x's
         overflows. Codes S.1111.111 (NaN) decode as 480, not NaN as in the reference and the GPU kernels: a
-        quantizer scales each block into +-448 and never writes them. As for
-        dot_quant, each block's sum is scaled once and the weights are not rounded to bf16."""
+        quantizer scales each block into +-448 and never writes them. As for dot_quant, each block's sum is
+        scaled once and the weights are not rounded to bf16."""
         k = x_wide.size
         acc = np.float32(0.0)
         for g in range((k + block - 1) // block):
