@@ -158,7 +158,8 @@ def test_triton_kernels_on_channel_wise_pools(monkeypatch, spec, path):
 @pytest.mark.parametrize("spec", CHANNEL, ids=str)
 @pytest.mark.parametrize("shape", [(37, 21), (130, 40)])
 def test_numba_cpu_kernel_on_channel_wise_experts(spec, shape):
-    """The CPU expert path's numba kernel (one group per row: odd K at int4 too) against the reference."""
+    """The CPU expert path's numba kernel (one group per row: odd K at int4 too) against the reference, within
+    bf16 rounding (its weights are not rounded to bf16 as the reference's are)."""
     pytest.importorskip("numba")
     import test_hybrid_quant as hq
 
@@ -170,4 +171,3 @@ def test_numba_cpu_kernel_on_channel_wise_experts(spec, shape):
     with hq.CpuExperts(threads=2, compute="numba") as runner:
         result = runner(x, w, tier.gate_up, tier.down, slots, counts)
     assert hq.relative_error(result, expected) <= hq.BF16_TOLERANCE
-    assert (result == expected).float().mean() > 0.9
