@@ -178,7 +178,7 @@ def generate_model(path: str, spec: dict, device: torch.device) -> dict:
 
 def quantized_dir(path: str, weights: str) -> str:
     """The folder holding the random model at `path` in `weights`: the model itself for bf16, else the sibling
-    quantize_model writes (PATH-int4, PATH-int8)."""
+    quantize_model or fp8_model writes (PATH-int4, PATH-int8, PATH-fp8)."""
     return path if weights == "bf16" else f"{path.rstrip(os.sep)}-{weights}"
 
 
@@ -195,12 +195,29 @@ def _run_measured(command: list[str]) -> tuple[int, str, int]:
 
 def quantize_model(source: str, out: str, bits: int, group_size: int, method: str) -> dict:
     """`moe-offload quantize SOURCE -o OUT --bits B --group-size G --method M` in a process of its own, timed with
-    its peak RSS; skipped when OUT already holds that quantization of that model (bench_quant.json, written last).
-    A stale OUT is removed only if it is a copy of a random model (quantize copies bench_model.json along): any
-    other folder there is refused."""
+    its peak RSS (_quantized_copy)."""
+    command = ["-m", "moe_offload.cli", "quantize", source, "-o", out, "--bits", str(bits), "--group-size",
+               str(group_size), "--method", method]
+    return _quantized_copy(source, out, {"bits": bits, "group_size": group_size, "method": method}, command,
+                           "moe-offload quantize")
+
+
+def fp8_model(source: str, out: str) -> dict:
+    """The FP8 block-quantized checkpoint of SOURCE (bench/fp8_checkpoint.py) in a process of its own, timed with
+    its peak RSS (_quantized_copy)."""
+    from bench.fp8_checkpoint import BLOCK
+
+    command = ["-m", "bench.fp8_checkpoint", source, out]
+    return _quantized_copy(source, out, {"fp8_block": list(BLOCK)}, command, "bench.fp8_checkpoint")
+
+
+def _quantized_copy(source: str, out: str, how: dict, command: list[str], label: str) -> dict:
+    """Run `python COMMAND` (`label`: it writes OUT from SOURCE), timed with its peak RSS; skipped when OUT already
+    holds that quantization (`how`) of that model (bench_quant.json, written last). A stale OUT is removed only if
+    it is a copy of a random model (both writers copy bench_model.json along): any other folder there is refused."""
     marker = os.path.join(out, "bench_quant.json")
     with open(os.path.join(source, "bench_model.json")) as handle:
-        wanted = {"source": json.load(handle)["identity"], "bits": bits, "group_size": group_size, "method": method}
+        wanted = {"source": json.load(handle)["identity"], **how}
     if os.path.isfile(marker):
         with open(marker) as handle:
             if json.load(handle).get("identity") == wanted:
@@ -209,14 +226,13 @@ def quantize_model(source: str, out: str, bits: int, group_size: int, method: st
         if not os.path.isfile(os.path.join(out, "bench_model.json")):
             raise RuntimeError(f"{out} exists and is not a quantized random model: move it away")
         shutil.rmtree(out)
-    command = [sys.executable, "-m", "moe_offload.cli", "quantize", source, "-o", out, "--bits", str(bits),
-               "--group-size", str(group_size), "--method", method]
+    command = [sys.executable, *command]
     started = time.perf_counter()
     status, output, peak_rss = _run_measured(command)
     seconds = time.perf_counter() - started
     lines = [line for line in output.strip().splitlines() if line.strip()]
     if status != 0:
-        raise RuntimeError(f"moe-offload quantize exit {status}: {lines[-1] if lines else 'no output'}")
+        raise RuntimeError(f"{label} exit {status}: {lines[-1] if lines else 'no output'}")
     with open(marker, "w") as handle:
         json.dump({"identity": wanted}, handle)
     return {"quantized": True, "seconds": seconds, "peak_rss_bytes": peak_rss, "summary": lines[-1],

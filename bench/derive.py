@@ -16,7 +16,7 @@ The bytes are those the engine counted (get_offload_stats: bytes streamed and re
 the CPU times the run's expert_bytes), which for an int4/int8 checkpoint are its quantized bytes (packed values and
 scales), so a quantized run's bound is that of the quantized bytes it moved.
 
-Quantized experts (issue 17): every run and row has its weights (bf16, int4, int8; reports from before say none
+Quantized experts (issue 17): every run and row has its weights (bf16, int4, int8, fp8; reports from before say none
 and measured bf16). quant_rows sets each weights' figures beside bf16's at the same ratio and tier (bytes per
 decoded token: PCIe + CPU + disk, and decode speed) and beside llama.cpp's GGUF of the same width (Q4_0, Q8_0) at
 the same -ncmoe, and marks issue 17's targets (QUANT_TARGETS, and the side-by-side ones at every ratio).
@@ -27,8 +27,9 @@ from __future__ import annotations
 from bench.sides import summary
 
 GB = 1e9
-WEIGHTS = ("bf16", "int4", "int8")
-GGUF_TYPES = {"bf16": "BF16", "int4": "Q4_0", "int8": "Q8_0"}  # llama.cpp's peer of each of our weights
+WEIGHTS = ("bf16", "int4", "int8", "fp8")
+# llama.cpp's peer of each of our weights (it has no FP8 type: FP8's is its 8-bit format)
+GGUF_TYPES = {"bf16": "BF16", "int4": "Q4_0", "int8": "Q8_0", "fp8": "Q8_0"}
 SIDE_BY_SIDE_TARGETS = {"decode_vs_llamacpp": 1.2, "prefill_vs_llamacpp": 3.0}  # and memory <= llama.cpp's
 TARGET_RATIOS = (0, 25, 50, 75)
 OFFLOAD_TARGETS = {"ratio100_decode_tok_s": 550, "ratio100_prefill_first_tok_s": 10000, "efficiency": 0.8,

@@ -28,6 +28,8 @@
 #   -fa 1 -lm mmap" (the BF16 sweep's best; saves the sweep's 2-4 min) took prepare (556 s) and two measure calls
 #   (560 s, 188 s): 22.5 minutes of a session's 30 with the machine's start. The whole set needs about two sessions.
 #   Disk: ~62 GB in /tmp (safetensors 16.2 + 9.1 + 5.4 GB, GGUFs 16.2 + up to 8.6 + 4.6 GB).
+#   WEIGHTS may name fp8 too: the model written as Qwen3-30B-A3B-FP8 is (bench/fp8_checkpoint.py, ~8.2 GB), paired
+#   with the Q8_0 GGUF (llama.cpp has no FP8 type).
 #
 # Usage: OUT=... [CHECKS="python -m pytest -q tests/test_hybrid.py"] [WEIGHTS=bf16,int4,int8] bash bench/h200_run.sh prepare
 #        OUT=... [VARIANTS='{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'] [LLAMACPP_FLAGS="-t 16"] [WEIGHTS=...] bash bench/h200_run.sh measure
@@ -47,7 +49,7 @@ WEIGHTS=${WEIGHTS:-bf16}
 PLAN=(--weights "$WEIGHTS")  # every harness call of a report names the same weights and ratios
 if [ "$WEIGHTS" != bf16 ]; then RATIOS=${RATIOS:-0,10,25,50}; OFFLOAD_RATIOS=${OFFLOAD_RATIOS:-100,50,25,10,0}; fi
 PLAN+=(${RATIOS:+--ratios "$RATIOS"} ${OFFLOAD_RATIOS:+--offload-ratios "$OFFLOAD_RATIOS"})
-declare -A GGUF_TYPE=([int4]=Q4_0 [int8]=Q8_0)  # bench/harness.py gguf_for: MODEL.gguf -> MODEL-Q4_0.gguf
+declare -A GGUF_TYPE=([int4]=Q4_0 [int8]=Q8_0 [fp8]=Q8_0)  # bench/harness.py gguf_for: MODEL.gguf -> MODEL-Q4_0.gguf
 # Like our checkpoints, only the routed experts quantized: llama-quantize's plain Q4_0 would also take the attention
 # and the embedding to Q4_0 and the head to Q6_K, shrinking what sits on the GPU beside the experts.
 EXPERTS_ONLY=(--pure --output-tensor-type bf16 --token-embedding-type bf16 --tensor-type attn_=bf16)
@@ -89,7 +91,7 @@ prepare)
     step "waiting for the build"
     wait $BUILD; echo "build rc $?"; tail -3 "$OUT/llamacpp-build.log"
     [ -x "$BENCH" ] || { echo "no $BENCH"; exit 1; }
-    for w in "${QUANTIZED[@]}"; do  # llama.cpp's peer of our int4 / int8, from the BF16 GGUF
+    for w in "${QUANTIZED[@]}"; do  # llama.cpp's peer of our int4 / int8 / fp8, from the BF16 GGUF
         target=$MODEL-${GGUF_TYPE[$w]}.gguf
         [ -f "$target" ] && continue
         step "llama-quantize ${GGUF_TYPE[$w]}"

@@ -8,8 +8,9 @@ peaks beside NVML peaks, unwarmed baselines) and recorded no commit.
 What it runs, in this order (--tables and --phases pick; results written after every configuration):
   gen        the random benchmark model (bench/common.py; 16.2 GB, written on the device), unless already there;
   quant      for each --weights int4/int8: that model quantized by the project's own `moe-offload quantize` (rtn,
-             group 128; tiny: group 32, which divides its widths) into MODEL-int4 / MODEL-int8, in a process of its
-             own, timed with its peak RSS (it streams: far below the model's size), unless already there;
+             group 128; tiny: group 32, which divides its widths) into MODEL-int4 / MODEL-int8, and for fp8 written
+             as Qwen3-30B-A3B-FP8 is (bench/fp8_checkpoint.py: 128 x 128 blocks) into MODEL-fp8, each in a process of
+             its own, timed with its peak RSS (they stream: far below the model's size), unless already there;
   bw         pinned host->device and the CPU's DRAM read rate (bench/bandwidth.py), each call: the roofline's bounds;
   side_by_side  per --ratios, our configurations (the variant "default": MOE_OFFLOAD_RATIO and nothing else, what a
              user gets; then each --variants entry) and llama-bench -ngl 99 -ncmoe N back to back, alternating which
@@ -17,10 +18,11 @@ What it runs, in this order (--tables and --phases pick; results written after e
   offload    the default configuration at each --offload-ratios not measured above; the baselines (transformers
              all on the device, accelerate device_map="auto"); then cold O_DIRECT disk reads and the disk tier at
              --disk-ratios (variant "disk": MOE_HOST_CACHE=0, the disk tier by definition).
-Every configuration of ours runs once per --weights (bf16, int4, int8: one report holds them side by side, each run
-and row says its weights); the baselines run the bf16 checkpoint only. llama.cpp's side pairs each weights with the
-GGUF of the same width: --gguf is the BF16 one, and int4 / int8 take Q4_0 / Q8_0 GGUFs beside it (gguf_for's names,
-made from it by llama-quantize: bench/h200_run.sh does), at the same -ncmoe.
+Every configuration of ours runs once per --weights (bf16, int4, int8, fp8: one report holds them side by side,
+each run and row says its weights); the baselines run the bf16 checkpoint only. llama.cpp's side pairs each weights
+with the GGUF of the same width: --gguf is the BF16 one, and int4 / int8 take Q4_0 / Q8_0 GGUFs beside it (gguf_for's
+names, made from it by llama-quantize: bench/h200_run.sh does), fp8 the Q8_0 one (llama.cpp has no FP8 type), at
+the same -ncmoe.
 Every configuration is a process of its own (bench/worker.py, bench/sides.py), its device memory polled from outside
 by NVML as llama.cpp's are. Ours measures first-seen and replayed prefill and decodes fresh random tokens every
 repeat (bench/worker.py says how); every figure is a median with min and max over --repeats (>= 3).
@@ -52,8 +54,8 @@ import traceback
 import torch
 
 from bench import bandwidth, provenance, sides
-from bench.common import (MODEL_ROOT, RESULTS, SPECS, generate_model, log, model_facts, quantize_model, quantized_dir,
-                          shard_files, utc_now)
+from bench.common import (MODEL_ROOT, RESULTS, SPECS, fp8_model, generate_model, log, model_facts, quantize_model,
+                          quantized_dir, shard_files, utc_now)
 from bench.derive import GGUF_TYPES, WEIGHTS, derive, find, ncmoe_for, with_weights
 from bench.worker import WORKLOADS
 from moe_offload.tools.environment import write_report
@@ -145,7 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-dir", default=None, help="the random model (default /tmp/moe-offload-bench/<full|"
                                                           "tiny>)")
     parser.add_argument("--weights", default="bf16", help=f"our checkpoints, a subset of {','.join(WEIGHTS)}: "
-                        "int4/int8 are the model quantized by `moe-offload quantize` (the quant phase)")
+                        "int4/int8 are the model quantized by `moe-offload quantize`, fp8 written by "
+                        "bench/fp8_checkpoint.py (the quant phase)")
     parser.add_argument("--tables", default=",".join(TABLES), help=f"subset of {','.join(TABLES)}")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
     parser.add_argument("--ratios", help="side-by-side ratios (llama.cpp: the -ncmoe that keeps the same share on "
@@ -455,10 +458,12 @@ class Harness:
                 self.ours(w, "disk", ratio)
 
     def quantize(self) -> None:
-        """Each quantized --weights written by `moe-offload quantize` (bench/common.py quantize_model), timed."""
-        for weights in (w for w in self.args.weights if w in BITS):
-            done = quantize_model(self.args.model_dir, self.model_dirs[weights], BITS[weights],
-                                  **self.report["quantization"])
+        """Each quantized --weights written, timed: int4/int8 by `moe-offload quantize` (bench/common.py
+        quantize_model), fp8 by bench/fp8_checkpoint.py (fp8_model)."""
+        for weights in (w for w in self.args.weights if w != "bf16"):
+            done = (fp8_model(self.args.model_dir, self.model_dirs[weights]) if weights == "fp8" else
+                    quantize_model(self.args.model_dir, self.model_dirs[weights], BITS[weights],
+                                   **self.report["quantization"]))
             self.call["quantization"][weights] = done
             self.write()
             log(f"quant {weights}: " + (f"{done['seconds']:.1f} s, peak RSS {done['peak_rss_bytes'] / 1e9:.2f} GB"
@@ -474,9 +479,9 @@ class Harness:
             log(f"no model in {a.model_dir}: run the gen phase first")
             return 1
         self.report["model"] = model_facts(a.model_dir)
-        if "quant" in a.phases and set(a.weights) & set(BITS):
+        if "quant" in a.phases and set(a.weights) - {"bf16"}:
             self.phase("quant", self.quantize)
-        missing = [w for w in a.weights if w in BITS
+        missing = [w for w in a.weights if w != "bf16"
                    and not os.path.isfile(os.path.join(self.model_dirs[w], "bench_quant.json"))]
         if missing:
             log(f"no {','.join(missing)} model beside {a.model_dir}: run the quant phase first")

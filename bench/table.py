@@ -115,9 +115,10 @@ def quantizations(report: dict) -> list[str]:
     for call in report["calls"]:
         for weights, done in (call.get("quantization") or {}).items():
             if done.get("quantized"):
-                lines.append(f"- {weights}: `{_short(done['command'])}` ({rule['method']}, group "
-                             f"{fig(rule['group_size'], 'int')}) on {call['date_utc']}: {fig(done['seconds'], 's')} s, "
-                             f"peak RSS {fig(done['peak_rss_bytes'], 'gb')} GB; {done['summary'].split(': ', 1)[-1]}")
+                how = "FP8" if weights == "fp8" else f"{rule['method']}, group {fig(rule['group_size'], 'int')}"
+                lines.append(f"- {weights}: `{_short(done['command'])}` ({how}) on {call['date_utc']}: "
+                             f"{fig(done['seconds'], 's')} s, peak RSS {fig(done['peak_rss_bytes'], 'gb')} GB; "
+                             f"{done['summary'].split(': ', 1)[-1]}")
     return lines
 
 

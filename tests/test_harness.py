@@ -311,6 +311,47 @@ def test_quant_phase_writes_each_checkpoint_once(tiny, tmp_path):
         bench_module("common").quantize_model(str(root / "model"), str(foreign), 4, 32, "rtn")
 
 
+def test_quant_phase_writes_the_fp8_checkpoint(tiny, tmp_path):
+    """fp8: the tiny model written as Qwen3-30B-A3B-FP8 is (bench/fp8_checkpoint.py), in a process of its own:
+    every decoder projection F8_E4M3 beside its float32 128 x 128 block scales (block max / 448), the router and
+    the rest as they were, Qwen3-FP8's quantization_config; the engine loads and runs it, counting FP8 bytes."""
+    from safetensors.torch import load_file
+
+    from moe_offload import LLMPipeline
+
+    _, root = tiny
+    out = tmp_path / "fp8.json"
+    assert _harness_here("--model-dir", str(root / "model"), "--weights", "fp8", "--phases", "quant",
+                         "--out", str(out)) == 0
+    report = json.loads(out.read_text())
+    done = report["calls"][0]["quantization"]["fp8"]
+    assert done["quantized"] and done["peak_rss_bytes"] > 0 and "to FP8 e4m3 (128 x 128 blocks" in done["summary"]
+    path = root / "model-fp8"
+    quant = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert (quant["quant_method"], quant["fmt"], quant["weight_block_size"]) == ("fp8", "e4m3", [128, 128])
+    source, written = {}, {}
+    for folder, tensors in ((root / "model", source), (path, written)):
+        for file in sorted(folder.glob("*.safetensors")):
+            tensors.update(load_file(str(file)))
+    projections = [n for n in source if re.search(r"\.layers\.\d+\..*_proj\.weight$", n)]
+    assert projections and set(written) == set(source) | {f"{n}_scale_inv" for n in projections}
+    for name in projections:  # the tiny model's matrices are one block each
+        weight, codes, scale = source[name].float(), written[name], written[f"{name}_scale_inv"]
+        assert codes.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (1, 1)
+        assert scale.item() == pytest.approx(weight.abs().max().item() / 448, rel=1e-6)
+        restored = codes.float() * scale  # e4m3: 3 significant bits after the leading one
+        assert ((restored - weight).abs() <= weight.abs() / 16 + scale * 2.0 ** -9).all()
+    for name in set(source) - set(projections):
+        assert torch.equal(written[name], source[name])
+    pipe = LLMPipeline(str(path), "cpu", MOE_OFFLOAD_RATIO=50)
+    try:
+        assert pipe.get_offload_stats()["expert_bytes"] == report["models"]["fp8"]["expert_bytes"]
+        prompt = torch.tensor([[5, 6, 7, 8]])
+        assert pipe.generate_tokens(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (3,)
+    finally:
+        pipe.close()
+
+
 def _as_int4(run: dict, byte_share: float, speedup: float) -> dict:
     """A copy of a bf16 run as if int4: expert bytes and every decode byte counter times byte_share, decode
     speed times speedup."""
@@ -356,8 +397,8 @@ def test_reports_from_before_the_weights_render_as_bf16():
 
 def test_each_weights_has_its_gguf():
     harness = bench_module("harness")
-    assert [harness.gguf_for("/m/full.gguf", w) for w in ("bf16", "int4", "int8")] == [
-        "/m/full.gguf", "/m/full-Q4_0.gguf", "/m/full-Q8_0.gguf"]
+    assert [harness.gguf_for("/m/full.gguf", w) for w in ("bf16", "int4", "int8", "fp8")] == [
+        "/m/full.gguf", "/m/full-Q4_0.gguf", "/m/full-Q8_0.gguf", "/m/full-Q8_0.gguf"]
     swept = {"sweep": [{"command": "llama-bench -m /m/full-Q4_0.gguf -ngl 99 -t 4"}]}  # its flags serve every GGUF
     assert harness._swept_model(swept) == "full-Q4_0.gguf" and "not name" in harness._swept_model({})
 
