@@ -229,7 +229,7 @@ def _quant_targets(row: dict, peer: dict | None) -> list[dict]:
               "met": meets(row[figure], direction, threshold)}
              for weights, ratio, figure, direction, threshold in QUANT_TARGETS
              if (weights, "host", ratio) == (row["weights"], row["tier"], row["ratio"])]
-    if peer and row["weights"] != "bf16":
+    if peer and row["weights"] in ("int4", "int8"):  # issue 17 set none for fp8 (written since)
         found += [{"name": key, "value": row[key], "direction": "min", "threshold": threshold,
                    "met": meets(row[key], "min", threshold)} for key, threshold in SIDE_BY_SIDE_TARGETS.items()]
         found.append({"name": "peak_vs_llamacpp", "value": row["peak_vs_llamacpp"], "direction": "max",

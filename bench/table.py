@@ -128,11 +128,12 @@ def quantized(report: dict) -> list[str]:
     sizes = ", ".join(f"{w} {fig(m['expert_bytes'], 'bytes')} / {fig(held.get(w), 'bytes')}"
                       for w, m in models.items())
     lines = ["### Quantized experts", "",
-             "Our int4/int8 checkpoints written by `moe-offload quantize` from the bf16 model; bytes per expert in the "
-             f"checkpoint / as the engine held them (bf16 in its compute dtype on that device): {sizes}. "
-             "MB per token: bytes a decoded token moved (PCIe, CPU, disk), as the engine counted them (quantized "
-             "bytes for int4/int8); efficiency: against the bound of those bytes (the offload table's rule); llama.cpp "
-             "ran the GGUF of the same width at the same -ncmoe.", *quantizations(report), "",
+             "Our quantized checkpoints written from the bf16 model (int4/int8 by `moe-offload quantize`, fp8 by "
+             "bench/fp8_checkpoint.py); bytes per expert in the checkpoint / as the engine held them (bf16 in its "
+             f"compute dtype on that device): {sizes}. MB per token: bytes a decoded token moved (PCIe, CPU, disk), as "
+             "the engine counted them (quantized bytes for int4/int8/fp8); efficiency: against the bound of those "
+             "bytes (the offload table's rule); llama.cpp ran the GGUF of the same width at the same -ncmoe (Q8_0 for "
+             "fp8).", *quantizations(report), "",
              "| weights | ratio, tier | decode tok/s | prefill tok/s first-seen | MB per token | bytes vs bf16 | "
              "decode vs bf16 | efficiency | peak GB: ours / llama.cpp | llama.cpp GGUF / ncmoe | decode / prefill vs "
              "llama.cpp | issue 17 targets |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
