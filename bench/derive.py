@@ -104,7 +104,9 @@ def roofline(per_token: dict, tok_s: float | None, bandwidth: dict) -> dict:
 
 def _per_token(generation: dict, expert_bytes: int) -> dict:
     counters, steps = generation["decode"], max(generation["decode_steps"], 1)
-    return {"pcie": (counters["host_bytes"] + counters["in_place_bytes"]) / steps,
+    # prefetched_bytes: the removed MOE_PREFETCH's, counted apart in the reports that measured it (2026-12-07)
+    crossed = counters["host_bytes"] + counters["in_place_bytes"] + counters.get("prefetched_bytes", 0)
+    return {"pcie": crossed / steps,
             "cpu": counters["cpu_experts"] * expert_bytes / steps, "disk": counters["disk_bytes"] / steps}
 
 
