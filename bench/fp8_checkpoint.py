@@ -19,28 +19,14 @@ import re
 import shutil
 import sys
 
-import torch
 from safetensors.torch import load_file, save_file
 
+from moe_offload.quant.fp8 import BlockFP8Spec, quantize
+
 BLOCK = (128, 128)  # Qwen3-30B-A3B-FP8's weight_block_size
-E4M3_MAX = 448.0
 QUANTIZED = re.compile(r"\.layers\.\d+\..*_proj\.weight$")  # not mlp.gate (the router)
 CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK),
           "modules_to_not_convert": ["lm_head"]}
-
-
-def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn [N, K], float32 scale_inv [ceil(N/bn), ceil(K/bk)]) of weight [N, K]: each block divided by
-    its max |W| / 448 (the last blocks may be short)."""
-    rows, cols = weight.shape
-    bn, bk = BLOCK
-    grid = (-(-rows // bn), -(-cols // bk))
-    padded = torch.zeros(grid[0] * bn, grid[1] * bk)  # [gn * bn, gk * bk]
-    padded[:rows, :cols] = weight.float()
-    amax = padded.view(grid[0], bn, grid[1], bk).abs().amax(dim=(1, 3))  # [gn, gk]
-    scale = (amax / E4M3_MAX).clamp(min=1e-12)  # [gn, gk]
-    expanded = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:rows, :cols]  # [N, K]
-    return (weight.float() / expanded).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def convert(source: str, out: str) -> dict:
@@ -54,7 +40,7 @@ def convert(source: str, out: str) -> dict:
         tensors = {}
         for name, tensor in load_file(os.path.join(source, file)).items():
             if QUANTIZED.search(name) and tensor.dim() == 2:
-                tensors[name], tensors[f"{name}_scale_inv"] = quantize(tensor)
+                tensors[name], tensors[f"{name}_scale_inv"] = quantize(tensor, BlockFP8Spec(*BLOCK))
                 quantized += 1
             else:
                 tensors[name] = tensor
@@ -83,6 +69,10 @@ def main() -> int:
     source, out = sys.argv[1:]
     if os.path.exists(out):
         print(f"error: {out} exists", file=sys.stderr)
+        return 1
+    if not os.path.isfile(os.path.join(source, "model.safetensors.index.json")):
+        print(f"error: {source} holds no sharded safetensors checkpoint (model.safetensors.index.json)",
+              file=sys.stderr)
         return 1
     done = convert(source, out)
     print(f"{done['tensors_quantized']} projection weights to FP8 e4m3 ({BLOCK[0]} x {BLOCK[1]} blocks, float32 "

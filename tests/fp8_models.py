@@ -2,8 +2,8 @@
 
 A tiny random checkpoint (tiny_models.py) is quantized here, tensor by tensor: every 2-D projection weight of
 the decoder layers (attention, routed experts) becomes `weight` F8_E4M3 [out, in] plus `weight_scale_inv` F32
-[ceil(out / bn), ceil(in / bk)], with scale = max |W| of the block / 448 (e4m3's largest value), as the released
-checkpoints were made; the router (`mlp.gate`), norms, embeddings and lm_head stay as they were. The comparison
+[ceil(out / bn), ceil(in / bk)] (quant/fp8.py quantize: scale = max |W| of the block / 448, as the released
+checkpoints were made); the router (`mlp.gate`), norms, embeddings and lm_head stay as they were. The comparison
 checkpoint holds the same model with every FP8 weight replaced by float(fp8) * its block's scale (in float32,
 what transformers' dequantize computes), so transformers' own model class can run it.
 """
@@ -19,24 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tokenizer, tiny_config
 
-E4M3_MAX = 448.0
+from moe_offload.quant.fp8 import BlockFP8Spec, quantize
+
 # the decoder layers' projection weights that FP8 checkpoints quantize (not the router `mlp.gate`)
 _QUANTIZED = re.compile(r"\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
-
-
-def quantize_block(weight: torch.Tensor, block: tuple[int, int],
-                   scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 [N, K], scale_inv [ceil(N/bn), ceil(K/bk)] in scale_dtype) of weight [N, K]; the last blocks may be
-    short. The scales are rounded to scale_dtype before the weights are divided by them."""
-    rows, cols = weight.shape
-    bn, bk = block
-    grid = (-(-rows // bn), -(-cols // bk))
-    padded = torch.zeros(grid[0] * bn, grid[1] * bk)
-    padded[:rows, :cols] = weight.float()
-    amax = padded.view(grid[0], bn, grid[1], bk).abs().amax(dim=(1, 3))  # [gn, gk]
-    scale = (amax / E4M3_MAX).clamp(min=1e-12).to(scale_dtype)  # [gn, gk]
-    expanded = scale.float().repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:rows, :cols]  # [N, K]
-    return (weight.float() / expanded).to(torch.float8_e4m3fn), scale
 
 
 def dequantize_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -68,7 +54,7 @@ def quantize_fp8(src: str, dst: str, block: tuple[int, int], dequantized: str,
         if not _QUANTIZED.search(name):
             quantized[name] = plain[name] = tensor
             continue
-        q, scale = quantize_block(tensor, block, scale_dtype)
+        q, scale = quantize(tensor, BlockFP8Spec(*block), scale_dtype)
         quantized[name], quantized[f"{name}_scale_inv"] = q, scale
         plain[name] = dequantize_block(q, scale, block)
     with open(os.path.join(src, "config.json"), encoding="utf-8") as handle:

@@ -28,6 +28,7 @@ import torch
 from ..errors import MoeOffloadError
 
 WEIGHT_DTYPE = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_INV = "weight_scale_inv"
 
@@ -90,6 +91,22 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, spec: BlockFP8Spec
     block_cols = torch.arange(cols, device=weight.device) // spec.block_k  # [K]
     scale = scale_inv.float()[block_rows][:, block_cols]  # [r, K]
     return weight[start:stop].float() * scale
+
+
+def quantize(weight: torch.Tensor, spec: BlockFP8Spec, scale_dtype: torch.dtype = torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight float8_e4m3fn [N, K], scale_inv [spec.scale_shape(N, K)] in scale_dtype) of W [N, K], as the released
+    checkpoints were made: each block's scale max |W| / 448 (e4m3's largest value), rounded to scale_dtype before
+    the block is divided by it (the last blocks may be short). For writing test and benchmark checkpoints; the
+    engine only reads them."""
+    rows, cols = weight.shape
+    grid = spec.scale_shape(rows, cols)
+    padded = torch.zeros(grid[0] * spec.block_n, grid[1] * spec.block_k)  # [gn * bn, gk * bk]
+    padded[:rows, :cols] = weight.float()
+    amax = padded.view(grid[0], spec.block_n, grid[1], spec.block_k).abs().amax(dim=(1, 3))  # [gn, gk]
+    scale = (amax / E4M3_MAX).clamp(min=1e-12).to(scale_dtype)  # [gn, gk]
+    expanded = scale.float().repeat_interleave(spec.block_n, 0).repeat_interleave(spec.block_k, 1)[:rows, :cols]
+    return (weight.float() / expanded).clamp(-E4M3_MAX, E4M3_MAX).to(WEIGHT_DTYPE), scale
 
 
 def check_dense(name: str, weight, scale, spec: BlockFP8Spec) -> None:

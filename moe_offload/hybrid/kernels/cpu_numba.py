@@ -18,8 +18,9 @@ optional zero points) are computed straight from their planes in the host tier's
 copy: per row, group by group, (u - z) * x is summed in float32 and the group's sum scaled once (dot_quant), so
 the bytes read are the packed words, scales and zero points only, and no weight is written anywhere. Unlike the
 GPU kernels and reference.dense, the weights are not rounded to bf16 on the way (that pass cost 1.5x to 2x):
-like the summation order, this keeps the CPU share within rounding of the GPU path, not bit-identical to it. The compute dtype is bf16 (every intermediate output rounded where torch rounds, as for bf16
-weights) or float32 (nothing rounded). The packed words are read as bytes (little-endian: int8 value j is byte j,
+like the summation order, this keeps the CPU share within rounding of the GPU path, not bit-identical to it. The
+compute dtype is bf16 (every intermediate output rounded where torch rounds, as for bf16 weights) or float32
+(nothing rounded). The packed words are read as bytes (little-endian: int8 value j is byte j,
 int4 values 2i and 2i + 1 the nibbles of byte i, against x's even and odd elements), so every loop is a plain
 stream the compiler vectorizes.
 """
@@ -193,9 +194,9 @@ def _functions():
         scale_bits, x_even, x_odd, x_wide = scratch
         k, bits, group = x.size, job[_BITS], job[_GROUP]
         groups = (k + group - 1) // group
+        stride, scale_field = (job[_GATE_UP_STRIDE], _GATE_UP_SCALE) if planes == _GATE_UP else \
+            (job[_DOWN_STRIDE], _DOWN_SCALE)
         if job[_FP8]:  # rows of K codes; scale row of (row's part, row's block of block_n rows)
-            stride, scale_field = (job[_GATE_UP_STRIDE], _GATE_UP_SCALE) if planes == _GATE_UP else \
-                (job[_DOWN_STRIDE], _DOWN_SCALE)
             block_n = job[_BLOCK_N]
             part = row // rows_per_part
             scale_index = part * ((rows_per_part + block_n - 1) // block_n) + (row - part * rows_per_part) // block_n
@@ -204,8 +205,6 @@ def _functions():
                             (groups,), np.float32)
             return dot_fp8(codes, scales, x_wide, group)
         width = (k * bits + 31) // 32  # int32 words per row
-        stride, scale_field = (job[_GATE_UP_STRIDE], _GATE_UP_SCALE) if planes == _GATE_UP else \
-            (job[_DOWN_STRIDE], _DOWN_SCALE)
         row_bytes = carray(as_pointer(job[planes] + expert * stride + 4 * row * width), (4 * width,), np.uint8)
         scale_row = job[scale_field] + expert * job[scale_field + 1] + row * groups * job[_SCALE_BYTES]
         if job[_SCALE_BYTES] == 2:  # bf16 -> float32: the bits shifted up
