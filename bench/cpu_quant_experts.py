@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from bench.common import machine, utc_now, versions, write_report
 from moe_offload.expert_format import ExpertFormat
 from moe_offload.hybrid.cpu_experts import CpuExperts
 from moe_offload.kernels.reference import weighted_expert_output
-from moe_offload.quant.format import QuantSpec
+from moe_offload.quant.format import QuantSpec, unpack
 from moe_offload.quant.fp8 import BlockFP8Spec
 from moe_offload.tiers import HostTier
 
@@ -66,9 +67,10 @@ def pool(spec: QuantSpec | BlockFP8Spec | None, experts: int, seed: int = 0) -> 
     return tier
 
 
-def time_calls(runner: CpuExperts, tier: HostTier, x: torch.Tensor, weights: torch.Tensor, repeats: int,
+def time_calls(runner, tier: HostTier, x: torch.Tensor, weights: torch.Tensor, repeats: int,
                cursor: list[int]) -> float:
-    """Median seconds of a call over `repeats`, after two warm-ups, each call on the next K experts."""
+    """Median seconds of a call over `repeats`, after two warm-ups, each call on the next K experts. runner: a
+    CpuExperts, or anything called as one."""
     k, n = x.shape[0], len(tier.row_of)
     times = []
     for _ in range(repeats + 2):
@@ -78,6 +80,46 @@ def time_calls(runner: CpuExperts, tier: HostTier, x: torch.Tensor, weights: tor
         runner(x, weights, tier.gate_up, tier.down, slots, [1] * k, F.silu)
         times.append(time.perf_counter() - start)
     return statistics.median(times[2:])
+
+
+class TorchInt4Pack:
+    """A yardstick, not an engine path: torch's compiled CPU kernel for int4 weight-only GEMVs
+    (aten._weight_int4pack_mm_for_cpu, torchao's CPU path), on the same symmetric int4 experts repacked into its
+    own layout (64-row blocks, rows n and n + 32 sharing a byte: it vectorizes along N, ours along K), a loop of
+    torch ops per expert with `threads` intra-op threads. Why: how far a compiled kernel gets on the same bytes
+    on this CPU says how much the numba kernel leaves (the engine cannot use it without a second copy of every
+    host-tier expert in that layout)."""
+
+    def __init__(self, tier: HostTier, threads: int):
+        self.threads, self.experts = threads, []
+        for slot in range(len(tier.row_of)):
+            self.experts.append([self._repack(matrix[slot]) for matrix in (tier.gate_up, tier.down)])
+
+    @staticmethod
+    def _repack(matrix) -> tuple[torch.Tensor, torch.Tensor]:
+        """One symmetric QuantMatrix [N, K] -> (packed uint8 [N, K / 2], scales_and_zeros [G, N, 2] bf16): torch's
+        kernel computes ((q - 8) * scale + zero) . x, ours (u - 8) * scale . x, so q = u and zero = 0."""
+        assert matrix.zero is None and matrix.bits == 4
+        rows = matrix.packed.shape[0]
+        values = unpack(matrix.packed, 4, matrix.in_features).to(torch.int32) + 8  # [N, K] in [0, 16)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+        scales = torch.stack([matrix.scale.t(), torch.zeros_like(matrix.scale.t())], dim=-1)  # [G, N, 2]
+        return packed, scales.to(torch.bfloat16).contiguous()
+
+    def __call__(self, x, weights, gate_up, down, slots, counts, act_fn=F.silu) -> torch.Tensor:
+        """The CpuExperts contract for one token per slot: [K, H] float32 weighted outputs."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            out = []
+            for row, slot in enumerate(slots):
+                (w13, s13), (w2, s2) = self.experts[slot]
+                gate, up = torch.ops.aten._weight_int4pack_mm_for_cpu(x[row:row + 1], w13, GROUP, s13).chunk(2, -1)
+                down_out = torch.ops.aten._weight_int4pack_mm_for_cpu(act_fn(gate) * up, w2, GROUP, s2)  # [1, H]
+                out.append(down_out * weights[row:row + 1, None])
+            return torch.cat(out).float()
+        finally:
+            torch.set_num_threads(previous)
 
 
 def main() -> int:
@@ -95,8 +137,11 @@ def main() -> int:
     for name, spec in FORMATS.items():
         tier = pool(spec, args.pool)
         kernels = ["numba"] + ([] if spec is None else ["float32"])
+        if name == "int4-g128-sym" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            kernels.append("torch-int4pack")
         for kernel in kernels:
-            with CpuExperts(threads=args.threads, compute=kernel) as runner:
+            with nullcontext(TorchInt4Pack(tier, args.threads)) if kernel == "torch-int4pack" else \
+                    CpuExperts(threads=args.threads, compute=kernel) as runner:
                 seconds = time_calls(runner, tier, x, weights, args.repeats, [0])
                 got = runner(x, weights, tier.gate_up, tier.down, list(range(args.experts)), [1] * args.experts)
             want = torch.cat([weighted_expert_output(x[i:i + 1], weights[i:i + 1], tier.gate_up[i], tier.down[i],
