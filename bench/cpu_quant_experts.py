@@ -1,7 +1,8 @@
 """The CPU expert path's numba kernel on int4/int8 and FP8 (128 x 128 blocks) experts beside bf16: one token per
 expert, Qwen3-30B-A3B-shaped experts (H=2048, I=768), group 128, as a hybrid decode step computes its misses
-(CpuExperts compute="numba", moe_offload/hybrid/kernels/cpu_numba.py), and the torch fallback that dequantizes
-block by block (compute="float32").
+(CpuExperts compute="numba", moe_offload/hybrid/kernels/cpu_numba.py), the torch fallback that dequantizes
+block by block (compute="float32"), and for symmetric int4 torch's int4 kernel on a repacked copy
+(compute="int4pack", moe_offload/hybrid/int4pack.py; the copy made before the timing, as the engine does).
 
 Why: a quantized expert is 3.6x (int4) / 1.9x (int8) / 2x (FP8) fewer bytes than bf16, but the CPU must
 unpack and decode every weight, so its cost per expert is not its bytes' share of a bf16 one's. This measures
@@ -21,16 +22,16 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import machine, utc_now, versions, write_report
 from moe_offload.expert_format import ExpertFormat
+from moe_offload.hybrid import int4pack
 from moe_offload.hybrid.cpu_experts import CpuExperts
 from moe_offload.kernels.reference import weighted_expert_output
-from moe_offload.quant.format import QuantSpec, unpack
+from moe_offload.quant.format import QuantSpec
 from moe_offload.quant.fp8 import BlockFP8Spec
 from moe_offload.tiers import HostTier
 
@@ -67,10 +68,9 @@ def pool(spec: QuantSpec | BlockFP8Spec | None, experts: int, seed: int = 0) -> 
     return tier
 
 
-def time_calls(runner, tier: HostTier, x: torch.Tensor, weights: torch.Tensor, repeats: int,
+def time_calls(runner: CpuExperts, tier: HostTier, x: torch.Tensor, weights: torch.Tensor, repeats: int,
                cursor: list[int]) -> float:
-    """Median seconds of a call over `repeats`, after two warm-ups, each call on the next K experts. runner: a
-    CpuExperts, or anything called as one."""
+    """Median seconds of a call over `repeats`, after two warm-ups, each call on the next K experts."""
     k, n = x.shape[0], len(tier.row_of)
     times = []
     for _ in range(repeats + 2):
@@ -80,46 +80,6 @@ def time_calls(runner, tier: HostTier, x: torch.Tensor, weights: torch.Tensor, r
         runner(x, weights, tier.gate_up, tier.down, slots, [1] * k, F.silu)
         times.append(time.perf_counter() - start)
     return statistics.median(times[2:])
-
-
-class TorchInt4Pack:
-    """A yardstick, not an engine path: torch's compiled CPU kernel for int4 weight-only GEMVs
-    (aten._weight_int4pack_mm_for_cpu, torchao's CPU path), on the same symmetric int4 experts repacked into its
-    own layout (64-row blocks, rows n and n + 32 sharing a byte: it vectorizes along N, ours along K), a loop of
-    torch ops per expert with `threads` intra-op threads. Why: how far a compiled kernel gets on the same bytes
-    on this CPU says how much the numba kernel leaves (the engine cannot use it without a second copy of every
-    host-tier expert in that layout)."""
-
-    def __init__(self, tier: HostTier, threads: int):
-        self.threads, self.experts = threads, []
-        for slot in range(len(tier.row_of)):
-            self.experts.append([self._repack(matrix[slot]) for matrix in (tier.gate_up, tier.down)])
-
-    @staticmethod
-    def _repack(matrix) -> tuple[torch.Tensor, torch.Tensor]:
-        """One symmetric QuantMatrix [N, K] -> (packed uint8 [N, K / 2], scales_and_zeros [G, N, 2] bf16): torch's
-        kernel computes ((q - 8) * scale + zero) . x, ours (u - 8) * scale . x, so q = u and zero = 0."""
-        assert matrix.zero is None and matrix.bits == 4
-        rows = matrix.packed.shape[0]
-        values = unpack(matrix.packed, 4, matrix.in_features).to(torch.int32) + 8  # [N, K] in [0, 16)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
-        scales = torch.stack([matrix.scale.t(), torch.zeros_like(matrix.scale.t())], dim=-1)  # [G, N, 2]
-        return packed, scales.to(torch.bfloat16).contiguous()
-
-    def __call__(self, x, weights, gate_up, down, slots, counts, act_fn=F.silu) -> torch.Tensor:
-        """The CpuExperts contract for one token per slot: [K, H] float32 weighted outputs."""
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            out = []
-            for row, slot in enumerate(slots):
-                (w13, s13), (w2, s2) = self.experts[slot]
-                gate, up = torch.ops.aten._weight_int4pack_mm_for_cpu(x[row:row + 1], w13, GROUP, s13).chunk(2, -1)
-                down_out = torch.ops.aten._weight_int4pack_mm_for_cpu(act_fn(gate) * up, w2, GROUP, s2)  # [1, H]
-                out.append(down_out * weights[row:row + 1, None])
-            return torch.cat(out).float()
-        finally:
-            torch.set_num_threads(previous)
 
 
 def main() -> int:
@@ -137,11 +97,11 @@ def main() -> int:
     for name, spec in FORMATS.items():
         tier = pool(spec, args.pool)
         kernels = ["numba"] + ([] if spec is None else ["float32"])
-        if name == "int4-g128-sym" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            kernels.append("torch-int4pack")
+        if spec is not None and int4pack.why_not(tier.format) is None:
+            kernels.append("int4pack")
         for kernel in kernels:
-            with nullcontext(TorchInt4Pack(tier, args.threads)) if kernel == "torch-int4pack" else \
-                    CpuExperts(threads=args.threads, compute=kernel) as runner:
+            with CpuExperts(threads=args.threads, compute=kernel) as runner:
+                runner.prepare(tier.gate_up, tier.down)  # int4pack: its repacked copy, made before the timing
                 seconds = time_calls(runner, tier, x, weights, args.repeats, [0])
                 got = runner(x, weights, tier.gate_up, tier.down, list(range(args.experts)), [1] * args.experts)
             want = torch.cat([weighted_expert_output(x[i:i + 1], weights[i:i + 1], tier.gate_up[i], tier.down[i],

@@ -13,8 +13,9 @@ if whole decodes then run faster (tuning.py). With every routed expert offloaded
 is PCIe-bound, the decode check has found the path clearly faster than none.
 
 Layout: driver.py (the CUDA driver calls torch does not bind), share.py (one layer's CPU share and the GPU's
-packing of it), cpu_experts.py (the CPU kernel runner), tuning.py (all load-time measurement), kernels/ (numba
-CPU kernels, their spinning threads and doorbell server, the Triton pack).
+packing of it), cpu_experts.py (the CPU kernel runner), int4pack.py (torch's int4 kernel and its repacked copy),
+tuning.py (all load-time measurement), kernels/ (numba CPU kernels, their spinning threads and doorbell server,
+the Triton pack).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from ..errors import MoeOffloadError
 from ..profile import Profile, code_version, machine_key
 from ..quant.fp8 import BlockFP8Spec
-from . import driver
+from . import driver, int4pack
 from .cpu_experts import CpuExperts
 from .share import CpuShare
 from .tuning import all_on_cpu, check_on_decode, cpu_expert_kernels, tune_cpu_path
@@ -71,7 +72,7 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
     threads = config.moe_cpu_threads or max(1, torch.get_num_threads() - 2)
     fmt = runtimes[0].format  # one format for every layer (integration.engine_format)
     kernels = cpu_expert_kernels(fmt.dtype, sites[0].module.act_fn, fmt.quantized,
-                                 fp8=isinstance(fmt.quant, BlockFP8Spec))
+                                 fp8=isinstance(fmt.quant, BlockFP8Spec), int4pack=_int4pack_fits(runtimes, fmt))
     top_k = runtimes[0].top_k
     profile = stored = None
     if mode == "auto":
@@ -98,19 +99,36 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
             else:
                 runtime.cpu_share.stream_wait_refused = refused
     if mode != "auto":
+        for runtime, _site in layers:
+            runner.prepare(runtime.host.gate_up, runtime.host.down)
         return None
     if stored:
         tuned = Tuned(profile, stored["kernel"], stored["table"], stored.get("tuning", {}), from_profile=True)
         table = tuned.table if stored["kept"] else [0] * (top_k + 1)
     else:
         first, site = layers[0]
+        if "int4pack" in runners:  # its copy of the first layer's experts, made before it is timed
+            runners["int4pack"].prepare(first.host.gate_up, first.host.down)
         kernel, table, tunings = tune_cpu_path(first, site.module.act_fn, runners)
         tuned = Tuned(profile, kernel, list(table), tunings)
+    for name, other in runners.items():
+        if name != tuned.kernel:
+            other.close()  # frees what it holds (the int4pack copy)
     for runtime, _site in layers:
+        runners[tuned.kernel].prepare(runtime.host.gate_up, runtime.host.down)
         runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[tuned.kernel], tuned.tuning
         runtime.cpu_share.tuned_table = list(tuned.table)
         runtime.cpu_share.set_table(table)
     return tuned
+
+
+def _int4pack_fits(runtimes: list, fmt) -> bool:
+    """Whether the int4pack kernel may be tried: experts it takes, and host RAM for its copy of every layer's host
+    tier (as many bytes again as the int4 tier itself: int4pack.py)."""
+    if int4pack.why_not(fmt) is not None:
+        return False
+    tiers = [r.host for r in runtimes if r.host is not None]
+    return int4pack.fits(sum(int4pack.copy_bytes(t.gate_up) + int4pack.copy_bytes(t.down) for t in tiers))
 
 
 def unsupported(runtimes: list) -> str | None:
@@ -196,6 +214,8 @@ def summary(runtimes: list, decode_check: dict | None = None) -> dict[str, Any]:
         "cpu_expert_layers": sum(r.cpu_share is not None for r in runtimes),
         "cpu_expert_kernel": share.runner.compute if share else None,
         "cpu_expert_threads": share.runner.threads if share else None,
+        # host bytes the kernel keeps beside the host tier (int4pack's repacked copy; 0 for the others)
+        "cpu_expert_copy_bytes": share.runner.copy_bytes if share else None,
         "cpu_expert_split": share.split_table if share else None,
         "cpu_expert_handoff": share.handoff if share else None,
         # MOE_CPU_EXPERTS=auto: per CPU kernel, one layer's forward timed per split (tuning.tune_split)

@@ -9,7 +9,8 @@ Kernels (`compute`): "native" runs transformers' own torch ops on the tier as st
 float32; oneDNN re-blocks the weight on every call, so a core is compute-bound well below what a plain read of the
 same bytes reaches); "float32" widens bf16 to float32 in L2-sized blocks for CPUs where torch has no bf16 GEMM;
 "numba" (kernels/cpu_numba.py, bf16 SiLU experts) reads the weights at close to memory speed with no Python in the
-loop, which is why the hybrid path prefers it where it applies.
+loop, which is why the hybrid path prefers it where it applies; "int4pack" (int4pack.py) runs symmetric int4
+experts on torch's compiled int4 kernel from a repacked copy of the pools (prepare), the rest as "float32" does.
 
 Quantized experts (int4/int8, expert_format.QuantMatrix views of the host tier's rows) run in every mode:
 "numba" computes them from the packed bytes inside its dot products, each group's sum scaled once, its weights
@@ -50,9 +51,11 @@ import torch.nn.functional as F
 from ..errors import MoeOffloadError
 from ..expert_format import FP8Matrix, Matrix, QuantMatrix
 from ..kernels.reference import dense, dequantize
+from . import int4pack
+from .int4pack import Int4PackCopy
 
 ActFn = Callable[[torch.Tensor], torch.Tensor]
-COMPUTE_MODES = ("native", "float32", "numba")
+COMPUTE_MODES = ("native", "float32", "numba", "int4pack")
 # compute="float32": bytes of float32 weight converted per block, small enough to stay in a core's L2 so the
 # conversion costs no DRAM traffic; the GEMV then reads the block from L2 (smaller blocks pay more per-op cost).
 DEFAULT_BLOCK_BYTES = 2 * 1024 * 1024
@@ -141,9 +144,11 @@ class CpuExperts:
     first ones). A call with fewer experts than workers uses fewer, each with more threads. The calling thread
     runs one share itself; workers - 1 pool threads run the rest. submit() runs a call in the background.
     compute: "native" (GEMMs in the weights' dtype: oneDNN for bf16), "float32" (weights widened block by
-    block; for CPUs without a bf16 GEMM kernel) or "numba" (kernels/cpu_numba.py: every pair's GEMVs cut into work
+    block; for CPUs without a bf16 GEMM kernel), "numba" (kernels/cpu_numba.py: every pair's GEMVs cut into work
     items for a pool of `threads` spinning threads, kernels/spin_pool.py; bf16 or int4/int8 pools, SiLU experts,
-    workers ignored). Quantized pools: see the module docstring.
+    workers ignored) or "int4pack" (symmetric int4 pools on torch's int4 kernel from a repacked copy, made by
+    prepare or the first call; hidden states in the scales' dtype; other pools as "float32"). Quantized pools: see
+    the module docstring.
     """
 
     def __init__(self, threads: int | None = None, workers: int = 1, compute: str = "native",
@@ -159,6 +164,7 @@ class CpuExperts:
         self._pool = (ThreadPoolExecutor(self.workers - 1, thread_name_prefix="moe-cpu-experts")
                       if self.workers > 1 else None)
         self._driver: ThreadPoolExecutor | None = None
+        self._copies: dict[int, Int4PackCopy] = {}  # "int4pack": gate_up pool's packed data_ptr -> its copy
         if compute == "numba":
             from .kernels import cpu_numba
 
@@ -171,7 +177,28 @@ class CpuExperts:
             self._driver = ThreadPoolExecutor(1, thread_name_prefix="moe-cpu-experts-driver")
         return self._driver.submit(self, *args, **kwargs)
 
+    def prepare(self, gate_up: Matrix, down: Matrix) -> int:
+        """compute="int4pack": make the repacked copy of these pools (a host tier's) now rather than in a first
+        call; returns its bytes (0: no copy, the pools are not what the kernel takes)."""
+        copy = self._copy(gate_up, down) if self.compute == "int4pack" else None
+        return copy.nbytes if copy else 0
+
+    def _copy(self, gate_up: Matrix, down: Matrix) -> Int4PackCopy | None:
+        if not (isinstance(gate_up, QuantMatrix) and gate_up.bits == 4 and gate_up.zero is None
+                and int4pack.available()):
+            return None
+        key = gate_up.packed.data_ptr()
+        if key not in self._copies:
+            self._copies[key] = Int4PackCopy(gate_up, down)
+        return self._copies[key]
+
+    @property
+    def copy_bytes(self) -> int:
+        """Host bytes of the repacked copies this runner holds (compute="int4pack")."""
+        return sum(copy.nbytes for copy in self._copies.values())
+
     def close(self) -> None:
+        self._copies.clear()
         for executor in (self._driver, self._pool):
             if executor is not None:
                 executor.shutdown(wait=True)
@@ -199,11 +226,17 @@ class CpuExperts:
             out = torch.empty((n_pairs, hidden.shape[1]), dtype=torch.float32)
         if self.compute == "numba" and self._numba(hidden, weights, gate_up, down, slots, counts, act_fn, out):
             return out
+        if self.compute == "int4pack":
+            copy = self._copy(gate_up, down)
+            if copy is not None and hidden.dtype == copy.dtype:
+                return self._torch(hidden, weights, gate_up, down, slots, counts, act_fn, out, copy)
         return self._torch(hidden, weights, gate_up, down, slots, counts, act_fn, out,
-                           "float32" if self.compute == "numba" else self.compute)
+                           self.compute if self.compute == "native" else "float32")
 
-    def _torch(self, hidden, weights, gate_up, down, slots, counts, act_fn, out, compute: str) -> torch.Tensor:
-        """The torch modes ("native", "float32"): experts spread over the workers, one expert per call."""
+    def _torch(self, hidden, weights, gate_up, down, slots, counts, act_fn, out,
+               compute: str | Int4PackCopy) -> torch.Tensor:
+        """The torch modes ("native", "float32", or an Int4PackCopy of the pools): experts spread over the
+        workers, one expert per call."""
         groups, start = [], 0
         for slot, count in zip(slots, counts):
             if count:
@@ -215,7 +248,9 @@ class CpuExperts:
         def run(share: list[tuple[int, int, int]]) -> None:
             for slot, first, count in share:
                 rows = slice(first, first + count)
-                if compute == "native":
+                if isinstance(compute, Int4PackCopy):
+                    compute.expert(hidden[rows], weights[rows], slot, act_fn, out[rows])
+                elif compute == "native":
                     _expert_native(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows])
                 else:
                     _expert_float32(hidden[rows], weights[rows], gate_up[slot], down[slot], act_fn, out[rows],

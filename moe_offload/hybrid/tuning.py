@@ -29,15 +29,18 @@ def all_on_cpu(top_k: int) -> list[int]:
     return list(range(top_k + 1))
 
 
-def cpu_expert_kernels(dtype: torch.dtype, act_fn, quantized: bool = False, fp8: bool = False) -> list[str]:
+def cpu_expert_kernels(dtype: torch.dtype, act_fn, quantized: bool = False, fp8: bool = False,
+                       int4pack: bool = False) -> list[str]:
     """CpuExperts compute modes that can run these experts, preferred first. Dense experts of `dtype`: the numba
     GEMVs (kernels/cpu_numba.py) for bf16 SiLU experts when numba is installed, and torch's own kernels.
-    Quantized (int4/int8, `dtype` the scales'; FP8, float32 block scales): numba for bf16 or float32 scales, and
-    the torch path that dequantizes block by block ("float32"; "native" would dequantize each whole expert per
-    call)."""
+    Quantized (int4/int8, `dtype` the scales'; FP8, float32 block scales): numba for bf16 or float32 scales,
+    torch's int4 kernel on a repacked copy where `int4pack` says it may be made (hybrid/int4pack.py: symmetric
+    int4, RAM for the copy), and the torch path that dequantizes block by block ("float32"; "native" would
+    dequantize each whole expert per call)."""
     if quantized or fp8:
         numba = dtype in cpu_numba.ROUNDED and is_silu(act_fn) and cpu_numba.available()
-        return ["numba", "float32"] if numba else ["float32"]
+        packed = ["int4pack"] if int4pack and quantized and is_silu(act_fn) else []
+        return (["numba"] if numba else []) + packed + ["float32"]
     numba = dtype == torch.bfloat16 and is_silu(act_fn) and cpu_numba.available()
     return ["numba", "native"] if numba else ["native"]
 
