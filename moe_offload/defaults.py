@@ -125,4 +125,6 @@ def cpu_experts(mode: str, device: torch.device, tuned, check: dict | None, enab
     where = f"from this machine's profile {tuned.profile.path}" if tuned.from_profile else \
         "measured at this load" + (f", kept in {tuned.profile.path}" if tuned.profile.stored else "")
     value = f"on ({tuned.kernel} kernel, split {tuned.table})" if kept else "off"
-    return Choice(name, value, f"{measured}; {where} (`moe-offload tune` measures again)")
+    copy = (f"; the kernel's repacked copy of the host tier's experts takes {tuned.copy_bytes / 2**30:.1f}GiB of "
+            "RAM" if kept and tuned.copy_bytes else "")
+    return Choice(name, value, f"{measured}; {where} (`moe-offload tune` measures again){copy}")

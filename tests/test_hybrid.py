@@ -695,6 +695,7 @@ class _Share:
 
     def __init__(self, tuned: list[int] | None, table: list[int]):
         self.tuned_table, self.split_table = tuned, list(table)
+        self.runner, self.host = CpuExperts(threads=1), SimpleNamespace(gate_up=None, down=None)  # no copy to make
 
     def set_table(self, table: list[int]) -> None:
         self.split_table = list(table)

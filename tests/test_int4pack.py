@@ -139,8 +139,10 @@ def test_hybrid_decode_with_int4pack_matches_the_gpu_path(int4_model, monkeypatc
 @pytest.mark.parametrize("winner", ["int4pack", "numba"])
 def test_auto_keeps_the_copy_only_for_the_kernel_it_chose(int4_model, tmp_path, monkeypatch, winner):
     """MOE_CPU_EXPERTS=auto offers int4pack beside the others, with the first layer's copy made before it is
-    timed; chosen, every layer's copy is made (the stats count its bytes), else the copy is freed."""
+    timed; chosen, every layer's copy is made (the stats and the choice's why count its bytes), else the copy
+    is freed; a later judgment that turns the path off frees it too, one that turns it on makes it again."""
     pytest.importorskip("numba")
+    from moe_offload import defaults
     from moe_offload.config import make_config
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -175,6 +177,12 @@ def test_auto_keeps_the_copy_only_for_the_kernel_it_chose(int4_model, tmp_path, 
         whole = sum(int4pack.copy_bytes(layer.host.gate_up) + int4pack.copy_bytes(layer.host.down)
                     for layer in pipe.layers)
         stats = hybrid.summary(pipe.layers)
-        assert stats["cpu_expert_copy_bytes"] == (whole if winner == "int4pack" else 0)
+        assert stats["cpu_expert_copy_bytes"] == tuned.copy_bytes == (whole if winner == "int4pack" else 0)
+        choice = defaults.cpu_experts(config.moe_cpu_experts, torch.device("cuda"), tuned, None, len(pipe.layers))
+        assert ("repacked copy" in choice.why) == (winner == "int4pack")
+        for kept in (False, True):  # judged again on other routing: the copy follows the verdict
+            monkeypatch.setattr(hybrid, "check_on_decode", lambda decoder, shares, prompt, kept=kept: {"kept": kept})
+            hybrid.check_again(object(), pipe.layers, torch.zeros(1, 4, dtype=torch.long))
+            assert runner.copy_bytes == (whole if kept and winner == "int4pack" else 0)
     finally:
         pipe.close()

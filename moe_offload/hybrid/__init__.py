@@ -47,6 +47,7 @@ class Tuned:
     table: list[int]
     tuning: dict = field(default_factory=dict)
     from_profile: bool = False
+    copy_bytes: int = 0  # host RAM the kernel holds beside the host tier (int4pack's copy) while the path is on
 
 
 def enable(runtimes: list, sites: list, config, device: torch.device, model_digest: str = "",
@@ -114,11 +115,16 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
     for name, other in runners.items():
         if name != tuned.kernel:
             other.close()  # frees what it holds (the int4pack copy)
+    runner = runners[tuned.kernel]
     for runtime, _site in layers:
-        runners[tuned.kernel].prepare(runtime.host.gate_up, runtime.host.down)
-        runtime.cpu_share.runner, runtime.cpu_share.tuning = runners[tuned.kernel], tuned.tuning
+        if any(table):  # the path on: every layer's copy (int4pack) now, not in a decode step
+            runner.prepare(runtime.host.gate_up, runtime.host.down)
+        runtime.cpu_share.runner, runtime.cpu_share.tuning = runner, tuned.tuning
         runtime.cpu_share.tuned_table = list(tuned.table)
         runtime.cpu_share.set_table(table)
+    if not any(table):
+        runner.release_copies()
+    tuned.copy_bytes = runner.copy_bytes
     return tuned
 
 
@@ -172,6 +178,11 @@ def check_decodes(decoder, runtimes: list, tuned: Tuned | None, device: torch.de
         with torch.inference_mode():
             check = check_on_decode(decoder, shares, check_prompt(vocab_size).to(device))
     kept = check["kept"] if check else any(tuned.table)
+    if not kept:  # the path off: its kernel's copy is RAM for nothing (check_again makes it again)
+        for runtime in runtimes:
+            if runtime.cpu_share is not None:
+                runtime.cpu_share.runner.release_copies()
+        tuned.copy_bytes = 0
     tuned.profile.save({"kernel": tuned.kernel, "table": tuned.table, "kept": kept,
                         "decode_tok_s": check["decode_tok_s"] if check else None, "tuning": tuned.tuning})
     return check
@@ -194,9 +205,14 @@ def check_again(decoder, runtimes: list, prompt: torch.Tensor) -> dict | None:
     if not shares or decoder is None:
         return None
     for share in shares:
+        share.runner.prepare(share.host.gate_up, share.host.down)
         share.set_table(share.tuned_table)
     with torch.inference_mode():
-        return check_on_decode(decoder, shares, prompt)
+        check = check_on_decode(decoder, shares, prompt)
+    if not check["kept"]:
+        for share in shares:
+            share.runner.release_copies()
+    return check
 
 
 def raise_errors(runtimes: list) -> None:

@@ -197,8 +197,12 @@ class CpuExperts:
         """Host bytes of the repacked copies this runner holds (compute="int4pack")."""
         return sum(copy.nbytes for copy in self._copies.values())
 
-    def close(self) -> None:
+    def release_copies(self) -> None:
+        """Drop the repacked copies (int4pack): a later call makes the one it needs again."""
         self._copies.clear()
+
+    def close(self) -> None:
+        self.release_copies()
         for executor in (self._driver, self._pool):
             if executor is not None:
                 executor.shutdown(wait=True)
