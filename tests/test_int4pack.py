@@ -42,9 +42,10 @@ def test_int4pack_matches_the_reference(hidden, inter, spec):
 
 
 @pytest.mark.parametrize("spec, dtype", [(QuantSpec(4, 32, False), torch.bfloat16), (QuantSpec(8, 32, True), torch.bfloat16),
-                                         (SPEC, torch.float32)])
+                                         (QuantSpec(4, 16, True), torch.bfloat16), (SPEC, torch.float32)])
 def test_what_it_cannot_take_goes_to_the_float32_path(spec, dtype):
-    """Zero points, int8, or hidden states not in the scales' dtype: the float32 path's very result, no copy."""
+    """Zero points, int8, a group size the kernel has no code for, or hidden states not in the scales' dtype: the
+    float32 path's very result, no copy."""
     tier = quantized_tier(spec, 64, 32)
     x, w = pairs(64, dtype, torch.float32)
     with CpuExperts(threads=2, compute="int4pack") as runner, CpuExperts(threads=2, compute="float32") as plain:

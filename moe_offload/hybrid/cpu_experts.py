@@ -184,8 +184,7 @@ class CpuExperts:
         return copy.nbytes if copy else 0
 
     def _copy(self, gate_up: Matrix, down: Matrix) -> Int4PackCopy | None:
-        if not (isinstance(gate_up, QuantMatrix) and gate_up.bits == 4 and gate_up.zero is None
-                and int4pack.available()):
+        if not (int4pack.takes(gate_up) and int4pack.takes(down)):
             return None
         key = gate_up.packed.data_ptr()
         if key not in self._copies:

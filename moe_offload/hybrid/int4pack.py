@@ -39,13 +39,20 @@ def why_not(fmt) -> str | None:
     quant = fmt.quant
     if not available():
         return "this torch has no int4 CPU kernel"
-    if not isinstance(quant, QuantSpec) or quant.bits != 4 or not quant.symmetric or fmt.source or fmt.glu:
+    if not isinstance(quant, QuantSpec) or quant.bits != 4 or not quant.symmetric or fmt.glu:
         return "not symmetric int4 experts"
     if quant.group_size not in GROUP_SIZES or fmt.hidden % quant.group_size or fmt.inter % quant.group_size:
         return f"group size {quant.group_size} does not tile the widths in one of {GROUP_SIZES}"
     if fmt.hidden % ROW_MULTIPLE or (2 * fmt.inter) % ROW_MULTIPLE:
         return f"matrix heights not multiples of {ROW_MULTIPLE}"
     return None
+
+
+def takes(matrix) -> bool:
+    """Whether one stack of matrices [n, N, K] can be repacked for the kernel (why_not's rules, per matrix)."""
+    return isinstance(matrix, QuantMatrix) and matrix.bits == 4 and matrix.zero is None and available() \
+        and matrix.group_size in GROUP_SIZES and matrix.in_features % matrix.group_size == 0 \
+        and matrix.shape[-2] % ROW_MULTIPLE == 0
 
 
 def copy_bytes(matrix: QuantMatrix) -> int:
