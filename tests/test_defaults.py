@@ -56,9 +56,10 @@ def test_host_embeddings_on_where_impossible_is_an_error_not_a_no_op(device, hos
         defaults.host_embeddings("on", device, 25, hostable)
 
 
-def _tuned(table, from_profile=False, path="/cache/p.json"):
+def _tuned(table, from_profile=False, path="/cache/p.json", kernel="numba", copy_bytes=0):
     profile = types.SimpleNamespace(path=path, stored={"result": {}})
-    return types.SimpleNamespace(kernel="numba", table=table, from_profile=from_profile, profile=profile)
+    return types.SimpleNamespace(kernel=kernel, table=table, from_profile=from_profile, profile=profile,
+                                 copy_bytes=copy_bytes)
 
 
 @pytest.mark.parametrize("mode, device, tuned, check, want_value, want_in_why", [
@@ -72,6 +73,8 @@ def _tuned(table, from_profile=False, path="/cache/p.json"):
     ("auto", CUDA, _tuned([0, 0, 0]), None, "off", "no faster"),
     ("auto", CUDA, _tuned([0, 1, 2], from_profile=True), {"decode_tok_s": None, "kept": True},
      "on (numba kernel, split [0, 1, 2])", "from this machine's profile /cache/p.json"),
+    ("auto", CUDA, _tuned([0, 1, 2], kernel="int4pack", copy_bytes=3 << 29), {"decode_tok_s": None, "kept": True},
+     "on (int4pack kernel, split [0, 1, 2])", "repacked copy of the host tier's experts takes 1.5GiB of RAM"),
 ])
 def test_cpu_experts_choice_says_what_was_measured(mode, device, tuned, check, want_value, want_in_why):
     choice = defaults.cpu_experts(mode, device, tuned, check, enabled_layers=6)
