@@ -31,6 +31,8 @@ SPEC = QuantSpec(4, 32, True)
 
 @pytest.mark.parametrize("hidden, inter, spec", [(64, 32, SPEC), (128, 96, SPEC), (2048, 768, QuantSpec(4, 128, True))])
 def test_int4pack_matches_the_reference(hidden, inter, spec):
+    """Group 32 on small shapes and Qwen3-30B-A3B's expert at group 128, pairs grouped by expert (one slot with
+    none): within the numba kernel's tolerance of the reference, from a copy that prepare made and counts."""
     tier = quantized_tier(spec, hidden, inter)
     x, w = pairs(hidden, torch.bfloat16, torch.float32)
     expected = reference(x, w, tier, *ROUTING)
@@ -38,10 +40,10 @@ def test_int4pack_matches_the_reference(hidden, inter, spec):
         assert runner.prepare(tier.gate_up, tier.down) == runner.copy_bytes > 0
         result = runner(x, w, tier.gate_up, tier.down, *ROUTING)
     assert relative_error(result, expected) <= BF16_TOLERANCE
-    assert not result[1:3].eq(0).all()  # the pairs of a zero-count slot are skipped, the others computed
 
 
-@pytest.mark.parametrize("spec, dtype", [(QuantSpec(4, 32, False), torch.bfloat16), (QuantSpec(8, 32, True), torch.bfloat16),
+@pytest.mark.parametrize("spec, dtype", [(QuantSpec(4, 32, False), torch.bfloat16),
+                                         (QuantSpec(8, 32, True), torch.bfloat16),
                                          (QuantSpec(4, 16, True), torch.bfloat16), (SPEC, torch.float32)])
 def test_what_it_cannot_take_goes_to_the_float32_path(spec, dtype):
     """Zero points, int8, a group size the kernel has no code for, or hidden states not in the scales' dtype: the
