@@ -186,6 +186,6 @@ def test_auto_keeps_the_copy_only_for_the_kernel_it_chose(int4_model, tmp_path, 
         for kept in (False, True):  # judged again on other routing: the copy follows the verdict
             monkeypatch.setattr(hybrid, "check_on_decode", lambda decoder, shares, prompt, kept=kept: {"kept": kept})
             hybrid.check_again(object(), pipe.layers, torch.zeros(1, 4, dtype=torch.long))
-            assert runner.copy_bytes == (whole if kept and winner == "int4pack" else 0)
+            assert runner.copy_bytes == tuned.copy_bytes == (whole if kept and winner == "int4pack" else 0)
     finally:
         pipe.close()

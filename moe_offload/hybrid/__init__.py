@@ -47,7 +47,12 @@ class Tuned:
     table: list[int]
     tuning: dict = field(default_factory=dict)
     from_profile: bool = False
-    copy_bytes: int = 0  # host RAM the kernel holds beside the host tier (int4pack's copy) while the path is on
+    runner: CpuExperts | None = None  # the chosen kernel's runner, every layer's (enable sets it)
+
+    @property
+    def copy_bytes(self) -> int:
+        """Host RAM the kernel holds beside the host tier (int4pack's copy, while the path is on)."""
+        return self.runner.copy_bytes if self.runner is not None else 0
 
 
 def enable(runtimes: list, sites: list, config, device: torch.device, model_digest: str = "",
@@ -124,7 +129,7 @@ def enable(runtimes: list, sites: list, config, device: torch.device, model_dige
         runtime.cpu_share.set_table(table)
     if not any(table):
         runner.release_copies()
-    tuned.copy_bytes = runner.copy_bytes
+    tuned.runner = runner
     return tuned
 
 
@@ -182,7 +187,6 @@ def check_decodes(decoder, runtimes: list, tuned: Tuned | None, device: torch.de
         for runtime in runtimes:
             if runtime.cpu_share is not None:
                 runtime.cpu_share.runner.release_copies()
-        tuned.copy_bytes = 0
     tuned.profile.save({"kernel": tuned.kernel, "table": tuned.table, "kept": kept,
                         "decode_tok_s": check["decode_tok_s"] if check else None, "tuning": tuned.tuning})
     return check

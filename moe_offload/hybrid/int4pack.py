@@ -37,22 +37,30 @@ def available() -> bool:
 def why_not(fmt) -> str | None:
     """Why these experts (an ExpertFormat) cannot take this kernel; None where they can."""
     quant = fmt.quant
-    if not available():
-        return "this torch has no int4 CPU kernel"
-    if not isinstance(quant, QuantSpec) or quant.bits != 4 or not quant.symmetric or fmt.glu:
+    if not isinstance(quant, QuantSpec) or fmt.glu:
         return "not symmetric int4 experts"
-    if quant.group_size not in GROUP_SIZES or fmt.hidden % quant.group_size or fmt.inter % quant.group_size:
-        return f"group size {quant.group_size} does not tile the widths in one of {GROUP_SIZES}"
-    if fmt.hidden % ROW_MULTIPLE or (2 * fmt.inter) % ROW_MULTIPLE:
-        return f"matrix heights not multiples of {ROW_MULTIPLE}"
-    return None
+    return _why_not(quant.bits, quant.symmetric, quant.group_size,
+                    [(2 * fmt.inter, fmt.hidden), (fmt.hidden, fmt.inter)])
 
 
 def takes(matrix) -> bool:
     """Whether one stack of matrices [n, N, K] can be repacked for the kernel (why_not's rules, per matrix)."""
-    return isinstance(matrix, QuantMatrix) and matrix.bits == 4 and matrix.zero is None and available() \
-        and matrix.group_size in GROUP_SIZES and matrix.in_features % matrix.group_size == 0 \
-        and matrix.shape[-2] % ROW_MULTIPLE == 0
+    return isinstance(matrix, QuantMatrix) and \
+        _why_not(matrix.bits, matrix.zero is None, matrix.group_size, [tuple(matrix.shape[-2:])]) is None
+
+
+def _why_not(bits: int, symmetric: bool, group_size: int | None, shapes: list[tuple[int, int]]) -> str | None:
+    """The kernel's limits on matrices [N, K] of these: int4 without zero points, a group size it has code for
+    dividing every K, every N a multiple of ROW_MULTIPLE."""
+    if not available():
+        return "this torch has no int4 CPU kernel"
+    if bits != 4 or not symmetric:
+        return "not symmetric int4 experts"
+    if group_size not in GROUP_SIZES or any(cols % group_size for _rows, cols in shapes):
+        return f"group size {group_size} does not tile the widths in one of {GROUP_SIZES}"
+    if any(rows % ROW_MULTIPLE for rows, _cols in shapes):
+        return f"matrix heights not multiples of {ROW_MULTIPLE}"
+    return None
 
 
 def copy_bytes(matrix: QuantMatrix) -> int:
