@@ -31,7 +31,13 @@
 #   WEIGHTS may name fp8 too: the model written as Qwen3-30B-A3B-FP8 is (bench/fp8_checkpoint.py, ~8.2 GB), paired
 #   with the Q8_0 GGUF (llama.cpp has no FP8 type).
 #
+# cpu-share (one call, ~6 min, no llama.cpp): the model and its quantized WEIGHTS, bench.cpu_quant_experts on this
+#   machine's cores less two (the engine's share), then our side by side at SHARE_RATIOS (0) with the variant
+#   gpu_only (MOE_CPU_EXPERTS=off) beside the default: what the CPU share and its load-time kernel choice are worth.
+#   It leaves the model and the report in place for prepare / measure, if fired within 30 s.
+#
 # Usage: OUT=... [CHECKS="python -m pytest -q tests/test_hybrid.py"] [WEIGHTS=bf16,int4,int8] bash bench/h200_run.sh prepare
+#        OUT=... [WEIGHTS=...] [SHARE_RATIOS=0] bash bench/h200_run.sh cpu-share
 #        OUT=... [VARIANTS='{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'] [LLAMACPP_FLAGS="-t 16"] [WEIGHTS=...] bash bench/h200_run.sh measure
 # env: WORK (/tmp/llamacpp), MODEL (/tmp/moe-offload-bench/full), STATE (/tmp/moe-offload-bench/harness.json: the
 #      report both calls build), LIMIT (570: the seconds a call may take, under the device's 600), WEIGHTS (bf16),
@@ -115,6 +121,16 @@ measure)
     elif [ -f "$SWEEP" ]; then PEER=(--llamacpp-sweep "$SWEEP"); fi
     harness "${PLAN[@]}" --gguf "$MODEL.gguf" --llama-bench "$BENCH" ${VARIANTS:+--variants "$VARIANTS"} "${PEER[@]}"
     ;;
-*) echo "usage: $0 prepare|measure" >&2; exit 2 ;;
+cpu-share)  # one call, no llama.cpp: the CPU share's kernels on this machine, then SHARE_RATIOS with and without it
+    step "gen $MODEL"
+    python -m bench.harness --phases gen --model-dir "$MODEL" --out "$WORK/gen.json" | tail -2
+    [ ${#QUANTIZED[@]} -gt 0 ] && harness "${PLAN[@]}" --phases quant
+    step "bench.cpu_quant_experts, $(( $(nproc) - 2 )) threads: $OUT/cpu-quant-experts.log"
+    timeout 150 python -m bench.cpu_quant_experts --threads $(( $(nproc) - 2 )) --repeats 20 \
+        --out "$OUT/cpu-quant-experts.json" > "$OUT/cpu-quant-experts.log" 2>&1; tail -12 "$OUT/cpu-quant-experts.log"
+    harness "${PLAN[@]}" --tables side_by_side --ratios "${SHARE_RATIOS:-0}" --phases bw,runs \
+        --variants '{"gpu_only": {"MOE_CPU_EXPERTS": "off"}}'
+    ;;
+*) echo "usage: $0 prepare|measure|cpu-share" >&2; exit 2 ;;
 esac
 step "done"
