@@ -195,3 +195,20 @@ def test_cli_writes_into_an_empty_folder(checkpoint_factory, tmp_path, capsys):
         weights = json.load(handle)["quantization_config"]["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (8, 16, True)
     assert sorted(os.listdir(tmp_path)) == ["q"]
+
+
+def test_cli_default_group_size_fits_the_experts(checkpoint_factory, tmp_path, capsys):
+    """Without --group-size: 128 where it divides the experts' in_features, else the largest power of two under
+    it that does (here 16: hidden 32, expert intermediate 16), said on stderr and written in the config."""
+    out = tmp_path / "q"
+    assert main(["quantize", checkpoint_factory("qwen3_moe"), "-o", str(out), "--bits", "4", "--method", "rtn"]) == 0
+    said = capsys.readouterr()
+    assert "group 16" in said.out and "group size 16: the largest up to 128" in said.err
+    with open(out / "config.json", encoding="utf-8") as handle:
+        weights = json.load(handle)["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["group_size"] == 16
+
+
+@pytest.mark.parametrize("width, group", [(2048, 128), (768, 128), (192, 64), (48, 16), (45, 45), (7, 7)])
+def test_group_dividing(width, group):
+    assert writer_module.group_dividing(width, 128) == group

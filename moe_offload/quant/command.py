@@ -21,13 +21,17 @@ def _bits(text: str) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .format import QuantSpec
-    from .writer import quantize_checkpoint
+    from .writer import default_group_size, quantize_checkpoint
 
-    spec = QuantSpec(args.bits, args.group_size, args.symmetric)
+    group = args.group_size or default_group_size(args.model_dir, DEFAULT_GROUP_SIZE)
+    if group != (args.group_size or DEFAULT_GROUP_SIZE):
+        print(f"group size {group}: the largest up to {DEFAULT_GROUP_SIZE} that divides every expert's in_features",
+              file=sys.stderr)
+    spec = QuantSpec(args.bits, group, args.symmetric)
     summary = quantize_checkpoint(args.model_dir, args.output, spec, args.method, progress=sys.stderr.isatty())
     ratio = summary["expert_bytes_out"] / max(summary["expert_bytes_in"], 1)
     print(f"wrote {summary['output']}: {summary['quantized_matrices']} expert matrices at {args.bits} bits "
-          f"(group {args.group_size}, {'symmetric' if args.symmetric else 'asymmetric'}, {args.method}), expert "
+          f"(group {group}, {'symmetric' if args.symmetric else 'asymmetric'}, {args.method}), expert "
           f"bytes {summary['expert_bytes_in']:,} -> {summary['expert_bytes_out']:,} ({ratio:.3f}x)")
     return 0
 
@@ -40,9 +44,9 @@ def add_quantize_command(subparsers) -> argparse.ArgumentParser:
     quant.add_argument("--model", "-m", default=None, help="the unquantized checkpoint folder")
     quant.add_argument("--output", "-o", required=True, help="folder to write (must not exist, or be empty)")
     quant.add_argument("--bits", type=_bits, required=True, help="4 or 8 bits per expert weight")
-    quant.add_argument("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE,
-                       help=f"weights per scale along the input dimension (default {DEFAULT_GROUP_SIZE}); must "
-                            "divide every expert's in_features")
+    quant.add_argument("--group-size", type=positive_int, default=None,
+                       help=f"weights per scale along the input dimension; must divide every expert's in_features "
+                            f"(default {DEFAULT_GROUP_SIZE}, or the largest power of two under it that does)")
     quant.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                        help=f"rtn: round to nearest; mse: per-group clipping that minimises the weight error "
                             f"(default {DEFAULT_METHOD})")

@@ -129,10 +129,7 @@ def _plan(checkpoint: Checkpoint, config: dict, spec: QuantSpec) -> list[_Job]:
         raise MoeOffloadError(f"{biased or 'model_type gpt_oss'}: GPT-OSS experts (biases, gate/up interleaved, "
                               "clamped SwiGLU) are not quantized by `quantize`; moe-offload runs GPT-OSS's released "
                               "MXFP4 checkpoints as they are")
-    experts = {}
-    for layer in checkpoint.experts_by_layer.values():
-        for entry in [*layer.fused.values(), *(e for roles in layer.per_expert.values() for e in roles.values())]:
-            experts[entry.name] = entry
+    experts = _expert_entries(checkpoint)
     _check_experts(experts.values(), spec)
     gate, up, down = SPLIT_NAMES.get(config.get("model_type"), DEFAULT_SPLIT_NAMES)
     jobs: list[_Job] = []
@@ -163,6 +160,32 @@ def _job(entry: TensorEntry, expert: int | None, matrices: tuple[_Matrix, ...], 
         outputs += [Planned(f"{matrix.module}.{key}", dtype, shape)
                     for key, (dtype, shape) in spec.shapes(height, cols, entry.dtype).items()]
     return _Job(entry, expert, matrices, tuple(outputs))
+
+
+def _expert_entries(checkpoint: Checkpoint) -> dict[str, TensorEntry]:
+    """The routed experts' weight tensors by name (fused stacks and per-expert matrices)."""
+    experts = {}
+    for layer in checkpoint.experts_by_layer.values():
+        for entry in [*layer.fused.values(), *(e for roles in layer.per_expert.values() for e in roles.values())]:
+            experts[entry.name] = entry
+    return experts
+
+
+def default_group_size(model_dir: str, preferred: int) -> int:
+    """`preferred` where it divides every routed expert's in_features (or there are no experts to ask: the
+    quantizer then says why), else the largest power of two under it that does, else the largest divisor of
+    their common width under it. Powers of two are what the kernels tile best (and all torch's int4 CPU kernel
+    takes); a model with, say, a 192-wide expert would otherwise fail the default."""
+    widths = {entry.shape[-1] for entry in _expert_entries(Checkpoint(model_dir)).values()}
+    return group_dividing(math.gcd(*widths) if widths else preferred, preferred)
+
+
+def group_dividing(width: int, preferred: int) -> int:
+    """default_group_size's rule for experts whose in_features have `width` as greatest common divisor."""
+    if width % preferred == 0:
+        return preferred
+    power = next((1 << b for b in range(preferred.bit_length() - 1, 0, -1) if width % (1 << b) == 0), 1)
+    return power if power > 1 else max(d for d in range(1, min(width, preferred) + 1) if width % d == 0)
 
 
 def _check_experts(entries, spec: QuantSpec) -> None:
