@@ -33,36 +33,44 @@ from moe_offload.hybrid import int4pack
 from moe_offload.hybrid.cpu_experts import CpuExperts
 from moe_offload.kernels.reference import weighted_expert_output
 from moe_offload.quant.format import QuantSpec
+from moe_offload.quant import fp8
 from moe_offload.quant.fp8 import BlockFP8Spec
 from moe_offload.tiers import HostTier
 
 HIDDEN, INTER, GROUP = 2048, 768, 128
 FORMATS = {"bf16": None, "int4-g128-sym": QuantSpec(4, GROUP, True), "int8-g128-sym": QuantSpec(8, GROUP, True),
            "int4-g128-asym": QuantSpec(4, GROUP, False), "fp8-128x128": BlockFP8Spec(GROUP, GROUP),
-           "fp8-128x128-normal": BlockFP8Spec(GROUP, GROUP)}
-# FP8 pools without codes of a zero exponent: the numba kernel decodes those to float32 subnormals, which some
-# CPUs compute by microcode assist (a candidate for FP8's slowness on the GPU machine's Xeon, RESULTS.md)
-NORMAL_ONLY = {"fp8-128x128-normal"}
+           "fp8-128x128-uniform": BlockFP8Spec(GROUP, GROUP)}
+# FP8 codes drawn uniformly rather than quantized from weights: 1/16 have a zero exponent (a checkpoint's blocks,
+# scaled to their largest weight, have about 1 in 10,000), which the numba kernel decodes to float32 subnormals,
+# slow on Intel cores (microcode assists): the worst case, beside the realistic pool
+UNIFORM_CODES = {"fp8-128x128-uniform"}
 
 
-def pool(spec: QuantSpec | BlockFP8Spec | None, experts: int, seed: int = 0, normal_only: bool = False) -> HostTier:
+def pool(spec: QuantSpec | BlockFP8Spec | None, experts: int, seed: int = 0, uniform_codes: bool = False
+         ) -> HostTier:
     """A host tier of `experts` random experts in the format: bf16 weights ~ N(0, 1/K), or random packed values
-    and zero points with scales of that size, or FP8 codes (no NaN; normal_only: no zero exponent either) with
-    float32 block scales of that size."""
-    fp8 = isinstance(spec, BlockFP8Spec)
-    dtype = torch.float32 if fp8 else torch.bfloat16  # FP8's block scales are float32
+    and zero points with scales of that size, or FP8: such weights quantized as released checkpoints are
+    (quant.fp8.quantize), or (uniform_codes) codes drawn uniformly (no NaN) with float32 block scales of that
+    size."""
+    is_fp8 = isinstance(spec, BlockFP8Spec)
+    dtype = torch.float32 if is_fp8 else torch.bfloat16  # FP8's block scales are float32
     tier = HostTier(list(range(experts)), ExpertFormat(INTER, HIDDEN, dtype, spec), pin=False)
     gen = torch.Generator().manual_seed(seed)
-    if fp8:
+    if is_fp8:
         planes = tier.format.plane_views(tier.rows)
         for matrix, width in (("gate_up", HIDDEN), ("down", INTER)):
-            codes = torch.randint(0, 256, planes[f"{matrix}.weight"].shape, generator=gen)
-            codes = torch.where((codes & 0x7F) == 0x7F, 0x38, codes)  # NaN codes: 1.0 instead
-            if normal_only:  # zero-exponent codes (subnormal e4m3): +-1.0 instead
-                codes = torch.where((codes & 0x78) == 0, (codes & 0x80) | 0x38, codes)
-            planes[f"{matrix}.weight"].view(torch.uint8).copy_(codes.to(torch.uint8))
-            scale = planes[f"{matrix}.scale"]
-            scale.copy_(torch.rand(scale.shape, generator=gen) * 2 / (width ** 0.5 * 100))  # codes reach 448
+            weight, scale = planes[f"{matrix}.weight"], planes[f"{matrix}.scale"]  # [n, N, K], [n, N/128, K/128]
+            if uniform_codes:
+                codes = torch.randint(0, 256, weight.shape, generator=gen)
+                codes = torch.where((codes & 0x7F) == 0x7F, 0x38, codes)  # NaN codes: 1.0 instead
+                weight.view(torch.uint8).copy_(codes.to(torch.uint8))
+                scale.copy_(torch.rand(scale.shape, generator=gen) * 2 / (width ** 0.5 * 100))  # codes reach 448
+                continue
+            for e in range(experts):  # blocks of 128 rows never straddle gate and up (I = 768)
+                codes, scale_inv = fp8.quantize(torch.randn(weight.shape[1:], generator=gen) / width ** 0.5, spec)
+                weight[e].copy_(codes)
+                scale[e].copy_(scale_inv)
         return tier
     if spec is None:
         tier.gate_up.copy_(torch.randn(tier.gate_up.shape, generator=gen) / HIDDEN ** 0.5)
@@ -105,9 +113,14 @@ def main() -> int:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn((args.experts, HIDDEN), generator=gen).to(torch.bfloat16)  # [K, H]
     weights = torch.rand(args.experts, generator=gen)  # [K] float32, as routers give
-    results = {}
+    results, zero_exponent = {}, {}  # zero_exponent: FP8 pool -> its share of zero-exponent codes
     for name, spec in ((n, FORMATS[n]) for n in args.formats.split(",")):
-        tier = pool(spec, args.pool, normal_only=name in NORMAL_ONLY)
+        tier = pool(spec, args.pool, uniform_codes=name in UNIFORM_CODES)
+        if isinstance(spec, BlockFP8Spec):  # codes a numba decode makes float32 subnormals
+            codes = torch.cat([tier.format.plane_views(tier.rows)[f"{m}.weight"].view(torch.uint8).flatten()
+                               for m in ("gate_up", "down")])
+            zero_exponent[name] = ((codes & 0x78) == 0).float().mean().item()
+            print(f"{name}: {zero_exponent[name]:.2e} of the codes have a zero exponent", flush=True)
         kernels = ["numba"] + ([] if spec is None else ["float32"])
         if spec is not None and int4pack.why_not(tier.format) is None:
             kernels.append("int4pack")
@@ -130,7 +143,8 @@ def main() -> int:
 
     report = {"date": utc_now(), "machine": machine(), "versions": {**versions(), "numba": version("numba")},
               "threads": args.threads, "experts_per_call": args.experts, "pool": args.pool,
-              "shape": {"hidden": HIDDEN, "inter": INTER, "group": GROUP}, "results": results}
+              "shape": {"hidden": HIDDEN, "inter": INTER, "group": GROUP}, "results": results,
+              "fp8_zero_exponent_fraction": zero_exponent}
     print(json.dumps({k: {"experts_per_s": round(v["experts_per_s"]), "max_rel_diff": v["max_rel_diff"]}
                       for k, v in results.items()}))
     if args.out:
