@@ -172,12 +172,13 @@ def _functions():
         the same significand), so decoding is two shifts and an or: no branch, nothing that keeps the loop from
         vectorizing. The 2^-120 is paid back as 2^60 on x (precomputed) and 2^60 on each block's scale, so that
         no product of the loop falls into float32's subnormal range (slow, and short of bits) and none of x's
-        overflows. The zero-exponent codes' float32 subnormals cost Intel cores a microcode assist each (about 8x
-        per expert on codes drawn uniformly, 1/16 of them such), but a checkpoint's blocks, scaled to their
-        largest weight, have about 1 in 10,000 (bench/cpu_quant_experts.py), and the decodes that avoid them
-        (a table, a float16 conversion, a fix-up of those codes) measured 0.7-0.9x this one on the EPYC. Codes S.1111.111 (NaN) decode as 480, not NaN as in the reference and the GPU kernels: a
-        quantizer scales each block into +-448 and never writes them. As for dot_quant, each block's sum is
-        scaled once and the weights are not rounded to bf16."""
+        overflows. The zero-exponent codes' float32 subnormals cost Intel cores a microcode assist each, several
+        times slower per expert on codes drawn uniformly (1/16 of them such); but a checkpoint's blocks, scaled to
+        their largest weight, have about 1 in 10,000 such codes, and the decodes that avoid subnormals (a table, a
+        float16 conversion, a fix-up of those codes) were slower than this one where none occur. Codes S.1111.111
+        (NaN) decode as 480, not NaN as in the reference and the GPU kernels: a quantizer scales each block into
+        +-448 and never writes them. As for dot_quant, each block's sum is scaled once and the weights are not
+        rounded to bf16."""
         k = x_wide.size
         acc = np.float32(0.0)
         for g in range((k + block - 1) // block):
