@@ -32,8 +32,8 @@ from moe_offload.expert_format import ExpertFormat
 from moe_offload.hybrid import int4pack
 from moe_offload.hybrid.cpu_experts import CpuExperts
 from moe_offload.kernels.reference import weighted_expert_output
-from moe_offload.quant.format import QuantSpec
 from moe_offload.quant import fp8
+from moe_offload.quant.format import QuantSpec
 from moe_offload.quant.fp8 import BlockFP8Spec
 from moe_offload.tiers import HostTier
 
