@@ -19,6 +19,8 @@ CUDA graph and timed with CUDA events (median of --repeats):
                    the other 8 - n in place with the fused kernel, from a host tier on 2 MiB pages (huge) or 4 KiB
                    pages (small): the two share host DRAM, as tune_split's table at load shows
 Usage, from the repository root: python -m bench.hybrid_latency --out bench/results/<date>-h200-hybrid-latency.json
+    [--switch-interval S] (the GIL switch interval: how long a Python host function waits while the launching
+    thread runs Python)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import ctypes
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -134,10 +137,16 @@ def main() -> int:
     parser.add_argument("--kernels", default="", help="comma-separated CPU kernels to time (default: all)")
     parser.add_argument("--pages", default="huge,small", help="host-tier page sizes for the split section")
     parser.add_argument("--splits", default="0,2,3,4,5,6,8", help="CPU shares of 8 misses for the split section")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval(S) first: how long a Python host function may wait for the GIL "
+                             "while the launching thread runs Python (Python's default 0.005 s)")
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     device = torch.device("cuda")
     top_k, hidden_size = 8, args.hidden
-    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "shape": vars(args), "seconds": {}}
+    report = {"date": utc_now(), "machine": machine(), "versions": versions(), "shape": vars(args),
+              "switch_interval_s": sys.getswitchinterval(), "seconds": {}}
     seconds = report["seconds"]
 
     # the copies and host node of a CPU share, around a no-op
