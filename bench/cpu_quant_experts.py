@@ -117,9 +117,9 @@ def main() -> int:
     for name, spec in ((n, FORMATS[n]) for n in args.formats.split(",")):
         tier = pool(spec, args.pool, uniform_codes=name in UNIFORM_CODES)
         if isinstance(spec, BlockFP8Spec):  # codes a numba decode makes float32 subnormals
-            codes = torch.cat([tier.format.plane_views(tier.rows)[f"{m}.weight"].view(torch.uint8).flatten()
-                               for m in ("gate_up", "down")])
-            zero_exponent[name] = ((codes & 0x78) == 0).float().mean().item()
+            planes = [tier.format.plane_views(tier.rows)[f"{m}.weight"].view(torch.uint8) for m in ("gate_up", "down")]
+            zero_exponent[name] = sum(((codes & 0x78) == 0).sum().item() for codes in planes) / \
+                sum(codes.numel() for codes in planes)
             print(f"{name}: {zero_exponent[name]:.2e} of the codes have a zero exponent", flush=True)
         kernels = ["numba"] + ([] if spec is None else ["float32"])
         if spec is not None and int4pack.why_not(tier.format) is None:

@@ -142,6 +142,8 @@ def main() -> int:
                              "while the launching thread runs Python (Python's default 0.005 s)")
     args = parser.parse_args()
     if args.switch_interval is not None:
+        if not args.switch_interval > 0:
+            parser.error(f"--switch-interval must be a positive number of seconds, got {args.switch_interval}")
         sys.setswitchinterval(args.switch_interval)
     device = torch.device("cuda")
     top_k, hidden_size = 8, args.hidden
